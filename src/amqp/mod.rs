@@ -1,0 +1,19 @@
+//! RabbitMQ: connections, the topology, and the format of job messages.
+
+pub mod message;
+pub mod topology;
+
+pub use message::JobMessage;
+pub use topology::Topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+/// Open one connection. Callers own reconnection: the relay and the worker run inside a
+/// supervisor loop that reconnects with backoff when the connection drops.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    Connection::connect(
+        url,
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+}

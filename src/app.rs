@@ -1,0 +1,190 @@
+//! The long-running processes (`serve`, `relay`, `worker`, `all`), start-up and shutdown.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::amqp::{self, Topology};
+use crate::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
+use crate::db;
+use crate::http::{self, AppState};
+use crate::relay::Relay;
+use crate::worker::Worker;
+
+/// Which roles one process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub http: bool,
+    pub relay: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        http: true,
+        relay: true,
+        worker: true,
+    };
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Run `attempt` until it returns `Ok` or `shutdown` fires, sleeping with exponential
+/// backoff between failures. The backoff starts over after a run that lasted a while, so a
+/// connection that drops once a day reconnects at once.
+pub async fn supervise<F, Fut, E>(name: &str, shutdown: CancellationToken, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        match attempt().await {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => tracing::warn!(role = name, "stopped; starting again"),
+            Err(e) => tracing::error!(role = name, error = %e, "failed; reconnecting"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = reconnect_backoff();
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Connect to Postgres, waiting up to a minute for it, and migrate unless told not to.
+pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = reconnect_backoff();
+    let pool = loop {
+        match db::connect(&store.database_url, store.database_max_connections).await {
+            Ok(pool) => break pool,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet");
+                tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot connect to postgres: {e}")),
+        }
+    };
+    if !store.no_migrate {
+        db::migrate(&pool).await?;
+    }
+    Ok(pool)
+}
+
+/// Declare the RabbitMQ topology once.
+pub async fn declare_topology(store: &StoreConfig) -> anyhow::Result<()> {
+    let conn = amqp::connect(&store.amqp_url, "kongflow-topology").await?;
+    let channel = conn.create_channel().await?;
+    Topology::new(&store.amqp_prefix).declare(&channel).await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// A token cancelled by SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// Everything a process needs to run its roles.
+pub struct Process {
+    pub pool: PgPool,
+    pub topology: Topology,
+    pub amqp_url: String,
+    pub relay: RelayConfig,
+    pub worker: WorkerConfig,
+    pub http: Option<tokio::net::TcpListener>,
+}
+
+impl Process {
+    /// Run the roles until `shutdown`; returns when every role has finished its work.
+    pub async fn run(self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        if roles.relay {
+            let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
+            tracker.spawn(relay.run(self.amqp_url.clone(), shutdown.clone()));
+        }
+        if roles.worker {
+            let worker = Worker::new(self.pool.clone(), self.topology.clone(), self.worker);
+            tracker.spawn(worker.run(self.amqp_url.clone(), shutdown.clone()));
+        }
+        let http_task = match (roles.http, self.http) {
+            (true, Some(listener)) => Some(tracker.spawn(http::serve(
+                listener,
+                AppState::new(self.pool.clone()),
+                shutdown.clone(),
+            ))),
+            (true, None) => anyhow::bail!("the http role needs a listener"),
+            _ => None,
+        };
+        tracker.close();
+        if let Some(task) = http_task {
+            // An HTTP server that cannot serve ends the process.
+            if let Err(e) = task.await? {
+                shutdown.cancel();
+                tracker.wait().await;
+                return Err(e.into());
+            }
+        }
+        tracker.wait().await;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+/// Start-up shared by `serve`, `relay`, `worker` and `all`.
+pub async fn start(
+    store: &StoreConfig,
+    relay: RelayConfig,
+    worker: WorkerConfig,
+    http: Option<&HttpConfig>,
+) -> anyhow::Result<Process> {
+    let pool = open_database(store).await?;
+    let http = match http {
+        Some(h) => Some(tokio::net::TcpListener::bind(h.http_addr).await?),
+        None => None,
+    };
+    Ok(Process {
+        pool,
+        topology: Topology::new(&store.amqp_prefix),
+        amqp_url: store.amqp_url.clone(),
+        relay,
+        worker,
+        http,
+    })
+}

@@ -1,0 +1,106 @@
+//! Configuration: one typed struct per concern, read from flags and the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Where the stores are. Shared by every command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreConfig {
+    /// Postgres connection string.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://localhost/kongflow"
+    )]
+    pub database_url: String,
+
+    /// RabbitMQ connection string.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name, so several deployments (or tests) can share
+    /// one RabbitMQ virtual host.
+    #[arg(long, env = "AMQP_PREFIX", default_value = "kongflow")]
+    pub amqp_prefix: String,
+
+    /// Largest number of Postgres connections this process opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Do not apply migrations at start-up (run `kongflow-events migrate` instead).
+    #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value_t = false)]
+    pub no_migrate: bool,
+}
+
+/// Relay tuning.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayConfig {
+    /// Most jobs claimed and published per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    pub relay_batch_size: i64,
+
+    /// How often the relay looks for work when no notification arrives, in milliseconds.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub relay_poll_interval_ms: u64,
+
+    /// How long the relay waits for publisher confirms before it gives a batch up, in milliseconds.
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
+    pub relay_confirm_timeout_ms: u64,
+}
+
+impl RelayConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_poll_interval_ms)
+    }
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.relay_confirm_timeout_ms)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            relay_batch_size: 500,
+            relay_poll_interval_ms: 1000,
+            relay_confirm_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Worker tuning.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Consumers per job kind; each has its own channel and runs one batch at a time.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+    pub worker_concurrency: usize,
+
+    /// Unacknowledged messages RabbitMQ hands each consumer ahead of time.
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 200)]
+    pub worker_prefetch: u16,
+
+    /// Most messages whose work commits in one transaction.
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 100)]
+    pub worker_batch_size: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_concurrency: 4,
+            worker_prefetch: 200,
+            worker_batch_size: 100,
+        }
+    }
+}
+
+/// HTTP listener.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on.
+    #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:3030")]
+    pub http_addr: SocketAddr,
+}

@@ -1,0 +1,205 @@
+//! Organizations, projects, environments and their API keys.
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The kinds of environment trigger.dev knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EnvironmentType {
+    Development,
+    Production,
+    Staging,
+    Preview,
+}
+
+impl EnvironmentType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Development => "DEVELOPMENT",
+            Self::Production => "PRODUCTION",
+            Self::Staging => "STAGING",
+            Self::Preview => "PREVIEW",
+        }
+    }
+}
+
+/// The environment an API key belongs to: the scope of every API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    pub id: Uuid,
+    pub slug: String,
+    pub env_type: String,
+    pub project_id: Uuid,
+}
+
+/// What `env create` made.
+#[derive(Debug, Clone)]
+pub struct CreatedEnvironment {
+    pub environment: Environment,
+    /// The API key in clear; shown once, stored only as a hash.
+    pub api_key: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error("expected <org>/<project>/<env>, each of letters, digits, '-' or '_': got {0:?}")]
+    BadPath(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// SHA-256 of an API key, as stored.
+pub fn hash_api_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// A new key of the form `tr_<env>_<32 alphanumerics>`.
+pub fn generate_api_key(env_slug: &str) -> String {
+    let tag: String = env_slug
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect();
+    let secret: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
+    format!("tr_{tag}_{secret}")
+}
+
+fn valid_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Create whatever of `org/project/env` is missing and give the environment a new API key.
+/// An environment that already exists gets its key replaced: the old key stops working.
+pub async fn create_environment(
+    pool: &PgPool,
+    path: &str,
+    env_type: EnvironmentType,
+) -> Result<CreatedEnvironment, EnvironmentError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let [org, project, env] = parts[..] else {
+        return Err(EnvironmentError::BadPath(path.to_string()));
+    };
+    if ![org, project, env].iter().all(|s| valid_slug(s)) {
+        return Err(EnvironmentError::BadPath(path.to_string()));
+    }
+
+    let api_key = generate_api_key(env);
+    let hash = hash_api_key(&api_key);
+    let mut tx = pool.begin().await?;
+    let org_id = sqlx::query_scalar!(
+        r#"INSERT INTO organizations (id, slug) VALUES ($1, $2)
+           ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug
+           RETURNING id"#,
+        Uuid::now_v7(),
+        org
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let project_id = sqlx::query_scalar!(
+        r#"INSERT INTO projects (id, organization_id, slug) VALUES ($1, $2, $3)
+           ON CONFLICT (organization_id, slug) DO UPDATE SET slug = EXCLUDED.slug
+           RETURNING id"#,
+        Uuid::now_v7(),
+        org_id,
+        project
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let row = sqlx::query!(
+        r#"INSERT INTO runtime_environments (id, project_id, slug, type, api_key_hash)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (project_id, slug)
+           DO UPDATE SET api_key_hash = EXCLUDED.api_key_hash, type = EXCLUDED.type, updated_at = now()
+           RETURNING id, slug, type"#,
+        Uuid::now_v7(),
+        project_id,
+        env,
+        env_type.as_str(),
+        hash
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(CreatedEnvironment {
+        environment: Environment {
+            id: row.id,
+            slug: row.slug,
+            env_type: row.r#type,
+            project_id,
+        },
+        api_key,
+    })
+}
+
+/// The environment whose key this is, if any. The lookup goes by the key's hash, then the
+/// stored hash is compared again in constant time.
+pub async fn find_by_api_key(
+    conn: &mut PgConnection,
+    key: &str,
+) -> Result<Option<Environment>, sqlx::Error> {
+    let hash = hash_api_key(key);
+    let row = sqlx::query!(
+        r#"SELECT id, slug, type, project_id, api_key_hash FROM runtime_environments
+           WHERE api_key_hash = $1"#,
+        hash
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row
+        .filter(|r| constant_time_eq(&r.api_key_hash, &hash))
+        .map(|r| Environment {
+            id: r.id,
+            slug: r.slug,
+            env_type: r.r#type,
+            project_id: r.project_id,
+        }))
+}
+
+/// Compare two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_have_the_documented_form() {
+        let key = generate_api_key("dev");
+        let rest = key.strip_prefix("tr_dev_").expect("prefix");
+        assert_eq!(rest.len(), 32);
+        assert!(rest.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(generate_api_key("dev"), key);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_bytes() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn slugs_are_restricted() {
+        assert!(valid_slug("my-org_1"));
+        assert!(!valid_slug(""));
+        assert!(!valid_slug("a b"));
+        assert!(!valid_slug("a/b"));
+    }
+}

@@ -1,0 +1,331 @@
+//! Event filters, with the semantics of trigger.dev v2's `eventFilterMatches`.
+//!
+//! A filter is a JSON object whose keys name fields of the payload (or context) and whose
+//! values are either a list (of strings, numbers or booleans: the field must equal one of
+//! them; of content filters such as `{"$startsWith": "a"}`: the field must pass all of
+//! them) or a nested filter for a nested object (an array field matches when any element
+//! does). An absent or null payload matches only the empty filter. Evaluation is total: no
+//! JSON, however odd, makes it panic.
+
+use serde_json::{Map, Value};
+
+/// Does a dispatcher with these filters match an event with this payload and context?
+/// An absent filter matches everything.
+pub fn dispatcher_matches(
+    payload_filter: Option<&Value>,
+    context_filter: Option<&Value>,
+    payload: &Value,
+    context: &Value,
+) -> bool {
+    let ok = |filter: Option<&Value>, value: &Value| match filter {
+        None | Some(Value::Null) => true,
+        Some(f) => event_filter_matches(Some(value), f),
+    };
+    ok(payload_filter, payload) && ok(context_filter, context)
+}
+
+/// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.
+pub fn event_filter_matches(payload: Option<&Value>, filter: &Value) -> bool {
+    let Value::Object(filter) = filter else {
+        // A filter that is not an object cannot be registered; treat it as matching nothing.
+        return false;
+    };
+    let payload = match payload {
+        None | Some(Value::Null) => return filter.is_empty(),
+        Some(p) => p,
+    };
+
+    for (key, pattern) in filter {
+        let actual = js_index(payload, key);
+        match pattern {
+            Value::Array(items) => {
+                if items.is_empty() {
+                    continue;
+                }
+                let all = |f: fn(&Value) -> bool| items.iter().all(f);
+                if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean) {
+                    if items.iter().any(|item| js_strict_eq(actual.as_ref(), item)) {
+                        continue;
+                    }
+                    return false;
+                }
+                if !content_filters_match(actual.as_ref(), items) {
+                    return false;
+                }
+            }
+            Value::Object(_) => {
+                let matched = match &actual {
+                    Some(Value::Array(elems)) => {
+                        elems.iter().any(|e| event_filter_matches(Some(e), pattern))
+                    }
+                    other => event_filter_matches(other.as_ref(), pattern),
+                };
+                if !matched {
+                    return false;
+                }
+            }
+            // Scalars as patterns are ignored, as in the reference implementation.
+            _ => {}
+        }
+    }
+    true
+}
+
+/// `value[key]` as JavaScript reads it from parsed JSON.
+fn js_index(value: &Value, key: &str) -> Option<Value> {
+    match value {
+        Value::Object(map) => map.get(key).cloned(),
+        Value::Array(items) => {
+            if key == "length" {
+                Some(Value::from(items.len()))
+            } else {
+                array_index(key).and_then(|i| items.get(i).cloned())
+            }
+        }
+        Value::String(s) => {
+            // JavaScript strings index by UTF-16 code unit.
+            let units: Vec<u16> = s.encode_utf16().collect();
+            if key == "length" {
+                Some(Value::from(units.len()))
+            } else {
+                array_index(key)
+                    .and_then(|i| units.get(i).copied())
+                    .map(|u| Value::String(String::from_utf16_lossy(&[u])))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A canonical array index ("0", "12", not "01" or "+1").
+fn array_index(key: &str) -> Option<usize> {
+    if key == "0" {
+        return Some(0);
+    }
+    if key.starts_with('0') || !key.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    key.parse().ok()
+}
+
+/// JavaScript's `===` (and `includes`' SameValueZero, which differs only on NaN, absent
+/// from JSON) between a value read from the payload and a value from a filter. Objects and
+/// arrays are never equal: they are distinct references.
+fn js_strict_eq(actual: Option<&Value>, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Some(Value::Null), Value::Null) => true,
+        (Some(Value::Bool(a)), Value::Bool(b)) => a == b,
+        (Some(Value::String(a)), Value::String(b)) => a == b,
+        (Some(Value::Number(a)), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => false,
+    }
+}
+
+fn content_filters_match(actual: Option<&Value>, filters: &[Value]) -> bool {
+    filters.iter().all(|f| match f {
+        Value::Object(op) => content_filter_matches(actual, op),
+        // Non-object members of a mixed list are skipped, as in the reference implementation.
+        _ => true,
+    })
+}
+
+fn as_number(v: Option<&Value>) -> Option<f64> {
+    v.and_then(Value::as_f64)
+}
+
+fn content_filter_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bool {
+    let actual_str = actual.and_then(Value::as_str);
+    if let Some(suffix) = op.get("$endsWith") {
+        return match (actual_str, suffix.as_str()) {
+            (Some(a), Some(s)) => a.ends_with(s),
+            _ => false,
+        };
+    }
+    if let Some(prefix) = op.get("$startsWith") {
+        return match (actual_str, prefix.as_str()) {
+            (Some(a), Some(p)) => a.starts_with(p),
+            _ => false,
+        };
+    }
+    if let Some(but) = op.get("$anythingBut") {
+        if let Value::Array(list) = but
+            && list.iter().any(|x| js_strict_eq(actual, x))
+        {
+            return false;
+        }
+        return !js_strict_eq(actual, but);
+    }
+    if let Some(exists) = op.get("$exists") {
+        return if js_truthy(exists) {
+            actual.is_some()
+        } else {
+            actual.is_none()
+        };
+    }
+    for (name, cmp) in [
+        ("$gt", f64::gt as fn(&f64, &f64) -> bool),
+        ("$lt", f64::lt),
+        ("$gte", f64::ge),
+        ("$lte", f64::le),
+    ] {
+        if let Some(bound) = op.get(name) {
+            return match (as_number(actual), bound.as_f64()) {
+                (Some(a), Some(b)) => cmp(&a, &b),
+                _ => false,
+            };
+        }
+    }
+    if let Some(between) = op.get("$between") {
+        let bounds = between.as_array().map(|b| {
+            (
+                b.first().and_then(Value::as_f64),
+                b.get(1).and_then(Value::as_f64),
+            )
+        });
+        return match (as_number(actual), bounds) {
+            (Some(a), Some((Some(lo), Some(hi)))) => a >= lo && a <= hi,
+            _ => false,
+        };
+    }
+    if let Some(needle) = op.get("$includes") {
+        return match actual {
+            Some(Value::Array(items)) => items.iter().any(|i| js_strict_eq(Some(i), needle)),
+            _ => false,
+        };
+    }
+    if let Some(other) = op.get("$ignoreCaseEquals") {
+        return match (actual_str, other.as_str()) {
+            (Some(a), Some(b)) => a.to_lowercase() == b.to_lowercase(),
+            _ => false,
+        };
+    }
+    if let Some(is_null) = op.get("$isNull") {
+        let null = matches!(actual, Some(Value::Null));
+        return if js_truthy(is_null) { null } else { !null };
+    }
+    if let Some(not) = op.get("$not") {
+        return match actual {
+            Some(Value::Array(items)) => !items.iter().any(|i| js_strict_eq(Some(i), not)),
+            Some(v @ (Value::Number(_) | Value::Bool(_) | Value::String(_))) => {
+                !js_strict_eq(Some(v), not)
+            }
+            _ => false,
+        };
+    }
+    true
+}
+
+fn js_truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0 && !f.is_nan()),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn m(payload: Value, filter: Value) -> bool {
+        event_filter_matches(Some(&payload), &filter)
+    }
+
+    #[test]
+    fn lists_of_scalars_match_any_member() {
+        assert!(m(json!({"a": "x"}), json!({"a": ["x", "y"]})));
+        assert!(!m(json!({"a": "z"}), json!({"a": ["x", "y"]})));
+        assert!(m(json!({"n": 2.0}), json!({"n": [1, 2]})));
+        assert!(m(json!({"b": true}), json!({"b": [true]})));
+        assert!(!m(json!({"b": "true"}), json!({"b": [true]})));
+        assert!(!m(json!({}), json!({"a": ["x"]})));
+        assert!(m(json!({"a": 1}), json!({"a": []})));
+    }
+
+    #[test]
+    fn nested_objects_and_arrays_of_objects() {
+        let f = json!({"user": {"plan": ["pro"]}});
+        assert!(m(json!({"user": {"plan": "pro"}}), f.clone()));
+        assert!(!m(json!({"user": {"plan": "free"}}), f.clone()));
+        assert!(!m(json!({"user": null}), f.clone()));
+        assert!(m(
+            json!({"user": [{"plan": "free"}, {"plan": "pro"}]}),
+            f.clone()
+        ));
+        assert!(!m(json!({}), f));
+    }
+
+    #[test]
+    fn absent_or_null_payload_matches_only_the_empty_filter() {
+        assert!(event_filter_matches(None, &json!({})));
+        assert!(event_filter_matches(Some(&Value::Null), &json!({})));
+        assert!(!event_filter_matches(
+            Some(&Value::Null),
+            &json!({"a": ["x"]})
+        ));
+    }
+
+    #[test]
+    fn content_filters() {
+        assert!(m(
+            json!({"s": "hello"}),
+            json!({"s": [{"$startsWith": "he"}]})
+        ));
+        assert!(m(
+            json!({"s": "hello"}),
+            json!({"s": [{"$endsWith": "lo"}]})
+        ));
+        assert!(!m(json!({"s": 5}), json!({"s": [{"$endsWith": "5"}]})));
+        assert!(m(
+            json!({"s": "HeLLo"}),
+            json!({"s": [{"$ignoreCaseEquals": "hello"}]})
+        ));
+        assert!(m(json!({"s": 1}), json!({"s": [{"$exists": true}]})));
+        assert!(m(json!({}), json!({"s": [{"$exists": false}]})));
+        assert!(m(json!({"s": null}), json!({"s": [{"$isNull": true}]})));
+        assert!(!m(json!({}), json!({"s": [{"$isNull": true}]})));
+        assert!(m(
+            json!({"s": "a"}),
+            json!({"s": [{"$anythingBut": ["b", "c"]}]})
+        ));
+        assert!(!m(json!({"s": "b"}), json!({"s": [{"$anythingBut": "b"}]})));
+        assert!(m(json!({"n": 5}), json!({"n": [{"$gt": 4}, {"$lt": 6}]})));
+        assert!(!m(json!({"n": 5}), json!({"n": [{"$gt": 5}]})));
+        assert!(m(json!({"n": 5}), json!({"n": [{"$gte": 5}, {"$lte": 5}]})));
+        assert!(m(json!({"n": 5}), json!({"n": [{"$between": [1, 5]}]})));
+        assert!(!m(json!({"n": "5"}), json!({"n": [{"$between": [1, 5]}]})));
+        assert!(m(
+            json!({"t": ["a", "b"]}),
+            json!({"t": [{"$includes": "b"}]})
+        ));
+        assert!(!m(json!({"t": "ab"}), json!({"t": [{"$includes": "b"}]})));
+        assert!(m(json!({"s": "a"}), json!({"s": [{"$not": "b"}]})));
+        assert!(!m(json!({"t": ["a", "b"]}), json!({"t": [{"$not": "b"}]})));
+        assert!(!m(json!({}), json!({"t": [{"$not": "b"}]})));
+    }
+
+    #[test]
+    fn javascript_indexing_of_strings_and_arrays() {
+        assert!(m(json!({"s": "abc"}), json!({"s": {"length": [3]}})));
+        assert!(m(json!({"a": [7, 8]}), json!({"a": {"1": [8]}})));
+        assert!(m(json!({"a": [{"x": 1}]}), json!({"a": {"x": [1]}})));
+    }
+
+    #[test]
+    fn odd_filters_never_panic() {
+        for f in [
+            json!(null),
+            json!([1]),
+            json!({"a": null}),
+            json!({"a": [{"$between": "x"}]}),
+            json!({"a": [{}]}),
+            json!({"a": [null, 1, "x"]}),
+        ] {
+            let _ = m(json!({"a": [1, {"b": 2}]}), f);
+        }
+        assert!(dispatcher_matches(None, None, &Value::Null, &Value::Null));
+    }
+}

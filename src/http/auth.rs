@@ -1,0 +1,37 @@
+//! `Authorization: Bearer <api key>`: the key decides the environment every call is scoped to.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::db::environments::{self, Environment};
+
+/// The caller's environment.
+pub struct AuthEnv(pub Environment);
+
+impl FromRequestParts<AppState> for AuthEnv {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization header"))?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("Authorization header must be \"Bearer <api key>\"")
+            })?;
+        let mut conn = state.pool.acquire().await?;
+        environments::find_by_api_key(&mut conn, key)
+            .await?
+            .map(AuthEnv)
+            .ok_or_else(|| ApiError::unauthorized("invalid API key"))
+    }
+}

@@ -1,0 +1,36 @@
+//! kongflow-events: an events queue service.
+//!
+//! Producers send events; each one is stored in Postgres and, now or at its `deliverAt`,
+//! delivered to every dispatcher whose rule matches it; each matching dispatcher is then
+//! invoked and creates job runs. The work moves as jobs through a transactional outbox in
+//! Postgres, a relay that publishes them to RabbitMQ, and workers that consume them.
+//!
+//! # Layout
+//!
+//! The folders follow the path of an event:
+//!
+//! - [`http`]: the API (routes, request and response shapes, errors to status codes).
+//! - [`events`]: ingest ([`EventsService`]) and event filters.
+//! - [`queue`]: the job ledger that is also the outbox ([`QueueService`]).
+//! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
+//! - [`amqp`]: connections, topology and the message format.
+//! - [`worker`]: consumes messages and runs the handlers in [`jobs`], one transaction per batch.
+//! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
+//! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
+//! - [`config`], [`app`]: configuration and the long-running processes.
+
+pub mod amqp;
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod events;
+pub mod failpoint;
+pub mod http;
+pub mod jobs;
+pub mod queue;
+pub mod relay;
+pub mod triggers;
+pub mod worker;
+
+pub use events::EventsService;
+pub use queue::{JobInsertResult, QueueService};

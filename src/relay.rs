@@ -1,0 +1,211 @@
+//! The relay: moves jobs from the outbox (unpublished ledger rows) to RabbitMQ.
+//!
+//! Each batch is claimed with `FOR UPDATE SKIP LOCKED` inside one transaction, so several
+//! relays never hand out the same row; every message is published with `mandatory` and a
+//! publisher confirm; rows are marked published only for messages the broker confirmed, in
+//! the same transaction, which commits after the confirms. A relay that dies between
+//! publish and commit leaves the rows unpublished: they are published again, and the
+//! duplicate finds its job completed (at-least-once transport, exactly-once effect).
+//!
+//! The relay is woken by `NOTIFY kongflow_outbox` (sent once per inserting statement) and
+//! otherwise polls slowly; it sleeps no longer than until the next scheduled job is due.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, JobMessage, Topology};
+use crate::config::RelayConfig;
+use crate::failpoint;
+use crate::queue::{Job, JobKind, JobPriority, JobRow};
+
+/// The channel relays listen on.
+pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("publisher confirms did not arrive within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+#[derive(Clone)]
+pub struct Relay {
+    pool: PgPool,
+    topology: Topology,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, topology: Topology, config: RelayConfig) -> Self {
+        Self {
+            pool,
+            topology,
+            config,
+        }
+    }
+
+    /// Run until `shutdown`, reconnecting to RabbitMQ and Postgres with backoff.
+    pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
+        crate::app::supervise("relay", shutdown.clone(), || {
+            let this = self.clone();
+            let url = amqp_url.clone();
+            let shutdown = shutdown.clone();
+            async move { this.run_connected(&url, shutdown).await }
+        })
+        .await
+    }
+
+    async fn run_connected(
+        &self,
+        url: &str,
+        shutdown: CancellationToken,
+    ) -> Result<(), RelayError> {
+        let conn = amqp::connect(url, "kongflow-relay").await?;
+        let channel = self.open_channel(&conn).await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        tracing::info!("relay connected");
+
+        while !shutdown.is_cancelled() {
+            let published = self.publish_batch(&channel).await?;
+            if published as i64 >= self.config.relay_batch_size {
+                continue;
+            }
+            let wait = self.time_to_next_due().await?;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                n = listener.recv() => {
+                    n?;
+                    // One pass serves every notification already received.
+                    while listener.next_buffered().is_some() {}
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let _ = conn.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    /// A channel in confirm mode, with the topology declared.
+    pub async fn open_channel(&self, conn: &lapin::Connection) -> Result<Channel, RelayError> {
+        let channel = conn.create_channel().await?;
+        self.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(channel)
+    }
+
+    /// How long to sleep: until the next scheduled job is due, at most the poll interval.
+    async fn time_to_next_due(&self) -> Result<Duration, sqlx::Error> {
+        let secs = sqlx::query_scalar!(
+            r#"SELECT EXTRACT(EPOCH FROM (min(run_at) - now()))::float8 AS "secs"
+               FROM queue_jobs
+               WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let poll = self.config.poll_interval();
+        Ok(match secs {
+            Some(s) if s <= 0.0 => Duration::ZERO,
+            Some(s) => Duration::from_secs_f64(s).min(poll),
+            None => poll,
+        })
+    }
+
+    /// Publish one batch of due, unpublished jobs. Returns how many were confirmed.
+    pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query_as!(
+            JobRow,
+            r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                      run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+               FROM queue_jobs
+               WHERE published_at IS NULL AND run_at <= now()
+                 AND state IN ('scheduled', 'available', 'retryable')
+               ORDER BY run_at, id
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED"#,
+            self.config.relay_batch_size
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
+
+        let mut pending = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let Some(kind) = JobKind::parse(&job.kind) else {
+                tracing::error!(job_id = job.id, kind = %job.kind, "job of unknown kind left in the outbox");
+                continue;
+            };
+            let confirm = channel
+                .basic_publish(
+                    self.topology.exchange(kind).as_str().into(),
+                    job.queue.as_str().into(),
+                    // mandatory: a message no queue takes comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &JobMessage::from_job(job).to_bytes(),
+                    properties(job),
+                )
+                .await?;
+            pending.push(async move { (job.id, confirm.await) });
+        }
+
+        let timeout = self.config.confirm_timeout();
+        let confirms = tokio::time::timeout(timeout, join_all(pending))
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
+        let mut confirmed = Vec::with_capacity(confirms.len());
+        for (id, confirm) in confirms {
+            let confirm = confirm?;
+            let acked = confirm.is_ack();
+            match confirm.take_message() {
+                None if acked => confirmed.push(id),
+                Some(returned) => tracing::error!(job_id = id, reply = %returned.reply_text,
+                    "message returned by the broker (is the topology declared?)"),
+                None => tracing::warn!(job_id = id, "message nacked by the broker"),
+            }
+        }
+
+        failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
+        sqlx::query!(
+            r#"UPDATE queue_jobs
+               SET published_at = now(),
+                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
+                                ELSE state END
+               WHERE id = ANY($1)"#,
+            &confirmed
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::debug!(published = confirmed.len(), "relay batch published");
+        Ok(confirmed.len())
+    }
+}
+
+fn properties(job: &Job) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        // 2: persistent, written to disk by the broker.
+        .with_delivery_mode(2)
+        .with_priority(JobPriority::from_i16(job.priority).amqp_priority())
+        .with_message_id(job.id.to_string().into())
+        .with_type(job.kind.as_str().into())
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+}

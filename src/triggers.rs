@@ -1,0 +1,278 @@
+//! Registering what events can reach: jobs with an event trigger, and dynamic triggers.
+//!
+//! Every registration upserts one dispatcher per owner (a job, or a dynamic trigger's
+//! registration key) in the environment, so registering again updates it in place.
+
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::db::environments::Environment;
+
+/// Which events a dispatcher takes: names, source and filters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRule {
+    pub event_names: Vec<String>,
+    pub source: String,
+    pub payload_filter: Option<Value>,
+    pub context_filter: Option<Value>,
+}
+
+/// A version of a job with its event trigger.
+#[derive(Debug, Clone)]
+pub struct JobRegistration {
+    pub version: String,
+    pub rule: EventRule,
+    pub enabled: bool,
+    /// A manual dispatcher is never matched by delivery (trigger.dev's `manual`).
+    pub manual: bool,
+}
+
+/// What registering a job produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisteredJob {
+    pub job_id: Uuid,
+    pub slug: String,
+    pub version_id: Uuid,
+    pub version: String,
+    pub dispatcher_id: Uuid,
+    pub enabled: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+impl EventRule {
+    fn validate(&self) -> Result<(), RegisterError> {
+        if self.event_names.is_empty() || self.event_names.iter().any(String::is_empty) {
+            return Err(RegisterError::Invalid(
+                "trigger.event must name at least one event, and no name may be empty".into(),
+            ));
+        }
+        for (name, f) in [
+            ("trigger.payload", &self.payload_filter),
+            ("trigger.context", &self.context_filter),
+        ] {
+            if let Some(f) = f
+                && !f.is_object()
+                && !f.is_null()
+            {
+                return Err(RegisterError::Invalid(format!(
+                    "{name} must be an object (an event filter)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn as_json(&self) -> Value {
+        json!({
+            "event": self.event_names,
+            "source": self.source,
+            "payload": self.payload_filter,
+            "context": self.context_filter,
+        })
+    }
+}
+
+/// Register a version of a job in an environment, make it the latest, and upsert the job's
+/// dispatcher (JOB_VERSION, pointing at this version).
+pub async fn register_job(
+    pool: &PgPool,
+    env: &Environment,
+    slug: &str,
+    reg: &JobRegistration,
+) -> Result<RegisteredJob, RegisterError> {
+    reg.rule.validate()?;
+    if reg.version.is_empty() {
+        return Err(RegisterError::Invalid("version must not be empty".into()));
+    }
+    let mut tx = pool.begin().await?;
+    let job_id = sqlx::query_scalar!(
+        r#"INSERT INTO jobs (id, environment_id, slug) VALUES ($1, $2, $3)
+           ON CONFLICT (environment_id, slug) DO UPDATE SET updated_at = now()
+           RETURNING id"#,
+        Uuid::now_v7(),
+        env.id,
+        slug
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let version_id = sqlx::query_scalar!(
+        r#"INSERT INTO job_versions (id, job_id, environment_id, version, trigger)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (job_id, version) DO UPDATE SET trigger = EXCLUDED.trigger, updated_at = now()
+           RETURNING id"#,
+        Uuid::now_v7(),
+        job_id,
+        env.id,
+        reg.version,
+        reg.rule.as_json()
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "UPDATE jobs SET latest_version_id = $2, updated_at = now() WHERE id = $1",
+        job_id,
+        version_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    let dispatcher_id = upsert_dispatcher(
+        &mut tx,
+        env,
+        &reg.rule,
+        DispatcherTarget {
+            kind: "JOB_VERSION",
+            owner: job_id.to_string(),
+            target_id: version_id,
+        },
+        reg.enabled,
+        reg.manual,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(RegisteredJob {
+        job_id,
+        slug: slug.to_string(),
+        version_id,
+        version: reg.version.clone(),
+        dispatcher_id,
+        enabled: reg.enabled,
+    })
+}
+
+/// Create or update a dynamic trigger and set the jobs attached to it (by slug; each must
+/// be registered in the environment).
+pub async fn register_dynamic_trigger(
+    pool: &PgPool,
+    env: &Environment,
+    slug: &str,
+    job_slugs: &[String],
+) -> Result<Uuid, RegisterError> {
+    let mut tx = pool.begin().await?;
+    let trigger_id = sqlx::query_scalar!(
+        r#"INSERT INTO dynamic_triggers (id, environment_id, slug) VALUES ($1, $2, $3)
+           ON CONFLICT (environment_id, slug) DO UPDATE SET updated_at = now()
+           RETURNING id"#,
+        Uuid::now_v7(),
+        env.id,
+        slug
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let job_ids = sqlx::query_scalar!(
+        "SELECT id FROM jobs WHERE environment_id = $1 AND slug = ANY($2)",
+        env.id,
+        job_slugs
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let wanted: std::collections::HashSet<&String> = job_slugs.iter().collect();
+    if job_ids.len() != wanted.len() {
+        return Err(RegisterError::NotFound(
+            "one of the attached jobs was".to_string(),
+        ));
+    }
+    sqlx::query!(
+        "DELETE FROM dynamic_trigger_jobs WHERE dynamic_trigger_id = $1",
+        trigger_id
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"INSERT INTO dynamic_trigger_jobs (dynamic_trigger_id, job_id)
+           SELECT $1, j FROM UNNEST($2::uuid[]) AS j"#,
+        trigger_id,
+        &job_ids
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(trigger_id)
+}
+
+/// Register (or update) a dynamic trigger's rule under `key`: a DYNAMIC_TRIGGER dispatcher.
+pub async fn register_dynamic_registration(
+    pool: &PgPool,
+    env: &Environment,
+    trigger_slug: &str,
+    key: &str,
+    rule: &EventRule,
+) -> Result<Uuid, RegisterError> {
+    rule.validate()?;
+    let mut tx = pool.begin().await?;
+    let trigger_id = sqlx::query_scalar!(
+        "SELECT id FROM dynamic_triggers WHERE environment_id = $1 AND slug = $2",
+        env.id,
+        trigger_slug
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| RegisterError::NotFound(format!("dynamic trigger {trigger_slug:?}")))?;
+    let id = upsert_dispatcher(
+        &mut tx,
+        env,
+        rule,
+        DispatcherTarget {
+            kind: "DYNAMIC_TRIGGER",
+            owner: format!("{trigger_id}:{key}"),
+            target_id: trigger_id,
+        },
+        true,
+        false,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+struct DispatcherTarget {
+    kind: &'static str,
+    /// What the dispatcher belongs to: unique per environment.
+    owner: String,
+    target_id: Uuid,
+}
+
+async fn upsert_dispatcher(
+    conn: &mut PgConnection,
+    env: &Environment,
+    rule: &EventRule,
+    target: DispatcherTarget,
+    enabled: bool,
+    manual: bool,
+) -> Result<Uuid, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"INSERT INTO event_dispatchers
+               (id, environment_id, event_names, source, payload_filter, context_filter,
+                enabled, manual, dispatchable_type, dispatchable_id, target_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+           ON CONFLICT (environment_id, dispatchable_id) DO UPDATE SET
+               event_names = EXCLUDED.event_names, source = EXCLUDED.source,
+               payload_filter = EXCLUDED.payload_filter, context_filter = EXCLUDED.context_filter,
+               enabled = EXCLUDED.enabled, manual = EXCLUDED.manual,
+               dispatchable_type = EXCLUDED.dispatchable_type, target_id = EXCLUDED.target_id,
+               updated_at = now()
+           RETURNING id"#,
+        Uuid::now_v7(),
+        env.id,
+        &rule.event_names,
+        rule.source,
+        rule.payload_filter.clone().filter(|v| !v.is_null()),
+        rule.context_filter.clone().filter(|v| !v.is_null()),
+        enabled,
+        manual,
+        target.kind,
+        target.owner,
+        target.target_id
+    )
+    .fetch_one(conn)
+    .await
+}

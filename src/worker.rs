@@ -1,0 +1,300 @@
+//! Workers: consume job messages and run their handlers.
+//!
+//! Messages are taken in batches (up to `worker_batch_size`, from what the prefetch already
+//! holds). A batch runs in one transaction: the job rows are locked in id order, each
+//! handler runs, the jobs are marked completed, the transaction commits, and only then are
+//! the messages acknowledged. A job already final (a duplicate message, a redelivery after
+//! a crash between commit and ack) is acknowledged with no effect. If any handler fails,
+//! the batch is rolled back and its jobs run one transaction each, so one bad job cannot
+//! hold back the others; a job that fails alone records its error and goes back to the
+//! outbox for a later attempt, or is discarded after its last one.
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, JobMessage, Topology};
+use crate::config::WorkerConfig;
+use crate::failpoint;
+use crate::jobs::{self, JobError};
+use crate::queue::{Job, JobKind, JobRow, QueueService};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker closed the consumer")]
+    ConsumerClosed,
+    #[error("a consumer task failed: {0}")]
+    Task(String),
+}
+
+/// What to do with a message once its batch is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Ack,
+    /// Reject without requeue: the message cannot name a job.
+    Reject(String),
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    pool: PgPool,
+    topology: Topology,
+    config: WorkerConfig,
+    queue: QueueService,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, topology: Topology, config: WorkerConfig) -> Self {
+        Self {
+            pool,
+            topology,
+            config,
+            queue: QueueService::new(),
+        }
+    }
+
+    /// Run until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
+        crate::app::supervise("worker", shutdown.clone(), || {
+            let this = self.clone();
+            let url = amqp_url.clone();
+            let shutdown = shutdown.clone();
+            async move { this.run_connected(&url, shutdown).await }
+        })
+        .await
+    }
+
+    async fn run_connected(
+        &self,
+        url: &str,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let conn: Connection = amqp::connect(url, "kongflow-worker").await?;
+        let setup = conn.create_channel().await?;
+        self.topology.declare(&setup).await?;
+        let mut tasks = JoinSet::new();
+        for kind in JobKind::ALL {
+            for _ in 0..self.config.worker_concurrency.max(1) {
+                let channel = conn.create_channel().await?;
+                let this = self.clone();
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move { this.consume(channel, kind, shutdown).await });
+            }
+        }
+        tracing::info!("worker connected");
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            let outcome = joined
+                .map_err(|e| WorkerError::Task(e.to_string()))
+                .and_then(|r| r);
+            if let Err(e) = outcome {
+                // One consumer down means the connection is suspect: start over. Messages
+                // the others held unacknowledged come back from the broker.
+                tasks.abort_all();
+                result = Err(e);
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        result
+    }
+
+    async fn consume(
+        &self,
+        channel: Channel,
+        kind: JobKind,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        channel
+            .basic_qos(self.config.worker_prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.queue(kind).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                d = consumer.next() => d,
+            };
+            let Some(first) = first else {
+                return Err(WorkerError::ConsumerClosed);
+            };
+            let mut batch = vec![first?];
+            while batch.len() < self.config.worker_batch_size {
+                match consumer.next().now_or_never() {
+                    Some(Some(d)) => batch.push(d?),
+                    _ => break,
+                }
+            }
+            let messages = batch
+                .iter()
+                .map(|d| {
+                    JobMessage::parse(&d.data).map_err(|e| format!("unparseable job message: {e}"))
+                })
+                .collect();
+            let dispositions = self.process(messages).await?;
+            for (delivery, disposition) in batch.iter().zip(dispositions) {
+                match disposition {
+                    Disposition::Ack => {
+                        delivery.ack(BasicAckOptions::default()).await?;
+                    }
+                    Disposition::Reject(reason) => {
+                        tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message rejected");
+                        delivery
+                            .nack(BasicNackOptions {
+                                requeue: false,
+                                ..Default::default()
+                            })
+                            .await?;
+                    }
+                }
+            }
+        }
+        // Unacknowledged prefetched messages go back to the queue when the channel closes.
+        let _ = channel.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    /// Run the jobs named by a batch of messages and say what to do with each message. On
+    /// `Ok`, everything the batch did is committed. Public so tests can drive one step.
+    pub async fn process(
+        &self,
+        messages: Vec<Result<JobMessage, String>>,
+    ) -> Result<Vec<Disposition>, sqlx::Error> {
+        let mut ids = Vec::with_capacity(messages.len());
+        let dispositions = messages
+            .into_iter()
+            .map(|m| match m {
+                Ok(m) => {
+                    ids.push(m.id);
+                    Disposition::Ack
+                }
+                Err(reason) => Disposition::Reject(reason),
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(dispositions);
+        }
+
+        if let Err((id, error)) = self.run_jobs(&ids).await? {
+            if ids.len() == 1 {
+                self.record_failure(id, &error).await?;
+            } else {
+                for id in ids {
+                    if let Err((id, error)) = self.run_jobs(&[id]).await? {
+                        self.record_failure(id, &error).await?;
+                    }
+                }
+            }
+        }
+        failpoint::hit(failpoint::WORKER_AFTER_COMMIT);
+        Ok(dispositions)
+    }
+
+    /// Run `ids` (sorted) in one transaction. The inner error names the first job that
+    /// failed; the transaction is then rolled back.
+    async fn run_jobs(&self, ids: &[i64]) -> Result<Result<(), (i64, JobError)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query_as!(
+            JobRow,
+            r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                      run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+               FROM queue_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
+            ids
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.len() < ids.len() {
+            tracing::warn!(
+                missing = ids.len() - rows.len(),
+                "messages name jobs that have no ledger row"
+            );
+        }
+        let mut completed = Vec::with_capacity(rows.len());
+        for job in rows.into_iter().map(Job::from) {
+            if job.state.is_final() {
+                tracing::debug!(
+                    job_id = job.id,
+                    state = job.state.as_str(),
+                    "duplicate message for a final job"
+                );
+                continue;
+            }
+            let outcome = AssertUnwindSafe(jobs::run(&mut tx, &self.queue, &job))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(JobError::Retryable(panic_message(&panic))));
+            if let Err(e) = outcome {
+                return Ok(Err((job.id, e)));
+            }
+            completed.push(job.id);
+        }
+        sqlx::query!(
+            r#"UPDATE queue_jobs
+               SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
+               WHERE id = ANY($1)"#,
+            &completed
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Record a failed attempt: the error is kept on the job, which goes back to the outbox
+    /// after a backoff of 2^attempt seconds (±10% jitter, at most an hour), or is discarded
+    /// after its last attempt or a permanent error.
+    async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
+        tracing::warn!(job_id = id, %error, "job attempt failed");
+        let jitter: f64 = rand::rng().random_range(0.9..1.1);
+        sqlx::query!(
+            r#"UPDATE queue_jobs SET
+                   attempt = attempt + 1,
+                   attempted_at = now(),
+                   errors = errors || jsonb_build_array(jsonb_build_object(
+                       'at', now(), 'attempt', attempt + 1, 'error', $2::text, 'kind', $3::text)),
+                   state = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN 'discarded'::queue_job_state
+                                ELSE 'retryable'::queue_job_state END,
+                   finalized_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN now() END,
+                   run_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN run_at
+                                 ELSE now() + make_interval(secs => least(power(2, attempt + 1), 3600) * $5) END,
+                   published_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN published_at END
+               WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')"#,
+            id,
+            error.to_string(),
+            error.kind(),
+            matches!(error, JobError::Permanent(_)),
+            jitter
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let msg = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".to_string());
+    format!("handler panicked: {msg}")
+}
