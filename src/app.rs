@@ -92,7 +92,7 @@ pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
 pub async fn declare_topology(store: &StoreConfig) -> anyhow::Result<()> {
     let conn = amqp::connect(&store.amqp_url, "kongflow-topology").await?;
     let channel = conn.create_channel().await?;
-    Topology::new(&store.amqp_prefix).declare(&channel).await?;
+    store.topology().declare(&channel).await?;
     conn.close(200, "done".into()).await?;
     Ok(())
 }
@@ -181,7 +181,7 @@ pub async fn start(
     };
     Ok(Process {
         pool,
-        topology: Topology::new(&store.amqp_prefix),
+        topology: store.topology(),
         amqp_url: store.amqp_url.clone(),
         relay,
         worker,

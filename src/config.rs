@@ -27,6 +27,11 @@ pub struct StoreConfig {
     #[arg(long, env = "AMQP_PREFIX", default_value = "kongflow")]
     pub amqp_prefix: String,
 
+    /// If set, queues are declared with this `x-expires` (milliseconds) and exchanges as
+    /// auto-delete, so a short-lived deployment (a test, a preview) leaves nothing behind.
+    #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS")]
+    pub amqp_queue_expires_ms: Option<u32>,
+
     /// Largest number of Postgres connections this process opens.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
@@ -103,4 +108,15 @@ pub struct HttpConfig {
     /// Address the HTTP API listens on.
     #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:3030")]
     pub http_addr: SocketAddr,
+}
+
+impl StoreConfig {
+    /// The RabbitMQ names this configuration uses.
+    pub fn topology(&self) -> crate::amqp::Topology {
+        let t = crate::amqp::Topology::new(&self.amqp_prefix);
+        match self.amqp_queue_expires_ms {
+            Some(ms) => t.with_queue_expiry(ms),
+            None => t,
+        }
+    }
 }

@@ -69,7 +69,8 @@ impl Relay {
         url: &str,
         shutdown: CancellationToken,
     ) -> Result<(), RelayError> {
-        let conn = amqp::connect(url, "kongflow-relay").await?;
+        let conn =
+            amqp::connect(url, &format!("kongflow-relay:{}", self.topology.prefix())).await?;
         let channel = self.open_channel(&conn).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;

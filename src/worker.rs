@@ -80,7 +80,8 @@ impl Worker {
         url: &str,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
-        let conn: Connection = amqp::connect(url, "kongflow-worker").await?;
+        let conn: Connection =
+            amqp::connect(url, &format!("kongflow-worker:{}", self.topology.prefix())).await?;
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
         let mut tasks = JoinSet::new();

@@ -62,6 +62,7 @@ impl Topology {
                     ExchangeKind::Direct,
                     ExchangeDeclareOptions {
                         durable: true,
+                        auto_delete: self.queue_expires_ms.is_some(),
                         ..Default::default()
                     },
                     FieldTable::default(),

@@ -310,7 +310,9 @@ mod tests {
     #[test]
     fn javascript_indexing_of_strings_and_arrays() {
         assert!(m(json!({"s": "abc"}), json!({"s": {"length": [3]}})));
-        assert!(m(json!({"a": [7, 8]}), json!({"a": {"1": [8]}})));
+        // An array field is matched element by element, never indexed.
+        assert!(!m(json!({"a": [7, 8]}), json!({"a": {"1": [8]}})));
+        assert!(m(json!({"a": [[7, 8]]}), json!({"a": {"1": [8]}})));
         assert!(m(json!({"a": [{"x": 1}]}), json!({"a": {"x": [1]}})));
     }
 

@@ -1,0 +1,348 @@
+//! `TestApp`: a fresh database, a fresh RabbitMQ prefix, and whichever roles a test wants
+//! running in the background.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use kongflow_events::amqp::{self, JobMessage, Topology};
+use kongflow_events::app::{Process, Roles};
+use kongflow_events::config::{RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::db::environments::{self, Environment, EnvironmentType};
+use kongflow_events::queue::JobKind;
+use kongflow_events::relay::Relay;
+use kongflow_events::worker::{Disposition, Worker};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub struct TestApp {
+    pub pool: PgPool,
+    pub db_name: String,
+    pub database_url: String,
+    pub store: StoreConfig,
+    pub topology: Topology,
+    pub amqp: lapin::Connection,
+    pub channel: lapin::Channel,
+    pub base_url: String,
+    pub env: Environment,
+    pub api_key: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    /// Everything running: HTTP, relay, worker.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Roles::ALL).await
+    }
+
+    pub async fn spawn_with(roles: Roles) -> Self {
+        let db_name = format!("kf_test_{}", Uuid::new_v4().simple());
+        let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .expect("connect to postgres");
+        // The name is ours: a fixed prefix and a UUID.
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let database_url = format!("{}/{db_name}", pg_base());
+        let prefix = format!("kft.{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let store = StoreConfig {
+            database_url: database_url.clone(),
+            amqp_url: amqp_url(),
+            amqp_prefix: prefix,
+            amqp_queue_expires_ms: Some(600_000),
+            database_max_connections: 6,
+            no_migrate: false,
+        };
+        let pool = kongflow_events::app::open_database(&store)
+            .await
+            .expect("open test database");
+        let topology = store.topology();
+        let amqp = amqp::connect(&store.amqp_url, "kongflow-test")
+            .await
+            .expect("connect to rabbitmq");
+        let channel = amqp.create_channel().await.unwrap();
+        topology.declare(&channel).await.unwrap();
+
+        let created = environments::create_environment(
+            &pool,
+            &format!("org-{db_name}/proj/dev"),
+            EnvironmentType::Development,
+        )
+        .await
+        .unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let process = Process {
+            pool: pool.clone(),
+            topology: topology.clone(),
+            amqp_url: store.amqp_url.clone(),
+            relay: RelayConfig::default(),
+            worker: WorkerConfig {
+                worker_concurrency: 2,
+                ..WorkerConfig::default()
+            },
+            http: roles.http.then_some(listener),
+        };
+        let any_role = roles.http || roles.relay || roles.worker;
+        let running = any_role.then(|| tokio::spawn(process.run(roles, shutdown.clone())));
+
+        TestApp {
+            pool,
+            db_name,
+            database_url,
+            store,
+            topology,
+            amqp,
+            channel,
+            base_url,
+            env: created.environment,
+            api_key: created.api_key,
+            http: reqwest::Client::new(),
+            shutdown,
+            running,
+        }
+    }
+
+    /// Stop the roles and drop the database.
+    pub async fn finish(mut self) {
+        self.shutdown.cancel();
+        if let Some(r) = self.running.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), r).await;
+        }
+        let _ = self.amqp.close(200, "bye".into()).await;
+        self.pool.close().await;
+        let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .unwrap();
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db_name
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+
+    /// Another environment of this test, with its key.
+    pub async fn new_env(&self, path: &str) -> (Environment, String) {
+        let created = environments::create_environment(
+            &self.pool,
+            &format!("{}-{path}/proj/env", self.db_name),
+            EnvironmentType::Production,
+        )
+        .await
+        .unwrap();
+        (created.environment, created.api_key)
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base_url));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn send_event(&self, key: &str, body: Value) -> Value {
+        let (status, v) = self
+            .request(
+                reqwest::Method::POST,
+                "/api/v1/events",
+                Some(key),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "send event: {v}");
+        v
+    }
+
+    pub async fn put_job(&self, key: &str, job: &str, body: Value) -> Value {
+        let (status, v) = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/api/v1/jobs/{job}"),
+                Some(key),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "register job: {v}");
+        v
+    }
+
+    /// Runs per job slug for one event (by the producer's id) in any environment.
+    pub async fn runs_by_job(&self, event_id: &str) -> Vec<(String, i64)> {
+        sqlx::query_as(
+            "SELECT j.slug, count(*) FROM job_runs r JOIN jobs j ON j.id = r.job_id
+             JOIN event_records e ON e.id = r.event_record_id
+             WHERE e.event_id = $1 GROUP BY j.slug ORDER BY j.slug",
+        )
+        .bind(event_id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Jobs of the ledger due and not yet final.
+    pub async fn unfinished_jobs(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM queue_jobs
+             WHERE state NOT IN ('completed', 'discarded', 'cancelled') AND run_at <= now()",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Wait until the ledger is drained: every job final.
+    pub async fn settle(&self) {
+        wait_until(
+            "every due job to be final",
+            Duration::from_secs(20),
+            || async { self.unfinished_jobs().await == 0 },
+        )
+        .await;
+    }
+
+    /// Messages ready in a kind's queue (a passive declare: exact, unlike management stats).
+    pub async fn queue_depth(&self, kind: JobKind) -> u32 {
+        self.channel
+            .queue_declare(
+                self.topology.queue(kind).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare")
+            .message_count()
+    }
+
+    /// Take one message from a kind's queue, without acknowledging it yet.
+    pub async fn get_message(&self, kind: JobKind) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(
+                self.topology.queue(kind).as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .expect("basic.get")
+    }
+
+    /// Take every message of a kind, hand each to a worker step, ack per its disposition.
+    /// Returns the dispositions.
+    pub async fn drain_with(&self, worker: &Worker, kind: JobKind) -> Vec<Disposition> {
+        let mut out = Vec::new();
+        while let Some(m) = self.get_message(kind).await {
+            let parsed = JobMessage::parse(&m.delivery.data).map_err(|e| e.to_string());
+            let d = worker.process(vec![parsed]).await.expect("worker step");
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            out.extend(d);
+        }
+        out
+    }
+
+    pub fn relay(&self) -> Relay {
+        Relay::new(
+            self.pool.clone(),
+            self.topology.clone(),
+            RelayConfig::default(),
+        )
+    }
+
+    pub fn worker(&self) -> Worker {
+        Worker::new(
+            self.pool.clone(),
+            self.topology.clone(),
+            WorkerConfig::default(),
+        )
+    }
+
+    /// Publish every due job of the outbox now, through a relay step.
+    pub async fn relay_all(&self) -> usize {
+        let relay = self.relay();
+        let channel = relay.open_channel(&self.amqp).await.unwrap();
+        let mut total = 0;
+        loop {
+            let n = relay.publish_batch(&channel).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        total
+    }
+
+    /// Environment variables for a child `kongflow-events` process on this test's stores.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.database_url.clone()),
+            ("AMQP_URL", self.store.amqp_url.clone()),
+            ("AMQP_PREFIX", self.store.amqp_prefix.clone()),
+            ("AMQP_QUEUE_EXPIRES_MS", "600000".into()),
+            ("DATABASE_MAX_CONNECTIONS", "3".into()),
+            ("RUST_LOG", "warn".into()),
+        ]
+    }
+}
+
+/// Poll `cond` every 20 ms until it holds; panic after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A job registration body for `PUT /api/v1/jobs/{id}`.
+pub fn job_body(event: &str, extra: Value) -> Value {
+    let mut trigger = serde_json::json!({ "event": event });
+    if let (Value::Object(t), Value::Object(x)) = (&mut trigger, extra) {
+        t.extend(x);
+    }
+    serde_json::json!({ "version": "1.0.0", "trigger": trigger })
+}

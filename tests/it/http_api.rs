@@ -1,0 +1,182 @@
+//! HTTP details: auth, errors, tenants, the env command.
+
+use serde_json::json;
+
+use crate::helpers::{TestApp, job_body};
+use kongflow_events::app::Roles;
+
+const HTTP_ONLY: Roles = Roles {
+    http: true,
+    relay: false,
+    worker: false,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let body = json!({"event": {"name": "x", "payload": {}}});
+    let post = reqwest::Method::POST;
+
+    let (s, v) = app
+        .request(post.clone(), "/api/v1/events", None, Some(body.clone()))
+        .await;
+    assert_eq!(s, 401);
+    assert!(v["error"].as_str().unwrap().contains("Authorization"));
+    let (s, v) = app
+        .request(
+            post.clone(),
+            "/api/v1/events",
+            Some("tr_dev_nope"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(v["error"], "invalid API key");
+
+    let key = app.api_key.clone();
+    for bad in [
+        json!({"event": {"payload": {}}}),
+        json!({"event": {"name": 5}}),
+        json!({"event": {"name": "x"}, "options": {"deliverAt": "yesterday"}}),
+        json!({"event": {"name": "x"}, "options": {"deliverAfter": -1}}),
+        json!({"event": {"name": ""}}),
+        json!([]),
+    ] {
+        let (s, v) = app
+            .request(
+                post.clone(),
+                "/api/v1/events",
+                Some(&key),
+                Some(bad.clone()),
+            )
+            .await;
+        assert!(s == 400 || s == 422, "{bad}: {s}");
+        assert!(
+            v["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{bad}: {v}"
+        );
+    }
+    let raw = app
+        .http
+        .post(format!("{}/api/v1/events", app.base_url))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM event_records")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+
+    let (s, v) = app
+        .request(
+            reqwest::Method::PUT,
+            "/api/v1/jobs/j",
+            Some(&key),
+            Some(json!({"version": "1", "trigger": {"event": "x", "payload": [1]}})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("trigger.payload"));
+    let (s, _) = app
+        .request(reqwest::Method::GET, "/nope", Some(&key), None)
+        .await;
+    assert_eq!(s, 404);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_environments_events_are_not_found() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let key = app.api_key.clone();
+    let (_, other) = app.new_env("other").await;
+    app.put_job(&key, "job", job_body("e", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "e", "id": "mine", "payload": {"secret": 1}}}),
+    )
+    .await;
+    let (s, v) = app
+        .request(
+            reqwest::Method::GET,
+            "/api/v2/events/mine",
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert!(v["error"].is_string());
+    // The same id in the other environment is a different event.
+    let theirs = app
+        .send_event(
+            &other,
+            json!({"event": {"name": "e", "id": "mine", "payload": {"x": 2}}}),
+        )
+        .await;
+    assert_eq!(theirs["payload"], json!({"x": 2}));
+    let (s, v) = app
+        .request(
+            reqwest::Method::GET,
+            "/api/v2/events/mine",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["id"], "mine");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_create_prints_a_working_key_last() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args([
+            "env",
+            "create",
+            &format!("{}/cli/staging", app.db_name),
+            "--type",
+            "STAGING",
+        ])
+        .envs(app.child_env())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.lines().last().unwrap().to_string();
+    assert!(key.starts_with("tr_staging_"), "{key}");
+    let log = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "hello", "payload": {"a": 1}}}),
+        )
+        .await;
+    assert!(
+        !log["id"].as_str().unwrap().is_empty(),
+        "an id is generated"
+    );
+    let env_type: String =
+        sqlx::query_scalar("SELECT e.type FROM runtime_environments e WHERE e.slug = 'staging'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(env_type, "STAGING");
+    let hashes_hold_no_key: bool = sqlx::query_scalar(
+        "SELECT bool_and(position($1::bytea in api_key_hash) = 0) FROM runtime_environments",
+    )
+    .bind(key.as_bytes())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(hashes_hold_no_key);
+    app.finish().await;
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real Postgres and the real RabbitMQ, one database and one name
+//! prefix per test, so tests run in parallel.
+
+mod crash;
+mod helpers;
+mod http_api;
+mod pipeline;
+mod queue;

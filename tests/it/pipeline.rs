@@ -1,0 +1,388 @@
+//! The whole path of an event, with every role running.
+
+use std::time::Duration;
+
+use kongflow_events::app::Roles;
+use kongflow_events::queue::JobKind;
+use kongflow_events::triggers::{self, EventRule, JobRegistration};
+use kongflow_events::worker::Disposition;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use serde_json::json;
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+async fn wait_delivered(app: &TestApp, event_id: &str) {
+    wait_until(
+        "the event to be delivered",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT delivered_at IS NOT NULL FROM event_records WHERE event_id = $1",
+            )
+            .bind(event_id)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    app.settle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_runs_each_matching_dispatcher_once_and_no_other() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "match", job_body("order.paid", json!({})))
+        .await;
+    app.put_job(
+        &key,
+        "match-filter",
+        job_body("order.paid", json!({"payload": {"total": [{"$gt": 10}]}})),
+    )
+    .await;
+    app.put_job(
+        &key,
+        "filtered-out",
+        job_body("order.paid", json!({"payload": {"total": [{"$lt": 10}]}})),
+    )
+    .await;
+    app.put_job(
+        &key,
+        "disabled",
+        json!({"version": "1", "trigger": {"event": "order.paid"}, "enabled": false}),
+    )
+    .await;
+    triggers::register_job(
+        &app.pool,
+        &app.env,
+        "manual",
+        &JobRegistration {
+            version: "1".into(),
+            rule: EventRule {
+                event_names: vec!["order.paid".into()],
+                source: "trigger.dev".into(),
+                payload_filter: None,
+                context_filter: None,
+            },
+            enabled: true,
+            manual: true,
+        },
+    )
+    .await
+    .unwrap();
+    app.put_job(&key, "other-name", job_body("order.refunded", json!({})))
+        .await;
+    app.put_job(
+        &key,
+        "other-source",
+        job_body("order.paid", json!({"source": "stripe"})),
+    )
+    .await;
+    let (_, other_key) = app.new_env("other").await;
+    app.put_job(&other_key, "other-env", job_body("order.paid", json!({})))
+        .await;
+
+    let log = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "order.paid", "id": "evt-1", "payload": {"total": 42}}}),
+        )
+        .await;
+    assert_eq!(log["id"], "evt-1");
+    assert_eq!(log["payload"], json!({"total": 42}));
+    assert!(log["deliveredAt"].is_null());
+    wait_delivered(&app, "evt-1").await;
+
+    assert_eq!(
+        app.runs_by_job("evt-1").await,
+        vec![("match".to_string(), 1), ("match-filter".to_string(), 1)]
+    );
+    let (status, got) = app
+        .request(
+            reqwest::Method::GET,
+            "/api/v2/events/evt-1",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(got["id"], "evt-1");
+    assert_eq!(got["name"], "order.paid");
+    let runs = got["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r["status"] == "QUEUED"));
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_event_id_twice_stores_and_runs_once() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("signup", json!({})))
+        .await;
+    let body = json!({"event": {"name": "signup", "id": "dup-1", "payload": {"n": 1}}});
+    let first = app.send_event(&key, body.clone()).await;
+    let second = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "signup", "id": "dup-1", "payload": {"n": 2}}}),
+        )
+        .await;
+    assert_eq!(
+        second["payload"], first["payload"],
+        "the stored event is returned"
+    );
+    wait_delivered(&app, "dup-1").await;
+    app.send_event(&key, body).await;
+    app.settle().await;
+
+    let records: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = 'dup-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let deliveries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE kind = 'deliverEvent'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((records, deliveries), (1, 1));
+    assert_eq!(app.runs_by_job("dup-1").await, vec![("job".to_string(), 1)]);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamic_trigger_runs_the_latest_version_of_each_attached_job() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "a", job_body("unrelated", json!({})))
+        .await;
+    app.put_job(&key, "b", job_body("unrelated", json!({})))
+        .await;
+    let a2 = app
+        .put_job(
+            &key,
+            "a",
+            json!({"version": "2.0.0", "trigger": {"event": "unrelated"}}),
+        )
+        .await;
+    triggers::register_dynamic_trigger(&app.pool, &app.env, "on-push", &["a".into(), "b".into()])
+        .await
+        .unwrap();
+    triggers::register_dynamic_registration(
+        &app.pool,
+        &app.env,
+        "on-push",
+        "repo-1",
+        &EventRule {
+            event_names: vec!["repo.push".into()],
+            source: "github".into(),
+            payload_filter: Some(json!({"repo": ["kongflow"]})),
+            context_filter: None,
+        },
+    )
+    .await
+    .unwrap();
+
+    app.send_event(
+        &key,
+        json!({"event": {"name": "repo.push", "id": "push-1", "source": "github", "payload": {"repo": "kongflow"}}}),
+    )
+    .await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "repo.push", "id": "push-2", "source": "github", "payload": {"repo": "other"}}}),
+    )
+    .await;
+    wait_delivered(&app, "push-1").await;
+    wait_delivered(&app, "push-2").await;
+    assert_eq!(
+        app.runs_by_job("push-1").await,
+        vec![("a".to_string(), 1), ("b".to_string(), 1)]
+    );
+    assert!(app.runs_by_job("push-2").await.is_empty());
+    let a_version: uuid::Uuid = sqlx::query_scalar(
+        "SELECT r.job_version_id FROM job_runs r JOIN jobs j ON j.id = r.job_id WHERE j.slug = 'a'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        a_version.to_string(),
+        a2["latestVersion"]["id"].as_str().unwrap()
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_message_published_twice_creates_one_run() {
+    // The relay runs; the worker is driven by hand so the duplicate is certain to be seen.
+    let app = TestApp::spawn_with(Roles {
+        http: true,
+        relay: true,
+        worker: false,
+    })
+    .await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("ping", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "ping", "id": "p-1", "payload": {}}}),
+    )
+    .await;
+    let worker = app.worker();
+    wait_until(
+        "deliverEvent published",
+        Duration::from_secs(10),
+        || async { app.queue_depth(JobKind::DeliverEvent).await == 1 },
+    )
+    .await;
+    assert_eq!(
+        app.drain_with(&worker, JobKind::DeliverEvent).await,
+        vec![Disposition::Ack]
+    );
+    wait_until(
+        "invokeDispatcher published",
+        Duration::from_secs(10),
+        || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
+    )
+    .await;
+
+    // Copy the message and publish the copy: the queue now holds the same job twice.
+    let original = app.get_message(JobKind::InvokeDispatcher).await.unwrap();
+    let data = original.delivery.data.clone();
+    original
+        .delivery
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.channel
+        .basic_publish(
+            app.topology
+                .exchange(JobKind::InvokeDispatcher)
+                .as_str()
+                .into(),
+            "events".into(),
+            BasicPublishOptions::default(),
+            &data,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    wait_until("both copies queued", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::InvokeDispatcher).await == 2
+    })
+    .await;
+    let dispositions = app.drain_with(&worker, JobKind::InvokeDispatcher).await;
+    assert_eq!(dispositions, vec![Disposition::Ack, Disposition::Ack]);
+    assert_eq!(app.runs_by_job("p-1").await, vec![("job".to_string(), 1)]);
+    assert_eq!(app.queue_depth(JobKind::InvokeDispatcher).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_event_waits_in_the_ledger_until_due() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("later", json!({}))).await;
+    let log = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "later", "id": "l-1", "payload": {}}, "options": {"deliverAfter": 3600}}),
+        )
+        .await;
+    let deliver_at =
+        chrono::DateTime::parse_from_rfc3339(log["deliverAt"].as_str().unwrap()).unwrap();
+    let ahead = deliver_at
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
+    assert!((3590..=3600).contains(&ahead), "deliverAt {ahead}s ahead");
+    // Publish everything due, then check the scheduled job stayed put.
+    app.relay_all().await;
+    let (state, published): (String, bool) = sqlx::query_as(
+        "SELECT state::text, published_at IS NOT NULL FROM queue_jobs WHERE kind = 'deliverEvent'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), published), ("scheduled", false));
+
+    let at = "2020-01-01T00:00:00.000Z";
+    let past = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "later", "id": "l-2", "payload": {}}, "options": {"deliverAt": at, "deliverAfter": 3600}}),
+        )
+        .await;
+    assert_eq!(past["deliverAt"], at, "deliverAt wins over deliverAfter");
+    wait_delivered(&app, "l-2").await;
+    assert_eq!(app.runs_by_job("l-2").await, vec![("job".to_string(), 1)]);
+    assert!(app.runs_by_job("l-1").await.is_empty());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_recovers_when_its_connections_are_cut() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("cut", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "cut", "id": "c-1", "payload": {}}}),
+    )
+    .await;
+    wait_delivered(&app, "c-1").await;
+
+    // Cut every Postgres connection of this test's database but the checker's own...
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // ...and every RabbitMQ connection of this test's relay and worker.
+    let closed = close_amqp_connections(app.topology.prefix());
+    assert!(closed >= 2, "closed {closed} rabbitmq connections");
+
+    app.send_event(
+        &key,
+        json!({"event": {"name": "cut", "id": "c-2", "payload": {}}}),
+    )
+    .await;
+    wait_delivered(&app, "c-2").await;
+    assert_eq!(app.runs_by_job("c-2").await, vec![("job".to_string(), 1)]);
+    app.finish().await;
+}
+
+/// Close the broker connections whose name carries `prefix`; returns how many.
+fn close_amqp_connections(prefix: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "-q",
+            "--no-table-headers",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(prefix)) {
+        let pid = line.split_whitespace().next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test cuts the connection", "-q"])
+            .status()
+            .expect("rabbitmqctl close_connection");
+        assert!(status.success());
+        closed += 1;
+    }
+    closed
+}

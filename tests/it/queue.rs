@@ -1,0 +1,162 @@
+//! The ledger and outbox: QueueService inserts, uniqueness, rollback.
+
+use kongflow_events::QueueService;
+use kongflow_events::app::Roles;
+use kongflow_events::queue::{
+    DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobKind, JobPriority, JobState,
+};
+use uuid::Uuid;
+
+use crate::helpers::TestApp;
+
+const NO_ROLES: Roles = Roles {
+    http: false,
+    relay: false,
+    worker: false,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_take_the_defaults_and_are_unique_by_args() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let q = QueueService::new();
+    let args = DeliverEventArgs { id: Uuid::new_v4() };
+    let mut tx = app.pool.begin().await.unwrap();
+    let first = q
+        .enqueue_deliver_event(&mut tx, args, InsertOpts::default())
+        .await
+        .unwrap();
+    let again = q
+        .enqueue_deliver_event(&mut tx, args, InsertOpts::default())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    assert!(!first.unique_skipped_as_duplicate);
+    assert!(again.unique_skipped_as_duplicate);
+    assert_eq!(first.job.id, again.job.id);
+    let job = first.job;
+    assert_eq!(job.kind, "deliverEvent");
+    assert_eq!(job.queue, "events");
+    assert_eq!(job.priority, JobPriority::High as i16);
+    assert_eq!(job.max_attempts, 5);
+    assert_eq!(job.state, JobState::Available);
+    assert!(job.published_at.is_none());
+
+    // Batch form: a duplicate inside the batch and one of an earlier insert.
+    let d = Uuid::new_v4();
+    let e = Uuid::new_v4();
+    let invoke = |id| {
+        JobInsert::invoke_dispatcher(
+            InvokeDispatcherArgs {
+                id,
+                event_record_id: e,
+            },
+            InsertOpts {
+                priority: JobPriority::Critical,
+                ..InsertOpts::default()
+            },
+        )
+    };
+    let mut tx = app.pool.begin().await.unwrap();
+    let res = q
+        .enqueue_many(
+            &mut tx,
+            vec![
+                invoke(d),
+                invoke(d),
+                JobInsert::deliver_event(args, InsertOpts::default()),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let flags: Vec<bool> = res.iter().map(|r| r.unique_skipped_as_duplicate).collect();
+    assert_eq!(flags, vec![false, true, true]);
+    assert_eq!(res[0].job.id, res[1].job.id);
+    assert_eq!(res[0].job.kind, "events.invokeDispatcher");
+    assert_eq!(res[0].job.priority, JobPriority::Critical as i16);
+    assert_eq!(res[2].job.id, job.id);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_enqueue_leaves_no_job_and_publishes_nothing() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let q = QueueService::new();
+    let mut tx = app.pool.begin().await.unwrap();
+    let res = q
+        .enqueue_deliver_event(
+            &mut tx,
+            DeliverEventArgs { id: Uuid::new_v4() },
+            InsertOpts::default(),
+        )
+        .await
+        .unwrap();
+    assert!(res.job.id > 0);
+    tx.rollback().await.unwrap();
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(app.relay_all().await, 0);
+    assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
+
+    // The same job committed is published: the check above could have failed.
+    let mut tx = app.pool.begin().await.unwrap();
+    q.enqueue_deliver_event(
+        &mut tx,
+        DeliverEventArgs { id: Uuid::new_v4() },
+        InsertOpts::default(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(app.relay_all().await, 1);
+    crate::helpers::wait_until(
+        "the committed job's message",
+        std::time::Duration::from_secs(5),
+        || async { app.queue_depth(JobKind::DeliverEvent).await == 1 },
+    )
+    .await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_never_publish_the_same_rows() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let q = QueueService::new();
+    let mut tx = app.pool.begin().await.unwrap();
+    let jobs = (0..1200)
+        .map(|_| {
+            JobInsert::deliver_event(
+                DeliverEventArgs { id: Uuid::new_v4() },
+                InsertOpts::default(),
+            )
+        })
+        .collect();
+    q.enqueue_many(&mut tx, jobs).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let (a, b) = tokio::join!(app.relay_all(), app.relay_all());
+    assert_eq!(a + b, 1200);
+    crate::helpers::wait_until(
+        "1200 messages",
+        std::time::Duration::from_secs(10),
+        || async { app.queue_depth(JobKind::DeliverEvent).await == 1200 },
+    )
+    .await;
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE published_at IS NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(unpublished, 0);
+    app.finish().await;
+}
