@@ -15,5 +15,5 @@ rm -rf .sqlx && mkdir .sqlx
 touch src/lib.rs
 SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$PWD/.sqlx" DATABASE_URL="postgres://$PGUSER@$PGHOST/$db" \
   cargo check --all-targets --quiet
-psql -h "$PGHOST" -U "$PGUSER" -qAt -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres
+# The scratch database stays, so DATABASE_URL can point at it while developing.
 echo "wrote $(ls .sqlx | wc -l) query files to .sqlx/"

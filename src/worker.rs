@@ -150,6 +150,13 @@ impl Worker {
                 })
                 .collect();
             let dispositions = self.process(messages).await?;
+            if dispositions.iter().all(|d| *d == Disposition::Ack) {
+                // One frame acknowledges the whole batch: this channel has one consumer and
+                // every earlier delivery on it is already settled.
+                let last = batch.last().expect("a batch is never empty");
+                last.ack(BasicAckOptions { multiple: true }).await?;
+                continue;
+            }
             for (delivery, disposition) in batch.iter().zip(dispositions) {
                 match disposition {
                     Disposition::Ack => {
@@ -195,12 +202,13 @@ impl Worker {
             return Ok(dispositions);
         }
 
-        if let Err((id, error)) = self.run_jobs(&ids).await? {
-            if ids.len() == 1 {
+        if let Err(error) = self.run_jobs(&ids).await? {
+            if let [id] = ids[..] {
                 self.record_failure(id, &error).await?;
             } else {
+                // Find the culprit: one transaction per job, so the others still complete.
                 for id in ids {
-                    if let Err((id, error)) = self.run_jobs(&[id]).await? {
+                    if let Err(error) = self.run_jobs(&[id]).await? {
                         self.record_failure(id, &error).await?;
                     }
                 }
@@ -210,9 +218,9 @@ impl Worker {
         Ok(dispositions)
     }
 
-    /// Run `ids` (sorted) in one transaction. The inner error names the first job that
-    /// failed; the transaction is then rolled back.
-    async fn run_jobs(&self, ids: &[i64]) -> Result<Result<(), (i64, JobError)>, sqlx::Error> {
+    /// Run `ids` (sorted) in one transaction. On a handler error the transaction is rolled
+    /// back and the error returned inside `Ok`.
+    async fn run_jobs(&self, ids: &[i64]) -> Result<Result<(), JobError>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query_as!(
             JobRow,
@@ -229,25 +237,27 @@ impl Worker {
                 "messages name jobs that have no ledger row"
             );
         }
-        let mut completed = Vec::with_capacity(rows.len());
-        for job in rows.into_iter().map(Job::from) {
-            if job.state.is_final() {
-                tracing::debug!(
-                    job_id = job.id,
-                    state = job.state.as_str(),
-                    "duplicate message for a final job"
-                );
-                continue;
-            }
-            let outcome = AssertUnwindSafe(jobs::run(&mut tx, &self.queue, &job))
+        // A message for a final job is a duplicate (or a redelivery after a crash between
+        // commit and ack): acknowledged, no effect.
+        let live: Vec<Job> = rows
+            .into_iter()
+            .map(Job::from)
+            .filter(|j| !j.state.is_final())
+            .collect();
+        let mut kinds: Vec<&str> = live.iter().map(|j| j.kind.as_str()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for kind in kinds {
+            let group: Vec<Job> = live.iter().filter(|j| j.kind == kind).cloned().collect();
+            let outcome = AssertUnwindSafe(jobs::run_batch(&mut tx, &self.queue, kind, &group))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(JobError::Retryable(panic_message(&panic))));
             if let Err(e) = outcome {
-                return Ok(Err((job.id, e)));
+                return Ok(Err(e));
             }
-            completed.push(job.id);
         }
+        let completed: Vec<i64> = live.iter().map(|j| j.id).collect();
         sqlx::query!(
             r#"UPDATE queue_jobs
                SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()

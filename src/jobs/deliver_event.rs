@@ -1,7 +1,8 @@
-//! `deliverEvent`: match an event against its environment's dispatchers and enqueue one
+//! `deliverEvent`: match events against their environments' dispatchers and enqueue one
 //! `events.invokeDispatcher` job per match.
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::JobError;
 use crate::events::filter::dispatcher_matches;
@@ -9,75 +10,87 @@ use crate::queue::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
 };
 
+/// Deliver a batch of events: `(priority of the job, args)` each.
 pub async fn run(
     tx: &mut PgConnection,
     queue: &QueueService,
-    args: DeliverEventArgs,
-    priority: i16,
+    batch: &[(i16, DeliverEventArgs)],
 ) -> Result<(), JobError> {
-    // The row lock orders delivery against a concurrent cancel of the same event.
-    let Some(event) = sqlx::query!(
-        r#"SELECT id, environment_id, name, source, payload, context, delivered_at, cancelled_at,
-                  external_account_id
-           FROM event_records WHERE id = $1 FOR UPDATE"#,
-        args.id
+    let ids: Vec<Uuid> = batch.iter().map(|(_, a)| a.id).collect();
+    // Row locks (in id order) serialize delivery against a concurrent cancel. Cancelled,
+    // delivered and vanished events drop out here: delivering them is a no-op.
+    let events = sqlx::query!(
+        r#"SELECT id, environment_id, name, source, payload, context, external_account_id
+           FROM event_records
+           WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
+           ORDER BY id FOR UPDATE"#,
+        &ids
     )
-    .fetch_optional(&mut *tx)
-    .await?
-    else {
-        tracing::warn!(event_record_id = %args.id, "deliverEvent: event is gone");
-        return Ok(());
-    };
-    if event.cancelled_at.is_some() || event.delivered_at.is_some() {
+    .fetch_all(&mut *tx)
+    .await?;
+    if events.is_empty() {
         return Ok(());
     }
 
+    let envs: Vec<Uuid> = events.iter().map(|e| e.environment_id).collect();
+    let names: Vec<String> = events.iter().map(|e| e.name.clone()).collect();
     let candidates = sqlx::query!(
-        r#"SELECT id, payload_filter, context_filter FROM event_dispatchers
-           WHERE environment_id = $1 AND enabled AND NOT manual
-             AND event_names @> ARRAY[$2]::text[] AND source = $3
-             AND (external_account_id IS NULL OR external_account_id = $4)
+        r#"SELECT id, environment_id, event_names, source, external_account_id,
+                  payload_filter, context_filter
+           FROM event_dispatchers
+           WHERE enabled AND NOT manual AND environment_id = ANY($1) AND event_names && $2
            ORDER BY id"#,
-        event.environment_id,
-        event.name,
-        event.source,
-        event.external_account_id
+        &envs,
+        &names
     )
     .fetch_all(&mut *tx)
     .await?;
 
-    let jobs: Vec<JobInsert> = candidates
-        .into_iter()
-        .filter(|d| {
-            dispatcher_matches(
-                d.payload_filter.as_ref(),
-                d.context_filter.as_ref(),
-                &event.payload,
-                &event.context,
-            )
-        })
-        .map(|d| {
-            JobInsert::invoke_dispatcher(
-                InvokeDispatcherArgs {
-                    id: d.id,
-                    event_record_id: event.id,
-                },
-                InsertOpts {
-                    priority: JobPriority::from_i16(priority),
-                    ..InsertOpts::default()
-                },
-            )
-        })
-        .collect();
+    let priority_of = |id: Uuid| {
+        batch
+            .iter()
+            .find(|(_, a)| a.id == id)
+            .map_or(JobPriority::High, |(p, _)| JobPriority::from_i16(*p))
+    };
+    let mut jobs = Vec::new();
+    for e in &events {
+        for d in &candidates {
+            let selected = d.environment_id == e.environment_id
+                && d.event_names.contains(&e.name)
+                && d.source == e.source
+                && (d.external_account_id.is_none()
+                    || d.external_account_id == e.external_account_id);
+            if selected
+                && dispatcher_matches(
+                    d.payload_filter.as_ref(),
+                    d.context_filter.as_ref(),
+                    &e.payload,
+                    &e.context,
+                )
+            {
+                jobs.push(JobInsert::invoke_dispatcher(
+                    InvokeDispatcherArgs {
+                        id: d.id,
+                        event_record_id: e.id,
+                    },
+                    InsertOpts {
+                        priority: priority_of(e.id),
+                        ..InsertOpts::default()
+                    },
+                ));
+            }
+        }
+    }
     let matched = jobs.len();
     queue.enqueue_many(tx, jobs).await?;
 
+    let delivered: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     sqlx::query!(
-        "UPDATE event_records SET delivered_at = now(), updated_at = now() WHERE id = $1",
-        event.id
+        "UPDATE event_records SET delivered_at = now(), updated_at = now() WHERE id = ANY($1)",
+        &delivered
     )
     .execute(&mut *tx)
     .await?;
-    tracing::debug!(event_record_id = %event.id, matched, "event delivered");
+    tracing::debug!(events = delivered.len(), matched, "events delivered");
     Ok(())
 }

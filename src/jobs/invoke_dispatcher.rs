@@ -1,74 +1,42 @@
-//! `events.invokeDispatcher`: create the job runs of one dispatcher for one event.
+//! `events.invokeDispatcher`: create the job runs of dispatchers for events.
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::JobError;
 use crate::queue::InvokeDispatcherArgs;
 
-pub async fn run(tx: &mut PgConnection, args: InvokeDispatcherArgs) -> Result<(), JobError> {
-    let dispatcher = sqlx::query!(
-        r#"SELECT id, environment_id, enabled, dispatchable_type, target_id
-           FROM event_dispatchers WHERE id = $1"#,
-        args.id
+/// Invoke a batch of (dispatcher, event) pairs with one statement. A dispatcher or event
+/// that is gone, a disabled dispatcher, or a pair from two environments creates nothing.
+/// JOB_VERSION creates one run of its version; DYNAMIC_TRIGGER one run of the latest version
+/// of each attached job. Runs are unique per (event, dispatcher, job version), so a second
+/// invocation inserts nothing.
+pub async fn run(tx: &mut PgConnection, batch: &[InvokeDispatcherArgs]) -> Result<(), JobError> {
+    let dispatchers: Vec<Uuid> = batch.iter().map(|a| a.id).collect();
+    let events: Vec<Uuid> = batch.iter().map(|a| a.event_record_id).collect();
+    let created = sqlx::query!(
+        r#"INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
+           SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
+           FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
+           JOIN event_dispatchers d ON d.id = a.dispatcher_id AND d.enabled
+           JOIN event_records e ON e.id = a.event_id AND e.environment_id = d.environment_id
+           JOIN LATERAL (
+               SELECT v.job_id, v.id AS version_id FROM job_versions v
+               WHERE d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
+                 AND v.environment_id = d.environment_id
+               UNION ALL
+               SELECT j.id, j.latest_version_id FROM dynamic_trigger_jobs dtj
+               JOIN jobs j ON j.id = dtj.job_id
+               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND dtj.dynamic_trigger_id = d.target_id
+                 AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
+           ) t ON true
+           ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING"#,
+        &dispatchers,
+        &events
     )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let event = sqlx::query!(
-        "SELECT id, environment_id FROM event_records WHERE id = $1",
-        args.event_record_id
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (Some(dispatcher), Some(event)) = (dispatcher, event) else {
-        tracing::warn!(dispatcher_id = %args.id, event_record_id = %args.event_record_id,
-            "invokeDispatcher: dispatcher or event is gone");
-        return Ok(());
-    };
-    if !dispatcher.enabled || dispatcher.environment_id != event.environment_id {
-        return Ok(());
-    }
-
-    // Runs are unique per (event, dispatcher, job version): a second invocation inserts nothing.
-    let created = match dispatcher.dispatchable_type.as_str() {
-        "JOB_VERSION" => {
-            sqlx::query!(
-                r#"INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
-                   SELECT gen_random_uuid(), v.environment_id, v.job_id, v.id, $2, $3
-                   FROM job_versions v WHERE v.id = $1 AND v.environment_id = $4
-                   ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING"#,
-                dispatcher.target_id,
-                event.id,
-                dispatcher.id,
-                dispatcher.environment_id
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-        }
-        "DYNAMIC_TRIGGER" => {
-            sqlx::query!(
-                r#"INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
-                   SELECT gen_random_uuid(), j.environment_id, j.id, j.latest_version_id, $2, $3
-                   FROM dynamic_trigger_jobs dtj JOIN jobs j ON j.id = dtj.job_id
-                   WHERE dtj.dynamic_trigger_id = $1 AND j.latest_version_id IS NOT NULL
-                     AND j.environment_id = $4
-                   ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING"#,
-                dispatcher.target_id,
-                event.id,
-                dispatcher.id,
-                dispatcher.environment_id
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-        }
-        other => {
-            return Err(JobError::Permanent(format!(
-                "dispatcher {} has unknown dispatchable type {other:?}",
-                dispatcher.id
-            )));
-        }
-    };
-    tracing::debug!(dispatcher_id = %dispatcher.id, event_record_id = %event.id, created, "dispatcher invoked");
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tracing::debug!(invocations = batch.len(), created, "dispatchers invoked");
     Ok(())
 }

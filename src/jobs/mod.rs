@@ -1,5 +1,6 @@
-//! Job handlers, one file per kind. A handler runs inside the worker's transaction: its
-//! effects and the job's completion commit together or not at all.
+//! Job handlers, one file per kind. A handler runs a batch of jobs of its kind inside the
+//! worker's transaction, with a few set-based statements for the whole batch: its effects
+//! and the jobs' completion commit together or not at all.
 
 pub mod deliver_event;
 pub mod invoke_dispatcher;
@@ -8,7 +9,7 @@ use sqlx::PgConnection;
 
 use crate::queue::{Job, JobKind, QueueService};
 
-/// Why a handler did not complete its job.
+/// Why a handler did not complete its jobs.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     /// Worth another attempt later (a database error, a conflict).
@@ -34,21 +35,36 @@ impl JobError {
     }
 }
 
-/// Run the handler for `job`'s kind in `tx`.
-pub async fn run(tx: &mut PgConnection, queue: &QueueService, job: &Job) -> Result<(), JobError> {
-    match JobKind::parse(&job.kind) {
+/// Run the handler of `kind` for `jobs` (all of that kind) in `tx`. On error nothing of
+/// the batch may be kept: the caller rolls back.
+pub async fn run_batch(
+    tx: &mut PgConnection,
+    queue: &QueueService,
+    kind: &str,
+    jobs: &[Job],
+) -> Result<(), JobError> {
+    match JobKind::parse(kind) {
         Some(JobKind::DeliverEvent) => {
-            deliver_event::run(tx, queue, parse_args(job)?, job.priority).await
+            let args = parse_all(jobs)?;
+            deliver_event::run(tx, queue, &args).await
         }
-        Some(JobKind::InvokeDispatcher) => invoke_dispatcher::run(tx, parse_args(job)?).await,
-        None => Err(JobError::Permanent(format!(
-            "unknown job kind {:?}",
-            job.kind
-        ))),
+        Some(JobKind::InvokeDispatcher) => {
+            let args: Vec<_> = parse_all(jobs)?.into_iter().map(|(_, a)| a).collect();
+            invoke_dispatcher::run(tx, &args).await
+        }
+        None => Err(JobError::Permanent(format!("unknown job kind {kind:?}"))),
     }
 }
 
-fn parse_args<T: serde::de::DeserializeOwned>(job: &Job) -> Result<T, JobError> {
-    serde_json::from_value(job.args.clone())
-        .map_err(|e| JobError::Permanent(format!("arguments of {} do not parse: {e}", job.kind)))
+/// Each job's args with its priority.
+fn parse_all<T: serde::de::DeserializeOwned>(jobs: &[Job]) -> Result<Vec<(i16, T)>, JobError> {
+    jobs.iter()
+        .map(|job| {
+            serde_json::from_value(job.args.clone())
+                .map(|a| (job.priority, a))
+                .map_err(|e| {
+                    JobError::Permanent(format!("arguments of {} do not parse: {e}", job.kind))
+                })
+        })
+        .collect()
 }

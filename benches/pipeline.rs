@@ -1,0 +1,176 @@
+//! End-to-end benchmark of a running pipeline (`kongflow-events all` or separate roles).
+//!
+//! Creates a fresh environment, registers one job over HTTP, sends N events (each matching
+//! the job's dispatcher) with concurrent clients, waits for N runs, and prints:
+//! - ingest rate (events acknowledged per second),
+//! - end-to-end rate (first send to last run created),
+//! - ingest-to-run latency p50, p95, p99 (run created minus event stored, both by the
+//!   database's clock).
+//!
+//! `cargo bench --bench pipeline -- [--url U] [--events N] [--concurrency C] [--rate R]`
+//! with `DATABASE_URL` pointing at the pipeline's database. `--rate` offers R events/s
+//! instead of sending as fast as the clients can.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kongflow_events::db::environments::{self, EnvironmentType};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+struct Args {
+    url: String,
+    events: usize,
+    concurrency: usize,
+    rate: Option<f64>,
+    database_url: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        url: "http://127.0.0.1:3030".into(),
+        events: 20_000,
+        concurrency: 64,
+        rate: None,
+        database_url: std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--url" => args.url = val(),
+            "--events" => args.events = val().parse().expect("--events N"),
+            "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
+            "--rate" => args.rate = Some(val().parse().expect("--rate R")),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    args
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&args.database_url)
+        .await?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let env = environments::create_environment(
+        &pool,
+        &format!("bench/bench/run-{}", &run[..12]),
+        EnvironmentType::Development,
+    )
+    .await?;
+    let key = env.api_key.clone();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    let resp = http
+        .put(format!("{}/api/v1/jobs/bench-job", args.url))
+        .bearer_auth(&key)
+        .json(&json!({"version": "1.0.0", "trigger": {"event": "bench.event", "payload": {"kind": ["bench"]}}}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "register job: {}",
+        resp.text().await?
+    );
+
+    println!(
+        "sending {} events, {} clients{}",
+        args.events,
+        args.concurrency,
+        args.rate
+            .map(|r| format!(", offered at {r} events/s"))
+            .unwrap_or_default()
+    );
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(args.concurrency));
+    let mut tasks = Vec::with_capacity(args.events);
+    for i in 0..args.events {
+        if let Some(rate) = args.rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let permit = limit.clone().acquire_owned().await?;
+        let http = http.clone();
+        let url = format!("{}/api/v1/events", args.url);
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(key)
+                .json(
+                    &json!({"event": {"name": "bench.event", "id": format!("e{i}"),
+                                        "payload": {"kind": "bench", "i": i}}}),
+                )
+                .send()
+                .await;
+            drop(permit);
+            matches!(r, Ok(r) if r.status().is_success())
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        if !t.await? {
+            failed += 1;
+        }
+    }
+    let ingest = started.elapsed();
+    anyhow::ensure!(failed == 0, "{failed} sends failed");
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let env_id = env.environment.id;
+    loop {
+        let runs: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
+                .bind(env_id)
+                .fetch_one(&pool)
+                .await?;
+        if runs as usize >= args.events {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {runs} of {} runs after 5 minutes",
+            args.events
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // End to end: from the first send to the last run's creation, both by the database clock
+    // (the first event's stored time stands for the first send).
+    let (span, p50, p95, p99, max): (f64, f64, f64, f64, f64) = sqlx::query_as(
+        r#"SELECT EXTRACT(EPOCH FROM max(r.created_at) - min(e.created_at))::float8,
+                  percentile_cont(0.50) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM r.created_at - e.created_at))::float8,
+                  percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM r.created_at - e.created_at))::float8,
+                  percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM r.created_at - e.created_at))::float8,
+                  max(EXTRACT(EPOCH FROM r.created_at - e.created_at))::float8
+           FROM job_runs r JOIN event_records e ON e.id = r.event_record_id
+           WHERE r.environment_id = $1"#,
+    )
+    .bind(env_id)
+    .fetch_one(&pool)
+    .await?;
+    let n = args.events as f64;
+    println!(
+        "ingest:        {:>8.0} events/s ({n} in {:.2} s)",
+        n / ingest.as_secs_f64(),
+        ingest.as_secs_f64()
+    );
+    println!(
+        "end to end:    {:>8.0} events/s ({n} runs in {span:.2} s)",
+        n / span
+    );
+    println!(
+        "ingest-to-run: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        p50 * 1e3,
+        p95 * 1e3,
+        p99 * 1e3,
+        max * 1e3
+    );
+    Ok(())
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The pipeline benchmark: starts `kongflow-events all` (release build) on a fresh database,
+# then runs benches/pipeline.rs twice: flat out (20,000 events, 64 clients) and at an
+# offered 500 events/s. Arguments are passed to both runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/services.sh
+export SQLX_OFFLINE=true
+cargo build --release --locked --quiet
+cargo bench --locked --no-run --quiet --bench pipeline 2>/dev/null
+db=kongflow_bench
+psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
+export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
+export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=warn
+target/release/kongflow-events all &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 50); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
+echo "== flat out"
+cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64 "$@"
+echo "== offered 500 events/s"
+cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64 "$@"

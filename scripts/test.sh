@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, and integration tests against the real Postgres and
+# RabbitMQ (started, or installed, when missing). Each test makes its own database and its
+# own RabbitMQ name prefix, so tests run in parallel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/services.sh
+# Databases left by interrupted runs.
+for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kf\_test\_%'"); do
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+done
+# Build from the committed .sqlx/ query data, never from a live database.
+export SQLX_OFFLINE=true
+unset DATABASE_URL
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked
