@@ -2,13 +2,17 @@
 
 pub mod filter;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::db::environments::Environment;
-use crate::queue::{DeliverEventArgs, InsertOpts, JobInsertResult, QueueService};
+use crate::queue::{DeliverEventArgs, InsertOpts, JobInsert, JobInsertResult, QueueService};
 
 /// Source given to events that name none.
 pub const DEFAULT_SOURCE: &str = "trigger.dev";
@@ -81,6 +85,16 @@ pub enum IngestError {
     Invalid(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error("the service is shutting down")]
+    Unavailable,
+}
+
+/// One ingest waiting in the batcher.
+struct Pending {
+    env: Environment,
+    request: SendEvent,
+    options: SendEventOptions,
+    reply: oneshot::Sender<Result<IngestResult, IngestError>>,
 }
 
 /// Ingest and lookup of events.
@@ -88,13 +102,86 @@ pub enum IngestError {
 pub struct EventsService {
     pool: PgPool,
     queue: QueueService,
+    batcher: Option<mpsc::Sender<Pending>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("name", &self.request.name).finish()
+    }
 }
 
 impl EventsService {
+    /// Each ingest runs its own transaction.
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
             queue: QueueService::new(),
+            batcher: None,
+        }
+    }
+
+    /// Concurrent ingests are grouped: `committers` tasks each take whatever requests are
+    /// waiting (up to `max_batch`) and store them with one transaction, one commit. Every
+    /// caller still gets its answer only after its event is committed.
+    pub fn with_batching(pool: PgPool, committers: usize, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::channel::<Pending>(max_batch * committers * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        let this = Self::new(pool);
+        for _ in 0..committers.max(1) {
+            let this = this.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move { this.commit_loop(rx, max_batch.max(1)).await });
+        }
+        Self {
+            batcher: Some(tx),
+            ..this
+        }
+    }
+
+    async fn commit_loop(self, rx: Arc<Mutex<mpsc::Receiver<Pending>>>, max_batch: usize) {
+        loop {
+            let mut batch = Vec::new();
+            {
+                let mut rx = rx.lock().await;
+                match rx.recv().await {
+                    Some(p) => batch.push(p),
+                    None => return,
+                }
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let items: Vec<_> = batch
+                .iter()
+                .map(|p| (p.env.clone(), p.request.clone(), p.options.clone()))
+                .collect();
+            match self.ingest_many(items).await {
+                Ok(results) => {
+                    for (p, r) in batch.into_iter().zip(results) {
+                        let _ = p.reply.send(Ok(r));
+                    }
+                }
+                // A batch that fails as a whole is retried one request at a time, so one
+                // bad request fails alone.
+                Err(_) if batch.len() > 1 => {
+                    for p in batch {
+                        let r = self
+                            .ingest_many(vec![(p.env, p.request, p.options)])
+                            .await
+                            .map(|mut v| v.remove(0));
+                        let _ = p.reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    if let Some(p) = batch.pop() {
+                        let _ = p.reply.send(Err(e));
+                    }
+                }
+            }
         }
     }
 
@@ -106,92 +193,179 @@ impl EventsService {
         request: SendEvent,
         options: SendEventOptions,
     ) -> Result<IngestResult, IngestError> {
-        let mut tx = self.pool.begin().await?;
-        let result = self
-            .ingest_in_tx(&mut tx, env, request, options, false)
-            .await?;
-        tx.commit().await?;
-        Ok(result)
+        validate(&request)?;
+        match &self.batcher {
+            Some(batcher) => {
+                let (reply, answer) = oneshot::channel();
+                batcher
+                    .send(Pending {
+                        env: env.clone(),
+                        request,
+                        options,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| IngestError::Unavailable)?;
+                answer.await.map_err(|_| IngestError::Unavailable)?
+            }
+            None => Ok(self
+                .ingest_many(vec![(env.clone(), request, options)])
+                .await?
+                .remove(0)),
+        }
     }
 
-    /// Ingest inside the caller's transaction, so the event commits with the caller's work.
+    async fn ingest_many(
+        &self,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    ) -> Result<Vec<IngestResult>, IngestError> {
+        let mut tx = self.pool.begin().await?;
+        let results = self.ingest_in_tx(&mut tx, items, false).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Ingest events inside the caller's transaction, so they commit with the caller's work:
+    /// one statement stores them all, one more enqueues their `deliverEvent` jobs. Results
+    /// come in the order of `items`.
     pub async fn ingest_in_tx(
         &self,
         tx: &mut PgConnection,
-        env: &Environment,
-        request: SendEvent,
-        options: SendEventOptions,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
         is_test: bool,
-    ) -> Result<IngestResult, IngestError> {
-        if request.name.is_empty() {
-            return Err(IngestError::Invalid("event.name must not be empty".into()));
+    ) -> Result<Vec<IngestResult>, IngestError> {
+        let n = items.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut envs = Vec::with_capacity(n);
+        let mut event_ids = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        let mut sources = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut contexts = Vec::with_capacity(n);
+        let mut timestamps = Vec::with_capacity(n);
+        let mut deliver_ats = Vec::with_capacity(n);
+        let mut deliver_afters = Vec::with_capacity(n);
+        let mut accounts = Vec::with_capacity(n);
+        for (env, request, options) in items {
+            validate(&request)?;
+            let account = match &options.account_id {
+                Some(identifier) => Some(upsert_external_account(tx, env.id, identifier).await?),
+                None => None,
+            };
+            ids.push(Uuid::now_v7());
+            envs.push(env.id);
+            event_ids.push(
+                request
+                    .id
+                    .unwrap_or_else(|| Uuid::now_v7().simple().to_string()),
+            );
+            names.push(request.name);
+            sources.push(request.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string()));
+            payloads.push(request.payload);
+            contexts.push(request.context.unwrap_or(Value::Null));
+            timestamps.push(request.timestamp);
+            deliver_ats.push(options.deliver_at);
+            // deliverAt wins over deliverAfter.
+            deliver_afters.push(
+                options
+                    .deliver_after
+                    .filter(|_| options.deliver_at.is_none())
+                    .map(|s| s as f64),
+            );
+            accounts.push(account);
         }
-        let event_id = request
-            .id
-            .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
-        let account = match options.account_id {
-            Some(identifier) => Some(upsert_external_account(tx, env.id, &identifier).await?),
-            None => None,
-        };
-        let deliver_after = options
-            .deliver_after
-            .filter(|_| options.deliver_at.is_none())
-            .map(|s| s as f64);
 
         let inserted = sqlx::query_as!(
             EventRecord,
             r#"INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,
                     deliver_at, external_account_id, is_test)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, now()),
-                       COALESCE($9, now() + make_interval(secs => COALESCE($10::float8, 0))), $11, $12)
+               SELECT id, env, eid, name, source, payload, context, COALESCE(ts, now()),
+                      COALESCE(at, now() + make_interval(secs => COALESCE(after, 0))), account, $12
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                           $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[])
+                    AS t(id, env, eid, name, source, payload, context, ts, at, after, account)
                ON CONFLICT (environment_id, event_id) DO NOTHING
                RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
                          deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
                          created_at, updated_at"#,
-            Uuid::now_v7(),
-            env.id,
-            event_id,
-            request.name,
-            request.source.as_deref().unwrap_or(DEFAULT_SOURCE),
-            request.payload,
-            request.context.unwrap_or(Value::Null),
-            request.timestamp,
-            options.deliver_at,
-            deliver_after,
-            account,
+            &ids,
+            &envs,
+            &event_ids,
+            &names,
+            &sources,
+            &payloads,
+            &contexts,
+            &timestamps as &[Option<DateTime<Utc>>],
+            &deliver_ats as &[Option<DateTime<Utc>>],
+            &deliver_afters as &[Option<f64>],
+            &accounts as &[Option<Uuid>],
             is_test,
         )
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
 
-        let Some(record) = inserted else {
-            let record = find_event(tx, env.id, &event_id).await?.ok_or_else(|| {
-                IngestError::Invalid(format!("event {event_id:?} conflicted but is gone"))
-            })?;
-            return Ok(IngestResult {
-                record,
-                created: false,
-                job: None,
-            });
-        };
+        let jobs = inserted
+            .iter()
+            .map(|r| {
+                JobInsert::deliver_event(
+                    DeliverEventArgs { id: r.id },
+                    InsertOpts {
+                        run_at: Some(r.deliver_at),
+                        ..InsertOpts::default()
+                    },
+                )
+            })
+            .collect();
+        let jobs = self.queue.enqueue_many(tx, jobs).await?;
+        let mut by_key: HashMap<(Uuid, String), (EventRecord, Option<JobInsertResult>)> = inserted
+            .into_iter()
+            .zip(jobs)
+            .map(|(r, j)| ((r.environment_id, r.event_id.clone()), (r, Some(j))))
+            .collect();
 
-        let job = self
-            .queue
-            .enqueue_deliver_event(
-                tx,
-                DeliverEventArgs { id: record.id },
-                InsertOpts {
-                    run_at: Some(record.deliver_at),
-                    ..InsertOpts::default()
-                },
+        // Ids the environments already had: the stored events answer.
+        let (missing_envs, missing_ids): (Vec<Uuid>, Vec<String>) = envs
+            .iter()
+            .zip(&event_ids)
+            .filter(|(e, i)| !by_key.contains_key(&(**e, (*i).clone())))
+            .map(|(e, i)| (*e, i.clone()))
+            .unzip();
+        if !missing_envs.is_empty() {
+            let existing = sqlx::query_as!(
+                EventRecord,
+                r#"SELECT r.id, r.environment_id, r.event_id, r.name, r.source, r.payload, r.context,
+                          r.timestamp, r.deliver_at, r.delivered_at, r.cancelled_at,
+                          r.external_account_id, r.is_test, r.created_at, r.updated_at
+                   FROM UNNEST($1::uuid[], $2::text[]) AS k(env, eid)
+                   JOIN event_records r ON r.environment_id = k.env AND r.event_id = k.eid"#,
+                &missing_envs,
+                &missing_ids
             )
+            .fetch_all(&mut *tx)
             .await?;
-        Ok(IngestResult {
-            record,
-            created: true,
-            job: Some(job),
-        })
+            for r in existing {
+                by_key.insert((r.environment_id, r.event_id.clone()), (r, None));
+            }
+        }
+
+        // The first request for a key created it; any other for the same key did not.
+        let mut seen = HashSet::new();
+        envs.into_iter()
+            .zip(event_ids)
+            .map(|key| {
+                let (record, job) = by_key
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| IngestError::Invalid(format!("event {:?} vanished", key.1)))?;
+                let first = seen.insert(key);
+                Ok(IngestResult {
+                    created: first && job.is_some(),
+                    job: job.filter(|_| first),
+                    record,
+                })
+            })
+            .collect()
     }
 
     /// An event of the environment by the producer's id, with its runs.
@@ -216,6 +390,13 @@ impl EventsService {
         .await?;
         Ok(Some((record, runs)))
     }
+}
+
+fn validate(request: &SendEvent) -> Result<(), IngestError> {
+    if request.name.is_empty() {
+        return Err(IngestError::Invalid("event.name must not be empty".into()));
+    }
+    Ok(())
 }
 
 /// Find an event by the producer's id within one environment.

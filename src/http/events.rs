@@ -74,6 +74,9 @@ pub async fn send_event(
         .map_err(|e| match e {
             IngestError::Invalid(m) => ApiError::bad_request(m),
             IngestError::Db(e) => ApiError::internal(e),
+            IngestError::Unavailable => {
+                ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            }
         })?;
     Ok(Json(event_log(&result.record)))
 }

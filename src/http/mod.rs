@@ -23,9 +23,10 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Ingest is group-committed: two committers, up to 200 events per transaction.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            events: EventsService::new(pool.clone()),
+            events: EventsService::with_batching(pool.clone(), 2, 200),
             pool,
         }
     }
