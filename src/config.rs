@@ -44,9 +44,14 @@ pub struct StoreConfig {
 /// Relay tuning.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
-    /// Most jobs claimed and published per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    /// Most jobs claimed and published per batch. Smaller batches hold their row locks for
+    /// less time (a worker that receives a message waits for its batch to commit).
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 200)]
     pub relay_batch_size: i64,
+
+    /// Publishing loops per relay process.
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 2)]
+    pub relay_concurrency: usize,
 
     /// How often the relay looks for work when no notification arrives, in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
@@ -69,7 +74,8 @@ impl RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            relay_batch_size: 500,
+            relay_batch_size: 200,
+            relay_concurrency: 2,
             relay_poll_interval_ms: 1000,
             relay_confirm_timeout_ms: 10_000,
         }

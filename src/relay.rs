@@ -53,15 +53,26 @@ impl Relay {
         }
     }
 
-    /// Run until `shutdown`, reconnecting to RabbitMQ and Postgres with backoff.
+    /// Run until `shutdown`, reconnecting to RabbitMQ and Postgres with backoff. Runs
+    /// `relay_concurrency` publishing loops, each with its own connections; SKIP LOCKED keeps
+    /// them (and the loops of other relay processes) off each other's rows.
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
-        crate::app::supervise("relay", shutdown.clone(), || {
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..self.config.relay_concurrency.max(1) {
             let this = self.clone();
-            let url = amqp_url.clone();
+            let amqp_url = amqp_url.clone();
             let shutdown = shutdown.clone();
-            async move { this.run_connected(&url, shutdown).await }
-        })
-        .await
+            loops.spawn(async move {
+                crate::app::supervise("relay", shutdown.clone(), || {
+                    let this = this.clone();
+                    let url = amqp_url.clone();
+                    let shutdown = shutdown.clone();
+                    async move { this.run_connected(&url, shutdown).await }
+                })
+                .await
+            });
+        }
+        while loops.join_next().await.is_some() {}
     }
 
     async fn run_connected(
@@ -125,6 +136,7 @@ impl Relay {
 
     /// Publish one batch of due, unpublished jobs. Returns how many were confirmed.
     pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query_as!(
             JobRow,
@@ -167,6 +179,7 @@ impl Relay {
             pending.push(async move { (job.id, confirm.await) });
         }
 
+        let claimed_in = started.elapsed();
         let timeout = self.config.confirm_timeout();
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
@@ -183,6 +196,7 @@ impl Relay {
             }
         }
 
+        let confirmed_in = started.elapsed();
         failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
         sqlx::query!(
             r#"UPDATE queue_jobs
@@ -195,7 +209,7 @@ impl Relay {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::debug!(published = confirmed.len(), "relay batch published");
+        tracing::debug!(published = confirmed.len(), ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
         Ok(confirmed.len())
     }
 }

@@ -149,7 +149,9 @@ impl Worker {
                     JobMessage::parse(&d.data).map_err(|e| format!("unparseable job message: {e}"))
                 })
                 .collect();
+            let started = std::time::Instant::now();
             let dispositions = self.process(messages).await?;
+            tracing::debug!(kind = kind.as_str(), size = batch.len(), took = ?started.elapsed(), "batch processed");
             if dispositions.iter().all(|d| *d == Disposition::Ack) {
                 // One frame acknowledges the whole batch: this channel has one consumer and
                 // every earlier delivery on it is already settled.
