@@ -2,21 +2,29 @@
 
 pub mod environments;
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Open a pool. The pool reconnects by itself: a connection that broke is dropped and a new
 /// one is opened on the next acquire.
+///
+/// Statements are planned for their parameters each time (`plan_cache_mode =
+/// force_custom_plan`): a connection caches its prepared statements for its whole life, and a
+/// generic plan made while the tables were small (a seq scan of `event_records`, say) would
+/// outlive the tables' growth by hours.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options =
+        PgConnectOptions::from_str(url)?.options([("plan_cache_mode", "force_custom_plan")]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect_with(options)
         .await
 }
 

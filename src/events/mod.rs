@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, mpsc, oneshot};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::environments::Environment;
@@ -107,7 +107,9 @@ pub struct EventsService {
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("name", &self.request.name).finish()
+        f.debug_struct("Pending")
+            .field("name", &self.request.name)
+            .finish()
     }
 }
 
