@@ -225,3 +225,104 @@ async fn garbage_on_the_work_queue_is_rejected_and_the_worker_goes_on() {
     );
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    job_and_event(&app, "seed").await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args(["all", "--http", &format!("127.0.0.1:{port}")])
+        .envs(app.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the child to serve", Duration::from_secs(30), || async {
+        app.http.get(format!("{base}/healthz")).send().await.is_ok()
+    })
+    .await;
+
+    // 300 sends, 16 at a time; SIGTERM once 100 are acknowledged.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut sends = Vec::new();
+    for i in 0..300 {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (http, base, key, ok) = (
+            app.http.clone(),
+            base.clone(),
+            app.api_key.clone(),
+            acked.clone(),
+        );
+        sends.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/api/v1/events"))
+                .bearer_auth(key)
+                .json(&json!({"event": {"name": "crash", "id": format!("t-{i}"), "payload": {}}}))
+                .send()
+                .await;
+            if matches!(&r, Ok(r) if r.status().is_success()) {
+                ok.lock().unwrap().push(format!("t-{i}"));
+            }
+            drop(permit);
+        }));
+        if i == 100 {
+            wait_until("100 acknowledged", Duration::from_secs(30), || async {
+                acked.lock().unwrap().len() >= 100
+            })
+            .await;
+            let pid = child.id().unwrap().to_string();
+            let killed = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+        }
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the process exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "graceful exit, got {status:?}");
+
+    // Whatever was acknowledged is stored, and a new process delivers all of it.
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 100);
+    let mut next = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("all")
+        .arg("--http")
+        .arg("127.0.0.1:0")
+        .envs(app.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("a run for every acknowledged event", Duration::from_secs(60), || async {
+        let missing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM UNNEST($1::text[]) AS a(eid)
+             WHERE NOT EXISTS (SELECT 1 FROM event_records e JOIN job_runs r ON r.event_record_id = e.id
+                               WHERE e.event_id = a.eid)",
+        )
+        .bind(&acked)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        missing == 0
+    })
+    .await;
+    let extra: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT event_record_id FROM job_runs GROUP BY event_record_id HAVING count(*) > 1) d",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(extra, 0, "no event ran twice");
+    next.kill().await.unwrap();
+    app.finish().await;
+}

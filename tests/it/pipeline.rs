@@ -386,3 +386,35 @@ fn close_amqp_connections(prefix: &str) -> usize {
     }
     closed
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_of_the_same_ids_store_each_id_once() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("burst", json!({}))).await;
+    // 10 ids, each sent 5 times at once: the group commit sees duplicates in one batch.
+    let sends = (0..50).map(|i| {
+        let body =
+            json!({"event": {"name": "burst", "id": format!("b-{}", i % 10), "payload": {"i": i}}});
+        let app = &app;
+        let key = key.clone();
+        async move { app.send_event(&key, body).await }
+    });
+    let logs = futures_util::future::join_all(sends).await;
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(log["id"], format!("b-{}", i % 10));
+    }
+    for id in 0..10 {
+        wait_delivered(&app, &format!("b-{id}")).await;
+    }
+    let (records, deliveries, runs): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM event_records), \
+                (SELECT count(*) FROM queue_jobs WHERE kind = 'deliverEvent'), \
+                (SELECT count(*) FROM job_runs)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((records, deliveries, runs), (10, 10, 10));
+    app.finish().await;
+}
