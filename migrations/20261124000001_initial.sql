@@ -33,10 +33,20 @@ CREATE TABLE external_accounts (
     UNIQUE (environment_id, identifier)
 );
 
+-- Rows written for every event (event_records, job_runs) carry no foreign keys. A key costs
+-- a row lock on the referenced row per insert (FOR KEY SHARE), taken while other
+-- transactions lock and update the same rows: an event is locked for delivery and stamped
+-- delivered, an environment's row is shared by all its events. Measured on the pipeline
+-- benchmark (10,000 events, 64 clients, 2 cores): about 900 events/s end to end with the
+-- keys, about 2,000 without. The code keeps the references valid instead: events are
+-- inserted for the environment of the caller's key, and runs by one statement that joins
+-- the dispatcher, event, job and version rows that exist. Whatever deletes an environment
+-- or an event must delete its events and runs too.
+
 -- After trigger.dev's EventRecord.
 CREATE TABLE event_records (
     id                  uuid PRIMARY KEY,
-    environment_id      uuid NOT NULL REFERENCES runtime_environments (id) ON DELETE CASCADE,
+    environment_id      uuid NOT NULL,
     event_id            text NOT NULL,
     name                text NOT NULL,
     source              text NOT NULL DEFAULT 'trigger.dev',
@@ -47,7 +57,7 @@ CREATE TABLE event_records (
     deliver_at          timestamptz NOT NULL DEFAULT now(),
     delivered_at        timestamptz,
     cancelled_at        timestamptz,
-    external_account_id uuid REFERENCES external_accounts (id) ON DELETE SET NULL,
+    external_account_id uuid,
     is_test             boolean NOT NULL DEFAULT false,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
@@ -125,11 +135,11 @@ CREATE INDEX event_dispatchers_match_idx
 -- through a dispatcher, whatever happens to the messages that carry the work.
 CREATE TABLE job_runs (
     id              uuid PRIMARY KEY,
-    environment_id  uuid NOT NULL REFERENCES runtime_environments (id) ON DELETE CASCADE,
-    job_id          uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    job_version_id  uuid NOT NULL REFERENCES job_versions (id) ON DELETE CASCADE,
-    event_record_id uuid NOT NULL REFERENCES event_records (id) ON DELETE CASCADE,
-    dispatcher_id   uuid NOT NULL REFERENCES event_dispatchers (id) ON DELETE CASCADE,
+    environment_id  uuid NOT NULL,
+    job_id          uuid NOT NULL,
+    job_version_id  uuid NOT NULL,
+    event_record_id uuid NOT NULL,
+    dispatcher_id   uuid NOT NULL,
     status          text NOT NULL DEFAULT 'QUEUED',
     started_at      timestamptz,
     completed_at    timestamptz,
@@ -137,6 +147,8 @@ CREATE TABLE job_runs (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (event_record_id, dispatcher_id, job_version_id)
 );
+
+CREATE INDEX job_runs_environment_idx ON job_runs (environment_id, created_at);
 
 -- The job ledger, which is also the transactional outbox.
 CREATE TYPE queue_job_state AS ENUM
@@ -168,8 +180,6 @@ CREATE UNIQUE INDEX queue_jobs_unique_key_idx ON queue_jobs (unique_key)
 
 -- The relay's work list: only unpublished rows are indexed, so it stays small.
 CREATE INDEX queue_jobs_outbox_idx ON queue_jobs (run_at, id) WHERE published_at IS NULL;
-
-CREATE INDEX queue_jobs_state_idx ON queue_jobs (state, queue, kind, id);
 
 -- Wake relays once per inserting statement; Postgres folds identical notifications of one
 -- transaction into one.
