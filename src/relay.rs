@@ -135,19 +135,30 @@ impl Relay {
     }
 
     /// Publish one batch of due, unpublished jobs. Returns how many were confirmed.
+    ///
+    /// One transaction: the claim statement locks the rows (SKIP LOCKED) and writes their
+    /// published mark; the messages are published and every confirm awaited; rows whose
+    /// message was not confirmed get their mark taken back; then the transaction commits. So
+    /// a mark becomes visible only for a confirmed message, and a relay that dies before
+    /// the commit leaves every row of the batch in the outbox.
     pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query_as!(
             JobRow,
-            r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                      run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
-               FROM queue_jobs
-               WHERE published_at IS NULL AND run_at <= now()
-                 AND state IN ('scheduled', 'available', 'retryable')
-               ORDER BY run_at, id
-               LIMIT $1
-               FOR UPDATE SKIP LOCKED"#,
+            r#"UPDATE queue_jobs
+               SET published_at = now(),
+                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
+                                ELSE state END
+               WHERE id IN (
+                   SELECT id FROM queue_jobs
+                   WHERE published_at IS NULL AND run_at <= now()
+                     AND state IN ('scheduled', 'available', 'retryable')
+                   ORDER BY run_at, id
+                   LIMIT $1
+                   FOR UPDATE SKIP LOCKED)
+               RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
             self.config.relay_batch_size
         )
         .fetch_all(&mut *tx)
@@ -155,12 +166,16 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
+        let mut jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
+        jobs.sort_by_key(|j| (j.run_at, j.id));
+        let claimed_in = started.elapsed();
 
         let mut pending = Vec::with_capacity(jobs.len());
+        let mut unconfirmed = Vec::new();
         for job in &jobs {
             let Some(kind) = JobKind::parse(&job.kind) else {
                 tracing::error!(job_id = job.id, kind = %job.kind, "job of unknown kind left in the outbox");
+                unconfirmed.push(job.id);
                 continue;
             };
             let confirm = channel
@@ -179,38 +194,41 @@ impl Relay {
             pending.push(async move { (job.id, confirm.await) });
         }
 
-        let claimed_in = started.elapsed();
         let timeout = self.config.confirm_timeout();
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
-        let mut confirmed = Vec::with_capacity(confirms.len());
         for (id, confirm) in confirms {
             let confirm = confirm?;
             let acked = confirm.is_ack();
             match confirm.take_message() {
-                None if acked => confirmed.push(id),
-                Some(returned) => tracing::error!(job_id = id, reply = %returned.reply_text,
-                    "message returned by the broker (is the topology declared?)"),
-                None => tracing::warn!(job_id = id, "message nacked by the broker"),
+                None if acked => {}
+                Some(returned) => {
+                    tracing::error!(job_id = id, reply = %returned.reply_text,
+                        "message returned by the broker (is the topology declared?)");
+                    unconfirmed.push(id);
+                }
+                None => {
+                    tracing::warn!(job_id = id, "message nacked by the broker");
+                    unconfirmed.push(id);
+                }
             }
         }
-
         let confirmed_in = started.elapsed();
+
         failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
-        sqlx::query!(
-            r#"UPDATE queue_jobs
-               SET published_at = now(),
-                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
-                                ELSE state END
-               WHERE id = ANY($1)"#,
-            &confirmed
-        )
-        .execute(&mut *tx)
-        .await?;
+        if !unconfirmed.is_empty() {
+            sqlx::query!(
+                "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
+                &unconfirmed
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        tracing::debug!(published = confirmed.len(), ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
-        Ok(confirmed.len())
+        let published = jobs.len() - unconfirmed.len();
+        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
+        Ok(published)
     }
 }
 

@@ -224,28 +224,46 @@ impl Worker {
     /// back and the error returned inside `Ok`.
     async fn run_jobs(&self, ids: &[i64]) -> Result<Result<(), JobError>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        // Lock the live jobs in id order and mark them completed up front: the mark commits
+        // only with the handlers' work, and the whole transaction rolls back on an error.
         let rows = sqlx::query_as!(
             JobRow,
-            r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                      run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
-               FROM queue_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE"#,
+            r#"UPDATE queue_jobs
+               SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
+               WHERE id IN (
+                   SELECT id FROM queue_jobs
+                   WHERE id = ANY($1) AND state NOT IN ('completed', 'discarded', 'cancelled')
+                   ORDER BY id FOR UPDATE)
+               RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
             ids
         )
         .fetch_all(&mut *tx)
         .await?;
         if rows.len() < ids.len() {
-            tracing::warn!(
-                missing = ids.len() - rows.len(),
-                "messages name jobs that have no ledger row"
-            );
+            // A message for a final job is a duplicate (or a redelivery after a crash between
+            // commit and ack): acknowledged, no effect. One naming no job at all is worth a word.
+            let live: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let others: Vec<i64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !live.contains(id))
+                .collect();
+            let known = sqlx::query_scalar!(
+                "SELECT count(*) FROM queue_jobs WHERE id = ANY($1)",
+                &others
+            )
+            .fetch_one(&mut *tx)
+            .await?
+            .unwrap_or(0);
+            if (known as usize) < others.len() {
+                tracing::warn!(
+                    missing = others.len() - known as usize,
+                    "messages name jobs that have no ledger row"
+                );
+            }
         }
-        // A message for a final job is a duplicate (or a redelivery after a crash between
-        // commit and ack): acknowledged, no effect.
-        let live: Vec<Job> = rows
-            .into_iter()
-            .map(Job::from)
-            .filter(|j| !j.state.is_final())
-            .collect();
+        let live: Vec<Job> = rows.into_iter().map(Job::from).collect();
         let mut kinds: Vec<&str> = live.iter().map(|j| j.kind.as_str()).collect();
         kinds.sort_unstable();
         kinds.dedup();
@@ -259,15 +277,6 @@ impl Worker {
                 return Ok(Err(e));
             }
         }
-        let completed: Vec<i64> = live.iter().map(|j| j.id).collect();
-        sqlx::query!(
-            r#"UPDATE queue_jobs
-               SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
-               WHERE id = ANY($1)"#,
-            &completed
-        )
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(Ok(()))
     }

@@ -17,13 +17,16 @@ pub async fn run(
     batch: &[(i16, DeliverEventArgs)],
 ) -> Result<(), JobError> {
     let ids: Vec<Uuid> = batch.iter().map(|(_, a)| a.id).collect();
-    // Row locks (in id order) serialize delivery against a concurrent cancel. Cancelled,
-    // delivered and vanished events drop out here: delivering them is a no-op.
+    // Stamp the events delivered and read them back in one statement. The row locks (taken
+    // in id order) serialize delivery against a concurrent cancel; cancelled, delivered and
+    // vanished events drop out here, so delivering them is a no-op.
     let events = sqlx::query!(
-        r#"SELECT id, environment_id, name, source, payload, context, external_account_id
-           FROM event_records
-           WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
-           ORDER BY id FOR UPDATE"#,
+        r#"UPDATE event_records SET delivered_at = now(), updated_at = now()
+           WHERE id IN (
+               SELECT id FROM event_records
+               WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
+               ORDER BY id FOR UPDATE)
+           RETURNING id, environment_id, name, source, payload, context, external_account_id"#,
         &ids
     )
     .fetch_all(&mut *tx)
@@ -84,13 +87,6 @@ pub async fn run(
     let matched = jobs.len();
     queue.enqueue_many(tx, jobs).await?;
 
-    let delivered: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    sqlx::query!(
-        "UPDATE event_records SET delivered_at = now(), updated_at = now() WHERE id = ANY($1)",
-        &delivered
-    )
-    .execute(&mut *tx)
-    .await?;
-    tracing::debug!(events = delivered.len(), matched, "events delivered");
+    tracing::debug!(events = events.len(), matched, "events delivered");
     Ok(())
 }
