@@ -171,9 +171,7 @@ CREATE TABLE queue_jobs (
     attempted_at timestamptz,
     finalized_at timestamptz,
     -- Set by the relay once RabbitMQ has confirmed the message; NULL means still in the outbox.
-    published_at timestamptz,
-    -- A relay that claimed the row is publishing it until then; past it, another may.
-    claimed_until timestamptz
+    published_at timestamptz
 );
 
 -- Unique by args: a live or completed job with the same key blocks a second one.

@@ -57,11 +57,6 @@ pub struct RelayConfig {
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
     pub relay_poll_interval_ms: u64,
 
-    /// How long a claimed batch is reserved for the relay that claimed it, in milliseconds;
-    /// a relay that dies mid-batch delays those jobs by at most this long.
-    #[arg(long, env = "RELAY_LEASE_MS", default_value_t = 30_000)]
-    pub relay_lease_ms: u64,
-
     /// How long the relay waits for publisher confirms before it gives a batch up, in milliseconds.
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_confirm_timeout_ms: u64,
@@ -70,9 +65,6 @@ pub struct RelayConfig {
 impl RelayConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.relay_poll_interval_ms)
-    }
-    pub fn lease(&self) -> Duration {
-        Duration::from_millis(self.relay_lease_ms)
     }
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.relay_confirm_timeout_ms)
@@ -85,7 +77,6 @@ impl Default for RelayConfig {
             relay_batch_size: 200,
             relay_concurrency: 2,
             relay_poll_interval_ms: 1000,
-            relay_lease_ms: 30_000,
             relay_confirm_timeout_ms: 10_000,
         }
     }

@@ -1,11 +1,11 @@
 //! The relay: moves jobs from the outbox (unpublished ledger rows) to RabbitMQ.
 //!
-//! Each batch is claimed with `FOR UPDATE SKIP LOCKED` and a lease, so several relays never
-//! hand out the same row; every message is published with `mandatory` and a publisher
-//! confirm; rows are marked published only for messages the broker confirmed. A relay that
-//! dies between publish and mark leaves the rows unpublished: they are published again when
-//! the lease runs out, and the duplicate finds its job completed (at-least-once transport,
-//! exactly-once effect).
+//! Each batch is claimed with `FOR UPDATE SKIP LOCKED` inside one transaction, so several
+//! relays never hand out the same row; every message is published with `mandatory` and a
+//! publisher confirm; rows are marked published only for messages the broker confirmed, in
+//! the same transaction, which commits after the confirms. A relay that dies between
+//! publish and commit leaves the rows unpublished: they are published again, and the
+//! duplicate finds its job completed (at-least-once transport, exactly-once effect).
 //!
 //! The relay is woken by `NOTIFY kongflow_outbox` (sent once per inserting statement) and
 //! otherwise polls slowly; it sleeps no longer than until the next scheduled job is due.
@@ -120,7 +120,7 @@ impl Relay {
     /// How long to sleep: until the next scheduled job is due, at most the poll interval.
     async fn time_to_next_due(&self) -> Result<Duration, sqlx::Error> {
         let secs = sqlx::query_scalar!(
-            r#"SELECT EXTRACT(EPOCH FROM (min(GREATEST(run_at, claimed_until)) - now()))::float8 AS "secs"
+            r#"SELECT EXTRACT(EPOCH FROM (min(run_at) - now()))::float8 AS "secs"
                FROM queue_jobs
                WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')"#
         )
@@ -136,32 +136,32 @@ impl Relay {
 
     /// Publish one batch of due, unpublished jobs. Returns how many were confirmed.
     ///
-    /// Claim: one short statement takes due rows no other relay holds (SKIP LOCKED) and
-    /// stamps them claimed for the lease (`RELAY_LEASE_MS`), then commits, so no row lock is
-    /// held while the broker confirms (a worker that receives a message never waits for its
-    /// relay). Publish, await every confirm. Mark: one statement sets `published_at` on the
-    /// confirmed rows. A relay that dies before the mark leaves its rows in the outbox, to be
-    /// claimed again when the lease runs out.
+    /// One transaction: the claim statement locks the rows (SKIP LOCKED) and writes their
+    /// published mark; the messages are published and every confirm awaited; rows whose
+    /// message was not confirmed get their mark taken back; then the transaction commits. So
+    /// a mark becomes visible only for a confirmed message, and a relay that dies before
+    /// the commit leaves every row of the batch in the outbox.
     pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
         let started = std::time::Instant::now();
-        let lease = self.config.lease().as_secs_f64();
+        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query_as!(
             JobRow,
-            r#"UPDATE queue_jobs SET claimed_until = now() + make_interval(secs => $2)
+            r#"UPDATE queue_jobs
+               SET published_at = now(),
+                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
+                                ELSE state END
                WHERE id IN (
                    SELECT id FROM queue_jobs
                    WHERE published_at IS NULL AND run_at <= now()
                      AND state IN ('scheduled', 'available', 'retryable')
-                     AND (claimed_until IS NULL OR claimed_until < now())
                    ORDER BY run_at, id
                    LIMIT $1
                    FOR UPDATE SKIP LOCKED)
                RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
                          run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
-            self.config.relay_batch_size,
-            lease
+            self.config.relay_batch_size
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             return Ok(0);
@@ -170,51 +170,12 @@ impl Relay {
         jobs.sort_by_key(|j| (j.run_at, j.id));
         let claimed_in = started.elapsed();
 
-        let confirmed = match self.publish_claimed(channel, &jobs).await {
-            Ok(confirmed) => confirmed,
-            Err(e) => {
-                // Hand the rows back at once rather than when the lease runs out; if the
-                // database is gone too, the lease does it.
-                let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
-                let _ = sqlx::query!(
-                    "UPDATE queue_jobs SET claimed_until = NULL WHERE id = ANY($1) AND published_at IS NULL",
-                    &ids
-                )
-                .execute(&self.pool)
-                .await;
-                return Err(e);
-            }
-        };
-        let confirmed_in = started.elapsed();
-
-        failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
-        // Unconfirmed rows keep their lease and are claimed again when it runs out.
-        sqlx::query!(
-            r#"UPDATE queue_jobs
-               SET published_at = now(), claimed_until = NULL,
-                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
-                                ELSE state END
-               WHERE id = ANY($1)"#,
-            &confirmed
-        )
-        .execute(&self.pool)
-        .await?;
-        let published = confirmed.len();
-        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
-        Ok(published)
-    }
-
-    /// Publish claimed jobs and await their confirms; returns the ids the broker confirmed.
-    async fn publish_claimed(
-        &self,
-        channel: &Channel,
-        jobs: &[Job],
-    ) -> Result<Vec<i64>, RelayError> {
         let mut pending = Vec::with_capacity(jobs.len());
-        let mut confirmed = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        let mut unconfirmed = Vec::new();
+        for job in &jobs {
             let Some(kind) = JobKind::parse(&job.kind) else {
                 tracing::error!(job_id = job.id, kind = %job.kind, "job of unknown kind left in the outbox");
+                unconfirmed.push(job.id);
                 continue;
             };
             let confirm = channel
@@ -241,13 +202,33 @@ impl Relay {
             let confirm = confirm?;
             let acked = confirm.is_ack();
             match confirm.take_message() {
-                None if acked => confirmed.push(id),
-                Some(returned) => tracing::error!(job_id = id, reply = %returned.reply_text,
-                    "message returned by the broker (is the topology declared?)"),
-                None => tracing::warn!(job_id = id, "message nacked by the broker"),
+                None if acked => {}
+                Some(returned) => {
+                    tracing::error!(job_id = id, reply = %returned.reply_text,
+                        "message returned by the broker (is the topology declared?)");
+                    unconfirmed.push(id);
+                }
+                None => {
+                    tracing::warn!(job_id = id, "message nacked by the broker");
+                    unconfirmed.push(id);
+                }
             }
         }
-        Ok(confirmed)
+        let confirmed_in = started.elapsed();
+
+        failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
+        if !unconfirmed.is_empty() {
+            sqlx::query!(
+                "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
+                &unconfirmed
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let published = jobs.len() - unconfirmed.len();
+        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
+        Ok(published)
     }
 }
 
