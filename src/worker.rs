@@ -99,9 +99,12 @@ impl Worker {
             let outcome = joined
                 .map_err(|e| WorkerError::Task(e.to_string()))
                 .and_then(|r| r);
-            if let Err(e) = outcome {
+            if let Err(e) = outcome
+                && result.is_ok()
+            {
                 // One consumer down means the connection is suspect: start over. Messages
-                // the others held unacknowledged come back from the broker.
+                // the others held unacknowledged come back from the broker. (The others then
+                // end as cancelled: the first error is the one to report.)
                 tasks.abort_all();
                 result = Err(e);
             }
