@@ -128,6 +128,23 @@ impl TestApp {
         if let Some(r) = self.running.take() {
             let _ = tokio::time::timeout(Duration::from_secs(20), r).await;
         }
+        // Leave nothing on the broker (the queues would expire anyway, later).
+        for kind in JobKind::ALL {
+            let _ = self
+                .channel
+                .queue_delete(
+                    self.topology.queue(kind).as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+            let _ = self
+                .channel
+                .exchange_delete(
+                    self.topology.exchange(kind).as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
         let _ = self.amqp.close(200, "bye".into()).await;
         self.pool.close().await;
         let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
