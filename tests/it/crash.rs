@@ -8,7 +8,7 @@ use kongflow_events::app::Roles;
 use kongflow_events::events::{SendEvent, SendEventOptions};
 use kongflow_events::queue::JobKind;
 use kongflow_events::triggers::{self, EventRule, JobRegistration};
-use kongflow_events::worker::Disposition;
+use kongflow_events::worker::{Disposition, Worker};
 use serde_json::json;
 
 use crate::helpers::{TestApp, wait_until};
@@ -74,6 +74,18 @@ async fn run_until_abort(app: &TestApp, role: &str, failpoint: &str) {
     );
 }
 
+/// Publish the one pending invokeDispatcher job and run it with a worker step.
+async fn invoke_by_hand(app: &TestApp, worker: &Worker) {
+    app.relay_all().await;
+    wait_until(
+        "invokeDispatcher queued",
+        Duration::from_secs(5),
+        || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
+    )
+    .await;
+    app.drain_with(worker, JobKind::InvokeDispatcher).await;
+}
+
 async fn count(app: &TestApp, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
 }
@@ -118,14 +130,7 @@ async fn a_relay_killed_after_publishing_before_marking_causes_no_double_effect(
         .await,
         1
     );
-    app.relay_all().await;
-    wait_until(
-        "invokeDispatcher queued",
-        Duration::from_secs(5),
-        || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
-    )
-    .await;
-    app.drain_with(&worker, JobKind::InvokeDispatcher).await;
+    invoke_by_hand(&app, &worker).await;
     assert_eq!(app.runs_by_job("r-1").await, vec![("job".to_string(), 1)]);
     app.finish().await;
 }
@@ -188,14 +193,7 @@ async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
             .await
             .unwrap();
     assert_eq!(again, delivered_at);
-    app.relay_all().await;
-    wait_until(
-        "invokeDispatcher queued",
-        Duration::from_secs(5),
-        || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
-    )
-    .await;
-    app.drain_with(&worker, JobKind::InvokeDispatcher).await;
+    invoke_by_hand(&app, &worker).await;
     assert_eq!(app.runs_by_job("w-1").await, vec![("job".to_string(), 1)]);
     app.finish().await;
 }
