@@ -195,7 +195,7 @@ impl EventsService {
         request: SendEvent,
         options: SendEventOptions,
     ) -> Result<IngestResult, IngestError> {
-        validate(&request)?;
+        validate(&request, &options)?;
         match &self.batcher {
             Some(batcher) => {
                 let (reply, answer) = oneshot::channel();
@@ -249,7 +249,7 @@ impl EventsService {
         let mut deliver_afters = Vec::with_capacity(n);
         let mut accounts = Vec::with_capacity(n);
         for (env, request, options) in items {
-            validate(&request)?;
+            validate(&request, &options)?;
             let account = match &options.account_id {
                 Some(identifier) => Some(upsert_external_account(tx, env.id, identifier).await?),
                 None => None,
@@ -394,9 +394,20 @@ impl EventsService {
     }
 }
 
-fn validate(request: &SendEvent) -> Result<(), IngestError> {
+/// Longest `deliverAfter` accepted: ten years, in seconds.
+pub const MAX_DELIVER_AFTER_SECS: u64 = 10 * 365 * 24 * 3600;
+
+fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), IngestError> {
     if request.name.is_empty() {
         return Err(IngestError::Invalid("event.name must not be empty".into()));
+    }
+    if options
+        .deliver_after
+        .is_some_and(|s| s > MAX_DELIVER_AFTER_SECS)
+    {
+        return Err(IngestError::Invalid(format!(
+            "options.deliverAfter must be at most {MAX_DELIVER_AFTER_SECS} seconds (ten years)"
+        )));
     }
     Ok(())
 }

@@ -39,6 +39,8 @@ async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {
         json!({"event": {"name": 5}}),
         json!({"event": {"name": "x"}, "options": {"deliverAt": "yesterday"}}),
         json!({"event": {"name": "x"}, "options": {"deliverAfter": -1}}),
+        json!({"event": {"name": "x"}, "options": {"deliverAfter": 1e15}}),
+        json!({"event": {"name": "x"}, "options": {"deliverAfter": 100_000_000_000u64}}),
         json!({"event": {"name": ""}}),
         json!([]),
     ] {
