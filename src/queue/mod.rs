@@ -344,20 +344,6 @@ impl QueueService {
     }
 }
 
-/// Load one job.
-pub async fn get_job(conn: &mut PgConnection, id: i64) -> Result<Option<Job>, sqlx::Error> {
-    let row = sqlx::query_as!(
-        JobRow,
-        r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
-           FROM queue_jobs WHERE id = $1"#,
-        id
-    )
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(Job::from))
-}
-
 /// A ledger row as selected: `state` comes out as text.
 pub(crate) struct JobRow {
     pub id: i64,

@@ -4,20 +4,13 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use kongflow_events::EventsService;
-use kongflow_events::app::Roles;
 use kongflow_events::events::{SendEvent, SendEventOptions};
 use kongflow_events::queue::JobKind;
 use kongflow_events::triggers::{self, EventRule, JobRegistration};
 use kongflow_events::worker::{Disposition, Worker};
 use serde_json::json;
 
-use crate::helpers::{TestApp, wait_until};
-
-const NO_ROLES: Roles = Roles {
-    http: false,
-    relay: false,
-    worker: false,
-};
+use crate::helpers::{NO_ROLES, TestApp, wait_until};
 
 async fn job_and_event(app: &TestApp, event_id: &str) {
     triggers::register_job(

@@ -19,6 +19,13 @@ use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Nothing running in the background: the test drives every step itself.
+pub const NO_ROLES: Roles = Roles {
+    http: false,
+    relay: false,
+    worker: false,
+};
+
 pub fn pg_base() -> String {
     std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }

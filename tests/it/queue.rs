@@ -1,19 +1,12 @@
 //! The ledger and outbox: QueueService inserts, uniqueness, rollback.
 
 use kongflow_events::QueueService;
-use kongflow_events::app::Roles;
 use kongflow_events::queue::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobKind, JobPriority, JobState,
 };
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
-
-const NO_ROLES: Roles = Roles {
-    http: false,
-    relay: false,
-    worker: false,
-};
+use crate::helpers::{NO_ROLES, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_take_the_defaults_and_are_unique_by_args() {
