@@ -60,6 +60,15 @@ pub struct RelayConfig {
     /// How long the relay waits for publisher confirms before it gives a batch up, in milliseconds.
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_confirm_timeout_ms: u64,
+
+    /// How often the reconciler looks for jobs whose message went missing, in milliseconds.
+    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = 60_000)]
+    pub reconcile_interval_ms: u64,
+
+    /// How far past its due time (or its publication, if later) a job that is not final
+    /// must be before the reconciler publishes it again, in milliseconds.
+    #[arg(long, env = "RECONCILE_MARGIN_MS", default_value_t = 300_000)]
+    pub reconcile_margin_ms: u64,
 }
 
 impl RelayConfig {
@@ -68,6 +77,12 @@ impl RelayConfig {
     }
     pub fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.relay_confirm_timeout_ms)
+    }
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms)
+    }
+    pub fn reconcile_margin(&self) -> Duration {
+        Duration::from_millis(self.reconcile_margin_ms)
     }
 }
 
@@ -78,6 +93,8 @@ impl Default for RelayConfig {
             relay_concurrency: 2,
             relay_poll_interval_ms: 1000,
             relay_confirm_timeout_ms: 10_000,
+            reconcile_interval_ms: 60_000,
+            reconcile_margin_ms: 300_000,
         }
     }
 }

@@ -7,25 +7,39 @@
 //! publish and commit leaves the rows unpublished: they are published again, and the
 //! duplicate finds its job completed (at-least-once transport, exactly-once effect).
 //!
-//! The relay is woken by `NOTIFY kongflow_outbox` (sent once per inserting statement) and
-//! otherwise polls slowly; it sleeps no longer than until the next scheduled job is due.
+//! The relay publishes a job as soon as it is in the outbox, due or not: a job due later
+//! goes into the delay tiers, so RabbitMQ holds the timer and nothing polls Postgres for due
+//! jobs. The relay is woken by `NOTIFY kongflow_outbox` (sent once per inserting statement,
+//! and by every statement that puts a job back in the outbox) and otherwise polls slowly.
+//!
+//! The reconciler (one per relay process, one at a time across processes by an advisory
+//! lock) is the safety net: on a slow cadence it puts back in the outbox every job overdue
+//! by more than a margin and still not final, whose message the broker lost or an operator
+//! purged. A duplicate it causes finds its job completed and has no effect.
 
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
+use lapin::options::ConfirmSelectOptions;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, JobMessage, Topology};
+use crate::amqp::publish::properties;
+use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::failpoint;
-use crate::queue::{Job, JobKind, JobPriority, JobRow};
+use crate::queue::{Job, JobKind, JobRow};
 
 /// The channel relays listen on.
 pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
+
+/// The advisory lock that keeps reconcilers of several processes from running at once.
+pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
+
+/// Most jobs one reconciler pass puts back.
+pub const RECONCILE_BATCH: i64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -72,7 +86,66 @@ impl Relay {
                 .await
             });
         }
+        let this = self.clone();
+        loops.spawn(async move { this.run_reconciler(shutdown).await });
         while loops.join_next().await.is_some() {}
+    }
+
+    /// Reconcile every `reconcile_interval` until `shutdown`.
+    async fn run_reconciler(&self, shutdown: CancellationToken) {
+        let interval = self.config.reconcile_interval();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            match self.reconcile().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    jobs = n,
+                    "reconciler put overdue jobs back in the outbox (their messages went missing)"
+                ),
+                Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
+            }
+        }
+    }
+
+    /// One reconciler pass: jobs not final, overdue by more than the margin (counted from
+    /// their due time or their publication, whichever is later), go back to the outbox, up
+    /// to [`RECONCILE_BATCH`] per pass. Only one process does this at a time (a
+    /// transaction-scoped advisory lock; the others skip the pass). Returns how many.
+    pub async fn reconcile(&self) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let locked = sqlx::query_scalar!("SELECT pg_try_advisory_xact_lock($1)", RECONCILER_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if locked != Some(true) {
+            return Ok(0);
+        }
+        let n = sqlx::query!(
+            r#"UPDATE queue_jobs SET published_at = NULL
+               WHERE id IN (
+                   SELECT id FROM queue_jobs
+                   WHERE state IN ('scheduled', 'available', 'retryable')
+                     AND published_at IS NOT NULL
+                     AND run_at < now() - make_interval(secs => $1)
+                     AND published_at < now() - make_interval(secs => $1)
+                   ORDER BY run_at
+                   LIMIT $2
+                   FOR UPDATE SKIP LOCKED)"#,
+            self.config.reconcile_margin().as_secs_f64(),
+            RECONCILE_BATCH
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n)
     }
 
     async fn run_connected(
@@ -92,7 +165,7 @@ impl Relay {
             if published as i64 >= self.config.relay_batch_size {
                 continue;
             }
-            let wait = self.time_to_next_due().await?;
+            let wait = self.config.poll_interval();
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 n = listener.recv() => {
@@ -117,24 +190,8 @@ impl Relay {
         Ok(channel)
     }
 
-    /// How long to sleep: until the next scheduled job is due, at most the poll interval.
-    async fn time_to_next_due(&self) -> Result<Duration, sqlx::Error> {
-        let secs = sqlx::query_scalar!(
-            r#"SELECT EXTRACT(EPOCH FROM (min(run_at) - now()))::float8 AS "secs"
-               FROM queue_jobs
-               WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')"#
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let poll = self.config.poll_interval();
-        Ok(match secs {
-            Some(s) if s <= 0.0 => Duration::ZERO,
-            Some(s) => Duration::from_secs_f64(s).min(poll),
-            None => poll,
-        })
-    }
-
-    /// Publish one batch of due, unpublished jobs. Returns how many were confirmed.
+    /// Publish one batch of unpublished jobs, due or not: a job due later goes into the
+    /// delay tiers (see [`crate::amqp::tiers`]). Returns how many were confirmed.
     ///
     /// One transaction: the claim statement locks the rows (SKIP LOCKED) and writes their
     /// published mark; the messages are published and every confirm awaited; rows whose
@@ -148,11 +205,11 @@ impl Relay {
             JobRow,
             r#"UPDATE queue_jobs
                SET published_at = now(),
-                   state = CASE WHEN state IN ('scheduled', 'retryable') THEN 'available'::queue_job_state
-                                ELSE state END
+                   state = CASE WHEN state IN ('scheduled', 'retryable') AND run_at <= now()
+                                THEN 'available'::queue_job_state ELSE state END
                WHERE id IN (
                    SELECT id FROM queue_jobs
-                   WHERE published_at IS NULL AND run_at <= now()
+                   WHERE published_at IS NULL
                      AND state IN ('scheduled', 'available', 'retryable')
                    ORDER BY run_at, id
                    LIMIT $1
@@ -178,19 +235,15 @@ impl Relay {
                 unconfirmed.push(job.id);
                 continue;
             };
-            let confirm = channel
-                .basic_publish(
-                    self.topology.exchange(kind).as_str().into(),
-                    job.queue.as_str().into(),
-                    // mandatory: a message no queue takes comes back instead of vanishing.
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &JobMessage::from_job(job).to_bytes(),
-                    properties(job),
-                )
-                .await?;
+            let confirm = publish_job(
+                channel,
+                &self.topology,
+                kind,
+                &JobMessage::from_job(job),
+                properties(job),
+                chrono::Utc::now(),
+            )
+            .await?;
             pending.push(async move { (job.id, confirm.await) });
         }
 
@@ -230,15 +283,4 @@ impl Relay {
         tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
         Ok(published)
     }
-}
-
-fn properties(job: &Job) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        // 2: persistent, written to disk by the broker.
-        .with_delivery_mode(2)
-        .with_priority(JobPriority::from_i16(job.priority).amqp_priority())
-        .with_message_id(job.id.to_string().into())
-        .with_type(job.kind.as_str().into())
-        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
 }

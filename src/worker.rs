@@ -11,8 +11,13 @@
 
 use std::panic::AssertUnwindSafe;
 
+use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rand::Rng;
@@ -20,7 +25,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, JobMessage, Topology};
+use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
 use crate::jobs::{self, JobError};
@@ -36,6 +41,8 @@ pub enum WorkerError {
     ConsumerClosed,
     #[error("a consumer task failed: {0}")]
     Task(String),
+    #[error("the broker did not take back an early message")]
+    SendBack,
 }
 
 /// What to do with a message once its batch is settled.
@@ -84,13 +91,19 @@ impl Worker {
             amqp::connect(url, &format!("kongflow-worker:{}", self.topology.prefix())).await?;
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
+        // Messages that arrive early go back into the tiers through this channel.
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let mut tasks = JoinSet::new();
         for kind in JobKind::ALL {
             for _ in 0..self.config.worker_concurrency.max(1) {
                 let channel = conn.create_channel().await?;
                 let this = self.clone();
                 let shutdown = shutdown.clone();
-                tasks.spawn(async move { this.consume(channel, kind, shutdown).await });
+                let publisher = publisher.clone();
+                tasks.spawn(async move { this.consume(channel, publisher, kind, shutdown).await });
             }
         }
         tracing::info!("worker connected");
@@ -116,6 +129,7 @@ impl Worker {
     async fn consume(
         &self,
         channel: Channel,
+        publisher: Channel,
         kind: JobKind,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
@@ -146,14 +160,28 @@ impl Worker {
                     _ => break,
                 }
             }
-            let messages = batch
-                .iter()
-                .map(|d| {
-                    JobMessage::parse(&d.data).map_err(|e| format!("unparseable job message: {e}"))
-                })
-                .collect();
+            let now = Utc::now();
+            let mut messages = Vec::with_capacity(batch.len());
+            let mut early = Vec::new();
+            for (i, delivery) in batch.iter().enumerate() {
+                match JobMessage::parse(&delivery.data) {
+                    Ok(m) if is_early(&m, now) => early.push((i, m)),
+                    parsed => messages.push((
+                        i,
+                        parsed.map_err(|e| format!("unparseable job message: {e}")),
+                    )),
+                }
+            }
             let started = std::time::Instant::now();
-            let dispositions = self.process(messages).await?;
+            if !early.is_empty() {
+                self.send_back(&publisher, kind, &batch, &early).await?;
+            }
+            let (order, messages): (Vec<usize>, Vec<_>) = messages.into_iter().unzip();
+            let processed = self.process(messages).await?;
+            let mut dispositions = vec![Disposition::Ack; batch.len()];
+            for (i, d) in order.into_iter().zip(processed) {
+                dispositions[i] = d;
+            }
             tracing::debug!(kind = kind.as_str(), size = batch.len(), took = ?started.elapsed(), "batch processed");
             if dispositions.iter().all(|d| *d == Disposition::Ack) {
                 // One frame acknowledges the whole batch: this channel has one consumer and
@@ -181,6 +209,39 @@ impl Worker {
         }
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
         let _ = channel.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    /// Messages that arrived before their due time (a delay longer than the tiers hold in
+    /// one pass, or clocks apart) go back into the tiers for the remainder. The original is
+    /// acknowledged only after the broker confirmed the copy.
+    async fn send_back(
+        &self,
+        publisher: &Channel,
+        kind: JobKind,
+        batch: &[Delivery],
+        early: &[(usize, JobMessage)],
+    ) -> Result<(), WorkerError> {
+        let mut confirms = Vec::with_capacity(early.len());
+        for (i, message) in early {
+            tracing::debug!(job_id = message.id, run_at = %message.run_at, "message early, sent back into the tiers");
+            let confirm = publish_job(
+                publisher,
+                &self.topology,
+                kind,
+                message,
+                batch[*i].properties.clone(),
+                Utc::now(),
+            )
+            .await?;
+            confirms.push(confirm);
+        }
+        for confirm in join_all(confirms).await {
+            let confirm = confirm?;
+            if !confirm.is_ack() || confirm.take_message().is_some() {
+                return Err(WorkerError::SendBack);
+            }
+        }
         Ok(())
     }
 
@@ -311,8 +372,17 @@ impl Worker {
         )
         .execute(&self.pool)
         .await?;
+        // Wake the relays: the job is back in the outbox (the trigger fires on inserts only).
+        sqlx::query!("SELECT pg_notify($1, '')", crate::relay::NOTIFY_CHANNEL)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
+}
+
+/// A message is early when its job is not yet due.
+pub fn is_early(message: &JobMessage, now: DateTime<Utc>) -> bool {
+    message.run_at > now
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -5,12 +5,20 @@
 //! - exchange `P.K`: direct, durable. The relay publishes here with the job's queue
 //!   (`events`) as routing key.
 //! - queue `P.K`: durable, a priority queue (`x-max-priority` 4), bound to `P.K` with key
-//!   `events`. Workers for kind `K` consume from it.
+//!   `events`. Workers for kind `K` consume from it. It is also bound to the delay exit
+//!   exchange with `#.K.events`.
+//! - the delay tiers (see [`super::tiers`]): for every level `n`, a topic exchange
+//!   `P.delay.NN` and a queue `P.delay.NN.<ttl>ms` per digit, with that TTL and the next
+//!   level down (or `P.delay.out`) as dead-letter exchange; `P.delay.out` is a topic
+//!   exchange that hands due messages to the work queues.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
+use super::tiers::{self, LEVELS};
 use crate::queue::{EVENTS_QUEUE, JobKind};
 
 /// Highest AMQP priority in use; see [`crate::queue::JobPriority::amqp_priority`].
@@ -53,20 +61,61 @@ impl Topology {
         format!("{}.{}", self.prefix, kind.as_str())
     }
 
+    /// The exchange of delay level `n` (0 is the shortest).
+    pub fn delay_exchange(&self, n: usize) -> String {
+        format!("{}.delay.{n:02}", self.prefix)
+    }
+
+    /// The tier of level `n` holding `ttl_ms`.
+    pub fn delay_queue(&self, n: usize, ttl_ms: u64) -> String {
+        format!("{}.delay.{n:02}.{ttl_ms}ms", self.prefix)
+    }
+
+    /// Where messages leave the tiers, due.
+    pub fn delay_exit(&self) -> String {
+        format!("{}.delay.out", self.prefix)
+    }
+
+    /// Every queue, work queues first.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.queue(*k)).collect();
+        names.extend(tiers::tiers().map(|(n, _, ttl)| self.delay_queue(n, ttl)));
+        names
+    }
+
+    /// Every exchange.
+    pub fn all_exchanges(&self) -> Vec<String> {
+        let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.exchange(*k)).collect();
+        names.extend((0..LEVELS).map(|n| self.delay_exchange(n)));
+        names.push(self.delay_exit());
+        names
+    }
+
+    async fn declare_exchange(
+        &self,
+        channel: &Channel,
+        name: &str,
+        kind: ExchangeKind,
+    ) -> lapin::Result<()> {
+        channel
+            .exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    auto_delete: self.queue_expires_ms.is_some(),
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+
     /// Declare everything. Declaring what exists with the same arguments is a no-op.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_tiers(channel).await?;
         for kind in JobKind::ALL {
-            channel
-                .exchange_declare(
-                    self.exchange(kind).as_str().into(),
-                    ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        auto_delete: self.queue_expires_ms.is_some(),
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+            self.declare_exchange(channel, &self.exchange(kind), ExchangeKind::Direct)
                 .await?;
             let mut args = FieldTable::default();
             // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
@@ -93,6 +142,78 @@ impl Topology {
                     self.exchange(kind).as_str().into(),
                     EVENTS_QUEUE.into(),
                     QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    self.queue(kind).as_str().into(),
+                    self.delay_exit().as_str().into(),
+                    tiers::exit_pattern(kind.as_str(), EVENTS_QUEUE)
+                        .as_str()
+                        .into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The delay levels, from the exit up: each level's exchange, its tiers (dead-lettering
+    /// to the level below) and the pass-through binding for digit 0.
+    async fn declare_tiers(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_exchange(channel, &self.delay_exit(), ExchangeKind::Topic)
+            .await?;
+        for n in 0..LEVELS {
+            let exchange = self.delay_exchange(n);
+            let below = if n == 0 {
+                self.delay_exit()
+            } else {
+                self.delay_exchange(n - 1)
+            };
+            self.declare_exchange(channel, &exchange, ExchangeKind::Topic)
+                .await?;
+            let level = tiers::level(n);
+            for digit in 1..=level.max_digit {
+                let ttl = level.unit_ms * digit as u64;
+                let queue = self.delay_queue(n, ttl);
+                let mut args = FieldTable::default();
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl as i64));
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(below.as_str().into()),
+                );
+                if let Some(ms) = self.queue_expires_ms {
+                    // Tiers never have consumers: only a long expiry keeps messages safe.
+                    args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+                }
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        args,
+                    )
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        exchange.as_str().into(),
+                        tiers::binding_pattern(n, digit).as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            channel
+                .exchange_bind(
+                    below.as_str().into(),
+                    exchange.as_str().into(),
+                    tiers::binding_pattern(n, 0).as_str().into(),
+                    ExchangeBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await?;

@@ -12,7 +12,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::environments::Environment;
-use crate::queue::{DeliverEventArgs, InsertOpts, JobInsert, JobInsertResult, QueueService};
+use crate::queue::{
+    DeliverEventArgs, InsertOpts, JobInsert, JobInsertResult, JobKind, QueueService, unique_key,
+};
 
 /// Source given to events that name none.
 pub const DEFAULT_SOURCE: &str = "trigger.dev";
@@ -391,6 +393,61 @@ impl EventsService {
         .fetch_all(&mut *conn)
         .await?;
         Ok(Some((record, runs)))
+    }
+
+    /// Cancel an event that is not yet delivered: it gets `cancelled_at` and its
+    /// `deliverEvent` job is cancelled, so its message, when it comes out of the delay
+    /// tiers, is acknowledged with no effect. A delivered or already cancelled event is left
+    /// as it is. Returns the event as it now stands, `None` if the environment has no such
+    /// event.
+    pub async fn cancel_event(
+        &self,
+        env: &Environment,
+        event_id: &str,
+    ) -> Result<Option<EventRecord>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let Some(record) = find_event(&mut tx, env.id, event_id).await? else {
+            return Ok(None);
+        };
+        if record.delivered_at.is_some() || record.cancelled_at.is_some() {
+            return Ok(Some(record));
+        }
+        // The job row first, then the event: the worker locks in that order too, so a
+        // cancel racing a delivery waits for it instead of deadlocking. Whichever commits
+        // first wins; the other finds nothing left to change.
+        let key = unique_key(
+            JobKind::DeliverEvent,
+            &serde_json::to_value(DeliverEventArgs { id: record.id }).expect("args serialize"),
+        );
+        sqlx::query!(
+            r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
+               WHERE unique_key = $1 AND kind = $2
+                 AND state NOT IN ('completed', 'discarded', 'cancelled')"#,
+            &key,
+            JobKind::DeliverEvent.as_str()
+        )
+        .execute(&mut *tx)
+        .await?;
+        let cancelled = sqlx::query_as!(
+            EventRecord,
+            r#"UPDATE event_records SET cancelled_at = now(), updated_at = now()
+               WHERE id = $1 AND delivered_at IS NULL AND cancelled_at IS NULL
+               RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
+                         deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
+                         created_at, updated_at"#,
+            record.id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let current = match cancelled {
+            Some(r) => r,
+            // Delivered in the meantime: the job was completed with it, nothing changed.
+            None => find_event(&mut tx, env.id, event_id)
+                .await?
+                .expect("the event was just read"),
+        };
+        tx.commit().await?;
+        Ok(Some(current))
     }
 }
 

@@ -1,4 +1,4 @@
-//! Event routes: send, get.
+//! Event routes: send, get, cancel.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -110,6 +110,20 @@ pub async fn get_event_v2(
         "updatedAt": iso(record.updated_at),
         "runs": runs,
     })))
+}
+
+/// `POST /api/v1/events/{eventId}/cancel`: the event log as it stands after the cancel.
+pub async fn cancel_event(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path(event_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = state
+        .events
+        .cancel_event(&env, &event_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("event {event_id:?} not found")))?;
+    Ok(Json(event_log(&record)))
 }
 
 /// trigger.dev's ApiEventLog.

@@ -36,6 +36,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/events", post(events::send_event))
         .route("/api/v2/events/{event_id}", get(events::get_event_v2))
+        .route(
+            "/api/v1/events/{event_id}/cancel",
+            post(events::cancel_event),
+        )
         .route("/api/v1/jobs/{job_id}", put(jobs::register_job))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such route") })

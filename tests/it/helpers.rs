@@ -57,6 +57,11 @@ impl TestApp {
     }
 
     pub async fn spawn_with(roles: Roles) -> Self {
+        Self::spawn_configured(roles, RelayConfig::default()).await
+    }
+
+    /// Whichever roles, with this relay configuration.
+    pub async fn spawn_configured(roles: Roles, relay: RelayConfig) -> Self {
         let db_name = format!("kf_test_{}", Uuid::new_v4().simple());
         let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
             .await
@@ -102,7 +107,7 @@ impl TestApp {
             pool: pool.clone(),
             topology: topology.clone(),
             amqp_url: store.amqp_url.clone(),
-            relay: RelayConfig::default(),
+            relay,
             worker: WorkerConfig {
                 worker_concurrency: 2,
                 ..WorkerConfig::default()
@@ -136,18 +141,20 @@ impl TestApp {
             let _ = tokio::time::timeout(Duration::from_secs(20), r).await;
         }
         // Leave nothing on the broker (the queues would expire anyway, later).
-        for kind in JobKind::ALL {
+        for queue in self.topology.all_queues() {
             let _ = self
                 .channel
                 .queue_delete(
-                    self.topology.queue(kind).as_str().into(),
+                    queue.as_str().into(),
                     lapin::options::QueueDeleteOptions::default(),
                 )
                 .await;
+        }
+        for exchange in self.topology.all_exchanges() {
             let _ = self
                 .channel
                 .exchange_delete(
-                    self.topology.exchange(kind).as_str().into(),
+                    exchange.as_str().into(),
                     lapin::options::ExchangeDeleteOptions::default(),
                 )
                 .await;
@@ -263,9 +270,14 @@ impl TestApp {
 
     /// Messages ready in a kind's queue (a passive declare: exact, unlike management stats).
     pub async fn queue_depth(&self, kind: JobKind) -> u32 {
+        self.depth_of(&self.topology.queue(kind)).await
+    }
+
+    /// Messages ready in any queue by name.
+    pub async fn depth_of(&self, queue: &str) -> u32 {
         self.channel
             .queue_declare(
-                self.topology.queue(kind).as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()

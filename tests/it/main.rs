@@ -2,6 +2,7 @@
 //! prefix per test, so tests run in parallel.
 
 mod crash;
+mod delays;
 mod helpers;
 mod http_api;
 mod pipeline;

@@ -287,47 +287,6 @@ async fn a_job_message_published_twice_creates_one_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scheduled_event_waits_in_the_ledger_until_due() {
-    let app = TestApp::spawn().await;
-    let key = app.api_key.clone();
-    app.put_job(&key, "job", job_body("later", json!({}))).await;
-    let log = app
-        .send_event(
-            &key,
-            json!({"event": {"name": "later", "id": "l-1", "payload": {}}, "options": {"deliverAfter": 3600}}),
-        )
-        .await;
-    let deliver_at =
-        chrono::DateTime::parse_from_rfc3339(log["deliverAt"].as_str().unwrap()).unwrap();
-    let ahead = deliver_at
-        .signed_duration_since(chrono::Utc::now())
-        .num_seconds();
-    assert!((3590..=3600).contains(&ahead), "deliverAt {ahead}s ahead");
-    // Publish everything due, then check the scheduled job stayed put.
-    app.relay_all().await;
-    let (state, published): (String, bool) = sqlx::query_as(
-        "SELECT state::text, published_at IS NOT NULL FROM queue_jobs WHERE kind = 'deliverEvent'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!((state.as_str(), published), ("scheduled", false));
-
-    let at = "2020-01-01T00:00:00.000Z";
-    let past = app
-        .send_event(
-            &key,
-            json!({"event": {"name": "later", "id": "l-2", "payload": {}}, "options": {"deliverAt": at, "deliverAfter": 3600}}),
-        )
-        .await;
-    assert_eq!(past["deliverAt"], at, "deliverAt wins over deliverAfter");
-    wait_delivered(&app, "l-2").await;
-    assert_eq!(app.runs_by_job("l-2").await, vec![("job".to_string(), 1)]);
-    assert!(app.runs_by_job("l-1").await.is_empty());
-    app.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_recovers_when_its_connections_are_cut() {
     let app = TestApp::spawn().await;
     let key = app.api_key.clone();

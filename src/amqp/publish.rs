@@ -1,0 +1,155 @@
+//! The one way a job message enters RabbitMQ.
+//!
+//! [`publish_job`] looks at the job's due time: due now, the message goes to the work
+//! exchange of its kind; due later, it enters the delay tiers at the level of its longest
+//! part, and RabbitMQ hands it to the work queue when the time has passed. The relay uses
+//! it for everything it publishes, the worker for messages that arrived early (and later
+//! for retries, which are delayed jobs like any other).
+
+use chrono::{DateTime, Utc};
+use lapin::PublisherConfirm;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
+
+use super::tiers::{self, DelayDigits};
+use super::{JobMessage, Topology};
+use crate::queue::{Job, JobKind, JobPriority};
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub exchange: String,
+    pub routing_key: String,
+    /// The delay the tiers hold, `None` for a message due now.
+    pub delay: Option<DelayDigits>,
+}
+
+/// The route of a message of `kind` for `queue`, due at `run_at`, seen at `now`.
+pub fn route(
+    topology: &Topology,
+    kind: JobKind,
+    queue: &str,
+    run_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Route {
+    let remaining = (run_at - now)
+        .to_std()
+        .map(tiers::remaining_ms)
+        .unwrap_or(0);
+    let digits = DelayDigits::of(remaining);
+    match digits.entry_level() {
+        None => Route {
+            exchange: topology.exchange(kind),
+            routing_key: queue.to_string(),
+            delay: None,
+        },
+        Some(level) => Route {
+            exchange: topology.delay_exchange(level),
+            routing_key: digits.routing_key(kind.as_str(), queue),
+            delay: Some(digits),
+        },
+    }
+}
+
+/// Publish a job's message by its due time (`mandatory`, so a message no queue takes comes
+/// back instead of vanishing). The caller awaits the returned confirm.
+pub async fn publish_job(
+    channel: &Channel,
+    topology: &Topology,
+    kind: JobKind,
+    message: &JobMessage,
+    properties: BasicProperties,
+    now: DateTime<Utc>,
+) -> lapin::Result<PublisherConfirm> {
+    let route = route(topology, kind, &message.queue, message.run_at, now);
+    channel
+        .basic_publish(
+            route.exchange.as_str().into(),
+            route.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &message.to_bytes(),
+            properties,
+        )
+        .await
+}
+
+/// The AMQP properties of a job's message.
+pub fn properties(job: &Job) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        // 2: persistent, written to disk by the broker.
+        .with_delivery_mode(2)
+        .with_priority(JobPriority::from_i16(job.priority).amqp_priority())
+        .with_message_id(job.id.to_string().into())
+        .with_type(job.kind.as_str().into())
+        .with_timestamp(Utc::now().timestamp().max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+
+    #[test]
+    fn due_now_or_past_goes_to_the_work_exchange() {
+        let t = Topology::new("kf");
+        let now = Utc::now();
+        for run_at in [now, now - Duration::days(3)] {
+            let r = route(&t, JobKind::DeliverEvent, "events", run_at, now);
+            assert_eq!(r.exchange, "kf.deliverEvent");
+            assert_eq!(r.routing_key, "events");
+            assert_eq!(r.delay, None);
+        }
+        // Less than a millisecond ahead still waits: a job never runs before it is due.
+        let r = route(
+            &t,
+            JobKind::DeliverEvent,
+            "events",
+            now + Duration::microseconds(900),
+            now,
+        );
+        assert_eq!(r.exchange, "kf.delay.00");
+        assert_eq!(r.delay.unwrap().total_ms(), 1);
+    }
+
+    #[test]
+    fn due_later_enters_the_tiers_at_its_longest_part() {
+        let t = Topology::new("kf");
+        let now = Utc::now();
+        let r = route(
+            &t,
+            JobKind::InvokeDispatcher,
+            "events",
+            now + Duration::milliseconds(5_000),
+            now,
+        );
+        // 5000 ms = 1*4^6 + 0*4^5 + 3*4^4 + 2*4^3 + 0*4^2 + 2*4^1 + 0*4^0
+        assert_eq!(r.exchange, "kf.delay.06");
+        assert!(
+            r.routing_key
+                .ends_with(".1.0.3.2.0.2.0.events.invokeDispatcher.events"),
+            "{}",
+            r.routing_key
+        );
+        assert_eq!(r.delay.unwrap().total_ms(), 5_000);
+    }
+
+    #[test]
+    fn a_year_enters_at_the_top() {
+        let t = Topology::new("kf");
+        let now = Utc::now();
+        let r = route(
+            &t,
+            JobKind::DeliverEvent,
+            "events",
+            now + Duration::days(365),
+            now,
+        );
+        assert_eq!(r.exchange, t.delay_exchange(tiers::LEVELS - 1));
+        assert_eq!(r.delay.unwrap().total_ms(), 365 * 86_400_000);
+    }
+}

@@ -1,0 +1,417 @@
+//! Delayed delivery through the RabbitMQ delay tiers.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use kongflow_events::amqp::JobMessage;
+use kongflow_events::amqp::publish::route;
+use kongflow_events::amqp::tiers::{self, DelayDigits};
+use kongflow_events::app::Roles;
+use kongflow_events::config::RelayConfig;
+use kongflow_events::queue::JobKind;
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+/// `(deliver_at, delivered_at)` of an event by the producer's id.
+async fn delivery(app: &TestApp, event_id: &str) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
+    sqlx::query_as("SELECT deliver_at, delivered_at FROM event_records WHERE event_id = $1")
+        .bind(event_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_delivered(app: &TestApp, event_id: &str, timeout: Duration) -> DateTime<Utc> {
+    wait_until("the event to be delivered", timeout, || async {
+        delivery(app, event_id).await.1.is_some()
+    })
+    .await;
+    delivery(app, event_id).await.1.unwrap()
+}
+
+/// What the ledger says of an event's deliverEvent job.
+#[derive(Debug, sqlx::FromRow)]
+struct Ledger {
+    id: i64,
+    state: String,
+    args: serde_json::Value,
+    run_at: DateTime<Utc>,
+    published_at: Option<DateTime<Utc>>,
+}
+
+/// The deliverEvent job of an event.
+async fn deliver_job(app: &TestApp, event_id: &str) -> Ledger {
+    sqlx::query_as(
+        "SELECT q.id, q.state::text AS state, q.args, q.run_at, q.published_at
+         FROM queue_jobs q JOIN event_records e ON q.args->>'id' = e.id::text
+         WHERE q.kind = 'deliverEvent' AND e.event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+async fn wait_published(app: &TestApp, event_id: &str) -> Ledger {
+    wait_until(
+        "the job to be published",
+        Duration::from_secs(10),
+        || async { deliver_job(app, event_id).await.published_at.is_some() },
+    )
+    .await;
+    deliver_job(app, event_id).await
+}
+
+fn at(ms_from_now: i64) -> String {
+    kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_delays_sent_longest_first_arrive_in_due_order_on_time() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("later", json!({}))).await;
+    // The longest first: a shared queue with per-message TTLs would hold the others
+    // behind it.
+    let delays = [5_000, 50, 1_000, 2_000];
+    for ms in delays {
+        app.send_event(
+            &key,
+            json!({"event": {"name": "later", "id": format!("d-{ms}"), "payload": {}},
+                   "options": {"deliverAt": at(ms)}}),
+        )
+        .await;
+    }
+    let mut delivered = Vec::new();
+    for ms in delays {
+        let id = format!("d-{ms}");
+        let done = wait_delivered(&app, &id, Duration::from_secs(15)).await;
+        let (due, _) = delivery(&app, &id).await;
+        let late = (done - due).num_milliseconds();
+        // Never early; late by little (generous here: tests share the machine).
+        assert!(
+            done >= due,
+            "{id} delivered {}us early",
+            (due - done).num_microseconds().unwrap()
+        );
+        assert!(late < 500, "{id} delivered {late} ms late");
+        delivered.push((done, ms));
+    }
+    delivered.sort();
+    let order: Vec<i64> = delivered.iter().map(|(_, ms)| *ms).collect();
+    assert_eq!(order, vec![50, 1_000, 2_000, 5_000]);
+    app.settle().await;
+    for ms in delays {
+        assert_eq!(
+            app.runs_by_job(&format!("d-{ms}")).await,
+            vec![("job".to_string(), 1)]
+        );
+    }
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_deliver_at_and_a_zero_deliver_after_deliver_now() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("now", json!({}))).await;
+    let past = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "now", "id": "past", "payload": {}},
+                   "options": {"deliverAt": "2020-01-01T00:00:00.000Z", "deliverAfter": 3600}}),
+        )
+        .await;
+    assert_eq!(
+        past["deliverAt"], "2020-01-01T00:00:00.000Z",
+        "deliverAt wins over deliverAfter"
+    );
+    app.send_event(
+        &key,
+        json!({"event": {"name": "now", "id": "zero", "payload": {}}, "options": {"deliverAfter": 0}}),
+    )
+    .await;
+    for id in ["past", "zero"] {
+        wait_delivered(&app, id, Duration::from_secs(10)).await;
+        let job = deliver_job(&app, id).await;
+        // Straight to the work exchange: the job was never in a tier.
+        let r = route(
+            &app.topology,
+            JobKind::DeliverEvent,
+            "events",
+            job.run_at,
+            job.published_at.unwrap(),
+        );
+        assert_eq!(r.delay, None, "{id}");
+    }
+    app.settle().await;
+    assert_eq!(app.runs_by_job("past").await, vec![("job".to_string(), 1)]);
+    assert_eq!(app.runs_by_job("zero").await, vec![("job".to_string(), 1)]);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_job_waits_in_its_tier_not_in_postgres() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("later", json!({}))).await;
+    let log = app
+        .send_event(
+            &key,
+            json!({"event": {"name": "later", "id": "h-1", "payload": {}}, "options": {"deliverAfter": 3600}}),
+        )
+        .await;
+    let deliver_at = DateTime::parse_from_rfc3339(log["deliverAt"].as_str().unwrap()).unwrap();
+    let ahead = (deliver_at.with_timezone(&Utc) - Utc::now()).num_seconds();
+    assert!((3590..=3600).contains(&ahead), "deliverAt {ahead}s ahead");
+
+    // Published at once, into the tier of its longest part; the ledger says scheduled.
+    let job = wait_published(&app, "h-1").await;
+    assert_eq!(job.state, "scheduled");
+    let entry = DelayDigits::of(3_600_000).entry_level().unwrap();
+    let level = tiers::level(entry);
+    let digit = (3_600_000 / level.unit_ms).min(level.max_digit as u64);
+    let tier = app.topology.delay_queue(entry, digit * level.unit_ms);
+    wait_until(
+        "the message in its tier",
+        Duration::from_secs(5),
+        || async { app.depth_of(&tier).await == 1 },
+    )
+    .await;
+    assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
+    assert!(app.runs_by_job("h-1").await.is_empty());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_of_a_year_is_routed_through_the_top_tier() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.send_event(
+        &key,
+        json!({"event": {"name": "far", "id": "y-1", "payload": {}}, "options": {"deliverAfter": 365 * 86_400}}),
+    )
+    .await;
+    let job = wait_published(&app, "y-1").await;
+    let r = route(
+        &app.topology,
+        JobKind::DeliverEvent,
+        "events",
+        job.run_at,
+        job.published_at.unwrap(),
+    );
+    let digits = r.delay.expect("a year is delayed");
+    assert_eq!(r.exchange, app.topology.delay_exchange(tiers::LEVELS - 1));
+    assert!(digits.hops() <= tiers::LEVELS);
+    let year_ms = 365 * 86_400_000u64;
+    assert!(digits.total_ms().abs_diff(year_ms) < 10_000);
+    // The top tier holds it now; every other tier and the work queue are empty.
+    let top = app
+        .topology
+        .delay_queue(tiers::LEVELS - 1, tiers::level(tiers::LEVELS - 1).unit_ms);
+    wait_until(
+        "the message in the top tier",
+        Duration::from_secs(5),
+        || async { app.depth_of(&top).await == 1 },
+    )
+    .await;
+    let mut elsewhere = 0;
+    for q in app.topology.all_queues() {
+        if q != top {
+            elsewhere += app.depth_of(&q).await;
+        }
+    }
+    assert_eq!(elsewhere, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_event_is_never_delivered_and_cancel_after_delivery_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("c", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "c", "id": "soon", "payload": {}}, "options": {"deliverAt": at(1_500)}}),
+    )
+    .await;
+    wait_published(&app, "soon").await;
+    let cancel = |id: &'static str, key: String| {
+        let app = &app;
+        async move {
+            app.request(
+                Method::POST,
+                &format!("/api/v1/events/{id}/cancel"),
+                Some(&key),
+                None,
+            )
+            .await
+        }
+    };
+    let (status, log) = cancel("soon", key.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{log}");
+    assert_eq!(log["id"], "soon");
+    assert!(log["cancelledAt"].is_string(), "{log}");
+    assert!(log["deliveredAt"].is_null());
+    // Twice is harmless: the same answer.
+    let (status, again) = cancel("soon", key.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["cancelledAt"], log["cancelledAt"]);
+    // Another environment cannot see it.
+    let (_, other_key) = app.new_env("other").await;
+    let (status, body) = cancel("soon", other_key).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+
+    // The delay expires: the message is acknowledged, nothing delivered, no runs.
+    let job = deliver_job(&app, "soon").await;
+    assert_eq!(job.state, "cancelled");
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    wait_until(
+        "the expired message to be consumed",
+        Duration::from_secs(5),
+        || async {
+            let mut total = 0;
+            for q in app.topology.all_queues() {
+                total += app.depth_of(&q).await;
+            }
+            total == 0
+        },
+    )
+    .await;
+    assert_eq!(delivery(&app, "soon").await.1, None);
+    assert!(app.runs_by_job("soon").await.is_empty());
+    assert_eq!(deliver_job(&app, "soon").await.state, "cancelled");
+
+    // Delivered first, cancelled after: nothing changes.
+    app.send_event(
+        &key,
+        json!({"event": {"name": "c", "id": "done", "payload": {}}}),
+    )
+    .await;
+    let delivered = wait_delivered(&app, "done", Duration::from_secs(10)).await;
+    app.settle().await;
+    let (status, log) = cancel("done", key.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(log["cancelledAt"].is_null(), "{log}");
+    assert_eq!(log["deliveredAt"], kongflow_events::http::iso(delivered));
+    assert_eq!(app.runs_by_job("done").await, vec![("job".to_string(), 1)]);
+    let (status, _) = cancel("nope", key.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_purged_from_the_tiers_are_delivered_by_the_reconciler() {
+    let relay = RelayConfig {
+        reconcile_interval_ms: 200,
+        reconcile_margin_ms: 500,
+        ..RelayConfig::default()
+    };
+    let app = TestApp::spawn_configured(Roles::ALL, relay).await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("lost", json!({}))).await;
+    for i in 0..3 {
+        app.send_event(
+            &key,
+            json!({"event": {"name": "lost", "id": format!("lost-{i}"), "payload": {}},
+                   "options": {"deliverAt": at(1_000)}}),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        wait_published(&app, &format!("lost-{i}")).await;
+    }
+    // An operator purges every tier.
+    let mut purged = 0;
+    for q in app
+        .topology
+        .all_queues()
+        .into_iter()
+        .skip(JobKind::ALL.len())
+    {
+        purged += app
+            .channel
+            .queue_purge(q.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(purged, 3, "the three messages sat in the tiers");
+    for i in 0..3 {
+        let id = format!("lost-{i}");
+        wait_delivered(&app, &id, Duration::from_secs(15)).await;
+    }
+    app.settle().await;
+    for i in 0..3 {
+        assert_eq!(
+            app.runs_by_job(&format!("lost-{i}")).await,
+            vec![("job".to_string(), 1)]
+        );
+    }
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_arrives_early_is_sent_back_until_due() {
+    // No relay: the test publishes the message itself, straight to the work exchange,
+    // skipping the tiers, as a clock gone wrong would.
+    let roles = Roles {
+        http: true,
+        relay: false,
+        worker: true,
+    };
+    let app = TestApp::spawn_with(roles).await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("early", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "early", "id": "e-1", "payload": {}}, "options": {"deliverAt": at(800)}}),
+    )
+    .await;
+    let job = deliver_job(&app, "e-1").await;
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // Straight to the work queue, 800 ms before it is due.
+    let confirm = channel
+        .basic_publish(
+            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
+            "events".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &JobMessage {
+                v: JobMessage::VERSION,
+                id: job.id,
+                kind: "deliverEvent".into(),
+                queue: "events".into(),
+                args: job.args.clone(),
+                attempt: 0,
+                run_at: job.run_at,
+            }
+            .to_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    let delivered = wait_delivered(&app, "e-1", Duration::from_secs(5)).await;
+    assert!(
+        delivered >= job.run_at,
+        "delivered {} ms early",
+        (job.run_at - delivered).num_milliseconds()
+    );
+    assert!((delivered - job.run_at).num_milliseconds() < 500);
+    // No relay running: publish the invocations the delivery enqueued.
+    app.relay_all().await;
+    app.settle().await;
+    assert_eq!(app.runs_by_job("e-1").await, vec![("job".to_string(), 1)]);
+    app.finish().await;
+}
