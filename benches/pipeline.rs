@@ -14,9 +14,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kongflow_events::db::environments::{self, EnvironmentType};
-use serde_json::json;
 use tokio::sync::Semaphore;
+
+mod common;
+use common::Bench;
 
 struct Args {
     url: String,
@@ -53,33 +54,7 @@ fn parse_args() -> Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&args.database_url)
-        .await?;
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let env = environments::create_environment(
-        &pool,
-        &format!("bench/bench/run-{}", &run[..12]),
-        EnvironmentType::Development,
-    )
-    .await?;
-    let key = env.api_key.clone();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .build()?;
-    let resp = http
-        .put(format!("{}/api/v1/jobs/bench-job", args.url))
-        .bearer_auth(&key)
-        .json(&json!({"version": "1.0.0", "trigger": {"event": "bench.event", "payload": {"kind": ["bench"]}}}))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "register job: {}",
-        resp.text().await?
-    );
-
+    let bench = Arc::new(Bench::setup(&args.url, &args.database_url, args.concurrency).await?);
     println!(
         "sending {} events, {} clients{}",
         args.events,
@@ -97,21 +72,11 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep_until(due.into()).await;
         }
         let permit = limit.clone().acquire_owned().await?;
-        let http = http.clone();
-        let url = format!("{}/api/v1/events", args.url);
-        let key = key.clone();
+        let bench = bench.clone();
         tasks.push(tokio::spawn(async move {
-            let r = http
-                .post(url)
-                .bearer_auth(key)
-                .json(
-                    &json!({"event": {"name": "bench.event", "id": format!("e{i}"),
-                                        "payload": {"kind": "bench", "i": i}}}),
-                )
-                .send()
-                .await;
+            let ok = bench.send(format!("e{i}"), None).await;
             drop(permit);
-            matches!(r, Ok(r) if r.status().is_success())
+            ok
         }));
     }
     let mut failed = 0;
@@ -123,24 +88,10 @@ async fn main() -> anyhow::Result<()> {
     let ingest = started.elapsed();
     anyhow::ensure!(failed == 0, "{failed} sends failed");
 
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let env_id = env.environment.id;
-    loop {
-        let runs: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
-                .bind(env_id)
-                .fetch_one(&pool)
-                .await?;
-        if runs as usize >= args.events {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {runs} of {} runs after 5 minutes",
-            args.events
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    bench
+        .wait_for_runs(args.events, Duration::from_secs(300))
+        .await?;
+    let env_id = bench.env_id;
     // End to end: from the first send to the last run's creation, both by the database clock
     // (the first event's stored time stands for the first send).
     let (span, p50, p95, p99, max): (f64, f64, f64, f64, f64) = sqlx::query_as(
@@ -153,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
            WHERE r.environment_id = $1"#,
     )
     .bind(env_id)
-    .fetch_one(&pool)
+    .fetch_one(&bench.pool)
     .await?;
     let n = args.events as f64;
     println!(

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The pipeline benchmark: starts `kongflow-events all` (release build) on a fresh database,
-# then runs benches/pipeline.rs twice: flat out (20,000 events, 64 clients) and at an
-# offered 500 events/s. Arguments are passed to both runs.
+# The benchmarks: start `kongflow-events all` (release build) on a fresh database, then run
+#   pipeline: benches/pipeline.rs flat out (20,000 events, 64 clients) and at an offered
+#             500 events/s;
+#   delays:   benches/delays.rs, 10,000 events due 1-60 s after their send, with 200
+#             immediate events/s alongside; prints lateness.
+# `scripts/bench.sh [pipeline|delays|all]` (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+which="${1:-all}"
 ./scripts/services.sh
 export SQLX_OFFLINE=true
 cargo build --release --locked --quiet
-cargo bench --locked --no-run --quiet --bench pipeline 2>/dev/null
+cargo bench --locked --no-run --quiet --bench pipeline --bench delays 2>/dev/null
 db=kongflow_bench
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
@@ -17,7 +21,13 @@ target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
-echo "== flat out"
-cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64 "$@"
-echo "== offered 500 events/s"
-cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64 "$@"
+if [[ $which == all || $which == pipeline ]]; then
+  echo "== flat out"
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64
+  echo "== offered 500 events/s"
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64
+fi
+if [[ $which == all || $which == delays ]]; then
+  echo "== delayed: 10,000 events due 1-60 s ahead, 200 immediate events/s alongside"
+  cargo bench --locked --quiet --bench delays -- --url http://$HTTP_ADDR --events 10000 --rate 200
+fi

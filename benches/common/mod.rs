@@ -1,0 +1,96 @@
+//! What both benchmarks need: a fresh environment with one job registered over HTTP, and a
+//! way to send events.
+
+use std::time::{Duration, Instant};
+
+use kongflow_events::db::environments::{self, EnvironmentType};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The event name the benchmark job listens to.
+pub const EVENT: &str = "bench.event";
+
+pub struct Bench {
+    pub pool: PgPool,
+    pub env_id: Uuid,
+    pub key: String,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Bench {
+    /// A fresh environment on the pipeline at `url` (database at `database_url`), with one
+    /// job whose filter every benchmark event passes.
+    pub async fn setup(url: &str, database_url: &str, clients: usize) -> anyhow::Result<Self> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(database_url)
+            .await?;
+        let run = Uuid::new_v4().simple().to_string();
+        let env = environments::create_environment(
+            &pool,
+            &format!("bench/bench/run-{}", &run[..12]),
+            EnvironmentType::Development,
+        )
+        .await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(clients)
+            .build()?;
+        let resp = http
+            .put(format!("{url}/api/v1/jobs/bench-job"))
+            .bearer_auth(&env.api_key)
+            .json(&json!({"version": "1.0.0",
+                          "trigger": {"event": EVENT, "payload": {"kind": ["bench"]}}}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "register job: {}",
+            resp.text().await?
+        );
+        Ok(Self {
+            pool,
+            env_id: env.environment.id,
+            key: env.api_key,
+            url: url.to_string(),
+            http,
+        })
+    }
+
+    /// Send one event (`POST /api/v1/events`); true on success.
+    pub async fn send(&self, id: String, options: Option<Value>) -> bool {
+        let mut body = json!({"event": {"name": EVENT, "id": id, "payload": {"kind": "bench"}}});
+        if let Some(o) = options {
+            body["options"] = o;
+        }
+        let r = self
+            .http
+            .post(format!("{}/api/v1/events", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await;
+        matches!(r, Ok(r) if r.status().is_success())
+    }
+
+    /// Wait until the environment has `n` runs (at most `timeout`).
+    pub async fn wait_for_runs(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let runs: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
+                    .bind(self.env_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+            if runs as usize >= n {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {runs} of {n} runs after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
