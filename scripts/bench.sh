@@ -4,30 +4,37 @@
 #             500 events/s;
 #   delays:   benches/delays.rs, 10,000 events due 1-60 s after their send, with 200
 #             immediate events/s alongside; prints lateness.
-# `scripts/bench.sh [pipeline|delays|all]` (default all).
+#   tiers:    benches/tiers.rs, the delay tiers alone (RabbitMQ, no database): lateness
+#             of 2,000 messages due within 5 s, by number of hops.
+# `scripts/bench.sh [pipeline|delays|tiers|all] [extra bench arguments]` (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
+shift || true
 ./scripts/services.sh
 export SQLX_OFFLINE=true
 cargo build --release --locked --quiet
-cargo bench --locked --no-run --quiet --bench pipeline --bench delays 2>/dev/null
+cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers 2>/dev/null
 db=kongflow_bench
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
-export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=warn
+export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=${BENCH_LOG:-warn}
 target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
 if [[ $which == all || $which == pipeline ]]; then
   echo "== flat out"
-  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64 "$@"
   echo "== offered 500 events/s"
-  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64 "$@"
 fi
 if [[ $which == all || $which == delays ]]; then
   echo "== delayed: 10,000 events due 1-60 s ahead, 200 immediate events/s alongside"
-  cargo bench --locked --quiet --bench delays -- --url http://$HTTP_ADDR --events 10000 --rate 200
+  cargo bench --locked --quiet --bench delays -- --url http://$HTTP_ADDR --events 10000 --rate 200 "$@"
+fi
+if [[ $which == all || $which == tiers ]]; then
+  echo "== the delay tiers alone"
+  cargo bench --locked --quiet --bench tiers -- "$@"
 fi

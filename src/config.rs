@@ -32,6 +32,11 @@ pub struct StoreConfig {
     #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS")]
     pub amqp_queue_expires_ms: Option<u32>,
 
+    /// How long before its due time a delayed job's message leaves the delay tiers; the
+    /// worker holds it for the rest, in milliseconds. Relays and workers must agree.
+    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = 100)]
+    pub delay_lead_ms: u64,
+
     /// Largest number of Postgres connections this process opens.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
@@ -136,7 +141,8 @@ pub struct HttpConfig {
 impl StoreConfig {
     /// The RabbitMQ names this configuration uses.
     pub fn topology(&self) -> crate::amqp::Topology {
-        let t = crate::amqp::Topology::new(&self.amqp_prefix);
+        let t = crate::amqp::Topology::new(&self.amqp_prefix)
+            .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
         match self.amqp_queue_expires_ms {
             Some(ms) => t.with_queue_expiry(ms),
             None => t,

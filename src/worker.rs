@@ -144,53 +144,78 @@ impl Worker {
                 FieldTable::default(),
             )
             .await?;
+        // Messages that came out of the tiers a little before their due time wait here,
+        // unacknowledged, in due order.
+        let mut held: Vec<(DateTime<Utc>, Delivery, JobMessage)> = Vec::new();
         loop {
+            let wake = held.first().map(|(at, _, _)| instant_of(*at));
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                d = consumer.next() => d,
+                _ = sleep_until_opt(wake) => None,
+                d = consumer.next() => Some(d),
             };
-            let Some(first) = first else {
-                return Err(WorkerError::ConsumerClosed);
-            };
-            let mut batch = vec![first?];
-            while batch.len() < self.config.worker_batch_size {
-                match consumer.next().now_or_never() {
-                    Some(Some(d)) => batch.push(d?),
-                    _ => break,
+            let mut batch = Vec::new();
+            if let Some(first) = first {
+                let Some(first) = first else {
+                    return Err(WorkerError::ConsumerClosed);
+                };
+                batch.push(first?);
+                while batch.len() < self.config.worker_batch_size {
+                    match consumer.next().now_or_never() {
+                        Some(Some(d)) => batch.push(d?),
+                        _ => break,
+                    }
                 }
             }
             let now = Utc::now();
-            let mut messages = Vec::with_capacity(batch.len());
+            let mut due: Vec<(Delivery, Result<JobMessage, String>)> = Vec::new();
             let mut early = Vec::new();
-            for (i, delivery) in batch.iter().enumerate() {
+            for delivery in batch {
                 match JobMessage::parse(&delivery.data) {
-                    Ok(m) if is_early(&m, now) => early.push((i, m)),
-                    parsed => messages.push((
-                        i,
-                        parsed.map_err(|e| format!("unparseable job message: {e}")),
-                    )),
+                    Ok(m) => match arrival(&m, now, self.topology.delay_lead()) {
+                        Arrival::Due => due.push((delivery, Ok(m))),
+                        Arrival::Hold => {
+                            let at = m.run_at;
+                            let pos = held.partition_point(|(t, _, _)| *t <= at);
+                            held.insert(pos, (at, delivery, m));
+                        }
+                        Arrival::SendBack => early.push((delivery, m)),
+                    },
+                    Err(e) => due.push((delivery, Err(format!("unparseable job message: {e}")))),
                 }
             }
-            let started = std::time::Instant::now();
+            let ripe = held.partition_point(|(t, _, _)| *t <= now);
+            due.extend(held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))));
             if !early.is_empty() {
-                self.send_back(&publisher, kind, &batch, &early).await?;
+                self.send_back(&publisher, kind, &early).await?;
+                for (delivery, _) in &early {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
             }
-            let (order, messages): (Vec<usize>, Vec<_>) = messages.into_iter().unzip();
-            let processed = self.process(messages).await?;
-            let mut dispositions = vec![Disposition::Ack; batch.len()];
-            for (i, d) in order.into_iter().zip(processed) {
-                dispositions[i] = d;
+            if due.is_empty() {
+                continue;
             }
-            tracing::debug!(kind = kind.as_str(), size = batch.len(), took = ?started.elapsed(), "batch processed");
-            if dispositions.iter().all(|d| *d == Disposition::Ack) {
+            let started = std::time::Instant::now();
+            let worst_late_ms = due
+                .iter()
+                .filter_map(|(_, m)| m.as_ref().ok())
+                .map(|m| (now - m.run_at).num_milliseconds())
+                .max();
+            let (deliveries, messages): (Vec<Delivery>, Vec<_>) = due.into_iter().unzip();
+            let dispositions = self.process(messages).await?;
+            tracing::debug!(kind = kind.as_str(), size = deliveries.len(), worst_late_ms, took = ?started.elapsed(), "batch processed");
+            if held.is_empty() && dispositions.iter().all(|d| *d == Disposition::Ack) {
                 // One frame acknowledges the whole batch: this channel has one consumer and
-                // every earlier delivery on it is already settled.
-                let last = batch.last().expect("a batch is never empty");
+                // every other delivery on it is already settled.
+                let last = deliveries
+                    .iter()
+                    .max_by_key(|d| d.delivery_tag)
+                    .expect("a batch is never empty");
                 last.ack(BasicAckOptions { multiple: true }).await?;
                 continue;
             }
-            for (delivery, disposition) in batch.iter().zip(dispositions) {
+            for (delivery, disposition) in deliveries.iter().zip(dispositions) {
                 match disposition {
                     Disposition::Ack => {
                         delivery.ack(BasicAckOptions::default()).await?;
@@ -212,25 +237,24 @@ impl Worker {
         Ok(())
     }
 
-    /// Messages that arrived before their due time (a delay longer than the tiers hold in
-    /// one pass, or clocks apart) go back into the tiers for the remainder. The original is
-    /// acknowledged only after the broker confirmed the copy.
+    /// Messages that arrived well before their due time (a delay longer than the tiers hold
+    /// in one pass, or clocks apart) go back into the tiers for the remainder. The caller
+    /// acknowledges the originals only after this returns: the broker confirmed the copies.
     async fn send_back(
         &self,
         publisher: &Channel,
         kind: JobKind,
-        batch: &[Delivery],
-        early: &[(usize, JobMessage)],
+        early: &[(Delivery, JobMessage)],
     ) -> Result<(), WorkerError> {
         let mut confirms = Vec::with_capacity(early.len());
-        for (i, message) in early {
+        for (delivery, message) in early {
             tracing::debug!(job_id = message.id, run_at = %message.run_at, "message early, sent back into the tiers");
             let confirm = publish_job(
                 publisher,
                 &self.topology,
                 kind,
                 message,
-                batch[*i].properties.clone(),
+                delivery.properties.clone(),
                 Utc::now(),
             )
             .await?;
@@ -380,9 +404,45 @@ impl Worker {
     }
 }
 
-/// A message is early when its job is not yet due.
-pub fn is_early(message: &JobMessage, now: DateTime<Utc>) -> bool {
-    message.run_at > now
+/// What a worker does with a message when it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Due: run it.
+    Due,
+    /// Due within the delay lead: keep it (unacknowledged) and run it at its due time.
+    Hold,
+    /// Due later than that: send it back into the tiers for the remainder.
+    SendBack,
+}
+
+/// The tiers deliver a message `lead` before its due time (see
+/// [`crate::amqp::Topology::delay_lead`]), so what comes out of them is held for the rest;
+/// anything earlier than that goes back.
+pub fn arrival(message: &JobMessage, now: DateTime<Utc>, lead: std::time::Duration) -> Arrival {
+    let ahead = message.run_at - now;
+    if ahead <= chrono::Duration::zero() {
+        Arrival::Due
+    } else if ahead.to_std().is_ok_and(|a| a <= lead + HOLD_SLACK) {
+        Arrival::Hold
+    } else {
+        Arrival::SendBack
+    }
+}
+
+/// Room for clock noise on top of the lead before a message is sent back.
+const HOLD_SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The tokio instant at which wall-clock time `at` comes.
+fn instant_of(at: DateTime<Utc>) -> tokio::time::Instant {
+    let ahead = (at - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::Instant::now() + ahead
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -392,4 +452,40 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown".to_string());
     format!("handler panicked: {msg}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn due_in(ms: i64, now: DateTime<Utc>) -> JobMessage {
+        JobMessage {
+            v: 1,
+            id: 1,
+            kind: "deliverEvent".into(),
+            queue: "events".into(),
+            args: serde_json::json!({}),
+            attempt: 0,
+            run_at: now + chrono::Duration::milliseconds(ms),
+        }
+    }
+
+    #[test]
+    fn arrivals_run_wait_or_go_back() {
+        let now = Utc::now();
+        let lead = std::time::Duration::from_millis(100);
+        assert_eq!(arrival(&due_in(-5, now), now, lead), Arrival::Due);
+        assert_eq!(arrival(&due_in(0, now), now, lead), Arrival::Due);
+        assert_eq!(arrival(&due_in(1, now), now, lead), Arrival::Hold);
+        assert_eq!(arrival(&due_in(100, now), now, lead), Arrival::Hold);
+        assert_eq!(arrival(&due_in(500, now), now, lead), Arrival::SendBack);
+        assert_eq!(
+            arrival(&due_in(1, now), now, std::time::Duration::ZERO),
+            Arrival::Hold
+        );
+        assert_eq!(
+            arrival(&due_in(30, now), now, std::time::Duration::ZERO),
+            Arrival::SendBack
+        );
+    }
 }

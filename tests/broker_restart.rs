@@ -74,9 +74,11 @@ async fn delayed_messages_survive_a_broker_restart() {
 
     for (i, due) in due.iter().enumerate() {
         let id = format!("r-{i}");
-        wait_until("delivery after the restart", Duration::from_secs(60), || async {
-            delivered_at(&app, &id).await.is_some()
-        })
+        wait_until(
+            "delivery after the restart",
+            Duration::from_secs(60),
+            || async { delivered_at(&app, &id).await.is_some() },
+        )
         .await;
         let delivered = delivered_at(&app, &id).await.unwrap();
         assert!(delivered >= *due, "{id} delivered early");

@@ -24,7 +24,9 @@ pub struct Route {
     pub delay: Option<DelayDigits>,
 }
 
-/// The route of a message of `kind` for `queue`, due at `run_at`, seen at `now`.
+/// The route of a message of `kind` for `queue`, due at `run_at`, seen at `now`: it is
+/// meant to reach the work queue the topology's delay lead before `run_at` (a worker holds
+/// it for the rest), so one due within the lead goes straight there.
 pub fn route(
     topology: &Topology,
     kind: JobKind,
@@ -34,6 +36,8 @@ pub fn route(
 ) -> Route {
     let remaining = (run_at - now)
         .to_std()
+        .ok()
+        .and_then(|r| r.checked_sub(topology.delay_lead()))
         .map(tiers::remaining_ms)
         .unwrap_or(0);
     let digits = DelayDigits::of(remaining);
@@ -136,6 +140,30 @@ mod tests {
             r.routing_key
         );
         assert_eq!(r.delay.unwrap().total_ms(), 5_000);
+    }
+
+    #[test]
+    fn the_lead_comes_off_the_delay() {
+        let t = Topology::new("kf").with_delay_lead(std::time::Duration::from_millis(100));
+        let now = Utc::now();
+        let r = route(
+            &t,
+            JobKind::DeliverEvent,
+            "events",
+            now + Duration::milliseconds(5_000),
+            now,
+        );
+        assert_eq!(r.delay.unwrap().total_ms(), 4_900);
+        // Due within the lead: straight to the work queue, where a worker holds it.
+        let r = route(
+            &t,
+            JobKind::DeliverEvent,
+            "events",
+            now + Duration::milliseconds(60),
+            now,
+        );
+        assert_eq!(r.delay, None);
+        assert_eq!(r.exchange, "kf.deliverEvent");
     }
 
     #[test]

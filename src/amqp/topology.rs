@@ -16,6 +16,8 @@ use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use std::time::Duration;
+
 use lapin::{Channel, ExchangeKind};
 
 use super::tiers::{self, LEVELS};
@@ -31,6 +33,9 @@ pub struct Topology {
     /// `x-expires` for queues, in milliseconds: used by tests so their queues go away by
     /// themselves. `None` in production.
     queue_expires_ms: Option<u32>,
+    /// How long before its due time the tiers hand a message to a worker, which holds it
+    /// for the rest (see [`Topology::delay_lead`]).
+    delay_lead: Duration,
 }
 
 impl Topology {
@@ -38,7 +43,22 @@ impl Topology {
         Self {
             prefix: prefix.into(),
             queue_expires_ms: None,
+            delay_lead: Duration::ZERO,
         }
+    }
+
+    /// Deliver delayed messages `lead` before their due time; workers hold them until then.
+    pub fn with_delay_lead(mut self, lead: Duration) -> Self {
+        self.delay_lead = lead;
+        self
+    }
+
+    /// How early the tiers deliver. Every hop through a tier adds a millisecond or more, and
+    /// a broker busy with a burst of publishes enqueues late; aiming early and letting the
+    /// worker wait the rest (a timer in memory, precise to the millisecond) takes that
+    /// lateness out, up to the lead.
+    pub fn delay_lead(&self) -> Duration {
+        self.delay_lead
     }
 
     /// Queues that RabbitMQ deletes after `ms` milliseconds without consumers or use.

@@ -79,6 +79,7 @@ impl TestApp {
             amqp_url: amqp_url(),
             amqp_prefix: prefix,
             amqp_queue_expires_ms: Some(600_000),
+            delay_lead_ms: 100,
             database_max_connections: 6,
             no_migrate: false,
         };
