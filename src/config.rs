@@ -34,7 +34,7 @@ pub struct StoreConfig {
 
     /// How long before its due time a delayed job's message leaves the delay tiers; the
     /// worker holds it for the rest, in milliseconds. Relays and workers must agree.
-    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = 100)]
+    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = 250)]
     pub delay_lead_ms: u64,
 
     /// Largest number of Postgres connections this process opens.

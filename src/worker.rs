@@ -186,54 +186,72 @@ impl Worker {
                 }
             }
             let ripe = held.partition_point(|(t, _, _)| *t <= now);
-            due.extend(held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))));
+            let ripe: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
             if !early.is_empty() {
                 self.send_back(&publisher, kind, &early).await?;
                 for (delivery, _) in &early {
                     delivery.ack(BasicAckOptions::default()).await?;
                 }
             }
-            if due.is_empty() {
-                continue;
+            // Held jobs were published long ago, so no relay holds their rows: they run first,
+            // in a batch of their own, not behind fresh jobs whose rows a relay may still hold.
+            if !ripe.is_empty() {
+                let alone = held.is_empty() && due.is_empty();
+                self.run_and_settle(kind, ripe, now, alone).await?;
             }
-            let started = std::time::Instant::now();
-            let worst_late_ms = due
-                .iter()
-                .filter_map(|(_, m)| m.as_ref().ok())
-                .map(|m| (now - m.run_at).num_milliseconds())
-                .max();
-            let (deliveries, messages): (Vec<Delivery>, Vec<_>) = due.into_iter().unzip();
-            let dispositions = self.process(messages).await?;
-            tracing::debug!(kind = kind.as_str(), size = deliveries.len(), worst_late_ms, took = ?started.elapsed(), "batch processed");
-            if held.is_empty() && dispositions.iter().all(|d| *d == Disposition::Ack) {
-                // One frame acknowledges the whole batch: this channel has one consumer and
-                // every other delivery on it is already settled.
-                let last = deliveries
-                    .iter()
-                    .max_by_key(|d| d.delivery_tag)
-                    .expect("a batch is never empty");
-                last.ack(BasicAckOptions { multiple: true }).await?;
-                continue;
-            }
-            for (delivery, disposition) in deliveries.iter().zip(dispositions) {
-                match disposition {
-                    Disposition::Ack => {
-                        delivery.ack(BasicAckOptions::default()).await?;
-                    }
-                    Disposition::Reject(reason) => {
-                        tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message rejected");
-                        delivery
-                            .nack(BasicNackOptions {
-                                requeue: false,
-                                ..Default::default()
-                            })
-                            .await?;
-                    }
-                }
+            if !due.is_empty() {
+                self.run_and_settle(kind, due, now, held.is_empty()).await?;
             }
         }
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
         let _ = channel.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    /// Run a batch and settle its messages. `alone`: no other message of this channel is
+    /// unsettled, so one `multiple` ack can settle the batch.
+    async fn run_and_settle(
+        &self,
+        kind: JobKind,
+        due: Vec<(Delivery, Result<JobMessage, String>)>,
+        now: DateTime<Utc>,
+        alone: bool,
+    ) -> Result<(), WorkerError> {
+        let started = std::time::Instant::now();
+        let worst_late_ms = due
+            .iter()
+            .filter_map(|(_, m)| m.as_ref().ok())
+            .map(|m| (now - m.run_at).num_milliseconds())
+            .max();
+        let (deliveries, messages): (Vec<Delivery>, Vec<_>) = due.into_iter().unzip();
+        let dispositions = self.process(messages).await?;
+        tracing::debug!(kind = kind.as_str(), size = deliveries.len(), worst_late_ms, took = ?started.elapsed(), "batch processed");
+        if alone && dispositions.iter().all(|d| *d == Disposition::Ack) {
+            // One frame acknowledges the whole batch: this channel has one consumer and
+            // every other delivery on it is already settled.
+            let last = deliveries
+                .iter()
+                .max_by_key(|d| d.delivery_tag)
+                .expect("a batch is never empty");
+            last.ack(BasicAckOptions { multiple: true }).await?;
+            return Ok(());
+        }
+        for (delivery, disposition) in deliveries.iter().zip(dispositions) {
+            match disposition {
+                Disposition::Ack => {
+                    delivery.ack(BasicAckOptions::default()).await?;
+                }
+                Disposition::Reject(reason) => {
+                    tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message rejected");
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: false,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+            }
+        }
         Ok(())
     }
 
