@@ -8,6 +8,11 @@
 //! the batch is rolled back and its jobs run one transaction each, so one bad job cannot
 //! hold back the others; a job that fails alone records its error and goes back to the
 //! outbox for a later attempt, or is discarded after its last one.
+//!
+//! Delayed jobs come out of the delay tiers a little before they are due (the topology's
+//! delay lead): the consumer holds such a message, unacknowledged, in a due-ordered buffer and
+//! runs it when it is due, in a batch of its own. A message due later than the lead goes back
+//! into the tiers for the remainder.
 
 use std::panic::AssertUnwindSafe;
 

@@ -415,3 +415,97 @@ async fn a_message_that_arrives_early_is_sent_back_until_due() {
     assert_eq!(app.runs_by_job("e-1").await, vec![("job".to_string(), 1)]);
     app.finish().await;
 }
+
+/// A worker process that consumes jobs with a long delay lead.
+fn spawn_worker(app: &TestApp) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("worker")
+        .envs(app.child_env())
+        .env("DELAY_LEAD_MS", "10000")
+        .env("WORKER_CONCURRENCY", "1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn kongflow-events worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_holding_a_message_loses_nothing() {
+    let roles = Roles {
+        http: true,
+        relay: false,
+        worker: false,
+    };
+    let app = TestApp::spawn_with(roles).await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("held", json!({}))).await;
+    app.send_event(
+        &key,
+        json!({"event": {"name": "held", "id": "h-1", "payload": {}}, "options": {"deliverAt": at(5_000)}}),
+    )
+    .await;
+    let job = deliver_job(&app, "h-1").await;
+    // Straight to the work queue, 5 s early: a worker with a 10 s lead holds it.
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let message = JobMessage {
+        v: JobMessage::VERSION,
+        id: job.id,
+        kind: "deliverEvent".into(),
+        queue: "events".into(),
+        args: job.args.clone(),
+        attempt: 0,
+        run_at: job.run_at,
+    };
+    let confirm = channel
+        .basic_publish(
+            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
+            "events".into(),
+            BasicPublishOptions::default(),
+            &message.to_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+
+    let mut first = spawn_worker(&app);
+    wait_until(
+        "the worker to take the message",
+        Duration::from_secs(10),
+        || async {
+            app.depth_of(&app.topology.queue(JobKind::DeliverEvent))
+                .await
+                == 0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(delivery(&app, "h-1").await.1, None, "held, not run");
+    first.kill().await.unwrap();
+    wait_until(
+        "the message back in the queue",
+        Duration::from_secs(10),
+        || async {
+            app.depth_of(&app.topology.queue(JobKind::DeliverEvent))
+                .await
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(delivery(&app, "h-1").await.1, None);
+
+    let mut second = spawn_worker(&app);
+    let delivered = wait_delivered(&app, "h-1", Duration::from_secs(15)).await;
+    assert!(delivered >= job.run_at, "delivered early");
+    assert!((delivered - job.run_at).num_milliseconds() < 1_000);
+    // No relay running: publish the invocation (and a duplicate of the delivery, which
+    // finds its job completed).
+    app.relay_all().await;
+    app.settle().await;
+    assert_eq!(app.runs_by_job("h-1").await, vec![("job".to_string(), 1)]);
+    second.kill().await.unwrap();
+    app.finish().await;
+}
