@@ -118,6 +118,24 @@ pub struct WorkerConfig {
     /// Most messages whose work commits in one transaction.
     #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 100)]
     pub worker_batch_size: usize,
+
+    /// Wait before the second attempt of a failed job, in milliseconds; it doubles with
+    /// every attempt after that (see `jobs::backoff`).
+    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+
+    /// Longest wait between two attempts, in milliseconds.
+    #[arg(long, env = "RETRY_MAX_MS", default_value_t = 3_600_000)]
+    pub retry_max_ms: u64,
+}
+
+impl WorkerConfig {
+    pub fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.retry_base_ms)
+    }
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
 }
 
 impl Default for WorkerConfig {
@@ -126,6 +144,8 @@ impl Default for WorkerConfig {
             worker_concurrency: 4,
             worker_prefetch: 200,
             worker_batch_size: 100,
+            retry_base_ms: 1000,
+            retry_max_ms: 3_600_000,
         }
     }
 }

@@ -1,10 +1,13 @@
-//! Crash points for the tests that kill a process in the middle of its work.
+//! Crash points for the tests that kill a process in the middle of its work, and handler
+//! faults for the tests of retries and dead letters.
 //!
 //! `KONGFLOW_FAILPOINTS` holds a comma-separated list of names. When a named point is
 //! reached the process aborts on the spot, as a `kill -9` would end it: no destructors, no
 //! acknowledgements, no commits. Unset in production, the check is a cached lookup.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// The worker has committed a batch and is about to acknowledge its messages.
 pub const WORKER_AFTER_COMMIT: &str = "worker-after-commit";
@@ -30,4 +33,58 @@ pub fn hit(name: &str) {
         eprintln!("failpoint {name} hit: aborting");
         std::process::abort();
     }
+}
+
+/// A handler fault armed by a test: what the handler does instead of its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Return a retryable error.
+    Error,
+    /// Panic.
+    Panic,
+}
+
+struct ArmedFault {
+    fault: Fault,
+    /// The fault fires on attempts up to and including this one.
+    through_attempt: i32,
+}
+
+static ANY_ARMED: AtomicBool = AtomicBool::new(false);
+
+fn faults() -> &'static Mutex<HashMap<String, ArmedFault>> {
+    static FAULTS: OnceLock<Mutex<HashMap<String, ArmedFault>>> = OnceLock::new();
+    FAULTS.get_or_init(Default::default)
+}
+
+/// Make handlers fail for every job whose `args.id` is `key`, on attempts 1 to
+/// `through_attempt` (`i32::MAX`: always). Keys are ids unique to the test that arms them,
+/// so tests running side by side do not see each other's faults.
+pub fn arm_handler_fault(key: &str, fault: Fault, through_attempt: i32) {
+    faults().lock().expect("faults lock").insert(
+        key.to_string(),
+        ArmedFault {
+            fault,
+            through_attempt,
+        },
+    );
+    ANY_ARMED.store(true, Ordering::Release);
+}
+
+/// Take a fault off again.
+pub fn disarm_handler_fault(key: &str) {
+    faults().lock().expect("faults lock").remove(key);
+}
+
+/// The fault armed for a job with `args.id` `key` on attempt `attempt`, if any. With
+/// nothing armed (production) this is one atomic load.
+pub fn handler_fault(key: &str, attempt: i32) -> Option<Fault> {
+    if !ANY_ARMED.load(Ordering::Acquire) {
+        return None;
+    }
+    let faults = faults().lock().expect("faults lock");
+    faults
+        .get(key)
+        .filter(|f| attempt <= f.through_attempt)
+        .map(|f| f.fault)
 }

@@ -26,11 +26,11 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::publish::properties;
+use crate::amqp::publish::{DeadJob, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::failpoint;
-use crate::queue::{Job, JobKind, JobRow};
+use crate::queue::{Job, JobKind, JobRow, JobState};
 
 /// The channel relays listen on.
 pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
@@ -210,7 +210,7 @@ impl Relay {
                WHERE id IN (
                    SELECT id FROM queue_jobs
                    WHERE published_at IS NULL
-                     AND state IN ('scheduled', 'available', 'retryable')
+                     AND state IN ('scheduled', 'available', 'retryable', 'discarded')
                    ORDER BY run_at, id
                    LIMIT $1
                    FOR UPDATE SKIP LOCKED)
@@ -235,15 +235,35 @@ impl Relay {
                 unconfirmed.push(job.id);
                 continue;
             };
-            let confirm = publish_job(
-                channel,
-                &self.topology,
-                kind,
-                &JobMessage::from_job(job),
-                properties(job),
-                chrono::Utc::now(),
-            )
-            .await?;
+            let message = JobMessage::from_job(job);
+            let confirm = if job.state == JobState::Discarded {
+                // Discarded after its last attempt: a copy goes to the dead-letter queue.
+                let reason = last_error(job);
+                let dead = DeadJob {
+                    id: job.id,
+                    kind: &job.kind,
+                    attempts: job.attempt,
+                };
+                publish_dead(
+                    channel,
+                    &self.topology,
+                    &message.to_bytes(),
+                    &reason,
+                    Some(dead),
+                    properties(job),
+                )
+                .await?
+            } else {
+                publish_job(
+                    channel,
+                    &self.topology,
+                    kind,
+                    &message,
+                    properties(job),
+                    chrono::Utc::now(),
+                )
+                .await?
+            };
             pending.push(async move { (job.id, confirm.await) });
         }
 
@@ -283,4 +303,15 @@ impl Relay {
         tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
         Ok(published)
     }
+}
+
+/// The last error recorded on a job, as text.
+fn last_error(job: &Job) -> String {
+    job.errors
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e.get("error"))
+        .and_then(|e| e.as_str())
+        .map(|e| format!("discarded after attempt {}: {e}", job.attempt))
+        .unwrap_or_else(|| "discarded".to_string())
 }

@@ -20,9 +20,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rand::Rng;
@@ -30,6 +28,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::publish::publish_dead;
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
@@ -46,7 +45,7 @@ pub enum WorkerError {
     ConsumerClosed,
     #[error("a consumer task failed: {0}")]
     Task(String),
-    #[error("the broker did not take back an early message")]
+    #[error("the broker did not take a message back (early or dead)")]
     SendBack,
 }
 
@@ -54,8 +53,10 @@ pub enum WorkerError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
     Ack,
-    /// Reject without requeue: the message cannot name a job.
-    Reject(String),
+    /// Copy it to the dead-letter queue with this reason, then acknowledge it: it names no
+    /// job this worker can run (it does not parse, its kind is unknown, or the ledger has
+    /// no such job).
+    DeadLetter(String),
 }
 
 #[derive(Clone)]
@@ -178,6 +179,14 @@ impl Worker {
             let mut early = Vec::new();
             for delivery in batch {
                 match JobMessage::parse(&delivery.data) {
+                    Ok(m) if m.kind != kind.as_str() => {
+                        let reason = format!(
+                            "a message of kind {:?} on the queue of {:?}",
+                            m.kind,
+                            kind.as_str()
+                        );
+                        due.push((delivery, Err(reason)));
+                    }
                     Ok(m) => match arrival(&m, now, self.topology.delay_lead()) {
                         Arrival::Due => due.push((delivery, Ok(m))),
                         Arrival::Hold => {
@@ -202,10 +211,12 @@ impl Worker {
             // in a batch of their own, not behind fresh jobs whose rows a relay may still hold.
             if !ripe.is_empty() {
                 let alone = held.is_empty() && due.is_empty();
-                self.run_and_settle(kind, ripe, now, alone).await?;
+                self.run_and_settle(&publisher, kind, ripe, now, alone)
+                    .await?;
             }
             if !due.is_empty() {
-                self.run_and_settle(kind, due, now, held.is_empty()).await?;
+                self.run_and_settle(&publisher, kind, due, now, held.is_empty())
+                    .await?;
             }
         }
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
@@ -217,6 +228,7 @@ impl Worker {
     /// unsettled, so one `multiple` ack can settle the batch.
     async fn run_and_settle(
         &self,
+        publisher: &Channel,
         kind: JobKind,
         due: Vec<(Delivery, Result<JobMessage, String>)>,
         now: DateTime<Utc>,
@@ -246,14 +258,22 @@ impl Worker {
                 Disposition::Ack => {
                     delivery.ack(BasicAckOptions::default()).await?;
                 }
-                Disposition::Reject(reason) => {
-                    tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message rejected");
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: false,
-                            ..Default::default()
-                        })
-                        .await?;
+                Disposition::DeadLetter(reason) => {
+                    tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message dead-lettered");
+                    let confirm = publish_dead(
+                        publisher,
+                        &self.topology,
+                        &delivery.data,
+                        &reason,
+                        None,
+                        delivery.properties.clone(),
+                    )
+                    .await?
+                    .await?;
+                    if !confirm.is_ack() || confirm.take_message().is_some() {
+                        return Err(WorkerError::SendBack);
+                    }
+                    delivery.ack(BasicAckOptions::default()).await?;
                 }
             }
         }
@@ -299,14 +319,19 @@ impl Worker {
         messages: Vec<Result<JobMessage, String>>,
     ) -> Result<Vec<Disposition>, sqlx::Error> {
         let mut ids = Vec::with_capacity(messages.len());
-        let dispositions = messages
+        let mut message_ids = Vec::with_capacity(messages.len());
+        let mut dispositions: Vec<Disposition> = messages
             .into_iter()
             .map(|m| match m {
                 Ok(m) => {
                     ids.push(m.id);
+                    message_ids.push(Some(m.id));
                     Disposition::Ack
                 }
-                Err(reason) => Disposition::Reject(reason),
+                Err(reason) => {
+                    message_ids.push(None);
+                    Disposition::DeadLetter(reason)
+                }
             })
             .collect();
         ids.sort_unstable();
@@ -315,13 +340,21 @@ impl Worker {
             return Ok(dispositions);
         }
 
-        if let Err(error) = self.run_jobs(&ids).await? {
+        let (outcome, missing) = self.run_jobs(&ids).await?;
+        for (d, id) in dispositions.iter_mut().zip(&message_ids) {
+            if let Some(id) = id
+                && missing.contains(id)
+            {
+                *d = Disposition::DeadLetter(format!("the ledger has no job {id}"));
+            }
+        }
+        if let Err(error) = outcome {
             if let [id] = ids[..] {
                 self.record_failure(id, &error).await?;
             } else {
                 // Find the culprit: one transaction per job, so the others still complete.
                 for id in ids {
-                    if let Err(error) = self.run_jobs(&[id]).await? {
+                    if let (Err(error), _) = self.run_jobs(&[id]).await? {
                         self.record_failure(id, &error).await?;
                     }
                 }
@@ -332,8 +365,8 @@ impl Worker {
     }
 
     /// Run `ids` (sorted) in one transaction. On a handler error the transaction is rolled
-    /// back and the error returned inside `Ok`.
-    async fn run_jobs(&self, ids: &[i64]) -> Result<Result<(), JobError>, sqlx::Error> {
+    /// back and the error returned inside `Ok`, with the ids the ledger does not have.
+    async fn run_jobs(&self, ids: &[i64]) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         // Lock the live jobs in id order and mark them completed up front: the mark commits
         // only with the handlers' work, and the whole transaction rolls back on an error.
@@ -351,27 +384,27 @@ impl Worker {
         )
         .fetch_all(&mut *tx)
         .await?;
+        let mut missing = Vec::new();
         if rows.len() < ids.len() {
             // A message for a final job is a duplicate (or a redelivery after a crash between
-            // commit and ack): acknowledged, no effect. One naming no job at all is worth a word.
+            // commit and ack): acknowledged, no effect. One naming no job at all goes to the
+            // dead letters.
             let live: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let others: Vec<i64> = ids
                 .iter()
                 .copied()
                 .filter(|id| !live.contains(id))
                 .collect();
-            let known = sqlx::query_scalar!(
-                "SELECT count(*) FROM queue_jobs WHERE id = ANY($1)",
-                &others
-            )
-            .fetch_one(&mut *tx)
-            .await?
-            .unwrap_or(0);
-            if (known as usize) < others.len() {
-                tracing::warn!(
-                    missing = others.len() - known as usize,
-                    "messages name jobs that have no ledger row"
-                );
+            let known =
+                sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            missing = others
+                .into_iter()
+                .filter(|id| !known.contains(id))
+                .collect();
+            if !missing.is_empty() {
+                tracing::warn!(?missing, "messages name jobs that have no ledger row");
             }
         }
         let live: Vec<Job> = rows.into_iter().map(Job::from).collect();
@@ -383,46 +416,76 @@ impl Worker {
             let outcome = AssertUnwindSafe(jobs::run_batch(&mut tx, &self.queue, kind, &group))
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|panic| Err(JobError::Retryable(panic_message(&panic))));
+                .unwrap_or_else(|panic| Err(JobError::Panic(panic_message(&panic))));
             if let Err(e) = outcome {
-                return Ok(Err(e));
+                return Ok((Err(e), missing));
             }
         }
         tx.commit().await?;
-        Ok(Ok(()))
+        Ok((Ok(()), missing))
     }
 
-    /// Record a failed attempt: the error is kept on the job, which goes back to the outbox
-    /// after a backoff of 2^attempt seconds (±10% jitter, at most an hour), or is discarded
-    /// after its last attempt or a permanent error.
+    /// Record a failed attempt: the error (message, attempt, time, kind of failure) is kept
+    /// on the job, which goes back to the outbox to run again after
+    /// [`jobs::backoff`] × a jitter of 0.9 to 1.1 (the relay routes it through the delay
+    /// tiers), or, after its last attempt or a permanent error, is discarded and goes back to
+    /// the outbox once more, for the relay to copy it to the dead-letter queue.
     async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
-        tracing::warn!(job_id = id, %error, "job attempt failed");
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query!(
+            r#"SELECT kind, attempt FROM queue_jobs
+               WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
+               FOR UPDATE"#,
+            id
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(());
+        };
+        let attempt = row.attempt + 1;
         let jitter: f64 = rand::rng().random_range(0.9..1.1);
-        sqlx::query!(
+        let wait = jobs::backoff(
+            &row.kind,
+            attempt,
+            self.config.retry_base(),
+            self.config.retry_max(),
+        )
+        .mul_f64(jitter);
+        let permanent = matches!(error, JobError::Permanent(_));
+        let state = sqlx::query_scalar!(
             r#"UPDATE queue_jobs SET
-                   attempt = attempt + 1,
+                   attempt = $2,
                    attempted_at = now(),
                    errors = errors || jsonb_build_array(jsonb_build_object(
-                       'at', now(), 'attempt', attempt + 1, 'error', $2::text, 'kind', $3::text)),
-                   state = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN 'discarded'::queue_job_state
+                       'at', now(), 'attempt', $2::int4, 'error', $3::text, 'kind', $4::text)),
+                   state = CASE WHEN $5 OR $2 >= max_attempts THEN 'discarded'::queue_job_state
                                 ELSE 'retryable'::queue_job_state END,
-                   finalized_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN now() END,
-                   run_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN run_at
-                                 ELSE now() + make_interval(secs => least(power(2, attempt + 1), 3600) * $5) END,
-                   published_at = CASE WHEN $4 OR attempt + 1 >= max_attempts THEN published_at END
-               WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')"#,
+                   finalized_at = CASE WHEN $5 OR $2 >= max_attempts THEN now() END,
+                   run_at = CASE WHEN $5 OR $2 >= max_attempts THEN run_at
+                                 ELSE now() + make_interval(secs => $6) END,
+                   published_at = NULL
+               WHERE id = $1
+               RETURNING state::text AS "state!""#,
             id,
+            attempt,
             error.to_string(),
             error.kind(),
-            matches!(error, JobError::Permanent(_)),
-            jitter
+            permanent,
+            wait.as_secs_f64()
         )
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
         // Wake the relays: the job is back in the outbox (the trigger fires on inserts only).
         sqlx::query!("SELECT pg_notify($1, '')", crate::relay::NOTIFY_CHANNEL)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
+        if state == "discarded" {
+            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, "job discarded after its last attempt");
+        } else {
+            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, "job attempt failed; will retry");
+        }
         Ok(())
     }
 }

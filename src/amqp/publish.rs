@@ -9,6 +9,7 @@
 use chrono::{DateTime, Utc};
 use lapin::PublisherConfirm;
 use lapin::options::BasicPublishOptions;
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
 use super::tiers::{self, DelayDigits};
@@ -76,6 +77,61 @@ pub async fn publish_job(
             },
             &message.to_bytes(),
             properties,
+        )
+        .await
+}
+
+/// What a dead letter says about its job, in its headers.
+#[derive(Debug, Clone)]
+pub struct DeadJob<'a> {
+    pub id: i64,
+    pub kind: &'a str,
+    pub attempts: i32,
+}
+
+/// Header names of dead letters.
+pub const REASON_HEADER: &str = "x-kongflow-reason";
+pub const JOB_ID_HEADER: &str = "x-kongflow-job-id";
+pub const KIND_HEADER: &str = "x-kongflow-kind";
+pub const ATTEMPTS_HEADER: &str = "x-kongflow-attempts";
+pub const DEAD_AT_HEADER: &str = "x-kongflow-dead-at";
+
+/// Copy a message to the dead-letter queue with the reason (and, for a discarded job, its
+/// id, kind and attempts) in its headers. The caller awaits the returned confirm.
+pub async fn publish_dead(
+    channel: &Channel,
+    topology: &Topology,
+    body: &[u8],
+    reason: &str,
+    job: Option<DeadJob<'_>>,
+    properties: BasicProperties,
+) -> lapin::Result<PublisherConfirm> {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    // Headers are short strings: RabbitMQ tools show them in full.
+    let reason: String = reason.chars().take(1000).collect();
+    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(
+        DEAD_AT_HEADER.into(),
+        AMQPValue::LongString(crate::http::iso(Utc::now()).into()),
+    );
+    if let Some(job) = job {
+        headers.insert(JOB_ID_HEADER.into(), AMQPValue::LongLongInt(job.id));
+        headers.insert(
+            KIND_HEADER.into(),
+            AMQPValue::LongString(job.kind.to_string().into()),
+        );
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(job.attempts));
+    }
+    channel
+        .basic_publish(
+            topology.dead_exchange().as_str().into(),
+            "".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties.with_headers(headers).with_delivery_mode(2),
         )
         .await
 }

@@ -7,6 +7,8 @@
 //! - queue `P.K`: durable, a priority queue (`x-max-priority` 4), bound to `P.K` with key
 //!   `events`. Workers for kind `K` consume from it. It is also bound to the delay exit
 //!   exchange with `#.K.events`.
+//! - exchange `P.dead` (fanout) and queue `P.events.dead`: dead letters, with their reason
+//!   in the `x-kongflow-reason` header.
 //! - the delay tiers (see [`super::tiers`]): for every level `n`, a topic exchange
 //!   `P.delay.NN` and a queue `P.delay.NN.<ttl>ms` per digit, with that TTL and the next
 //!   level down (or `P.delay.out`) as dead-letter exchange; `P.delay.out` is a topic
@@ -96,9 +98,20 @@ impl Topology {
         format!("{}.delay.out", self.prefix)
     }
 
+    /// Where dead letters are published (fanout).
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The dead-letter queue: discarded jobs and messages no worker can run.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.{}.dead", self.prefix, EVENTS_QUEUE)
+    }
+
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
         let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.queue(*k)).collect();
+        names.push(self.dead_queue());
         names.extend(tiers::tiers().map(|(n, _, ttl)| self.delay_queue(n, ttl)));
         names
     }
@@ -108,6 +121,7 @@ impl Topology {
         let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.exchange(*k)).collect();
         names.extend((0..LEVELS).map(|n| self.delay_exchange(n)));
         names.push(self.delay_exit());
+        names.push(self.dead_exchange());
         names
     }
 
@@ -134,6 +148,31 @@ impl Topology {
     /// Declare everything. Declaring what exists with the same arguments is a no-op.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         self.declare_tiers(channel).await?;
+        self.declare_exchange(channel, &self.dead_exchange(), ExchangeKind::Fanout)
+            .await?;
+        let mut args = FieldTable::default();
+        if let Some(ms) = self.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        channel
+            .queue_declare(
+                self.dead_queue().as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_queue().as_str().into(),
+                self.dead_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         for kind in JobKind::ALL {
             self.declare_exchange(channel, &self.exchange(kind), ExchangeKind::Direct)
                 .await?;

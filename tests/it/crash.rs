@@ -192,15 +192,15 @@ async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_work_queue_is_rejected_and_the_worker_goes_on() {
+async fn a_worker_step_dead_letters_garbage_and_ghosts() {
     let app = TestApp::spawn_with(NO_ROLES).await;
     let worker = app.worker();
     let out = worker
         .process(vec![Err("unparseable job message: junk".into())])
         .await
         .unwrap();
-    assert!(matches!(out[0], Disposition::Reject(_)));
-    // A message naming a job that has no row is acknowledged and changes nothing.
+    assert!(matches!(&out[0], Disposition::DeadLetter(r) if r.contains("unparseable")));
+    // A message naming a job that has no row changes nothing and goes to the dead letters.
     let ghost = kongflow_events::amqp::JobMessage {
         v: 1,
         id: 987_654,
@@ -212,7 +212,9 @@ async fn garbage_on_the_work_queue_is_rejected_and_the_worker_goes_on() {
     };
     assert_eq!(
         worker.process(vec![Ok(ghost)]).await.unwrap(),
-        vec![Disposition::Ack]
+        vec![Disposition::DeadLetter(
+            "the ledger has no job 987654".into()
+        )]
     );
     app.finish().await;
 }

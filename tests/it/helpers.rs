@@ -111,6 +111,8 @@ impl TestApp {
             relay,
             worker: WorkerConfig {
                 worker_concurrency: 2,
+                // Retries come quickly: 100, 200, 400, 800 ms.
+                retry_base_ms: 100,
                 ..WorkerConfig::default()
             },
             http: roles.http.then_some(listener),
