@@ -19,6 +19,7 @@
 //! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
 //! - [`config`], [`app`]: configuration and the long-running processes.
 
+pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod config;

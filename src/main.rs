@@ -1,6 +1,7 @@
 //! `kongflow-events`: the command line. Parses flags and hands over to the library.
 
 use clap::{Parser, Subcommand};
+use kongflow_events::admin::{self, StateFilter};
 use kongflow_events::app::{self, Roles};
 use kongflow_events::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
 use kongflow_events::db::environments::{self, EnvironmentType};
@@ -49,6 +50,61 @@ enum Command {
         #[command(subcommand)]
         command: EnvCommand,
     },
+    /// See and steer the jobs of the ledger and the dead-letter queue.
+    Jobs {
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Jobs in id order, a page at a time.
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        /// A state, or `failed` (retryable or discarded).
+        #[arg(long)]
+        state: Option<StateFilter>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// The cursor a previous page printed: only jobs after it.
+        #[arg(long)]
+        after: Option<i64>,
+    },
+    /// One job with its errors and attempts.
+    Get { id: i64 },
+    /// Make a job (or every job in a state, of a kind) available to run now; attempts and
+    /// errors are kept.
+    Retry {
+        /// The job; or use --state (and --kind).
+        #[arg(required_unless_present = "state", conflicts_with_all = ["state", "kind"])]
+        id: Option<i64>,
+        #[arg(long)]
+        state: Option<StateFilter>,
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Cancel a job that is not final.
+    Cancel { id: i64 },
+    /// What sits in the dead-letter queue, with its reasons; `replay` retries their jobs.
+    Dead {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(subcommand)]
+        command: Option<DeadCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// Retry the job of every dead letter that names one, and remove those letters.
+    Replay,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +206,104 @@ async fn main() -> anyhow::Result<()> {
                 created.environment.id
             );
             println!("{}", created.api_key);
+        }
+        Command::Jobs { json, command } => jobs(&store, json, command).await?,
+    }
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::Result<()> {
+    let pool = app::open_database(store).await?;
+    match command {
+        JobsCommand::List {
+            queue,
+            kind,
+            state,
+            limit,
+            after,
+        } => {
+            let filter = admin::JobFilter {
+                queue,
+                kind,
+                state,
+                limit: limit.clamp(1, 10_000),
+                after,
+            };
+            let (jobs, next) = admin::list_jobs(&pool, &filter).await?;
+            if json {
+                print_json(&serde_json::json!({ "jobs": jobs, "next": next }))?;
+            } else {
+                print!("{}", admin::jobs_table(&jobs));
+                if let Some(next) = next {
+                    println!("more: --after {next}");
+                }
+            }
+        }
+        JobsCommand::Get { id } => {
+            let job = admin::get_job(&pool, id)
+                .await?
+                .ok_or(admin::AdminError::NotFound(id))?;
+            if json {
+                print_json(&job)?;
+            } else {
+                print!("{}", admin::job_details(&job));
+            }
+        }
+        JobsCommand::Retry { id, state, kind } => {
+            let ids = match (id, state) {
+                (Some(id), _) => vec![admin::retry_job(&pool, id).await?.id],
+                (None, Some(state)) => admin::retry_jobs(&pool, state, kind.as_deref()).await?,
+                (None, None) => anyhow::bail!("give a job id or --state"),
+            };
+            if json {
+                print_json(&serde_json::json!({ "retried": ids }))?;
+            } else {
+                println!("retried {} job(s): {ids:?}", ids.len());
+            }
+        }
+        JobsCommand::Cancel { id } => {
+            let job = admin::cancel_job(&pool, id).await?;
+            if json {
+                print_json(&job)?;
+            } else {
+                println!("cancelled job {}", job.id);
+            }
+        }
+        JobsCommand::Dead { limit, command } => {
+            let conn = kongflow_events::amqp::connect(&store.amqp_url, "kongflow-jobs").await?;
+            let topology = store.topology();
+            match command {
+                None => {
+                    let letters = admin::dead_letters(&conn, &topology, &pool, limit).await?;
+                    if json {
+                        print_json(&letters)?;
+                    } else {
+                        print!("{}", admin::dead_table(&letters));
+                    }
+                }
+                Some(DeadCommand::Replay) => {
+                    let report = admin::replay_dead(&conn, &topology, &pool, limit).await?;
+                    if json {
+                        print_json(&report)?;
+                    } else {
+                        println!(
+                            "retried {} job(s): {:?}",
+                            report.retried.len(),
+                            report.retried
+                        );
+                        for (id, why) in &report.kept {
+                            let id = id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+                            println!("kept {id}: {why}");
+                        }
+                    }
+                }
+            }
+            let _ = conn.close(200, "bye".into()).await;
         }
     }
     Ok(())

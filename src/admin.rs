@@ -1,0 +1,457 @@
+//! The operator's view of the job ledger and the dead-letter queue, behind
+//! `kongflow-events jobs ...`: list, get, retry, cancel, dead letters and their replay.
+
+use chrono::{DateTime, Utc};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::amqp::publish::{
+    ATTEMPTS_HEADER, DEAD_AT_HEADER, JOB_ID_HEADER, KIND_HEADER, REASON_HEADER,
+};
+use crate::amqp::{JobMessage, Topology};
+use crate::queue::{Job, JobRow, JobState};
+use crate::relay::NOTIFY_CHANNEL;
+
+/// Which jobs `jobs list` shows.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// `failed` means retryable or discarded.
+    pub state: Option<StateFilter>,
+    pub limit: i64,
+    /// Only jobs with a larger id: the cursor the previous page printed.
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    One(JobState),
+    Failed,
+}
+
+impl std::str::FromStr for StateFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "failed" {
+            return Ok(Self::Failed);
+        }
+        JobState::parse(s).map(Self::One).ok_or_else(|| {
+            format!(
+                "unknown state {s:?}: scheduled, available, running, retryable, completed, \
+                 discarded, cancelled or failed"
+            )
+        })
+    }
+}
+
+impl StateFilter {
+    fn states(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.as_str().to_string()],
+            Self::Failed => vec!["retryable".into(), "discarded".into()],
+        }
+    }
+}
+
+/// A page of jobs in id order, and the cursor of the next page if there may be one.
+pub async fn list_jobs(
+    pool: &PgPool,
+    filter: &JobFilter,
+) -> Result<(Vec<Job>, Option<i64>), sqlx::Error> {
+    let states = filter.state.map(StateFilter::states);
+    let rows = sqlx::query_as!(
+        JobRow,
+        r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+           FROM queue_jobs
+           WHERE ($1::text IS NULL OR queue = $1)
+             AND ($2::text IS NULL OR kind = $2)
+             AND ($3::text[] IS NULL OR state::text = ANY($3))
+             AND id > $4
+           ORDER BY id
+           LIMIT $5"#,
+        filter.queue,
+        filter.kind,
+        states.as_deref(),
+        filter.after.unwrap_or(0),
+        filter.limit
+    )
+    .fetch_all(pool)
+    .await?;
+    let jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
+    let next = (jobs.len() as i64 == filter.limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
+    Ok((jobs, next))
+}
+
+pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
+    let row = sqlx::query_as!(
+        JobRow,
+        r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+           FROM queue_jobs WHERE id = $1"#,
+        id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(Job::from))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no job {0}")]
+    NotFound(i64),
+    #[error("job {id} is {state}: nothing to do")]
+    Unchanged { id: i64, state: &'static str },
+    #[error("job {id} cannot run again: job {other} with the same arguments is live")]
+    Duplicate { id: i64, other: i64 },
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Make a job available to run now, as River's `job retry` does: its attempt count and its
+/// errors stay; a job that used its last attempt gets one more. A job already available
+/// (or running) is left alone. Refused if a live job has the same unique key.
+pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
+    let mut tx = pool.begin().await?;
+    let current = sqlx::query!(
+        r#"SELECT state::text AS "state!", unique_key FROM queue_jobs WHERE id = $1 FOR UPDATE"#,
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(AdminError::NotFound(id))?;
+    let state = JobState::parse(&current.state).unwrap_or(JobState::Available);
+    if matches!(state, JobState::Available | JobState::Running) {
+        return Err(AdminError::Unchanged {
+            id,
+            state: state.as_str(),
+        });
+    }
+    if let Some(key) = &current.unique_key {
+        let other = sqlx::query_scalar!(
+            r#"SELECT id FROM queue_jobs
+               WHERE unique_key = $1 AND id <> $2 AND state NOT IN ('cancelled', 'discarded')"#,
+            key,
+            id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(other) = other {
+            return Err(AdminError::Duplicate { id, other });
+        }
+    }
+    let row = sqlx::query_as!(
+        JobRow,
+        r#"UPDATE queue_jobs SET state = 'available', run_at = now(), published_at = NULL,
+                  finalized_at = NULL, max_attempts = GREATEST(max_attempts, attempt + 1)
+           WHERE id = $1
+           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+        id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Job::from(row))
+}
+
+/// Retry every job in `state` (of `kind`, if given), as [`retry_job`] does one; jobs whose
+/// unique key a live job holds are skipped. Returns the ids retried.
+pub async fn retry_jobs(
+    pool: &PgPool,
+    state: StateFilter,
+    kind: Option<&str>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let states: Vec<String> = state
+        .states()
+        .into_iter()
+        .filter(|s| s != "available" && s != "running")
+        .collect();
+    let mut tx = pool.begin().await?;
+    let ids = sqlx::query_scalar!(
+        r#"UPDATE queue_jobs q SET state = 'available', run_at = now(), published_at = NULL,
+                  finalized_at = NULL, max_attempts = GREATEST(max_attempts, attempt + 1)
+           WHERE q.state::text = ANY($1) AND ($2::text IS NULL OR q.kind = $2)
+             AND NOT EXISTS (
+                 SELECT 1 FROM queue_jobs o
+                 WHERE o.unique_key = q.unique_key AND o.id <> q.id
+                   AND o.state NOT IN ('cancelled', 'discarded'))
+           RETURNING q.id"#,
+        &states,
+        kind
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Cancel a job that is not final: it will not run (a message already on its way is
+/// acknowledged with no effect).
+pub async fn cancel_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
+    let row = sqlx::query_as!(
+        JobRow,
+        r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
+           WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
+           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
+                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+        id
+    )
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(r) => Ok(Job::from(r)),
+        None => match get_job(pool, id).await? {
+            Some(job) => Err(AdminError::Unchanged {
+                id,
+                state: job.state.as_str(),
+            }),
+            None => Err(AdminError::NotFound(id)),
+        },
+    }
+}
+
+/// One message of the dead-letter queue.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub reason: String,
+    pub dead_at: Option<String>,
+    /// The job it names (from its headers, or from its body if that parses).
+    pub job_id: Option<i64>,
+    pub kind: Option<String>,
+    pub attempts: Option<i32>,
+    /// That job's state in the ledger now, if it has the job.
+    pub ledger_state: Option<String>,
+    /// The body, as JSON if it is JSON, else as (lossy) text.
+    pub body: Value,
+}
+
+fn header_str(h: Option<&AMQPValue>) -> Option<String> {
+    match h? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn header_int(h: Option<&AMQPValue>) -> Option<i64> {
+    match h? {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(*i as i64),
+        AMQPValue::LongUInt(i) => Some(*i as i64),
+        AMQPValue::ShortInt(i) => Some(*i as i64),
+        _ => None,
+    }
+}
+
+/// Take up to `limit` dead letters off the queue without acknowledging them. The caller
+/// acknowledges what it is done with; closing the channel puts the rest back.
+async fn take_dead(
+    channel: &Channel,
+    topology: &Topology,
+    pool: &PgPool,
+    limit: usize,
+) -> Result<Vec<(lapin::message::Delivery, DeadLetter)>, AdminError> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(m) = channel
+            .basic_get(
+                topology.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let delivery = m.delivery;
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let h = headers.inner();
+        let parsed = JobMessage::parse(&delivery.data).ok();
+        let job_id = header_int(h.get(JOB_ID_HEADER)).or(parsed.as_ref().map(|m| m.id));
+        let ledger_state = match job_id {
+            Some(id) => get_job(pool, id)
+                .await?
+                .map(|j| j.state.as_str().to_string()),
+            None => None,
+        };
+        let body = serde_json::from_slice(&delivery.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&delivery.data).into()));
+        let letter = DeadLetter {
+            reason: header_str(h.get(REASON_HEADER)).unwrap_or_else(|| "(no reason)".into()),
+            dead_at: header_str(h.get(DEAD_AT_HEADER)),
+            job_id,
+            kind: header_str(h.get(KIND_HEADER)).or(parsed.as_ref().map(|m| m.kind.clone())),
+            attempts: header_int(h.get(ATTEMPTS_HEADER)).map(|a| a as i32),
+            ledger_state,
+            body,
+        };
+        out.push((delivery, letter));
+    }
+    Ok(out)
+}
+
+/// What sits in the dead-letter queue (up to `limit`), left where it is.
+pub async fn dead_letters(
+    conn: &lapin::Connection,
+    topology: &Topology,
+    pool: &PgPool,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, AdminError> {
+    let channel = conn.create_channel().await?;
+    let taken = take_dead(&channel, topology, pool, limit).await?;
+    // Unacknowledged: closing the channel returns every message to the queue.
+    let _ = channel.close(200, "peek done".into()).await;
+    Ok(taken.into_iter().map(|(_, l)| l).collect())
+}
+
+/// The outcome of a replay.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replay {
+    /// Jobs made available again; their dead letters are removed.
+    pub retried: Vec<i64>,
+    /// Dead letters left in the queue, with why.
+    pub kept: Vec<(Option<i64>, String)>,
+}
+
+/// Replay the dead-letter queue (up to `limit` messages): each message naming a job of the
+/// ledger that is discarded (or cancelled) has its job retried (see [`retry_job`]) and is
+/// removed; a message naming no job (garbage, an unknown kind) or one that cannot be
+/// retried stays, and the report says why.
+pub async fn replay_dead(
+    conn: &lapin::Connection,
+    topology: &Topology,
+    pool: &PgPool,
+    limit: usize,
+) -> Result<Replay, AdminError> {
+    let channel = conn.create_channel().await?;
+    let taken = take_dead(&channel, topology, pool, limit).await?;
+    let mut report = Replay::default();
+    for (delivery, letter) in taken {
+        let Some(id) = letter.job_id.filter(|_| letter.ledger_state.is_some()) else {
+            report
+                .kept
+                .push((letter.job_id, format!("names no job: {}", letter.reason)));
+            continue;
+        };
+        match retry_job(pool, id).await {
+            Ok(_) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+                report.retried.push(id);
+            }
+            Err(AdminError::Unchanged {
+                state: "available", ..
+            }) => {
+                // Already back in play: the letter has served.
+                delivery.ack(BasicAckOptions::default()).await?;
+                report.retried.push(id);
+            }
+            Err(e) => report.kept.push((Some(id), e.to_string())),
+        }
+    }
+    let _ = channel.close(200, "replay done".into()).await;
+    Ok(report)
+}
+
+/// Jobs as a table, one line each.
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let mut out = format!(
+        "{:>10}  {:<24}  {:<8}  {:<10}  {:>3}  {:>7}  {:<24}  {}\n",
+        "ID", "KIND", "QUEUE", "STATE", "PRI", "ATTEMPT", "RUN AT", "LAST ERROR"
+    );
+    for j in jobs {
+        let last_error = j
+            .errors
+            .as_array()
+            .and_then(|e| e.last())
+            .and_then(|e| e.get("error"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        out.push_str(&format!(
+            "{:>10}  {:<24}  {:<8}  {:<10}  {:>3}  {:>7}  {:<24}  {}\n",
+            j.id,
+            j.kind,
+            j.queue,
+            j.state.as_str(),
+            j.priority,
+            format!("{}/{}", j.attempt, j.max_attempts),
+            iso(j.run_at),
+            last_error.chars().take(60).collect::<String>()
+        ));
+    }
+    out
+}
+
+/// One job in full, with its errors.
+pub fn job_details(j: &Job) -> String {
+    let mut out = String::new();
+    let opt = |t: Option<DateTime<Utc>>| t.map(iso).unwrap_or_else(|| "-".into());
+    out.push_str(&format!("id:           {}\n", j.id));
+    out.push_str(&format!("kind:         {}\n", j.kind));
+    out.push_str(&format!("queue:        {}\n", j.queue));
+    out.push_str(&format!("state:        {}\n", j.state.as_str()));
+    out.push_str(&format!("priority:     {}\n", j.priority));
+    out.push_str(&format!("attempt:      {}/{}\n", j.attempt, j.max_attempts));
+    out.push_str(&format!("args:         {}\n", j.args));
+    out.push_str(&format!("created at:   {}\n", iso(j.created_at)));
+    out.push_str(&format!("run at:       {}\n", iso(j.run_at)));
+    out.push_str(&format!("attempted at: {}\n", opt(j.attempted_at)));
+    out.push_str(&format!("finalized at: {}\n", opt(j.finalized_at)));
+    out.push_str(&format!("published at: {}\n", opt(j.published_at)));
+    let errors = j.errors.as_array().cloned().unwrap_or_default();
+    out.push_str(&format!("errors:       {}\n", errors.len()));
+    for e in errors {
+        out.push_str(&format!(
+            "  attempt {} at {} ({}): {}\n",
+            e.get("attempt").unwrap_or(&Value::Null),
+            e.get("at").and_then(Value::as_str).unwrap_or("?"),
+            e.get("kind").and_then(Value::as_str).unwrap_or("?"),
+            e.get("error").and_then(Value::as_str).unwrap_or("?"),
+        ));
+    }
+    out
+}
+
+/// Dead letters as a table.
+pub fn dead_table(letters: &[DeadLetter]) -> String {
+    let mut out = format!(
+        "{:>10}  {:<24}  {:>8}  {:<10}  {:<24}  {}\n",
+        "JOB", "KIND", "ATTEMPTS", "LEDGER", "DEAD AT", "REASON"
+    );
+    for l in letters {
+        out.push_str(&format!(
+            "{:>10}  {:<24}  {:>8}  {:<10}  {:<24}  {}\n",
+            l.job_id
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
+            l.kind.as_deref().unwrap_or("-"),
+            l.attempts
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            l.ledger_state.as_deref().unwrap_or("-"),
+            l.dead_at.as_deref().unwrap_or("-"),
+            l.reason
+        ));
+    }
+    out
+}
+
+fn iso(t: DateTime<Utc>) -> String {
+    crate::http::iso(t)
+}
