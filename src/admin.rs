@@ -326,14 +326,18 @@ pub async fn dead_letters(
 pub struct Replay {
     /// Jobs made available again; their dead letters are removed.
     pub retried: Vec<i64>,
+    /// Jobs that needed nothing (already completed, or back in play): their dead letters
+    /// are removed.
+    pub cleared: Vec<i64>,
     /// Dead letters left in the queue, with why.
     pub kept: Vec<(Option<i64>, String)>,
 }
 
 /// Replay the dead-letter queue (up to `limit` messages): each message naming a job of the
 /// ledger that is discarded (or cancelled) has its job retried (see [`retry_job`]) and is
-/// removed; a message naming no job (garbage, an unknown kind) or one that cannot be
-/// retried stays, and the report says why.
+/// removed; one whose job is completed or already back in play is removed; a message naming
+/// no job (garbage, an unknown kind) or one whose job cannot be retried stays, and the
+/// report says why.
 pub async fn replay_dead(
     conn: &lapin::Connection,
     topology: &Topology,
@@ -350,15 +354,17 @@ pub async fn replay_dead(
                 .push((letter.job_id, format!("names no job: {}", letter.reason)));
             continue;
         };
+        let final_failure = matches!(
+            letter.ledger_state.as_deref(),
+            Some("discarded") | Some("cancelled")
+        );
+        if !final_failure {
+            delivery.ack(BasicAckOptions::default()).await?;
+            report.cleared.push(id);
+            continue;
+        }
         match retry_job(pool, id).await {
             Ok(_) => {
-                delivery.ack(BasicAckOptions::default()).await?;
-                report.retried.push(id);
-            }
-            Err(AdminError::Unchanged {
-                state: "available", ..
-            }) => {
-                // Already back in play: the letter has served.
                 delivery.ack(BasicAckOptions::default()).await?;
                 report.retried.push(id);
             }

@@ -74,6 +74,19 @@ pub struct RelayConfig {
     /// must be before the reconciler publishes it again, in milliseconds.
     #[arg(long, env = "RECONCILE_MARGIN_MS", default_value_t = 300_000)]
     pub reconcile_margin_ms: u64,
+
+    /// How often retention deletes old final jobs, in milliseconds.
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    pub retention_interval_ms: u64,
+
+    /// Completed jobs are deleted this long after they completed, in seconds. Unique-by-args
+    /// holds as long as the job is kept.
+    #[arg(long, env = "RETENTION_COMPLETED_SECS", default_value_t = 86_400)]
+    pub retention_completed_secs: u64,
+
+    /// Discarded and cancelled jobs are deleted this long after they ended, in seconds.
+    #[arg(long, env = "RETENTION_DISCARDED_SECS", default_value_t = 604_800)]
+    pub retention_discarded_secs: u64,
 }
 
 impl RelayConfig {
@@ -89,6 +102,15 @@ impl RelayConfig {
     pub fn reconcile_margin(&self) -> Duration {
         Duration::from_millis(self.reconcile_margin_ms)
     }
+    pub fn retention_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_interval_ms)
+    }
+    pub fn retention_completed(&self) -> Duration {
+        Duration::from_secs(self.retention_completed_secs)
+    }
+    pub fn retention_discarded(&self) -> Duration {
+        Duration::from_secs(self.retention_discarded_secs)
+    }
 }
 
 impl Default for RelayConfig {
@@ -100,6 +122,9 @@ impl Default for RelayConfig {
             relay_confirm_timeout_ms: 10_000,
             reconcile_interval_ms: 60_000,
             reconcile_margin_ms: 300_000,
+            retention_interval_ms: 60_000,
+            retention_completed_secs: 86_400,
+            retention_discarded_secs: 604_800,
         }
     }
 }

@@ -296,6 +296,11 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
                             report.retried.len(),
                             report.retried
                         );
+                        println!(
+                            "cleared {} letter(s) of jobs that need nothing: {:?}",
+                            report.cleared.len(),
+                            report.cleared
+                        );
                         for (id, why) in &report.kept {
                             let id = id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
                             println!("kept {id}: {why}");

@@ -38,6 +38,12 @@ pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
 /// The advisory lock that keeps reconcilers of several processes from running at once.
 pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
 
+/// The advisory lock held by the process doing retention.
+pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
+
+/// Jobs deleted per retention statement.
+pub const RETENTION_BATCH: i64 = 1_000;
+
 /// Most jobs one reconciler pass puts back.
 pub const RECONCILE_BATCH: i64 = 10_000;
 
@@ -86,8 +92,10 @@ impl Relay {
                 .await
             });
         }
+        let (this, stop) = (self.clone(), shutdown.clone());
+        loops.spawn(async move { this.run_reconciler(stop).await });
         let this = self.clone();
-        loops.spawn(async move { this.run_reconciler(shutdown).await });
+        loops.spawn(async move { this.run_retention(shutdown).await });
         while loops.join_next().await.is_some() {}
     }
 
@@ -108,6 +116,74 @@ impl Relay {
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
             }
         }
+    }
+
+    /// Delete old final jobs every `retention_interval` until `shutdown`.
+    async fn run_retention(&self, shutdown: CancellationToken) {
+        let interval = self.config.retention_interval();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            match self.retain().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "retention deleted old final jobs"),
+                Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+            }
+        }
+    }
+
+    /// One retention pass: completed jobs finalized more than `retention_completed` ago,
+    /// and discarded or cancelled ones more than `retention_discarded` ago, are deleted in
+    /// batches of [`RETENTION_BATCH`], each its own short statement, so no lock on the
+    /// ledger is held for long. Only the process holding the retention advisory lock (a
+    /// session lock on one connection) does it; the others skip the pass. A discarded job
+    /// whose dead letter is not yet published is kept. Returns how many were deleted.
+    pub async fn retain(&self) -> Result<u64, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if locked != Some(true) {
+            return Ok(0);
+        }
+        let mut total = 0;
+        let result = loop {
+            let deleted = sqlx::query!(
+                r#"DELETE FROM queue_jobs WHERE id IN (
+                       SELECT id FROM queue_jobs
+                       WHERE state IN ('completed', 'discarded', 'cancelled')
+                         AND finalized_at < now() - make_interval(secs => LEAST($1::float8, $2::float8))
+                         AND CASE state
+                               WHEN 'completed' THEN finalized_at < now() - make_interval(secs => $1)
+                               WHEN 'cancelled' THEN finalized_at < now() - make_interval(secs => $2)
+                               ELSE published_at IS NOT NULL
+                                    AND finalized_at < now() - make_interval(secs => $2)
+                             END
+                       LIMIT $3
+                       FOR UPDATE SKIP LOCKED)"#,
+                self.config.retention_completed().as_secs_f64(),
+                self.config.retention_discarded().as_secs_f64(),
+                RETENTION_BATCH
+            )
+            .execute(&mut *conn)
+            .await;
+            match deleted {
+                Ok(d) => {
+                    total += d.rows_affected();
+                    if d.rows_affected() < RETENTION_BATCH as u64 {
+                        break Ok(total);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        // The lock is the session's: give it back before the connection returns to the pool.
+        sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        result
     }
 
     /// One reconciler pass: jobs not final, overdue by more than the margin (counted from

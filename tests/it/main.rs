@@ -7,3 +7,4 @@ mod helpers;
 mod http_api;
 mod pipeline;
 mod queue;
+mod retries;

@@ -1,0 +1,564 @@
+//! Retries with backoff, dead letters, priorities, retention, and the `jobs` commands.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kongflow_events::admin;
+use kongflow_events::amqp::JobMessage;
+use kongflow_events::config::RelayConfig;
+use kongflow_events::failpoint::{self, Fault};
+use kongflow_events::queue::{
+    InsertOpts, InvokeDispatcherArgs, Job, JobInsert, JobKind, JobPriority, JobState, QueueService,
+};
+use kongflow_events::relay::{RETENTION_LOCK, Relay};
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{NO_ROLES, TestApp, job_body, wait_until};
+
+fn at(ms_from_now: i64) -> String {
+    kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
+}
+
+/// Send an event due in a second, and return its record id (the key of its deliverEvent
+/// job's faults) and its job.
+async fn delayed_event(app: &TestApp, name: &str, id: &str) -> (Uuid, Job) {
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": name, "id": id, "payload": {}}, "options": {"deliverAt": at(1_000)}}),
+    )
+    .await;
+    let record: Uuid = sqlx::query_scalar("SELECT id FROM event_records WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    (record, deliver_job(app, record).await)
+}
+
+async fn deliver_job(app: &TestApp, record: Uuid) -> Job {
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM queue_jobs WHERE kind = 'deliverEvent' AND args->>'id' = $1",
+    )
+    .bind(record.to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    admin::get_job(&app.pool, id).await.unwrap().unwrap()
+}
+
+async fn wait_state(app: &TestApp, id: i64, state: JobState, timeout: Duration) -> Job {
+    wait_until(&format!("job {id} {}", state.as_str()), timeout, || async {
+        admin::get_job(&app.pool, id).await.unwrap().unwrap().state == state
+    })
+    .await;
+    admin::get_job(&app.pool, id).await.unwrap().unwrap()
+}
+
+fn error_times(job: &Job) -> Vec<DateTime<Utc>> {
+    job.errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            DateTime::parse_from_rfc3339(e["at"].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&Utc)
+        })
+        .collect()
+}
+
+/// Run `kongflow-events jobs ...` against the test's stores; its stdout.
+async fn jobs_cli(app: &TestApp, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("jobs")
+        .args(args)
+        .envs(app.child_env())
+        .output()
+        .await
+        .expect("run kongflow-events jobs");
+    assert!(
+        out.status.success(),
+        "jobs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_always_fails_is_tried_five_times_then_dead_lettered() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("flaky", json!({}))).await;
+    let (record, job) = delayed_event(&app, "flaky", "bad").await;
+    failpoint::arm_handler_fault(&record.to_string(), Fault::Error, i32::MAX);
+
+    // Other events flow meanwhile, at full speed.
+    let mut latencies = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(1_800);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let id = format!("good-{i}");
+        let sent = Instant::now();
+        app.send_event(
+            &key,
+            json!({"event": {"name": "flaky", "id": id, "payload": {}}}),
+        )
+        .await;
+        wait_until("a good event's run", Duration::from_secs(10), || async {
+            !app.runs_by_job(&id).await.is_empty()
+        })
+        .await;
+        latencies.push(sent.elapsed());
+        i += 1;
+    }
+
+    let job = wait_state(&app, job.id, JobState::Discarded, Duration::from_secs(20)).await;
+    failpoint::disarm_handler_fault(&record.to_string());
+    assert_eq!(job.attempt, 5);
+    let errors = job.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 5, "{}", job.errors);
+    for (n, e) in errors.iter().enumerate() {
+        assert_eq!(e["attempt"], n as i64 + 1);
+        assert_eq!(e["kind"], "error");
+        assert!(e["error"].as_str().unwrap().contains("injected fault"));
+    }
+    // Waits of 100, 200, 400, 800 ms (±10%), plus the trip through the pipeline.
+    let times = error_times(&job);
+    let gaps: Vec<i64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_milliseconds())
+        .collect();
+    for (n, gap) in gaps.iter().enumerate() {
+        let floor = (100.0 * 2f64.powi(n as i32) * 0.9) as i64;
+        assert!(
+            *gap >= floor,
+            "gap {n} is {gap} ms, under {floor}: {gaps:?}"
+        );
+    }
+    eprintln!("gaps between attempts: {gaps:?} ms");
+    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "growing: {gaps:?}");
+
+    // The dead letter: the job's message with the reason.
+    wait_until("the dead letter", Duration::from_secs(10), || async {
+        app.depth_of(&app.topology.dead_queue()).await == 1
+    })
+    .await;
+    let letters = admin::dead_letters(&app.amqp, &app.topology, &app.pool, 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].job_id, Some(job.id));
+    assert_eq!(letters[0].attempts, Some(5));
+    assert_eq!(letters[0].kind.as_deref(), Some("deliverEvent"));
+    assert_eq!(letters[0].ledger_state.as_deref(), Some("discarded"));
+    assert!(
+        letters[0].reason.contains("injected fault"),
+        "{}",
+        letters[0].reason
+    );
+    // Peeking left it there.
+    assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 1);
+    assert!(app.runs_by_job("bad").await.is_empty());
+
+    eprintln!("{i} good events meanwhile, slowest {:?}", latencies.iter().max());
+    assert!(i >= 5, "only {i} good events went through");
+    let slowest = latencies.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(2),
+        "good events slowed to {slowest:?}"
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_fails_twice_completes_on_its_third_attempt_once() {
+    let app = TestApp::spawn().await;
+    app.put_job(&app.api_key, "job", job_body("twice", json!({})))
+        .await;
+    let (record, job) = delayed_event(&app, "twice", "t-1").await;
+    failpoint::arm_handler_fault(&record.to_string(), Fault::Error, 2);
+    let job = wait_state(&app, job.id, JobState::Completed, Duration::from_secs(20)).await;
+    failpoint::disarm_handler_fault(&record.to_string());
+    assert_eq!(job.attempt, 3);
+    assert_eq!(job.errors.as_array().unwrap().len(), 2);
+    app.settle().await;
+    assert_eq!(app.runs_by_job("t-1").await, vec![("job".to_string(), 1)]);
+    assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_failure_and_the_worker_survives() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("boom", json!({}))).await;
+    let (record, job) = delayed_event(&app, "boom", "p-1").await;
+    failpoint::arm_handler_fault(&record.to_string(), Fault::Panic, 1);
+    let job = wait_state(&app, job.id, JobState::Completed, Duration::from_secs(20)).await;
+    failpoint::disarm_handler_fault(&record.to_string());
+    assert_eq!(job.attempt, 2);
+    let errors = job.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["kind"], "panic");
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected panic")
+    );
+    // The same worker goes on.
+    app.send_event(
+        &key,
+        json!({"event": {"name": "boom", "id": "p-2", "payload": {}}}),
+    )
+    .await;
+    wait_until("the next event's run", Duration::from_secs(10), || async {
+        !app.runs_by_job("p-2").await.is_empty()
+    })
+    .await;
+    app.settle().await;
+    assert_eq!(app.runs_by_job("p-1").await, vec![("job".to_string(), 1)]);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_unknown_kinds_are_dead_lettered_with_a_reason() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("after", json!({}))).await;
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let message = |kind: &str, id: i64| JobMessage {
+        v: 1,
+        id,
+        kind: kind.into(),
+        queue: "events".into(),
+        args: json!({}),
+        attempt: 0,
+        run_at: Utc::now(),
+    };
+    let bodies: Vec<Vec<u8>> = vec![
+        b"\x00\xffnot json at all".to_vec(),
+        message("nope.unknown", 1).to_bytes(),
+        message("deliverEvent", 987_654_321).to_bytes(),
+    ];
+    for body in &bodies {
+        let confirm = channel
+            .basic_publish(
+                app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
+                "events".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    wait_until("three dead letters", Duration::from_secs(10), || async {
+        app.depth_of(&app.topology.dead_queue()).await == 3
+    })
+    .await;
+    let mut reasons: Vec<String> = admin::dead_letters(&app.amqp, &app.topology, &app.pool, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.reason)
+        .collect();
+    reasons.sort();
+    assert!(reasons[0].contains("\"nope.unknown\""), "{reasons:?}");
+    assert!(
+        reasons[1].contains("the ledger has no job 987654321"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("unparseable job message"),
+        "{reasons:?}"
+    );
+    // Nothing else disturbed: the next event runs.
+    app.send_event(
+        &key,
+        json!({"event": {"name": "after", "id": "a-1", "payload": {}}}),
+    )
+    .await;
+    wait_until("the next event's run", Duration::from_secs(10), || async {
+        !app.runs_by_job("a-1").await.is_empty()
+    })
+    .await;
+    assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_commands_list_retry_and_replay_a_discarded_job() {
+    let app = TestApp::spawn().await;
+    app.put_job(&app.api_key, "job", job_body("fixme", json!({})))
+        .await;
+    let (first_record, first) = delayed_event(&app, "fixme", "f-1").await;
+    let (second_record, second) = delayed_event(&app, "fixme", "f-2").await;
+    for r in [first_record, second_record] {
+        failpoint::arm_handler_fault(&r.to_string(), Fault::Error, i32::MAX);
+    }
+    for id in [first.id, second.id] {
+        wait_state(&app, id, JobState::Discarded, Duration::from_secs(20)).await;
+    }
+    wait_until("two dead letters", Duration::from_secs(10), || async {
+        app.depth_of(&app.topology.dead_queue()).await == 2
+    })
+    .await;
+
+    // list --state failed, as JSON and as a table.
+    let listed: Value =
+        serde_json::from_str(&jobs_cli(&app, &["list", "--state", "failed", "--json"]).await)
+            .unwrap();
+    let ids: Vec<i64> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![first.id, second.id]);
+    let table = jobs_cli(&app, &["list", "--kind", "deliverEvent", "--limit", "1"]).await;
+    assert!(table.lines().next().unwrap().contains("STATE"), "{table}");
+    assert!(table.contains("more: --after"), "a second page: {table}");
+    let got = jobs_cli(&app, &["get", &first.id.to_string()]).await;
+    assert!(got.contains("errors:       5"), "{got}");
+    let dead = jobs_cli(&app, &["dead"]).await;
+    assert!(dead.contains("injected fault"), "{dead}");
+
+    // The cause is fixed: `jobs retry <id>` runs the first again.
+    for r in [first_record, second_record] {
+        failpoint::disarm_handler_fault(&r.to_string());
+    }
+    let out = jobs_cli(&app, &["retry", &first.id.to_string()]).await;
+    assert!(out.contains(&first.id.to_string()), "{out}");
+    let done = wait_state(&app, first.id, JobState::Completed, Duration::from_secs(10)).await;
+    assert_eq!(done.attempt, 6, "attempts kept, one more granted");
+    assert_eq!(done.errors.as_array().unwrap().len(), 5, "errors kept");
+    // `jobs dead replay` retries the job of each letter whose job is not done, and removes
+    // the letters of both.
+    let replay: Value =
+        serde_json::from_str(&jobs_cli(&app, &["dead", "replay", "--json"]).await).unwrap();
+    let retried: Vec<i64> = replay["retried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert!(retried.contains(&second.id), "{replay}");
+    wait_state(
+        &app,
+        second.id,
+        JobState::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(app.runs_by_job("f-1").await, vec![("job".to_string(), 1)]);
+    assert_eq!(app.runs_by_job("f-2").await, vec![("job".to_string(), 1)]);
+    // A cancelled job is final; cancelling it again says so.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args(["jobs", "cancel", &first.id.to_string()])
+        .envs(app.child_env())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("completed"));
+    app.finish().await;
+}
+
+/// Invocation jobs for dispatchers that do not exist: they complete and do nothing.
+fn idle_jobs(n: usize, priority: JobPriority) -> Vec<JobInsert> {
+    (0..n)
+        .map(|_| {
+            JobInsert::invoke_dispatcher(
+                InvokeDispatcherArgs {
+                    id: Uuid::new_v4(),
+                    event_record_id: Uuid::new_v4(),
+                },
+                InsertOpts {
+                    priority,
+                    ..InsertOpts::default()
+                },
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_job_overtakes_a_backlog_of_ten_thousand() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let queue = QueueService::new();
+    let mut tx = app.pool.begin().await.unwrap();
+    queue
+        .enqueue_many(&mut tx, idle_jobs(10_000, JobPriority::Normal))
+        .await
+        .unwrap();
+    let critical = queue
+        .enqueue_many(&mut tx, idle_jobs(1, JobPriority::Critical))
+        .await
+        .unwrap()
+        .remove(0)
+        .job;
+    tx.commit().await.unwrap();
+    assert_eq!(app.relay_all().await, 10_001);
+
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(
+        app.worker()
+            .run(app.store.amqp_url.clone(), shutdown.clone()),
+    );
+    wait_state(
+        &app,
+        critical.id,
+        JobState::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    let done_before: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs WHERE state = 'completed' AND priority = 3",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    shutdown.cancel();
+    let _ = worker.await;
+    eprintln!("{done_before} of 10,000 ran before the critical job");
+    assert!(
+        done_before < 2_000,
+        "{done_before} of the backlog ran before the critical job"
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_critical_job_is_still_critical() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let mut jobs = idle_jobs(1, JobPriority::Critical);
+    let key = jobs[0].args["id"].as_str().unwrap().to_string();
+    let mut tx = app.pool.begin().await.unwrap();
+    let job = QueueService::new()
+        .enqueue_many(&mut tx, std::mem::take(&mut jobs))
+        .await
+        .unwrap()
+        .remove(0)
+        .job;
+    tx.commit().await.unwrap();
+    failpoint::arm_handler_fault(&key, Fault::Error, 1);
+    let worker = app.worker();
+    app.relay_all().await;
+    wait_until("the message", Duration::from_secs(5), || async {
+        app.queue_depth(JobKind::InvokeDispatcher).await == 1
+    })
+    .await;
+    app.drain_with(&worker, JobKind::InvokeDispatcher).await;
+    let failed = admin::get_job(&app.pool, job.id).await.unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Retryable);
+    // The retry goes through the tiers (a second's backoff) and comes out CRITICAL.
+    app.relay_all().await;
+    wait_until("the retry's message", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::InvokeDispatcher).await == 1
+    })
+    .await;
+    let m = app.get_message(JobKind::InvokeDispatcher).await.unwrap();
+    assert_eq!(m.delivery.properties.priority(), &Some(4));
+    let parsed = JobMessage::parse(&m.delivery.data).unwrap();
+    failpoint::disarm_handler_fault(&key);
+    worker.process(vec![Ok(parsed)]).await.unwrap();
+    m.delivery
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    let done = admin::get_job(&app.pool, job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.attempt, done.priority),
+        (JobState::Completed, 2, 1)
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let queue = QueueService::new();
+    let mut tx = app.pool.begin().await.unwrap();
+    let jobs: Vec<Job> = queue
+        .enqueue_many(&mut tx, idle_jobs(2_506, JobPriority::High))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.job)
+        .collect();
+    tx.commit().await.unwrap();
+    let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+    let set = |range: std::ops::Range<usize>, sql: &'static str| {
+        let ids = ids[range].to_vec();
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query(sql).bind(&ids).execute(&pool).await.unwrap();
+        }
+    };
+    // 2,500 completed two days ago: gone. One completed an hour ago: kept.
+    set(0..2_500, "UPDATE queue_jobs SET state = 'completed', finalized_at = now() - interval '2 days', published_at = now() WHERE id = ANY($1)").await;
+    set(2_500..2_501, "UPDATE queue_jobs SET state = 'completed', finalized_at = now() - interval '1 hour', published_at = now() WHERE id = ANY($1)").await;
+    // Discarded eight days ago: gone; its dead letter not yet published: kept.
+    set(2_501..2_502, "UPDATE queue_jobs SET state = 'discarded', finalized_at = now() - interval '8 days', published_at = now() WHERE id = ANY($1)").await;
+    set(2_502..2_503, "UPDATE queue_jobs SET state = 'discarded', finalized_at = now() - interval '8 days', published_at = NULL WHERE id = ANY($1)").await;
+    // Discarded two days ago: kept. Cancelled eight days ago: gone. Live: kept.
+    set(2_503..2_504, "UPDATE queue_jobs SET state = 'discarded', finalized_at = now() - interval '2 days', published_at = now() WHERE id = ANY($1)").await;
+    set(2_504..2_505, "UPDATE queue_jobs SET state = 'cancelled', finalized_at = now() - interval '8 days' WHERE id = ANY($1)").await;
+
+    let relay = Relay::new(
+        app.pool.clone(),
+        app.topology.clone(),
+        RelayConfig::default(),
+    );
+    // Another process holds the lock: this one skips the pass.
+    let mut other = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(RETENTION_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert_eq!(relay.retain().await.unwrap(), 0);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(RETENTION_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    drop(other);
+
+    assert_eq!(relay.retain().await.unwrap(), 2_502);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM queue_jobs ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![ids[2_500], ids[2_502], ids[2_503], ids[2_505]]);
+    assert_eq!(relay.retain().await.unwrap(), 0);
+
+    // Unique by args holds while the job is kept, and ends with it.
+    let again = |job: &Job| {
+        JobInsert::invoke_dispatcher(
+            serde_json::from_value(job.args.clone()).unwrap(),
+            InsertOpts::default(),
+        )
+    };
+    let mut tx = app.pool.begin().await.unwrap();
+    let results = queue
+        .enqueue_many(&mut tx, vec![again(&jobs[2_500]), again(&jobs[0])])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(results[0].unique_skipped_as_duplicate);
+    assert_eq!(results[0].job.id, ids[2_500]);
+    assert!(!results[1].unique_skipped_as_duplicate);
+    app.finish().await;
+}
