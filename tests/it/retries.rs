@@ -164,7 +164,10 @@ async fn a_job_that_always_fails_is_tried_five_times_then_dead_lettered() {
     assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 1);
     assert!(app.runs_by_job("bad").await.is_empty());
 
-    eprintln!("{i} good events meanwhile, slowest {:?}", latencies.iter().max());
+    eprintln!(
+        "{i} good events meanwhile, slowest {:?}",
+        latencies.iter().max()
+    );
     assert!(i >= 5, "only {i} good events went through");
     let slowest = latencies.iter().max().unwrap();
     assert!(
