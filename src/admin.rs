@@ -67,7 +67,7 @@ pub async fn list_jobs(
     let rows = sqlx::query_as!(
         JobRow,
         r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent
            FROM queue_jobs
            WHERE ($1::text IS NULL OR queue = $1)
              AND ($2::text IS NULL OR kind = $2)
@@ -94,7 +94,7 @@ pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error>
     let row = sqlx::query_as!(
         JobRow,
         r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent
            FROM queue_jobs WHERE id = $1"#,
         id
     )
@@ -155,7 +155,7 @@ pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
                   finalized_at = NULL, max_attempts = GREATEST(max_attempts, attempt + 1)
            WHERE id = $1
            RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
         id
     )
     .fetch_one(&mut *tx)
@@ -209,7 +209,7 @@ pub async fn cancel_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
         r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
            WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
            RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
         id
     )
     .fetch_optional(pool)

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Topology};
-use crate::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
+use crate::config::{HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig};
 use crate::db;
 use crate::http::{self, AppState};
+use crate::ops::{self, OpsState};
 use crate::relay::Relay;
 use crate::worker::Worker;
 
@@ -55,7 +56,13 @@ where
         match attempt().await {
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => tracing::warn!(role = name, "stopped; starting again"),
-            Err(e) => tracing::error!(role = name, error = %e, "failed; reconnecting"),
+            Err(e) => {
+                crate::metrics::metrics()
+                    .reconnects
+                    .with_label_values(&[name])
+                    .inc();
+                tracing::error!(role = name, error = %e, "failed; reconnecting");
+            }
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = reconnect_backoff();
@@ -129,12 +136,23 @@ pub struct Process {
     pub relay: RelayConfig,
     pub worker: WorkerConfig,
     pub http: Option<tokio::net::TcpListener>,
+    /// Where a process without the HTTP API serves `/metrics`, `/healthz` and `/readyz`.
+    pub metrics: Option<tokio::net::TcpListener>,
 }
 
 impl Process {
     /// Run the roles until `shutdown`; returns when every role has finished its work.
     pub async fn run(self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
+        let ops_state = OpsState {
+            pool: self.pool.clone(),
+            amqp_url: self.amqp_url.clone(),
+            roles,
+            shutdown: shutdown.clone(),
+        };
+        if let Some(listener) = self.metrics {
+            tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
+        }
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
             tracker.spawn(relay.run(self.amqp_url.clone(), shutdown.clone()));
@@ -147,6 +165,7 @@ impl Process {
             (true, Some(listener)) => Some(tracker.spawn(http::serve(
                 listener,
                 AppState::new(self.pool.clone()),
+                ops_state.clone(),
                 shutdown.clone(),
             ))),
             (true, None) => anyhow::bail!("the http role needs a listener"),
@@ -173,10 +192,15 @@ pub async fn start(
     relay: RelayConfig,
     worker: WorkerConfig,
     http: Option<&HttpConfig>,
+    metrics: Option<&MetricsConfig>,
 ) -> anyhow::Result<Process> {
     let pool = open_database(store).await?;
     let http = match http {
         Some(h) => Some(tokio::net::TcpListener::bind(h.http_addr).await?),
+        None => None,
+    };
+    let metrics = match metrics {
+        Some(m) => Some(tokio::net::TcpListener::bind(m.metrics_addr).await?),
         None => None,
     };
     Ok(Process {
@@ -186,5 +210,6 @@ pub async fn start(
         relay,
         worker,
         http,
+        metrics,
     })
 }

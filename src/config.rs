@@ -175,6 +175,18 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Where a relay or worker process serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsConfig {
+    /// Address of the metrics and health listener (`0` as port: any free one).
+    #[arg(
+        long = "metrics",
+        env = "METRICS_ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
 /// HTTP listener.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {

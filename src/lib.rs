@@ -28,8 +28,11 @@ pub mod events;
 pub mod failpoint;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
+pub mod ops;
 pub mod queue;
 pub mod relay;
+pub mod trace;
 pub mod triggers;
 pub mod worker;
 

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use kongflow_events::admin::{self, StateFilter};
 use kongflow_events::app::{self, Roles};
-use kongflow_events::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::config::{HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig};
 use kongflow_events::db::environments::{self, EnvironmentType};
 
 #[derive(Parser)]
@@ -30,11 +30,15 @@ enum Command {
     Relay {
         #[command(flatten)]
         relay: RelayConfig,
+        #[command(flatten)]
+        metrics: MetricsConfig,
     },
     /// Consume and run jobs.
     Worker {
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        metrics: MetricsConfig,
     },
     /// HTTP API, relay and worker in one process.
     All {
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 RelayConfig::default(),
                 WorkerConfig::default(),
                 Some(&http),
+                None,
             )
             .await?;
             let roles = Roles {
@@ -166,9 +171,10 @@ async fn main() -> anyhow::Result<()> {
             };
             p.run(roles, shutdown).await?;
         }
-        Command::Relay { relay } => {
+        Command::Relay { relay, metrics } => {
             let shutdown = app::shutdown_on_signal();
-            let p = app::start(&store, relay, WorkerConfig::default(), None).await?;
+            let p =
+                app::start(&store, relay, WorkerConfig::default(), None, Some(&metrics)).await?;
             let roles = Roles {
                 http: false,
                 relay: true,
@@ -176,9 +182,10 @@ async fn main() -> anyhow::Result<()> {
             };
             p.run(roles, shutdown).await?;
         }
-        Command::Worker { worker } => {
+        Command::Worker { worker, metrics } => {
             let shutdown = app::shutdown_on_signal();
-            let p = app::start(&store, RelayConfig::default(), worker, None).await?;
+            let p =
+                app::start(&store, RelayConfig::default(), worker, None, Some(&metrics)).await?;
             let roles = Roles {
                 http: false,
                 relay: false,
@@ -192,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
             worker,
         } => {
             let shutdown = app::shutdown_on_signal();
-            let p = app::start(&store, relay, worker, Some(&http)).await?;
+            let p = app::start(&store, relay, worker, Some(&http), None).await?;
             p.run(Roles::ALL, shutdown).await?;
         }
         Command::Env {

@@ -30,6 +30,8 @@ use crate::amqp::publish::{DeadJob, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::failpoint;
+use crate::metrics::metrics;
+use crate::ops::ConnectedGuard;
 use crate::queue::{Job, JobKind, JobRow, JobState};
 
 /// The channel relays listen on.
@@ -43,6 +45,9 @@ pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
 
 /// Jobs deleted per retention statement.
 pub const RETENTION_BATCH: i64 = 1_000;
+
+/// How often the relay samples gauges (outbox, delayed jobs, dead letters).
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Most jobs one reconciler pass puts back.
 pub const RECONCILE_BATCH: i64 = 10_000;
@@ -94,8 +99,10 @@ impl Relay {
         }
         let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_reconciler(stop).await });
+        let (this, stop) = (self.clone(), shutdown.clone());
+        loops.spawn(async move { this.run_retention(stop).await });
         let this = self.clone();
-        loops.spawn(async move { this.run_retention(shutdown).await });
+        loops.spawn(async move { this.run_sampler(amqp_url, shutdown).await });
         while loops.join_next().await.is_some() {}
     }
 
@@ -116,6 +123,71 @@ impl Relay {
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
             }
         }
+    }
+
+    /// Sample the ledger and the dead-letter queue into gauges every
+    /// [`SAMPLE_INTERVAL`] until `shutdown`.
+    async fn run_sampler(&self, amqp_url: String, shutdown: CancellationToken) {
+        let mut conn: Option<lapin::Connection> = None;
+        loop {
+            if let Err(e) = self.sample(&amqp_url, &mut conn).await {
+                tracing::debug!(error = %e, "metrics sample failed");
+                conn = None;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(SAMPLE_INTERVAL) => {}
+            }
+        }
+        if let Some(c) = conn {
+            let _ = c.close(200, "bye".into()).await;
+        }
+    }
+
+    /// One sample: outbox backlog and oldest age, delayed jobs waiting, dead letters.
+    pub async fn sample(
+        &self,
+        amqp_url: &str,
+        conn: &mut Option<lapin::Connection>,
+    ) -> Result<(), RelayError> {
+        let m = metrics();
+        let outbox = sqlx::query!(
+            r#"SELECT count(*) AS "backlog!",
+                      EXTRACT(EPOCH FROM now() - min(COALESCE(attempted_at, created_at)))::float8 AS oldest
+               FROM queue_jobs
+               WHERE published_at IS NULL
+                 AND state IN ('scheduled', 'available', 'retryable', 'discarded')"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        m.outbox_backlog.set(outbox.backlog);
+        m.outbox_oldest_age
+            .set(outbox.oldest.unwrap_or(0.0).max(0.0));
+        let delayed = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM queue_jobs
+               WHERE state IN ('scheduled', 'retryable') AND published_at IS NOT NULL
+                 AND run_at > now()"#
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        m.delayed_jobs_waiting.set(delayed);
+        if conn.as_ref().is_none_or(|c| !c.status().connected()) {
+            *conn = Some(amqp::connect(amqp_url, "kongflow-sampler").await?);
+        }
+        let channel = conn.as_ref().expect("connected").create_channel().await?;
+        let q = channel
+            .queue_declare(
+                self.topology.dead_queue().as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        m.dead_letter_queue_depth.set(q.message_count() as i64);
+        let _ = channel.close(200, "sampled".into()).await;
+        Ok(())
     }
 
     /// Delete old final jobs every `retention_interval` until `shutdown`.
@@ -234,6 +306,7 @@ impl Relay {
         let channel = self.open_channel(&conn).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
+        let _connected = ConnectedGuard::new("relay");
         tracing::info!("relay connected");
 
         while !shutdown.is_cancelled() {
@@ -291,7 +364,7 @@ impl Relay {
                    LIMIT $1
                    FOR UPDATE SKIP LOCKED)
                RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
             self.config.relay_batch_size
         )
         .fetch_all(&mut *tx)
@@ -340,18 +413,30 @@ impl Relay {
                 )
                 .await?
             };
-            pending.push(async move { (job.id, confirm.await) });
+            pending.push(async move { (job, confirm.await) });
         }
 
         let timeout = self.config.confirm_timeout();
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
-        for (id, confirm) in confirms {
+        let m = metrics();
+        for (job, confirm) in confirms {
+            let id = job.id;
             let confirm = confirm?;
             let acked = confirm.is_ack();
             match confirm.take_message() {
-                None if acked => {}
+                None if acked => {
+                    if job.state == JobState::Discarded {
+                        m.dead_lettered.with_label_values(&["discarded"]).inc();
+                    } else {
+                        m.jobs_published
+                            .with_label_values(&[&job.kind, &job.queue])
+                            .inc();
+                    }
+                    tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
+                        trace_id = job.trace_id().unwrap_or_default(), "job published");
+                }
                 Some(returned) => {
                     tracing::error!(job_id = id, reply = %returned.reply_text,
                         "message returned by the broker (is the topology declared?)");

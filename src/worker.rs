@@ -33,6 +33,8 @@ use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
 use crate::jobs::{self, JobError};
+use crate::metrics::metrics;
+use crate::ops::ConnectedGuard;
 use crate::queue::{Job, JobKind, JobRow, QueueService};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,7 @@ impl Worker {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let _connected = ConnectedGuard::new("worker");
         let mut tasks = JoinSet::new();
         for kind in JobKind::ALL {
             for _ in 0..self.config.worker_concurrency.max(1) {
@@ -259,6 +262,10 @@ impl Worker {
                     delivery.ack(BasicAckOptions::default()).await?;
                 }
                 Disposition::DeadLetter(reason) => {
+                    metrics()
+                        .dead_lettered
+                        .with_label_values(&["unrunnable"])
+                        .inc();
                     tracing::error!(%reason, delivery_tag = delivery.delivery_tag, "message dead-lettered");
                     let confirm = publish_dead(
                         publisher,
@@ -379,7 +386,7 @@ impl Worker {
                    WHERE id = ANY($1) AND state NOT IN ('completed', 'discarded', 'cancelled')
                    ORDER BY id FOR UPDATE)
                RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
             ids
         )
         .fetch_all(&mut *tx)
@@ -408,20 +415,44 @@ impl Worker {
             }
         }
         let live: Vec<Job> = rows.into_iter().map(Job::from).collect();
+        let started_at = Utc::now();
+        for job in &live {
+            tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
+                event = %event_of(job), trace_id = job.trace_id().unwrap_or_default(), "job started");
+        }
         let mut kinds: Vec<&str> = live.iter().map(|j| j.kind.as_str()).collect();
         kinds.sort_unstable();
         kinds.dedup();
+        let m = metrics();
         for kind in kinds {
             let group: Vec<Job> = live.iter().filter(|j| j.kind == kind).cloned().collect();
+            let timer = std::time::Instant::now();
             let outcome = AssertUnwindSafe(jobs::run_batch(&mut tx, &self.queue, kind, &group))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(JobError::Panic(panic_message(&panic))));
+            let outcome_label = match &outcome {
+                Ok(()) => "ok",
+                Err(e) => e.kind(),
+            };
+            m.handler_duration
+                .with_label_values(&[kind, outcome_label])
+                .observe(timer.elapsed().as_secs_f64());
             if let Err(e) = outcome {
                 return Ok((Err(e), missing));
             }
         }
         tx.commit().await?;
+        for job in &live {
+            let kq = [job.kind.as_str(), job.queue.as_str()];
+            m.jobs_started.with_label_values(&kq).inc();
+            m.jobs_completed.with_label_values(&kq).inc();
+            m.queue_latency
+                .with_label_values(&[&job.kind])
+                .observe(seconds_since(job.run_at, started_at));
+            tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
+                event = %event_of(job), trace_id = job.trace_id().unwrap_or_default(), "job completed");
+        }
         Ok((Ok(()), missing))
     }
 
@@ -433,7 +464,8 @@ impl Worker {
     async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query!(
-            r#"SELECT kind, attempt FROM queue_jobs
+            r#"SELECT kind, queue, attempt, split_part(trace_parent, '-', 2) AS trace_id
+               FROM queue_jobs
                WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
                FOR UPDATE"#,
             id
@@ -481,13 +513,37 @@ impl Worker {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        let m = metrics();
+        let kq = [row.kind.as_str(), row.queue.as_str()];
+        m.jobs_started.with_label_values(&kq).inc();
         if state == "discarded" {
-            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, "job discarded after its last attempt");
+            m.jobs_discarded.with_label_values(&kq).inc();
+            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, trace_id = row.trace_id.unwrap_or_default(), "job discarded after its last attempt");
         } else {
-            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, "job attempt failed; will retry");
+            m.jobs_retried.with_label_values(&kq).inc();
+            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, trace_id = row.trace_id.unwrap_or_default(), "job attempt failed; will retry");
         }
         Ok(())
     }
+}
+
+/// The event a job is about (its record id), for log lines.
+fn event_of(job: &Job) -> String {
+    job.args
+        .get("eventRecordId")
+        .or_else(|| {
+            job.args
+                .get("id")
+                .filter(|_| job.kind == JobKind::DeliverEvent.as_str())
+        })
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Seconds from `due` to `at`, never negative.
+fn seconds_since(due: DateTime<Utc>, at: DateTime<Utc>) -> f64 {
+    ((at - due).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0)
 }
 
 /// What a worker does with a message when it arrives.

@@ -138,7 +138,15 @@ pub async fn publish_dead(
 
 /// The AMQP properties of a job's message.
 pub fn properties(job: &Job) -> BasicProperties {
+    let mut headers = lapin::types::FieldTable::default();
+    if let Some(tp) = &job.trace_parent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(tp.clone().into()),
+        );
+    }
     BasicProperties::default()
+        .with_headers(headers)
         .with_content_type("application/json".into())
         // 2: persistent, written to disk by the broker.
         .with_delivery_mode(2)

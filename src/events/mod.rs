@@ -40,6 +40,8 @@ pub struct SendEventOptions {
     pub deliver_after: Option<u64>,
     /// Ties the event to an external account of the environment.
     pub account_id: Option<String>,
+    /// The W3C `traceparent` of the request; the event's jobs carry it on.
+    pub trace_parent: Option<String>,
 }
 
 /// A stored event (trigger.dev's EventRecord).
@@ -250,6 +252,7 @@ impl EventsService {
         let mut deliver_ats = Vec::with_capacity(n);
         let mut deliver_afters = Vec::with_capacity(n);
         let mut accounts = Vec::with_capacity(n);
+        let mut traces = Vec::with_capacity(n);
         for (env, request, options) in items {
             validate(&request, &options)?;
             let account = match &options.account_id {
@@ -269,6 +272,7 @@ impl EventsService {
             contexts.push(request.context.unwrap_or(Value::Null));
             timestamps.push(request.timestamp);
             deliver_ats.push(options.deliver_at);
+            traces.push(options.trace_parent.clone());
             // deliverAt wins over deliverAfter.
             deliver_afters.push(
                 options
@@ -309,13 +313,23 @@ impl EventsService {
         .fetch_all(&mut *tx)
         .await?;
 
+        let trace_of: HashMap<(Uuid, &str), &Option<String>> = envs
+            .iter()
+            .zip(&event_ids)
+            .zip(&traces)
+            .map(|((e, i), t)| ((*e, i.as_str()), t))
+            .collect();
         let jobs = inserted
             .iter()
             .map(|r| {
+                let trace_parent = trace_of
+                    .get(&(r.environment_id, r.event_id.as_str()))
+                    .and_then(|t| (*t).clone());
                 JobInsert::deliver_event(
                     DeliverEventArgs { id: r.id },
                     InsertOpts {
                         run_at: Some(r.deliver_at),
+                        trace_parent,
                         ..InsertOpts::default()
                     },
                 )

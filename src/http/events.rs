@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -10,6 +11,7 @@ use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson};
 use super::{AppState, iso};
 use crate::events::{EventRecord, IngestError, SendEvent, SendEventOptions};
+use crate::trace::TraceParent;
 
 #[derive(Debug, Deserialize)]
 pub struct SendEventBody {
@@ -48,10 +50,18 @@ pub struct OptionsBody {
 pub async fn send_event(
     State(state): State<AppState>,
     AuthEnv(env): AuthEnv,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<SendEventBody>,
 ) -> Result<Json<Value>, ApiError> {
     let options = body.options.unwrap_or_default();
     let e = body.event;
+    // Continue the caller's trace, or start one.
+    let trace = headers
+        .get("traceparent")
+        .and_then(|h| h.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::new_root);
     let result = state
         .events
         .ingest_send_event(
@@ -68,6 +78,7 @@ pub async fn send_event(
                 deliver_at: options.deliver_at,
                 deliver_after: options.deliver_after,
                 account_id: options.account_id,
+                trace_parent: Some(trace.to_string()),
             },
         )
         .await
@@ -78,6 +89,13 @@ pub async fn send_event(
                 ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down")
             }
         })?;
+    tracing::info!(
+        event_id = %result.record.event_id,
+        environment = %env.id,
+        trace_id = %trace.trace_id,
+        created = result.created,
+        "event accepted"
+    );
     Ok(Json(event_log(&result.record)))
 }
 

@@ -6,6 +6,10 @@ pub mod events;
 pub mod jobs;
 
 use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{get, post, put};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
@@ -13,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::EventsService;
+use crate::metrics::metrics;
+use crate::ops::{self, OpsState};
 use error::ApiError;
 
 /// What every handler can reach.
@@ -32,7 +38,7 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, ops_state: OpsState) -> Router {
     Router::new()
         .route("/api/v1/events", post(events::send_event))
         .route("/api/v2/events/{event_id}", get(events::get_event_v2))
@@ -41,19 +47,56 @@ pub fn router(state: AppState) -> Router {
             post(events::cancel_event),
         )
         .route("/api/v1/jobs/{job_id}", put(jobs::register_job))
-        .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+        .merge(ops::router(ops_state))
+        .layer(axum::middleware::from_fn(track))
+}
+
+/// Count and time every request by its route pattern; count events stored and refused.
+async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    let m = metrics();
+    m.http_requests
+        .with_label_values(&[&route, method.as_str(), status.as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[&route, method.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    if route == "/api/v1/events" && method == Method::POST {
+        if status.is_success() {
+            m.events_ingested.with_label_values(&["api"]).inc();
+        } else {
+            let reason = match status {
+                StatusCode::UNAUTHORIZED => "unauthorized",
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                s if s.is_client_error() => "invalid",
+                _ => "error",
+            };
+            m.events_rejected.with_label_values(&[reason]).inc();
+        }
+    }
+    response
 }
 
 /// Serve until `shutdown`; requests in flight are finished first.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    ops_state: OpsState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, ops_state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -9,12 +9,15 @@ use crate::events::filter::dispatcher_matches;
 use crate::queue::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
 };
+use crate::trace::TraceParent;
 
-/// Deliver a batch of events: `(priority of the job, args)` each.
+/// Deliver a batch of events: `(priority of the job, args)` each, with the jobs' trace
+/// parents in the same order.
 pub async fn run(
     tx: &mut PgConnection,
     queue: &QueueService,
     batch: &[(i16, DeliverEventArgs)],
+    traces: &[Option<String>],
 ) -> Result<(), JobError> {
     let ids: Vec<Uuid> = batch.iter().map(|(_, a)| a.id).collect();
     // Stamp the events delivered and read them back in one statement. The row locks (taken
@@ -55,8 +58,18 @@ pub async fn run(
             .find(|(_, a)| a.id == id)
             .map_or(JobPriority::High, |(p, _)| JobPriority::from_i16(*p))
     };
+    // The invocations continue their delivery's trace.
+    let trace_of = |id: Uuid| {
+        batch
+            .iter()
+            .position(|(_, a)| a.id == id)
+            .and_then(|i| traces.get(i).cloned().flatten())
+            .and_then(|t| TraceParent::parse(&t))
+    };
     let mut jobs = Vec::new();
     for e in &events {
+        let trace = trace_of(e.id);
+        let mut matched = 0;
         for d in &candidates {
             let selected = d.environment_id == e.environment_id
                 && d.event_names.contains(&e.name)
@@ -78,11 +91,16 @@ pub async fn run(
                     },
                     InsertOpts {
                         priority: priority_of(e.id),
+                        trace_parent: trace.as_ref().map(|t| t.child().to_string()),
                         ..InsertOpts::default()
                     },
                 ));
+                matched += 1;
             }
         }
+        tracing::debug!(event = %e.id, environment = %e.environment_id, name = %e.name,
+            matched, trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or_default(),
+            "event delivered");
     }
     let matched = jobs.len();
     queue.enqueue_many(tx, jobs).await?;

@@ -81,7 +81,8 @@ pub async fn run_batch(
     match JobKind::parse(kind) {
         Some(JobKind::DeliverEvent) => {
             let args = parse_all(jobs)?;
-            deliver_event::run(tx, queue, &args).await
+            let traces: Vec<Option<String>> = jobs.iter().map(|j| j.trace_parent.clone()).collect();
+            deliver_event::run(tx, queue, &args, &traces).await
         }
         Some(JobKind::InvokeDispatcher) => {
             let args: Vec<_> = parse_all(jobs)?.into_iter().map(|(_, a)| a).collect();

@@ -129,6 +129,15 @@ pub struct Job {
     pub attempted_at: Option<DateTime<Utc>>,
     pub finalized_at: Option<DateTime<Utc>>,
     pub published_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` of what caused the job.
+    pub trace_parent: Option<String>,
+}
+
+impl Job {
+    /// The trace this job belongs to.
+    pub fn trace_id(&self) -> Option<String> {
+        crate::trace::trace_id_of(self.trace_parent.as_deref())
+    }
 }
 
 /// The result of an insert: the job, and whether an equal job already existed (in which case
@@ -162,6 +171,8 @@ pub struct InsertOpts {
     pub max_attempts: i32,
     /// When the job becomes due; `None` is now (by the database's clock).
     pub run_at: Option<DateTime<Utc>>,
+    /// The W3C `traceparent` of what causes the job.
+    pub trace_parent: Option<String>,
 }
 
 impl Default for InsertOpts {
@@ -171,6 +182,7 @@ impl Default for InsertOpts {
             priority: JobPriority::High,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
+            trace_parent: None,
         }
     }
 }
@@ -263,7 +275,9 @@ impl QueueService {
         let mut max_attempts = Vec::with_capacity(n);
         let mut run_ats = Vec::with_capacity(n);
         let mut keys = Vec::with_capacity(n);
+        let mut traces = Vec::with_capacity(n);
         for j in &jobs {
+            traces.push(j.opts.trace_parent.clone());
             kinds.push(j.kind.as_str().to_string());
             keys.push(unique_key(j.kind, &j.args));
             args.push(j.args.clone());
@@ -275,17 +289,17 @@ impl QueueService {
 
         let inserted = sqlx::query_as!(
             JobRow,
-            r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key)
+            r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent)
                SELECT k, a, q, p,
                       CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
                            ELSE 'available'::queue_job_state END,
-                      m, COALESCE(r, now()), u
+                      m, COALESCE(r, now()), u, tp
                FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
-                           $6::timestamptz[], $7::bytea[]) AS t(k, a, q, p, m, r, u)
+                           $6::timestamptz[], $7::bytea[], $8::text[]) AS t(k, a, q, p, m, r, u, tp)
                ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
                DO NOTHING
                RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key"#,
+                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
             &kinds,
             &args,
             &queues,
@@ -293,10 +307,17 @@ impl QueueService {
             &max_attempts,
             &run_ats as &[Option<DateTime<Utc>>],
             &keys,
+            &traces as &[Option<String>],
         )
         .fetch_all(&mut *tx)
         .await?;
 
+        let m = crate::metrics::metrics();
+        for r in &inserted {
+            m.jobs_inserted
+                .with_label_values(&[&r.kind, &r.queue])
+                .inc();
+        }
         let mut by_key: HashMap<Vec<u8>, (Job, bool)> = inserted
             .into_iter()
             .filter_map(|r| r.unique_key.clone().map(|k| (k, (Job::from(r), false))))
@@ -311,7 +332,7 @@ impl QueueService {
             let existing = sqlx::query_as!(
                 JobRow,
                 r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                          run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key
+                          run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent
                    FROM queue_jobs
                    WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded')"#,
                 &missing
@@ -361,6 +382,7 @@ pub(crate) struct JobRow {
     pub finalized_at: Option<DateTime<Utc>>,
     pub published_at: Option<DateTime<Utc>>,
     pub unique_key: Option<Vec<u8>>,
+    pub trace_parent: Option<String>,
 }
 
 impl From<JobRow> for Job {
@@ -380,6 +402,7 @@ impl From<JobRow> for Job {
             attempted_at: r.attempted_at,
             finalized_at: r.finalized_at,
             published_at: r.published_at,
+            trace_parent: r.trace_parent,
         }
     }
 }

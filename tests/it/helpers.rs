@@ -116,6 +116,7 @@ impl TestApp {
                 ..WorkerConfig::default()
             },
             http: roles.http.then_some(listener),
+            metrics: None,
         };
         let any_role = roles.http || roles.relay || roles.worker;
         let running = any_role.then(|| tokio::spawn(process.run(roles, shutdown.clone())));
@@ -357,6 +358,7 @@ impl TestApp {
             ("AMQP_QUEUE_EXPIRES_MS", "600000".into()),
             ("DATABASE_MAX_CONNECTIONS", "3".into()),
             ("RUST_LOG", "warn".into()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
         ]
     }
 }

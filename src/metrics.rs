@@ -1,0 +1,305 @@
+//! Prometheus metrics, one registry per process, served at `/metrics`.
+//!
+//! Names start with `kongflow_`, carry their unit, counters end in `_total`, latencies are
+//! `_seconds` histograms with buckets from 1 ms to 1 h. Labels are bounded: job kind and
+//! queue, outcome, reason, HTTP route (the matched pattern) and status, role. No event,
+//! job or environment ids.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets, in seconds: 1 ms to 1 h.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 1800.0, 3600.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Events stored, by how they came (`api`, `bulk`, `amqp`).
+    pub events_ingested: IntCounterVec,
+    /// Events refused, by reason (`invalid`, `unauthorized`, `too_large`, `unavailable`).
+    pub events_rejected: IntCounterVec,
+    pub jobs_inserted: IntCounterVec,
+    pub jobs_published: IntCounterVec,
+    pub jobs_started: IntCounterVec,
+    pub jobs_completed: IntCounterVec,
+    pub jobs_retried: IntCounterVec,
+    pub jobs_discarded: IntCounterVec,
+    /// Messages copied to the dead-letter queue, by origin (`discarded`, `unrunnable`).
+    pub dead_lettered: IntCounterVec,
+    /// Start of a job minus the moment it became due.
+    pub queue_latency: HistogramVec,
+    /// A run's creation minus its event's due time.
+    pub event_latency: HistogramVec,
+    /// Handler time per batch, by kind and outcome (`ok`, `error`, `panic`, `permanent`).
+    pub handler_duration: HistogramVec,
+    /// Jobs in the outbox (not yet published).
+    pub outbox_backlog: IntGauge,
+    /// Age of the oldest job in the outbox, in seconds.
+    pub outbox_oldest_age: prometheus::Gauge,
+    /// Delayed jobs published into the tiers and not yet due.
+    pub delayed_jobs_waiting: IntGauge,
+    /// Messages in the dead-letter queue.
+    pub dead_letter_queue_depth: IntGauge,
+    /// 1 while the role's RabbitMQ connection is up.
+    pub amqp_connected: IntGaugeVec,
+    /// 1 while Postgres answers.
+    pub postgres_up: IntGauge,
+    /// Connections lost and reopened, by role.
+    pub reconnects: IntCounterVec,
+    /// 1 while the process is ready (`/readyz`).
+    pub ready: IntGauge,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+    r.register(Box::new(c.clone())).expect("register counter");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid histogram");
+    r.register(Box::new(h.clone())).expect("register histogram");
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid gauge");
+    r.register(Box::new(g.clone())).expect("register gauge");
+    g
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let kq = &["kind", "queue"];
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "kongflow_outbox_oldest_age_seconds",
+            "Age of the oldest job waiting in the outbox",
+        )
+        .expect("valid gauge");
+        r.register(Box::new(outbox_oldest_age.clone()))
+            .expect("register gauge");
+        let amqp_connected = IntGaugeVec::new(
+            Opts::new(
+                "kongflow_amqp_connected",
+                "1 while the role's RabbitMQ connection is up",
+            ),
+            &["role"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(amqp_connected.clone()))
+            .expect("register gauge");
+        Self {
+            events_ingested: counter(
+                &r,
+                "kongflow_events_ingested_total",
+                "Events stored",
+                &["source"],
+            ),
+            events_rejected: counter(
+                &r,
+                "kongflow_events_rejected_total",
+                "Events refused",
+                &["reason"],
+            ),
+            jobs_inserted: counter(&r, "kongflow_jobs_inserted_total", "Jobs inserted", kq),
+            jobs_published: counter(
+                &r,
+                "kongflow_jobs_published_total",
+                "Job messages published and confirmed",
+                kq,
+            ),
+            jobs_started: counter(
+                &r,
+                "kongflow_jobs_started_total",
+                "Job attempts started",
+                kq,
+            ),
+            jobs_completed: counter(&r, "kongflow_jobs_completed_total", "Jobs completed", kq),
+            jobs_retried: counter(
+                &r,
+                "kongflow_jobs_retried_total",
+                "Failed attempts with another to come",
+                kq,
+            ),
+            jobs_discarded: counter(
+                &r,
+                "kongflow_jobs_discarded_total",
+                "Jobs discarded after their last attempt",
+                kq,
+            ),
+            dead_lettered: counter(
+                &r,
+                "kongflow_dead_lettered_total",
+                "Messages copied to the dead-letter queue",
+                &["origin"],
+            ),
+            queue_latency: histogram(
+                &r,
+                "kongflow_queue_latency_seconds",
+                "Start of a job minus the moment it became due",
+                &["kind"],
+            ),
+            event_latency: histogram(
+                &r,
+                "kongflow_event_latency_seconds",
+                "Run created minus the event's due time",
+                &["kind"],
+            ),
+            handler_duration: histogram(
+                &r,
+                "kongflow_handler_duration_seconds",
+                "Handler time per batch",
+                &["kind", "outcome"],
+            ),
+            outbox_backlog: gauge(&r, "kongflow_outbox_backlog", "Jobs waiting in the outbox"),
+            outbox_oldest_age,
+            delayed_jobs_waiting: gauge(
+                &r,
+                "kongflow_delayed_jobs_waiting",
+                "Delayed jobs in the tiers, not yet due",
+            ),
+            dead_letter_queue_depth: gauge(
+                &r,
+                "kongflow_dead_letter_queue_depth",
+                "Messages in the dead-letter queue",
+            ),
+            amqp_connected,
+            postgres_up: gauge(&r, "kongflow_postgres_up", "1 while Postgres answers"),
+            reconnects: counter(
+                &r,
+                "kongflow_reconnects_total",
+                "Connections lost and reopened",
+                &["role"],
+            ),
+            ready: gauge(&r, "kongflow_ready", "1 while the process is ready"),
+            http_requests: counter(
+                &r,
+                "kongflow_http_requests_total",
+                "HTTP requests",
+                &["route", "method", "status"],
+            ),
+            http_duration: histogram(
+                &r,
+                "kongflow_http_request_duration_seconds",
+                "HTTP request duration",
+                &["route", "method"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The text exposition of every metric.
+    /// Create the series of every known label value, so they are exported (at 0) before
+    /// anything happens.
+    fn touch_known_series(&self) {
+        for kind in crate::queue::JobKind::ALL {
+            let k = kind.as_str();
+            let kq = [k, crate::queue::EVENTS_QUEUE];
+            for c in [
+                &self.jobs_inserted,
+                &self.jobs_published,
+                &self.jobs_started,
+                &self.jobs_completed,
+                &self.jobs_retried,
+                &self.jobs_discarded,
+            ] {
+                c.with_label_values(&kq);
+            }
+            self.queue_latency.with_label_values(&[k]);
+            self.event_latency.with_label_values(&[k]);
+            for outcome in ["ok", "error", "panic", "permanent"] {
+                self.handler_duration.with_label_values(&[k, outcome]);
+            }
+        }
+        for source in ["api", "bulk", "amqp"] {
+            self.events_ingested.with_label_values(&[source]);
+        }
+        for reason in [
+            "invalid",
+            "unauthorized",
+            "too_large",
+            "unavailable",
+            "error",
+        ] {
+            self.events_rejected.with_label_values(&[reason]);
+        }
+        for origin in ["discarded", "unrunnable"] {
+            self.dead_lettered.with_label_values(&[origin]);
+        }
+        for role in ["relay", "worker"] {
+            self.amqp_connected.with_label_values(&[role]);
+            self.reconnects.with_label_values(&[role]);
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("metrics encode");
+        String::from_utf8(buf).expect("metrics are text")
+    }
+}
+
+/// This process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let m = Metrics::new();
+        m.touch_known_series();
+        m
+    })
+}
+
+/// Observe a duration on a histogram.
+pub fn observe(h: &Histogram, d: Duration) {
+    h.observe(d.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let m = metrics();
+        m.jobs_completed
+            .with_label_values(&["deliverEvent", "events"])
+            .inc();
+        m.queue_latency
+            .with_label_values(&["deliverEvent"])
+            .observe(0.002);
+        let text = m.render();
+        assert!(
+            text.contains("kongflow_jobs_completed_total{kind=\"deliverEvent\",queue=\"events\"} ")
+        );
+        assert!(text.contains(
+            "kongflow_queue_latency_seconds_bucket{kind=\"deliverEvent\",le=\"0.0025\"} "
+        ));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name.starts_with("kongflow_"), "{name}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+            if kind == "histogram" {
+                assert!(name.ends_with("_seconds"), "{name}");
+            }
+        }
+    }
+}
