@@ -153,6 +153,7 @@ impl Process {
         if let Some(listener) = self.metrics {
             tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
         }
+        tracker.spawn(ops::probe_readiness(ops_state.clone()));
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
             tracker.spawn(relay.run(self.amqp_url.clone(), shutdown.clone()));

@@ -99,6 +99,20 @@ pub async fn readiness_problems(state: &OpsState) -> Vec<String> {
     problems
 }
 
+/// Keep `kongflow_ready` and `kongflow_postgres_up` current (every 5 s) whether or not
+/// anyone calls `/readyz`, until shutdown; then not ready.
+pub async fn probe_readiness(state: OpsState) {
+    loop {
+        let ready = readiness_problems(&state).await.is_empty();
+        metrics().ready.set(ready as i64);
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    metrics().ready.set(0);
+}
+
 /// Serve the operator routes on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,

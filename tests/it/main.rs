@@ -5,6 +5,7 @@ mod crash;
 mod delays;
 mod helpers;
 mod http_api;
+mod observability;
 mod pipeline;
 mod queue;
 mod retries;
