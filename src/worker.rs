@@ -384,6 +384,9 @@ impl Worker {
                WHERE id IN (
                    SELECT id FROM queue_jobs
                    WHERE id = ANY($1) AND state NOT IN ('completed', 'discarded', 'cancelled')
+                     -- A job moved later (an event resent with a new time) is not run by
+                     -- its old message: a new one is on its way.
+                     AND run_at <= now() + interval '1 second'
                    ORDER BY id FOR UPDATE)
                RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
                          run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,

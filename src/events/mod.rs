@@ -87,6 +87,8 @@ pub struct RunSummary {
 pub enum IngestError {
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
     #[error("the service is shutting down")]
@@ -219,6 +221,37 @@ impl EventsService {
                 .await?
                 .remove(0)),
         }
+    }
+
+    /// Store several events of one environment, all in one transaction: all or nothing.
+    /// Each is idempotent on its id like a single send.
+    pub async fn ingest_bulk(
+        &self,
+        env: &Environment,
+        events: Vec<SendEvent>,
+        options: SendEventOptions,
+    ) -> Result<Vec<IngestResult>, IngestError> {
+        if events.len() > MAX_BULK_EVENTS {
+            return Err(IngestError::Invalid(format!(
+                "events: at most {MAX_BULK_EVENTS} per call, got {}",
+                events.len()
+            )));
+        }
+        for (i, e) in events.iter().enumerate() {
+            validate(e, &options).map_err(|err| match err {
+                IngestError::Invalid(m) => IngestError::Invalid(format!("events[{i}]: {m}")),
+                IngestError::TooLarge(m) => IngestError::TooLarge(format!("events[{i}]: {m}")),
+                other => other,
+            })?;
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items = events
+            .into_iter()
+            .map(|e| (env.clone(), e, options.clone()))
+            .collect();
+        self.ingest_many(items).await
     }
 
     async fn ingest_many(
@@ -365,6 +398,26 @@ impl EventsService {
             for r in existing {
                 by_key.insert((r.environment_id, r.event_id.clone()), (r, None));
             }
+            // Resending an id: a pending event due far enough ahead takes the new payload,
+            // context and time (trigger.dev's rule); anything else is returned as it is.
+            for i in 0..n {
+                let key = (envs[i], event_ids[i].clone());
+                let Some((record, None)) = by_key.get(&key) else {
+                    continue;
+                };
+                if let Some(updated) = resend(
+                    tx,
+                    record.id,
+                    &payloads[i],
+                    &contexts[i],
+                    deliver_ats[i],
+                    deliver_afters[i],
+                )
+                .await?
+                {
+                    by_key.insert(key, (updated, None));
+                }
+            }
         }
 
         // The first request for a key created it; any other for the same key did not.
@@ -407,6 +460,30 @@ impl EventsService {
         .fetch_all(&mut *conn)
         .await?;
         Ok(Some((record, runs)))
+    }
+
+    /// Cancel the runs of an event that are still QUEUED. Returns the ids cancelled and
+    /// those that could not be (none today: a run either is QUEUED or has moved on), `None`
+    /// if the environment has no such event.
+    pub async fn cancel_runs(
+        &self,
+        env: &Environment,
+        event_id: &str,
+    ) -> Result<Option<(Vec<Uuid>, Vec<Uuid>)>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(record) = find_event(&mut conn, env.id, event_id).await? else {
+            return Ok(None);
+        };
+        let cancelled = sqlx::query_scalar!(
+            r#"UPDATE job_runs SET status = 'CANCELED', completed_at = now(), updated_at = now()
+               WHERE event_record_id = $1 AND environment_id = $2 AND status = 'QUEUED'
+               RETURNING id"#,
+            record.id,
+            env.id
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(Some((cancelled, Vec::new())))
     }
 
     /// Cancel an event that is not yet delivered: it gets `cancelled_at` and its
@@ -465,12 +542,64 @@ impl EventsService {
     }
 }
 
+/// Longest event name (and source) accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 255;
+/// Longest event id (and account id) accepted, in characters.
+pub const MAX_ID_CHARS: usize = 255;
+/// Largest payload plus context of one event, serialized as JSON: 512 KiB.
+pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
+/// Most events in one bulk send.
+pub const MAX_BULK_EVENTS: usize = 100;
+/// A pending event due at least this long from now takes a resent payload and time.
+pub const RESEND_WINDOW_SECS: i64 = 5;
+
 /// Longest `deliverAfter` accepted: ten years, in seconds.
 pub const MAX_DELIVER_AFTER_SECS: u64 = 10 * 365 * 24 * 3600;
 
 fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), IngestError> {
     if request.name.is_empty() {
         return Err(IngestError::Invalid("event.name must not be empty".into()));
+    }
+    if request.name.chars().count() > MAX_NAME_CHARS {
+        return Err(IngestError::Invalid(format!(
+            "event.name must be at most {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if let Some(id) = &request.id {
+        if id.is_empty() {
+            return Err(IngestError::Invalid("event.id must not be empty".into()));
+        }
+        if id.chars().count() > MAX_ID_CHARS {
+            return Err(IngestError::Invalid(format!(
+                "event.id must be at most {MAX_ID_CHARS} characters"
+            )));
+        }
+    }
+    if let Some(source) = &request.source
+        && (source.is_empty() || source.chars().count() > MAX_NAME_CHARS)
+    {
+        return Err(IngestError::Invalid(format!(
+            "event.source must be 1 to {MAX_NAME_CHARS} characters"
+        )));
+    }
+    if let Some(account) = &options.account_id
+        && (account.is_empty() || account.chars().count() > MAX_ID_CHARS)
+    {
+        return Err(IngestError::Invalid(format!(
+            "options.accountId must be 1 to {MAX_ID_CHARS} characters"
+        )));
+    }
+    let size = serde_json::to_vec(&request.payload).map_or(0, |v| v.len())
+        + request
+            .context
+            .as_ref()
+            .and_then(|c| serde_json::to_vec(c).ok())
+            .map_or(0, |v| v.len());
+    if size > MAX_PAYLOAD_BYTES {
+        return Err(IngestError::TooLarge(format!(
+            "event {:?}: payload and context are {size} bytes; at most {MAX_PAYLOAD_BYTES} are accepted",
+            request.name
+        )));
     }
     if options
         .deliver_after
@@ -481,6 +610,63 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
         )));
     }
     Ok(())
+}
+
+/// Move a pending event due at least [`RESEND_WINDOW_SECS`] from now to a new payload,
+/// context and delivery time, and its `deliverEvent` job with it (back to the outbox; the
+/// message already in the tiers finds the job not yet due and is dropped). `None` if the
+/// event is delivered, cancelled or due sooner.
+async fn resend(
+    tx: &mut PgConnection,
+    id: Uuid,
+    payload: &Value,
+    context: &Value,
+    deliver_at: Option<DateTime<Utc>>,
+    deliver_after: Option<f64>,
+) -> Result<Option<EventRecord>, sqlx::Error> {
+    let Some(updated) = sqlx::query_as!(
+        EventRecord,
+        r#"UPDATE event_records
+           SET payload = $2, context = $3,
+               deliver_at = COALESCE($4, now() + make_interval(secs => COALESCE($5::float8, 0))),
+               updated_at = now()
+           WHERE id = $1 AND delivered_at IS NULL AND cancelled_at IS NULL
+             AND deliver_at >= now() + make_interval(secs => $6)
+           RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
+                     deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
+                     created_at, updated_at"#,
+        id,
+        payload,
+        context,
+        deliver_at,
+        deliver_after,
+        RESEND_WINDOW_SECS as f64
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let key = unique_key(
+        JobKind::DeliverEvent,
+        &serde_json::to_value(DeliverEventArgs { id }).expect("args serialize"),
+    );
+    sqlx::query!(
+        r#"UPDATE queue_jobs
+           SET run_at = $2, published_at = NULL,
+               state = CASE WHEN $2 > now() THEN 'scheduled'::queue_job_state
+                            ELSE 'available'::queue_job_state END
+           WHERE unique_key = $1 AND kind = $3 AND state IN ('scheduled', 'available', 'retryable')"#,
+        &key,
+        updated.deliver_at,
+        JobKind::DeliverEvent.as_str()
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("SELECT pg_notify($1, '')", crate::relay::NOTIFY_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+    Ok(Some(updated))
 }
 
 /// Find an event by the producer's id within one environment.

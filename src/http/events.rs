@@ -1,8 +1,8 @@
-//! Event routes: send, get, cancel.
+//! Event routes: send, bulk send, get, cancel, cancel runs.
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -54,26 +54,12 @@ pub async fn send_event(
     ApiJson(body): ApiJson<SendEventBody>,
 ) -> Result<Json<Value>, ApiError> {
     let options = body.options.unwrap_or_default();
-    let e = body.event;
-    // Continue the caller's trace, or start one.
-    let trace = headers
-        .get("traceparent")
-        .and_then(|h| h.to_str().ok())
-        .and_then(TraceParent::parse)
-        .map(|t| t.child())
-        .unwrap_or_else(TraceParent::new_root);
+    let trace = trace_of(&headers);
     let result = state
         .events
         .ingest_send_event(
             &env,
-            SendEvent {
-                id: e.id,
-                name: e.name,
-                payload: e.payload,
-                context: e.context,
-                timestamp: e.timestamp,
-                source: e.source,
-            },
+            send_event_of(body.event),
             SendEventOptions {
                 deliver_at: options.deliver_at,
                 deliver_after: options.deliver_after,
@@ -82,13 +68,7 @@ pub async fn send_event(
             },
         )
         .await
-        .map_err(|e| match e {
-            IngestError::Invalid(m) => ApiError::bad_request(m),
-            IngestError::Db(e) => ApiError::internal(e),
-            IngestError::Unavailable => {
-                ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down")
-            }
-        })?;
+        .map_err(ingest_error)?;
     tracing::info!(
         event_id = %result.record.event_id,
         environment = %env.id,
@@ -99,7 +79,94 @@ pub async fn send_event(
     Ok(Json(event_log(&result.record)))
 }
 
-/// `GET /api/v2/events/{eventId}`
+fn ingest_error(e: IngestError) -> ApiError {
+    match e {
+        IngestError::Invalid(m) => ApiError::bad_request(m),
+        IngestError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m),
+        IngestError::Db(e) => ApiError::internal(e),
+        IngestError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+    }
+}
+
+fn send_event_of(e: EventBody) -> SendEvent {
+    SendEvent {
+        id: e.id,
+        name: e.name,
+        payload: e.payload,
+        context: e.context,
+        timestamp: e.timestamp,
+        source: e.source,
+    }
+}
+
+/// The caller's trace continued, or a new one.
+fn trace_of(headers: &HeaderMap) -> TraceParent {
+    headers
+        .get("traceparent")
+        .and_then(|h| h.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceParent::new_root)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct BulkBody {
+    pub events: Vec<EventBody>,
+    #[serde(default)]
+    pub options: Option<OptionsBody>,
+}
+
+/// `POST /api/v1/events/bulk`: every event stored in one transaction, or none.
+pub async fn send_events(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<BulkBody>,
+) -> Result<Json<Value>, ApiError> {
+    let options = body.options.unwrap_or_default();
+    let trace = trace_of(&headers);
+    let n = body.events.len();
+    let results = state
+        .events
+        .ingest_bulk(
+            &env,
+            body.events.into_iter().map(send_event_of).collect(),
+            SendEventOptions {
+                deliver_at: options.deliver_at,
+                deliver_after: options.deliver_after,
+                account_id: options.account_id,
+                trace_parent: Some(trace.to_string()),
+            },
+        )
+        .await
+        .map_err(ingest_error)?;
+    crate::metrics::metrics()
+        .events_ingested
+        .with_label_values(&["bulk"])
+        .inc_by(n as u64);
+    tracing::info!(events = n, environment = %env.id, trace_id = %trace.trace_id, "events accepted");
+    Ok(Json(Value::Array(
+        results.iter().map(|r| event_log(&r.record)).collect(),
+    )))
+}
+
+/// `POST /api/v1/events/{eventId}/cancel-runs`: runs still QUEUED become CANCELED.
+pub async fn cancel_runs(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path(event_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (cancelled, failed) = state
+        .events
+        .cancel_runs(&env, &event_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("event {event_id:?} not found")))?;
+    Ok(Json(
+        json!({"cancelledRunIds": cancelled, "failedToCancelRunIds": failed}),
+    ))
+}
+
+/// `GET /api/v1/events/{eventId}` and `GET /api/v2/events/{eventId}`
 pub async fn get_event_v2(
     State(state): State<AppState>,
     AuthEnv(env): AuthEnv,

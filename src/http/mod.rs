@@ -6,7 +6,7 @@ pub mod events;
 pub mod jobs;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::EventsService;
+use crate::events::{MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
 use crate::metrics::metrics;
 use crate::ops::{self, OpsState};
 use error::ApiError;
@@ -41,7 +42,18 @@ impl AppState {
 pub fn router(state: AppState, ops_state: OpsState) -> Router {
     Router::new()
         .route("/api/v1/events", post(events::send_event))
+        .route(
+            "/api/v1/events/bulk",
+            post(events::send_events).layer(DefaultBodyLimit::max(
+                MAX_BULK_EVENTS * MAX_PAYLOAD_BYTES + 1024 * 1024,
+            )),
+        )
+        .route("/api/v1/events/{event_id}", get(events::get_event_v2))
         .route("/api/v2/events/{event_id}", get(events::get_event_v2))
+        .route(
+            "/api/v1/events/{event_id}/cancel-runs",
+            post(events::cancel_runs),
+        )
         .route(
             "/api/v1/events/{event_id}/cancel",
             post(events::cancel_event),

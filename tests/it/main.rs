@@ -3,6 +3,7 @@
 
 mod crash;
 mod delays;
+mod events_api;
 mod helpers;
 mod http_api;
 mod observability;
