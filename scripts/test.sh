@@ -7,11 +7,15 @@ cd "$(dirname "$0")/.."
 ./scripts/services.sh
 # promtool (Debian's prometheus package) validates the alert rules.
 if ! command -v promtool >/dev/null; then
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# trigger.dev's v2 SDK, for the test that drives the API with it.
+if ! command -v npm >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
 # Databases left by interrupted runs.
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kf\_test\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null

@@ -10,3 +10,4 @@ mod observability;
 mod pipeline;
 mod queue;
 mod retries;
+mod sdk;
