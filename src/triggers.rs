@@ -61,12 +61,11 @@ impl EventRule {
             ("trigger.context", &self.context_filter),
         ] {
             if let Some(f) = f
-                && !f.is_object()
                 && !f.is_null()
             {
-                return Err(RegisterError::Invalid(format!(
-                    "{name} must be an object (an event filter)"
-                )));
+                crate::events::filter::validate_filter(f).map_err(|e| {
+                    RegisterError::Invalid(format!("{name}{}", e.trim_start_matches('$')))
+                })?;
             }
         }
         Ok(())

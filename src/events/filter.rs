@@ -195,7 +195,7 @@ fn content_filter_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bo
     }
     if let Some(other) = op.get("$ignoreCaseEquals") {
         return match (actual_str, other.as_str()) {
-            (Some(a), Some(b)) => a.to_lowercase() == b.to_lowercase(),
+            (Some(a), Some(b)) => accent_collator().compare(a, b) == std::cmp::Ordering::Equal,
             _ => false,
         };
     }
@@ -215,6 +215,108 @@ fn content_filter_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bo
     true
 }
 
+/// Check a filter against trigger.dev's `EventFilterSchema`: an object whose values are
+/// lists of strings, of numbers, of booleans or of content filters (one known operator
+/// each, with an argument of the right type), or nested filters. The error names the path
+/// of the first bad part, from `$` (the filter itself).
+pub fn validate_filter(filter: &Value) -> Result<(), String> {
+    validate_at(filter, "$")
+}
+
+fn validate_at(filter: &Value, path: &str) -> Result<(), String> {
+    let Value::Object(map) = filter else {
+        return Err(format!("{path}: must be an object (an event filter)"));
+    };
+    for (key, pattern) in map {
+        let here = format!("{path}.{key}");
+        match pattern {
+            Value::Object(_) => validate_at(pattern, &here)?,
+            Value::Array(items) => {
+                let all = |f: fn(&Value) -> bool| items.iter().all(f);
+                if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean) {
+                    continue;
+                }
+                for (i, item) in items.iter().enumerate() {
+                    validate_content_filter(item, &format!("{here}[{i}]"))?;
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{here}: must be a list (of strings, numbers, booleans or content filters) or a nested filter"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_content_filter(item: &Value, path: &str) -> Result<(), String> {
+    let Value::Object(op) = item else {
+        return Err(format!(
+            "{path}: a list mixing values of different types, or holding null, is not a filter"
+        ));
+    };
+    if op.len() != 1 {
+        return Err(format!(
+            "{path}: a content filter has exactly one operator, found {}",
+            op.len()
+        ));
+    }
+    let (name, arg) = op.iter().next().expect("one entry");
+    let scalar = |v: &Value| v.is_string() || v.is_number() || v.is_boolean();
+    let ok = match name.as_str() {
+        "$startsWith" | "$endsWith" | "$ignoreCaseEquals" => arg.is_string(),
+        "$exists" | "$isNull" => arg.is_boolean(),
+        "$gt" | "$lt" | "$gte" | "$lte" => arg.is_number(),
+        "$between" => {
+            matches!(arg.as_array(), Some(b) if b.len() == 2 && b.iter().all(Value::is_number))
+        }
+        "$includes" | "$not" => scalar(arg),
+        "$anythingBut" => {
+            scalar(arg)
+                || matches!(arg.as_array(), Some(list)
+                    if list.iter().all(Value::is_string)
+                        || list.iter().all(Value::is_number)
+                        || list.iter().all(Value::is_boolean))
+        }
+        other => {
+            return Err(format!(
+                "{path}: unknown operator {other:?} (known: $startsWith, $endsWith, \
+                 $ignoreCaseEquals, $exists, $isNull, $anythingBut, $gt, $lt, $gte, $lte, \
+                 $between, $includes, $not)"
+            ));
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        let wants = match name.as_str() {
+            "$startsWith" | "$endsWith" | "$ignoreCaseEquals" => "a string",
+            "$exists" | "$isNull" => "a boolean",
+            "$gt" | "$lt" | "$gte" | "$lte" => "a number",
+            "$between" => "two numbers, [low, high]",
+            "$anythingBut" => "a string, number or boolean, or a list of one of those",
+            _ => "a string, number or boolean",
+        };
+        Err(format!("{path}.{name}: must be {wants}"))
+    }
+}
+
+/// JavaScript's `a.localeCompare(b, undefined, {sensitivity: "accent"})`: the Unicode
+/// collation algorithm at secondary strength, so case differs not, accents do, and
+/// canonically equivalent strings are equal (ICU4X, the same root collation data as V8's
+/// ICU).
+fn accent_collator() -> &'static icu_collator::CollatorBorrowed<'static> {
+    static COLLATOR: std::sync::OnceLock<icu_collator::CollatorBorrowed<'static>> =
+        std::sync::OnceLock::new();
+    COLLATOR.get_or_init(|| {
+        let mut options = icu_collator::options::CollatorOptions::default();
+        options.strength = Some(icu_collator::options::Strength::Secondary);
+        icu_collator::Collator::try_new(Default::default(), options)
+            .expect("the root collation is compiled in")
+    })
+}
+
 fn js_truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
@@ -232,6 +334,42 @@ mod tests {
 
     fn m(payload: Value, filter: Value) -> bool {
         event_filter_matches(Some(&payload), &filter)
+    }
+
+    #[test]
+    fn ignore_case_equals_compares_as_locale_compare_with_accent_sensitivity() {
+        let eq = |a: &str, b: &str| m(json!({"s": a}), json!({"s": [{"$ignoreCaseEquals": b}]}));
+        assert!(eq("Hello", "hELLO"));
+        assert!(eq("e\u{301}", "É"), "canonically equivalent");
+        assert!(eq("ς", "Σ"));
+        assert!(!eq("é", "e"), "accents count");
+        assert!(!eq("ß", "SS"), "as V8's ICU says");
+        assert!(!eq("a", "b"));
+    }
+
+    #[test]
+    fn validation_names_the_path_of_the_bad_part() {
+        assert!(validate_filter(&json!({})).is_ok());
+        assert!(
+            validate_filter(&json!({"a": ["x"], "b": {"c": [{"$gt": 1}], "d": [true]}})).is_ok()
+        );
+        for (filter, path) in [
+            (json!([]), "$:"),
+            (json!({"a": "x"}), "$.a:"),
+            (json!({"a": null}), "$.a:"),
+            (json!({"a": {"b": ["x", 1]}}), "$.a.b[0]:"),
+            (json!({"a": [{"$gt": "3"}]}), "$.a[0].$gt:"),
+            (json!({"a": [{"$between": [1]}]}), "$.a[0].$between:"),
+            (json!({"a": [{"$nope": 1}]}), "$.a[0]: unknown operator"),
+            (
+                json!({"a": [{"$gt": 1, "$lt": 2}]}),
+                "$.a[0]: a content filter",
+            ),
+            (json!({"a": [{"$startsWith": "x"}, null]}), "$.a[1]:"),
+        ] {
+            let err = validate_filter(&filter).unwrap_err();
+            assert!(err.starts_with(path), "{filter}: {err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod crash;
 mod delays;
 mod events_api;
+mod filters;
 mod helpers;
 mod http_api;
 mod observability;
