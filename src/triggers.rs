@@ -275,3 +275,151 @@ async fn upsert_dispatcher(
     .fetch_one(conn)
     .await
 }
+
+/// Remove a dynamic trigger's registration (its dispatcher). `false` if there was none.
+pub async fn delete_dynamic_registration(
+    pool: &PgPool,
+    env: &Environment,
+    trigger_slug: &str,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    let deleted = sqlx::query!(
+        r#"DELETE FROM event_dispatchers d
+           USING dynamic_triggers t
+           WHERE t.environment_id = $1 AND t.slug = $2
+             AND d.environment_id = $1 AND d.dispatchable_type = 'DYNAMIC_TRIGGER'
+             AND d.dispatchable_id = t.id::text || ':' || $3"#,
+        env.id,
+        trigger_slug,
+        key
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(deleted > 0)
+}
+
+/// A dispatcher as operators and the dry run see it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatcherView {
+    pub id: Uuid,
+    /// `JOB_VERSION` or `DYNAMIC_TRIGGER`.
+    pub dispatchable_type: String,
+    /// The job's id (slug), or the dynamic trigger's id (slug) and the registration key.
+    pub job: Option<String>,
+    pub dynamic_trigger: Option<String>,
+    pub key: Option<String>,
+    pub event_names: Vec<String>,
+    pub source: String,
+    pub payload: Option<Value>,
+    pub context: Option<Value>,
+    pub enabled: bool,
+    pub manual: bool,
+    #[serde(skip)]
+    pub external_account_id: Option<Uuid>,
+}
+
+/// Every dispatcher of the environment, oldest first.
+pub async fn list_dispatchers(
+    pool: &PgPool,
+    env: &Environment,
+) -> Result<Vec<DispatcherView>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT d.id, d.dispatchable_type, d.dispatchable_id, d.event_names, d.source,
+                  d.payload_filter, d.context_filter, d.enabled, d.manual, d.external_account_id,
+                  j.slug AS "job_slug?", t.slug AS "trigger_slug?"
+           FROM event_dispatchers d
+           LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
+           LEFT JOIN jobs j ON j.id = v.job_id
+           LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id
+           WHERE d.environment_id = $1
+           ORDER BY d.created_at, d.id"#,
+        env.id
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DispatcherView {
+            id: r.id,
+            key: (r.dispatchable_type == "DYNAMIC_TRIGGER")
+                .then(|| {
+                    r.dispatchable_id
+                        .split_once(':')
+                        .map(|(_, k)| k.to_string())
+                })
+                .flatten(),
+            dispatchable_type: r.dispatchable_type,
+            job: r.job_slug,
+            dynamic_trigger: r.trigger_slug,
+            event_names: r.event_names,
+            source: r.source,
+            payload: r.payload_filter,
+            context: r.context_filter,
+            enabled: r.enabled,
+            manual: r.manual,
+            external_account_id: r.external_account_id,
+        })
+        .collect())
+}
+
+/// Enable or disable a dispatcher of the environment. `false` if it has none by that id.
+pub async fn set_dispatcher_enabled(
+    pool: &PgPool,
+    env: &Environment,
+    id: Uuid,
+    enabled: bool,
+) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query!(
+        "UPDATE event_dispatchers SET enabled = $3, updated_at = now() WHERE id = $1 AND environment_id = $2",
+        id,
+        env.id,
+        enabled
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// Why a dispatcher would not take an event: the first reason, in the order delivery checks.
+pub fn why_not(
+    d: &DispatcherView,
+    name: &str,
+    source: &str,
+    account: Option<Uuid>,
+    payload: &Value,
+    context: &Value,
+) -> Option<String> {
+    use crate::events::filter::first_mismatch;
+    if !d.enabled {
+        return Some("disabled".into());
+    }
+    if d.manual {
+        return Some("manual: only run by hand".into());
+    }
+    if !d.event_names.iter().any(|n| n == name) {
+        return Some(format!(
+            "event name {name:?} is not one of {:?}",
+            d.event_names
+        ));
+    }
+    if d.source != source {
+        return Some(format!("source {source:?} is not {:?}", d.source));
+    }
+    if d.external_account_id.is_some() && d.external_account_id != account {
+        return Some("bound to another account".into());
+    }
+    if let Some(f) = d.payload.as_ref().filter(|f| !f.is_null())
+        && let Some(path) = first_mismatch(Some(payload), f, "payload")
+    {
+        return Some(format!("filter failed at {path}"));
+    }
+    if let Some(f) = d.context.as_ref().filter(|f| !f.is_null())
+        && let Some(path) = first_mismatch(Some(context), f, "context")
+    {
+        return Some(format!("filter failed at {path}"));
+    }
+    None
+}

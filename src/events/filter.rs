@@ -26,16 +26,25 @@ pub fn dispatcher_matches(
 
 /// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.
 pub fn event_filter_matches(payload: Option<&Value>, filter: &Value) -> bool {
+    first_mismatch(payload, filter, "$").is_none()
+}
+
+/// Where `filter` first fails on `payload` (`$` is the filter itself, then `.key`), or
+/// `None` when it matches: the answer to "why didn't my job run?".
+pub fn first_mismatch(payload: Option<&Value>, filter: &Value, path: &str) -> Option<String> {
     let Value::Object(filter) = filter else {
         // A filter that is not an object cannot be registered; treat it as matching nothing.
-        return false;
+        return Some(path.to_string());
     };
     let payload = match payload {
-        None | Some(Value::Null) => return filter.is_empty(),
+        None | Some(Value::Null) => {
+            return (!filter.is_empty()).then(|| path.to_string());
+        }
         Some(p) => p,
     };
 
     for (key, pattern) in filter {
+        let here = format!("{path}.{key}");
         let actual = js_index(payload, key);
         match pattern {
             Value::Array(items) => {
@@ -47,28 +56,32 @@ pub fn event_filter_matches(payload: Option<&Value>, filter: &Value) -> bool {
                     if items.iter().any(|item| js_strict_eq(actual.as_ref(), item)) {
                         continue;
                     }
-                    return false;
+                    return Some(here);
                 }
                 if !content_filters_match(actual.as_ref(), items) {
-                    return false;
+                    return Some(here);
                 }
             }
             Value::Object(_) => {
-                let matched = match &actual {
+                let failed = match &actual {
                     Some(Value::Array(elems)) => {
-                        elems.iter().any(|e| event_filter_matches(Some(e), pattern))
+                        if elems.iter().any(|e| event_filter_matches(Some(e), pattern)) {
+                            None
+                        } else {
+                            Some(here)
+                        }
                     }
-                    other => event_filter_matches(other.as_ref(), pattern),
+                    other => first_mismatch(other.as_ref(), pattern, &here),
                 };
-                if !matched {
-                    return false;
+                if failed.is_some() {
+                    return failed;
                 }
             }
             // Scalars as patterns are ignored, as in the reference implementation.
             _ => {}
         }
     }
-    true
+    None
 }
 
 /// `value[key]` as JavaScript reads it from parsed JSON.

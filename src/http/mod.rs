@@ -4,13 +4,14 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod triggers;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -59,6 +60,28 @@ pub fn router(state: AppState, ops_state: OpsState) -> Router {
             post(events::cancel_event),
         )
         .route("/api/v1/jobs/{job_id}", put(jobs::register_job))
+        .route("/api/v1/events/match", post(triggers::match_event))
+        .route(
+            "/api/v1/dynamic-triggers/{id}",
+            put(triggers::put_dynamic_trigger),
+        )
+        .route(
+            "/api/v1/dynamic-triggers/{id}/registrations",
+            post(triggers::post_registration),
+        )
+        .route(
+            "/api/v1/dynamic-triggers/{id}/registrations/{key}",
+            delete(triggers::delete_registration),
+        )
+        .route("/api/v1/dispatchers", get(triggers::list_dispatchers))
+        .route(
+            "/api/v1/dispatchers/{id}/enable",
+            post(triggers::enable_dispatcher),
+        )
+        .route(
+            "/api/v1/dispatchers/{id}/disable",
+            post(triggers::disable_dispatcher),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
         .merge(ops::router(ops_state))

@@ -12,3 +12,4 @@ mod pipeline;
 mod queue;
 mod retries;
 mod sdk;
+mod triggers_api;

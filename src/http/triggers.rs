@@ -1,0 +1,161 @@
+//! Dynamic triggers and their registrations, the dispatchers of an environment, and the
+//! dry run that says which would take an event and why the others would not.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::AuthEnv;
+use super::error::{ApiError, ApiJson};
+use super::events::SendEventBody;
+use super::jobs::{TriggerBody, register_error};
+use crate::events::DEFAULT_SOURCE;
+use crate::triggers;
+
+#[derive(Debug, Deserialize)]
+pub struct DynamicTriggerBody {
+    /// The ids of the jobs it runs (each registered in the environment).
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.chars().count() > 255 {
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to 255 characters"
+        )));
+    }
+    Ok(())
+}
+
+/// `PUT /api/v1/dynamic-triggers/{id}`
+pub async fn put_dynamic_trigger(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<DynamicTriggerBody>,
+) -> Result<Json<Value>, ApiError> {
+    check_id("dynamic trigger id", &id)?;
+    triggers::register_dynamic_trigger(&state.pool, &env, &id, &body.jobs)
+        .await
+        .map_err(register_error)?;
+    Ok(Json(json!({"id": id, "jobs": body.jobs})))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RegistrationBody {
+    pub key: String,
+    pub rule: TriggerBody,
+}
+
+/// `POST /api/v1/dynamic-triggers/{id}/registrations`: a DYNAMIC_TRIGGER dispatcher.
+pub async fn post_registration(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RegistrationBody>,
+) -> Result<Json<Value>, ApiError> {
+    check_id("registration key", &body.key)?;
+    let rule = body.rule.into_rule();
+    let dispatcher =
+        triggers::register_dynamic_registration(&state.pool, &env, &id, &body.key, &rule)
+            .await
+            .map_err(register_error)?;
+    Ok(Json(
+        json!({"id": dispatcher, "dynamicTrigger": id, "key": body.key}),
+    ))
+}
+
+/// `DELETE /api/v1/dynamic-triggers/{id}/registrations/{key}`
+pub async fn delete_registration(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if triggers::delete_dynamic_registration(&state.pool, &env, &id, &key).await? {
+        Ok(Json(
+            json!({"deleted": true, "dynamicTrigger": id, "key": key}),
+        ))
+    } else {
+        Err(ApiError::not_found(format!(
+            "registration {key:?} of dynamic trigger {id:?} not found"
+        )))
+    }
+}
+
+/// `GET /api/v1/dispatchers`
+pub async fn list_dispatchers(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+) -> Result<Json<Value>, ApiError> {
+    let list = triggers::list_dispatchers(&state.pool, &env).await?;
+    Ok(Json(json!({ "dispatchers": list })))
+}
+
+async fn set_enabled(
+    state: &AppState,
+    env_id: &AuthEnv,
+    id: &str,
+    on: bool,
+) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::not_found(format!("dispatcher {id:?} not found"));
+    let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
+    if triggers::set_dispatcher_enabled(&state.pool, &env_id.0, uuid, on).await? {
+        Ok(Json(json!({"id": uuid, "enabled": on})))
+    } else {
+        Err(not_found())
+    }
+}
+
+/// `POST /api/v1/dispatchers/{id}/enable`
+pub async fn enable_dispatcher(
+    State(state): State<AppState>,
+    env: AuthEnv,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_enabled(&state, &env, &id, true).await
+}
+
+/// `POST /api/v1/dispatchers/{id}/disable`
+pub async fn disable_dispatcher(
+    State(state): State<AppState>,
+    env: AuthEnv,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_enabled(&state, &env, &id, false).await
+}
+
+/// `POST /api/v1/events/match`: which dispatchers an event would reach, and for each that
+/// it would not, why (the first check that fails; for a filter, its path). Stores nothing.
+pub async fn match_event(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    ApiJson(body): ApiJson<SendEventBody>,
+) -> Result<Json<Value>, ApiError> {
+    let e = body.event;
+    let source = e.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
+    let account =
+        match body.options.and_then(|o| o.account_id) {
+            Some(identifier) => sqlx::query_scalar!(
+                "SELECT id FROM external_accounts WHERE environment_id = $1 AND identifier = $2",
+                env.id,
+                identifier
+            )
+            .fetch_optional(&state.pool)
+            .await?,
+            None => None,
+        };
+    let context = e.context.unwrap_or(Value::Null);
+    let mut matches = Vec::new();
+    let mut misses = Vec::new();
+    for d in triggers::list_dispatchers(&state.pool, &env).await? {
+        match triggers::why_not(&d, &e.name, &source, account, &e.payload, &context) {
+            None => matches.push(json!({"dispatcher": d})),
+            Some(reason) => misses.push(json!({"dispatcher": d, "reason": reason})),
+        }
+    }
+    Ok(Json(json!({"matches": matches, "misses": misses})))
+}
