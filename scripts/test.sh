@@ -16,6 +16,10 @@ if ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
+# schemathesis fuzzes the HTTP API from its OpenAPI document.
+if ! command -v schemathesis >/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check "schemathesis>=4,<5"
+fi
 # Databases left by interrupted runs.
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kf\_test\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null

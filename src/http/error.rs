@@ -65,6 +65,20 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let bytes =
+            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+                .await
+                .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+        // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && contains_nul(&value)
+        {
+            return Err(ApiError::bad_request(
+                "strings must not contain the NUL character (\\u0000)",
+            ));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
@@ -76,5 +90,16 @@ where
                 Err(ApiError::new(status, rejection.body_text()))
             }
         }
+    }
+}
+
+/// Whether any string or key of `v` holds a NUL character.
+pub fn contains_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
     }
 }

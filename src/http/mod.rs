@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
@@ -74,6 +74,7 @@ pub fn router(state: AppState, ops_state: OpsState) -> Router {
             delete(triggers::delete_registration),
         )
         .route("/api/v1/dispatchers", get(triggers::list_dispatchers))
+        .route("/api/openapi.json", get(openapi))
         .route(
             "/api/v1/dispatchers/{id}/enable",
             post(triggers::enable_dispatcher),
@@ -86,6 +87,26 @@ pub fn router(state: AppState, ops_state: OpsState) -> Router {
         .with_state(state)
         .merge(ops::router(ops_state))
         .layer(axum::middleware::from_fn(track))
+        .layer(axum::middleware::from_fn(refuse_nul_in_path))
+}
+
+/// Postgres stores no NUL character: an id with one (`%00`) can name nothing.
+async fn refuse_nul_in_path(request: Request, next: Next) -> Response {
+    if request.uri().path().contains("%00") {
+        return ApiError::bad_request("the path must not contain the NUL character (%00)")
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// The OpenAPI document of this API (`api/openapi.json`).
+pub const OPENAPI: &str = include_str!("../../api/openapi.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }
 
 /// Count and time every request by its route pattern; count events stored and refused.

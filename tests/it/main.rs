@@ -8,6 +8,7 @@ mod filters;
 mod helpers;
 mod http_api;
 mod observability;
+mod openapi;
 mod pipeline;
 mod queue;
 mod retries;
