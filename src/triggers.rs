@@ -389,10 +389,10 @@ pub fn why_not(
     name: &str,
     source: &str,
     account: Option<Uuid>,
+    payload_type: &str,
     payload: &Value,
     context: &Value,
 ) -> Option<String> {
-    use crate::events::filter::first_mismatch;
     if !d.enabled {
         return Some("disabled".into());
     }
@@ -411,15 +411,12 @@ pub fn why_not(
     if d.external_account_id.is_some() && d.external_account_id != account {
         return Some("bound to another account".into());
     }
-    if let Some(f) = d.payload.as_ref().filter(|f| !f.is_null())
-        && let Some(path) = first_mismatch(Some(payload), f, "payload")
-    {
-        return Some(format!("filter failed at {path}"));
-    }
-    if let Some(f) = d.context.as_ref().filter(|f| !f.is_null())
-        && let Some(path) = first_mismatch(Some(context), f, "context")
-    {
-        return Some(format!("filter failed at {path}"));
-    }
-    None
+    crate::events::filter::dispatcher_mismatch(
+        d.payload.as_ref(),
+        d.context.as_ref(),
+        payload_type,
+        payload,
+        context,
+    )
+    .map(|path| format!("filter failed at {path}"))
 }

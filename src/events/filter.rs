@@ -9,19 +9,116 @@
 
 use serde_json::{Map, Value};
 
-/// Does a dispatcher with these filters match an event with this payload and context?
-/// An absent filter matches everything.
+/// What trigger.dev matches a dispatcher's filters against (its `EventMatcher`): for a JSON
+/// event, `{payload, context}`; for a REQUEST event (a payload of `url`, `method`,
+/// `headers`, `rawBody`) with a `content-type` header holding `application/json`, the same
+/// with the payload `{url, method, headers, body}` (the parsed body); for any other REQUEST,
+/// the request itself (so only dispatchers without filters match). `None` when the REQUEST
+/// payload is not a request, or its JSON body does not parse: it matches nothing.
+pub fn match_subject(payload_type: &str, payload: &Value, context: &Value) -> Option<Value> {
+    if payload_type != "REQUEST" {
+        return Some(serde_json::json!({"payload": payload, "context": context}));
+    }
+    let request = parse_request(payload)?;
+    let content_type = request
+        .headers
+        .get("content-type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if content_type.contains("application/json") {
+        let body: Value = serde_json::from_str(request.raw_body).ok()?;
+        Some(serde_json::json!({
+            "payload": {
+                "url": request.url,
+                "method": request.method,
+                "headers": request.headers,
+                "body": body,
+            },
+            "context": context,
+        }))
+    } else {
+        Some(serde_json::json!({
+            "url": request.url,
+            "method": request.method,
+            "headers": request.headers,
+            "rawBody": request.raw_body,
+        }))
+    }
+}
+
+struct RawRequest<'a> {
+    url: &'a str,
+    method: &'a str,
+    headers: &'a Map<String, Value>,
+    raw_body: &'a str,
+}
+
+/// trigger.dev's `RequestWithRawBodySchema`: url, method and rawBody strings, headers a
+/// record of strings.
+fn parse_request(payload: &Value) -> Option<RawRequest<'_>> {
+    let headers = payload.get("headers")?.as_object()?;
+    if !headers.values().all(Value::is_string) {
+        return None;
+    }
+    Some(RawRequest {
+        url: payload.get("url")?.as_str()?,
+        method: payload.get("method")?.as_str()?,
+        headers,
+        raw_body: payload.get("rawBody")?.as_str()?,
+    })
+}
+
+/// Whether a payload has the shape of a REQUEST event.
+pub fn is_request_payload(payload: &Value) -> bool {
+    parse_request(payload).is_some()
+}
+
+/// The filter trigger.dev matches with: `{payload, context}`, an absent filter being `{}`.
+fn combined_filter(payload_filter: Option<&Value>, context_filter: Option<&Value>) -> Value {
+    let or_empty = |f: Option<&Value>| match f {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(f) => f.clone(),
+    };
+    serde_json::json!({"payload": or_empty(payload_filter), "context": or_empty(context_filter)})
+}
+
+/// Does a dispatcher with these filters match an event? An absent filter matches everything
+/// (but, as in trigger.dev, an array payload only when some element passes the filter).
 pub fn dispatcher_matches(
     payload_filter: Option<&Value>,
     context_filter: Option<&Value>,
+    payload_type: &str,
     payload: &Value,
     context: &Value,
 ) -> bool {
-    let ok = |filter: Option<&Value>, value: &Value| match filter {
-        None | Some(Value::Null) => true,
-        Some(f) => event_filter_matches(Some(value), f),
+    dispatcher_mismatch(
+        payload_filter,
+        context_filter,
+        payload_type,
+        payload,
+        context,
+    )
+    .is_none()
+}
+
+/// Where a dispatcher's filters first fail on an event (`payload.repo`, `context.user`;
+/// `request` when a REQUEST payload cannot be matched at all), `None` when they pass.
+pub fn dispatcher_mismatch(
+    payload_filter: Option<&Value>,
+    context_filter: Option<&Value>,
+    payload_type: &str,
+    payload: &Value,
+    context: &Value,
+) -> Option<String> {
+    let Some(subject) = match_subject(payload_type, payload, context) else {
+        return Some("request".to_string());
     };
-    ok(payload_filter, payload) && ok(context_filter, context)
+    first_mismatch(
+        Some(&subject),
+        &combined_filter(payload_filter, context_filter),
+        "$",
+    )
+    .map(|path| path.trim_start_matches("$.").to_string())
 }
 
 /// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.
@@ -479,6 +576,67 @@ mod tests {
         ] {
             let _ = m(json!({"a": [1, {"b": 2}]}), f);
         }
-        assert!(dispatcher_matches(None, None, &Value::Null, &Value::Null));
+        assert!(dispatcher_matches(
+            None,
+            None,
+            "JSON",
+            &Value::Null,
+            &Value::Null
+        ));
+    }
+
+    #[test]
+    fn dispatchers_match_as_trigger_dev_event_matcher() {
+        let d = |pf: Option<Value>, t: &str, payload: Value| {
+            dispatcher_matches(pf.as_ref(), None, t, &payload, &Value::Null)
+        };
+        // An array payload passes when some element does; an empty one never.
+        assert!(d(None, "JSON", json!([{"a": 1}])));
+        assert!(!d(None, "JSON", json!([])));
+        assert!(d(
+            Some(json!({"a": [2]})),
+            "JSON",
+            json!([{"a": 1}, {"a": 2}])
+        ));
+        assert!(d(None, "JSON", json!("text")));
+        // REQUEST with a JSON body: filters see the parsed body.
+        let request = |ct: &str, body: &str| {
+            json!({"url": "https://x.test/hook", "method": "POST",
+                   "headers": {"content-type": ct}, "rawBody": body})
+        };
+        let on_body = Some(json!({"body": {"kind": ["push"]}, "method": ["POST"]}));
+        assert!(d(
+            on_body.clone(),
+            "REQUEST",
+            request("application/json; charset=utf-8", r#"{"kind":"push"}"#)
+        ));
+        assert!(!d(
+            on_body.clone(),
+            "REQUEST",
+            request("application/json", r#"{"kind":"pull"}"#)
+        ));
+        // Not JSON: only dispatchers without filters match; a bad body or shape, none.
+        assert!(!d(
+            on_body.clone(),
+            "REQUEST",
+            request("text/plain", "push")
+        ));
+        assert!(d(None, "REQUEST", request("text/plain", "push")));
+        assert!(!d(
+            None,
+            "REQUEST",
+            request("application/json", "{not json")
+        ));
+        assert!(!d(None, "REQUEST", json!({"url": 1})));
+        assert_eq!(
+            dispatcher_mismatch(
+                on_body.as_ref(),
+                None,
+                "REQUEST",
+                &request("application/json", r#"{"kind":"pull"}"#),
+                &Value::Null
+            ),
+            Some("payload.body.kind".to_string())
+        );
     }
 }

@@ -29,6 +29,8 @@ pub struct SendEvent {
     pub context: Option<Value>,
     pub timestamp: Option<DateTime<Utc>>,
     pub source: Option<String>,
+    /// `JSON` (when absent) or `REQUEST`.
+    pub payload_type: Option<String>,
 }
 
 /// When and for whom to deliver it.
@@ -286,6 +288,7 @@ impl EventsService {
         let mut deliver_afters = Vec::with_capacity(n);
         let mut accounts = Vec::with_capacity(n);
         let mut traces = Vec::with_capacity(n);
+        let mut payload_types = Vec::with_capacity(n);
         for (env, request, options) in items {
             validate(&request, &options)?;
             let account = match &options.account_id {
@@ -306,6 +309,12 @@ impl EventsService {
             timestamps.push(request.timestamp);
             deliver_ats.push(options.deliver_at);
             traces.push(options.trace_parent.clone());
+            payload_types.push(
+                request
+                    .payload_type
+                    .clone()
+                    .unwrap_or_else(|| "JSON".to_string()),
+            );
             // deliverAt wins over deliverAfter.
             deliver_afters.push(
                 options
@@ -320,12 +329,13 @@ impl EventsService {
             EventRecord,
             r#"INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,
-                    deliver_at, external_account_id, is_test)
+                    deliver_at, external_account_id, is_test, payload_type)
                SELECT id, env, eid, name, source, payload, context, COALESCE(ts, now()),
-                      COALESCE(at, now() + make_interval(secs => COALESCE(after, 0))), account, $12
+                      COALESCE(at, now() + make_interval(secs => COALESCE(after, 0))), account, $12, ptype
                FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                           $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[])
-                    AS t(id, env, eid, name, source, payload, context, ts, at, after, account)
+                           $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[],
+                           $13::text[])
+                    AS t(id, env, eid, name, source, payload, context, ts, at, after, account, ptype)
                ON CONFLICT (environment_id, event_id) DO NOTHING
                RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
                          deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
@@ -342,6 +352,7 @@ impl EventsService {
             &deliver_afters as &[Option<f64>],
             &accounts as &[Option<Uuid>],
             is_test,
+            &payload_types,
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -588,6 +599,22 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
         return Err(IngestError::Invalid(format!(
             "options.accountId must be 1 to {MAX_ID_CHARS} characters"
         )));
+    }
+    match request.payload_type.as_deref() {
+        None | Some("JSON") => {}
+        Some("REQUEST") => {
+            if !filter::is_request_payload(&request.payload) {
+                return Err(IngestError::Invalid(
+                    "a REQUEST event's payload must be {url, method, headers (strings), rawBody}"
+                        .into(),
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(IngestError::Invalid(format!(
+                "event.payloadType must be JSON or REQUEST, not {other:?}"
+            )));
+        }
     }
     let size = serde_json::to_vec(&request.payload).map_or(0, |v| v.len())
         + request

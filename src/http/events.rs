@@ -33,6 +33,9 @@ pub struct EventBody {
     pub timestamp: Option<DateTime<Utc>>,
     #[serde(default)]
     pub source: Option<String>,
+    /// `JSON` (the default) or `REQUEST` (a payload of url, method, headers, rawBody).
+    #[serde(default, rename = "payloadType")]
+    pub payload_type: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +99,7 @@ fn send_event_of(e: EventBody) -> SendEvent {
         context: e.context,
         timestamp: e.timestamp,
         source: e.source,
+        payload_type: e.payload_type,
     }
 }
 

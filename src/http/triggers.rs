@@ -152,7 +152,16 @@ pub async fn match_event(
     let mut matches = Vec::new();
     let mut misses = Vec::new();
     for d in triggers::list_dispatchers(&state.pool, &env).await? {
-        match triggers::why_not(&d, &e.name, &source, account, &e.payload, &context) {
+        let payload_type = e.payload_type.as_deref().unwrap_or("JSON");
+        match triggers::why_not(
+            &d,
+            &e.name,
+            &source,
+            account,
+            payload_type,
+            &e.payload,
+            &context,
+        ) {
             None => matches.push(json!({"dispatcher": d})),
             Some(reason) => misses.push(json!({"dispatcher": d, "reason": reason})),
         }

@@ -29,7 +29,7 @@ pub async fn run(
                SELECT id FROM event_records
                WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
                ORDER BY id FOR UPDATE)
-           RETURNING id, environment_id, name, source, payload, context, external_account_id"#,
+           RETURNING id, environment_id, name, source, payload, payload_type, context, external_account_id"#,
         &ids
     )
     .fetch_all(&mut *tx)
@@ -80,6 +80,7 @@ pub async fn run(
                 && dispatcher_matches(
                     d.payload_filter.as_ref(),
                     d.context_filter.as_ref(),
+                    &e.payload_type,
                     &e.payload,
                     &e.context,
                 )

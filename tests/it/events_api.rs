@@ -306,3 +306,66 @@ async fn limits_answer_400_or_413_and_store_nothing() {
     assert_eq!(got, StatusCode::OK);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_events_are_matched_on_their_parsed_json_body() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(
+        &key,
+        "on-push",
+        job_body(
+            "hook",
+            json!({"payload": {"body": {"action": ["push"]}, "method": ["POST"]}}),
+        ),
+    )
+    .await;
+    let request = |id: &str, ct: &str, body: &str| {
+        json!({"event": {"name": "hook", "id": id, "payloadType": "REQUEST",
+                         "payload": {"url": "https://hooks.test/gh", "method": "POST",
+                                     "headers": {"content-type": ct}, "rawBody": body}}})
+    };
+    app.send_event(
+        &key,
+        request("push", "application/json", r#"{"action":"push"}"#),
+    )
+    .await;
+    app.send_event(
+        &key,
+        request("pull", "application/json", r#"{"action":"pull"}"#),
+    )
+    .await;
+    app.send_event(&key, request("text", "text/plain", "push"))
+        .await;
+    wait_until("the push run", Duration::from_secs(10), || async {
+        app.runs_by_job("push").await.len() == 1
+    })
+    .await;
+    app.settle().await;
+    assert!(app.runs_by_job("pull").await.is_empty());
+    assert!(app.runs_by_job("text").await.is_empty());
+    // The dry run says why.
+    let (_, dry) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/match",
+            Some(&key),
+            Some(request("x", "application/json", r#"{"action":"pull"}"#)),
+        )
+        .await;
+    assert_eq!(
+        dry["misses"][0]["reason"],
+        "filter failed at payload.body.action"
+    );
+    // A REQUEST payload that is not a request, or an unknown type: 400.
+    for bad in [
+        json!({"event": {"name": "hook", "payloadType": "REQUEST", "payload": {"url": "x"}}}),
+        json!({"event": {"name": "hook", "payloadType": "XML", "payload": {}}}),
+    ] {
+        let (status, body) = app
+            .request(Method::POST, "/api/v1/events", Some(&key), Some(bad))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    app.finish().await;
+}
