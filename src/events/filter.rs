@@ -73,15 +73,6 @@ pub fn is_request_payload(payload: &Value) -> bool {
     parse_request(payload).is_some()
 }
 
-/// The filter trigger.dev matches with: `{payload, context}`, an absent filter being `{}`.
-fn combined_filter(payload_filter: Option<&Value>, context_filter: Option<&Value>) -> Value {
-    let or_empty = |f: Option<&Value>| match f {
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(f) => f.clone(),
-    };
-    serde_json::json!({"payload": or_empty(payload_filter), "context": or_empty(context_filter)})
-}
-
 /// Does a dispatcher with these filters match an event? An absent filter matches everything
 /// (but, as in trigger.dev, an array payload only when some element passes the filter).
 pub fn dispatcher_matches(
@@ -103,6 +94,9 @@ pub fn dispatcher_matches(
 
 /// Where a dispatcher's filters first fail on an event (`payload.repo`, `context.user`;
 /// `request` when a REQUEST payload cannot be matched at all), `None` when they pass.
+///
+/// trigger.dev evaluates `eventFilterMatches(subject, {payload: pf ?? {}, context: cf ?? {}})`
+/// (see [`match_subject`]); this is the same, part by part, without copying the event.
 pub fn dispatcher_mismatch(
     payload_filter: Option<&Value>,
     context_filter: Option<&Value>,
@@ -110,15 +104,51 @@ pub fn dispatcher_mismatch(
     payload: &Value,
     context: &Value,
 ) -> Option<String> {
-    let Some(subject) = match_subject(payload_type, payload, context) else {
-        return Some("request".to_string());
-    };
-    first_mismatch(
-        Some(&subject),
-        &combined_filter(payload_filter, context_filter),
-        "$",
-    )
-    .map(|path| path.trim_start_matches("$.").to_string())
+    if payload_type == "REQUEST" {
+        let Some(subject) = match_subject(payload_type, payload, context) else {
+            return Some("request".to_string());
+        };
+        return parts_mismatch(
+            subject.get("payload"),
+            subject.get("context"),
+            payload_filter,
+            context_filter,
+        );
+    }
+    parts_mismatch(Some(payload), Some(context), payload_filter, context_filter)
+}
+
+fn parts_mismatch(
+    payload: Option<&Value>,
+    context: Option<&Value>,
+    payload_filter: Option<&Value>,
+    context_filter: Option<&Value>,
+) -> Option<String> {
+    let empty = Value::Object(Map::new());
+    for (key, actual, filter) in [
+        ("payload", payload, payload_filter),
+        ("context", context, context_filter),
+    ] {
+        let filter = match filter {
+            None | Some(Value::Null) => &empty,
+            Some(f) => f,
+        };
+        let failed = match actual {
+            // A nested filter against an array: some element must pass.
+            Some(Value::Array(elems)) => {
+                if elems.iter().any(|e| event_filter_matches(Some(e), filter)) {
+                    None
+                } else {
+                    Some(key.to_string())
+                }
+            }
+            other => first_mismatch(other, filter, key),
+        };
+        if failed.is_some() {
+            return failed;
+        }
+    }
+    None
 }
 
 /// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.

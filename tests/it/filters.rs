@@ -2,7 +2,7 @@
 //! `@trigger.dev/core` 2.3.x (npm), run by `tests/sdk/filter-oracle.mjs` on generated
 //! filters and payloads.
 
-use kongflow_events::events::filter::{event_filter_matches, validate_filter};
+use kongflow_events::events::filter::{dispatcher_matches, event_filter_matches, validate_filter};
 use serde_json::{Map, Value, json};
 
 /// xorshift64: the same cases on every run.
@@ -209,6 +209,23 @@ async fn filters_match_exactly_as_the_reference_implementation() {
         };
         cases.push(case);
     }
+    // Whole dispatchers, as trigger.dev's EventMatcher evaluates them: the event against
+    // `{payload: filter, context: {}}` (array payloads then match element by element).
+    let generated = cases.len();
+    for i in 0..generated {
+        let c = cases[i].clone();
+        let payload = c.get("payload").cloned().unwrap_or(Value::Null);
+        let payload = if i % 7 == 0 {
+            Value::Array(vec![payload.clone(), json!({"a": "abc"})])
+        } else {
+            payload
+        };
+        cases.push(json!({
+            "dispatcher": true,
+            "payload": {"payload": payload, "context": null},
+            "filter": {"payload": c["filter"], "context": {}},
+        }));
+    }
     // The reference, by hand: the edge cases the issue names.
     cases.push(json!({"filter": {}}));
     cases.push(json!({"payload": null, "filter": {}}));
@@ -238,7 +255,17 @@ async fn filters_match_exactly_as_the_reference_implementation() {
         let want = want
             .as_bool()
             .unwrap_or_else(|| panic!("the reference threw on a valid filter: {case}"));
-        let got = event_filter_matches(case.get("payload"), &case["filter"]);
+        let got = if case.get("dispatcher").is_some() {
+            dispatcher_matches(
+                Some(&case["filter"]["payload"]),
+                None,
+                "JSON",
+                &case["payload"]["payload"],
+                &Value::Null,
+            )
+        } else {
+            event_filter_matches(case.get("payload"), &case["filter"])
+        };
         if want {
             matched += 1;
         } else {
