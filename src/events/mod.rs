@@ -616,12 +616,7 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
             )));
         }
     }
-    let size = serde_json::to_vec(&request.payload).map_or(0, |v| v.len())
-        + request
-            .context
-            .as_ref()
-            .and_then(|c| serde_json::to_vec(c).ok())
-            .map_or(0, |v| v.len());
+    let size = json_len(&request.payload) + request.context.as_ref().map_or(0, json_len);
     if size > MAX_PAYLOAD_BYTES {
         return Err(IngestError::TooLarge(format!(
             "event {:?}: payload and context are {size} bytes; at most {MAX_PAYLOAD_BYTES} are accepted",
@@ -694,6 +689,23 @@ async fn resend(
         .execute(&mut *tx)
         .await?;
     Ok(Some(updated))
+}
+
+/// The length of a value serialized as JSON, without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// Find an event by the producer's id within one environment.

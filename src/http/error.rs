@@ -71,9 +71,7 @@ where
                 .await
                 .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
         // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
-            && contains_nul(&value)
-        {
+        if has_escaped_nul(&bytes) {
             return Err(ApiError::bad_request(
                 "strings must not contain the NUL character (\\u0000)",
             ));
@@ -93,13 +91,32 @@ where
     }
 }
 
-/// Whether any string or key of `v` holds a NUL character.
-pub fn contains_nul(v: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
+/// Whether a JSON text holds a NUL character: in valid JSON it can only be the escape
+/// `\u0000` (an odd number of backslashes before `u0000`; `\\u0000` is a backslash and
+/// text).
+pub fn has_escaped_nul(json: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(at) = json[i..].windows(5).position(|w| w == b"u0000") {
+        let u = i + at;
+        let slashes = json[..u].iter().rev().take_while(|b| **b == b'\\').count();
+        if slashes % 2 == 1 {
+            return true;
+        }
+        i = u + 5;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_escaped_nul;
+
+    #[test]
+    fn finds_nul_escapes_and_only_them() {
+        assert!(has_escaped_nul(br#"{"a":"x\u0000y"}"#));
+        assert!(has_escaped_nul(br#"{"\u0000":1}"#));
+        assert!(has_escaped_nul(br#"["\\\u0000"]"#));
+        assert!(!has_escaped_nul(br#"{"a":"\\u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"a":"u0000"}"#));
     }
 }
