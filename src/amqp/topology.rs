@@ -145,36 +145,59 @@ impl Topology {
             .await
     }
 
-    /// Declare everything. Declaring what exists with the same arguments is a no-op.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        self.declare_tiers(channel).await?;
-        self.declare_exchange(channel, &self.dead_exchange(), ExchangeKind::Fanout)
-            .await?;
-        let mut args = FieldTable::default();
+    /// A durable queue with `args` (and, for tests, `x-expires`).
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        mut args: FieldTable,
+    ) -> lapin::Result<()> {
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
         channel
             .queue_declare(
-                self.dead_queue().as_str().into(),
+                name.into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()
                 },
                 args,
             )
-            .await?;
+            .await
+            .map(|_| ())
+    }
+
+    async fn bind(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> lapin::Result<()> {
         channel
             .queue_bind(
-                self.dead_queue().as_str().into(),
-                self.dead_exchange().as_str().into(),
-                "".into(),
+                queue.into(),
+                exchange.into(),
+                key.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
+            .await
+    }
+
+    /// Declare everything. Declaring what exists with the same arguments is a no-op.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        self.declare_tiers(channel).await?;
+        let dead = self.dead_exchange();
+        self.declare_exchange(channel, &dead, ExchangeKind::Fanout)
             .await?;
+        self.declare_queue(channel, &self.dead_queue(), FieldTable::default())
+            .await?;
+        self.bind(channel, &self.dead_queue(), &dead, "").await?;
         for kind in JobKind::ALL {
-            self.declare_exchange(channel, &self.exchange(kind), ExchangeKind::Direct)
+            let (exchange, queue) = (self.exchange(kind), self.queue(kind));
+            self.declare_exchange(channel, &exchange, ExchangeKind::Direct)
                 .await?;
             let mut args = FieldTable::default();
             // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
@@ -182,38 +205,10 @@ impl Topology {
                 "x-max-priority".into(),
                 AMQPValue::ShortShortUInt(MAX_PRIORITY),
             );
-            if let Some(ms) = self.queue_expires_ms {
-                args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-            }
-            channel
-                .queue_declare(
-                    self.queue(kind).as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    self.queue(kind).as_str().into(),
-                    self.exchange(kind).as_str().into(),
-                    EVENTS_QUEUE.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    self.queue(kind).as_str().into(),
-                    self.delay_exit().as_str().into(),
-                    tiers::exit_pattern(kind.as_str(), EVENTS_QUEUE)
-                        .as_str()
-                        .into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
+            self.declare_queue(channel, &queue, args).await?;
+            self.bind(channel, &queue, &exchange, EVENTS_QUEUE).await?;
+            let exit_key = tiers::exit_pattern(kind.as_str(), EVENTS_QUEUE);
+            self.bind(channel, &queue, &self.delay_exit(), &exit_key)
                 .await?;
         }
         Ok(())
@@ -243,29 +238,15 @@ impl Topology {
                     "x-dead-letter-exchange".into(),
                     AMQPValue::LongString(below.as_str().into()),
                 );
-                if let Some(ms) = self.queue_expires_ms {
-                    // Tiers never have consumers: only a long expiry keeps messages safe.
-                    args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-                }
-                channel
-                    .queue_declare(
-                        queue.as_str().into(),
-                        QueueDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        args,
-                    )
-                    .await?;
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        exchange.as_str().into(),
-                        tiers::binding_pattern(n, digit).as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
+                // Tiers never have consumers: in tests, only a long x-expires keeps them.
+                self.declare_queue(channel, &queue, args).await?;
+                self.bind(
+                    channel,
+                    &queue,
+                    &exchange,
+                    &tiers::binding_pattern(n, digit),
+                )
+                .await?;
             }
             channel
                 .exchange_bind(

@@ -49,6 +49,18 @@ pub struct OptionsBody {
     pub account_id: Option<String>,
 }
 
+impl OptionsBody {
+    /// The ingest options, carrying the request's trace.
+    fn into_options(self, trace: &TraceParent) -> SendEventOptions {
+        SendEventOptions {
+            deliver_at: self.deliver_at,
+            deliver_after: self.deliver_after,
+            account_id: self.account_id,
+            trace_parent: Some(trace.to_string()),
+        }
+    }
+}
+
 /// `POST /api/v1/events`
 pub async fn send_event(
     State(state): State<AppState>,
@@ -63,12 +75,7 @@ pub async fn send_event(
         .ingest_send_event(
             &env,
             send_event_of(body.event),
-            SendEventOptions {
-                deliver_at: options.deliver_at,
-                deliver_after: options.deliver_after,
-                account_id: options.account_id,
-                trace_parent: Some(trace.to_string()),
-            },
+            options.into_options(&trace),
         )
         .await
         .map_err(ingest_error)?;
@@ -135,12 +142,7 @@ pub async fn send_events(
         .ingest_bulk(
             &env,
             body.events.into_iter().map(send_event_of).collect(),
-            SendEventOptions {
-                deliver_at: options.deliver_at,
-                deliver_after: options.deliver_after,
-                account_id: options.account_id,
-                trace_parent: Some(trace.to_string()),
-            },
+            options.into_options(&trace),
         )
         .await
         .map_err(ingest_error)?;

@@ -66,6 +66,36 @@ async fn wait_published(app: &TestApp, event_id: &str) -> Ledger {
     deliver_job(app, event_id).await
 }
 
+/// Publish a deliverEvent job's message straight to the work queue, past the tiers, as a
+/// clock gone wrong would, and wait for the broker's confirm.
+async fn publish_to_work_queue(app: &TestApp, job: &Ledger) {
+    let channel = app.amqp.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let message = JobMessage {
+        v: JobMessage::VERSION,
+        id: job.id,
+        kind: "deliverEvent".into(),
+        queue: "events".into(),
+        args: job.args.clone(),
+        attempt: 0,
+        run_at: job.run_at,
+    };
+    let confirm = channel
+        .basic_publish(
+            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
+            "events".into(),
+            BasicPublishOptions::default(),
+            &message.to_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+}
+
 fn at(ms_from_now: i64) -> String {
     kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
 }
@@ -373,35 +403,8 @@ async fn a_message_that_arrives_early_is_sent_back_until_due() {
     )
     .await;
     let job = deliver_job(&app, "e-1").await;
-    let channel = app.amqp.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     // Straight to the work queue, 800 ms before it is due.
-    let confirm = channel
-        .basic_publish(
-            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "events".into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &JobMessage {
-                v: JobMessage::VERSION,
-                id: job.id,
-                kind: "deliverEvent".into(),
-                queue: "events".into(),
-                args: job.args.clone(),
-                attempt: 0,
-                run_at: job.run_at,
-            }
-            .to_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
+    publish_to_work_queue(&app, &job).await;
     let delivered = wait_delivered(&app, "e-1", Duration::from_secs(5)).await;
     assert!(
         delivered >= job.run_at,
@@ -445,31 +448,7 @@ async fn a_worker_killed_while_holding_a_message_loses_nothing() {
     .await;
     let job = deliver_job(&app, "h-1").await;
     // Straight to the work queue, 5 s early: a worker with a 10 s lead holds it.
-    let channel = app.amqp.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let message = JobMessage {
-        v: JobMessage::VERSION,
-        id: job.id,
-        kind: "deliverEvent".into(),
-        queue: "events".into(),
-        args: job.args.clone(),
-        attempt: 0,
-        run_at: job.run_at,
-    };
-    let confirm = channel
-        .basic_publish(
-            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "events".into(),
-            BasicPublishOptions::default(),
-            &message.to_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
+    publish_to_work_queue(&app, &job).await;
 
     let mut first = spawn_worker(&app);
     wait_until(
