@@ -24,55 +24,23 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 mod common;
-use common::Bench;
-
-struct Args {
-    url: String,
-    events: usize,
-    rate: f64,
-    concurrency: usize,
-    database_url: String,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        url: "http://127.0.0.1:3030".into(),
-        events: 10_000,
-        rate: 200.0,
-        concurrency: 32,
-        database_url: std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        match a.as_str() {
-            "--url" => args.url = val(),
-            "--events" => args.events = val().parse().expect("--events N"),
-            "--rate" => args.rate = val().parse().expect("--rate R"),
-            "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    args
-}
+use common::{Args, Bench};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args();
+    let args = Args::parse(10_000, 32, Some(200.0));
+    let rate = args.rate.unwrap_or(200.0);
     let bench = Arc::new(Bench::setup(&args.url, &args.database_url, args.concurrency).await?);
     println!(
         "scheduling {} events 1-60 s ahead, with {} immediate events/s alongside",
-        args.events, args.rate
+        args.events, rate
     );
 
     // Immediate traffic until the last delayed event is due.
     let stop = Arc::new(AtomicBool::new(false));
     let immediate = Arc::new(AtomicUsize::new(0));
     let background = {
-        let (bench, stop, immediate, rate) =
-            (bench.clone(), stop.clone(), immediate.clone(), args.rate);
+        let (bench, stop, immediate, rate) = (bench.clone(), stop.clone(), immediate.clone(), rate);
         tokio::spawn(async move {
             let started = Instant::now();
             let mut sends = Vec::new();

@@ -17,43 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 mod common;
-use common::Bench;
-
-struct Args {
-    url: String,
-    events: usize,
-    concurrency: usize,
-    rate: Option<f64>,
-    database_url: String,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        url: "http://127.0.0.1:3030".into(),
-        events: 20_000,
-        concurrency: 64,
-        rate: None,
-        database_url: std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        match a.as_str() {
-            "--url" => args.url = val(),
-            "--events" => args.events = val().parse().expect("--events N"),
-            "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
-            "--rate" => args.rate = Some(val().parse().expect("--rate R")),
-            "--bench" => {}
-            other => panic!("unknown argument {other}"),
-        }
-    }
-    args
-}
+use common::{Args, Bench};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args();
+    let args = Args::parse(20_000, 64, None);
     let bench = Arc::new(Bench::setup(&args.url, &args.database_url, args.concurrency).await?);
     println!(
         "sending {} events, {} clients{}",

@@ -13,6 +13,7 @@ use crate::amqp::publish::{
     ATTEMPTS_HEADER, DEAD_AT_HEADER, JOB_ID_HEADER, KIND_HEADER, REASON_HEADER,
 };
 use crate::amqp::{JobMessage, Topology};
+use crate::http::iso;
 use crate::queue::{Job, JobRow, JobState};
 use crate::relay::NOTIFY_CHANNEL;
 
@@ -382,13 +383,7 @@ pub fn jobs_table(jobs: &[Job]) -> String {
         "ID", "KIND", "QUEUE", "STATE", "PRI", "ATTEMPT", "RUN AT", "LAST ERROR"
     );
     for j in jobs {
-        let last_error = j
-            .errors
-            .as_array()
-            .and_then(|e| e.last())
-            .and_then(|e| e.get("error"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let last_error = j.last_error().unwrap_or("");
         out.push_str(&format!(
             "{:>10}  {:<24}  {:<8}  {:<10}  {:>3}  {:>7}  {:<24}  {}\n",
             j.id,
@@ -456,8 +451,4 @@ pub fn dead_table(letters: &[DeadLetter]) -> String {
         ));
     }
     out
-}
-
-fn iso(t: DateTime<Utc>) -> String {
-    crate::http::iso(t)
 }

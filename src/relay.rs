@@ -108,12 +108,7 @@ impl Relay {
 
     /// Reconcile every `reconcile_interval` until `shutdown`.
     async fn run_reconciler(&self, shutdown: CancellationToken) {
-        let interval = self.config.reconcile_interval();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
+        every(self.config.reconcile_interval(), &shutdown, || async {
             match self.reconcile().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -122,7 +117,8 @@ impl Relay {
                 ),
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
             }
-        }
+        })
+        .await
     }
 
     /// Sample the ledger and the dead-letter queue into gauges every
@@ -192,18 +188,14 @@ impl Relay {
 
     /// Delete old final jobs every `retention_interval` until `shutdown`.
     async fn run_retention(&self, shutdown: CancellationToken) {
-        let interval = self.config.retention_interval();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
+        every(self.config.retention_interval(), &shutdown, || async {
             match self.retain().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "retention deleted old final jobs"),
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),
             }
-        }
+        })
+        .await
     }
 
     /// One retention pass: completed jobs finalized more than `retention_completed` ago,
@@ -466,13 +458,25 @@ impl Relay {
     }
 }
 
-/// The last error recorded on a job, as text.
+/// Run `pass` every `interval` (the first after one interval) until `shutdown`.
+async fn every<F, Fut>(interval: Duration, shutdown: &CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        pass().await;
+    }
+}
+
+/// Why a discarded job is dead: its last error.
 fn last_error(job: &Job) -> String {
-    job.errors
-        .as_array()
-        .and_then(|e| e.last())
-        .and_then(|e| e.get("error"))
-        .and_then(|e| e.as_str())
-        .map(|e| format!("discarded after attempt {}: {e}", job.attempt))
-        .unwrap_or_else(|| "discarded".to_string())
+    match job.last_error() {
+        Some(e) => format!("discarded after attempt {}: {e}", job.attempt),
+        None => "discarded".to_string(),
+    }
 }

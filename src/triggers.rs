@@ -383,40 +383,78 @@ pub async fn set_dispatcher_enabled(
     Ok(n > 0)
 }
 
+/// What delivery knows of an event when it picks dispatchers.
+#[derive(Debug, Clone, Copy)]
+pub struct EventFacts<'a> {
+    pub name: &'a str,
+    pub source: &'a str,
+    pub account: Option<Uuid>,
+    pub payload_type: &'a str,
+    pub payload: &'a Value,
+    pub context: &'a Value,
+}
+
+/// The rule of an enabled, non-manual dispatcher, as delivery checks it.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleRef<'a> {
+    pub event_names: &'a [String],
+    pub source: &'a str,
+    pub account: Option<Uuid>,
+    pub payload_filter: Option<&'a Value>,
+    pub context_filter: Option<&'a Value>,
+}
+
+/// Why a rule does not take an event; only a filter failure carries text (its path), so
+/// checking allocates nothing for the common misses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    Name,
+    Source,
+    Account,
+    Filter(String),
+}
+
+/// The one place that says whether a dispatcher's rule takes an event: delivery
+/// (`jobs::deliver_event`) and the dry run (`why_not`) both ask here.
+pub fn rule_miss(rule: RuleRef<'_>, e: EventFacts<'_>) -> Option<Miss> {
+    if !rule.event_names.iter().any(|n| n == e.name) {
+        return Some(Miss::Name);
+    }
+    if rule.source != e.source {
+        return Some(Miss::Source);
+    }
+    if rule.account.is_some() && rule.account != e.account {
+        return Some(Miss::Account);
+    }
+    crate::events::filter::dispatcher_mismatch(
+        rule.payload_filter,
+        rule.context_filter,
+        e.payload_type,
+        e.payload,
+        e.context,
+    )
+    .map(Miss::Filter)
+}
+
 /// Why a dispatcher would not take an event: the first reason, in the order delivery checks.
-pub fn why_not(
-    d: &DispatcherView,
-    name: &str,
-    source: &str,
-    account: Option<Uuid>,
-    payload_type: &str,
-    payload: &Value,
-    context: &Value,
-) -> Option<String> {
+pub fn why_not(d: &DispatcherView, e: EventFacts<'_>) -> Option<String> {
     if !d.enabled {
         return Some("disabled".into());
     }
     if d.manual {
         return Some("manual: only run by hand".into());
     }
-    if !d.event_names.iter().any(|n| n == name) {
-        return Some(format!(
-            "event name {name:?} is not one of {:?}",
-            d.event_names
-        ));
-    }
-    if d.source != source {
-        return Some(format!("source {source:?} is not {:?}", d.source));
-    }
-    if d.external_account_id.is_some() && d.external_account_id != account {
-        return Some("bound to another account".into());
-    }
-    crate::events::filter::dispatcher_mismatch(
-        d.payload.as_ref(),
-        d.context.as_ref(),
-        payload_type,
-        payload,
-        context,
-    )
-    .map(|path| format!("filter failed at {path}"))
+    let rule = RuleRef {
+        event_names: &d.event_names,
+        source: &d.source,
+        account: d.external_account_id,
+        payload_filter: d.payload.as_ref(),
+        context_filter: d.context.as_ref(),
+    };
+    rule_miss(rule, e).map(|miss| match miss {
+        Miss::Name => format!("event name {:?} is not one of {:?}", e.name, d.event_names),
+        Miss::Source => format!("source {:?} is not {:?}", e.source, d.source),
+        Miss::Account => "bound to another account".into(),
+        Miss::Filter(path) => format!("filter failed at {path}"),
+    })
 }

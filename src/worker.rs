@@ -467,7 +467,7 @@ impl Worker {
     async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query!(
-            r#"SELECT kind, queue, attempt, split_part(trace_parent, '-', 2) AS trace_id
+            r#"SELECT kind, queue, attempt, trace_parent
                FROM queue_jobs
                WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
                FOR UPDATE"#,
@@ -518,13 +518,14 @@ impl Worker {
         tx.commit().await?;
         let m = metrics();
         let kq = [row.kind.as_str(), row.queue.as_str()];
+        let trace_id = crate::trace::trace_id_of(row.trace_parent.as_deref()).unwrap_or_default();
         m.jobs_started.with_label_values(&kq).inc();
         if state == "discarded" {
             m.jobs_discarded.with_label_values(&kq).inc();
-            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, trace_id = row.trace_id.unwrap_or_default(), "job discarded after its last attempt");
+            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, trace_id, "job discarded after its last attempt");
         } else {
             m.jobs_retried.with_label_values(&kq).inc();
-            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, trace_id = row.trace_id.unwrap_or_default(), "job attempt failed; will retry");
+            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, trace_id, "job attempt failed; will retry");
         }
         Ok(())
     }

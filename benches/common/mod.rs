@@ -8,6 +8,44 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// Command-line arguments shared by the benchmarks:
+/// `[--url U] [--events N] [--concurrency C] [--rate R]`.
+pub struct Args {
+    pub url: String,
+    pub events: usize,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
+    pub database_url: String,
+}
+
+impl Args {
+    /// Parse the process's arguments over these defaults; `DATABASE_URL` names the
+    /// pipeline's database.
+    pub fn parse(events: usize, concurrency: usize, rate: Option<f64>) -> Self {
+        let mut args = Args {
+            url: "http://127.0.0.1:3030".into(),
+            events,
+            concurrency,
+            rate,
+            database_url: std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+            match a.as_str() {
+                "--url" => args.url = val(),
+                "--events" => args.events = val().parse().expect("--events N"),
+                "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
+                "--rate" => args.rate = Some(val().parse().expect("--rate R")),
+                "--bench" => {}
+                other => panic!("unknown argument {other}"),
+            }
+        }
+        args
+    }
+}
+
 /// The event name the benchmark job listens to.
 pub const EVENT: &str = "bench.event";
 

@@ -7,6 +7,8 @@
 //! does). An absent or null payload matches only the empty filter. Evaluation is total: no
 //! JSON, however odd, makes it panic.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// What trigger.dev matches a dispatcher's filters against (its `EventMatcher`): for a JSON
@@ -171,8 +173,10 @@ pub fn first_mismatch(payload: Option<&Value>, filter: &Value, path: &str) -> Op
     };
 
     for (key, pattern) in filter {
-        let here = format!("{path}.{key}");
+        // The path is written only for a failure (or to descend): matching allocates nothing.
+        let here = || format!("{path}.{key}");
         let actual = js_index(payload, key);
+        let actual = actual.as_deref();
         match pattern {
             Value::Array(items) => {
                 if items.is_empty() {
@@ -180,25 +184,26 @@ pub fn first_mismatch(payload: Option<&Value>, filter: &Value, path: &str) -> Op
                 }
                 let all = |f: fn(&Value) -> bool| items.iter().all(f);
                 if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean) {
-                    if items.iter().any(|item| js_strict_eq(actual.as_ref(), item)) {
+                    if items.iter().any(|item| js_strict_eq(actual, item)) {
                         continue;
                     }
-                    return Some(here);
+                    return Some(here());
                 }
-                if !content_filters_match(actual.as_ref(), items) {
-                    return Some(here);
+                if !content_filters_match(actual, items) {
+                    return Some(here());
                 }
             }
             Value::Object(_) => {
-                let failed = match &actual {
+                let failed = match actual {
                     Some(Value::Array(elems)) => {
                         if elems.iter().any(|e| event_filter_matches(Some(e), pattern)) {
                             None
                         } else {
-                            Some(here)
+                            Some(here())
                         }
                     }
-                    other => first_mismatch(other.as_ref(), pattern, &here),
+                    other if event_filter_matches(other, pattern) => None,
+                    other => first_mismatch(other, pattern, &here()),
                 };
                 if failed.is_some() {
                     return failed;
@@ -211,26 +216,29 @@ pub fn first_mismatch(payload: Option<&Value>, filter: &Value, path: &str) -> Op
     None
 }
 
-/// `value[key]` as JavaScript reads it from parsed JSON.
-fn js_index(value: &Value, key: &str) -> Option<Value> {
+/// `value[key]` as JavaScript reads it from parsed JSON: borrowed from an object or array,
+/// made for what only exists in JavaScript (`length`, a string's code unit).
+fn js_index<'a>(value: &'a Value, key: &str) -> Option<Cow<'a, Value>> {
     match value {
-        Value::Object(map) => map.get(key).cloned(),
+        Value::Object(map) => map.get(key).map(Cow::Borrowed),
         Value::Array(items) => {
             if key == "length" {
-                Some(Value::from(items.len()))
+                Some(Cow::Owned(Value::from(items.len())))
             } else {
-                array_index(key).and_then(|i| items.get(i).cloned())
+                array_index(key)
+                    .and_then(|i| items.get(i))
+                    .map(Cow::Borrowed)
             }
         }
         Value::String(s) => {
             // JavaScript strings index by UTF-16 code unit.
             let units: Vec<u16> = s.encode_utf16().collect();
             if key == "length" {
-                Some(Value::from(units.len()))
+                Some(Cow::Owned(Value::from(units.len())))
             } else {
                 array_index(key)
                     .and_then(|i| units.get(i).copied())
-                    .map(|u| Value::String(String::from_utf16_lossy(&[u])))
+                    .map(|u| Cow::Owned(Value::String(String::from_utf16_lossy(&[u]))))
             }
         }
         _ => None,

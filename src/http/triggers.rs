@@ -151,17 +151,16 @@ pub async fn match_event(
     let context = e.context.unwrap_or(Value::Null);
     let mut matches = Vec::new();
     let mut misses = Vec::new();
+    let facts = triggers::EventFacts {
+        name: &e.name,
+        source: &source,
+        account,
+        payload_type: e.payload_type.as_deref().unwrap_or("JSON"),
+        payload: &e.payload,
+        context: &context,
+    };
     for d in triggers::list_dispatchers(&state.pool, &env).await? {
-        let payload_type = e.payload_type.as_deref().unwrap_or("JSON");
-        match triggers::why_not(
-            &d,
-            &e.name,
-            &source,
-            account,
-            payload_type,
-            &e.payload,
-            &context,
-        ) {
+        match triggers::why_not(&d, facts) {
             None => matches.push(json!({"dispatcher": d})),
             Some(reason) => misses.push(json!({"dispatcher": d, "reason": reason})),
         }

@@ -1,25 +1,33 @@
 //! `deliverEvent`: match events against their environments' dispatchers and enqueue one
 //! `events.invokeDispatcher` job per match.
 
+use std::collections::HashMap;
+
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::JobError;
-use crate::events::filter::dispatcher_matches;
 use crate::queue::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
 };
 use crate::trace::TraceParent;
+use crate::triggers::{EventFacts, RuleRef, rule_miss};
 
-/// Deliver a batch of events: `(priority of the job, args)` each, with the jobs' trace
-/// parents in the same order.
+/// One event to deliver: its id, and what its invocations inherit from its job.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub args: DeliverEventArgs,
+    pub priority: JobPriority,
+    pub trace: Option<TraceParent>,
+}
+
+/// Deliver a batch of events.
 pub async fn run(
     tx: &mut PgConnection,
     queue: &QueueService,
-    batch: &[(i16, DeliverEventArgs)],
-    traces: &[Option<String>],
+    batch: &[Delivery],
 ) -> Result<(), JobError> {
-    let ids: Vec<Uuid> = batch.iter().map(|(_, a)| a.id).collect();
+    let ids: Vec<Uuid> = batch.iter().map(|d| d.args.id).collect();
     // Stamp the events delivered and read them back in one statement. The row locks (taken
     // in id order) serialize delivery against a concurrent cancel; cancelled, delivered and
     // vanished events drop out here, so delivering them is a no-op.
@@ -52,47 +60,39 @@ pub async fn run(
     .fetch_all(&mut *tx)
     .await?;
 
-    let priority_of = |id: Uuid| {
-        batch
-            .iter()
-            .find(|(_, a)| a.id == id)
-            .map_or(JobPriority::High, |(p, _)| JobPriority::from_i16(*p))
-    };
-    // The invocations continue their delivery's trace.
-    let trace_of = |id: Uuid| {
-        batch
-            .iter()
-            .position(|(_, a)| a.id == id)
-            .and_then(|i| traces.get(i).cloned().flatten())
-            .and_then(|t| TraceParent::parse(&t))
-    };
+    let by_event: HashMap<Uuid, &Delivery> = batch.iter().map(|d| (d.args.id, d)).collect();
     let mut jobs = Vec::new();
     for e in &events {
-        let trace = trace_of(e.id);
+        let delivery = by_event.get(&e.id);
+        // The invocations keep the job's priority and continue its trace.
+        let priority = delivery.map_or(JobPriority::High, |d| d.priority);
+        let trace = delivery.and_then(|d| d.trace.as_ref());
+        let facts = EventFacts {
+            name: &e.name,
+            source: &e.source,
+            account: e.external_account_id,
+            payload_type: &e.payload_type,
+            payload: &e.payload,
+            context: &e.context,
+        };
         let mut matched = 0;
         for d in &candidates {
-            let selected = d.environment_id == e.environment_id
-                && d.event_names.contains(&e.name)
-                && d.source == e.source
-                && (d.external_account_id.is_none()
-                    || d.external_account_id == e.external_account_id);
-            if selected
-                && dispatcher_matches(
-                    d.payload_filter.as_ref(),
-                    d.context_filter.as_ref(),
-                    &e.payload_type,
-                    &e.payload,
-                    &e.context,
-                )
-            {
+            let rule = RuleRef {
+                event_names: &d.event_names,
+                source: &d.source,
+                account: d.external_account_id,
+                payload_filter: d.payload_filter.as_ref(),
+                context_filter: d.context_filter.as_ref(),
+            };
+            if d.environment_id == e.environment_id && rule_miss(rule, facts).is_none() {
                 jobs.push(JobInsert::invoke_dispatcher(
                     InvokeDispatcherArgs {
                         id: d.id,
                         event_record_id: e.id,
                     },
                     InsertOpts {
-                        priority: priority_of(e.id),
-                        trace_parent: trace.as_ref().map(|t| t.child().to_string()),
+                        priority,
+                        trace_parent: trace.map(|t| t.child().to_string()),
                         ..InsertOpts::default()
                     },
                 ));
@@ -100,7 +100,7 @@ pub async fn run(
             }
         }
         tracing::debug!(event = %e.id, environment = %e.environment_id, name = %e.name,
-            matched, trace_id = trace.as_ref().map(|t| t.trace_id.as_str()).unwrap_or_default(),
+            matched, trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
             "event delivered");
     }
     let matched = jobs.len();

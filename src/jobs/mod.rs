@@ -8,7 +8,8 @@ pub mod invoke_dispatcher;
 use sqlx::PgConnection;
 
 use crate::failpoint::{self, Fault};
-use crate::queue::{Job, JobKind, QueueService};
+use crate::queue::{Job, JobKind, JobPriority, QueueService};
+use crate::trace::TraceParent;
 
 /// How long to wait before attempt `attempt + 1` of a job of `kind` whose attempt
 /// `attempt` (1-based) failed: `min(base * 2^(attempt - 1), max)`, times a jitter the caller
@@ -80,9 +81,16 @@ pub async fn run_batch(
     }
     match JobKind::parse(kind) {
         Some(JobKind::DeliverEvent) => {
-            let args = parse_all(jobs)?;
-            let traces: Vec<Option<String>> = jobs.iter().map(|j| j.trace_parent.clone()).collect();
-            deliver_event::run(tx, queue, &args, &traces).await
+            let batch: Vec<deliver_event::Delivery> = parse_all(jobs)?
+                .into_iter()
+                .zip(jobs)
+                .map(|((priority, args), job)| deliver_event::Delivery {
+                    args,
+                    priority: JobPriority::from_i16(priority),
+                    trace: job.trace_parent.as_deref().and_then(TraceParent::parse),
+                })
+                .collect();
+            deliver_event::run(tx, queue, &batch).await
         }
         Some(JobKind::InvokeDispatcher) => {
             let args: Vec<_> = parse_all(jobs)?.into_iter().map(|(_, a)| a).collect();

@@ -138,6 +138,11 @@ impl Job {
     pub fn trace_id(&self) -> Option<String> {
         crate::trace::trace_id_of(self.trace_parent.as_deref())
     }
+
+    /// The message of the last error recorded on the job.
+    pub fn last_error(&self) -> Option<&str> {
+        self.errors.as_array()?.last()?.get("error")?.as_str()
+    }
 }
 
 /// The result of an insert: the job, and whether an equal job already existed (in which case
