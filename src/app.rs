@@ -104,8 +104,11 @@ pub async fn declare_topology(store: &StoreConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token cancelled by SIGTERM or Ctrl-C.
-pub fn shutdown_on_signal() -> CancellationToken {
+/// A token cancelled by SIGTERM or Ctrl-C. From then on the process has `deadline` to
+/// drain: past it, it exits with status 1 whatever its tasks are doing (a thread of its
+/// own keeps the time, so a stuck runtime cannot hold it), and RabbitMQ hands the messages
+/// it held to other consumers.
+pub fn shutdown_on_signal(deadline: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -122,8 +125,19 @@ pub fn shutdown_on_signal() -> CancellationToken {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
+        tracing::info!(
+            deadline_ms = deadline.as_millis() as u64,
+            "shutdown requested"
+        );
         t.cancel();
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline);
+            tracing::error!(
+                deadline_ms = deadline.as_millis() as u64,
+                "drain deadline passed with work unfinished; exiting (SHUTDOWN_DEADLINE_MS sets it)"
+            );
+            std::process::exit(1);
+        });
     });
     token
 }
@@ -136,6 +150,8 @@ pub struct Process {
     pub relay: RelayConfig,
     pub worker: WorkerConfig,
     pub http: Option<tokio::net::TcpListener>,
+    /// Timeouts and the in-flight bound of the HTTP API.
+    pub http_config: HttpConfig,
     /// Where a process without the HTTP API serves `/metrics`, `/healthz` and `/readyz`.
     pub metrics: Option<tokio::net::TcpListener>,
 }
@@ -144,12 +160,12 @@ impl Process {
     /// Run the roles until `shutdown`; returns when every role has finished its work.
     pub async fn run(self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
-        let ops_state = OpsState {
-            pool: self.pool.clone(),
-            amqp_url: self.amqp_url.clone(),
+        let ops_state = OpsState::new(
+            self.pool.clone(),
+            self.amqp_url.clone(),
             roles,
-            shutdown: shutdown.clone(),
-        };
+            shutdown.clone(),
+        );
         if let Some(listener) = self.metrics {
             tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
         }
@@ -167,6 +183,7 @@ impl Process {
                 listener,
                 AppState::new(self.pool.clone()),
                 ops_state.clone(),
+                self.http_config.clone(),
                 shutdown.clone(),
             ))),
             (true, None) => anyhow::bail!("the http role needs a listener"),
@@ -196,12 +213,12 @@ pub async fn start(
     metrics: Option<&MetricsConfig>,
 ) -> anyhow::Result<Process> {
     let pool = open_database(store).await?;
-    let http = match http {
-        Some(h) => Some(tokio::net::TcpListener::bind(h.http_addr).await?),
+    let http_listener = match http {
+        Some(h) => Some(bind(h.http_addr, "HTTP_ADDR", "--http").await?),
         None => None,
     };
     let metrics = match metrics {
-        Some(m) => Some(tokio::net::TcpListener::bind(m.metrics_addr).await?),
+        Some(m) => Some(bind(m.metrics_addr, "METRICS_ADDR", "--metrics").await?),
         None => None,
     };
     Ok(Process {
@@ -210,7 +227,22 @@ pub async fn start(
         amqp_url: store.amqp_url.clone(),
         relay,
         worker,
-        http,
+        http: http_listener,
+        http_config: http.cloned().unwrap_or_default(),
         metrics,
+    })
+}
+
+/// Listen on `addr`, or say which address failed and how to choose another.
+async fn bind(
+    addr: std::net::SocketAddr,
+    variable: &str,
+    flag: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr}: {e}. Set another address with {variable} or {flag} \
+             (port 0 picks a free one), or stop the process that holds it"
+        )
     })
 }

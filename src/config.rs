@@ -3,13 +3,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Where the stores are. Shared by every command.
-#[derive(Debug, Clone, clap::Args)]
+/// Where the stores are. Shared by every command. Its `Debug` hides the passwords of the
+/// URLs, and `--help` does not print their values from the environment.
+#[derive(Clone, clap::Args)]
 pub struct StoreConfig {
     /// Postgres connection string.
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://localhost/kongflow"
     )]
     pub database_url: String,
@@ -18,6 +20,7 @@ pub struct StoreConfig {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
@@ -187,12 +190,96 @@ pub struct MetricsConfig {
     pub metrics_addr: SocketAddr,
 }
 
-/// HTTP listener.
+/// HTTP listener and the bounds on what one client can hold of it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {
-    /// Address the HTTP API listens on.
+    /// Address the HTTP API listens on (`0` as port: any free one).
     #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:3030")]
     pub http_addr: SocketAddr,
+
+    /// How long a client may take to send a request's headers, in milliseconds, counted
+    /// from the connection's start or the end of the previous response: it is also how
+    /// long an idle keep-alive connection stays open.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
+
+    /// Longest a request may take, body upload included, in milliseconds; past it the API
+    /// answers 408.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub http_request_timeout_ms: u64,
+
+    /// Most API requests served at once; beyond it the API answers 503 with `Retry-After`
+    /// (the v2 SDK retries). `/metrics`, `/healthz` and `/readyz` are not counted.
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub http_max_in_flight: usize,
+}
+
+impl HttpConfig {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms)
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 3030)),
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 30_000,
+            http_max_in_flight: 256,
+        }
+    }
+}
+
+/// How a long-running process stops.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long the process may take to finish what it holds, in
+    /// milliseconds; past it the process exits anyway (status 1), and the messages it held
+    /// unacknowledged go back to RabbitMQ. Keep it below the pod's grace period.
+    #[arg(long, env = "SHUTDOWN_DEADLINE_MS", default_value_t = 20_000)]
+    pub shutdown_deadline_ms: u64,
+}
+
+impl ShutdownConfig {
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.shutdown_deadline_ms)
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("amqp_prefix", &self.amqp_prefix)
+            .field("amqp_queue_expires_ms", &self.amqp_queue_expires_ms)
+            .field("delay_lead_ms", &self.delay_lead_ms)
+            .field("database_max_connections", &self.database_max_connections)
+            .field("no_migrate", &self.no_migrate)
+            .finish()
+    }
+}
+
+/// A connection URL with its password (the part between `user:` and `@`) replaced by
+/// `***`, fit to print.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The authority ends at the first `/`, `?` or `#`; its credentials at its last `@`.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
 }
 
 impl StoreConfig {
@@ -204,5 +291,28 @@ impl StoreConfig {
             Some(ms) => t.with_queue_expiry(ms),
             None => t,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted_and_nothing_else() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p@ss@db/kongflow?sslmode=require"),
+            "postgres://app:***@db/kongflow?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://localhost/kongflow"),
+            "postgres://localhost/kongflow"
+        );
+        assert_eq!(redact_url("postgres://app@db/k"), "postgres://app@db/k");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

@@ -14,6 +14,10 @@ pub const WORKER_AFTER_COMMIT: &str = "worker-after-commit";
 /// The relay has its publisher confirms and is about to mark the jobs published.
 pub const RELAY_AFTER_CONFIRM: &str = "relay-after-confirm";
 
+/// The worker has locked a batch's jobs and blocks its thread, as a runaway computation
+/// would: for the test of the drain deadline.
+pub const WORKER_STALL: &str = "worker-stall";
+
 fn active() -> &'static [String] {
     static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
     ACTIVE.get_or_init(|| {
@@ -32,6 +36,17 @@ pub fn hit(name: &str) {
     if active().iter().any(|n| n == name) {
         eprintln!("failpoint {name} hit: aborting");
         std::process::abort();
+    }
+}
+
+/// Block the calling thread for good if the failpoint `name` is active (it says so on
+/// stderr first). Only the process's exit ends it.
+pub fn stall(name: &str) {
+    if active().iter().any(|n| n == name) {
+        eprintln!("failpoint {name} hit: stalling");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 

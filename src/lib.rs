@@ -17,7 +17,8 @@
 //! - [`worker`]: consumes messages and runs the handlers in [`jobs`], one transaction per batch.
 //! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
 //! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
-//! - [`config`], [`app`]: configuration and the long-running processes.
+//! - [`config`], [`app`]: configuration and the long-running processes; `serve` runs their
+//!   HTTP listeners with timeouts.
 
 pub mod admin;
 pub mod amqp;
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod ops;
 pub mod queue;
 pub mod relay;
+mod serve;
 pub mod trace;
 pub mod triggers;
 pub mod worker;

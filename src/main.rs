@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand};
 use kongflow_events::admin::{self, StateFilter};
 use kongflow_events::app::{self, Roles};
-use kongflow_events::config::{HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::config::{
+    HttpConfig, MetricsConfig, RelayConfig, ShutdownConfig, StoreConfig, WorkerConfig,
+};
 use kongflow_events::db::environments::{self, EnvironmentType};
 
 #[derive(Parser)]
@@ -25,6 +27,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         http: HttpConfig,
+        #[command(flatten)]
+        stop: ShutdownConfig,
     },
     /// Publish jobs from the outbox to RabbitMQ.
     Relay {
@@ -32,6 +36,8 @@ enum Command {
         relay: RelayConfig,
         #[command(flatten)]
         metrics: MetricsConfig,
+        #[command(flatten)]
+        stop: ShutdownConfig,
     },
     /// Consume and run jobs.
     Worker {
@@ -39,6 +45,8 @@ enum Command {
         worker: WorkerConfig,
         #[command(flatten)]
         metrics: MetricsConfig,
+        #[command(flatten)]
+        stop: ShutdownConfig,
     },
     /// HTTP API, relay and worker in one process.
     All {
@@ -48,6 +56,8 @@ enum Command {
         relay: RelayConfig,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        stop: ShutdownConfig,
     },
     /// Manage environments and their API keys.
     Env {
@@ -154,8 +164,8 @@ async fn main() -> anyhow::Result<()> {
             app::declare_topology(&store).await?;
             println!("topology declared (prefix {:?})", store.amqp_prefix);
         }
-        Command::Serve { http } => {
-            let shutdown = app::shutdown_on_signal();
+        Command::Serve { http, stop } => {
+            let shutdown = app::shutdown_on_signal(stop.deadline());
             let p = app::start(
                 &store,
                 RelayConfig::default(),
@@ -171,8 +181,12 @@ async fn main() -> anyhow::Result<()> {
             };
             p.run(roles, shutdown).await?;
         }
-        Command::Relay { relay, metrics } => {
-            let shutdown = app::shutdown_on_signal();
+        Command::Relay {
+            relay,
+            metrics,
+            stop,
+        } => {
+            let shutdown = app::shutdown_on_signal(stop.deadline());
             let p =
                 app::start(&store, relay, WorkerConfig::default(), None, Some(&metrics)).await?;
             let roles = Roles {
@@ -182,8 +196,12 @@ async fn main() -> anyhow::Result<()> {
             };
             p.run(roles, shutdown).await?;
         }
-        Command::Worker { worker, metrics } => {
-            let shutdown = app::shutdown_on_signal();
+        Command::Worker {
+            worker,
+            metrics,
+            stop,
+        } => {
+            let shutdown = app::shutdown_on_signal(stop.deadline());
             let p =
                 app::start(&store, RelayConfig::default(), worker, None, Some(&metrics)).await?;
             let roles = Roles {
@@ -197,8 +215,9 @@ async fn main() -> anyhow::Result<()> {
             http,
             relay,
             worker,
+            stop,
         } => {
-            let shutdown = app::shutdown_on_signal();
+            let shutdown = app::shutdown_on_signal(stop.deadline());
             let p = app::start(&store, relay, worker, Some(&http), None).await?;
             p.run(Roles::ALL, shutdown).await?;
         }

@@ -3,6 +3,7 @@
 //! not shutting down). The HTTP API serves these routes itself; a relay or worker process
 //! serves them on `METRICS_ADDR`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -16,14 +17,32 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Roles;
 use crate::metrics::metrics;
 
-/// What the readiness check looks at.
+/// What the readiness check looks at, and its last result.
 #[derive(Clone)]
 pub struct OpsState {
     pub pool: PgPool,
     pub amqp_url: String,
     pub roles: Roles,
     pub shutdown: CancellationToken,
+    /// What the last probe found wrong (`None` before the first probe): `/readyz` answers
+    /// from it, so a flood of probes costs nothing and opens no connection.
+    pub last_probe: Arc<Mutex<Option<Vec<String>>>>,
 }
+
+impl OpsState {
+    pub fn new(pool: PgPool, amqp_url: String, roles: Roles, shutdown: CancellationToken) -> Self {
+        Self {
+            pool,
+            amqp_url,
+            roles,
+            shutdown,
+            last_probe: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// How often readiness is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 pub fn router(state: OpsState) -> Router {
     Router::new()
@@ -44,17 +63,24 @@ async fn render_metrics() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
-    let problems = readiness_problems(&state).await;
-    metrics().ready.set(problems.is_empty() as i64);
-    if problems.is_empty() {
-        (StatusCode::OK, "ready".into())
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, problems.join("; "))
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
+    }
+    let last = state.last_probe.lock().expect("probe lock").clone();
+    match last {
+        Some(problems) if problems.is_empty() => (StatusCode::OK, "ready".into()),
+        Some(problems) => (StatusCode::SERVICE_UNAVAILABLE, problems.join("; ")),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not probed yet".into()),
     }
 }
 
-/// Why the process is not ready; empty when it is.
-pub async fn readiness_problems(state: &OpsState) -> Vec<String> {
+/// Why the process is not ready; empty when it is. An HTTP-only process holds no broker
+/// connection of its own: `probe_conn` keeps one open for this check, opened again only
+/// when it has dropped.
+async fn readiness_problems(
+    state: &OpsState,
+    probe_conn: &mut Option<lapin::Connection>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     if state.shutdown.is_cancelled() {
         problems.push("shutting down".to_string());
@@ -78,17 +104,19 @@ pub async fn readiness_problems(state: &OpsState) -> Vec<String> {
         amqp_roles.push("worker");
     }
     if amqp_roles.is_empty() {
-        // An HTTP-only process holds no broker connection: try one.
-        let ok = tokio::time::timeout(
-            Duration::from_secs(2),
-            crate::amqp::connect(&state.amqp_url, "kongflow-readyz"),
-        )
-        .await;
-        match ok {
-            Ok(Ok(conn)) => {
-                let _ = conn.close(200, "ready".into()).await;
-            }
-            _ => problems.push("rabbitmq unreachable".to_string()),
+        if !probe_conn.as_ref().is_some_and(|c| c.status().connected()) {
+            *probe_conn = match tokio::time::timeout(
+                Duration::from_secs(2),
+                crate::amqp::connect(&state.amqp_url, "kongflow-readyz"),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => Some(conn),
+                _ => None,
+            };
+        }
+        if probe_conn.is_none() {
+            problems.push("rabbitmq unreachable".to_string());
         }
     }
     for role in amqp_roles {
@@ -99,18 +127,23 @@ pub async fn readiness_problems(state: &OpsState) -> Vec<String> {
     problems
 }
 
-/// Keep `kongflow_ready` and `kongflow_postgres_up` current (every 5 s) whether or not
-/// anyone calls `/readyz`, until shutdown; then not ready.
+/// Probe readiness every [`PROBE_INTERVAL`] until shutdown, keeping `kongflow_ready`,
+/// `kongflow_postgres_up` and the answer of `/readyz` current; then not ready.
 pub async fn probe_readiness(state: OpsState) {
+    let mut probe_conn = None;
     loop {
-        let ready = readiness_problems(&state).await.is_empty();
-        metrics().ready.set(ready as i64);
+        let problems = readiness_problems(&state, &mut probe_conn).await;
+        metrics().ready.set(problems.is_empty() as i64);
+        *state.last_probe.lock().expect("probe lock") = Some(problems);
         tokio::select! {
             _ = state.shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
         }
     }
     metrics().ready.set(0);
+    if let Some(conn) = probe_conn {
+        let _ = conn.close(200, "bye".into()).await;
+    }
 }
 
 /// Serve the operator routes on `listener` until `shutdown`.
@@ -120,10 +153,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::serve::serve(listener, router(state), OPS_HEADER_TIMEOUT, shutdown).await
 }
+
+/// Scrapers and probes send their headers at once.
+const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Counts one live connection of a role for as long as it is held.
 pub struct ConnectedGuard(&'static str);

@@ -8,6 +8,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::db::environments::Environment;
+use crate::events::filter::{Evaluator, OverBudget};
 
 /// Which events a dispatcher takes: names, source and filters.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,13 +50,44 @@ pub enum RegisterError {
     Db(#[from] sqlx::Error),
 }
 
+/// Most event names one rule may list.
+pub const MAX_RULE_EVENT_NAMES: usize = 100;
+/// Largest payload and context filters of one rule together, serialized as JSON.
+pub const MAX_RULE_FILTER_BYTES: usize = 16 * 1024;
+/// Most dispatchers one environment may have (jobs and dynamic-trigger registrations).
+pub const MAX_DISPATCHERS_PER_ENV: i64 = 1_000;
+/// Most jobs one dynamic trigger may run.
+pub const MAX_JOBS_PER_DYNAMIC_TRIGGER: usize = 100;
+/// Longest id, key, version, event name or source a registration stores, in characters.
+pub const MAX_REGISTERED_CHARS: usize = 255;
+
+/// `what` must be 1 to [`MAX_REGISTERED_CHARS`] characters.
+pub fn check_text(what: &str, value: &str) -> Result<(), RegisterError> {
+    if value.is_empty() || value.chars().count() > MAX_REGISTERED_CHARS {
+        return Err(RegisterError::Invalid(format!(
+            "{what} must be 1 to {MAX_REGISTERED_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
 impl EventRule {
     fn validate(&self) -> Result<(), RegisterError> {
-        if self.event_names.is_empty() || self.event_names.iter().any(String::is_empty) {
+        if self.event_names.is_empty() {
             return Err(RegisterError::Invalid(
-                "trigger.event must name at least one event, and no name may be empty".into(),
+                "trigger.event must name at least one event".into(),
             ));
         }
+        if self.event_names.len() > MAX_RULE_EVENT_NAMES {
+            return Err(RegisterError::Invalid(format!(
+                "trigger.event lists at most {MAX_RULE_EVENT_NAMES} event names"
+            )));
+        }
+        for name in &self.event_names {
+            check_text("each name in trigger.event", name)?;
+        }
+        check_text("trigger.source", &self.source)?;
+        let mut filter_bytes = 0;
         for (name, f) in [
             ("trigger.payload", &self.payload_filter),
             ("trigger.context", &self.context_filter),
@@ -66,7 +98,14 @@ impl EventRule {
                 crate::events::filter::validate_filter(f).map_err(|e| {
                     RegisterError::Invalid(format!("{name}{}", e.trim_start_matches('$')))
                 })?;
+                filter_bytes += crate::events::json_len(f);
             }
+        }
+        if filter_bytes > MAX_RULE_FILTER_BYTES {
+            return Err(RegisterError::Invalid(format!(
+                "trigger.payload and trigger.context are {filter_bytes} bytes of JSON together; \
+                 at most {MAX_RULE_FILTER_BYTES} are accepted"
+            )));
         }
         Ok(())
     }
@@ -89,10 +128,9 @@ pub async fn register_job(
     slug: &str,
     reg: &JobRegistration,
 ) -> Result<RegisteredJob, RegisterError> {
+    check_text("job id", slug)?;
+    check_text("version", &reg.version)?;
     reg.rule.validate()?;
-    if reg.version.is_empty() {
-        return Err(RegisterError::Invalid("version must not be empty".into()));
-    }
     let mut tx = pool.begin().await?;
     let job_id = sqlx::query_scalar!(
         r#"INSERT INTO jobs (id, environment_id, slug) VALUES ($1, $2, $3)
@@ -156,6 +194,15 @@ pub async fn register_dynamic_trigger(
     slug: &str,
     job_slugs: &[String],
 ) -> Result<Uuid, RegisterError> {
+    check_text("dynamic trigger id", slug)?;
+    if job_slugs.len() > MAX_JOBS_PER_DYNAMIC_TRIGGER {
+        return Err(RegisterError::Invalid(format!(
+            "jobs: a dynamic trigger runs at most {MAX_JOBS_PER_DYNAMIC_TRIGGER} jobs"
+        )));
+    }
+    for job in job_slugs {
+        check_text("each id in jobs", job)?;
+    }
     let mut tx = pool.begin().await?;
     let trigger_id = sqlx::query_scalar!(
         r#"INSERT INTO dynamic_triggers (id, environment_id, slug) VALUES ($1, $2, $3)
@@ -206,6 +253,8 @@ pub async fn register_dynamic_registration(
     key: &str,
     rule: &EventRule,
 ) -> Result<Uuid, RegisterError> {
+    check_text("dynamic trigger id", trigger_slug)?;
+    check_text("registration key", key)?;
     rule.validate()?;
     let mut tx = pool.begin().await?;
     let trigger_id = sqlx::query_scalar!(
@@ -240,6 +289,9 @@ struct DispatcherTarget {
     target_id: Uuid,
 }
 
+/// Insert or update the dispatcher of `target.owner`. A new one is refused when the
+/// environment has [`MAX_DISPATCHERS_PER_ENV`] already; registrations of one environment
+/// take a transaction-scoped advisory lock first, so two at once cannot both pass the count.
 async fn upsert_dispatcher(
     conn: &mut PgConnection,
     env: &Environment,
@@ -247,8 +299,28 @@ async fn upsert_dispatcher(
     target: DispatcherTarget,
     enabled: bool,
     manual: bool,
-) -> Result<Uuid, sqlx::Error> {
-    sqlx::query_scalar!(
+) -> Result<Uuid, RegisterError> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
+        env.id
+    )
+    .execute(&mut *conn)
+    .await?;
+    let counted = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "others!" FROM event_dispatchers
+           WHERE environment_id = $1 AND dispatchable_id <> $2"#,
+        env.id,
+        target.owner
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if counted >= MAX_DISPATCHERS_PER_ENV {
+        return Err(RegisterError::Invalid(format!(
+            "the environment has {counted} dispatchers already, the most it may have \
+             ({MAX_DISPATCHERS_PER_ENV}); delete registrations it no longer needs"
+        )));
+    }
+    Ok(sqlx::query_scalar!(
         r#"INSERT INTO event_dispatchers
                (id, environment_id, event_names, source, payload_filter, context_filter,
                 enabled, manual, dispatchable_type, dispatchable_id, target_id)
@@ -273,7 +345,7 @@ async fn upsert_dispatcher(
         target.target_id
     )
     .fetch_one(conn)
-    .await
+    .await?)
 }
 
 /// Remove a dynamic trigger's registration (its dispatcher). `false` if there was none.
@@ -320,11 +392,20 @@ pub struct DispatcherView {
     pub external_account_id: Option<Uuid>,
 }
 
-/// Every dispatcher of the environment, oldest first.
+/// Most dispatchers one page of a listing holds.
+pub const MAX_DISPATCHER_PAGE: i64 = 500;
+
+/// A page of the environment's dispatchers, oldest first: at most `limit` (1 to
+/// [`MAX_DISPATCHER_PAGE`]) after the dispatcher `after`, and the id to pass as `after` for
+/// the next page when there is one.
 pub async fn list_dispatchers(
     pool: &PgPool,
     env: &Environment,
-) -> Result<Vec<DispatcherView>, sqlx::Error> {
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<(Vec<DispatcherView>, Option<Uuid>), sqlx::Error> {
+    let limit = limit.clamp(1, MAX_DISPATCHER_PAGE);
+    // Ids are UUIDv7: their order is their creation order.
     let rows = sqlx::query!(
         r#"SELECT d.id, d.dispatchable_type, d.dispatchable_id, d.event_names, d.source,
                   d.payload_filter, d.context_filter, d.enabled, d.manual, d.external_account_id,
@@ -333,13 +414,16 @@ pub async fn list_dispatchers(
            LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
            LEFT JOIN jobs j ON j.id = v.job_id
            LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id
-           WHERE d.environment_id = $1
-           ORDER BY d.created_at, d.id"#,
-        env.id
+           WHERE d.environment_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
+           ORDER BY d.id
+           LIMIT $3"#,
+        env.id,
+        after,
+        limit + 1
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
+    let mut page: Vec<DispatcherView> = rows
         .into_iter()
         .map(|r| DispatcherView {
             id: r.id,
@@ -361,7 +445,14 @@ pub async fn list_dispatchers(
             manual: r.manual,
             external_account_id: r.external_account_id,
         })
-        .collect())
+        .collect();
+    let next = if page.len() as i64 > limit {
+        page.truncate(limit as usize);
+        page.last().map(|d| d.id)
+    } else {
+        None
+    };
+    Ok((page, next))
 }
 
 /// Enable or disable a dispatcher of the environment. `false` if it has none by that id.
@@ -415,29 +506,36 @@ pub enum Miss {
 }
 
 /// The one place that says whether a dispatcher's rule takes an event: delivery
-/// (`jobs::deliver_event`) and the dry run (`why_not`) both ask here.
-pub fn rule_miss(rule: RuleRef<'_>, e: EventFacts<'_>) -> Option<Miss> {
+/// (`jobs::deliver_event`) and the dry run (`why_not`) both ask here. Filters are evaluated
+/// by `eval`, whose step budget is the event's, across all the rules it is checked against.
+pub fn rule_miss(
+    eval: &mut Evaluator,
+    rule: RuleRef<'_>,
+    e: EventFacts<'_>,
+) -> Result<Option<Miss>, OverBudget> {
     if !rule.event_names.iter().any(|n| n == e.name) {
-        return Some(Miss::Name);
+        return Ok(Some(Miss::Name));
     }
     if rule.source != e.source {
-        return Some(Miss::Source);
+        return Ok(Some(Miss::Source));
     }
     if rule.account.is_some() && rule.account != e.account {
-        return Some(Miss::Account);
+        return Ok(Some(Miss::Account));
     }
-    crate::events::filter::dispatcher_mismatch(
-        rule.payload_filter,
-        rule.context_filter,
-        e.payload_type,
-        e.payload,
-        e.context,
-    )
-    .map(Miss::Filter)
+    Ok(eval
+        .dispatcher_mismatch(
+            rule.payload_filter,
+            rule.context_filter,
+            e.payload_type,
+            e.payload,
+            e.context,
+        )?
+        .map(Miss::Filter))
 }
 
-/// Why a dispatcher would not take an event: the first reason, in the order delivery checks.
-pub fn why_not(d: &DispatcherView, e: EventFacts<'_>) -> Option<String> {
+/// Why a dispatcher would not take an event: the first reason, in the order delivery
+/// checks. The reasons do not repeat the event or the rule: the dry run shows both.
+pub fn why_not(eval: &mut Evaluator, d: &DispatcherView, e: EventFacts<'_>) -> Option<String> {
     if !d.enabled {
         return Some("disabled".into());
     }
@@ -451,10 +549,12 @@ pub fn why_not(d: &DispatcherView, e: EventFacts<'_>) -> Option<String> {
         payload_filter: d.payload.as_ref(),
         context_filter: d.context.as_ref(),
     };
-    rule_miss(rule, e).map(|miss| match miss {
-        Miss::Name => format!("event name {:?} is not one of {:?}", e.name, d.event_names),
-        Miss::Source => format!("source {:?} is not {:?}", e.source, d.source),
-        Miss::Account => "bound to another account".into(),
-        Miss::Filter(path) => format!("filter failed at {path}"),
-    })
+    match rule_miss(eval, rule, e) {
+        Ok(None) => None,
+        Ok(Some(Miss::Name)) => Some("event name is not one of eventNames".into()),
+        Ok(Some(Miss::Source)) => Some("source is not the dispatcher's source".into()),
+        Ok(Some(Miss::Account)) => Some("bound to another account".into()),
+        Ok(Some(Miss::Filter(path))) => Some(format!("filter failed at {path}")),
+        Err(over) => Some(over.to_string()),
+    }
 }

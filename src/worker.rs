@@ -418,6 +418,9 @@ impl Worker {
             }
         }
         let live: Vec<Job> = rows.into_iter().map(Job::from).collect();
+        if !live.is_empty() {
+            failpoint::stall(failpoint::WORKER_STALL);
+        }
         let started_at = Utc::now();
         for job in &live {
             tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,

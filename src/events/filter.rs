@@ -75,8 +75,297 @@ pub fn is_request_payload(payload: &Value) -> bool {
     parse_request(payload).is_some()
 }
 
+/// Most evaluation steps one event may cost, across every dispatcher it is checked
+/// against. A step is one filter key looked up, one list member or array element compared,
+/// one byte of a string indexed or compared without case. With the limits on filters
+/// ([`MAX_FILTER_NODES`]) and payloads, only a filter built to be expensive comes near it;
+/// an event that passes it is not matched (delivery gives it up as a permanent failure, the
+/// dry run says so) instead of holding a worker.
+pub const EVAL_BUDGET: u64 = 1_000_000;
+
+/// The evaluation of one event went over its step budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("filter evaluation passed its budget of {0} steps")]
+pub struct OverBudget(pub u64);
+
+/// Evaluates filters in one walk: each filter node is checked against each payload node it
+/// reaches at most once, so the work is at most (filter size) × (payload size), and the path
+/// of the first mismatch is found in the same walk (written only on a failure). Counts its
+/// steps, so tests assert the bound by counting instead of timing, and stops at its budget.
+#[derive(Debug, Clone)]
+pub struct Evaluator {
+    steps: u64,
+    budget: u64,
+}
+
+impl Default for Evaluator {
+    fn default() -> Self {
+        Self::new(EVAL_BUDGET)
+    }
+}
+
+/// Where a walk failed: the filter keys from the failure up (deepest first). Empty for a
+/// failure at the walk's own root, or when the caller did not ask for the path.
+type Trail<'f> = Vec<&'f str>;
+
+impl Evaluator {
+    pub fn new(budget: u64) -> Self {
+        Self { steps: 0, budget }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn step(&mut self, n: usize) -> Result<(), OverBudget> {
+        self.steps = self.steps.saturating_add(n as u64);
+        if self.steps > self.budget {
+            Err(OverBudget(self.budget))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.
+    pub fn matches(&mut self, payload: Option<&Value>, filter: &Value) -> Result<bool, OverBudget> {
+        Ok(self.walk(payload, filter, false)?.is_none())
+    }
+
+    /// Where `filter` first fails on `payload` (`path`, then `.key` for each level), or
+    /// `None` when it matches: the answer to "why didn't my job run?".
+    pub fn first_mismatch(
+        &mut self,
+        payload: Option<&Value>,
+        filter: &Value,
+        path: &str,
+    ) -> Result<Option<String>, OverBudget> {
+        Ok(self
+            .walk(payload, filter, true)?
+            .map(|trail| join_path(path, &trail)))
+    }
+
+    /// Where a dispatcher's filters first fail on an event (`payload.repo`, `context.user`;
+    /// `request` when a REQUEST payload cannot be matched at all), `None` when they pass.
+    ///
+    /// trigger.dev evaluates `eventFilterMatches(subject, {payload: pf ?? {}, context: cf ?? {}})`
+    /// (see [`match_subject`]); this is the same, part by part, without copying the event.
+    pub fn dispatcher_mismatch(
+        &mut self,
+        payload_filter: Option<&Value>,
+        context_filter: Option<&Value>,
+        payload_type: &str,
+        payload: &Value,
+        context: &Value,
+    ) -> Result<Option<String>, OverBudget> {
+        if payload_type == "REQUEST" {
+            let Some(subject) = match_subject(payload_type, payload, context) else {
+                return Ok(Some("request".to_string()));
+            };
+            return self.parts_mismatch(
+                subject.get("payload"),
+                subject.get("context"),
+                payload_filter,
+                context_filter,
+            );
+        }
+        self.parts_mismatch(Some(payload), Some(context), payload_filter, context_filter)
+    }
+
+    fn parts_mismatch(
+        &mut self,
+        payload: Option<&Value>,
+        context: Option<&Value>,
+        payload_filter: Option<&Value>,
+        context_filter: Option<&Value>,
+    ) -> Result<Option<String>, OverBudget> {
+        let empty = Value::Object(Map::new());
+        for (key, actual, filter) in [
+            ("payload", payload, payload_filter),
+            ("context", context, context_filter),
+        ] {
+            let filter = match filter {
+                None | Some(Value::Null) => &empty,
+                Some(f) => f,
+            };
+            let failed = match actual {
+                // A nested filter against an array: some element must pass.
+                Some(Value::Array(elems)) => (!self.any_element(elems, filter)?).then(Vec::new),
+                other => self.walk(other, filter, true)?,
+            };
+            if let Some(trail) = failed {
+                return Ok(Some(join_path(key, &trail)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether some element of an array passes a nested filter.
+    fn any_element(&mut self, elems: &[Value], filter: &Value) -> Result<bool, OverBudget> {
+        for e in elems {
+            self.step(1)?;
+            if self.walk(Some(e), filter, false)?.is_none() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The walk: `None` when `filter` matches `payload`, else where it failed (the trail is
+    /// filled only when `want_path`).
+    fn walk<'f>(
+        &mut self,
+        payload: Option<&Value>,
+        filter: &'f Value,
+        want_path: bool,
+    ) -> Result<Option<Trail<'f>>, OverBudget> {
+        let Value::Object(filter) = filter else {
+            // A filter that is not an object cannot be registered; it matches nothing.
+            return Ok(Some(Vec::new()));
+        };
+        let payload = match payload {
+            None | Some(Value::Null) => return Ok((!filter.is_empty()).then(Vec::new)),
+            Some(p) => p,
+        };
+        for (key, pattern) in filter {
+            self.step(1)?;
+            let here = || {
+                if want_path {
+                    vec![key.as_str()]
+                } else {
+                    Vec::new()
+                }
+            };
+            let actual = self.js_index(payload, key)?;
+            let actual = actual.as_deref();
+            match pattern {
+                Value::Array(items) => {
+                    if items.is_empty() {
+                        continue;
+                    }
+                    let all = |f: fn(&Value) -> bool| items.iter().all(f);
+                    let ok =
+                        if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean)
+                        {
+                            self.step(items.len())?;
+                            items.iter().any(|item| js_strict_eq(actual, item))
+                        } else {
+                            self.content_filters_match(actual, items)?
+                        };
+                    if !ok {
+                        return Ok(Some(here()));
+                    }
+                }
+                Value::Object(_) => {
+                    let failed = match actual {
+                        Some(Value::Array(elems)) => {
+                            (!self.any_element(elems, pattern)?).then(here)
+                        }
+                        other => self.walk(other, pattern, want_path)?.map(|mut trail| {
+                            if want_path {
+                                trail.push(key.as_str());
+                            }
+                            trail
+                        }),
+                    };
+                    if failed.is_some() {
+                        return Ok(failed);
+                    }
+                }
+                // Scalars as patterns are ignored, as in the reference implementation.
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// `value[key]` as JavaScript reads it from parsed JSON: borrowed from an object or
+    /// array, made for what only exists in JavaScript (`length`, a string's code unit).
+    fn js_index<'a>(
+        &mut self,
+        value: &'a Value,
+        key: &str,
+    ) -> Result<Option<Cow<'a, Value>>, OverBudget> {
+        Ok(match value {
+            Value::Object(map) => map.get(key).map(Cow::Borrowed),
+            Value::Array(items) => {
+                if key == "length" {
+                    Some(Cow::Owned(Value::from(items.len())))
+                } else {
+                    array_index(key)
+                        .and_then(|i| items.get(i))
+                        .map(Cow::Borrowed)
+                }
+            }
+            Value::String(s) => {
+                // JavaScript strings index by UTF-16 code unit: counted, not copied.
+                if key == "length" {
+                    self.step(s.len())?;
+                    Some(Cow::Owned(Value::from(s.encode_utf16().count())))
+                } else if let Some(i) = array_index(key) {
+                    self.step(s.len().min(i.saturating_add(1)))?;
+                    s.encode_utf16()
+                        .nth(i)
+                        .map(|u| Cow::Owned(Value::String(String::from_utf16_lossy(&[u]))))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        })
+    }
+
+    fn content_filters_match(
+        &mut self,
+        actual: Option<&Value>,
+        filters: &[Value],
+    ) -> Result<bool, OverBudget> {
+        for f in filters {
+            self.step(1)?;
+            // Non-object members of a mixed list are skipped, as in the reference.
+            if let Value::Object(op) = f
+                && !self.content_filter_matches(actual, op)?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn content_filter_matches(
+        &mut self,
+        actual: Option<&Value>,
+        op: &Map<String, Value>,
+    ) -> Result<bool, OverBudget> {
+        // Scans of the payload's arrays and strings cost a step per element or byte.
+        match actual {
+            Some(Value::Array(items))
+                if op.contains_key("$includes")
+                    || op.contains_key("$not")
+                    || op.contains_key("$anythingBut") =>
+            {
+                self.step(items.len())?;
+            }
+            Some(Value::String(s)) if op.contains_key("$ignoreCaseEquals") => self.step(s.len())?,
+            _ => {}
+        }
+        Ok(content_filter_matches(actual, op))
+    }
+}
+
+/// `path` followed by the trail's keys, outermost first: `payload.user.plan`.
+fn join_path(path: &str, trail: &[&str]) -> String {
+    let mut out = String::from(path);
+    for key in trail.iter().rev() {
+        out.push('.');
+        out.push_str(key);
+    }
+    out
+}
+
 /// Does a dispatcher with these filters match an event? An absent filter matches everything
 /// (but, as in trigger.dev, an array payload only when some element passes the filter).
+/// Unbounded: for tools and tests; delivery and the dry run use an [`Evaluator`] with a budget.
 pub fn dispatcher_matches(
     payload_filter: Option<&Value>,
     context_filter: Option<&Value>,
@@ -84,165 +373,22 @@ pub fn dispatcher_matches(
     payload: &Value,
     context: &Value,
 ) -> bool {
-    dispatcher_mismatch(
-        payload_filter,
-        context_filter,
-        payload_type,
-        payload,
-        context,
-    )
-    .is_none()
-}
-
-/// Where a dispatcher's filters first fail on an event (`payload.repo`, `context.user`;
-/// `request` when a REQUEST payload cannot be matched at all), `None` when they pass.
-///
-/// trigger.dev evaluates `eventFilterMatches(subject, {payload: pf ?? {}, context: cf ?? {}})`
-/// (see [`match_subject`]); this is the same, part by part, without copying the event.
-pub fn dispatcher_mismatch(
-    payload_filter: Option<&Value>,
-    context_filter: Option<&Value>,
-    payload_type: &str,
-    payload: &Value,
-    context: &Value,
-) -> Option<String> {
-    if payload_type == "REQUEST" {
-        let Some(subject) = match_subject(payload_type, payload, context) else {
-            return Some("request".to_string());
-        };
-        return parts_mismatch(
-            subject.get("payload"),
-            subject.get("context"),
+    Evaluator::new(u64::MAX)
+        .dispatcher_mismatch(
             payload_filter,
             context_filter,
-        );
-    }
-    parts_mismatch(Some(payload), Some(context), payload_filter, context_filter)
+            payload_type,
+            payload,
+            context,
+        )
+        .is_ok_and(|miss| miss.is_none())
 }
 
-fn parts_mismatch(
-    payload: Option<&Value>,
-    context: Option<&Value>,
-    payload_filter: Option<&Value>,
-    context_filter: Option<&Value>,
-) -> Option<String> {
-    let empty = Value::Object(Map::new());
-    for (key, actual, filter) in [
-        ("payload", payload, payload_filter),
-        ("context", context, context_filter),
-    ] {
-        let filter = match filter {
-            None | Some(Value::Null) => &empty,
-            Some(f) => f,
-        };
-        let failed = match actual {
-            // A nested filter against an array: some element must pass.
-            Some(Value::Array(elems)) => {
-                if elems.iter().any(|e| event_filter_matches(Some(e), filter)) {
-                    None
-                } else {
-                    Some(key.to_string())
-                }
-            }
-            other => first_mismatch(other, filter, key),
-        };
-        if failed.is_some() {
-            return failed;
-        }
-    }
-    None
-}
-
-/// `eventFilterMatches(payload, filter)`; `None` stands for JavaScript's `undefined`.
+/// `eventFilterMatches(payload, filter)`, unbounded (see [`dispatcher_matches`]).
 pub fn event_filter_matches(payload: Option<&Value>, filter: &Value) -> bool {
-    first_mismatch(payload, filter, "$").is_none()
-}
-
-/// Where `filter` first fails on `payload` (`$` is the filter itself, then `.key`), or
-/// `None` when it matches: the answer to "why didn't my job run?".
-pub fn first_mismatch(payload: Option<&Value>, filter: &Value, path: &str) -> Option<String> {
-    let Value::Object(filter) = filter else {
-        // A filter that is not an object cannot be registered; treat it as matching nothing.
-        return Some(path.to_string());
-    };
-    let payload = match payload {
-        None | Some(Value::Null) => {
-            return (!filter.is_empty()).then(|| path.to_string());
-        }
-        Some(p) => p,
-    };
-
-    for (key, pattern) in filter {
-        // The path is written only for a failure (or to descend): matching allocates nothing.
-        let here = || format!("{path}.{key}");
-        let actual = js_index(payload, key);
-        let actual = actual.as_deref();
-        match pattern {
-            Value::Array(items) => {
-                if items.is_empty() {
-                    continue;
-                }
-                let all = |f: fn(&Value) -> bool| items.iter().all(f);
-                if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean) {
-                    if items.iter().any(|item| js_strict_eq(actual, item)) {
-                        continue;
-                    }
-                    return Some(here());
-                }
-                if !content_filters_match(actual, items) {
-                    return Some(here());
-                }
-            }
-            Value::Object(_) => {
-                let failed = match actual {
-                    Some(Value::Array(elems)) => {
-                        if elems.iter().any(|e| event_filter_matches(Some(e), pattern)) {
-                            None
-                        } else {
-                            Some(here())
-                        }
-                    }
-                    other if event_filter_matches(other, pattern) => None,
-                    other => first_mismatch(other, pattern, &here()),
-                };
-                if failed.is_some() {
-                    return failed;
-                }
-            }
-            // Scalars as patterns are ignored, as in the reference implementation.
-            _ => {}
-        }
-    }
-    None
-}
-
-/// `value[key]` as JavaScript reads it from parsed JSON: borrowed from an object or array,
-/// made for what only exists in JavaScript (`length`, a string's code unit).
-fn js_index<'a>(value: &'a Value, key: &str) -> Option<Cow<'a, Value>> {
-    match value {
-        Value::Object(map) => map.get(key).map(Cow::Borrowed),
-        Value::Array(items) => {
-            if key == "length" {
-                Some(Cow::Owned(Value::from(items.len())))
-            } else {
-                array_index(key)
-                    .and_then(|i| items.get(i))
-                    .map(Cow::Borrowed)
-            }
-        }
-        Value::String(s) => {
-            // JavaScript strings index by UTF-16 code unit.
-            let units: Vec<u16> = s.encode_utf16().collect();
-            if key == "length" {
-                Some(Cow::Owned(Value::from(units.len())))
-            } else {
-                array_index(key)
-                    .and_then(|i| units.get(i).copied())
-                    .map(|u| Cow::Owned(Value::String(String::from_utf16_lossy(&[u]))))
-            }
-        }
-        _ => None,
-    }
+    Evaluator::new(u64::MAX)
+        .matches(payload, filter)
+        .unwrap_or(false)
 }
 
 /// A canonical array index ("0", "12", not "01" or "+1").
@@ -267,14 +413,6 @@ fn js_strict_eq(actual: Option<&Value>, expected: &Value) -> bool {
         (Some(Value::Number(a)), Value::Number(b)) => a.as_f64() == b.as_f64(),
         _ => false,
     }
-}
-
-fn content_filters_match(actual: Option<&Value>, filters: &[Value]) -> bool {
-    filters.iter().all(|f| match f {
-        Value::Object(op) => content_filter_matches(actual, op),
-        // Non-object members of a mixed list are skipped, as in the reference implementation.
-        _ => true,
-    })
 }
 
 fn as_number(v: Option<&Value>) -> Option<f64> {
@@ -363,22 +501,40 @@ fn content_filter_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bo
     true
 }
 
+/// Deepest nesting of objects a filter may have (`{"a": {"b": ["x"]}}` is 2 deep).
+pub const MAX_FILTER_DEPTH: usize = 16;
+/// Most nodes (keys and list members) in one filter.
+pub const MAX_FILTER_NODES: usize = 1_000;
+
 /// Check a filter against trigger.dev's `EventFilterSchema`: an object whose values are
 /// lists of strings, of numbers, of booleans or of content filters (one known operator
-/// each, with an argument of the right type), or nested filters. The error names the path
-/// of the first bad part, from `$` (the filter itself).
+/// each, with an argument of the right type), or nested filters; and against this service's
+/// limits ([`MAX_FILTER_DEPTH`], [`MAX_FILTER_NODES`]). The error names the path of the first
+/// bad part, from `$` (the filter itself).
 pub fn validate_filter(filter: &Value) -> Result<(), String> {
-    validate_at(filter, "$")
+    let mut nodes = 0;
+    validate_at(filter, "$", 1, &mut nodes)
 }
 
-fn validate_at(filter: &Value, path: &str) -> Result<(), String> {
+fn validate_at(filter: &Value, path: &str, depth: usize, nodes: &mut usize) -> Result<(), String> {
     let Value::Object(map) = filter else {
         return Err(format!("{path}: must be an object (an event filter)"));
     };
+    if depth > MAX_FILTER_DEPTH {
+        return Err(format!(
+            "{path}: filters nest at most {MAX_FILTER_DEPTH} objects deep"
+        ));
+    }
     for (key, pattern) in map {
         let here = format!("{path}.{key}");
+        *nodes += 1 + pattern.as_array().map_or(0, Vec::len);
+        if *nodes > MAX_FILTER_NODES {
+            return Err(format!(
+                "{here}: a filter has at most {MAX_FILTER_NODES} keys and list members"
+            ));
+        }
         match pattern {
-            Value::Object(_) => validate_at(pattern, &here)?,
+            Value::Object(_) => validate_at(pattern, &here, depth + 1, nodes)?,
             Value::Array(items) => {
                 let all = |f: fn(&Value) -> bool| items.iter().all(f);
                 if all(Value::is_string) || all(Value::is_number) || all(Value::is_boolean) {
@@ -493,6 +649,95 @@ mod tests {
         assert!(!eq("é", "e"), "accents count");
         assert!(!eq("ß", "SS"), "as V8's ICU says");
         assert!(!eq("a", "b"));
+    }
+
+    /// `{"a": {"a": ... leaf}}`, `depth` levels of `a`.
+    fn nest(depth: usize, leaf: Value) -> Value {
+        (0..depth).fold(leaf, |inner, _| json!({ "a": inner }))
+    }
+
+    #[test]
+    fn a_deep_mismatch_costs_one_walk_and_names_its_path() {
+        // The shape that took 2^depth walks: every level matches but the innermost list.
+        let filter = nest(100, json!({"z": ["no"]}));
+        let payload = nest(100, json!({"z": "yes"}));
+        let mut eval = Evaluator::new(u64::MAX);
+        let miss = eval.first_mismatch(Some(&payload), &filter, "$").unwrap();
+        assert_eq!(miss, Some(format!("${}.z", ".a".repeat(100))));
+        // 101 keys looked up and one list member compared.
+        assert_eq!(eval.steps(), 102);
+        let mut eval = Evaluator::new(u64::MAX);
+        assert!(!eval.matches(Some(&payload), &filter).unwrap());
+        assert_eq!(eval.steps(), 102);
+        let matching = nest(100, json!({"z": "no"}));
+        let mut eval = Evaluator::new(u64::MAX);
+        assert!(eval.matches(Some(&matching), &filter).unwrap());
+        assert_eq!(eval.steps(), 102);
+    }
+
+    #[test]
+    fn scans_of_large_arrays_cost_their_length_once() {
+        let payload = json!({"tags": (0..10_000).collect::<Vec<i32>>()});
+        let mut eval = Evaluator::new(u64::MAX);
+        assert!(
+            !eval
+                .matches(Some(&payload), &json!({"tags": [{"$includes": -1}]}))
+                .unwrap()
+        );
+        assert_eq!(eval.steps(), 1 + 1 + 10_000);
+        // A nested filter against an array of 10,000 objects: each element checked once.
+        let payload = json!({"users": (0..10_000).map(|i| json!({"id": i})).collect::<Vec<_>>()});
+        let mut eval = Evaluator::new(u64::MAX);
+        let miss = eval
+            .first_mismatch(Some(&payload), &json!({"users": {"id": [-1]}}), "$")
+            .unwrap();
+        assert_eq!(miss.as_deref(), Some("$.users"));
+        assert_eq!(eval.steps(), 1 + 10_000 * 3);
+        // A string's length is counted, not copied, and costs its bytes.
+        let long = "x".repeat(100_000);
+        let mut eval = Evaluator::new(u64::MAX);
+        assert!(
+            eval.matches(
+                Some(&json!({"s": long})),
+                &json!({"s": {"length": [100_000]}})
+            )
+            .unwrap()
+        );
+        assert_eq!(eval.steps(), 1 + 100_000 + 1 + 1);
+    }
+
+    #[test]
+    fn evaluation_stops_at_its_budget() {
+        let payload = json!({"tags": (0..10_000).collect::<Vec<i32>>()});
+        let filter = json!({"tags": [{"$includes": -1}]});
+        let mut eval = Evaluator::new(5_000);
+        assert_eq!(
+            eval.matches(Some(&payload), &filter),
+            Err(OverBudget(5_000))
+        );
+        // The budget is shared by every dispatcher an evaluator checks.
+        let mut eval = Evaluator::new(25_000);
+        for _ in 0..2 {
+            assert!(!eval.matches(Some(&payload), &filter).unwrap());
+        }
+        assert_eq!(
+            eval.matches(Some(&payload), &filter),
+            Err(OverBudget(25_000))
+        );
+    }
+
+    #[test]
+    fn filters_beyond_the_limits_are_refused_naming_the_limit() {
+        assert!(validate_filter(&nest(MAX_FILTER_DEPTH - 1, json!({"z": ["x"]}))).is_ok());
+        let err = validate_filter(&nest(MAX_FILTER_DEPTH, json!({"z": ["x"]}))).unwrap_err();
+        assert!(err.contains("at most 16 objects deep"), "{err}");
+        let wide: Map<String, Value> = (0..MAX_FILTER_NODES)
+            .map(|i| (format!("k{i}"), json!([i])))
+            .collect();
+        let err = validate_filter(&Value::Object(wide)).unwrap_err();
+        assert!(err.contains("at most 1000 keys and list members"), "{err}");
+        let list = json!({"k": (0..MAX_FILTER_NODES - 1).collect::<Vec<_>>()});
+        assert!(validate_filter(&list).is_ok());
     }
 
     #[test]
@@ -667,14 +912,14 @@ mod tests {
         ));
         assert!(!d(None, "REQUEST", json!({"url": 1})));
         assert_eq!(
-            dispatcher_mismatch(
+            Evaluator::default().dispatcher_mismatch(
                 on_body.as_ref(),
                 None,
                 "REQUEST",
                 &request("application/json", r#"{"kind":"pull"}"#),
                 &Value::Null
             ),
-            Some("payload.body.kind".to_string())
+            Ok(Some("payload.body.kind".to_string()))
         );
     }
 }

@@ -692,7 +692,7 @@ async fn resend(
 }
 
 /// The length of a value serialized as JSON, without building the text.
-fn json_len(value: &Value) -> usize {
+pub(crate) fn json_len(value: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

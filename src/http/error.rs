@@ -36,7 +36,8 @@ impl ApiError {
 
     /// A failure of ours: logged with its cause, answered without it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "request failed");
+        // `?` on the text escapes line breaks a cause might carry from a request.
+        tracing::error!(error = ?cause.to_string(), "request failed");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 }
@@ -51,6 +52,51 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({ "error": self.message }))).into_response()
     }
+}
+
+/// The body of a JSON request as text: the content type checked, the size limit applied,
+/// and NUL characters refused (Postgres stores none, in text or in jsonb), each answered in
+/// the API's error shape. For handlers that look at the text before parsing it.
+pub struct JsonText(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonText {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_json_type);
+        if !json_type {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+        if has_escaped_nul(&bytes) {
+            return Err(ApiError::bad_request(
+                "strings must not contain the NUL character (\\u0000)",
+            ));
+        }
+        Ok(JsonText(bytes))
+    }
+}
+
+/// `application/json`, or any `application/…+json`, with or without parameters: what
+/// axum's `Json` accepts.
+fn is_json_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// `Json<T>` whose rejections (bad JSON, wrong types, wrong content type, too large) are

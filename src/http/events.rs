@@ -5,12 +5,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::auth::AuthEnv;
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, JsonText};
 use super::{AppState, iso};
-use crate::events::{EventRecord, IngestError, SendEvent, SendEventOptions};
+use crate::events::{
+    EventRecord, IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES, SendEvent, SendEventOptions,
+};
 use crate::trace::TraceParent;
 
 #[derive(Debug, Deserialize)]
@@ -79,8 +82,9 @@ pub async fn send_event(
         )
         .await
         .map_err(ingest_error)?;
+    // The id is the caller's text: `?` escapes it, so it cannot forge log lines.
     tracing::info!(
-        event_id = %result.record.event_id,
+        event_id = ?result.record.event_id,
         environment = %env.id,
         trace_id = %trace.trace_id,
         created = result.created,
@@ -120,30 +124,87 @@ fn trace_of(headers: &HeaderMap) -> TraceParent {
         .unwrap_or_else(TraceParent::new_root)
 }
 
+/// A bulk body as first read: each event still JSON text, borrowed from the body, so its
+/// size is checked before anything of it is built.
 #[derive(Debug, Deserialize)]
-pub struct BulkBody {
-    pub events: Vec<EventBody>,
+struct BulkBody<'a> {
+    #[serde(borrow, deserialize_with = "at_most_bulk_events")]
+    events: Vec<&'a RawValue>,
     #[serde(default)]
-    pub options: Option<OptionsBody>,
+    options: Option<OptionsBody>,
 }
 
-/// `POST /api/v1/events/bulk`: every event stored in one transaction, or none.
+/// The JSON text of one event of a bulk send may hold this much beyond its payload and
+/// context: name, id, source and the keys around them.
+const BULK_EVENT_ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// Reads the `events` list, refusing it at its 101st member rather than after the last.
+fn at_most_bulk_events<'de, D>(d: D) -> Result<Vec<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Events;
+    impl<'de> serde::de::Visitor<'de> for Events {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_BULK_EVENTS} events")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut events = Vec::new();
+            while let Some(e) = seq.next_element::<&'de RawValue>()? {
+                if events.len() == MAX_BULK_EVENTS {
+                    return Err(serde::de::Error::custom(format!(
+                        "events: at most {MAX_BULK_EVENTS} per call"
+                    )));
+                }
+                events.push(e);
+            }
+            Ok(events)
+        }
+    }
+    d.deserialize_seq(Events)
+}
+
+/// `POST /api/v1/events/bulk`: every event stored in one transaction, or none. Each event's
+/// JSON text is held to the one-event size limit before it is parsed, so a body costs
+/// memory in proportion to what is accepted.
 pub async fn send_events(
     State(state): State<AppState>,
     AuthEnv(env): AuthEnv,
     headers: HeaderMap,
-    ApiJson(body): ApiJson<BulkBody>,
+    JsonText(text): JsonText,
 ) -> Result<Json<Value>, ApiError> {
+    let body: BulkBody = serde_json::from_slice(&text).map_err(|e| {
+        ApiError::bad_request(format!(
+            "Failed to deserialize the JSON body into the target type: {e}"
+        ))
+    })?;
+    let mut events = Vec::with_capacity(body.events.len());
+    for (i, raw) in body.events.iter().enumerate() {
+        let len = raw.get().len();
+        if len > MAX_PAYLOAD_BYTES + BULK_EVENT_ENVELOPE_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "events[{i}]: its JSON is {len} bytes; at most {} are accepted per event \
+                     (payload and context at most {MAX_PAYLOAD_BYTES})",
+                    MAX_PAYLOAD_BYTES + BULK_EVENT_ENVELOPE_BYTES
+                ),
+            ));
+        }
+        let event: EventBody = serde_json::from_str(raw.get())
+            .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))?;
+        events.push(send_event_of(event));
+    }
     let options = body.options.unwrap_or_default();
     let trace = trace_of(&headers);
-    let n = body.events.len();
+    let n = events.len();
     let results = state
         .events
-        .ingest_bulk(
-            &env,
-            body.events.into_iter().map(send_event_of).collect(),
-            options.into_options(&trace),
-        )
+        .ingest_bulk(&env, events, options.into_options(&trace))
         .await
         .map_err(ingest_error)?;
     crate::metrics::metrics()

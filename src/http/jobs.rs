@@ -67,9 +67,6 @@ pub async fn register_job(
     Path(job_id): Path<String>,
     ApiJson(body): ApiJson<RegisterJobBody>,
 ) -> Result<Json<Value>, ApiError> {
-    if job_id.is_empty() || job_id.len() > 255 {
-        return Err(ApiError::bad_request("job id must be 1 to 255 characters"));
-    }
     let reg = JobRegistration {
         version: body.version,
         rule: body.trigger.into_rule(),

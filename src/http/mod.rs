@@ -8,7 +8,7 @@ pub mod triggers;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -17,8 +17,12 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
 use crate::EventsService;
-use crate::events::{MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
+use crate::config::HttpConfig;
 use crate::metrics::metrics;
 use crate::ops::{self, OpsState};
 use error::ApiError;
@@ -40,14 +44,20 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState, ops_state: OpsState) -> Router {
+/// Largest body of a bulk send. Each of its events is also held to the one-event limits,
+/// checked on its JSON text before any of it is parsed.
+pub const MAX_BULK_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Largest body of any other request (axum's default).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+pub fn router(state: AppState, ops_state: OpsState, config: &HttpConfig) -> Router {
+    let in_flight = Arc::new(Semaphore::new(config.http_max_in_flight.max(1)));
+    let request_timeout = config.request_timeout();
     Router::new()
         .route("/api/v1/events", post(events::send_event))
         .route(
             "/api/v1/events/bulk",
-            post(events::send_events).layer(DefaultBodyLimit::max(
-                MAX_BULK_EVENTS * MAX_PAYLOAD_BYTES + 1024 * 1024,
-            )),
+            post(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)),
         )
         .route("/api/v1/events/{event_id}", get(events::get_event_v2))
         .route("/api/v2/events/{event_id}", get(events::get_event_v2))
@@ -85,9 +95,46 @@ pub fn router(state: AppState, ops_state: OpsState) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            bounded(in_flight.clone(), request_timeout, request, next)
+        }))
         .merge(ops::router(ops_state))
         .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::from_fn(refuse_nul_in_path))
+}
+
+/// At most `HTTP_MAX_IN_FLIGHT` API requests at once (503 with `Retry-After` beyond, which
+/// the v2 SDK retries), each within `HTTP_REQUEST_TIMEOUT_MS` (408 past it; an ingest whose
+/// answer was cut may still have been stored, and sending it again with its id is safe).
+async fn bounded(
+    in_flight: Arc<Semaphore>,
+    timeout: std::time::Duration,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = in_flight.try_acquire_owned() else {
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight; retry shortly",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} ms (HTTP_REQUEST_TIMEOUT_MS)",
+                timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Postgres stores no NUL character: an id with one (`%00`) can name nothing.
@@ -116,18 +163,19 @@ async fn track(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().clone();
+    // Labels come from closed sets: a client inventing methods adds no series.
+    let method = method_label(request.method());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status();
     let m = metrics();
     m.http_requests
-        .with_label_values(&[&route, method.as_str(), status.as_str()])
+        .with_label_values(&[&route, method, status.as_str()])
         .inc();
     m.http_duration
-        .with_label_values(&[&route, method.as_str()])
+        .with_label_values(&[&route, method])
         .observe(started.elapsed().as_secs_f64());
-    if route == "/api/v1/events" && method == Method::POST {
+    if route == "/api/v1/events" && method == "POST" {
         if status.is_success() {
             m.events_ingested.with_label_values(&["api"]).inc();
         } else {
@@ -144,17 +192,36 @@ async fn track(request: Request, next: Next) -> Response {
     response
 }
 
+/// The metrics label of a method: the standard ones by name, any other `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", |m| m.as_str())
+}
+
 /// Serve until `shutdown`; requests in flight are finished first.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     ops_state: OpsState,
+    config: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    axum::serve(listener, router(state, ops_state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let router = router(state, ops_state, &config);
+    crate::serve::serve(listener, router, config.header_timeout(), shutdown).await
 }
 
 /// Dates as trigger.dev writes them: ISO 8601, milliseconds, `Z`.

@@ -2,7 +2,8 @@
 //! dry run that says which would take an event and why the others would not.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -13,6 +14,7 @@ use super::error::{ApiError, ApiJson};
 use super::events::SendEventBody;
 use super::jobs::{TriggerBody, register_error};
 use crate::events::DEFAULT_SOURCE;
+use crate::events::filter::Evaluator;
 use crate::triggers;
 
 #[derive(Debug, Deserialize)]
@@ -22,15 +24,6 @@ pub struct DynamicTriggerBody {
     pub jobs: Vec<String>,
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.chars().count() > 255 {
-        return Err(ApiError::bad_request(format!(
-            "{what} must be 1 to 255 characters"
-        )));
-    }
-    Ok(())
-}
-
 /// `PUT /api/v1/dynamic-triggers/{id}`
 pub async fn put_dynamic_trigger(
     State(state): State<AppState>,
@@ -38,7 +31,6 @@ pub async fn put_dynamic_trigger(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<DynamicTriggerBody>,
 ) -> Result<Json<Value>, ApiError> {
-    check_id("dynamic trigger id", &id)?;
     triggers::register_dynamic_trigger(&state.pool, &env, &id, &body.jobs)
         .await
         .map_err(register_error)?;
@@ -58,7 +50,6 @@ pub async fn post_registration(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RegistrationBody>,
 ) -> Result<Json<Value>, ApiError> {
-    check_id("registration key", &body.key)?;
     let rule = body.rule.into_rule();
     let dispatcher =
         triggers::register_dynamic_registration(&state.pool, &env, &id, &body.key, &rule)
@@ -86,14 +77,35 @@ pub async fn delete_registration(
     }
 }
 
-/// `GET /api/v1/dispatchers`
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    /// The `next` of the previous page.
+    #[serde(default)]
+    pub after: Option<Uuid>,
+    #[serde(default)]
+    pub limit: Option<i64>,
+}
+
+/// `GET /api/v1/dispatchers?limit=&after=`: a page (100 by default, at most 500), oldest
+/// first, and `next` for the following page (`null` on the last).
 pub async fn list_dispatchers(
     State(state): State<AppState>,
     AuthEnv(env): AuthEnv,
+    page: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let list = triggers::list_dispatchers(&state.pool, &env).await?;
-    Ok(Json(json!({ "dispatchers": list })))
+    let Query(page) = page.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let (list, next) = triggers::list_dispatchers(
+        &state.pool,
+        &env,
+        page.after,
+        page.limit.unwrap_or(DEFAULT_PAGE),
+    )
+    .await?;
+    Ok(Json(json!({ "dispatchers": list, "next": next })))
 }
+
+/// Dispatchers in a page when the caller names no limit.
+const DEFAULT_PAGE: i64 = 100;
 
 async fn set_enabled(
     state: &AppState,
@@ -128,15 +140,19 @@ pub async fn disable_dispatcher(
     set_enabled(&state, &env, &id, false).await
 }
 
+/// Most matches, and most misses, a dry run lists; it counts them all.
+pub const MAX_DRY_RUN_LISTED: usize = 100;
+
 /// `POST /api/v1/events/match`: which dispatchers an event would reach, and for each that
 /// it would not, why (the first check that fails; for a filter, its path). Stores nothing.
+/// Lists at most [`MAX_DRY_RUN_LISTED`] of each, with their counts; the filters run with the
+/// step budget delivery would give the event, off the async threads.
 pub async fn match_event(
     State(state): State<AppState>,
     AuthEnv(env): AuthEnv,
     ApiJson(body): ApiJson<SendEventBody>,
 ) -> Result<Json<Value>, ApiError> {
     let e = body.event;
-    let source = e.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
     let account =
         match body.options.and_then(|o| o.account_id) {
             Some(identifier) => sqlx::query_scalar!(
@@ -148,22 +164,57 @@ pub async fn match_event(
             .await?,
             None => None,
         };
-    let context = e.context.unwrap_or(Value::Null);
-    let mut matches = Vec::new();
-    let mut misses = Vec::new();
-    let facts = triggers::EventFacts {
-        name: &e.name,
-        source: &source,
-        account,
-        payload_type: e.payload_type.as_deref().unwrap_or("JSON"),
-        payload: &e.payload,
-        context: &context,
-    };
-    for d in triggers::list_dispatchers(&state.pool, &env).await? {
-        match triggers::why_not(&d, facts) {
-            None => matches.push(json!({"dispatcher": d})),
-            Some(reason) => misses.push(json!({"dispatcher": d, "reason": reason})),
+    let mut dispatchers = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, next) =
+            triggers::list_dispatchers(&state.pool, &env, after, triggers::MAX_DISPATCHER_PAGE)
+                .await?;
+        dispatchers.extend(page);
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
         }
     }
-    Ok(Json(json!({"matches": matches, "misses": misses})))
+    let answer = tokio::task::spawn_blocking(move || {
+        let source = e.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
+        let context = e.context.unwrap_or(Value::Null);
+        let facts = triggers::EventFacts {
+            name: &e.name,
+            source: &source,
+            account,
+            payload_type: e.payload_type.as_deref().unwrap_or("JSON"),
+            payload: &e.payload,
+            context: &context,
+        };
+        let mut eval = Evaluator::default();
+        let (mut matches, mut misses) = (Vec::new(), Vec::new());
+        let (mut match_count, mut miss_count) = (0, 0);
+        for d in dispatchers {
+            match triggers::why_not(&mut eval, &d, facts) {
+                None => {
+                    match_count += 1;
+                    if matches.len() < MAX_DRY_RUN_LISTED {
+                        matches.push(json!({"dispatcher": d}));
+                    }
+                }
+                Some(reason) => {
+                    miss_count += 1;
+                    if misses.len() < MAX_DRY_RUN_LISTED {
+                        misses.push(json!({"dispatcher": d, "reason": reason}));
+                    }
+                }
+            }
+        }
+        json!({
+            "matches": matches,
+            "misses": misses,
+            "matchCount": match_count,
+            "missCount": miss_count,
+            "steps": eval.steps(),
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(answer))
 }

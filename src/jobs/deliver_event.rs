@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::JobError;
+use crate::events::filter::Evaluator;
 use crate::queue::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
 };
@@ -60,52 +61,70 @@ pub async fn run(
     .fetch_all(&mut *tx)
     .await?;
 
-    let by_event: HashMap<Uuid, &Delivery> = batch.iter().map(|d| (d.args.id, d)).collect();
-    let mut jobs = Vec::new();
-    for e in &events {
-        let delivery = by_event.get(&e.id);
-        // The invocations keep the job's priority and continue its trace.
-        let priority = delivery.map_or(JobPriority::High, |d| d.priority);
-        let trace = delivery.and_then(|d| d.trace.as_ref());
-        let facts = EventFacts {
-            name: &e.name,
-            source: &e.source,
-            account: e.external_account_id,
-            payload_type: &e.payload_type,
-            payload: &e.payload,
-            context: &e.context,
-        };
-        let mut matched = 0;
-        for d in &candidates {
-            let rule = RuleRef {
-                event_names: &d.event_names,
-                source: &d.source,
-                account: d.external_account_id,
-                payload_filter: d.payload_filter.as_ref(),
-                context_filter: d.context_filter.as_ref(),
+    // What the invocations inherit: the job's priority, and its trace continued.
+    let inherited: HashMap<Uuid, (JobPriority, Option<TraceParent>)> = batch
+        .iter()
+        .map(|d| (d.args.id, (d.priority, d.trace.clone())))
+        .collect();
+    // Filters are CPU work bounded by each event's step budget: off the async threads, so
+    // a costly event slows its own batch only.
+    let jobs = tokio::task::spawn_blocking(move || {
+        let mut jobs = Vec::new();
+        for e in &events {
+            let (priority, trace) = inherited
+                .get(&e.id)
+                .map_or((JobPriority::High, None), |(p, t)| (*p, t.as_ref()));
+            let facts = EventFacts {
+                name: &e.name,
+                source: &e.source,
+                account: e.external_account_id,
+                payload_type: &e.payload_type,
+                payload: &e.payload,
+                context: &e.context,
             };
-            if d.environment_id == e.environment_id && rule_miss(rule, facts).is_none() {
-                jobs.push(JobInsert::invoke_dispatcher(
-                    InvokeDispatcherArgs {
-                        id: d.id,
-                        event_record_id: e.id,
-                    },
-                    InsertOpts {
-                        priority,
-                        trace_parent: trace.map(|t| t.child().to_string()),
-                        ..InsertOpts::default()
-                    },
-                ));
-                matched += 1;
+            let mut eval = Evaluator::default();
+            let mut matched = 0;
+            for d in candidates
+                .iter()
+                .filter(|d| d.environment_id == e.environment_id)
+            {
+                let rule = RuleRef {
+                    event_names: &d.event_names,
+                    source: &d.source,
+                    account: d.external_account_id,
+                    payload_filter: d.payload_filter.as_ref(),
+                    context_filter: d.context_filter.as_ref(),
+                };
+                let miss = rule_miss(&mut eval, rule, facts)
+                    .map_err(|over| JobError::Permanent(format!("event {}: {over}", e.id)))?;
+                if miss.is_none() {
+                    jobs.push(JobInsert::invoke_dispatcher(
+                        InvokeDispatcherArgs {
+                            id: d.id,
+                            event_record_id: e.id,
+                        },
+                        InsertOpts {
+                            priority,
+                            trace_parent: trace.map(|t| t.child().to_string()),
+                            ..InsertOpts::default()
+                        },
+                    ));
+                    matched += 1;
+                }
             }
+            tracing::debug!(event = %e.id, environment = %e.environment_id, name = ?e.name,
+                matched, steps = eval.steps(),
+                trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
+                "event delivered");
         }
-        tracing::debug!(event = %e.id, environment = %e.environment_id, name = %e.name,
-            matched, trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
-            "event delivered");
-    }
+        Ok::<_, JobError>((jobs, events.len()))
+    })
+    .await
+    .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))?;
+    let (jobs, delivered) = jobs?;
     let matched = jobs.len();
     queue.enqueue_many(tx, jobs).await?;
 
-    tracing::debug!(events = events.len(), matched, "events delivered");
+    tracing::debug!(events = delivered, matched, "events delivered");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kongflow_events::amqp::{self, JobMessage, Topology};
 use kongflow_events::app::{Process, Roles};
-use kongflow_events::config::{RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
 use kongflow_events::db::environments::{self, Environment, EnvironmentType};
 use kongflow_events::queue::JobKind;
 use kongflow_events::relay::Relay;
@@ -62,6 +62,11 @@ impl TestApp {
 
     /// Whichever roles, with this relay configuration.
     pub async fn spawn_configured(roles: Roles, relay: RelayConfig) -> Self {
+        Self::spawn_full(roles, relay, HttpConfig::default()).await
+    }
+
+    /// Whichever roles, with these relay and HTTP configurations.
+    pub async fn spawn_full(roles: Roles, relay: RelayConfig, http_config: HttpConfig) -> Self {
         let db_name = format!("kf_test_{}", Uuid::new_v4().simple());
         let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
             .await
@@ -116,6 +121,7 @@ impl TestApp {
                 ..WorkerConfig::default()
             },
             http: roles.http.then_some(listener),
+            http_config,
             metrics: None,
         };
         let any_role = roles.http || roles.relay || roles.worker;

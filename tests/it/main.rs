@@ -1,6 +1,7 @@
 //! Integration tests: the real Postgres and the real RabbitMQ, one database and one name
 //! prefix per test, so tests run in parallel.
 
+mod bounds;
 mod crash;
 mod delays;
 mod events_api;

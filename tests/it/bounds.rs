@@ -1,0 +1,501 @@
+//! Bounded work: what one request, one event or one client can cost the service, each
+//! bound reached and checked by what it counts, not by timing.
+
+use std::time::Duration;
+
+use kongflow_events::app::Roles;
+use kongflow_events::config::{HttpConfig, RelayConfig};
+use kongflow_events::events::filter::EVAL_BUDGET;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+const HTTP_ONLY: Roles = Roles {
+    http: true,
+    relay: false,
+    worker: false,
+};
+
+/// `{"a": {"a": ... leaf}}`, `depth` levels of `a`.
+fn nest(depth: usize, leaf: Value) -> Value {
+    (0..depth).fold(leaf, |inner, _| json!({ "a": inner }))
+}
+
+async fn dispatchers(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM event_dispatchers")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_past_a_limit_get_400_naming_it_and_store_nothing() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let key = app.api_key.clone();
+    let many_keys: serde_json::Map<String, Value> =
+        (0..501).map(|i| (format!("k{i}"), json!([i]))).collect();
+    let long_values: Vec<String> = (0..10)
+        .map(|i| format!("{i}{}", "v".repeat(2_000)))
+        .collect();
+    let names: Vec<String> = (0..101).map(|i| format!("e{i}")).collect();
+    let cases = [
+        (
+            json!({"version": "1", "trigger": {"event": "e", "payload": nest(16, json!({"z": ["x"]}))}}),
+            "at most 16 objects deep",
+        ),
+        (
+            json!({"version": "1", "trigger": {"event": "e", "payload": many_keys}}),
+            "at most 1000 keys and list members",
+        ),
+        (
+            json!({"version": "1", "trigger": {"event": "e", "context": {"a": long_values}}}),
+            "at most 16384 are accepted",
+        ),
+        (
+            json!({"version": "1", "trigger": {"event": names}}),
+            "at most 100 event names",
+        ),
+        (
+            json!({"version": "1", "trigger": {"event": "n".repeat(256)}}),
+            "each name in trigger.event must be 1 to 255 characters",
+        ),
+        (
+            json!({"version": "1", "trigger": {"event": "e", "source": "s".repeat(256)}}),
+            "trigger.source must be 1 to 255 characters",
+        ),
+        // Once a 500: the unique index on versions cannot hold a key this long.
+        (
+            json!({"version": "v".repeat(3_000), "trigger": {"event": "e"}}),
+            "version must be 1 to 255 characters",
+        ),
+    ];
+    for (body, needle) in cases {
+        let (status, answer) = app
+            .request(Method::PUT, "/api/v1/jobs/limited", Some(&key), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(needle), "{error:?} should say {needle:?}");
+    }
+    // Just inside the limits is fine.
+    let fits = json!({"version": "1", "trigger": {"event": "e",
+        "payload": nest(15, json!({"z": ["x"]}))}});
+    app.put_job(&key, "deep", fits).await;
+
+    let jobs: Vec<String> = (0..101).map(|i| format!("j{i}")).collect();
+    let (status, answer) = app
+        .request(
+            Method::PUT,
+            "/api/v1/dynamic-triggers/wide",
+            Some(&key),
+            Some(json!({ "jobs": jobs })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 100 jobs"),
+        "{answer}"
+    );
+
+    // Dispatchers per environment: 1,000 at most; the ones it has can still change.
+    sqlx::query(
+        "INSERT INTO event_dispatchers
+             (id, environment_id, event_names, dispatchable_type, dispatchable_id, target_id)
+         SELECT gen_random_uuid(), $1, ARRAY['filler'], 'JOB_VERSION', 'filler-' || i, gen_random_uuid()
+         FROM generate_series(1, 999) AS i",
+    )
+    .bind(app.env.id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(dispatchers(&app).await, 1_000);
+    let (status, answer) = app
+        .request(
+            Method::PUT,
+            "/api/v1/jobs/one-too-many",
+            Some(&key),
+            Some(job_body("e", json!({}))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("(1000)"),
+        "{answer}"
+    );
+    app.put_job(&key, "deep", job_body("e2", json!({}))).await;
+    assert_eq!(dispatchers(&app).await, 1_000);
+    let jobs: Vec<String> = sqlx::query_scalar("SELECT slug FROM jobs")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        jobs,
+        vec!["deep".to_string()],
+        "only the job inside the limits"
+    );
+
+    // Listing pages through them all.
+    let mut seen = std::collections::HashSet::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/api/v1/dispatchers?limit=300&after={a}"),
+            None => "/api/v1/dispatchers?limit=300".to_string(),
+        };
+        let (status, page) = app.request(Method::GET, &path, Some(&key), None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        pages += 1;
+        for d in page["dispatchers"].as_array().unwrap() {
+            assert!(seen.insert(d["id"].as_str().unwrap().to_string()));
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!((seen.len(), pages), (1_000, 4));
+    let (_, page) = app
+        .request(Method::GET, "/api/v1/dispatchers", Some(&key), None)
+        .await;
+    assert_eq!(page["dispatchers"].as_array().unwrap().len(), 100);
+    let (status, _) = app
+        .request(
+            Method::GET,
+            "/api/v1/dispatchers?after=nope",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The dry run counts every dispatcher and lists at most 100 of each outcome.
+    let (status, dry) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/match",
+            Some(&key),
+            Some(json!({"event": {"name": "filler"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (dry["matchCount"].as_i64(), dry["missCount"].as_i64()),
+        (Some(999), Some(1))
+    );
+    assert_eq!(dry["matches"].as_array().unwrap().len(), 100);
+    assert_eq!(
+        dry["misses"][0]["reason"],
+        "event name is not one of eventNames"
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_costs_one_walk_and_a_costly_event_is_given_up_alone() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+
+    // The shape that once took 2^depth walks, at the deepest a filter may be.
+    let filter = nest(15, json!({"z": ["no"]}));
+    app.put_job(&key, "deep", job_body("deep", json!({ "payload": filter })))
+        .await;
+    let (status, dry) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/match",
+            Some(&key),
+            Some(json!({"event": {"name": "deep", "payload": nest(15, json!({"z": "yes"}))}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{dry}");
+    assert_eq!(
+        dry["misses"][0]["reason"],
+        format!("filter failed at payload{}.z", ".a".repeat(15))
+    );
+    // 16 keys and one list member, once each (context's empty filter costs nothing).
+    assert_eq!(dry["steps"], 17);
+
+    // 900 `$not` checks over a 2,000-element array: 1.8 million steps, past the budget.
+    let nots: Vec<Value> = (1..=900).map(|i| json!({ "$not": -i })).collect();
+    app.put_job(
+        &key,
+        "costly",
+        job_body("costly", json!({"payload": {"tags": nots}})),
+    )
+    .await;
+    app.put_job(&key, "plain", job_body("plain", json!({})))
+        .await;
+    let tags: Vec<i32> = (0..2_000).collect();
+    let (_, dry) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/match",
+            Some(&key),
+            Some(json!({"event": {"name": "costly", "payload": {"tags": tags}}})),
+        )
+        .await;
+    let reason = dry["misses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["dispatcher"]["job"] == "costly")
+        .unwrap()["reason"]
+        .clone();
+    assert_eq!(
+        reason,
+        format!("filter evaluation passed its budget of {EVAL_BUDGET} steps")
+    );
+    assert!(dry["steps"].as_u64().unwrap() > EVAL_BUDGET);
+
+    app.send_event(
+        &key,
+        json!({"event": {"name": "costly", "id": "costly-1", "payload": {"tags": tags}}}),
+    )
+    .await;
+    app.send_event(&key, json!({"event": {"name": "plain", "id": "plain-1"}}))
+        .await;
+    wait_until("the plain event's run", Duration::from_secs(20), || async {
+        app.runs_by_job("plain-1").await.len() == 1
+    })
+    .await;
+    wait_until("the costly event given up", Duration::from_secs(20), || async {
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT j.state::text FROM queue_jobs j JOIN event_records e ON j.args->>'id' = e.id::text
+             WHERE e.event_id = 'costly-1' AND j.kind = 'deliverEvent'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        state.as_deref() == Some("discarded")
+    })
+    .await;
+    let (attempt, error): (i32, String) = sqlx::query_as(
+        "SELECT j.attempt, j.errors->0->>'error' FROM queue_jobs j
+         JOIN event_records e ON j.args->>'id' = e.id::text WHERE e.event_id = 'costly-1'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempt, 1, "a permanent failure is not retried");
+    assert!(error.contains("budget"), "{error}");
+    assert!(app.runs_by_job("costly-1").await.is_empty());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_call_is_sized_event_by_event_before_it_is_parsed() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let key = app.api_key.clone();
+    let big = "a".repeat(700 * 1024);
+    let (status, body) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/bulk",
+            Some(&key),
+            Some(json!({"events": [
+                {"name": "bulk", "id": "small"},
+                {"name": "bulk", "id": "big", "payload": big}
+            ]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("events[1]: its JSON is"),
+        "{body}"
+    );
+    // Past the bulk body limit: refused before anything is read into events.
+    let events: Vec<Value> = (0..20)
+        .map(|i| json!({"name": "bulk", "id": format!("b{i}"), "payload": "p".repeat(450 * 1024)}))
+        .collect();
+    let (status, body) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/bulk",
+            Some(&key),
+            Some(json!({ "events": events })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM event_records")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    app.finish().await;
+}
+
+/// Open a connection and send the head of a `POST /api/v1/events` whose body never
+/// comes: the request holds its place until the request timeout.
+async fn stalled_send(app: &TestApp) -> TcpStream {
+    let addr = app.base_url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"event\":",
+        app.api_key
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes the connection (at most 10 s).
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
+    let config = HttpConfig {
+        http_max_in_flight: 1,
+        ..HttpConfig::default()
+    };
+    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let mut stalled = stalled_send(&app).await;
+    let probe = || async {
+        app.http
+            .get(format!("{}/api/v1/events/nope", app.base_url))
+            .bearer_auth(&app.api_key)
+            .send()
+            .await
+            .unwrap()
+    };
+    // The stalled request holds the one place once the server has read its head.
+    wait_until("a 503", Duration::from_secs(20), || async {
+        probe().await.status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let refused = probe().await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("in flight"));
+    // Operators' routes are not counted.
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    // The body arrives (a bad one): the request ends and its place is free again.
+    stalled.write_all(&[b' '; 991]).await.unwrap();
+    let answer = read_to_close_or_response(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(probe().await.status(), StatusCode::NOT_FOUND);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_gets_408() {
+    let config = HttpConfig {
+        http_request_timeout_ms: 500,
+        ..HttpConfig::default()
+    };
+    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let mut stalled = stalled_send(&app).await;
+    let answer = read_to_close_or_response(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("HTTP_REQUEST_TIMEOUT_MS"), "{answer}");
+    app.finish().await;
+}
+
+/// The response the server sends, whether or not it then closes the connection.
+async fn read_to_close_or_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&out);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_string)
+                            })
+                            .and_then(|v| v.trim().parse::<usize>().ok());
+                        if len.is_some_and(|len| body.len() >= len) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_connections_are_closed() {
+    let config = HttpConfig {
+        http_header_timeout_ms: 300,
+        ..HttpConfig::default()
+    };
+    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let addr = app.base_url.trim_start_matches("http://").to_string();
+
+    // Headers that never end.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut slow).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // A kept-alive connection that goes quiet after its answer.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_to_close_or_response(&mut idle).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(!first.to_ascii_lowercase().contains("connection: close"));
+    let rest = read_to_close(&mut idle).await;
+    assert_eq!(rest, "", "closed with nothing more said");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_add_no_metric_series() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    for method in ["BREW", "WHEN", "FOO1"] {
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let _ = app
+            .http
+            .request(m, format!("{}/healthz", app.base_url))
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = kongflow_events::metrics::metrics().render();
+    for method in ["BREW", "WHEN", "FOO1"] {
+        assert!(!text.contains(&format!("method=\"{method}\"")));
+    }
+    assert!(
+        text.contains("method=\"other\""),
+        "invented methods count as other"
+    );
+    app.finish().await;
+}
