@@ -105,40 +105,48 @@ pub async fn declare_topology(store: &StoreConfig) -> anyhow::Result<()> {
 }
 
 /// A token cancelled by SIGTERM or Ctrl-C. From then on the process has `deadline` to
-/// drain: past it, it exits with status 1 whatever its tasks are doing (a thread of its
-/// own keeps the time, so a stuck runtime cannot hold it), and RabbitMQ hands the messages
-/// it held to other consumers.
+/// drain: past it, it exits with status 1 whatever its tasks are doing, and RabbitMQ hands
+/// the messages it held to other consumers. Signals are awaited on a thread and runtime of
+/// their own, so a stuck thread of the main runtime can neither hide a signal nor hold the
+/// process past its deadline.
 pub fn shutdown_on_signal(deadline: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("install SIGTERM handler");
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!(
-            deadline_ms = deadline.as_millis() as u64,
-            "shutdown requested"
-        );
-        t.cancel();
-        std::thread::spawn(move || {
+    std::thread::Builder::new()
+        .name("kongflow-signals".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for signals");
+            runtime.block_on(async {
+                let ctrl_c = tokio::signal::ctrl_c();
+                #[cfg(unix)]
+                {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("install SIGTERM handler");
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                #[cfg(not(unix))]
+                let _ = ctrl_c.await;
+            });
+            tracing::info!(
+                deadline_ms = deadline.as_millis() as u64,
+                "shutdown requested"
+            );
+            t.cancel();
             std::thread::sleep(deadline);
             tracing::error!(
                 deadline_ms = deadline.as_millis() as u64,
                 "drain deadline passed with work unfinished; exiting (SHUTDOWN_DEADLINE_MS sets it)"
             );
             std::process::exit(1);
-        });
-    });
+        })
+        .expect("spawn the signal thread");
     token
 }
 

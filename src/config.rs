@@ -90,6 +90,10 @@ pub struct RelayConfig {
     /// Discarded and cancelled jobs are deleted this long after they ended, in seconds.
     #[arg(long, env = "RETENTION_DISCARDED_SECS", default_value_t = 604_800)]
     pub retention_discarded_secs: u64,
+
+    /// Most jobs one retention statement deletes; each batch is its own short statement.
+    #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = 1_000)]
+    pub retention_batch_size: i64,
 }
 
 impl RelayConfig {
@@ -128,6 +132,7 @@ impl Default for RelayConfig {
             retention_interval_ms: 60_000,
             retention_completed_secs: 86_400,
             retention_discarded_secs: 604_800,
+            retention_batch_size: 1_000,
         }
     }
 }
@@ -297,6 +302,25 @@ impl StoreConfig {
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+
+    #[test]
+    fn the_store_configuration_prints_without_passwords() {
+        let store = super::StoreConfig {
+            database_url: "postgres://app:hunter2@db/kongflow".into(),
+            amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
+            amqp_prefix: "kongflow".into(),
+            amqp_queue_expires_ms: None,
+            delay_lead_ms: 250,
+            database_max_connections: 16,
+            no_migrate: false,
+        };
+        let printed = format!("{store:?}");
+        assert!(!printed.contains("hunter"), "{printed}");
+        assert!(
+            printed.contains("postgres://app:***@db/kongflow"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn passwords_are_redacted_and_nothing_else() {

@@ -43,9 +43,6 @@ pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
 /// The advisory lock held by the process doing retention.
 pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
 
-/// Jobs deleted per retention statement.
-pub const RETENTION_BATCH: i64 = 1_000;
-
 /// How often the relay samples gauges (outbox, delayed jobs, dead letters).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -190,8 +187,12 @@ impl Relay {
     async fn run_retention(&self, shutdown: CancellationToken) {
         every(self.config.retention_interval(), &shutdown, || async {
             match self.retain().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(jobs = n, "retention deleted old final jobs"),
+                Ok(batches) if batches.iter().sum::<u64>() == 0 => {}
+                Ok(batches) => tracing::info!(
+                    jobs = batches.iter().sum::<u64>(),
+                    statements = batches.len(),
+                    "retention deleted old final jobs"
+                ),
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),
             }
         })
@@ -200,19 +201,21 @@ impl Relay {
 
     /// One retention pass: completed jobs finalized more than `retention_completed` ago,
     /// and discarded or cancelled ones more than `retention_discarded` ago, are deleted in
-    /// batches of [`RETENTION_BATCH`], each its own short statement, so no lock on the
+    /// batches of `RETENTION_BATCH_SIZE`, each its own short statement, so no lock on the
     /// ledger is held for long. Only the process holding the retention advisory lock (a
     /// session lock on one connection) does it; the others skip the pass. A discarded job
-    /// whose dead letter is not yet published is kept. Returns how many were deleted.
-    pub async fn retain(&self) -> Result<u64, sqlx::Error> {
+    /// whose dead letter is not yet published is kept. Returns how many each statement
+    /// deleted (none when another process holds the lock).
+    pub async fn retain(&self) -> Result<Vec<u64>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK)
             .fetch_one(&mut *conn)
             .await?;
         if locked != Some(true) {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let mut total = 0;
+        let batch = self.config.retention_batch_size.max(1);
+        let mut batches = Vec::new();
         let result = loop {
             let deleted = sqlx::query!(
                 r#"DELETE FROM queue_jobs WHERE id IN (
@@ -229,15 +232,15 @@ impl Relay {
                        FOR UPDATE SKIP LOCKED)"#,
                 self.config.retention_completed().as_secs_f64(),
                 self.config.retention_discarded().as_secs_f64(),
-                RETENTION_BATCH
+                batch
             )
             .execute(&mut *conn)
             .await;
             match deleted {
                 Ok(d) => {
-                    total += d.rows_affected();
-                    if d.rows_affected() < RETENTION_BATCH as u64 {
-                        break Ok(total);
+                    batches.push(d.rows_affected());
+                    if d.rows_affected() < batch as u64 {
+                        break Ok(batches);
                     }
                 }
                 Err(e) => break Err(e),

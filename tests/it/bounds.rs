@@ -499,3 +499,121 @@ async fn invented_methods_add_no_metric_series() {
     );
     app.finish().await;
 }
+
+/// The TCP connections process `pid` holds open to port `port`, read from `/proc`.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let remote = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        // Fields: sl, local, remote, state (01: established), ..., inode (the 10th).
+        .filter(|f| {
+            f.len() > 9 && f[2].ends_with(&remote) && f[3] == "01" && inodes.contains(&f[9])
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs() {
+    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
+        .envs(app.child_env())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the child to be ready", Duration::from_secs(30), || async {
+        matches!(app.http.get(format!("{base}/readyz")).send().await,
+            Ok(r) if r.status() == StatusCode::OK)
+    })
+    .await;
+    // Many probes, one broker connection: the answer is the last probe's.
+    for _ in 0..50 {
+        let r = app.http.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let pid = child.id().unwrap();
+    assert_eq!(
+        connections_to(pid, 5672),
+        1,
+        "one connection held for readiness"
+    );
+
+    // A caller's id with a line break cannot forge a log line.
+    let r = app
+        .http
+        .post(format!("{base}/api/v1/events"))
+        .bearer_auth(&app.api_key)
+        .json(&json!({"event": {"name": "x", "id": "evil\nINFO forged line"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(r"evil\nINFO forged line"), "{stderr}");
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("INFO forged line")),
+        "{stderr}"
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_stay_out_of_help_and_errors() {
+    let bin = env!("CARGO_BIN_EXE_kongflow-events");
+    let out = tokio::process::Command::new(bin)
+        .arg("--help")
+        .env("DATABASE_URL", "postgres://app:hunter2@127.0.0.1:1/x")
+        .env("AMQP_URL", "amqp://guest:hunter3@127.0.0.1:1/%2f")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("[env: DATABASE_URL]"), "{help}");
+    assert!(!help.contains("hunter"), "{help}");
+    // A login the broker refuses: the error says so, without the password.
+    let out = tokio::process::Command::new(bin)
+        .arg("topology")
+        .env("AMQP_URL", "amqp://guest:hunter3@127.0.0.1:5672/%2f")
+        .env("RUST_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(!stderr.contains("hunter3"), "{stderr}");
+}

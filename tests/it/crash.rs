@@ -125,6 +125,10 @@ async fn a_relay_killed_after_publishing_before_marking_causes_no_double_effect(
     );
     invoke_by_hand(&app, &worker).await;
     assert_eq!(app.runs_by_job("r-1").await, vec![("job".to_string(), 1)]);
+    // The second copy found its job completed: one attempt each, not two.
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
     app.finish().await;
 }
 
@@ -188,6 +192,9 @@ async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
     assert_eq!(again, delivered_at);
     invoke_by_hand(&app, &worker).await;
     assert_eq!(app.runs_by_job("w-1").await, vec![("job".to_string(), 1)]);
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
     app.finish().await;
 }
 
@@ -316,6 +323,107 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
     .await
     .unwrap();
     assert_eq!(extra, 0, "no event ran twice");
+    next.kill().await.unwrap();
+    app.finish().await;
+}
+
+/// Collect a child's stderr lines as they come.
+fn collect_stderr(
+    child: &mut tokio::process::Child,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use tokio::io::AsyncBufReadExt;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_process_exits_at_its_drain_deadline_and_loses_nothing() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    job_and_event(&app, "stuck").await;
+    // The worker blocks its thread inside a batch, as a runaway computation would.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args(["all", "--http", "127.0.0.1:0"])
+        .envs(app.child_env())
+        .env("KONGFLOW_FAILPOINTS", "worker-stall")
+        .env("SHUTDOWN_DEADLINE_MS", "1000")
+        .env("WORKER_CONCURRENCY", "1")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
+    let saw = |needle: &'static str| {
+        let lines = lines.clone();
+        move || {
+            let found = lines.lock().unwrap().iter().any(|l| l.contains(needle));
+            async move { found }
+        }
+    };
+    wait_until(
+        "the worker to stall",
+        Duration::from_secs(30),
+        saw("failpoint worker-stall hit"),
+    )
+    .await;
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the deadline ends the process")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    wait_until(
+        "the reason on stderr",
+        Duration::from_secs(5),
+        saw("drain deadline passed"),
+    )
+    .await;
+    // The stalled batch never committed: its job is not completed and ran no attempt.
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM queue_jobs WHERE kind = 'deliverEvent' AND state = 'completed'"
+        )
+        .await,
+        0
+    );
+    // Its message went back to the broker: a new process delivers it, once.
+    let mut next = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .args(["all", "--http", "127.0.0.1:0"])
+        .envs(app.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the event's run", Duration::from_secs(30), || async {
+        app.runs_by_job("stuck").await == vec![("job".to_string(), 1)]
+    })
+    .await;
+    wait_until("both jobs completed", Duration::from_secs(10), || async {
+        count(
+            &app,
+            "SELECT count(*) FROM queue_jobs WHERE state = 'completed'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
     next.kill().await.unwrap();
     app.finish().await;
 }

@@ -369,3 +369,142 @@ async fn request_events_are_matched_on_their_parsed_json_body() {
     }
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_call_failing_in_the_database_on_its_second_event_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    // Valid to the API, refused by the database: a trigger of this test's own.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.event_id = 'boom' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_boom BEFORE INSERT ON event_records
+           FOR EACH ROW EXECUTE FUNCTION refuse_boom();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, body) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/bulk",
+            Some(&key),
+            Some(json!({"events": [
+                {"name": "bulk", "id": "fine"},
+                {"name": "bulk", "id": "boom"},
+                {"name": "bulk", "id": "also-fine"}
+            ]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(
+        body["error"], "internal error",
+        "no internals in the answer"
+    );
+    let (events, jobs): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM event_records), (SELECT count(*) FROM queue_jobs)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((events, jobs), (0, 0));
+    // The same call without the refused event stores both.
+    let (status, _) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/bulk",
+            Some(&key),
+            Some(json!({"events": [{"name": "bulk", "id": "fine"}, {"name": "bulk", "id": "also-fine"}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(events_stored(&app).await, 2);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_racing_deliveries_leave_each_event_cancelled_or_delivered_never_both() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    app.put_job(&key, "job", job_body("race", json!({}))).await;
+    // 60 events due at the same instant; their cancels land from 300 ms before it to
+    // 900 ms after, 20 ms apart: the early ones find the event pending, the late ones
+    // delivered, and those in between race the worker's delivery transaction.
+    let due_in = 2_000;
+    let due = Utc::now() + chrono::Duration::milliseconds(due_in);
+    let n = 60;
+    for i in 0..n {
+        app.send_event(
+            &key,
+            json!({"event": {"name": "race", "id": format!("r-{i}")},
+                   "options": {"deliverAt": kongflow_events::http::iso(due)}}),
+        )
+        .await;
+    }
+    let mut cancels = Vec::new();
+    for i in 0..n {
+        let at = due + chrono::Duration::milliseconds(-300 + 20 * i as i64);
+        let (http, base, key) = (app.http.clone(), app.base_url.clone(), key.clone());
+        cancels.push(tokio::spawn(async move {
+            let wait = (at - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let r = http
+                .post(format!("{base}/api/v1/events/r-{i}/cancel"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut answers = Vec::new();
+    for c in cancels {
+        answers.push(c.await.unwrap());
+    }
+    app.settle().await;
+    let (mut cancelled, mut delivered) = (0, 0);
+    for (i, (status, log)) in answers.iter().enumerate() {
+        // A deadlock or a lock timeout would be a 500 here.
+        assert_eq!(*status, StatusCode::OK, "cancel r-{i}: {log}");
+        let id = format!("r-{i}");
+        let (cancelled_at, delivered_at, job_state): (
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            String,
+        ) = sqlx::query_as(
+            "SELECT e.cancelled_at, e.delivered_at, j.state::text FROM event_records e
+             JOIN queue_jobs j ON j.kind = 'deliverEvent' AND j.args->>'id' = e.id::text
+             WHERE e.event_id = $1",
+        )
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        let runs = app.runs_by_job(&id).await;
+        match (cancelled_at, delivered_at) {
+            (Some(_), None) => {
+                cancelled += 1;
+                assert_eq!(job_state, "cancelled", "{id}");
+                assert!(runs.is_empty(), "{id} cancelled but ran: {runs:?}");
+                assert!(log["cancelledAt"].is_string(), "{id}: {log}");
+            }
+            (None, Some(_)) => {
+                delivered += 1;
+                assert_eq!(job_state, "completed", "{id}");
+                assert_eq!(runs, vec![("job".to_string(), 1)], "{id}");
+                assert!(log["cancelledAt"].is_null(), "{id} answered {log}");
+                assert!(log["deliveredAt"].is_string(), "{id} answered {log}");
+            }
+            other => panic!("{id}: cancelled and delivered {other:?}"),
+        }
+    }
+    eprintln!("{cancelled} cancelled, {delivered} delivered");
+    assert!(
+        cancelled > 0 && delivered > 0,
+        "both sides of the race were reached"
+    );
+    app.finish().await;
+}

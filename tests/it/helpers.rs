@@ -257,21 +257,59 @@ impl TestApp {
         .unwrap()
     }
 
-    /// Jobs of the ledger due and not yet final.
+    /// Jobs of the ledger not yet final that should move now: due ones, and every retryable
+    /// one whatever its next attempt's time.
     pub async fn unfinished_jobs(&self) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM queue_jobs
-             WHERE state NOT IN ('completed', 'discarded', 'cancelled') AND run_at <= now()",
+             WHERE state NOT IN ('completed', 'discarded', 'cancelled')
+               AND (run_at <= now() OR state = 'retryable')",
         )
         .fetch_one(&self.pool)
         .await
         .unwrap()
     }
 
-    /// Wait until the ledger is drained: every job final.
+    /// Wait until the ledger is drained (every due or retryable job final), and fail if
+    /// any job recorded an error on the way: a test that expects errors says so with
+    /// [`TestApp::settle_with_errors`].
     pub async fn settle(&self) {
+        self.settle_with_errors().await;
+        let failed: Vec<(i64, String, Value)> = sqlx::query_as(
+            "SELECT id, kind, errors FROM queue_jobs WHERE jsonb_array_length(errors) > 0",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert!(failed.is_empty(), "jobs recorded errors: {failed:?}");
+    }
+
+    /// Every job of `kind` completed, each by exactly one attempt: a job's attempt count
+    /// goes up only in the transaction that runs it, so a duplicate message that ran it
+    /// again would show here even where unique constraints keep its effects single.
+    pub async fn assert_completed_once(&self, kind: JobKind, jobs: usize) {
+        let rows: Vec<(i64, String, i32)> = sqlx::query_as(
+            "SELECT id, state::text, attempt FROM queue_jobs WHERE kind = $1 ORDER BY id",
+        )
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), jobs, "{} jobs: {rows:?}", kind.as_str());
+        for (id, state, attempt) in rows {
+            assert_eq!(
+                (state.as_str(), attempt),
+                ("completed", 1),
+                "{} job {id}",
+                kind.as_str()
+            );
+        }
+    }
+
+    /// Wait until the ledger is drained, errors or not.
+    pub async fn settle_with_errors(&self) {
         wait_until(
-            "every due job to be final",
+            "every due or retryable job to be final",
             Duration::from_secs(20),
             || async { self.unfinished_jobs().await == 0 },
         )

@@ -151,6 +151,9 @@ async fn the_same_event_id_twice_stores_and_runs_once() {
             .unwrap();
     assert_eq!((records, deliveries), (1, 1));
     assert_eq!(app.runs_by_job("dup-1").await, vec![("job".to_string(), 1)]);
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
     app.finish().await;
 }
 
@@ -282,6 +285,10 @@ async fn a_job_message_published_twice_creates_one_run() {
     let dispositions = app.drain_with(&worker, JobKind::InvokeDispatcher).await;
     assert_eq!(dispositions, vec![Disposition::Ack, Disposition::Ack]);
     assert_eq!(app.runs_by_job("p-1").await, vec![("job".to_string(), 1)]);
+    // The copy found its job completed and ran nothing: one attempt.
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
     assert_eq!(app.queue_depth(JobKind::InvokeDispatcher).await, 0);
     app.finish().await;
 }
@@ -375,5 +382,9 @@ async fn concurrent_sends_of_the_same_ids_store_each_id_once() {
     .await
     .unwrap();
     assert_eq!((records, deliveries, runs), (10, 10, 10));
+    app.settle().await;
+    app.assert_completed_once(JobKind::DeliverEvent, 10).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 10)
+        .await;
     app.finish().await;
 }

@@ -153,3 +153,147 @@ async fn two_relays_never_publish_the_same_rows() {
     assert_eq!(unpublished, 0);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_returns_keeps_its_job_in_the_outbox() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let mut tx = app.pool.begin().await.unwrap();
+    let job = QueueService::new()
+        .enqueue_deliver_event(
+            &mut tx,
+            DeliverEventArgs { id: Uuid::new_v4() },
+            InsertOpts::default(),
+        )
+        .await
+        .unwrap()
+        .job;
+    tx.commit().await.unwrap();
+    let published_at = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT published_at FROM queue_jobs WHERE id = $1",
+        )
+        .bind(job.id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let relay = app.relay();
+    let channel = relay.open_channel(&app.amqp).await.unwrap();
+    // The work queue is gone: the publish is unroutable and the broker returns it
+    // (`mandatory`), though it confirms the publish itself. (A queue bound under another
+    // key keeps the test's auto-delete exchange alive.)
+    let keeper = app
+        .channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.channel
+        .queue_bind(
+            keeper.name().clone(),
+            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
+            "elsewhere".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    app.channel
+        .queue_delete(
+            app.topology.queue(JobKind::DeliverEvent).as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(relay.publish_batch(&channel).await.unwrap(), 0);
+    assert_eq!(published_at().await, None, "the mark was taken back");
+    assert_eq!(
+        relay.publish_batch(&channel).await.unwrap(),
+        0,
+        "still not routable"
+    );
+    assert_eq!(published_at().await, None);
+
+    // With the queue back, the same job is published, and only now marked.
+    app.topology.declare(&app.channel).await.unwrap();
+    assert_eq!(relay.publish_batch(&channel).await.unwrap(), 1);
+    assert!(published_at().await.is_some());
+    crate::helpers::wait_until(
+        "the message in its queue",
+        std::time::Duration::from_secs(5),
+        || async { app.queue_depth(JobKind::DeliverEvent).await == 1 },
+    )
+    .await;
+    let _ = channel.close(200, "done".into()).await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_relay_publishes() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    kongflow_events::triggers::register_job(
+        &app.pool,
+        &app.env,
+        "job",
+        &kongflow_events::triggers::JobRegistration {
+            version: "1".into(),
+            rule: kongflow_events::triggers::EventRule {
+                event_names: vec!["quiet".into()],
+                source: "trigger.dev".into(),
+                payload_filter: None,
+                context_filter: None,
+            },
+            enabled: true,
+            manual: false,
+        },
+    )
+    .await
+    .unwrap();
+    // Ingest, then a worker step on the deliverEvent job, handed to it directly.
+    let ingested = kongflow_events::EventsService::new(app.pool.clone())
+        .ingest_send_event(
+            &app.env,
+            kongflow_events::events::SendEvent {
+                id: Some("quiet-1".into()),
+                name: "quiet".into(),
+                ..Default::default()
+            },
+            kongflow_events::events::SendEventOptions::default(),
+        )
+        .await
+        .unwrap();
+    let job = ingested.job.unwrap().job;
+    let message = kongflow_events::amqp::JobMessage::from_job(&job);
+    let done = app.worker().process(vec![Ok(message)]).await.unwrap();
+    assert_eq!(done, vec![kongflow_events::worker::Disposition::Ack]);
+
+    // The delivery enqueued an invocation in the ledger, and nothing reached the broker.
+    let (deliver_state, invocations): (String, i64) = sqlx::query_as(
+        "SELECT (SELECT state::text FROM queue_jobs WHERE id = $1),
+                (SELECT count(*) FROM queue_jobs WHERE kind = 'events.invokeDispatcher'
+                    AND published_at IS NULL)",
+    )
+    .bind(job.id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((deliver_state.as_str(), invocations), ("completed", 1));
+    for queue in app.topology.all_queues() {
+        assert_eq!(app.depth_of(&queue).await, 0, "{queue} holds a message");
+    }
+    // The relay, and only it, publishes the invocation.
+    assert_eq!(app.relay_all().await, 1);
+    crate::helpers::wait_until(
+        "the invocation's message",
+        std::time::Duration::from_secs(5),
+        || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
+    )
+    .await;
+    app.finish().await;
+}

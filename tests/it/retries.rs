@@ -188,7 +188,7 @@ async fn a_job_that_fails_twice_completes_on_its_third_attempt_once() {
     failpoint::disarm_handler_fault(&record.to_string());
     assert_eq!(job.attempt, 3);
     assert_eq!(job.errors.as_array().unwrap().len(), 2);
-    app.settle().await;
+    app.settle_with_errors().await;
     assert_eq!(app.runs_by_job("t-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 0);
     app.finish().await;
@@ -223,7 +223,7 @@ async fn a_panicking_handler_is_a_failure_and_the_worker_survives() {
         !app.runs_by_job("p-2").await.is_empty()
     })
     .await;
-    app.settle().await;
+    app.settle_with_errors().await;
     assert_eq!(app.runs_by_job("p-1").await, vec![("job".to_string(), 1)]);
     app.finish().await;
 }
@@ -363,7 +363,10 @@ async fn the_jobs_commands_list_retry_and_replay_a_discarded_job() {
         Duration::from_secs(10),
     )
     .await;
-    app.settle().await;
+    // Both letters are gone from the dead-letter queue, and nothing else is in it.
+    assert_eq!(replay["kept"], json!([]), "{replay}");
+    assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 0);
+    app.settle_with_errors().await;
     assert_eq!(app.runs_by_job("f-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.runs_by_job("f-2").await, vec![("job".to_string(), 1)]);
     // A cancelled job is final; cancelling it again says so.
@@ -522,7 +525,10 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
     let relay = Relay::new(
         app.pool.clone(),
         app.topology.clone(),
-        RelayConfig::default(),
+        RelayConfig {
+            retention_batch_size: 400,
+            ..RelayConfig::default()
+        },
     );
     // Another process holds the lock: this one skips the pass.
     let mut other = app.pool.acquire().await.unwrap();
@@ -531,7 +537,7 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
         .execute(&mut *other)
         .await
         .unwrap();
-    assert_eq!(relay.retain().await.unwrap(), 0);
+    assert_eq!(relay.retain().await.unwrap(), Vec::<u64>::new());
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(RETENTION_LOCK)
         .execute(&mut *other)
@@ -539,13 +545,17 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
         .unwrap();
     drop(other);
 
-    assert_eq!(relay.retain().await.unwrap(), 2_502);
+    // 2,502 rows in statements of at most 400.
+    assert_eq!(
+        relay.retain().await.unwrap(),
+        vec![400, 400, 400, 400, 400, 400, 102]
+    );
     let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM queue_jobs ORDER BY id")
         .fetch_all(&app.pool)
         .await
         .unwrap();
     assert_eq!(left, vec![ids[2_500], ids[2_502], ids[2_503], ids[2_505]]);
-    assert_eq!(relay.retain().await.unwrap(), 0);
+    assert_eq!(relay.retain().await.unwrap(), vec![0]);
 
     // Unique by args holds while the job is kept, and ends with it.
     let again = |job: &Job| {
@@ -563,5 +573,79 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
     assert!(results[0].unique_skipped_as_duplicate);
     assert_eq!(results[0].job.id, ids[2_500]);
     assert!(!results[1].unique_skipped_as_duplicate);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let queue = QueueService::new();
+    let args = kongflow_events::queue::DeliverEventArgs { id: Uuid::new_v4() };
+    let insert = |app: &TestApp| {
+        let (pool, queue) = (app.pool.clone(), queue);
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = queue
+                .enqueue_many(
+                    &mut tx,
+                    vec![JobInsert::deliver_event(args, InsertOpts::default())],
+                )
+                .await
+                .unwrap()
+                .remove(0);
+            tx.commit().await.unwrap();
+            r
+        }
+    };
+    let set_state = |id: i64, state: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE queue_jobs SET state = $2::queue_job_state, finalized_at = now(),
+                        published_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(state)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let state_of = |id: i64| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state::text FROM queue_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // The first job of these arguments is discarded, which frees its key: a second job
+    // of the same arguments takes it and is live.
+    let first = insert(&app).await.job;
+    set_state(first.id, "discarded").await;
+    let second = insert(&app).await;
+    assert!(!second.unique_skipped_as_duplicate);
+    let second = second.job;
+    assert_ne!(second.id, first.id);
+
+    match admin::retry_job(&app.pool, first.id).await {
+        Err(admin::AdminError::Duplicate { id, other }) => {
+            assert_eq!((id, other), (first.id, second.id))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let retried = admin::retry_jobs(&app.pool, admin::StateFilter::Failed, None)
+        .await
+        .unwrap();
+    assert_eq!(retried, Vec::<i64>::new(), "skipped as well");
+    assert_eq!(state_of(first.id).await, "discarded");
+
+    // Once the live job is cancelled, the key is free and the retry goes through.
+    set_state(second.id, "cancelled").await;
+    let job = admin::retry_job(&app.pool, first.id).await.unwrap();
+    assert_eq!(job.state, JobState::Available);
+    assert_eq!(state_of(first.id).await, "available");
     app.finish().await;
 }

@@ -53,13 +53,23 @@ async fn the_v2_sdk_sends_gets_and_cancels_events() {
     ] {
         assert!(stdout.contains(call), "no {call} in {stdout}");
     }
-    // What the SDK did, seen from the database: the cancelled event never ran.
-    let delivered: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT delivered_at FROM event_records WHERE event_id = 'sdk-later'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(delivered, None);
+    // What the SDK did, seen from the database: the cancelled event's delivery job is
+    // cancelled (its due time, a minute away, has not come: a missing delivery alone would
+    // prove nothing), and it has no delivery and no run.
+    let (cancelled_at, delivered, job_state): (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        String,
+    ) = sqlx::query_as(
+        "SELECT e.cancelled_at, e.delivered_at, j.state::text FROM event_records e
+         JOIN queue_jobs j ON j.kind = 'deliverEvent' AND j.args->>'id' = e.id::text
+         WHERE e.event_id = 'sdk-later'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(cancelled_at.is_some());
+    assert_eq!((delivered, job_state.as_str()), (None, "cancelled"));
     assert!(app.runs_by_job("sdk-later").await.is_empty());
     app.finish().await;
 }
