@@ -6,6 +6,8 @@ pub mod events;
 pub mod jobs;
 pub mod triggers;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -15,11 +17,8 @@ use axum::routing::{delete, get, post, put};
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use std::sync::Arc;
-
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::EventsService;
 use crate::config::HttpConfig;

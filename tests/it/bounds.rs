@@ -531,24 +531,7 @@ fn connections_to(pid: u32, port: u16) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs() {
     let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-        .args(["serve", "--http", &format!("127.0.0.1:{port}")])
-        .envs(app.child_env())
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until("the child to be ready", Duration::from_secs(30), || async {
-        matches!(app.http.get(format!("{base}/readyz")).send().await,
-            Ok(r) if r.status() == StatusCode::OK)
-    })
-    .await;
+    let (child, base) = app.spawn_ready("serve", &[("RUST_LOG", "info")]).await;
     // Many probes, one broker connection: the answer is the last probe's.
     for _ in 0..50 {
         let r = app.http.get(format!("{base}/readyz")).send().await.unwrap();

@@ -6,31 +6,13 @@ use std::time::Duration;
 use kongflow_events::EventsService;
 use kongflow_events::events::{SendEvent, SendEventOptions};
 use kongflow_events::queue::JobKind;
-use kongflow_events::triggers::{self, EventRule, JobRegistration};
 use kongflow_events::worker::{Disposition, Worker};
 use serde_json::json;
 
 use crate::helpers::{NO_ROLES, TestApp, wait_until};
 
 async fn job_and_event(app: &TestApp, event_id: &str) {
-    triggers::register_job(
-        &app.pool,
-        &app.env,
-        "job",
-        &JobRegistration {
-            version: "1".into(),
-            rule: EventRule {
-                event_names: vec!["crash".into()],
-                source: "trigger.dev".into(),
-                payload_filter: None,
-                context_filter: None,
-            },
-            enabled: true,
-            manual: false,
-        },
-    )
-    .await
-    .unwrap();
+    app.register_job("job", "crash").await;
     EventsService::new(app.pool.clone())
         .ingest_send_event(
             &app.env,

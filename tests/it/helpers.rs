@@ -393,6 +393,57 @@ impl TestApp {
         total
     }
 
+    /// Register job `slug` (version 1) for events named `event` from the default source,
+    /// through the library.
+    pub async fn register_job(&self, slug: &str, event: &str) {
+        kongflow_events::triggers::register_job(
+            &self.pool,
+            &self.env,
+            slug,
+            &kongflow_events::triggers::JobRegistration {
+                version: "1".into(),
+                rule: kongflow_events::triggers::EventRule {
+                    event_names: vec![event.into()],
+                    source: "trigger.dev".into(),
+                    payload_filter: None,
+                    context_filter: None,
+                },
+                enabled: true,
+                manual: false,
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    /// A child `kongflow-events <role>` serving HTTP on a free port, its stderr piped, once
+    /// its `/readyz` answers 200. Returns it and its base URL.
+    pub async fn spawn_ready(
+        &self,
+        role: &str,
+        extra_env: &[(&str, &str)],
+    ) -> (tokio::process::Child, String) {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let base = format!("http://127.0.0.1:{port}");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+            .args([role, "--http", &format!("127.0.0.1:{port}")])
+            .envs(self.child_env())
+            .envs(extra_env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_until("the child to be ready", Duration::from_secs(30), || async {
+            matches!(self.http.get(format!("{base}/readyz")).send().await,
+                     Ok(r) if r.status() == StatusCode::OK)
+        })
+        .await;
+        (child, base)
+    }
+
     /// Environment variables for a child `kongflow-events` process on this test's stores.
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -4,7 +4,6 @@
 //! own and scrape it: other tests in this binary cannot move its counters.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::Stdio;
 use std::time::Duration;
 
 use kongflow_events::queue::JobKind;
@@ -22,24 +21,7 @@ struct Child {
 }
 
 async fn spawn_all(app: &TestApp, extra_env: &[(&str, &str)]) -> Child {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let base = format!("http://127.0.0.1:{port}");
-    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-        .args(["all", "--http", &format!("127.0.0.1:{port}")])
-        .envs(app.child_env())
-        .envs(extra_env.iter().copied())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until("the child to be ready", Duration::from_secs(30), || async {
-        matches!(app.http.get(format!("{base}/readyz")).send().await,
-                 Ok(r) if r.status() == StatusCode::OK)
-    })
-    .await;
+    let (process, base) = app.spawn_ready("all", extra_env).await;
     Child { process, base }
 }
 

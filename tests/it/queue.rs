@@ -237,24 +237,7 @@ async fn a_message_the_broker_returns_keeps_its_job_in_the_outbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_relay_publishes() {
     let app = TestApp::spawn_with(NO_ROLES).await;
-    kongflow_events::triggers::register_job(
-        &app.pool,
-        &app.env,
-        "job",
-        &kongflow_events::triggers::JobRegistration {
-            version: "1".into(),
-            rule: kongflow_events::triggers::EventRule {
-                event_names: vec!["quiet".into()],
-                source: "trigger.dev".into(),
-                payload_filter: None,
-                context_filter: None,
-            },
-            enabled: true,
-            manual: false,
-        },
-    )
-    .await
-    .unwrap();
+    app.register_job("job", "quiet").await;
     // Ingest, then a worker step on the deliverEvent job, handed to it directly.
     let ingested = kongflow_events::EventsService::new(app.pool.clone())
         .ingest_send_event(
