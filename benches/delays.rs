@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
             let ok = bench
                 .send(
                     format!("later{i}"),
-                    Some(json!({"deliverAt": kongflow_events::http::iso(at)})),
+                    Some(json!({"deliverAt": kongflow_events::dates::iso(at)})),
                 )
                 .await;
             drop(permit);

@@ -13,7 +13,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use kongflow_events::amqp::publish::route;
 use kongflow_events::amqp::{self, JobMessage, Topology, publish_job};
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;

@@ -13,9 +13,9 @@ use crate::amqp::publish::{
     ATTEMPTS_HEADER, DEAD_AT_HEADER, JOB_ID_HEADER, KIND_HEADER, REASON_HEADER,
 };
 use crate::amqp::{JobMessage, Topology};
-use crate::http::iso;
-use crate::queue::{Job, JobRow, JobState};
-use crate::relay::NOTIFY_CHANNEL;
+use crate::dates::iso;
+use crate::ledger::operator::{self, Listing, Refusal};
+use crate::ledger::{Job, JobState, UnreadableJob};
 
 /// Which jobs `jobs list` shows.
 #[derive(Debug, Clone, Default)]
@@ -43,65 +43,20 @@ impl std::str::FromStr for StateFilter {
         }
         JobState::parse(s).map(Self::One).ok_or_else(|| {
             format!(
-                "unknown state {s:?}: scheduled, available, running, retryable, completed, \
-                 discarded, cancelled or failed"
+                "unknown state {s:?}: scheduled, available, retryable, completed, discarded, \
+                 cancelled or failed"
             )
         })
     }
 }
 
 impl StateFilter {
-    fn states(self) -> Vec<String> {
+    fn states(self) -> Vec<JobState> {
         match self {
-            Self::One(s) => vec![s.as_str().to_string()],
-            Self::Failed => vec!["retryable".into(), "discarded".into()],
+            Self::One(s) => vec![s],
+            Self::Failed => vec![JobState::Retryable, JobState::Discarded],
         }
     }
-}
-
-/// A page of jobs in id order, and the cursor of the next page if there may be one.
-pub async fn list_jobs(
-    pool: &PgPool,
-    filter: &JobFilter,
-) -> Result<(Vec<Job>, Option<i64>), sqlx::Error> {
-    let states = filter.state.map(StateFilter::states);
-    let rows = sqlx::query_as!(
-        JobRow,
-        r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent
-           FROM queue_jobs
-           WHERE ($1::text IS NULL OR queue = $1)
-             AND ($2::text IS NULL OR kind = $2)
-             AND ($3::text[] IS NULL OR state::text = ANY($3))
-             AND id > $4
-           ORDER BY id
-           LIMIT $5"#,
-        filter.queue,
-        filter.kind,
-        states.as_deref(),
-        filter.after.unwrap_or(0),
-        filter.limit
-    )
-    .fetch_all(pool)
-    .await?;
-    let jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
-    let next = (jobs.len() as i64 == filter.limit)
-        .then(|| jobs.last().map(|j| j.id))
-        .flatten();
-    Ok((jobs, next))
-}
-
-pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
-    let row = sqlx::query_as!(
-        JobRow,
-        r#"SELECT id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                  run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent
-           FROM queue_jobs WHERE id = $1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(Job::from))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,119 +67,71 @@ pub enum AdminError {
     Unchanged { id: i64, state: &'static str },
     #[error("job {id} cannot run again: job {other} with the same arguments is live")]
     Duplicate { id: i64, other: i64 },
+    #[error(transparent)]
+    Unreadable(UnreadableJob),
     #[error("postgres: {0}")]
     Db(#[from] sqlx::Error),
     #[error("rabbitmq: {0}")]
     Amqp(#[from] lapin::Error),
 }
 
-/// Make a job available to run now, as River's `job retry` does: its attempt count and its
-/// errors stay; a job that used its last attempt gets one more. A job already available
-/// (or running) is left alone. Refused if a live job has the same unique key.
-pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
-    let mut tx = pool.begin().await?;
-    let current = sqlx::query!(
-        r#"SELECT state::text AS "state!", unique_key FROM queue_jobs WHERE id = $1 FOR UPDATE"#,
-        id
-    )
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(AdminError::NotFound(id))?;
-    let state = JobState::parse(&current.state).unwrap_or(JobState::Available);
-    if matches!(state, JobState::Available | JobState::Running) {
-        return Err(AdminError::Unchanged {
-            id,
-            state: state.as_str(),
-        });
-    }
-    if let Some(key) = &current.unique_key {
-        let other = sqlx::query_scalar!(
-            r#"SELECT id FROM queue_jobs
-               WHERE unique_key = $1 AND id <> $2 AND state NOT IN ('cancelled', 'discarded')"#,
-            key,
-            id
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(other) = other {
-            return Err(AdminError::Duplicate { id, other });
+impl From<Refusal> for AdminError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotFound(id) => Self::NotFound(id),
+            Refusal::Unchanged { id, state } => Self::Unchanged { id, state },
+            Refusal::Duplicate { id, other } => Self::Duplicate { id, other },
+            Refusal::Unreadable(u) => Self::Unreadable(u),
         }
     }
-    let row = sqlx::query_as!(
-        JobRow,
-        r#"UPDATE queue_jobs SET state = 'available', run_at = now(), published_at = NULL,
-                  finalized_at = NULL, max_attempts = GREATEST(max_attempts, attempt + 1)
-           WHERE id = $1
-           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
-        id
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Job::from(row))
 }
 
-/// Retry every job in `state` (of `kind`, if given), as [`retry_job`] does one; jobs whose
-/// unique key a live job holds are skipped. Returns the ids retried.
+/// The ledger's answer, its refusals as errors.
+fn done<T>(outcome: operator::Outcome<T>) -> Result<T, AdminError> {
+    Ok(outcome??)
+}
+
+/// A page of jobs in id order, and the cursor of the next page if there may be one.
+pub async fn list_jobs(
+    pool: &PgPool,
+    filter: &JobFilter,
+) -> Result<(Vec<Job>, Option<i64>), AdminError> {
+    let listing = Listing {
+        queue: filter.queue.clone(),
+        kind: filter.kind.clone(),
+        states: filter.state.map(StateFilter::states),
+        limit: filter.limit,
+        after: filter.after,
+    };
+    done(operator::list(pool, &listing).await)
+}
+
+/// One job with its attempts and errors, `None` if the ledger has no such job.
+pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, AdminError> {
+    match done(operator::get(pool, id).await) {
+        Err(AdminError::NotFound(_)) => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// Make a job available to run now (see [`operator::retry`]).
+pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
+    done(operator::retry(pool, id).await)
+}
+
+/// Retry every job in `state` (of `kind`, if given); jobs whose unique key a live job
+/// holds are skipped. Returns the ids retried.
 pub async fn retry_jobs(
     pool: &PgPool,
     state: StateFilter,
     kind: Option<&str>,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let states: Vec<String> = state
-        .states()
-        .into_iter()
-        .filter(|s| s != "available" && s != "running")
-        .collect();
-    let mut tx = pool.begin().await?;
-    let ids = sqlx::query_scalar!(
-        r#"UPDATE queue_jobs q SET state = 'available', run_at = now(), published_at = NULL,
-                  finalized_at = NULL, max_attempts = GREATEST(max_attempts, attempt + 1)
-           WHERE q.state::text = ANY($1) AND ($2::text IS NULL OR q.kind = $2)
-             AND NOT EXISTS (
-                 SELECT 1 FROM queue_jobs o
-                 WHERE o.unique_key = q.unique_key AND o.id <> q.id
-                   AND o.state NOT IN ('cancelled', 'discarded'))
-           RETURNING q.id"#,
-        &states,
-        kind
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(ids)
+    operator::retry_matching(pool, &state.states(), kind).await
 }
 
-/// Cancel a job that is not final: it will not run (a message already on its way is
-/// acknowledged with no effect).
+/// Cancel a job that is not final (see [`operator::cancel`]).
 pub async fn cancel_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
-    let row = sqlx::query_as!(
-        JobRow,
-        r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
-           WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
-           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                     run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?;
-    match row {
-        Some(r) => Ok(Job::from(r)),
-        None => match get_job(pool, id).await? {
-            Some(job) => Err(AdminError::Unchanged {
-                id,
-                state: job.state.as_str(),
-            }),
-            None => Err(AdminError::NotFound(id)),
-        },
-    }
+    done(operator::cancel(pool, id).await)
 }
 
 /// One message of the dead-letter queue.
@@ -286,9 +193,10 @@ async fn take_dead(
         let parsed = JobMessage::parse(&delivery.data).ok();
         let job_id = header_int(h.get(JOB_ID_HEADER)).or(parsed.as_ref().map(|m| m.id));
         let ledger_state = match job_id {
-            Some(id) => get_job(pool, id)
+            Some(id) => operator::states_of(pool, &[id])
                 .await?
-                .map(|j| j.state.as_str().to_string()),
+                .pop()
+                .map(|(_, state)| state),
             None => None,
         };
         let body = serde_json::from_slice(&delivery.data)
@@ -376,6 +284,22 @@ pub async fn replay_dead(
     Ok(report)
 }
 
+/// What a replay did, a line each.
+pub fn replay_summary(report: &Replay) -> String {
+    let mut out = format!(
+        "retried {} job(s): {:?}\ncleared {} letter(s) of jobs that need nothing: {:?}\n",
+        report.retried.len(),
+        report.retried,
+        report.cleared.len(),
+        report.cleared
+    );
+    for (id, why) in &report.kept {
+        let id = id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&format!("kept {id}: {why}\n"));
+    }
+    out
+}
+
 /// Jobs as a table, one line each.
 pub fn jobs_table(jobs: &[Job]) -> String {
     let mut out = format!(
@@ -387,10 +311,10 @@ pub fn jobs_table(jobs: &[Job]) -> String {
         out.push_str(&format!(
             "{:>10}  {:<24}  {:<8}  {:<10}  {:>3}  {:>7}  {:<24}  {}\n",
             j.id,
-            j.kind,
+            j.kind.as_str(),
             j.queue,
             j.state.as_str(),
-            j.priority,
+            j.priority as i16,
             format!("{}/{}", j.attempt, j.max_attempts),
             iso(j.run_at),
             last_error.chars().take(60).collect::<String>()
@@ -404,12 +328,12 @@ pub fn job_details(j: &Job) -> String {
     let mut out = String::new();
     let opt = |t: Option<DateTime<Utc>>| t.map(iso).unwrap_or_else(|| "-".into());
     out.push_str(&format!("id:           {}\n", j.id));
-    out.push_str(&format!("kind:         {}\n", j.kind));
+    out.push_str(&format!("kind:         {}\n", j.kind.as_str()));
     out.push_str(&format!("queue:        {}\n", j.queue));
     out.push_str(&format!("state:        {}\n", j.state.as_str()));
-    out.push_str(&format!("priority:     {}\n", j.priority));
+    out.push_str(&format!("priority:     {}\n", j.priority as i16));
     out.push_str(&format!("attempt:      {}/{}\n", j.attempt, j.max_attempts));
-    out.push_str(&format!("args:         {}\n", j.args));
+    out.push_str(&format!("args:         {}\n", j.args.to_value()));
     out.push_str(&format!("created at:   {}\n", iso(j.created_at)));
     out.push_str(&format!("run at:       {}\n", iso(j.run_at)));
     out.push_str(&format!("attempted at: {}\n", opt(j.attempted_at)));

@@ -1,9 +1,7 @@
 //! The long-running processes (`serve`, `relay`, `worker`, `all`), start-up and shutdown.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -12,73 +10,18 @@ use crate::amqp::{self, Topology};
 use crate::config::{HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig};
 use crate::db;
 use crate::http::{self, AppState};
+use crate::ledger::{EVENTS_QUEUE, JobKind};
+use crate::metrics::metrics;
 use crate::ops::{self, OpsState};
 use crate::relay::Relay;
 use crate::worker::Worker;
 
-/// Which roles one process plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Roles {
-    pub http: bool,
-    pub relay: bool,
-    pub worker: bool,
-}
-
-impl Roles {
-    pub const ALL: Roles = Roles {
-        http: true,
-        relay: true,
-        worker: true,
-    };
-}
-
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// Run `attempt` until it returns `Ok` or `shutdown` fires, sleeping with exponential
-/// backoff between failures. The backoff starts over after a run that lasted a while, so a
-/// connection that drops once a day reconnects at once.
-pub async fn supervise<F, Fut, E>(name: &str, shutdown: CancellationToken, mut attempt: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let mut backoff = reconnect_backoff();
-    while !shutdown.is_cancelled() {
-        let started = Instant::now();
-        match attempt().await {
-            Ok(()) if shutdown.is_cancelled() => return,
-            Ok(()) => tracing::warn!(role = name, "stopped; starting again"),
-            Err(e) => {
-                crate::metrics::metrics()
-                    .reconnects
-                    .with_label_values(&[name])
-                    .inc();
-                tracing::error!(role = name, error = %e, "failed; reconnecting");
-            }
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = reconnect_backoff();
-        }
-        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
-}
+pub use crate::config::Roles;
 
 /// Connect to Postgres, waiting up to a minute for it, and migrate unless told not to.
 pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut backoff = reconnect_backoff();
+    let mut backoff = crate::supervise::reconnect_backoff();
     let pool = loop {
         match db::connect(&store.database_url, store.database_max_connections).await {
             Ok(pool) => break pool,
@@ -167,6 +110,7 @@ pub struct Process {
 impl Process {
     /// Run the roles until `shutdown`; returns when every role has finished its work.
     pub async fn run(self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
+        metrics().touch_job_series(JobKind::ALL.iter().map(|k| (k.as_str(), EVENTS_QUEUE)));
         let tracker = TaskTracker::new();
         let ops_state = OpsState::new(
             self.pool.clone(),
@@ -187,13 +131,19 @@ impl Process {
             tracker.spawn(worker.run(self.amqp_url.clone(), shutdown.clone()));
         }
         let http_task = match (roles.http, self.http) {
-            (true, Some(listener)) => Some(tracker.spawn(http::serve(
-                listener,
-                AppState::new(self.pool.clone()),
-                ops_state.clone(),
-                self.http_config.clone(),
-                shutdown.clone(),
-            ))),
+            (true, Some(listener)) => {
+                let router = http::router(
+                    AppState::new(self.pool.clone()),
+                    &self.http_config,
+                    ops::router(ops_state.clone()),
+                );
+                Some(tracker.spawn(http::serve(
+                    listener,
+                    router,
+                    self.http_config.clone(),
+                    shutdown.clone(),
+                )))
+            }
             (true, None) => anyhow::bail!("the http role needs a listener"),
             _ => None,
         };

@@ -49,6 +49,22 @@ pub struct StoreConfig {
     pub no_migrate: bool,
 }
 
+/// Which roles one process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub http: bool,
+    pub relay: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        http: true,
+        relay: true,
+        worker: true,
+    };
+}
+
 /// Relay tuning.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
@@ -153,7 +169,7 @@ pub struct WorkerConfig {
     pub worker_batch_size: usize,
 
     /// Wait before the second attempt of a failed job, in milliseconds; it doubles with
-    /// every attempt after that (see `jobs::backoff`).
+    /// every attempt after that (see `handlers::backoff`).
     #[arg(long, env = "RETRY_BASE_MS", default_value_t = 1000)]
     pub retry_base_ms: u64,
 
@@ -284,18 +300,6 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_string(),
         },
         None => url.to_string(),
-    }
-}
-
-impl StoreConfig {
-    /// The RabbitMQ names this configuration uses.
-    pub fn topology(&self) -> crate::amqp::Topology {
-        let t = crate::amqp::Topology::new(&self.amqp_prefix)
-            .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
-        match self.amqp_queue_expires_ms {
-            Some(ms) => t.with_queue_expiry(ms),
-            None => t,
-        }
     }
 }
 

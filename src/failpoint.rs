@@ -39,10 +39,10 @@ pub fn hit(name: &str) {
     }
 }
 
-/// Block the calling thread for good if the failpoint `name` is active (it says so on
-/// stderr first). Only the process's exit ends it.
-pub fn stall(name: &str) {
-    if active().iter().any(|n| n == name) {
+/// Block the calling thread for good if `when` and the failpoint `name` is active (it says
+/// so on stderr first). Only the process's exit ends it.
+pub fn stall_if(name: &str, when: bool) {
+    if when && active().iter().any(|n| n == name) {
         eprintln!("failpoint {name} hit: stalling");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));

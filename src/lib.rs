@@ -11,10 +11,10 @@
 //!
 //! - [`http`]: the API (routes, request and response shapes, errors to status codes).
 //! - [`events`]: ingest ([`EventsService`]) and event filters.
-//! - [`queue`]: the job ledger that is also the outbox ([`QueueService`]).
+//! - [`ledger`]: the job ledger that is also the outbox ([`QueueService`]).
 //! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
 //! - [`amqp`]: connections, topology and the message format.
-//! - [`worker`]: consumes messages and runs the handlers in [`jobs`], one transaction per batch.
+//! - [`worker`]: consumes messages and runs the [`handlers`], one transaction per batch.
 //! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
 //! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
 //! - [`config`], [`app`]: configuration and the long-running processes; `serve` runs their
@@ -24,19 +24,21 @@ pub mod admin;
 pub mod amqp;
 pub mod app;
 pub mod config;
+pub mod dates;
 pub mod db;
 pub mod events;
 pub mod failpoint;
+pub mod handlers;
 pub mod http;
-pub mod jobs;
+pub mod ledger;
 pub mod metrics;
 pub mod ops;
-pub mod queue;
 pub mod relay;
 mod serve;
+mod supervise;
 pub mod trace;
 pub mod triggers;
 pub mod worker;
 
 pub use events::EventsService;
-pub use queue::{JobInsertResult, QueueService};
+pub use ledger::{JobInsertResult, QueueService};

@@ -262,12 +262,11 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
             };
             let (jobs, next) = admin::list_jobs(&pool, &filter).await?;
             if json {
-                print_json(&serde_json::json!({ "jobs": jobs, "next": next }))?;
-            } else {
-                print!("{}", admin::jobs_table(&jobs));
-                if let Some(next) = next {
-                    println!("more: --after {next}");
-                }
+                return print_json(&serde_json::json!({ "jobs": jobs, "next": next }));
+            }
+            print!("{}", admin::jobs_table(&jobs));
+            if let Some(next) = next {
+                println!("more: --after {next}");
             }
         }
         JobsCommand::Get { id } => {
@@ -275,10 +274,9 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
                 .await?
                 .ok_or(admin::AdminError::NotFound(id))?;
             if json {
-                print_json(&job)?;
-            } else {
-                print!("{}", admin::job_details(&job));
+                return print_json(&job);
             }
+            print!("{}", admin::job_details(&job));
         }
         JobsCommand::Retry { id, state, kind } => {
             let ids = match (id, state) {
@@ -287,55 +285,52 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
                 (None, None) => anyhow::bail!("give a job id or --state"),
             };
             if json {
-                print_json(&serde_json::json!({ "retried": ids }))?;
-            } else {
-                println!("retried {} job(s): {ids:?}", ids.len());
+                return print_json(&serde_json::json!({ "retried": ids }));
             }
+            println!("retried {} job(s): {ids:?}", ids.len());
         }
         JobsCommand::Cancel { id } => {
             let job = admin::cancel_job(&pool, id).await?;
             if json {
-                print_json(&job)?;
-            } else {
-                println!("cancelled job {}", job.id);
+                return print_json(&job);
             }
+            println!("cancelled job {}", job.id);
         }
-        JobsCommand::Dead { limit, command } => {
-            let conn = kongflow_events::amqp::connect(&store.amqp_url, "kongflow-jobs").await?;
-            let topology = store.topology();
-            match command {
-                None => {
-                    let letters = admin::dead_letters(&conn, &topology, &pool, limit).await?;
-                    if json {
-                        print_json(&letters)?;
-                    } else {
-                        print!("{}", admin::dead_table(&letters));
-                    }
-                }
-                Some(DeadCommand::Replay) => {
-                    let report = admin::replay_dead(&conn, &topology, &pool, limit).await?;
-                    if json {
-                        print_json(&report)?;
-                    } else {
-                        println!(
-                            "retried {} job(s): {:?}",
-                            report.retried.len(),
-                            report.retried
-                        );
-                        println!(
-                            "cleared {} letter(s) of jobs that need nothing: {:?}",
-                            report.cleared.len(),
-                            report.cleared
-                        );
-                        for (id, why) in &report.kept {
-                            let id = id.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-                            println!("kept {id}: {why}");
-                        }
-                    }
-                }
-            }
-            let _ = conn.close(200, "bye".into()).await;
-        }
+        JobsCommand::Dead { limit, command } => dead(store, &pool, json, limit, command).await?,
     }
     Ok(())
+}
+
+/// `jobs dead` and `jobs dead replay`.
+async fn dead(
+    store: &StoreConfig,
+    pool: &sqlx::PgPool,
+    json: bool,
+    limit: usize,
+    command: Option<DeadCommand>,
+) -> anyhow::Result<()> {
+    let conn = kongflow_events::amqp::connect(&store.amqp_url, "kongflow-jobs").await?;
+    let topology = store.topology();
+    let shown = match command {
+        None => {
+            let letters = admin::dead_letters(&conn, &topology, pool, limit).await?;
+            if json {
+                print_json(&letters)
+            } else {
+                print!("{}", admin::dead_table(&letters));
+                Ok(())
+            }
+        }
+        Some(DeadCommand::Replay) => {
+            let report = admin::replay_dead(&conn, &topology, pool, limit).await?;
+            if json {
+                print_json(&report)
+            } else {
+                print!("{}", admin::replay_summary(&report));
+                Ok(())
+            }
+        }
+    };
+    let _ = conn.close(200, "bye".into()).await;
+    shown
 }

@@ -6,11 +6,10 @@
 //! job or environment ids.
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets, in seconds: 1 ms to 1 h.
@@ -203,12 +202,11 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
-    /// Create the series of every known label value, so they are exported (at 0) before
-    /// anything happens.
-    fn touch_known_series(&self) {
-        for kind in crate::queue::JobKind::ALL {
-            let k = kind.as_str();
-            let kq = [k, crate::queue::EVENTS_QUEUE];
+    /// Create the series of every job kind (with its queue), so they are exported (at 0)
+    /// before anything happens. The process calls it with the kinds it knows.
+    pub fn touch_job_series<'a>(&self, kinds: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        for (k, queue) in kinds {
+            let kq = [k, queue];
             for c in [
                 &self.jobs_inserted,
                 &self.jobs_published,
@@ -225,6 +223,11 @@ impl Metrics {
                 self.handler_duration.with_label_values(&[k, outcome]);
             }
         }
+    }
+
+    /// Create the series of every known label value but the job kinds', so they are
+    /// exported (at 0) before anything happens.
+    fn touch_known_series(&self) {
         for source in ["api", "bulk", "amqp"] {
             self.events_ingested.with_label_values(&[source]);
         }
@@ -265,9 +268,20 @@ pub fn metrics() -> &'static Metrics {
     })
 }
 
-/// Observe a duration on a histogram.
-pub fn observe(h: &Histogram, d: Duration) {
-    h.observe(d.as_secs_f64());
+/// Counts one live connection of a role for as long as it is held.
+pub struct ConnectedGuard(&'static str);
+
+impl ConnectedGuard {
+    pub fn new(role: &'static str) -> Self {
+        metrics().amqp_connected.with_label_values(&[role]).inc();
+        Self(role)
+    }
+}
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        metrics().amqp_connected.with_label_values(&[self.0]).dec();
+    }
 }
 
 #[cfg(test)]

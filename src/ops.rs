@@ -14,7 +14,7 @@ use axum::routing::get;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Roles;
+use crate::config::Roles;
 use crate::metrics::metrics;
 
 /// What the readiness check looks at, and its last result.
@@ -158,19 +158,3 @@ pub async fn serve(
 
 /// Scrapers and probes send their headers at once.
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Counts one live connection of a role for as long as it is held.
-pub struct ConnectedGuard(&'static str);
-
-impl ConnectedGuard {
-    pub fn new(role: &'static str) -> Self {
-        metrics().amqp_connected.with_label_values(&[role]).inc();
-        Self(role)
-    }
-}
-
-impl Drop for ConnectedGuard {
-    fn drop(&mut self) {
-        metrics().amqp_connected.with_label_values(&[self.0]).dec();
-    }
-}

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lapin::Channel;
+use lapin::Confirmation;
 use lapin::options::ConfirmSelectOptions;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -30,24 +31,16 @@ use crate::amqp::publish::{DeadJob, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::failpoint;
+use crate::ledger::outbox::{self, Claimed};
+use crate::ledger::upkeep::{self, Retention};
+use crate::ledger::{Job, JobState, NOTIFY_CHANNEL};
+use crate::metrics::ConnectedGuard;
 use crate::metrics::metrics;
-use crate::ops::ConnectedGuard;
-use crate::queue::{Job, JobKind, JobRow, JobState};
 
-/// The channel relays listen on.
-pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
-
-/// The advisory lock that keeps reconcilers of several processes from running at once.
-pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
-
-/// The advisory lock held by the process doing retention.
-pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
+pub use crate::ledger::upkeep::{RECONCILER_LOCK, RETENTION_LOCK};
 
 /// How often the relay samples gauges (outbox, delayed jobs, dead letters).
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Most jobs one reconciler pass puts back.
-pub const RECONCILE_BATCH: i64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -85,7 +78,7 @@ impl Relay {
             let amqp_url = amqp_url.clone();
             let shutdown = shutdown.clone();
             loops.spawn(async move {
-                crate::app::supervise("relay", shutdown.clone(), || {
+                crate::supervise::supervise("relay", shutdown.clone(), || {
                     let this = this.clone();
                     let url = amqp_url.clone();
                     let shutdown = shutdown.clone();
@@ -144,26 +137,10 @@ impl Relay {
         conn: &mut Option<lapin::Connection>,
     ) -> Result<(), RelayError> {
         let m = metrics();
-        let outbox = sqlx::query!(
-            r#"SELECT count(*) AS "backlog!",
-                      EXTRACT(EPOCH FROM now() - min(COALESCE(attempted_at, created_at)))::float8 AS oldest
-               FROM queue_jobs
-               WHERE published_at IS NULL
-                 AND state IN ('scheduled', 'available', 'retryable', 'discarded')"#
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        m.outbox_backlog.set(outbox.backlog);
-        m.outbox_oldest_age
-            .set(outbox.oldest.unwrap_or(0.0).max(0.0));
-        let delayed = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM queue_jobs
-               WHERE state IN ('scheduled', 'retryable') AND published_at IS NOT NULL
-                 AND run_at > now()"#
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        m.delayed_jobs_waiting.set(delayed);
+        let stats = outbox::stats(&self.pool).await?;
+        m.outbox_backlog.set(stats.backlog);
+        m.outbox_oldest_age.set(stats.oldest_age_secs);
+        m.delayed_jobs_waiting.set(stats.delayed);
         if conn.as_ref().is_none_or(|c| !c.status().connected()) {
             *conn = Some(amqp::connect(amqp_url, "kongflow-sampler").await?);
         }
@@ -199,96 +176,20 @@ impl Relay {
         .await
     }
 
-    /// One retention pass: completed jobs finalized more than `retention_completed` ago,
-    /// and discarded or cancelled ones more than `retention_discarded` ago, are deleted in
-    /// batches of `RETENTION_BATCH_SIZE`, each its own short statement, so no lock on the
-    /// ledger is held for long. Only the process holding the retention advisory lock (a
-    /// session lock on one connection) does it; the others skip the pass. A discarded job
-    /// whose dead letter is not yet published is kept. Returns how many each statement
-    /// deleted (none when another process holds the lock).
+    /// One retention pass (see [`upkeep::retain`]): what each statement deleted.
     pub async fn retain(&self) -> Result<Vec<u64>, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        if locked != Some(true) {
-            return Ok(Vec::new());
-        }
-        let batch = self.config.retention_batch_size.max(1);
-        let mut batches = Vec::new();
-        let result = loop {
-            let deleted = sqlx::query!(
-                r#"DELETE FROM queue_jobs WHERE id IN (
-                       SELECT id FROM queue_jobs
-                       WHERE state IN ('completed', 'discarded', 'cancelled')
-                         AND finalized_at < now() - make_interval(secs => LEAST($1::float8, $2::float8))
-                         AND CASE state
-                               WHEN 'completed' THEN finalized_at < now() - make_interval(secs => $1)
-                               WHEN 'cancelled' THEN finalized_at < now() - make_interval(secs => $2)
-                               ELSE published_at IS NOT NULL
-                                    AND finalized_at < now() - make_interval(secs => $2)
-                             END
-                       LIMIT $3
-                       FOR UPDATE SKIP LOCKED)"#,
-                self.config.retention_completed().as_secs_f64(),
-                self.config.retention_discarded().as_secs_f64(),
-                batch
-            )
-            .execute(&mut *conn)
-            .await;
-            match deleted {
-                Ok(d) => {
-                    batches.push(d.rows_affected());
-                    if d.rows_affected() < batch as u64 {
-                        break Ok(batches);
-                    }
-                }
-                Err(e) => break Err(e),
-            }
+        let c = &self.config;
+        let retention = Retention {
+            completed: c.retention_completed(),
+            discarded: c.retention_discarded(),
+            batch: c.retention_batch_size,
         };
-        // The lock is the session's: give it back before the connection returns to the pool.
-        sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        result
+        upkeep::retain(&self.pool, retention).await
     }
 
-    /// One reconciler pass: jobs not final, overdue by more than the margin (counted from
-    /// their due time or their publication, whichever is later), go back to the outbox, up
-    /// to [`RECONCILE_BATCH`] per pass. Only one process does this at a time (a
-    /// transaction-scoped advisory lock; the others skip the pass). Returns how many.
+    /// One reconciler pass (see [`upkeep::reconcile`]): how many jobs went back.
     pub async fn reconcile(&self) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let locked = sqlx::query_scalar!("SELECT pg_try_advisory_xact_lock($1)", RECONCILER_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if locked != Some(true) {
-            return Ok(0);
-        }
-        let n = sqlx::query!(
-            r#"UPDATE queue_jobs SET published_at = NULL
-               WHERE id IN (
-                   SELECT id FROM queue_jobs
-                   WHERE state IN ('scheduled', 'available', 'retryable')
-                     AND published_at IS NOT NULL
-                     AND run_at < now() - make_interval(secs => $1)
-                     AND published_at < now() - make_interval(secs => $1)
-                   ORDER BY run_at
-                   LIMIT $2
-                   FOR UPDATE SKIP LOCKED)"#,
-            self.config.reconcile_margin().as_secs_f64(),
-            RECONCILE_BATCH
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            sqlx::query!("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(n)
+        upkeep::reconcile(&self.pool, self.config.reconcile_margin()).await
     }
 
     async fn run_connected(
@@ -337,62 +238,61 @@ impl Relay {
     /// Publish one batch of unpublished jobs, due or not: a job due later goes into the
     /// delay tiers (see [`crate::amqp::tiers`]). Returns how many were confirmed.
     ///
-    /// One transaction: the claim statement locks the rows (SKIP LOCKED) and writes their
-    /// published mark; the messages are published and every confirm awaited; rows whose
-    /// message was not confirmed get their mark taken back; then the transaction commits. So
-    /// a mark becomes visible only for a confirmed message, and a relay that dies before
-    /// the commit leaves every row of the batch in the outbox.
+    /// One transaction: the claim locks the rows (SKIP LOCKED) and writes their published
+    /// mark; the messages are published and every confirm awaited; rows whose message was
+    /// not confirmed get their mark taken back; then the transaction commits. So a mark
+    /// becomes visible only for a confirmed message, and a relay that dies before the commit
+    /// leaves every row of the batch in the outbox.
     pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query_as!(
-            JobRow,
-            r#"UPDATE queue_jobs
-               SET published_at = now(),
-                   state = CASE WHEN state IN ('scheduled', 'retryable') AND run_at <= now()
-                                THEN 'available'::queue_job_state ELSE state END
-               WHERE id IN (
-                   SELECT id FROM queue_jobs
-                   WHERE published_at IS NULL
-                     AND state IN ('scheduled', 'available', 'retryable', 'discarded')
-                   ORDER BY run_at, id
-                   LIMIT $1
-                   FOR UPDATE SKIP LOCKED)
-               RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
-            self.config.relay_batch_size
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
+        let Claimed { jobs, unreadable } =
+            outbox::claim(&mut tx, self.config.relay_batch_size).await?;
+        if jobs.is_empty() && unreadable.is_empty() {
             return Ok(0);
         }
-        let mut jobs: Vec<Job> = rows.into_iter().map(Job::from).collect();
-        jobs.sort_by_key(|j| (j.run_at, j.id));
         let claimed_in = started.elapsed();
+        let mut unconfirmed: Vec<i64> = unreadable
+            .iter()
+            .map(|u| {
+                tracing::error!(job_id = u.id, reason = %u.reason, "job this build cannot read left in the outbox");
+                u.id
+            })
+            .collect();
+        let confirms = self.publish_all(channel, &jobs).await?;
+        unconfirmed.extend(self.settle_confirms(confirms)?);
+        let confirmed_in = started.elapsed();
 
+        failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
+        outbox::unmark(&mut tx, &unconfirmed).await?;
+        tx.commit().await?;
+        let published = jobs.len() + unreadable.len() - unconfirmed.len();
+        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
+        Ok(published)
+    }
+
+    /// Publish every claimed job (a discarded one to the dead letters) and wait for all
+    /// their confirms, within the confirm timeout.
+    async fn publish_all<'j>(
+        &self,
+        channel: &Channel,
+        jobs: &'j [Job],
+    ) -> Result<Vec<(&'j Job, lapin::Result<Confirmation>)>, RelayError> {
         let mut pending = Vec::with_capacity(jobs.len());
-        let mut unconfirmed = Vec::new();
-        for job in &jobs {
-            let Some(kind) = JobKind::parse(&job.kind) else {
-                tracing::error!(job_id = job.id, kind = %job.kind, "job of unknown kind left in the outbox");
-                unconfirmed.push(job.id);
-                continue;
-            };
+        for job in jobs {
             let message = JobMessage::from_job(job);
             let confirm = if job.state == JobState::Discarded {
                 // Discarded after its last attempt: a copy goes to the dead-letter queue.
-                let reason = last_error(job);
                 let dead = DeadJob {
                     id: job.id,
-                    kind: &job.kind,
+                    kind: job.kind.as_str(),
                     attempts: job.attempt,
                 };
                 publish_dead(
                     channel,
                     &self.topology,
                     &message.to_bytes(),
-                    &reason,
+                    &last_error(job),
                     Some(dead),
                     properties(job),
                 )
@@ -401,7 +301,7 @@ impl Relay {
                 publish_job(
                     channel,
                     &self.topology,
-                    kind,
+                    job.kind,
                     &message,
                     properties(job),
                     chrono::Utc::now(),
@@ -410,14 +310,21 @@ impl Relay {
             };
             pending.push(async move { (job, confirm.await) });
         }
-
         let timeout = self.config.confirm_timeout();
-        let confirms = tokio::time::timeout(timeout, join_all(pending))
+        tokio::time::timeout(timeout, join_all(pending))
             .await
-            .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
+            .map_err(|_| RelayError::ConfirmTimeout(timeout))
+    }
+
+    /// Count what the broker confirmed; return the jobs it did not (returned unroutable, or
+    /// nacked).
+    fn settle_confirms(
+        &self,
+        confirms: Vec<(&Job, lapin::Result<Confirmation>)>,
+    ) -> Result<Vec<i64>, RelayError> {
         let m = metrics();
+        let mut unconfirmed = Vec::new();
         for (job, confirm) in confirms {
-            let id = job.id;
             let confirm = confirm?;
             let acked = confirm.is_ack();
             match confirm.take_message() {
@@ -426,38 +333,29 @@ impl Relay {
                         m.dead_lettered.with_label_values(&["discarded"]).inc();
                     } else {
                         m.jobs_published
-                            .with_label_values(&[&job.kind, &job.queue])
+                            .with_label_values(&[job.kind.as_str(), &job.queue])
                             .inc();
                     }
-                    tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
-                        trace_id = job.trace_id().unwrap_or_default(), "job published");
+                    tracing::debug!(
+                        job_id = job.id,
+                        kind = job.kind.as_str(),
+                        attempt = job.attempt,
+                        trace_id = job.trace_id().unwrap_or_default(),
+                        "job published"
+                    );
                 }
                 Some(returned) => {
-                    tracing::error!(job_id = id, reply = %returned.reply_text,
+                    tracing::error!(job_id = job.id, reply = %returned.reply_text,
                         "message returned by the broker (is the topology declared?)");
-                    unconfirmed.push(id);
+                    unconfirmed.push(job.id);
                 }
                 None => {
-                    tracing::warn!(job_id = id, "message nacked by the broker");
-                    unconfirmed.push(id);
+                    tracing::warn!(job_id = job.id, "message nacked by the broker");
+                    unconfirmed.push(job.id);
                 }
             }
         }
-        let confirmed_in = started.elapsed();
-
-        failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
-        if !unconfirmed.is_empty() {
-            sqlx::query!(
-                "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
-                &unconfirmed
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        let published = jobs.len() - unconfirmed.len();
-        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
-        Ok(published)
+        Ok(unconfirmed)
     }
 }
 

@@ -1,6 +1,6 @@
 //! W3C trace context (`traceparent`), so one event can be followed from its HTTP request
 //! through the relay and the workers to its runs. The value travels in the ledger row
-//! (`queue_jobs.trace_parent`) and in the `traceparent` header of every job message; each
+//! (the ledger's `trace_parent` column) and in the `traceparent` header of every job message; each
 //! log line about a job carries its `trace_id`.
 
 use rand::Rng;

@@ -506,7 +506,7 @@ pub enum Miss {
 }
 
 /// The one place that says whether a dispatcher's rule takes an event: delivery
-/// (`jobs::deliver_event`) and the dry run (`why_not`) both ask here. Filters are evaluated
+/// (`handlers::deliver_event`) and the dry run (`why_not`) both ask here. Filters are evaluated
 /// by `eval`, whose step budget is the event's, across all the rules it is checked against.
 pub fn rule_miss(
     eval: &mut Evaluator,

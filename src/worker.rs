@@ -24,7 +24,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Conf
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rand::Rng;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -32,10 +32,11 @@ use crate::amqp::publish::publish_dead;
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
-use crate::jobs::{self, JobError};
+use crate::handlers::{self, JobError};
+use crate::ledger::run::{self, Failure};
+use crate::ledger::{Job, JobKind};
+use crate::metrics::ConnectedGuard;
 use crate::metrics::metrics;
-use crate::ops::ConnectedGuard;
-use crate::queue::{Job, JobKind, JobRow, QueueService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -61,12 +62,23 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
+/// Messages held until their due time, in due order.
+type Held = Vec<(DateTime<Utc>, Delivery, JobMessage)>;
+
+/// A batch of deliveries sorted by [`Worker::sort_arrivals`].
+#[derive(Default)]
+struct Arrived {
+    /// To run now (or to dead-letter, with the reason).
+    due: Vec<(Delivery, Result<JobMessage, String>)>,
+    /// To send back into the tiers.
+    early: Vec<(Delivery, JobMessage)>,
+}
+
 #[derive(Clone)]
 pub struct Worker {
     pool: PgPool,
     topology: Topology,
     config: WorkerConfig,
-    queue: QueueService,
 }
 
 impl Worker {
@@ -75,13 +87,12 @@ impl Worker {
             pool,
             topology,
             config,
-            queue: QueueService::new(),
         }
     }
 
     /// Run until `shutdown`, reconnecting with backoff.
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
-        crate::app::supervise("worker", shutdown.clone(), || {
+        crate::supervise::supervise("worker", shutdown.clone(), || {
             let this = self.clone();
             let url = amqp_url.clone();
             let shutdown = shutdown.clone();
@@ -155,53 +166,17 @@ impl Worker {
             .await?;
         // Messages that came out of the tiers a little before their due time wait here,
         // unacknowledged, in due order.
-        let mut held: Vec<(DateTime<Utc>, Delivery, JobMessage)> = Vec::new();
+        let mut held: Held = Vec::new();
         loop {
             let wake = held.first().map(|(at, _, _)| instant_of(*at));
-            let first = tokio::select! {
+            let batch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = sleep_until_opt(wake) => None,
-                d = consumer.next() => Some(d),
+                _ = sleep_until_opt(wake) => Vec::new(),
+                d = consumer.next() => self.more_of(&mut consumer, d)?,
             };
-            let mut batch = Vec::new();
-            if let Some(first) = first {
-                let Some(first) = first else {
-                    return Err(WorkerError::ConsumerClosed);
-                };
-                batch.push(first?);
-                while batch.len() < self.config.worker_batch_size {
-                    match consumer.next().now_or_never() {
-                        Some(Some(d)) => batch.push(d?),
-                        _ => break,
-                    }
-                }
-            }
             let now = Utc::now();
-            let mut due: Vec<(Delivery, Result<JobMessage, String>)> = Vec::new();
-            let mut early = Vec::new();
-            for delivery in batch {
-                match JobMessage::parse(&delivery.data) {
-                    Ok(m) if m.kind != kind.as_str() => {
-                        let reason = format!(
-                            "a message of kind {:?} on the queue of {:?}",
-                            m.kind,
-                            kind.as_str()
-                        );
-                        due.push((delivery, Err(reason)));
-                    }
-                    Ok(m) => match arrival(&m, now, self.topology.delay_lead()) {
-                        Arrival::Due => due.push((delivery, Ok(m))),
-                        Arrival::Hold => {
-                            let at = m.run_at;
-                            let pos = held.partition_point(|(t, _, _)| *t <= at);
-                            held.insert(pos, (at, delivery, m));
-                        }
-                        Arrival::SendBack => early.push((delivery, m)),
-                    },
-                    Err(e) => due.push((delivery, Err(format!("unparseable job message: {e}")))),
-                }
-            }
+            let Arrived { due, early } = self.sort_arrivals(kind, batch, now, &mut held);
             let ripe = held.partition_point(|(t, _, _)| *t <= now);
             let ripe: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
             if !early.is_empty() {
@@ -225,6 +200,62 @@ impl Worker {
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
         let _ = channel.close(200, "shutdown".into()).await;
         Ok(())
+    }
+
+    /// The delivery that woke the consumer and whatever else is ready, up to a batch.
+    fn more_of(
+        &self,
+        consumer: &mut lapin::Consumer,
+        first: Option<lapin::Result<Delivery>>,
+    ) -> Result<Vec<Delivery>, WorkerError> {
+        let Some(first) = first else {
+            return Err(WorkerError::ConsumerClosed);
+        };
+        let mut batch = vec![first?];
+        while batch.len() < self.config.worker_batch_size {
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => batch.push(d?),
+                _ => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Decide for each delivery (see [`arrival`]): due (or unrunnable: it goes to the dead
+    /// letters with the batch), held in `held` until due, or early (sent back).
+    fn sort_arrivals(
+        &self,
+        kind: JobKind,
+        batch: Vec<Delivery>,
+        now: DateTime<Utc>,
+        held: &mut Held,
+    ) -> Arrived {
+        let mut arrived = Arrived::default();
+        for delivery in batch {
+            match JobMessage::parse(&delivery.data) {
+                Ok(m) if m.kind != kind.as_str() => {
+                    let reason = format!(
+                        "a message of kind {:?} on the queue of {:?}",
+                        m.kind,
+                        kind.as_str()
+                    );
+                    arrived.due.push((delivery, Err(reason)));
+                }
+                Ok(m) => match arrival(&m, now, self.topology.delay_lead()) {
+                    Arrival::Due => arrived.due.push((delivery, Ok(m))),
+                    Arrival::Hold => {
+                        let at = m.run_at;
+                        let pos = held.partition_point(|(t, _, _)| *t <= at);
+                        held.insert(pos, (at, delivery, m));
+                    }
+                    Arrival::SendBack => arrived.early.push((delivery, m)),
+                },
+                Err(e) => arrived
+                    .due
+                    .push((delivery, Err(format!("unparseable job message: {e}")))),
+            }
+        }
+        arrived
     }
 
     /// Run a batch and settle its messages. `alone`: no other message of this channel is
@@ -375,65 +406,39 @@ impl Worker {
     /// back and the error returned inside `Ok`, with the ids the ledger does not have.
     async fn run_jobs(&self, ids: &[i64]) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        // Lock the live jobs in id order and mark them completed up front: the mark commits
-        // only with the handlers' work, and the whole transaction rolls back on an error.
-        let rows = sqlx::query_as!(
-            JobRow,
-            r#"UPDATE queue_jobs
-               SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
-               WHERE id IN (
-                   SELECT id FROM queue_jobs
-                   WHERE id = ANY($1) AND state NOT IN ('completed', 'discarded', 'cancelled')
-                     -- A job moved later (an event resent with a new time) is not run by
-                     -- its old message: a new one is on its way.
-                     AND run_at <= now() + interval '1 second'
-                   ORDER BY id FOR UPDATE)
-               RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt, max_attempts,
-                         run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, trace_parent"#,
-            ids
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut missing = Vec::new();
-        if rows.len() < ids.len() {
-            // A message for a final job is a duplicate (or a redelivery after a crash between
-            // commit and ack): acknowledged, no effect. One naming no job at all goes to the
-            // dead letters.
-            let live: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let others: Vec<i64> = ids
-                .iter()
-                .copied()
-                .filter(|id| !live.contains(id))
-                .collect();
-            let known =
-                sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            missing = others
-                .into_iter()
-                .filter(|id| !known.contains(id))
-                .collect();
-            if !missing.is_empty() {
-                tracing::warn!(?missing, "messages name jobs that have no ledger row");
-            }
+        let taken = run::take(&mut tx, ids).await?;
+        if !taken.missing.is_empty() {
+            // A message for a final job is a duplicate (or a redelivery after a crash
+            // between commit and ack): acknowledged, no effect. One naming no job at all
+            // goes to the dead letters.
+            tracing::warn!(missing = ?taken.missing, "messages name jobs that have no ledger row");
         }
-        let live: Vec<Job> = rows.into_iter().map(Job::from).collect();
-        if !live.is_empty() {
-            failpoint::stall(failpoint::WORKER_STALL);
+        if let Some(bad) = taken.unreadable.first() {
+            return Ok((Err(JobError::Permanent(bad.reason.clone())), taken.missing));
         }
+        failpoint::stall_if(failpoint::WORKER_STALL, !taken.jobs.is_empty());
         let started_at = Utc::now();
-        for job in &live {
-            tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
-                event = %event_of(job), trace_id = job.trace_id().unwrap_or_default(), "job started");
+        for job in &taken.jobs {
+            tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
+                event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job started");
         }
-        let mut kinds: Vec<&str> = live.iter().map(|j| j.kind.as_str()).collect();
+        if let Err(e) = self.run_by_kind(&mut tx, &taken.jobs).await {
+            return Ok((Err(e), taken.missing));
+        }
+        tx.commit().await?;
+        count_completed(&taken.jobs, started_at);
+        Ok((Ok(()), taken.missing))
+    }
+
+    /// Each kind's handler on its jobs, timed; the first error stops the batch.
+    async fn run_by_kind(&self, tx: &mut PgConnection, jobs: &[Job]) -> Result<(), JobError> {
+        let mut kinds: Vec<JobKind> = jobs.iter().map(|j| j.kind).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        let m = metrics();
         for kind in kinds {
-            let group: Vec<Job> = live.iter().filter(|j| j.kind == kind).cloned().collect();
+            let group: Vec<Job> = jobs.iter().filter(|j| j.kind == kind).cloned().collect();
             let timer = std::time::Instant::now();
-            let outcome = AssertUnwindSafe(jobs::run_batch(&mut tx, &self.queue, kind, &group))
+            let outcome = AssertUnwindSafe(handlers::run_batch(tx, kind, &group))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(JobError::Panic(panic_message(&panic))));
@@ -441,111 +446,62 @@ impl Worker {
                 Ok(()) => "ok",
                 Err(e) => e.kind(),
             };
-            m.handler_duration
-                .with_label_values(&[kind, outcome_label])
+            metrics()
+                .handler_duration
+                .with_label_values(&[kind.as_str(), outcome_label])
                 .observe(timer.elapsed().as_secs_f64());
-            if let Err(e) = outcome {
-                return Ok((Err(e), missing));
-            }
+            outcome?;
         }
-        tx.commit().await?;
-        for job in &live {
-            let kq = [job.kind.as_str(), job.queue.as_str()];
-            m.jobs_started.with_label_values(&kq).inc();
-            m.jobs_completed.with_label_values(&kq).inc();
-            m.queue_latency
-                .with_label_values(&[&job.kind])
-                .observe(seconds_since(job.run_at, started_at));
-            tracing::debug!(job_id = job.id, kind = %job.kind, attempt = job.attempt,
-                event = %event_of(job), trace_id = job.trace_id().unwrap_or_default(), "job completed");
-        }
-        Ok((Ok(()), missing))
+        Ok(())
     }
 
-    /// Record a failed attempt: the error (message, attempt, time, kind of failure) is kept
-    /// on the job, which goes back to the outbox to run again after
-    /// [`jobs::backoff`] × a jitter of 0.9 to 1.1 (the relay routes it through the delay
-    /// tiers), or, after its last attempt or a permanent error, is discarded and goes back to
-    /// the outbox once more, for the relay to copy it to the dead-letter queue.
+    /// Record a failed attempt (see [`run::record_failure`]): retried after
+    /// [`handlers::backoff`] × a jitter of 0.9 to 1.1 (the relay routes it through the delay
+    /// tiers), or discarded after its last attempt or a permanent error, for the relay to
+    /// copy it to the dead-letter queue.
     async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query!(
-            r#"SELECT kind, queue, attempt, trace_parent
-               FROM queue_jobs
-               WHERE id = $1 AND state NOT IN ('completed', 'discarded', 'cancelled')
-               FOR UPDATE"#,
-            id
-        )
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
+        let jitter: f64 = rand::rng().random_range(0.9..1.1);
+        let (base, max) = (self.config.retry_base(), self.config.retry_max());
+        let message = error.to_string();
+        let failure = Failure {
+            error: &message,
+            kind: error.kind(),
+            permanent: matches!(error, JobError::Permanent(_)),
+        };
+        let wait = |kind, attempt| handlers::backoff(kind, attempt, base, max).mul_f64(jitter);
+        let Some(done) = run::record_failure(&self.pool, id, &failure, wait).await? else {
             return Ok(());
         };
-        let attempt = row.attempt + 1;
-        let jitter: f64 = rand::rng().random_range(0.9..1.1);
-        let wait = jobs::backoff(
-            &row.kind,
-            attempt,
-            self.config.retry_base(),
-            self.config.retry_max(),
-        )
-        .mul_f64(jitter);
-        let permanent = matches!(error, JobError::Permanent(_));
-        let state = sqlx::query_scalar!(
-            r#"UPDATE queue_jobs SET
-                   attempt = $2,
-                   attempted_at = now(),
-                   errors = errors || jsonb_build_array(jsonb_build_object(
-                       'at', now(), 'attempt', $2::int4, 'error', $3::text, 'kind', $4::text)),
-                   state = CASE WHEN $5 OR $2 >= max_attempts THEN 'discarded'::queue_job_state
-                                ELSE 'retryable'::queue_job_state END,
-                   finalized_at = CASE WHEN $5 OR $2 >= max_attempts THEN now() END,
-                   run_at = CASE WHEN $5 OR $2 >= max_attempts THEN run_at
-                                 ELSE now() + make_interval(secs => $6) END,
-                   published_at = NULL
-               WHERE id = $1
-               RETURNING state::text AS "state!""#,
-            id,
-            attempt,
-            error.to_string(),
-            error.kind(),
-            permanent,
-            wait.as_secs_f64()
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        // Wake the relays: the job is back in the outbox (the trigger fires on inserts only).
-        sqlx::query!("SELECT pg_notify($1, '')", crate::relay::NOTIFY_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let kind = done.kind.map_or("unknown", JobKind::as_str);
+        let kq = [kind, done.queue.as_str()];
+        let trace_id = crate::trace::trace_id_of(done.trace_parent.as_deref()).unwrap_or_default();
+        let attempt = done.attempt;
         let m = metrics();
-        let kq = [row.kind.as_str(), row.queue.as_str()];
-        let trace_id = crate::trace::trace_id_of(row.trace_parent.as_deref()).unwrap_or_default();
         m.jobs_started.with_label_values(&kq).inc();
-        if state == "discarded" {
+        if done.discarded {
             m.jobs_discarded.with_label_values(&kq).inc();
-            tracing::error!(job_id = id, kind = %row.kind, attempt, %error, trace_id, "job discarded after its last attempt");
+            tracing::error!(job_id = id, kind, attempt, %error, trace_id, "job discarded after its last attempt");
         } else {
             m.jobs_retried.with_label_values(&kq).inc();
-            tracing::warn!(job_id = id, kind = %row.kind, attempt, %error, retry_in = ?wait, trace_id, "job attempt failed; will retry");
+            tracing::warn!(job_id = id, kind, attempt, %error, retry_in = ?done.wait, trace_id, "job attempt failed; will retry");
         }
         Ok(())
     }
 }
 
-/// The event a job is about (its record id), for log lines.
-fn event_of(job: &Job) -> String {
-    job.args
-        .get("eventRecordId")
-        .or_else(|| {
-            job.args
-                .get("id")
-                .filter(|_| job.kind == JobKind::DeliverEvent.as_str())
-        })
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string()
+/// Count and log jobs whose batch committed.
+fn count_completed(jobs: &[Job], started_at: DateTime<Utc>) {
+    let m = metrics();
+    for job in jobs {
+        let kq = [job.kind.as_str(), job.queue.as_str()];
+        m.jobs_started.with_label_values(&kq).inc();
+        m.jobs_completed.with_label_values(&kq).inc();
+        m.queue_latency
+            .with_label_values(&[job.kind.as_str()])
+            .observe(seconds_since(job.run_at, started_at));
+        tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
+            event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job completed");
+    }
 }
 
 /// Seconds from `due` to `at`, never negative.

@@ -42,7 +42,7 @@ async fn delayed_messages_survive_a_broker_restart() {
             .send_event(
                 &key,
                 json!({"event": {"name": "restart", "id": format!("r-{i}"), "payload": {}},
-                       "options": {"deliverAt": kongflow_events::http::iso(at)}}),
+                       "options": {"deliverAt": kongflow_events::dates::iso(at)}}),
             )
             .await;
         due.push(

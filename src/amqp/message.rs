@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::queue::Job;
+use crate::ledger::Job;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,9 +30,9 @@ impl JobMessage {
         Self {
             v: Self::VERSION,
             id: job.id,
-            kind: job.kind.clone(),
+            kind: job.kind.as_str().to_string(),
             queue: job.queue.clone(),
-            args: job.args.clone(),
+            args: job.args.to_value(),
             attempt: job.attempt,
             run_at: job.run_at,
         }

@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel};
 
 use super::tiers::{self, DelayDigits};
 use super::{JobMessage, Topology};
-use crate::queue::{Job, JobKind, JobPriority};
+use crate::ledger::{Job, JobKind};
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +112,7 @@ pub async fn publish_dead(
     headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(
         DEAD_AT_HEADER.into(),
-        AMQPValue::LongString(crate::http::iso(Utc::now()).into()),
+        AMQPValue::LongString(crate::dates::iso(Utc::now()).into()),
     );
     if let Some(job) = job {
         headers.insert(JOB_ID_HEADER.into(), AMQPValue::LongLongInt(job.id));
@@ -150,7 +150,7 @@ pub fn properties(job: &Job) -> BasicProperties {
         .with_content_type("application/json".into())
         // 2: persistent, written to disk by the broker.
         .with_delivery_mode(2)
-        .with_priority(JobPriority::from_i16(job.priority).amqp_priority())
+        .with_priority(job.priority.amqp_priority())
         .with_message_id(job.id.to_string().into())
         .with_type(job.kind.as_str().into())
         .with_timestamp(Utc::now().timestamp().max(0) as u64)

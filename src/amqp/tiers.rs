@@ -22,7 +22,7 @@
 //! message down the levels with no help from this service.
 //!
 //! A delay longer than [`MAX_ROUTED_DELAY_MS`] is routed for the maximum; the worker that
-//! receives it early sends it back for the remainder (see `crate::worker`).
+//! receives it early sends it back for the remainder.
 
 use std::time::Duration;
 

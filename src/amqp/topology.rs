@@ -23,9 +23,9 @@ use std::time::Duration;
 use lapin::{Channel, ExchangeKind};
 
 use super::tiers::{self, LEVELS};
-use crate::queue::{EVENTS_QUEUE, JobKind};
+use crate::ledger::{EVENTS_QUEUE, JobKind};
 
-/// Highest AMQP priority in use; see [`crate::queue::JobPriority::amqp_priority`].
+/// Highest AMQP priority in use; see [`crate::ledger::JobPriority::amqp_priority`].
 pub const MAX_PRIORITY: u8 = 4;
 
 /// The names of this deployment's exchanges and queues.
@@ -259,6 +259,18 @@ impl Topology {
                 .await?;
         }
         Ok(())
+    }
+}
+
+impl crate::config::StoreConfig {
+    /// The RabbitMQ names this configuration uses.
+    pub fn topology(&self) -> Topology {
+        let t = Topology::new(&self.amqp_prefix)
+            .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
+        match self.amqp_queue_expires_ms {
+            Some(ms) => t.with_queue_expiry(ms),
+            None => t,
+        }
     }
 }
 

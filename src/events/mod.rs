@@ -12,9 +12,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::environments::Environment;
-use crate::queue::{
-    DeliverEventArgs, InsertOpts, JobInsert, JobInsertResult, JobKind, QueueService, unique_key,
-};
+use crate::ledger::{self, DeliverEventArgs, InsertOpts, JobArgs, JobInsert, JobInsertResult, run};
 
 /// Source given to events that name none.
 pub const DEFAULT_SOURCE: &str = "trigger.dev";
@@ -93,8 +91,232 @@ pub enum IngestError {
     TooLarge(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// A fault of ours, not of the request.
+    #[error("{0}")]
+    Internal(String),
     #[error("the service is shutting down")]
     Unavailable,
+}
+
+/// Ingest events inside the caller's transaction, so they commit with the caller's work.
+/// The requests were validated by the caller. Results come in the order of `items`.
+async fn ingest_in_tx(
+    tx: &mut PgConnection,
+    items: Vec<(Environment, SendEvent, SendEventOptions)>,
+) -> Result<Vec<IngestResult>, IngestError> {
+    let rows = NewEvents::build(tx, items).await?;
+    let inserted = rows.insert(tx).await?;
+    let mut stored = enqueue_deliveries(tx, &rows, inserted).await?;
+    resolve_resends(tx, &rows, &mut stored).await?;
+    answer(rows, stored)
+}
+
+/// The events to insert, one column each (for `UNNEST`), in request order.
+#[derive(Default)]
+struct NewEvents {
+    ids: Vec<Uuid>,
+    envs: Vec<Uuid>,
+    event_ids: Vec<String>,
+    names: Vec<String>,
+    sources: Vec<String>,
+    payloads: Vec<Value>,
+    contexts: Vec<Value>,
+    timestamps: Vec<Option<DateTime<Utc>>>,
+    deliver_ats: Vec<Option<DateTime<Utc>>>,
+    deliver_afters: Vec<Option<f64>>,
+    accounts: Vec<Option<Uuid>>,
+    traces: Vec<Option<String>>,
+    payload_types: Vec<String>,
+}
+
+/// Stored events by (environment, producer's id), with the delivery job of those this call
+/// created.
+type Stored = HashMap<(Uuid, String), (EventRecord, Option<JobInsertResult>)>;
+
+impl NewEvents {
+    /// Rows for the requests: ids generated where missing, defaults applied, accounts
+    /// upserted.
+    async fn build(
+        tx: &mut PgConnection,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut rows = NewEvents::default();
+        for (env, request, options) in items {
+            let account = match &options.account_id {
+                Some(identifier) => Some(upsert_external_account(tx, env.id, identifier).await?),
+                None => None,
+            };
+            rows.ids.push(Uuid::now_v7());
+            rows.envs.push(env.id);
+            rows.event_ids.push(
+                request
+                    .id
+                    .unwrap_or_else(|| Uuid::now_v7().simple().to_string()),
+            );
+            rows.names.push(request.name);
+            rows.sources
+                .push(request.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string()));
+            rows.payloads.push(request.payload);
+            rows.contexts.push(request.context.unwrap_or(Value::Null));
+            rows.timestamps.push(request.timestamp);
+            rows.payload_types
+                .push(request.payload_type.unwrap_or_else(|| "JSON".to_string()));
+            rows.deliver_ats.push(options.deliver_at);
+            // deliverAt wins over deliverAfter.
+            rows.deliver_afters.push(
+                options
+                    .deliver_after
+                    .filter(|_| options.deliver_at.is_none())
+                    .map(|s| s as f64),
+            );
+            rows.accounts.push(account);
+            rows.traces.push(options.trace_parent);
+        }
+        Ok(rows)
+    }
+
+    /// One statement stores them all; ids the environment already has are skipped (and not
+    /// returned).
+    async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
+        sqlx::query_as!(
+            EventRecord,
+            r#"INSERT INTO event_records
+                   (id, environment_id, event_id, name, source, payload, context, timestamp,
+                    deliver_at, external_account_id, is_test, payload_type)
+               SELECT id, env, eid, name, source, payload, context, COALESCE(ts, now()),
+                      COALESCE(at, now() + make_interval(secs => COALESCE(after, 0))), account, false, ptype
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                           $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[],
+                           $12::text[])
+                    AS t(id, env, eid, name, source, payload, context, ts, at, after, account, ptype)
+               ON CONFLICT (environment_id, event_id) DO NOTHING
+               RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
+                         deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
+                         created_at, updated_at"#,
+            &self.ids,
+            &self.envs,
+            &self.event_ids,
+            &self.names,
+            &self.sources,
+            &self.payloads,
+            &self.contexts,
+            &self.timestamps as &[Option<DateTime<Utc>>],
+            &self.deliver_ats as &[Option<DateTime<Utc>>],
+            &self.deliver_afters as &[Option<f64>],
+            &self.accounts as &[Option<Uuid>],
+            &self.payload_types,
+        )
+        .fetch_all(&mut *tx)
+        .await
+    }
+
+    fn keys(&self) -> impl Iterator<Item = (Uuid, String)> + '_ {
+        self.envs
+            .iter()
+            .copied()
+            .zip(self.event_ids.iter().cloned())
+    }
+}
+
+/// Enqueue the `deliverEvent` job of every event inserted (due at its `deliverAt`, carrying
+/// its request's trace), with one statement.
+async fn enqueue_deliveries(
+    tx: &mut PgConnection,
+    rows: &NewEvents,
+    inserted: Vec<EventRecord>,
+) -> Result<Stored, sqlx::Error> {
+    let trace_of: HashMap<(Uuid, &str), &Option<String>> = rows
+        .envs
+        .iter()
+        .zip(&rows.event_ids)
+        .zip(&rows.traces)
+        .map(|((e, i), t)| ((*e, i.as_str()), t))
+        .collect();
+    let jobs = inserted
+        .iter()
+        .map(|r| {
+            let trace_parent = trace_of
+                .get(&(r.environment_id, r.event_id.as_str()))
+                .and_then(|t| (*t).clone());
+            JobInsert::deliver_event(
+                DeliverEventArgs { id: r.id },
+                InsertOpts {
+                    run_at: Some(r.deliver_at),
+                    trace_parent,
+                    ..InsertOpts::default()
+                },
+            )
+        })
+        .collect();
+    let jobs = ledger::insert_many(tx, jobs).await?;
+    Ok(inserted
+        .into_iter()
+        .zip(jobs)
+        .map(|(r, j)| ((r.environment_id, r.event_id.clone()), (r, Some(j))))
+        .collect())
+}
+
+/// Ids the environments already had: the stored events answer, and a pending event due
+/// far enough ahead takes the new payload, context and time (trigger.dev's resend rule).
+async fn resolve_resends(
+    tx: &mut PgConnection,
+    rows: &NewEvents,
+    stored: &mut Stored,
+) -> Result<(), sqlx::Error> {
+    let (missing_envs, missing_ids): (Vec<Uuid>, Vec<String>) =
+        rows.keys().filter(|k| !stored.contains_key(k)).unzip();
+    if missing_envs.is_empty() {
+        return Ok(());
+    }
+    let existing = sqlx::query_as!(
+        EventRecord,
+        r#"SELECT r.id, r.environment_id, r.event_id, r.name, r.source, r.payload, r.context,
+                  r.timestamp, r.deliver_at, r.delivered_at, r.cancelled_at,
+                  r.external_account_id, r.is_test, r.created_at, r.updated_at
+           FROM UNNEST($1::uuid[], $2::text[]) AS k(env, eid)
+           JOIN event_records r ON r.environment_id = k.env AND r.event_id = k.eid"#,
+        &missing_envs,
+        &missing_ids
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in existing {
+        stored.insert((r.environment_id, r.event_id.clone()), (r, None));
+    }
+    for (i, key) in rows.keys().enumerate() {
+        let Some((record, None)) = stored.get(&key) else {
+            continue;
+        };
+        let update = Resend {
+            payload: &rows.payloads[i],
+            context: &rows.contexts[i],
+            deliver_at: rows.deliver_ats[i],
+            deliver_after: rows.deliver_afters[i],
+        };
+        if let Some(updated) = resend(tx, record.id, update).await? {
+            stored.insert(key, (updated, None));
+        }
+    }
+    Ok(())
+}
+
+/// The answer to each request, in order: the first request for a key created it (when this
+/// call stored it); any other for the same key did not.
+fn answer(rows: NewEvents, stored: Stored) -> Result<Vec<IngestResult>, IngestError> {
+    let mut seen = HashSet::new();
+    rows.keys()
+        .map(|key| {
+            let (record, job) = stored.get(&key).cloned().ok_or_else(|| {
+                IngestError::Internal(format!("event {:?} vanished during ingest", key.1))
+            })?;
+            let first = seen.insert(key);
+            Ok(IngestResult {
+                created: first && job.is_some(),
+                job: job.filter(|_| first),
+                record,
+            })
+        })
+        .collect()
 }
 
 /// One ingest waiting in the batcher.
@@ -109,7 +331,6 @@ struct Pending {
 #[derive(Debug, Clone)]
 pub struct EventsService {
     pool: PgPool,
-    queue: QueueService,
     batcher: Option<mpsc::Sender<Pending>>,
 }
 
@@ -126,7 +347,6 @@ impl EventsService {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            queue: QueueService::new(),
             batcher: None,
         }
     }
@@ -261,193 +481,9 @@ impl EventsService {
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
     ) -> Result<Vec<IngestResult>, IngestError> {
         let mut tx = self.pool.begin().await?;
-        let results = self.ingest_in_tx(&mut tx, items, false).await?;
+        let results = ingest_in_tx(&mut tx, items).await?;
         tx.commit().await?;
         Ok(results)
-    }
-
-    /// Ingest events inside the caller's transaction, so they commit with the caller's work:
-    /// one statement stores them all, one more enqueues their `deliverEvent` jobs. Results
-    /// come in the order of `items`.
-    pub async fn ingest_in_tx(
-        &self,
-        tx: &mut PgConnection,
-        items: Vec<(Environment, SendEvent, SendEventOptions)>,
-        is_test: bool,
-    ) -> Result<Vec<IngestResult>, IngestError> {
-        let n = items.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut envs = Vec::with_capacity(n);
-        let mut event_ids = Vec::with_capacity(n);
-        let mut names = Vec::with_capacity(n);
-        let mut sources = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut contexts = Vec::with_capacity(n);
-        let mut timestamps = Vec::with_capacity(n);
-        let mut deliver_ats = Vec::with_capacity(n);
-        let mut deliver_afters = Vec::with_capacity(n);
-        let mut accounts = Vec::with_capacity(n);
-        let mut traces = Vec::with_capacity(n);
-        let mut payload_types = Vec::with_capacity(n);
-        for (env, request, options) in items {
-            validate(&request, &options)?;
-            let account = match &options.account_id {
-                Some(identifier) => Some(upsert_external_account(tx, env.id, identifier).await?),
-                None => None,
-            };
-            ids.push(Uuid::now_v7());
-            envs.push(env.id);
-            event_ids.push(
-                request
-                    .id
-                    .unwrap_or_else(|| Uuid::now_v7().simple().to_string()),
-            );
-            names.push(request.name);
-            sources.push(request.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string()));
-            payloads.push(request.payload);
-            contexts.push(request.context.unwrap_or(Value::Null));
-            timestamps.push(request.timestamp);
-            deliver_ats.push(options.deliver_at);
-            traces.push(options.trace_parent.clone());
-            payload_types.push(
-                request
-                    .payload_type
-                    .clone()
-                    .unwrap_or_else(|| "JSON".to_string()),
-            );
-            // deliverAt wins over deliverAfter.
-            deliver_afters.push(
-                options
-                    .deliver_after
-                    .filter(|_| options.deliver_at.is_none())
-                    .map(|s| s as f64),
-            );
-            accounts.push(account);
-        }
-
-        let inserted = sqlx::query_as!(
-            EventRecord,
-            r#"INSERT INTO event_records
-                   (id, environment_id, event_id, name, source, payload, context, timestamp,
-                    deliver_at, external_account_id, is_test, payload_type)
-               SELECT id, env, eid, name, source, payload, context, COALESCE(ts, now()),
-                      COALESCE(at, now() + make_interval(secs => COALESCE(after, 0))), account, $12, ptype
-               FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                           $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[],
-                           $13::text[])
-                    AS t(id, env, eid, name, source, payload, context, ts, at, after, account, ptype)
-               ON CONFLICT (environment_id, event_id) DO NOTHING
-               RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
-                         deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
-                         created_at, updated_at"#,
-            &ids,
-            &envs,
-            &event_ids,
-            &names,
-            &sources,
-            &payloads,
-            &contexts,
-            &timestamps as &[Option<DateTime<Utc>>],
-            &deliver_ats as &[Option<DateTime<Utc>>],
-            &deliver_afters as &[Option<f64>],
-            &accounts as &[Option<Uuid>],
-            is_test,
-            &payload_types,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-
-        let trace_of: HashMap<(Uuid, &str), &Option<String>> = envs
-            .iter()
-            .zip(&event_ids)
-            .zip(&traces)
-            .map(|((e, i), t)| ((*e, i.as_str()), t))
-            .collect();
-        let jobs = inserted
-            .iter()
-            .map(|r| {
-                let trace_parent = trace_of
-                    .get(&(r.environment_id, r.event_id.as_str()))
-                    .and_then(|t| (*t).clone());
-                JobInsert::deliver_event(
-                    DeliverEventArgs { id: r.id },
-                    InsertOpts {
-                        run_at: Some(r.deliver_at),
-                        trace_parent,
-                        ..InsertOpts::default()
-                    },
-                )
-            })
-            .collect();
-        let jobs = self.queue.enqueue_many(tx, jobs).await?;
-        let mut by_key: HashMap<(Uuid, String), (EventRecord, Option<JobInsertResult>)> = inserted
-            .into_iter()
-            .zip(jobs)
-            .map(|(r, j)| ((r.environment_id, r.event_id.clone()), (r, Some(j))))
-            .collect();
-
-        // Ids the environments already had: the stored events answer.
-        let (missing_envs, missing_ids): (Vec<Uuid>, Vec<String>) = envs
-            .iter()
-            .zip(&event_ids)
-            .filter(|(e, i)| !by_key.contains_key(&(**e, (*i).clone())))
-            .map(|(e, i)| (*e, i.clone()))
-            .unzip();
-        if !missing_envs.is_empty() {
-            let existing = sqlx::query_as!(
-                EventRecord,
-                r#"SELECT r.id, r.environment_id, r.event_id, r.name, r.source, r.payload, r.context,
-                          r.timestamp, r.deliver_at, r.delivered_at, r.cancelled_at,
-                          r.external_account_id, r.is_test, r.created_at, r.updated_at
-                   FROM UNNEST($1::uuid[], $2::text[]) AS k(env, eid)
-                   JOIN event_records r ON r.environment_id = k.env AND r.event_id = k.eid"#,
-                &missing_envs,
-                &missing_ids
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            for r in existing {
-                by_key.insert((r.environment_id, r.event_id.clone()), (r, None));
-            }
-            // Resending an id: a pending event due far enough ahead takes the new payload,
-            // context and time (trigger.dev's rule); anything else is returned as it is.
-            for i in 0..n {
-                let key = (envs[i], event_ids[i].clone());
-                let Some((record, None)) = by_key.get(&key) else {
-                    continue;
-                };
-                if let Some(updated) = resend(
-                    tx,
-                    record.id,
-                    &payloads[i],
-                    &contexts[i],
-                    deliver_ats[i],
-                    deliver_afters[i],
-                )
-                .await?
-                {
-                    by_key.insert(key, (updated, None));
-                }
-            }
-        }
-
-        // The first request for a key created it; any other for the same key did not.
-        let mut seen = HashSet::new();
-        envs.into_iter()
-            .zip(event_ids)
-            .map(|key| {
-                let (record, job) = by_key
-                    .get(&key)
-                    .cloned()
-                    .ok_or_else(|| IngestError::Invalid(format!("event {:?} vanished", key.1)))?;
-                let first = seen.insert(key);
-                Ok(IngestResult {
-                    created: first && job.is_some(),
-                    job: job.filter(|_| first),
-                    record,
-                })
-            })
-            .collect()
     }
 
     /// An event of the environment by the producer's id, with its runs.
@@ -517,19 +553,8 @@ impl EventsService {
         // The job row first, then the event: the worker locks in that order too, so a
         // cancel racing a delivery waits for it instead of deadlocking. Whichever commits
         // first wins; the other finds nothing left to change.
-        let key = unique_key(
-            JobKind::DeliverEvent,
-            &serde_json::to_value(DeliverEventArgs { id: record.id }).expect("args serialize"),
-        );
-        sqlx::query!(
-            r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
-               WHERE unique_key = $1 AND kind = $2
-                 AND state NOT IN ('completed', 'discarded', 'cancelled')"#,
-            &key,
-            JobKind::DeliverEvent.as_str()
-        )
-        .execute(&mut *tx)
-        .await?;
+        let job = JobArgs::DeliverEvent(DeliverEventArgs { id: record.id });
+        run::cancel_by_args(&mut tx, &job).await?;
         let cancelled = sqlx::query_as!(
             EventRecord,
             r#"UPDATE event_records SET cancelled_at = now(), updated_at = now()
@@ -634,17 +659,21 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
     Ok(())
 }
 
+/// What a resend brings.
+struct Resend<'a> {
+    payload: &'a Value,
+    context: &'a Value,
+    deliver_at: Option<DateTime<Utc>>,
+    deliver_after: Option<f64>,
+}
+
 /// Move a pending event due at least [`RESEND_WINDOW_SECS`] from now to a new payload,
-/// context and delivery time, and its `deliverEvent` job with it (back to the outbox; the
-/// message already in the tiers finds the job not yet due and is dropped). `None` if the
-/// event is delivered, cancelled or due sooner.
+/// context and delivery time, and its `deliverEvent` job with it. `None` if the event is
+/// delivered, cancelled or due sooner.
 async fn resend(
     tx: &mut PgConnection,
     id: Uuid,
-    payload: &Value,
-    context: &Value,
-    deliver_at: Option<DateTime<Utc>>,
-    deliver_after: Option<f64>,
+    update: Resend<'_>,
 ) -> Result<Option<EventRecord>, sqlx::Error> {
     let Some(updated) = sqlx::query_as!(
         EventRecord,
@@ -658,10 +687,10 @@ async fn resend(
                      deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
                      created_at, updated_at"#,
         id,
-        payload,
-        context,
-        deliver_at,
-        deliver_after,
+        update.payload,
+        update.context,
+        update.deliver_at,
+        update.deliver_after,
         RESEND_WINDOW_SECS as f64
     )
     .fetch_optional(&mut *tx)
@@ -669,25 +698,8 @@ async fn resend(
     else {
         return Ok(None);
     };
-    let key = unique_key(
-        JobKind::DeliverEvent,
-        &serde_json::to_value(DeliverEventArgs { id }).expect("args serialize"),
-    );
-    sqlx::query!(
-        r#"UPDATE queue_jobs
-           SET run_at = $2, published_at = NULL,
-               state = CASE WHEN $2 > now() THEN 'scheduled'::queue_job_state
-                            ELSE 'available'::queue_job_state END
-           WHERE unique_key = $1 AND kind = $3 AND state IN ('scheduled', 'available', 'retryable')"#,
-        &key,
-        updated.deliver_at,
-        JobKind::DeliverEvent.as_str()
-    )
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query!("SELECT pg_notify($1, '')", crate::relay::NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
+    let job = JobArgs::DeliverEvent(DeliverEventArgs { id });
+    run::move_by_args(tx, &job, updated.deliver_at).await?;
     Ok(Some(updated))
 }
 

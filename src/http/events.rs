@@ -8,9 +8,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, JsonText};
-use super::{AppState, iso};
+use crate::dates::iso;
 use crate::events::{
     EventRecord, IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES, SendEvent, SendEventOptions,
 };
@@ -98,6 +99,7 @@ fn ingest_error(e: IngestError) -> ApiError {
         IngestError::Invalid(m) => ApiError::bad_request(m),
         IngestError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m),
         IngestError::Db(e) => ApiError::internal(e),
+        IngestError::Internal(e) => ApiError::internal(e),
         IngestError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
     }
 }

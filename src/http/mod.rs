@@ -14,7 +14,6 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -23,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use crate::EventsService;
 use crate::config::HttpConfig;
 use crate::metrics::metrics;
-use crate::ops::{self, OpsState};
 use error::ApiError;
 
 /// What every handler can reach.
@@ -49,7 +47,9 @@ pub const MAX_BULK_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Largest body of any other request (axum's default).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
-pub fn router(state: AppState, ops_state: OpsState, config: &HttpConfig) -> Router {
+/// The API's routes, bounded as `config` says, with `operator_routes` (health, metrics)
+/// beside them outside the in-flight bound; every request is counted and timed.
+pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> Router {
     let in_flight = Arc::new(Semaphore::new(config.http_max_in_flight.max(1)));
     let request_timeout = config.request_timeout();
     Router::new()
@@ -98,7 +98,7 @@ pub fn router(state: AppState, ops_state: OpsState, config: &HttpConfig) -> Rout
         .layer(axum::middleware::from_fn(move |request, next| {
             bounded(in_flight.clone(), request_timeout, request, next)
         }))
-        .merge(ops::router(ops_state))
+        .merge(operator_routes)
         .layer(axum::middleware::from_fn(track))
         .layer(axum::middleware::from_fn(refuse_nul_in_path))
 }
@@ -210,20 +210,13 @@ pub fn method_label(method: &Method) -> &'static str {
         .map_or("other", |m| m.as_str())
 }
 
-/// Serve until `shutdown`; requests in flight are finished first.
+/// Serve `router` (see [`router`]) until `shutdown`; requests in flight are finished first.
 pub async fn serve(
     listener: TcpListener,
-    state: AppState,
-    ops_state: OpsState,
+    router: Router,
     config: HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "http listening");
-    let router = router(state, ops_state, &config);
     crate::serve::serve(listener, router, config.header_timeout(), shutdown).await
-}
-
-/// Dates as trigger.dev writes them: ISO 8601, milliseconds, `Z`.
-pub fn iso(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }

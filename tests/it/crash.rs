@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kongflow_events::EventsService;
 use kongflow_events::events::{SendEvent, SendEventOptions};
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use kongflow_events::worker::{Disposition, Worker};
 use serde_json::json;
 

@@ -8,7 +8,7 @@ use kongflow_events::amqp::publish::route;
 use kongflow_events::amqp::tiers::{self, DelayDigits};
 use kongflow_events::app::Roles;
 use kongflow_events::config::RelayConfig;
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use reqwest::{Method, StatusCode};
@@ -97,7 +97,7 @@ async fn publish_to_work_queue(app: &TestApp, job: &Ledger) {
 }
 
 fn at(ms_from_now: i64) -> String {
-    kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
+    kongflow_events::dates::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +329,7 @@ async fn a_cancelled_event_is_never_delivered_and_cancel_after_delivery_changes_
     let (status, log) = cancel("done", key.clone()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(log["cancelledAt"].is_null(), "{log}");
-    assert_eq!(log["deliveredAt"], kongflow_events::http::iso(delivered));
+    assert_eq!(log["deliveredAt"], kongflow_events::dates::iso(delivered));
     assert_eq!(app.runs_by_job("done").await, vec![("job".to_string(), 1)]);
     let (status, _) = cancel("nope", key.clone()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, job_body, wait_until};
 
 fn at(ms_from_now: i64) -> String {
-    kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
+    kongflow_events::dates::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
 }
 
 fn date(v: &Value) -> DateTime<Utc> {
@@ -440,7 +440,7 @@ async fn cancels_racing_deliveries_leave_each_event_cancelled_or_delivered_never
         app.send_event(
             &key,
             json!({"event": {"name": "race", "id": format!("r-{i}")},
-                   "options": {"deliverAt": kongflow_events::http::iso(due)}}),
+                   "options": {"deliverAt": kongflow_events::dates::iso(due)}}),
         )
         .await;
     }

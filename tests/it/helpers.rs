@@ -8,7 +8,7 @@ use kongflow_events::amqp::{self, JobMessage, Topology};
 use kongflow_events::app::{Process, Roles};
 use kongflow_events::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
 use kongflow_events::db::environments::{self, Environment, EnvironmentType};
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
 use kongflow_events::worker::{Disposition, Worker};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use reqwest::StatusCode;
@@ -405,7 +405,10 @@ async fn one_trace_id_follows_an_event_through_api_relay_and_workers() {
     assert!(has("kongflow_events::relay", "job published"), "{seen:?}");
     assert!(has("kongflow_events::worker", "job started"), "{seen:?}");
     assert!(
-        has("kongflow_events::jobs::deliver_event", "event delivered"),
+        has(
+            "kongflow_events::handlers::deliver_event",
+            "event delivered"
+        ),
         "{seen:?}"
     );
     assert!(has("kongflow_events::worker", "job completed"), "{seen:?}");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use kongflow_events::app::Roles;
-use kongflow_events::queue::JobKind;
+use kongflow_events::ledger::JobKind;
 use kongflow_events::triggers::{self, EventRule, JobRegistration};
 use kongflow_events::worker::Disposition;
 use lapin::BasicProperties;

@@ -7,7 +7,7 @@ use kongflow_events::admin;
 use kongflow_events::amqp::JobMessage;
 use kongflow_events::config::RelayConfig;
 use kongflow_events::failpoint::{self, Fault};
-use kongflow_events::queue::{
+use kongflow_events::ledger::{
     InsertOpts, InvokeDispatcherArgs, Job, JobInsert, JobKind, JobPriority, JobState, QueueService,
 };
 use kongflow_events::relay::{RETENTION_LOCK, Relay};
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::helpers::{NO_ROLES, TestApp, job_body, wait_until};
 
 fn at(ms_from_now: i64) -> String {
-    kongflow_events::http::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
+    kongflow_events::dates::iso(Utc::now() + chrono::Duration::milliseconds(ms_from_now))
 }
 
 /// Send an event due in a second, and return its record id (the key of its deliverEvent
@@ -449,7 +449,7 @@ async fn a_critical_job_overtakes_a_backlog_of_ten_thousand() {
 async fn a_retried_critical_job_is_still_critical() {
     let app = TestApp::spawn_with(NO_ROLES).await;
     let mut jobs = idle_jobs(1, JobPriority::Critical);
-    let key = jobs[0].args["id"].as_str().unwrap().to_string();
+    let key = jobs[0].args.id().to_string();
     let mut tx = app.pool.begin().await.unwrap();
     let job = QueueService::new()
         .enqueue_many(&mut tx, std::mem::take(&mut jobs))
@@ -486,7 +486,7 @@ async fn a_retried_critical_job_is_still_critical() {
     let done = admin::get_job(&app.pool, job.id).await.unwrap().unwrap();
     assert_eq!(
         (done.state, done.attempt, done.priority),
-        (JobState::Completed, 2, 1)
+        (JobState::Completed, 2, JobPriority::Critical)
     );
     app.finish().await;
 }
@@ -558,11 +558,9 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
     assert_eq!(relay.retain().await.unwrap(), vec![0]);
 
     // Unique by args holds while the job is kept, and ends with it.
-    let again = |job: &Job| {
-        JobInsert::invoke_dispatcher(
-            serde_json::from_value(job.args.clone()).unwrap(),
-            InsertOpts::default(),
-        )
+    let again = |job: &Job| JobInsert {
+        args: job.args,
+        opts: InsertOpts::default(),
     };
     let mut tx = app.pool.begin().await.unwrap();
     let results = queue
@@ -580,7 +578,7 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
 async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
     let app = TestApp::spawn_with(NO_ROLES).await;
     let queue = QueueService::new();
-    let args = kongflow_events::queue::DeliverEventArgs { id: Uuid::new_v4() };
+    let args = kongflow_events::ledger::DeliverEventArgs { id: Uuid::new_v4() };
     let insert = |app: &TestApp| {
         let (pool, queue) = (app.pool.clone(), queue);
         async move {

@@ -1,7 +1,7 @@
 //! The ledger and outbox: QueueService inserts, uniqueness, rollback.
 
 use kongflow_events::QueueService;
-use kongflow_events::queue::{
+use kongflow_events::ledger::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobKind, JobPriority, JobState,
 };
 use uuid::Uuid;
@@ -28,9 +28,9 @@ async fn inserts_take_the_defaults_and_are_unique_by_args() {
     assert!(again.unique_skipped_as_duplicate);
     assert_eq!(first.job.id, again.job.id);
     let job = first.job;
-    assert_eq!(job.kind, "deliverEvent");
+    assert_eq!(job.kind, JobKind::DeliverEvent);
     assert_eq!(job.queue, "events");
-    assert_eq!(job.priority, JobPriority::High as i16);
+    assert_eq!(job.priority, JobPriority::High);
     assert_eq!(job.max_attempts, 5);
     assert_eq!(job.state, JobState::Available);
     assert!(job.published_at.is_none());
@@ -66,8 +66,8 @@ async fn inserts_take_the_defaults_and_are_unique_by_args() {
     let flags: Vec<bool> = res.iter().map(|r| r.unique_skipped_as_duplicate).collect();
     assert_eq!(flags, vec![false, true, true]);
     assert_eq!(res[0].job.id, res[1].job.id);
-    assert_eq!(res[0].job.kind, "events.invokeDispatcher");
-    assert_eq!(res[0].job.priority, JobPriority::Critical as i16);
+    assert_eq!(res[0].job.kind, JobKind::InvokeDispatcher);
+    assert_eq!(res[0].job.priority, JobPriority::Critical);
     assert_eq!(res[2].job.id, job.id);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
         .fetch_one(&app.pool)

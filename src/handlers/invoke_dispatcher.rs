@@ -4,7 +4,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::JobError;
-use crate::queue::InvokeDispatcherArgs;
+use crate::ledger::InvokeDispatcherArgs;
 
 /// Invoke a batch of (dispatcher, event) pairs with one statement. A dispatcher or event
 /// that is gone, a disabled dispatcher, or a pair from two environments creates nothing.
@@ -42,7 +42,7 @@ pub async fn run(tx: &mut PgConnection, batch: &[InvokeDispatcherArgs]) -> Resul
     .await?;
     let latency = crate::metrics::metrics()
         .event_latency
-        .with_label_values(&[crate::queue::JobKind::InvokeDispatcher.as_str()]);
+        .with_label_values(&[crate::ledger::JobKind::InvokeDispatcher.as_str()]);
     for late in &created {
         latency.observe(late.max(0.0));
     }

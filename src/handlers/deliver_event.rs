@@ -8,26 +8,20 @@ use uuid::Uuid;
 
 use super::JobError;
 use crate::events::filter::Evaluator;
-use crate::queue::{
-    DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
-};
+use crate::ledger::{DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority};
 use crate::trace::TraceParent;
 use crate::triggers::{EventFacts, RuleRef, rule_miss};
 
 /// One event to deliver: its id, and what its invocations inherit from its job.
 #[derive(Debug, Clone)]
-pub struct Delivery {
+pub struct ToDeliver {
     pub args: DeliverEventArgs,
     pub priority: JobPriority,
     pub trace: Option<TraceParent>,
 }
 
 /// Deliver a batch of events.
-pub async fn run(
-    tx: &mut PgConnection,
-    queue: &QueueService,
-    batch: &[Delivery],
-) -> Result<(), JobError> {
+pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobError> {
     let ids: Vec<Uuid> = batch.iter().map(|d| d.args.id).collect();
     // Stamp the events delivered and read them back in one statement. The row locks (taken
     // in id order) serialize delivery against a concurrent cancel; cancelled, delivered and
@@ -123,7 +117,7 @@ pub async fn run(
     .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))?;
     let (jobs, delivered) = jobs?;
     let matched = jobs.len();
-    queue.enqueue_many(tx, jobs).await?;
+    crate::ledger::insert_many(tx, jobs).await?;
 
     tracing::debug!(events = delivered, matched, "events delivered");
     Ok(())

@@ -8,20 +8,20 @@ pub mod invoke_dispatcher;
 use sqlx::PgConnection;
 
 use crate::failpoint::{self, Fault};
-use crate::queue::{Job, JobKind, JobPriority, QueueService};
+use crate::ledger::{Job, JobArgs, JobKind};
 use crate::trace::TraceParent;
 
 /// How long to wait before attempt `attempt + 1` of a job of `kind` whose attempt
 /// `attempt` (1-based) failed: `min(base * 2^(attempt - 1), max)`, times a jitter the caller
 /// draws from 0.9 to 1.1. A kind that wants another curve gets its own arm here.
 pub fn backoff(
-    kind: &str,
+    kind: JobKind,
     attempt: i32,
     base: std::time::Duration,
     max: std::time::Duration,
 ) -> std::time::Duration {
-    match JobKind::parse(kind) {
-        Some(JobKind::DeliverEvent) | Some(JobKind::InvokeDispatcher) | None => {
+    match kind {
+        JobKind::DeliverEvent | JobKind::InvokeDispatcher => {
             let exp = attempt.clamp(1, 32) as u32 - 1;
             base.saturating_mul(1u32 << exp.min(31)).min(max)
         }
@@ -58,17 +58,11 @@ impl JobError {
     }
 }
 
-/// Run the handler of `kind` for `jobs` (all of that kind) in `tx`. On error nothing of
-/// the batch may be kept: the caller rolls back.
-pub async fn run_batch(
-    tx: &mut PgConnection,
-    queue: &QueueService,
-    kind: &str,
-    jobs: &[Job],
-) -> Result<(), JobError> {
+/// Run the handler of `kind` for `jobs` (all of that kind, their arguments decoded) in
+/// `tx`. On error nothing of the batch may be kept: the caller rolls back.
+pub async fn run_batch(tx: &mut PgConnection, kind: JobKind, jobs: &[Job]) -> Result<(), JobError> {
     for job in jobs {
-        let key = job.args.get("id").and_then(|v| v.as_str()).unwrap_or("");
-        match failpoint::handler_fault(key, job.attempt) {
+        match failpoint::handler_fault(&job.args.id().to_string(), job.attempt) {
             Some(Fault::Error) => {
                 return Err(JobError::Retryable(format!(
                     "injected fault on attempt {}",
@@ -79,38 +73,32 @@ pub async fn run_batch(
             None => {}
         }
     }
-    match JobKind::parse(kind) {
-        Some(JobKind::DeliverEvent) => {
-            let batch: Vec<deliver_event::Delivery> = parse_all(jobs)?
-                .into_iter()
-                .zip(jobs)
-                .map(|((priority, args), job)| deliver_event::Delivery {
-                    args,
-                    priority: JobPriority::from_i16(priority),
-                    trace: job.trace_parent.as_deref().and_then(TraceParent::parse),
+    match kind {
+        JobKind::DeliverEvent => {
+            let batch: Vec<deliver_event::ToDeliver> = jobs
+                .iter()
+                .filter_map(|job| match job.args {
+                    JobArgs::DeliverEvent(args) => Some(deliver_event::ToDeliver {
+                        args,
+                        priority: job.priority,
+                        trace: job.trace_parent.as_deref().and_then(TraceParent::parse),
+                    }),
+                    _ => None,
                 })
                 .collect();
-            deliver_event::run(tx, queue, &batch).await
+            deliver_event::run(tx, &batch).await
         }
-        Some(JobKind::InvokeDispatcher) => {
-            let args: Vec<_> = parse_all(jobs)?.into_iter().map(|(_, a)| a).collect();
+        JobKind::InvokeDispatcher => {
+            let args: Vec<_> = jobs
+                .iter()
+                .filter_map(|job| match job.args {
+                    JobArgs::InvokeDispatcher(args) => Some(args),
+                    _ => None,
+                })
+                .collect();
             invoke_dispatcher::run(tx, &args).await
         }
-        None => Err(JobError::Permanent(format!("unknown job kind {kind:?}"))),
     }
-}
-
-/// Each job's args with its priority.
-fn parse_all<T: serde::de::DeserializeOwned>(jobs: &[Job]) -> Result<Vec<(i16, T)>, JobError> {
-    jobs.iter()
-        .map(|job| {
-            serde_json::from_value(job.args.clone())
-                .map(|a| (job.priority, a))
-                .map_err(|e| {
-                    JobError::Permanent(format!("arguments of {} do not parse: {e}", job.kind))
-                })
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -123,10 +111,10 @@ mod tests {
     fn backoff_doubles_up_to_its_cap() {
         let (base, max) = (Duration::from_secs(1), Duration::from_secs(3600));
         let waits: Vec<u64> = (1..=5)
-            .map(|a| backoff("deliverEvent", a, base, max).as_secs())
+            .map(|a| backoff(JobKind::DeliverEvent, a, base, max).as_secs())
             .collect();
         assert_eq!(waits, vec![1, 2, 4, 8, 16]);
-        assert_eq!(backoff("deliverEvent", 40, base, max), max);
-        assert_eq!(backoff("deliverEvent", 0, base, max), base);
+        assert_eq!(backoff(JobKind::DeliverEvent, 40, base, max), max);
+        assert_eq!(backoff(JobKind::DeliverEvent, 0, base, max), base);
     }
 }

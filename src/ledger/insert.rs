@@ -1,0 +1,166 @@
+//! Inserting jobs, unique by arguments, in the caller's transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::{
+    DeliverEventArgs, InsertOpts, Job, JobInsert, JobInsertResult, UnreadableJob, decode_all,
+    query_jobs, unique_key,
+};
+
+/// Insert jobs into the ledger, always inside the caller's transaction: the library's face
+/// of [`insert_many`] (the seed's `QueueService` with its `WithinTx` calls).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueService;
+
+impl QueueService {
+    pub fn new() -> Self {
+        Self
+    }
+
+    /// Enqueue `deliverEvent` for an event record.
+    pub async fn enqueue_deliver_event(
+        &self,
+        tx: &mut PgConnection,
+        args: DeliverEventArgs,
+        opts: InsertOpts,
+    ) -> Result<JobInsertResult, sqlx::Error> {
+        let mut res = insert_many(tx, vec![JobInsert::deliver_event(args, opts)]).await?;
+        Ok(res.remove(0))
+    }
+
+    /// Enqueue several jobs with one statement. Results come in the order of `jobs`.
+    pub async fn enqueue_many(
+        &self,
+        tx: &mut PgConnection,
+        jobs: Vec<JobInsert>,
+    ) -> Result<Vec<JobInsertResult>, sqlx::Error> {
+        insert_many(tx, jobs).await
+    }
+}
+
+/// The columns of a batch of inserts, one vector each, for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    kinds: Vec<String>,
+    args: Vec<serde_json::Value>,
+    queues: Vec<String>,
+    priorities: Vec<i16>,
+    max_attempts: Vec<i32>,
+    run_ats: Vec<Option<DateTime<Utc>>>,
+    keys: Vec<Vec<u8>>,
+    traces: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn of(jobs: &[JobInsert]) -> Self {
+        let mut c = Columns::default();
+        for j in jobs {
+            c.kinds.push(j.args.kind().as_str().to_string());
+            c.args.push(j.args.to_value());
+            c.keys.push(unique_key(&j.args));
+            c.queues.push(j.opts.queue.clone());
+            c.priorities.push(j.opts.priority as i16);
+            c.max_attempts.push(j.opts.max_attempts);
+            c.run_ats.push(j.opts.run_at);
+            c.traces.push(j.opts.trace_parent.clone());
+        }
+        c
+    }
+}
+
+/// Insert several jobs with one statement, in the caller's transaction; results come in the
+/// order of `jobs`. A job whose kind and arguments equal those of a job that is live or
+/// completed (and kept) is not inserted: its result is that job, marked a duplicate; so is
+/// the second of two equal jobs in one call.
+pub async fn insert_many(
+    tx: &mut PgConnection,
+    jobs: Vec<JobInsert>,
+) -> Result<Vec<JobInsertResult>, sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let c = Columns::of(&jobs);
+    let inserted = query_jobs!(
+        r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent)
+           SELECT k, a, q, p,
+                  CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
+                       ELSE 'available'::queue_job_state END,
+                  m, COALESCE(r, now()), u, tp
+           FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
+                       $6::timestamptz[], $7::bytea[], $8::text[]) AS t(k, a, q, p, m, r, u, tp)
+           ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
+           DO NOTHING
+           RETURNING "#,
+        "",
+        &c.kinds,
+        &c.args,
+        &c.queues,
+        &c.priorities,
+        &c.max_attempts,
+        &c.run_ats as &[Option<DateTime<Utc>>],
+        &c.keys,
+        &c.traces as &[Option<String>],
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+
+    let m = crate::metrics::metrics();
+    let mut by_key: HashMap<Vec<u8>, (Job, bool)> = HashMap::with_capacity(inserted.len());
+    for row in inserted {
+        let key = row.unique_key.clone().unwrap_or_default();
+        let job = readable(Job::try_from(row))?;
+        m.jobs_inserted
+            .with_label_values(&[job.kind.as_str(), &job.queue])
+            .inc();
+        by_key.insert(key, (job, false));
+    }
+
+    let missing: Vec<Vec<u8>> = c
+        .keys
+        .iter()
+        .filter(|k| !by_key.contains_key(*k))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let existing = query_jobs!(
+            "SELECT ",
+            " FROM queue_jobs
+              WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded')",
+            &missing
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let keys: Vec<Vec<u8>> = existing
+            .iter()
+            .map(|r| r.unique_key.clone().unwrap_or_default())
+            .collect();
+        for (key, job) in keys.into_iter().zip(readable(decode_all(existing))?) {
+            by_key.insert(key, (job, true));
+        }
+    }
+
+    // Two equal jobs in one call: the first is the insert, the rest are duplicates of it.
+    let mut seen = HashSet::new();
+    c.keys
+        .into_iter()
+        .map(|k| {
+            let (job, dup) = by_key.get(&k).cloned().ok_or_else(|| {
+                sqlx::Error::Protocol("a unique job vanished between insert and lookup".into())
+            })?;
+            let first = seen.insert(k);
+            Ok(JobInsertResult {
+                job,
+                unique_skipped_as_duplicate: dup || !first,
+            })
+        })
+        .collect()
+}
+
+/// A job that holds a key a new one wants is read back; one this build cannot read is a
+/// ledger written by another version: an error, not a panic.
+fn readable<T>(r: Result<T, UnreadableJob>) -> Result<T, sqlx::Error> {
+    r.map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}

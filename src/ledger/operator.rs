@@ -1,0 +1,193 @@
+//! The ledger as an operator steers it (`kongflow-events jobs`): list, get, retry, cancel.
+
+use sqlx::PgPool;
+
+use super::outbox::back_to_outbox;
+use super::{Job, JobState, UnreadableJob, decode_all, query_jobs};
+
+/// Which jobs a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Any of these states (all when `None`).
+    pub states: Option<Vec<JobState>>,
+    pub limit: i64,
+    /// Only jobs with a larger id: the cursor the previous page printed.
+    pub after: Option<i64>,
+}
+
+/// Why an operator's change was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no job {0}")]
+    NotFound(i64),
+    #[error("job {id} is {state}: nothing to do")]
+    Unchanged { id: i64, state: &'static str },
+    #[error("job {id} cannot run again: job {other} with the same arguments is live")]
+    Duplicate { id: i64, other: i64 },
+    #[error(transparent)]
+    Unreadable(#[from] UnreadableJob),
+}
+
+/// What an operator's call ends with: the database failed, the change was refused, or done.
+pub type Outcome<T> = Result<Result<T, Refusal>, sqlx::Error>;
+
+fn names(states: &[JobState]) -> Vec<String> {
+    states.iter().map(|s| s.as_str().to_string()).collect()
+}
+
+/// A page of jobs in id order, and the cursor of the next page if there may be one.
+pub async fn list(pool: &PgPool, l: &Listing) -> Outcome<(Vec<Job>, Option<i64>)> {
+    let states = l.states.as_deref().map(names);
+    let rows = query_jobs!(
+        "SELECT ",
+        r#" FROM queue_jobs
+           WHERE ($1::text IS NULL OR queue = $1)
+             AND ($2::text IS NULL OR kind = $2)
+             AND ($3::text[] IS NULL OR state::text = ANY($3))
+             AND id > $4
+           ORDER BY id
+           LIMIT $5"#,
+        l.queue,
+        l.kind,
+        states.as_deref(),
+        l.after.unwrap_or(0),
+        l.limit
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(decode_all(rows).map_err(Refusal::from).map(|jobs| {
+        let next = (jobs.len() as i64 == l.limit)
+            .then(|| jobs.last().map(|j| j.id))
+            .flatten();
+        (jobs, next)
+    }))
+}
+
+/// One job.
+pub async fn get(pool: &PgPool, id: i64) -> Outcome<Job> {
+    let row = query_jobs!("SELECT ", " FROM queue_jobs WHERE id = $1", id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(match row {
+        Some(r) => Job::try_from(r).map_err(Refusal::from),
+        None => Err(Refusal::NotFound(id)),
+    })
+}
+
+/// Make a job available to run now, as River's `job retry` does: its attempt count and its
+/// errors stay; a job that used its last attempt gets one more. A job already available is
+/// left alone. Refused while a live job has the same unique key.
+pub async fn retry(pool: &PgPool, id: i64) -> Outcome<Job> {
+    let mut tx = pool.begin().await?;
+    let Some(current) = sqlx::query!(
+        r#"SELECT state::text AS "state!", unique_key FROM queue_jobs WHERE id = $1 FOR UPDATE"#,
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(Err(Refusal::NotFound(id)));
+    };
+    if current.state == JobState::Available.as_str() {
+        return Ok(Err(Refusal::Unchanged {
+            id,
+            state: JobState::Available.as_str(),
+        }));
+    }
+    if let Some(key) = &current.unique_key {
+        let other = sqlx::query_scalar!(
+            r#"SELECT id FROM queue_jobs
+               WHERE unique_key = $1 AND id <> $2 AND state NOT IN ('cancelled', 'discarded')"#,
+            key,
+            id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(other) = other {
+            return Ok(Err(Refusal::Duplicate { id, other }));
+        }
+    }
+    let row = query_jobs!(
+        r#"UPDATE queue_jobs SET state = 'available', run_at = now(), finalized_at = NULL,
+                  max_attempts = GREATEST(max_attempts, attempt + 1)
+           WHERE id = $1
+           RETURNING "#,
+        "",
+        id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    back_to_outbox(&mut tx, &[id]).await?;
+    tx.commit().await?;
+    Ok(Job::try_from(row).map_err(Refusal::from))
+}
+
+/// Retry every job in `states` (of `kind`, if given), as [`retry`] does one; jobs whose
+/// unique key a live job holds are skipped. Returns the ids retried.
+pub async fn retry_matching(
+    pool: &PgPool,
+    states: &[JobState],
+    kind: Option<&str>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let states: Vec<String> = names(states)
+        .into_iter()
+        .filter(|s| s != JobState::Available.as_str())
+        .collect();
+    let mut tx = pool.begin().await?;
+    let ids = sqlx::query_scalar!(
+        r#"UPDATE queue_jobs q SET state = 'available', run_at = now(), finalized_at = NULL,
+                  max_attempts = GREATEST(max_attempts, attempt + 1)
+           WHERE q.state::text = ANY($1) AND ($2::text IS NULL OR q.kind = $2)
+             AND NOT EXISTS (
+                 SELECT 1 FROM queue_jobs o
+                 WHERE o.unique_key = q.unique_key AND o.id <> q.id
+                   AND o.state NOT IN ('cancelled', 'discarded'))
+           RETURNING q.id"#,
+        &states,
+        kind
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    back_to_outbox(&mut tx, &ids).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Cancel a job that is not final: it will not run (a message already on its way is
+/// acknowledged with no effect).
+pub async fn cancel(pool: &PgPool, id: i64) -> Outcome<Job> {
+    let row = query_jobs!(
+        r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
+           WHERE id = $1 AND NOT (state::text = ANY($2))
+           RETURNING "#,
+        "",
+        id,
+        &JobState::final_names()
+    )
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(r) => Ok(Job::try_from(r).map_err(Refusal::from)),
+        None => Ok(get(pool, id).await?.and_then(|job| {
+            Err(Refusal::Unchanged {
+                id,
+                state: job.state.as_str(),
+            })
+        })),
+    }
+}
+
+/// The ledger state of each of `ids` that it has (for the dead letters' view).
+pub async fn states_of(pool: &PgPool, ids: &[i64]) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    Ok(sqlx::query!(
+        r#"SELECT id, state::text AS "state!" FROM queue_jobs WHERE id = ANY($1)"#,
+        ids
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.state))
+    .collect())
+}

@@ -1,0 +1,191 @@
+//! The ledger as the workers see it: taking jobs to run, recording a failure, and the
+//! changes other work makes to a job by its arguments (cancel, move).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use super::outbox::back_to_outbox;
+use super::{Job, JobArgs, JobKind, JobState, UnreadableJob, query_jobs, unique_key};
+
+/// What [`take`] found for a set of ids.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Live jobs, locked and marked completed in the caller's transaction: the mark commits
+    /// only with the handlers' work.
+    pub jobs: Vec<Job>,
+    /// Rows this build cannot read (also marked: the caller must not commit them).
+    pub unreadable: Vec<UnreadableJob>,
+    /// Ids the ledger has no row for.
+    pub missing: Vec<i64>,
+}
+
+/// Lock the live jobs among `ids` in id order and mark them completed (attempt + 1), in the
+/// caller's transaction. A final job's id is neither taken nor missing: its message is a
+/// duplicate. A job moved later (an event resent with a new time) is not taken by its old
+/// message either: a new one is on its way.
+pub async fn take(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Error> {
+    let rows = query_jobs!(
+        r#"UPDATE queue_jobs
+           SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
+           WHERE id IN (
+               SELECT id FROM queue_jobs
+               WHERE id = ANY($1) AND NOT (state::text = ANY($2))
+                 AND run_at <= now() + interval '1 second'
+               ORDER BY id FOR UPDATE)
+           RETURNING "#,
+        "",
+        ids,
+        &JobState::final_names()
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut taken = Taken::default();
+    let returned: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    for row in rows {
+        match Job::try_from(row) {
+            Ok(job) => taken.jobs.push(job),
+            Err(e) => taken.unreadable.push(e),
+        }
+    }
+    if returned.len() < ids.len() {
+        let others: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !returned.contains(id))
+            .collect();
+        let known = sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
+            .fetch_all(&mut *tx)
+            .await?;
+        taken.missing = others
+            .into_iter()
+            .filter(|id| !known.contains(id))
+            .collect();
+    }
+    Ok(taken)
+}
+
+/// A failed attempt, as the worker reports it.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub error: &'a str,
+    /// `error`, `panic` or `permanent`.
+    pub kind: &'a str,
+    /// No attempt can succeed: discard now.
+    pub permanent: bool,
+}
+
+/// What [`record_failure`] did.
+#[derive(Debug, Clone)]
+pub struct FailureRecorded {
+    pub kind: Option<JobKind>,
+    pub queue: String,
+    pub attempt: i32,
+    pub trace_parent: Option<String>,
+    /// Discarded (after its last attempt, or a permanent failure) rather than retried.
+    pub discarded: bool,
+    /// When retried, how long until the next attempt.
+    pub wait: Duration,
+}
+
+/// Record a failed attempt of a job that is not final: the error (message, attempt, time,
+/// kind of failure) is appended to the job, which becomes `retryable`, due after
+/// `wait(kind, attempt)`, or `discarded` after its last attempt or a permanent failure;
+/// either way it goes back to the outbox (a discarded job's message goes to the dead
+/// letters). A job of a kind this build does not know is discarded. `None` if the job is
+/// final or gone.
+pub async fn record_failure(
+    pool: &PgPool,
+    id: i64,
+    failure: &Failure<'_>,
+    wait: impl Fn(JobKind, i32) -> Duration,
+) -> Result<Option<FailureRecorded>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(row) = sqlx::query!(
+        r#"SELECT kind, queue, attempt, trace_parent FROM queue_jobs
+           WHERE id = $1 AND NOT (state::text = ANY($2))
+           FOR UPDATE"#,
+        id,
+        &JobState::final_names()
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let attempt = row.attempt + 1;
+    let kind = JobKind::parse(&row.kind);
+    let wait = kind.map_or(Duration::ZERO, |k| wait(k, attempt));
+    let permanent = failure.permanent || kind.is_none();
+    let discarded = sqlx::query_scalar!(
+        r#"UPDATE queue_jobs SET
+               attempt = $2,
+               attempted_at = now(),
+               errors = errors || jsonb_build_array(jsonb_build_object(
+                   'at', now(), 'attempt', $2::int4, 'error', $3::text, 'kind', $4::text)),
+               state = CASE WHEN $5 OR $2 >= max_attempts THEN 'discarded'::queue_job_state
+                            ELSE 'retryable'::queue_job_state END,
+               finalized_at = CASE WHEN $5 OR $2 >= max_attempts THEN now() END,
+               run_at = CASE WHEN $5 OR $2 >= max_attempts THEN run_at
+                             ELSE now() + make_interval(secs => $6) END
+           WHERE id = $1
+           RETURNING state = 'discarded' AS "discarded!""#,
+        id,
+        attempt,
+        failure.error,
+        failure.kind,
+        permanent,
+        wait.as_secs_f64()
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    back_to_outbox(&mut tx, &[id]).await?;
+    tx.commit().await?;
+    Ok(Some(FailureRecorded {
+        kind,
+        queue: row.queue,
+        attempt,
+        trace_parent: row.trace_parent,
+        discarded,
+        wait,
+    }))
+}
+
+/// Cancel the live job with these arguments, in the caller's transaction (its message,
+/// when it comes, finds it final). Returns how many were cancelled (0 or 1).
+pub async fn cancel_by_args(tx: &mut PgConnection, args: &JobArgs) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query!(
+        r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
+           WHERE unique_key = $1 AND kind = $2 AND NOT (state::text = ANY($3))"#,
+        &unique_key(args),
+        args.kind().as_str(),
+        &JobState::final_names()
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected())
+}
+
+/// Move the job with these arguments, if it has not run, to `run_at`, and put it back in
+/// the outbox (the message already in the tiers finds it not due and is dropped).
+pub async fn move_by_args(
+    tx: &mut PgConnection,
+    args: &JobArgs,
+    run_at: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let moved = sqlx::query_scalar!(
+        r#"UPDATE queue_jobs
+           SET run_at = $2,
+               state = CASE WHEN $2 > now() THEN 'scheduled'::queue_job_state
+                            ELSE 'available'::queue_job_state END
+           WHERE unique_key = $1 AND kind = $3 AND state IN ('scheduled', 'available', 'retryable')
+           RETURNING id"#,
+        &unique_key(args),
+        run_at,
+        args.kind().as_str()
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    back_to_outbox(tx, &moved).await
+}

@@ -1,0 +1,168 @@
+//! The structural rules of ARCHITECTURE.md, checked on the source: the modules import
+//! each other without a cycle, and only the ledger writes the job table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file of `src/` belongs to (`None` for `lib.rs` and `main.rs`).
+fn module_of(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    let name = first.trim_end_matches(".rs").to_string();
+    (name != "lib" && name != "main").then_some(name)
+}
+
+/// The top-level modules a file names through `crate::` paths.
+fn uses(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    // `use crate::{a, b::c}` as well as `crate::a::f()` anywhere.
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The items at the group's own level: `a::{X, Y}` and `b` in `{a::{X, Y}, b}`.
+            let mut depth = 0;
+            let mut items = vec![String::new()];
+            for c in group.chars() {
+                match c {
+                    '}' if depth == 0 => break,
+                    ',' if depth == 0 => items.push(String::new()),
+                    _ => {
+                        depth += (c == '{') as i32 - (c == '}') as i32;
+                        items.last_mut().unwrap().push(c);
+                    }
+                }
+            }
+            for item in items {
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.insert(name);
+                }
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(&src, f)).collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let Some(from) = module_of(&src, file) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(file).unwrap();
+        let entry = graph.entry(from.clone()).or_default();
+        for to in uses(&text) {
+            if to != from && modules.contains(&to) {
+                entry.insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// The cycles of a graph: its strongly connected components of more than one module.
+fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<BTreeSet<String>> {
+    // Two modules are in one component when each reaches the other.
+    let reach = |from: &String| {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![from.clone()];
+        while let Some(m) = todo.pop() {
+            for next in graph.get(&m).into_iter().flatten() {
+                if seen.insert(next.clone()) {
+                    todo.push(next.clone());
+                }
+            }
+        }
+        seen
+    };
+    let reaches: BTreeMap<&String, BTreeSet<String>> =
+        graph.keys().map(|m| (m, reach(m))).collect();
+    let mut out: Vec<BTreeSet<String>> = Vec::new();
+    for (m, r) in &reaches {
+        let component: BTreeSet<String> = r
+            .iter()
+            .filter(|o| reaches.get(o).is_some_and(|back| back.contains(*m)))
+            .cloned()
+            .collect();
+        if component.len() > 1 && !out.contains(&component) {
+            out.push(component);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_module_graph_has_no_cycle() {
+    let graph = module_graph();
+    assert!(graph.len() > 10, "the scan found the modules: {graph:?}");
+    let found = cycles(&graph);
+    assert!(
+        found.is_empty(),
+        "import cycles: {found:?}\ngraph: {graph:#?}"
+    );
+}
+
+#[test]
+fn the_cycle_finder_finds_a_cycle() {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    graph.entry("a".into()).or_default().insert("b".into());
+    graph.entry("b".into()).or_default().insert("c".into());
+    graph.entry("c".into()).or_default().insert("a".into());
+    graph.entry("d".into()).or_default().insert("a".into());
+    let found = cycles(&graph);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0], ["a", "b", "c"].map(String::from).into());
+    assert_eq!(
+        uses("use crate::{ledger::{Job, JobKind}, trace};\nlet x = crate::metrics::metrics();"),
+        ["ledger", "trace", "metrics"].map(String::from).into()
+    );
+}
+
+#[test]
+fn only_the_ledger_names_the_job_table() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let outside: Vec<String> = files
+        .iter()
+        .filter(|f| module_of(&src, f).as_deref() != Some("ledger"))
+        .filter(|f| std::fs::read_to_string(f).unwrap().contains("queue_jobs"))
+        .map(|f| f.strip_prefix(&src).unwrap().display().to_string())
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "queue_jobs named outside the ledger: {outside:?}"
+    );
+}
