@@ -21,6 +21,12 @@ cat <<MSG
 
 API key for local/kongflow/dev: $key
 
+The other commands (jobs, env, migrate, topology, a second worker) talk to the same
+database and broker once these are set in their terminal:
+
+  export DATABASE_URL='$DATABASE_URL'
+  export AMQP_URL='$AMQP_URL'
+
 Register a job, send an event, and look at its runs:
 
   curl -s -X PUT http://$HTTP_ADDR/api/v1/jobs/welcome-email -H "Authorization: Bearer $key" \\

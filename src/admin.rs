@@ -14,8 +14,9 @@ use crate::amqp::publish::{
 };
 use crate::amqp::{JobMessage, Topology};
 use crate::dates::iso;
-use crate::ledger::operator::{self, Listing, Refusal};
-use crate::ledger::{Job, JobState, UnreadableJob};
+pub use crate::ledger::operator::Refusal;
+use crate::ledger::operator::{self, Listing};
+use crate::ledger::{Job, JobState};
 
 /// Which jobs `jobs list` shows.
 #[derive(Debug, Clone, Default)]
@@ -61,29 +62,13 @@ impl StateFilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("no job {0}")]
-    NotFound(i64),
-    #[error("job {id} is {state}: nothing to do")]
-    Unchanged { id: i64, state: &'static str },
-    #[error("job {id} cannot run again: job {other} with the same arguments is live")]
-    Duplicate { id: i64, other: i64 },
+    /// The ledger did not make the change, and says why.
     #[error(transparent)]
-    Unreadable(UnreadableJob),
+    Refused(#[from] Refusal),
     #[error("postgres: {0}")]
     Db(#[from] sqlx::Error),
     #[error("rabbitmq: {0}")]
     Amqp(#[from] lapin::Error),
-}
-
-impl From<Refusal> for AdminError {
-    fn from(r: Refusal) -> Self {
-        match r {
-            Refusal::NotFound(id) => Self::NotFound(id),
-            Refusal::Unchanged { id, state } => Self::Unchanged { id, state },
-            Refusal::Duplicate { id, other } => Self::Duplicate { id, other },
-            Refusal::Unreadable(u) => Self::Unreadable(u),
-        }
-    }
 }
 
 /// The ledger's answer, its refusals as errors.
@@ -109,7 +94,7 @@ pub async fn list_jobs(
 /// One job with its attempts and errors, `None` if the ledger has no such job.
 pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, AdminError> {
     match done(operator::get(pool, id).await) {
-        Err(AdminError::NotFound(_)) => Ok(None),
+        Err(AdminError::Refused(Refusal::NotFound(_))) => Ok(None),
         other => other.map(Some),
     }
 }

@@ -7,7 +7,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Topology};
-use crate::config::{HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig};
+use crate::config::{
+    HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
+};
 use crate::db;
 use crate::http::{self, AppState};
 use crate::ledger::{EVENTS_QUEUE, JobKind};
@@ -18,24 +20,66 @@ use crate::worker::Worker;
 
 pub use crate::config::Roles;
 
-/// Connect to Postgres, waiting up to a minute for it, and migrate unless told not to.
+/// Connect to Postgres, waiting up to a minute for a server that is not up yet, and migrate
+/// unless told not to. A refusal that waiting cannot fix (a wrong password, a role or a
+/// database that does not exist, a URL that does not parse) fails at once, saying which
+/// setting to change.
 pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut backoff = crate::supervise::reconnect_backoff();
     let pool = loop {
         match db::connect(&store.database_url, store.database_max_connections).await {
             Ok(pool) => break pool,
+            Err(e) if db::is_permanent(&e) => anyhow::bail!(
+                "postgres refused {}: {e}. Set DATABASE_URL (or --database-url) to a role, \
+                 password and database that exist",
+                redact_url(&store.database_url)
+            ),
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "postgres not reachable yet");
                 tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
             }
-            Err(e) => return Err(anyhow::anyhow!("cannot connect to postgres: {e}")),
+            Err(e) => anyhow::bail!(
+                "cannot connect to postgres at {} after a minute: {e}. Is it running? \
+                 DATABASE_URL (or --database-url) says where it is",
+                redact_url(&store.database_url)
+            ),
         }
     };
     if !store.no_migrate {
         db::migrate(&pool).await?;
     }
     Ok(pool)
+}
+
+/// Check that RabbitMQ takes this process's credentials. A refusal that waiting cannot fix
+/// fails at once, saying which setting to change; a broker that is not up yet is left to
+/// the roles, which keep trying.
+pub async fn check_broker(store: &StoreConfig) -> anyhow::Result<()> {
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        amqp::connect(&store.amqp_url, "kongflow-check"),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Ok(Err(e)) if amqp::is_permanent(&e) => anyhow::bail!(
+            "rabbitmq refused {}: {e}. Set AMQP_URL (or --amqp-url) to a user, password and \
+             virtual host that exist",
+            redact_url(&store.amqp_url)
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "rabbitmq not reachable yet; the roles keep trying");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("rabbitmq did not answer within 10 s; the roles keep trying");
+            Ok(())
+        }
+    }
 }
 
 /// Declare the RabbitMQ topology once.
@@ -171,6 +215,7 @@ pub async fn start(
     metrics: Option<&MetricsConfig>,
 ) -> anyhow::Result<Process> {
     let pool = open_database(store).await?;
+    check_broker(store).await?;
     let http_listener = match http {
         Some(h) => Some(bind(h.http_addr, "HTTP_ADDR", "--http").await?),
         None => None,

@@ -3,6 +3,34 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Every default of the configuration, defined once: the flags' defaults and the
+/// `Default` implementations both read them.
+pub mod defaults {
+    pub const DELAY_LEAD_MS: u64 = 250;
+    pub const DATABASE_MAX_CONNECTIONS: u32 = 16;
+    pub const KONGFLOW_NO_MIGRATE: bool = false;
+    pub const RELAY_BATCH_SIZE: i64 = 200;
+    pub const RELAY_CONCURRENCY: usize = 2;
+    pub const RELAY_POLL_INTERVAL_MS: u64 = 1000;
+    pub const RELAY_CONFIRM_TIMEOUT_MS: u64 = 10_000;
+    pub const RECONCILE_INTERVAL_MS: u64 = 60_000;
+    pub const RECONCILE_MARGIN_MS: u64 = 300_000;
+    pub const RETENTION_INTERVAL_MS: u64 = 60_000;
+    pub const RETENTION_COMPLETED_MS: u64 = 86_400_000;
+    pub const RETENTION_DISCARDED_MS: u64 = 604_800_000;
+    pub const RETENTION_BATCH_SIZE: i64 = 1_000;
+    pub const WORKER_CONCURRENCY: usize = 4;
+    pub const WORKER_PREFETCH: u16 = 200;
+    pub const WORKER_BATCH_SIZE: usize = 100;
+    pub const RETRY_BASE_MS: u64 = 1000;
+    pub const RETRY_MAX_MS: u64 = 3_600_000;
+    pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
+    pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
+    pub const HTTP_MAX_IN_FLIGHT: usize = 256;
+    pub const SHUTDOWN_DEADLINE_MS: u64 = 20_000;
+    pub const HTTP_ADDR: &str = "127.0.0.1:3030";
+}
+
 /// Where the stores are. Shared by every command. Its `Debug` hides the passwords of the
 /// URLs, and `--help` does not print their values from the environment.
 #[derive(Clone, clap::Args)]
@@ -37,15 +65,15 @@ pub struct StoreConfig {
 
     /// How long before its due time a delayed job's message leaves the delay tiers; the
     /// worker holds it for the rest, in milliseconds. Relays and workers must agree.
-    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = 250)]
+    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = defaults::DELAY_LEAD_MS)]
     pub delay_lead_ms: u64,
 
     /// Largest number of Postgres connections this process opens.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults::DATABASE_MAX_CONNECTIONS)]
     pub database_max_connections: u32,
 
     /// Do not apply migrations at start-up (run `kongflow-events migrate` instead).
-    #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value_t = false)]
+    #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value_t = defaults::KONGFLOW_NO_MIGRATE)]
     pub no_migrate: bool,
 }
 
@@ -70,45 +98,45 @@ impl Roles {
 pub struct RelayConfig {
     /// Most jobs claimed and published per batch. Smaller batches hold their row locks for
     /// less time (a worker that receives a message waits for its batch to commit).
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 200)]
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = defaults::RELAY_BATCH_SIZE)]
     pub relay_batch_size: i64,
 
     /// Publishing loops per relay process.
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = 2)]
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = defaults::RELAY_CONCURRENCY)]
     pub relay_concurrency: usize,
 
     /// How often the relay looks for work when no notification arrives, in milliseconds.
-    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = defaults::RELAY_POLL_INTERVAL_MS)]
     pub relay_poll_interval_ms: u64,
 
     /// How long the relay waits for publisher confirms before it gives a batch up, in milliseconds.
-    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = defaults::RELAY_CONFIRM_TIMEOUT_MS)]
     pub relay_confirm_timeout_ms: u64,
 
     /// How often the reconciler looks for jobs whose message went missing, in milliseconds.
-    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = 60_000)]
+    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = defaults::RECONCILE_INTERVAL_MS)]
     pub reconcile_interval_ms: u64,
 
     /// How far past its due time (or its publication, if later) a job that is not final
     /// must be before the reconciler publishes it again, in milliseconds.
-    #[arg(long, env = "RECONCILE_MARGIN_MS", default_value_t = 300_000)]
+    #[arg(long, env = "RECONCILE_MARGIN_MS", default_value_t = defaults::RECONCILE_MARGIN_MS)]
     pub reconcile_margin_ms: u64,
 
     /// How often retention deletes old final jobs, in milliseconds.
-    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = 60_000)]
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = defaults::RETENTION_INTERVAL_MS)]
     pub retention_interval_ms: u64,
 
-    /// Completed jobs are deleted this long after they completed, in seconds. Unique-by-args
-    /// holds as long as the job is kept.
-    #[arg(long, env = "RETENTION_COMPLETED_SECS", default_value_t = 86_400)]
-    pub retention_completed_secs: u64,
+    /// Completed jobs are deleted this long after they completed, in milliseconds.
+    /// Unique-by-args holds as long as the job is kept.
+    #[arg(long, env = "RETENTION_COMPLETED_MS", default_value_t = defaults::RETENTION_COMPLETED_MS)]
+    pub retention_completed_ms: u64,
 
-    /// Discarded and cancelled jobs are deleted this long after they ended, in seconds.
-    #[arg(long, env = "RETENTION_DISCARDED_SECS", default_value_t = 604_800)]
-    pub retention_discarded_secs: u64,
+    /// Discarded and cancelled jobs are deleted this long after they ended, in milliseconds.
+    #[arg(long, env = "RETENTION_DISCARDED_MS", default_value_t = defaults::RETENTION_DISCARDED_MS)]
+    pub retention_discarded_ms: u64,
 
     /// Most jobs one retention statement deletes; each batch is its own short statement.
-    #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = 1_000)]
+    #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = defaults::RETENTION_BATCH_SIZE)]
     pub retention_batch_size: i64,
 }
 
@@ -129,26 +157,26 @@ impl RelayConfig {
         Duration::from_millis(self.retention_interval_ms)
     }
     pub fn retention_completed(&self) -> Duration {
-        Duration::from_secs(self.retention_completed_secs)
+        Duration::from_millis(self.retention_completed_ms)
     }
     pub fn retention_discarded(&self) -> Duration {
-        Duration::from_secs(self.retention_discarded_secs)
+        Duration::from_millis(self.retention_discarded_ms)
     }
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            relay_batch_size: 200,
-            relay_concurrency: 2,
-            relay_poll_interval_ms: 1000,
-            relay_confirm_timeout_ms: 10_000,
-            reconcile_interval_ms: 60_000,
-            reconcile_margin_ms: 300_000,
-            retention_interval_ms: 60_000,
-            retention_completed_secs: 86_400,
-            retention_discarded_secs: 604_800,
-            retention_batch_size: 1_000,
+            relay_batch_size: defaults::RELAY_BATCH_SIZE,
+            relay_concurrency: defaults::RELAY_CONCURRENCY,
+            relay_poll_interval_ms: defaults::RELAY_POLL_INTERVAL_MS,
+            relay_confirm_timeout_ms: defaults::RELAY_CONFIRM_TIMEOUT_MS,
+            reconcile_interval_ms: defaults::RECONCILE_INTERVAL_MS,
+            reconcile_margin_ms: defaults::RECONCILE_MARGIN_MS,
+            retention_interval_ms: defaults::RETENTION_INTERVAL_MS,
+            retention_completed_ms: defaults::RETENTION_COMPLETED_MS,
+            retention_discarded_ms: defaults::RETENTION_DISCARDED_MS,
+            retention_batch_size: defaults::RETENTION_BATCH_SIZE,
         }
     }
 }
@@ -157,24 +185,24 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerConfig {
     /// Consumers per job kind; each has its own channel and runs one batch at a time.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::WORKER_CONCURRENCY)]
     pub worker_concurrency: usize,
 
     /// Unacknowledged messages RabbitMQ hands each consumer ahead of time.
-    #[arg(long, env = "WORKER_PREFETCH", default_value_t = 200)]
+    #[arg(long, env = "WORKER_PREFETCH", default_value_t = defaults::WORKER_PREFETCH)]
     pub worker_prefetch: u16,
 
     /// Most messages whose work commits in one transaction.
-    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 100)]
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = defaults::WORKER_BATCH_SIZE)]
     pub worker_batch_size: usize,
 
     /// Wait before the second attempt of a failed job, in milliseconds; it doubles with
     /// every attempt after that (see `handlers::backoff`).
-    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 1000)]
+    #[arg(long, env = "RETRY_BASE_MS", default_value_t = defaults::RETRY_BASE_MS)]
     pub retry_base_ms: u64,
 
     /// Longest wait between two attempts, in milliseconds.
-    #[arg(long, env = "RETRY_MAX_MS", default_value_t = 3_600_000)]
+    #[arg(long, env = "RETRY_MAX_MS", default_value_t = defaults::RETRY_MAX_MS)]
     pub retry_max_ms: u64,
 }
 
@@ -190,11 +218,11 @@ impl WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            worker_concurrency: 4,
-            worker_prefetch: 200,
-            worker_batch_size: 100,
-            retry_base_ms: 1000,
-            retry_max_ms: 3_600_000,
+            worker_concurrency: defaults::WORKER_CONCURRENCY,
+            worker_prefetch: defaults::WORKER_PREFETCH,
+            worker_batch_size: defaults::WORKER_BATCH_SIZE,
+            retry_base_ms: defaults::RETRY_BASE_MS,
+            retry_max_ms: defaults::RETRY_MAX_MS,
         }
     }
 }
@@ -215,23 +243,23 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {
     /// Address the HTTP API listens on (`0` as port: any free one).
-    #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:3030")]
+    #[arg(long = "http", env = "HTTP_ADDR", default_value = defaults::HTTP_ADDR)]
     pub http_addr: SocketAddr,
 
     /// How long a client may take to send a request's headers, in milliseconds, counted
     /// from the connection's start or the end of the previous response: it is also how
     /// long an idle keep-alive connection stays open.
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = defaults::HTTP_HEADER_TIMEOUT_MS)]
     pub http_header_timeout_ms: u64,
 
     /// Longest a request may take, body upload included, in milliseconds; past it the API
     /// answers 408.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = defaults::HTTP_REQUEST_TIMEOUT_MS)]
     pub http_request_timeout_ms: u64,
 
     /// Most API requests served at once; beyond it the API answers 503 with `Retry-After`
     /// (the v2 SDK retries). `/metrics`, `/healthz` and `/readyz` are not counted.
-    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = 256)]
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = defaults::HTTP_MAX_IN_FLIGHT)]
     pub http_max_in_flight: usize,
 }
 
@@ -247,10 +275,12 @@ impl HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 3030)),
-            http_header_timeout_ms: 10_000,
-            http_request_timeout_ms: 30_000,
-            http_max_in_flight: 256,
+            http_addr: defaults::HTTP_ADDR
+                .parse()
+                .expect("the default address parses"),
+            http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
+            http_request_timeout_ms: defaults::HTTP_REQUEST_TIMEOUT_MS,
+            http_max_in_flight: defaults::HTTP_MAX_IN_FLIGHT,
         }
     }
 }
@@ -261,7 +291,7 @@ pub struct ShutdownConfig {
     /// After SIGTERM, how long the process may take to finish what it holds, in
     /// milliseconds; past it the process exits anyway (status 1), and the messages it held
     /// unacknowledged go back to RabbitMQ. Keep it below the pod's grace period.
-    #[arg(long, env = "SHUTDOWN_DEADLINE_MS", default_value_t = 20_000)]
+    #[arg(long, env = "SHUTDOWN_DEADLINE_MS", default_value_t = defaults::SHUTDOWN_DEADLINE_MS)]
     pub shutdown_deadline_ms: u64,
 }
 
@@ -314,8 +344,8 @@ mod tests {
             amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
             amqp_prefix: "kongflow".into(),
             amqp_queue_expires_ms: None,
-            delay_lead_ms: 250,
-            database_max_connections: 16,
+            delay_lead_ms: super::defaults::DELAY_LEAD_MS,
+            database_max_connections: super::defaults::DATABASE_MAX_CONNECTIONS,
             no_migrate: false,
         };
         let printed = format!("{store:?}");

@@ -9,16 +9,23 @@
 //!
 //! The folders follow the path of an event:
 //!
-//! - [`http`]: the API (routes, request and response shapes, errors to status codes).
+//! - [`http`]: the API (routes, request and response shapes, errors to status codes); the
+//!   only module that knows the API's JSON.
 //! - [`events`]: ingest ([`EventsService`]) and event filters.
-//! - [`ledger`]: the job ledger that is also the outbox ([`QueueService`]).
+//! - [`ledger`]: the job ledger that is also the outbox; the only module that writes jobs
+//!   ([`QueueService`] is its face for library callers).
 //! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
-//! - [`amqp`]: connections, topology and the message format.
-//! - [`worker`]: consumes messages and runs the [`handlers`], one transaction per batch.
+//! - [`amqp`]: connections, topology, the message format and publishing; the only module
+//!   that builds messages.
+//! - [`worker`]: consumes messages and runs the job handlers (`handlers`), one transaction
+//!   per batch.
 //! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
 //! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
-//! - [`config`], [`app`]: configuration and the long-running processes; `serve` runs their
-//!   HTTP listeners with timeouts.
+//! - [`admin`]: the operator's commands (`jobs ...`).
+//! - [`config`], [`app`]: configuration and the long-running processes, which compose the
+//!   rest (`ops` serves health and metrics, `serve` runs listeners with timeouts,
+//!   `supervise` restarts what fails).
+//! - [`metrics`], [`dates`], [`failpoint`]: leaves every layer may use.
 
 pub mod admin;
 pub mod amqp;
@@ -28,15 +35,15 @@ pub mod dates;
 pub mod db;
 pub mod events;
 pub mod failpoint;
-pub mod handlers;
+mod handlers;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
-pub mod ops;
+mod ops;
 pub mod relay;
 mod serve;
 mod supervise;
-pub mod trace;
+mod trace;
 pub mod triggers;
 pub mod worker;
 

@@ -272,7 +272,7 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
         JobsCommand::Get { id } => {
             let job = admin::get_job(&pool, id)
                 .await?
-                .ok_or(admin::AdminError::NotFound(id))?;
+                .ok_or(admin::Refusal::NotFound(id))?;
             if json {
                 return print_json(&job);
             }

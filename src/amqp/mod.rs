@@ -20,3 +20,17 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     )
     .await
 }
+
+/// Whether connecting failed for a reason that waiting will not fix: the broker refused the
+/// credentials or the virtual host.
+pub fn is_permanent(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    [
+        "ACCESS_REFUSED",
+        "ACCESS-REFUSED",
+        "NOT_ALLOWED",
+        "NOT-ALLOWED",
+    ]
+    .iter()
+    .any(|refusal| text.contains(refusal))
+}

@@ -33,3 +33,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
+
+/// Whether connecting failed for a reason that waiting will not fix: the server refused the
+/// role, the password or the database (SQLSTATE classes 28 and 3D), or the URL is wrong.
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("28") || code.starts_with("3D")),
+        _ => false,
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -20,13 +21,64 @@ pub struct ToDeliver {
     pub trace: Option<TraceParent>,
 }
 
-/// Deliver a batch of events.
+/// An event being delivered, as stamped and read back.
+struct Stamped {
+    id: Uuid,
+    environment_id: Uuid,
+    name: String,
+    source: String,
+    payload: Value,
+    payload_type: String,
+    context: Value,
+    external_account_id: Option<Uuid>,
+}
+
+/// A dispatcher that may take some event of the batch.
+struct Candidate {
+    id: Uuid,
+    environment_id: Uuid,
+    event_names: Vec<String>,
+    source: String,
+    external_account_id: Option<Uuid>,
+    payload_filter: Option<Value>,
+    context_filter: Option<Value>,
+}
+
+/// Deliver a batch of events: stamp them delivered, find the dispatchers that take each,
+/// enqueue one `events.invokeDispatcher` job per match.
 pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobError> {
+    let events = stamp_delivered(tx, batch).await?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    let candidates = candidates(tx, &events).await?;
+    // What the invocations inherit: the job's priority, and its trace continued.
+    let inherited: HashMap<Uuid, (JobPriority, Option<TraceParent>)> = batch
+        .iter()
+        .map(|d| (d.args.id, (d.priority, d.trace.clone())))
+        .collect();
+    let delivered = events.len();
+    // Filters are CPU work bounded by each event's step budget: off the async threads, so
+    // a costly event slows its own batch only.
+    let jobs = tokio::task::spawn_blocking(move || invocations(&events, &candidates, &inherited))
+        .await
+        .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))??;
+    let matched = jobs.len();
+    crate::ledger::insert_many(tx, jobs).await?;
+    tracing::debug!(events = delivered, matched, "events delivered");
+    Ok(())
+}
+
+/// Stamp the events delivered and read them back in one statement. The row locks (taken in
+/// id order) serialize delivery against a concurrent cancel; cancelled, delivered and
+/// vanished events drop out here, so delivering them is a no-op.
+async fn stamp_delivered(
+    tx: &mut PgConnection,
+    batch: &[ToDeliver],
+) -> Result<Vec<Stamped>, sqlx::Error> {
     let ids: Vec<Uuid> = batch.iter().map(|d| d.args.id).collect();
-    // Stamp the events delivered and read them back in one statement. The row locks (taken
-    // in id order) serialize delivery against a concurrent cancel; cancelled, delivered and
-    // vanished events drop out here, so delivering them is a no-op.
-    let events = sqlx::query!(
+    sqlx::query_as!(
+        Stamped,
         r#"UPDATE event_records SET delivered_at = now(), updated_at = now()
            WHERE id IN (
                SELECT id FROM event_records
@@ -36,14 +88,19 @@ pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobEr
         &ids
     )
     .fetch_all(&mut *tx)
-    .await?;
-    if events.is_empty() {
-        return Ok(());
-    }
+    .await
+}
 
+/// The enabled, non-manual dispatchers of the events' environments that list one of their
+/// names, in one statement.
+async fn candidates(
+    tx: &mut PgConnection,
+    events: &[Stamped],
+) -> Result<Vec<Candidate>, sqlx::Error> {
     let envs: Vec<Uuid> = events.iter().map(|e| e.environment_id).collect();
     let names: Vec<String> = events.iter().map(|e| e.name.clone()).collect();
-    let candidates = sqlx::query!(
+    sqlx::query_as!(
+        Candidate,
         r#"SELECT id, environment_id, event_names, source, external_account_id,
                   payload_filter, context_filter
            FROM event_dispatchers
@@ -53,72 +110,62 @@ pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobEr
         &names
     )
     .fetch_all(&mut *tx)
-    .await?;
-
-    // What the invocations inherit: the job's priority, and its trace continued.
-    let inherited: HashMap<Uuid, (JobPriority, Option<TraceParent>)> = batch
-        .iter()
-        .map(|d| (d.args.id, (d.priority, d.trace.clone())))
-        .collect();
-    // Filters are CPU work bounded by each event's step budget: off the async threads, so
-    // a costly event slows its own batch only.
-    let jobs = tokio::task::spawn_blocking(move || {
-        let mut jobs = Vec::new();
-        for e in &events {
-            let (priority, trace) = inherited
-                .get(&e.id)
-                .map_or((JobPriority::High, None), |(p, t)| (*p, t.as_ref()));
-            let facts = EventFacts {
-                name: &e.name,
-                source: &e.source,
-                account: e.external_account_id,
-                payload_type: &e.payload_type,
-                payload: &e.payload,
-                context: &e.context,
-            };
-            let mut eval = Evaluator::default();
-            let mut matched = 0;
-            for d in candidates
-                .iter()
-                .filter(|d| d.environment_id == e.environment_id)
-            {
-                let rule = RuleRef {
-                    event_names: &d.event_names,
-                    source: &d.source,
-                    account: d.external_account_id,
-                    payload_filter: d.payload_filter.as_ref(),
-                    context_filter: d.context_filter.as_ref(),
-                };
-                let miss = rule_miss(&mut eval, rule, facts)
-                    .map_err(|over| JobError::Permanent(format!("event {}: {over}", e.id)))?;
-                if miss.is_none() {
-                    jobs.push(JobInsert::invoke_dispatcher(
-                        InvokeDispatcherArgs {
-                            id: d.id,
-                            event_record_id: e.id,
-                        },
-                        InsertOpts {
-                            priority,
-                            trace_parent: trace.map(|t| t.child().to_string()),
-                            ..InsertOpts::default()
-                        },
-                    ));
-                    matched += 1;
-                }
-            }
-            tracing::debug!(event = %e.id, environment = %e.environment_id, name = ?e.name,
-                matched, steps = eval.steps(),
-                trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
-                "event delivered");
-        }
-        Ok::<_, JobError>((jobs, events.len()))
-    })
     .await
-    .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))?;
-    let (jobs, delivered) = jobs?;
-    let matched = jobs.len();
-    crate::ledger::insert_many(tx, jobs).await?;
+}
 
-    tracing::debug!(events = delivered, matched, "events delivered");
-    Ok(())
+/// The invocation of every candidate whose rule takes an event of its environment (one
+/// step budget per event; past it, the batch fails permanently).
+fn invocations(
+    events: &[Stamped],
+    candidates: &[Candidate],
+    inherited: &HashMap<Uuid, (JobPriority, Option<TraceParent>)>,
+) -> Result<Vec<JobInsert>, JobError> {
+    let mut jobs = Vec::new();
+    for e in events {
+        let (priority, trace) = inherited
+            .get(&e.id)
+            .map_or((JobPriority::High, None), |(p, t)| (*p, t.as_ref()));
+        let facts = EventFacts {
+            name: &e.name,
+            source: &e.source,
+            account: e.external_account_id,
+            payload_type: &e.payload_type,
+            payload: &e.payload,
+            context: &e.context,
+        };
+        let mut eval = Evaluator::default();
+        let before = jobs.len();
+        for d in candidates
+            .iter()
+            .filter(|d| d.environment_id == e.environment_id)
+        {
+            let rule = RuleRef {
+                event_names: &d.event_names,
+                source: &d.source,
+                account: d.external_account_id,
+                payload_filter: d.payload_filter.as_ref(),
+                context_filter: d.context_filter.as_ref(),
+            };
+            let miss = rule_miss(&mut eval, rule, facts)
+                .map_err(|over| JobError::Permanent(format!("event {}: {over}", e.id)))?;
+            if miss.is_none() {
+                jobs.push(JobInsert::invoke_dispatcher(
+                    InvokeDispatcherArgs {
+                        id: d.id,
+                        event_record_id: e.id,
+                    },
+                    InsertOpts {
+                        priority,
+                        trace_parent: trace.map(|t| t.child().to_string()),
+                        ..InsertOpts::default()
+                    },
+                ));
+            }
+        }
+        tracing::debug!(event = %e.id, environment = %e.environment_id, name = ?e.name,
+            matched = jobs.len() - before, steps = eval.steps(),
+            trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
+            "event delivered");
+    }
+    Ok(jobs)
 }

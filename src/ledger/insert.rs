@@ -124,22 +124,8 @@ pub async fn insert_many(
         .filter(|k| !by_key.contains_key(*k))
         .cloned()
         .collect();
-    if !missing.is_empty() {
-        let existing = query_jobs!(
-            "SELECT ",
-            " FROM queue_jobs
-              WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded')",
-            &missing
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let keys: Vec<Vec<u8>> = existing
-            .iter()
-            .map(|r| r.unique_key.clone().unwrap_or_default())
-            .collect();
-        for (key, job) in keys.into_iter().zip(readable(decode_all(existing))?) {
-            by_key.insert(key, (job, true));
-        }
+    for (key, job) in holders_of(tx, &missing).await? {
+        by_key.insert(key, (job, true));
     }
 
     // Two equal jobs in one call: the first is the insert, the rest are duplicates of it.
@@ -157,6 +143,32 @@ pub async fn insert_many(
             })
         })
         .collect()
+}
+
+/// The live (or kept completed) jobs holding `keys`, by key.
+async fn holders_of(
+    tx: &mut PgConnection,
+    keys: &[Vec<u8>],
+) -> Result<Vec<(Vec<u8>, Job)>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let existing = query_jobs!(
+        "SELECT ",
+        " FROM queue_jobs
+          WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded')",
+        keys
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let found: Vec<Vec<u8>> = existing
+        .iter()
+        .map(|r| r.unique_key.clone().unwrap_or_default())
+        .collect();
+    Ok(found
+        .into_iter()
+        .zip(readable(decode_all(existing))?)
+        .collect())
 }
 
 /// A job that holds a key a new one wants is read back; one this build cannot read is a

@@ -1,5 +1,7 @@
 //! HTTP details: auth, errors, tenants, the env command.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::helpers::{TestApp, job_body};
@@ -180,5 +182,68 @@ async fn env_create_prints_a_working_key_last() {
     .await
     .unwrap();
     assert!(hashes_hold_no_key);
+    app.finish().await;
+}
+
+/// Run the binary to its end (at most 30 s) and return its status and stderr.
+async fn run_to_end(args: &[&str], env: &[(&str, String)]) -> (std::process::ExitStatus, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the process ends by itself instead of waiting")
+    .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_that_cannot_start_say_why_and_what_to_set() {
+    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let base = crate::helpers::pg_base();
+    // A database that does not exist, a role that does not exist: no retrying.
+    for url in [
+        format!("{base}/kf_no_such_database"),
+        base.replace("postgres@", "no_such_role@") + "/postgres",
+    ] {
+        let (status, stderr) =
+            run_to_end(&["jobs", "list"], &[("DATABASE_URL", url.clone())]).await;
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+        assert!(!stderr.contains("not reachable yet"), "{stderr}");
+    }
+    // A broker login that is refused stops a worker at start.
+    let mut env = app.child_env();
+    env.retain(|(k, _)| *k != "AMQP_URL" && *k != "RUST_LOG");
+    let mut refused = env.clone();
+    refused.push(("AMQP_URL", "amqp://guest:wrong@127.0.0.1:5672/%2f".into()));
+    let (status, stderr) = run_to_end(&["worker"], &refused).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("AMQP_URL"), "{stderr}");
+    assert!(!stderr.contains(":wrong@"), "{stderr}");
+    // A second worker on the first one's metrics address says which address and how to
+    // choose another.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut on_taken = env.clone();
+    on_taken.retain(|(k, _)| *k != "METRICS_ADDR");
+    on_taken.push(("AMQP_URL", crate::helpers::amqp_url()));
+    on_taken.push(("METRICS_ADDR", addr.clone()));
+    let (status, stderr) = run_to_end(&["worker"], &on_taken).await;
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert!(
+        stderr.contains("METRICS_ADDR") && stderr.contains("port 0"),
+        "{stderr}"
+    );
+    drop(taken);
     app.finish().await;
 }

@@ -160,8 +160,13 @@ async fn a_job_that_always_fails_is_tried_five_times_then_dead_lettered() {
         "{}",
         letters[0].reason
     );
-    // Peeking left it there.
-    assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 1);
+    // Peeking left it there (back in the queue once the peeking channel is closed).
+    wait_until(
+        "the letter back in its queue",
+        Duration::from_secs(5),
+        || async { app.depth_of(&app.topology.dead_queue()).await == 1 },
+    )
+    .await;
     assert!(app.runs_by_job("bad").await.is_empty());
 
     eprintln!(
@@ -629,7 +634,7 @@ async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
     assert_ne!(second.id, first.id);
 
     match admin::retry_job(&app.pool, first.id).await {
-        Err(admin::AdminError::Duplicate { id, other }) => {
+        Err(admin::AdminError::Refused(admin::Refusal::Duplicate { id, other })) => {
             assert_eq!((id, other), (first.id, second.id))
         }
         other => panic!("expected a refusal, got {other:?}"),
