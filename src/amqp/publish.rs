@@ -162,6 +162,12 @@ mod tests {
 
     use super::*;
 
+    /// Where a job of `kind` due `ahead` from now is routed.
+    fn ahead(t: &Topology, kind: JobKind, ahead: Duration) -> Route {
+        let now = Utc::now();
+        route(t, kind, "events", now + ahead, now)
+    }
+
     #[test]
     fn due_now_or_past_goes_to_the_work_exchange() {
         let t = Topology::new("kf");
@@ -173,13 +179,7 @@ mod tests {
             assert_eq!(r.delay, None);
         }
         // Less than a millisecond ahead still waits: a job never runs before it is due.
-        let r = route(
-            &t,
-            JobKind::DeliverEvent,
-            "events",
-            now + Duration::microseconds(900),
-            now,
-        );
+        let r = ahead(&t, JobKind::DeliverEvent, Duration::microseconds(900));
         assert_eq!(r.exchange, "kf.delay.00");
         assert_eq!(r.delay.unwrap().total_ms(), 1);
     }
@@ -187,14 +187,7 @@ mod tests {
     #[test]
     fn due_later_enters_the_tiers_at_its_longest_part() {
         let t = Topology::new("kf");
-        let now = Utc::now();
-        let r = route(
-            &t,
-            JobKind::InvokeDispatcher,
-            "events",
-            now + Duration::milliseconds(5_000),
-            now,
-        );
+        let r = ahead(&t, JobKind::InvokeDispatcher, Duration::milliseconds(5_000));
         // 5000 ms = 1*4^6 + 0*4^5 + 3*4^4 + 2*4^3 + 0*4^2 + 2*4^1 + 0*4^0
         assert_eq!(r.exchange, "kf.delay.06");
         assert!(
@@ -209,23 +202,10 @@ mod tests {
     #[test]
     fn the_lead_comes_off_the_delay() {
         let t = Topology::new("kf").with_delay_lead(std::time::Duration::from_millis(100));
-        let now = Utc::now();
-        let r = route(
-            &t,
-            JobKind::DeliverEvent,
-            "events",
-            now + Duration::milliseconds(5_000),
-            now,
-        );
+        let r = ahead(&t, JobKind::DeliverEvent, Duration::milliseconds(5_000));
         assert_eq!(r.delay.unwrap().total_ms(), 4_900);
         // Due within the lead: straight to the work queue, where a worker holds it.
-        let r = route(
-            &t,
-            JobKind::DeliverEvent,
-            "events",
-            now + Duration::milliseconds(60),
-            now,
-        );
+        let r = ahead(&t, JobKind::DeliverEvent, Duration::milliseconds(60));
         assert_eq!(r.delay, None);
         assert_eq!(r.exchange, "kf.deliverEvent");
     }
@@ -233,14 +213,7 @@ mod tests {
     #[test]
     fn a_year_enters_at_the_top() {
         let t = Topology::new("kf");
-        let now = Utc::now();
-        let r = route(
-            &t,
-            JobKind::DeliverEvent,
-            "events",
-            now + Duration::days(365),
-            now,
-        );
+        let r = ahead(&t, JobKind::DeliverEvent, Duration::days(365));
         assert_eq!(r.exchange, t.delay_exchange(tiers::LEVELS - 1));
         assert_eq!(r.delay.unwrap().total_ms(), 365 * 86_400_000);
     }
