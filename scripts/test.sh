@@ -20,6 +20,13 @@ npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
 if ! command -v schemathesis >/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check "schemathesis>=4,<5"
 fi
+# The Helm SDK (Helm's own library), kubernetes-validate and PyYAML render and check the
+# chart without a helm binary or a cluster (scripts/chart.py).
+if ! target/chart-venv/bin/python -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then
+  python3 -m venv target/chart-venv
+  target/chart-venv/bin/pip install --quiet --disable-pip-version-check \
+    "helm-python-sdk>=0.2,<0.3" "kubernetes-validate>=1.33" pyyaml
+fi
 # Databases left by interrupted runs.
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kf\_test\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null

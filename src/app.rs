@@ -162,9 +162,14 @@ impl Process {
             roles,
             shutdown.clone(),
         );
-        if let Some(listener) = self.metrics {
-            tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
-        }
+        // Operator routes on a listener of their own when there is one, else beside the API.
+        let operator_routes = match self.metrics {
+            Some(listener) => {
+                tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
+                axum::Router::new()
+            }
+            None => ops::router(ops_state.clone()),
+        };
         tracker.spawn(ops::probe_readiness(ops_state.clone()));
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
@@ -179,7 +184,7 @@ impl Process {
                 let router = http::router(
                     AppState::new(self.pool.clone()),
                     &self.http_config,
-                    ops::router(ops_state.clone()),
+                    operator_routes,
                 );
                 Some(tracker.spawn(http::serve(
                     listener,
@@ -220,8 +225,11 @@ pub async fn start(
         Some(h) => Some(bind(h.http_addr, "HTTP_ADDR", "--http").await?),
         None => None,
     };
-    let metrics = match metrics {
-        Some(m) => Some(bind(m.metrics_addr, "METRICS_ADDR", "--metrics").await?),
+    let metrics_addr = metrics
+        .map(|m| m.metrics_addr)
+        .or_else(|| http.and_then(|h| h.metrics_addr));
+    let metrics = match metrics_addr {
+        Some(addr) => Some(bind(addr, "METRICS_ADDR", "--metrics").await?),
         None => None,
     };
     Ok(Process {

@@ -261,6 +261,12 @@ pub struct HttpConfig {
     /// (the v2 SDK retries). `/metrics`, `/healthz` and `/readyz` are not counted.
     #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = defaults::HTTP_MAX_IN_FLIGHT)]
     pub http_max_in_flight: usize,
+
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this address of their own instead of
+    /// the API's, so a public API Service exposes no traffic figures (`0` as port: any free
+    /// one). Unset: on the API's address.
+    #[arg(long = "metrics", env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl HttpConfig {
@@ -281,6 +287,7 @@ impl Default for HttpConfig {
             http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
             http_request_timeout_ms: defaults::HTTP_REQUEST_TIMEOUT_MS,
             http_max_in_flight: defaults::HTTP_MAX_IN_FLIGHT,
+            metrics_addr: None,
         }
     }
 }

@@ -22,7 +22,15 @@ enum Command {
     /// Apply database migrations.
     Migrate,
     /// Declare the RabbitMQ exchanges and queues.
-    Topology,
+    Topology {
+        /// Print them as a RabbitMQ definitions file (JSON) instead, for a broker to import
+        /// at boot (`rabbitmq/definitions.json` is this output for the defaults).
+        #[arg(long)]
+        definitions: bool,
+        /// The virtual host the definitions name.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
     /// Serve the HTTP API.
     Serve {
         #[command(flatten)]
@@ -160,9 +168,14 @@ async fn main() -> anyhow::Result<()> {
             kongflow_events::db::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Command::Topology => {
-            app::declare_topology(&store).await?;
-            println!("topology declared (prefix {:?})", store.amqp_prefix);
+        Command::Topology { definitions, vhost } => {
+            if definitions {
+                let doc = store.topology().definitions(&vhost);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                app::declare_topology(&store).await?;
+                println!("topology declared (prefix {:?})", store.amqp_prefix);
+            }
         }
         Command::Serve { http, stop } => {
             let shutdown = app::shutdown_on_signal(stop.deadline());

@@ -94,6 +94,8 @@ async fn readiness_problems(
     metrics().postgres_up.set(pg_up as i64);
     if !pg_up {
         problems.push("postgres unreachable".to_string());
+    } else if let Some(missing) = migrations_missing(&state.pool).await {
+        problems.push(missing);
     }
     let m = metrics();
     let mut amqp_roles = Vec::new();
@@ -125,6 +127,23 @@ async fn readiness_problems(
         }
     }
     problems
+}
+
+/// Why the schema is not the one this build needs (a process started with
+/// `KONGFLOW_NO_MIGRATE` waits, not ready, for the migration Job); `None` when it is.
+async fn migrations_missing(pool: &PgPool) -> Option<String> {
+    let needed = crate::db::MIGRATOR.iter().map(|m| m.version).max()?;
+    let applied = sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT max(version) FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_one(pool)
+    .await;
+    match applied {
+        Ok(Some(v)) if v >= needed => None,
+        Ok(_) | Err(_) => Some(format!(
+            "migrations not applied (this build needs {needed}): run `kongflow-events migrate`"
+        )),
+    }
 }
 
 /// Probe readiness every [`PROBE_INTERVAL`] until shutdown, keeping `kongflow_ready`,

@@ -125,100 +125,34 @@ impl Topology {
         names
     }
 
-    async fn declare_exchange(
-        &self,
-        channel: &Channel,
-        name: &str,
-        kind: ExchangeKind,
-    ) -> lapin::Result<()> {
-        channel
-            .exchange_declare(
-                name.into(),
-                kind,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    auto_delete: self.queue_expires_ms.is_some(),
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-    }
-
-    /// A durable queue with `args` (and, for tests, `x-expires`).
-    async fn declare_queue(
-        &self,
-        channel: &Channel,
-        name: &str,
-        mut args: FieldTable,
-    ) -> lapin::Result<()> {
-        if let Some(ms) = self.queue_expires_ms {
-            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-        }
-        channel
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .map(|_| ())
-    }
-
-    async fn bind(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-    ) -> lapin::Result<()> {
-        channel
-            .queue_bind(
-                queue.into(),
-                exchange.into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-    }
-
-    /// Declare everything. Declaring what exists with the same arguments is a no-op.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        self.declare_tiers(channel).await?;
+    /// Everything this deployment needs on the broker, in the order it must be declared:
+    /// the one description both [`Topology::declare`] and [`Topology::definitions`] use.
+    pub fn plan(&self) -> Plan {
+        let mut plan = Plan::default();
+        self.plan_tiers(&mut plan);
         let dead = self.dead_exchange();
-        self.declare_exchange(channel, &dead, ExchangeKind::Fanout)
-            .await?;
-        self.declare_queue(channel, &self.dead_queue(), FieldTable::default())
-            .await?;
-        self.bind(channel, &self.dead_queue(), &dead, "").await?;
+        plan.exchange(&dead, ExchangeKind::Fanout);
+        plan.queue(&self.dead_queue(), Vec::new());
+        plan.bind_queue(&self.dead_queue(), &dead, "");
         for kind in JobKind::ALL {
             let (exchange, queue) = (self.exchange(kind), self.queue(kind));
-            self.declare_exchange(channel, &exchange, ExchangeKind::Direct)
-                .await?;
-            let mut args = FieldTable::default();
+            plan.exchange(&exchange, ExchangeKind::Direct);
             // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
-            args.insert(
-                "x-max-priority".into(),
-                AMQPValue::ShortShortUInt(MAX_PRIORITY),
+            plan.queue(
+                &queue,
+                vec![("x-max-priority", Arg::Int(MAX_PRIORITY as i64))],
             );
-            self.declare_queue(channel, &queue, args).await?;
-            self.bind(channel, &queue, &exchange, EVENTS_QUEUE).await?;
+            plan.bind_queue(&queue, &exchange, EVENTS_QUEUE);
             let exit_key = tiers::exit_pattern(kind.as_str(), EVENTS_QUEUE);
-            self.bind(channel, &queue, &self.delay_exit(), &exit_key)
-                .await?;
+            plan.bind_queue(&queue, &self.delay_exit(), &exit_key);
         }
-        Ok(())
+        plan
     }
 
     /// The delay levels, from the exit up: each level's exchange, its tiers (dead-lettering
     /// to the level below) and the pass-through binding for digit 0.
-    async fn declare_tiers(&self, channel: &Channel) -> lapin::Result<()> {
-        self.declare_exchange(channel, &self.delay_exit(), ExchangeKind::Topic)
-            .await?;
+    fn plan_tiers(&self, plan: &mut Plan) {
+        plan.exchange(&self.delay_exit(), ExchangeKind::Topic);
         for n in 0..LEVELS {
             let exchange = self.delay_exchange(n);
             let below = if n == 0 {
@@ -226,40 +160,210 @@ impl Topology {
             } else {
                 self.delay_exchange(n - 1)
             };
-            self.declare_exchange(channel, &exchange, ExchangeKind::Topic)
-                .await?;
+            plan.exchange(&exchange, ExchangeKind::Topic);
             let level = tiers::level(n);
             for digit in 1..=level.max_digit {
                 let ttl = level.unit_ms * digit as u64;
                 let queue = self.delay_queue(n, ttl);
-                let mut args = FieldTable::default();
-                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl as i64));
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString(below.as_str().into()),
-                );
-                // Tiers never have consumers: in tests, only a long x-expires keeps them.
-                self.declare_queue(channel, &queue, args).await?;
-                self.bind(
-                    channel,
+                plan.queue(
                     &queue,
-                    &exchange,
-                    &tiers::binding_pattern(n, digit),
-                )
-                .await?;
+                    vec![
+                        ("x-message-ttl", Arg::Int(ttl as i64)),
+                        ("x-dead-letter-exchange", Arg::Text(below.clone())),
+                    ],
+                );
+                plan.bind_queue(&queue, &exchange, &tiers::binding_pattern(n, digit));
             }
+            plan.bind_exchange(&below, &exchange, &tiers::binding_pattern(n, 0));
+        }
+    }
+
+    /// Declare everything. Declaring what exists with the same arguments is a no-op.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let plan = self.plan();
+        // Test deployments: queues expire unused, exchanges go with their last binding.
+        let temporary = self.queue_expires_ms.is_some();
+        for e in &plan.exchanges {
             channel
-                .exchange_bind(
-                    below.as_str().into(),
-                    exchange.as_str().into(),
-                    tiers::binding_pattern(n, 0).as_str().into(),
-                    ExchangeBindOptions::default(),
+                .exchange_declare(
+                    e.name.as_str().into(),
+                    e.kind.clone(),
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        auto_delete: temporary,
+                        ..Default::default()
+                    },
                     FieldTable::default(),
                 )
                 .await?;
         }
+        for q in &plan.queues {
+            let mut args = field_table(&q.arguments);
+            if let Some(ms) = self.queue_expires_ms {
+                args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+            }
+            channel
+                .queue_declare(
+                    q.name.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await?;
+        }
+        for b in &plan.bindings {
+            let (source, destination, key) = (
+                b.source.as_str().into(),
+                b.destination.as_str().into(),
+                b.routing_key.as_str().into(),
+            );
+            if b.to_exchange {
+                channel
+                    .exchange_bind(
+                        destination,
+                        source,
+                        key,
+                        ExchangeBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            } else {
+                channel
+                    .queue_bind(
+                        destination,
+                        source,
+                        key,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
         Ok(())
     }
+
+    /// The plan as a RabbitMQ definitions file (`rabbitmq/definitions.json`), for a broker
+    /// to import at boot into virtual host `vhost`.
+    pub fn definitions(&self, vhost: &str) -> serde_json::Value {
+        use serde_json::json;
+        let plan = self.plan();
+        json!({
+            "vhosts": [{ "name": vhost }],
+            "exchanges": plan.exchanges.iter().map(|e| json!({
+                "name": e.name, "vhost": vhost, "type": exchange_type(&e.kind), "durable": true,
+                "auto_delete": false, "internal": false, "arguments": {},
+            })).collect::<Vec<_>>(),
+            "queues": plan.queues.iter().map(|q| json!({
+                "name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+                "arguments": q.arguments.iter().map(|(k, v)| (k.to_string(), match v {
+                    Arg::Int(i) => json!(i),
+                    Arg::Text(t) => json!(t),
+                })).collect::<serde_json::Map<_, _>>(),
+            })).collect::<Vec<_>>(),
+            "bindings": plan.bindings.iter().map(|b| json!({
+                "source": b.source, "vhost": vhost, "destination": b.destination,
+                "destination_type": if b.to_exchange { "exchange" } else { "queue" },
+                "routing_key": b.routing_key, "arguments": {},
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// An argument of a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExchangeDecl {
+    pub name: String,
+    pub kind: ExchangeKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueDecl {
+    pub name: String,
+    pub arguments: Vec<(&'static str, Arg)>,
+}
+
+/// A binding of a queue (or, `to_exchange`, an exchange) to a source exchange.
+#[derive(Debug, Clone)]
+pub struct BindingDecl {
+    pub source: String,
+    pub destination: String,
+    pub to_exchange: bool,
+    pub routing_key: String,
+}
+
+/// What the broker must have: durable exchanges, durable queues with their arguments, and
+/// bindings, in declaration order.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub exchanges: Vec<ExchangeDecl>,
+    pub queues: Vec<QueueDecl>,
+    pub bindings: Vec<BindingDecl>,
+}
+
+impl Plan {
+    fn exchange(&mut self, name: &str, kind: ExchangeKind) {
+        self.exchanges.push(ExchangeDecl {
+            name: name.to_string(),
+            kind,
+        });
+    }
+
+    fn queue(&mut self, name: &str, arguments: Vec<(&'static str, Arg)>) {
+        self.queues.push(QueueDecl {
+            name: name.to_string(),
+            arguments,
+        });
+    }
+
+    fn bind_queue(&mut self, queue: &str, source: &str, key: &str) {
+        self.bindings.push(BindingDecl {
+            source: source.to_string(),
+            destination: queue.to_string(),
+            to_exchange: false,
+            routing_key: key.to_string(),
+        });
+    }
+
+    fn bind_exchange(&mut self, destination: &str, source: &str, key: &str) {
+        self.bindings.push(BindingDecl {
+            source: source.to_string(),
+            destination: destination.to_string(),
+            to_exchange: true,
+            routing_key: key.to_string(),
+        });
+    }
+}
+
+fn exchange_type(kind: &ExchangeKind) -> &'static str {
+    match kind {
+        ExchangeKind::Direct => "direct",
+        ExchangeKind::Fanout => "fanout",
+        ExchangeKind::Topic => "topic",
+        ExchangeKind::Headers => "headers",
+        _ => "direct",
+    }
+}
+
+/// Queue arguments as AMQP values: priorities as a byte, TTLs as a long long, names as text.
+fn field_table(arguments: &[(&'static str, Arg)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in arguments {
+        let value = match (*k, v) {
+            ("x-max-priority", Arg::Int(i)) => AMQPValue::ShortShortUInt(*i as u8),
+            (_, Arg::Int(i)) => AMQPValue::LongLongInt(*i),
+            (_, Arg::Text(s)) => AMQPValue::LongString(s.as_str().into()),
+        };
+        t.insert((*k).into(), value);
+    }
+    t
 }
 
 impl crate::config::StoreConfig {

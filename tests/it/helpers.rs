@@ -431,6 +431,8 @@ impl TestApp {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
             .args([role, "--http", &format!("127.0.0.1:{port}")])
             .envs(self.child_env())
+            // Health and metrics beside the API, where this helper looks for them.
+            .env_remove("METRICS_ADDR")
             .envs(extra_env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)

@@ -4,6 +4,7 @@
 mod bounds;
 mod crash;
 mod delays;
+mod deploy;
 mod events_api;
 mod filters;
 mod helpers;

@@ -261,7 +261,8 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
         .collect();
     let root = env!("CARGO_MANIFEST_DIR");
     let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{root}/deploy/grafana/kongflow-events.json")).unwrap(),
+        &std::fs::read_to_string(format!("{root}/helm/kongflow-events/files/dashboard.json"))
+            .unwrap(),
     )
     .unwrap();
     let mut used = BTreeSet::new();
@@ -280,7 +281,7 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
     }
     assert!(panels >= 15, "{panels} queries");
     let rules = std::fs::read_to_string(format!(
-        "{root}/deploy/prometheus/kongflow-events.rules.yml"
+        "{root}/helm/kongflow-events/files/alerts.rules.yml"
     ))
     .unwrap();
     let rule_names: BTreeSet<String> = rules
@@ -314,7 +315,7 @@ fn the_alert_rules_pass_promtool() {
     let out = std::process::Command::new("promtool")
         .args(["check", "rules"])
         .arg(format!(
-            "{root}/deploy/prometheus/kongflow-events.rules.yml"
+            "{root}/helm/kongflow-events/files/alerts.rules.yml"
         ))
         .output()
         .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");

@@ -1,0 +1,125 @@
+{{- define "kf.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kf.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kf.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "kf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "kf.selector" -}}
+app.kubernetes.io/name: {{ include "kf.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "kf.secretName" -}}
+{{- if .Values.existingSecret -}}{{ .Values.existingSecret }}{{- else -}}{{ include "kf.fullname" . }}{{- end -}}
+{{- end -}}
+
+{{- define "kf.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}{{ default (include "kf.fullname" .) .Values.serviceAccount.name }}{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
+{{- end -}}
+
+{{- define "kf.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* Values that make no sense stop the render with a message naming them. */}}
+{{- define "kf.validate" -}}
+{{- if and (not .Values.existingSecret) (or (not .Values.database.url) (not .Values.amqp.url)) -}}
+{{- fail "set database.url and amqp.url, or existingSecret naming a Secret with DATABASE_URL and AMQP_URL" -}}
+{{- end -}}
+{{- if and .Values.worker.keda.enabled (not .Values.worker.keda.hostFromSecretKey) -}}
+{{- fail "worker.keda.enabled needs worker.keda.hostFromSecretKey: the Secret key holding the broker URL KEDA reads queue lengths from" -}}
+{{- end -}}
+{{- if and .Values.migrations.hook (not .Values.existingSecret) -}}
+{{- fail "migrations.hook runs before the release's own Secret exists: use existingSecret, or migrations.hook=false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The pod spec every process shares: one image, its role as args, env from the
+ConfigMap and the Secret, probes on the metrics port. */}}
+{{- define "kf.pod" -}}
+{{- $root := .root -}}
+serviceAccountName: {{ include "kf.serviceAccountName" $root }}
+automountServiceAccountToken: {{ $root.Values.serviceAccount.automountToken }}
+terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+securityContext:
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $root.Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $root.Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $root.Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+containers:
+  - name: {{ .component }}
+    image: {{ include "kf.image" $root }}
+    imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+    args:
+      {{- toYaml .args | nindent 6 }}
+    envFrom:
+      - configMapRef:
+          name: {{ include "kf.fullname" $root }}
+      - secretRef:
+          name: {{ include "kf.secretName" $root }}
+    env:
+      - name: KONGFLOW_NO_MIGRATE
+        value: "true"
+      - name: METRICS_ADDR
+        value: "0.0.0.0:{{ $root.Values.ports.metrics }}"
+    ports:
+      {{- if .http }}
+      - name: http
+        containerPort: {{ $root.Values.ports.http }}
+      {{- end }}
+      - name: metrics
+        containerPort: {{ $root.Values.ports.metrics }}
+    livenessProbe:
+      httpGet: {path: /healthz, port: metrics}
+      periodSeconds: 10
+      failureThreshold: 3
+    readinessProbe:
+      httpGet: {path: /readyz, port: metrics}
+      periodSeconds: 5
+      failureThreshold: 2
+    startupProbe:
+      httpGet: {path: /healthz, port: metrics}
+      periodSeconds: 2
+      failureThreshold: 60
+    lifecycle:
+      preStop:
+        sleep:
+          seconds: {{ $root.Values.preStopSleepSeconds }}
+    resources:
+      {{- toYaml .resources | nindent 6 }}
+    securityContext:
+      {{- toYaml $root.Values.securityContext | nindent 6 }}
+{{- end -}}

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Lint, render and validate the Helm chart without a helm binary or a cluster.
+
+  chart.py check            lint (strict), render several value sets, validate every
+                            manifest (kubernetes-validate --strict; custom resources
+                            against their CRDs' required fields), and check that values
+                            that make no sense fail with a message naming them
+  chart.py render JSON      print the manifests rendered with these values, as JSON
+
+Uses the Helm SDK from PyPI (helm-python-sdk, Helm's own library), kubernetes-validate
+and PyYAML (scripts/test.sh installs them in target/chart-venv). Where a helm binary
+exists, `helm lint --strict` and `helm template` do the same renders.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import yaml
+from helm_python import Chart
+
+CHART = str(Path(__file__).resolve().parent.parent / "helm" / "kongflow-events")
+KUBE = "1.33"
+URLS = {
+    "database": {"url": "postgres://kongflow:secret@postgres:5432/kongflow"},
+    "amqp": {"url": "amqp://kongflow:secret@rabbitmq:5672/kongflow"},
+}
+
+# The value sets every check renders, by name.
+VALUE_SETS = {
+    "default": URLS,
+    "keda": {**URLS, "worker": {"keda": {"enabled": True}}},
+    "existing-secret": {"existingSecret": "kongflow-stores"},
+    "monitoring-on": {
+        **URLS,
+        "monitoring": {
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+            "dashboard": {"enabled": True},
+        },
+    },
+    "hooks-no-autoscaling": {
+        "existingSecret": "kongflow-stores",
+        "migrations": {"hook": True},
+        "api": {"autoscaling": {"enabled": False}, "pdb": {"enabled": False}},
+        "worker": {"pdb": {"enabled": False}},
+    },
+}
+
+# Values that make no sense, and what the error must name.
+BAD_VALUES = [
+    ({**URLS, "api": {"replicas": -1}}, "replicas"),
+    ({**URLS, "worker": {"keda": {"enabled": True, "hostFromSecretKey": ""}}}, "hostFromSecretKey"),
+    ({}, "database.url"),
+    ({**URLS, "ports": {"http": 70000}}, "http"),
+    ({"existingSecret": "", "database": {"url": "mysql://x"}, "amqp": URLS["amqp"]}, "url"),
+]
+
+# Custom resources: the fields their CRDs require.
+CRD_REQUIRED = {
+    ("keda.sh/v1alpha1", "ScaledObject"): [("spec", "scaleTargetRef", "name"), ("spec", "triggers")],
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): [("spec",)],
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): [("spec", "selector"), ("spec", "endpoints")],
+    ("monitoring.coreos.com/v1", "PrometheusRule"): [("spec", "groups")],
+}
+
+
+def render(values):
+    chart = Chart.load(CHART)
+    out = chart.render(values, name="kf", namespace="kongflow", is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def validate(doc):
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in CRD_REQUIRED:
+        for path in CRD_REQUIRED[key]:
+            node = doc
+            for part in path:
+                assert isinstance(node, dict) and part in node, f"{key[1]} lacks {'.'.join(path)}"
+                node = node[part]
+        return
+    kubernetes_validate.validate(doc, KUBE, strict=True)
+
+
+def check():
+    lint = helm_python.chart.lint(CHART, URLS, strict=True)
+    assert not lint["errors"], lint["errors"]
+    bad = [m for m in lint["messages"] if m["severity"] > 1]
+    assert not bad, bad
+    for name, values in VALUE_SETS.items():
+        docs = render(values)
+        kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+        for doc in docs:
+            validate(doc)
+        print(f"{name}: {len(docs)} manifests valid: {', '.join(kinds)}")
+    for values, needle in BAD_VALUES:
+        try:
+            render(values)
+        except Exception as e:  # the SDK raises its own error types
+            assert needle in str(e), f"{values}: error does not name {needle!r}: {e}"
+            print(f"refused as it should be: {needle}")
+            continue
+        raise AssertionError(f"{values} rendered; it should have been refused")
+    print("chart ok")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["check"]:
+        check()
+    elif sys.argv[1:2] == ["render"]:
+        print(json.dumps(render(json.loads(sys.argv[2]))))
+    else:
+        sys.exit(__doc__)
