@@ -55,6 +55,8 @@ BAD_VALUES = [
     ({**URLS, "worker": {"keda": {"enabled": True, "hostFromSecretKey": ""}}}, "hostFromSecretKey"),
     ({}, "database.url"),
     ({**URLS, "ports": {"http": 70000}}, "http"),
+    ({**URLS, "worker": {"keda": {"enabled": True, "queueLength": 0}}}, "queueLength"),
+    ({**URLS, "terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds"),
     ({"existingSecret": "", "database": {"url": "mysql://x"}, "amqp": URLS["amqp"]}, "url"),
 ]
 

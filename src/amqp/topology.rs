@@ -267,6 +267,8 @@ impl Topology {
                 "destination_type": if b.to_exchange { "exchange" } else { "queue" },
                 "routing_key": b.routing_key, "arguments": {},
             })).collect::<Vec<_>>(),
+            // Every queue argument is declared on the queue itself: no policy is needed.
+            "policies": [],
         })
     }
 }

@@ -49,6 +49,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.worker.keda.enabled (not .Values.worker.keda.hostFromSecretKey) -}}
 {{- fail "worker.keda.enabled needs worker.keda.hostFromSecretKey: the Secret key holding the broker URL KEDA reads queue lengths from" -}}
 {{- end -}}
+{{- $drain := div (int (default "20000" .Values.config.SHUTDOWN_DEADLINE_MS)) 1000 -}}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) $drain) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds plus config.SHUTDOWN_DEADLINE_MS (%v s): the pod would be killed mid-drain" .Values.terminationGracePeriodSeconds (add (int .Values.preStopSleepSeconds) $drain)) -}}
+{{- end -}}
 {{- if and .Values.migrations.hook (not .Values.existingSecret) -}}
 {{- fail "migrations.hook runs before the release's own Secret exists: use existingSecret, or migrations.hook=false" -}}
 {{- end -}}
