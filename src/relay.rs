@@ -141,6 +141,11 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
+        // The dead-letter queue exists once a relay loop has connected and declared the
+        // topology; asking before that only makes the broker close the channel.
+        if m.amqp_connected.with_label_values(&["relay"]).get() <= 0 {
+            return Ok(());
+        }
         if conn.as_ref().is_none_or(|c| !c.status().connected()) {
             *conn = Some(amqp::connect(amqp_url, "kongflow-sampler").await?);
         }

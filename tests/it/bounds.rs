@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use kongflow_events::app::Roles;
 use kongflow_events::config::{HttpConfig, RelayConfig};
 use kongflow_events::events::filter::EVAL_BUDGET;
 use reqwest::{Method, StatusCode};
@@ -11,13 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{TestApp, job_body, wait_until};
-
-const HTTP_ONLY: Roles = Roles {
-    http: true,
-    relay: false,
-    worker: false,
-};
+use crate::helpers::{HTTP_ONLY, TestApp, job_body, wait_until};
 
 /// `{"a": {"a": ... leaf}}`, `depth` levels of `a`.
 fn nest(depth: usize, leaf: Value) -> Value {

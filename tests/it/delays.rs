@@ -14,7 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOption
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{TestApp, job_body, wait_until};
+use crate::helpers::{HTTP_ONLY, TestApp, job_body, wait_until};
 
 /// `(deliver_at, delivered_at)` of an event by the producer's id.
 async fn delivery(app: &TestApp, event_id: &str) -> (DateTime<Utc>, Option<DateTime<Utc>>) {
@@ -465,12 +465,7 @@ fn tiers_passed(properties: &BasicProperties) -> (Vec<String>, Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_leave_the_tiers_a_lead_early_for_the_worker_to_hold() {
-    let roles = Roles {
-        http: true,
-        relay: false,
-        worker: false,
-    };
-    let app = TestApp::spawn_with(roles).await;
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("lead", json!({}))).await;
     for (id, ms) in [("l-1", 2_500), ("l-2", 4_000)] {
@@ -556,12 +551,7 @@ fn spawn_worker(app: &TestApp) -> tokio::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_message_loses_nothing() {
-    let roles = Roles {
-        http: true,
-        relay: false,
-        worker: false,
-    };
-    let app = TestApp::spawn_with(roles).await;
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("held", json!({}))).await;
     app.send_event(

@@ -26,6 +26,13 @@ pub const NO_ROLES: Roles = Roles {
     worker: false,
 };
 
+/// Only the HTTP API running: the test publishes or runs the rest itself.
+pub const HTTP_ONLY: Roles = Roles {
+    http: true,
+    relay: false,
+    worker: false,
+};
+
 pub fn pg_base() -> String {
     std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
