@@ -2,7 +2,6 @@
 //! its cause is logged once, here.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -68,18 +67,19 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(is_json_type);
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+        // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
+        if has_escaped_nul(&bytes) {
+            return Err(ApiError::bad_request(
+                "strings must not contain the NUL character (\\u0000)",
+            ));
+        }
         if !json_type {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "Expected request with `Content-Type: application/json`",
-            ));
-        }
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
-        if has_escaped_nul(&bytes) {
-            return Err(ApiError::bad_request(
-                "strings must not contain the NUL character (\\u0000)",
             ));
         }
         Ok(JsonText(bytes))
@@ -105,25 +105,15 @@ pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
+    /// The body's text as [`JsonText`] takes it, then parsed once, with axum's messages.
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (parts, body) = req.into_parts();
-        let bytes =
-            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
-                .await
-                .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
-        // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
-        if has_escaped_nul(&bytes) {
-            return Err(ApiError::bad_request(
-                "strings must not contain the NUL character (\\u0000)",
-            ));
-        }
-        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
-        match Json::<T>::from_request(req, state).await {
+        let JsonText(bytes) = JsonText::from_request(req, state).await?;
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
                 // JSON of the wrong shape is a bad request like any other (axum says 422).

@@ -54,33 +54,26 @@ pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Claimed, sqlx::E
 
 /// Take back the published mark of claimed jobs whose message was not confirmed: they stay
 /// in the outbox. No wake-up: the relay comes back to them on its next pass.
-pub async fn unmark(tx: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query!(
-        "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
-        ids
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-/// Put jobs back in the outbox (their message will be published again) and wake the
-/// relays; in the caller's transaction, so both happen at its commit.
-pub async fn back_to_outbox(tx: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+pub async fn unmark(tx: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let n = sqlx::query!(
+    Ok(sqlx::query!(
         "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
         ids
     )
     .execute(&mut *tx)
     .await?
-    .rows_affected();
-    wake_relays(tx).await?;
+    .rows_affected())
+}
+
+/// Put jobs back in the outbox (their message will be published again) and wake the
+/// relays; in the caller's transaction, so both happen at its commit.
+pub async fn back_to_outbox(tx: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    let n = unmark(tx, ids).await?;
+    if n > 0 {
+        wake_relays(tx).await?;
+    }
     Ok(n)
 }
 
