@@ -1,4 +1,5 @@
-//! The long-running processes (`serve`, `relay`, `worker`, `all`), start-up and shutdown.
+//! The long-running processes (`serve`, `ingest`, `relay`, `worker`, `all`), start-up and
+//! shutdown.
 
 use std::time::{Duration, Instant};
 
@@ -8,10 +9,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, Topology};
 use crate::config::{
-    HttpConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
+    HttpConfig, IngestConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
 };
 use crate::db;
 use crate::http::{self, AppState};
+use crate::ingest::Ingest;
 use crate::ledger::{EVENTS_QUEUE, JobKind};
 use crate::metrics::metrics;
 use crate::ops::{self, OpsState};
@@ -144,6 +146,7 @@ pub struct Process {
     pub amqp_url: String,
     pub relay: RelayConfig,
     pub worker: WorkerConfig,
+    pub ingest: IngestConfig,
     pub http: Option<tokio::net::TcpListener>,
     /// Timeouts and the in-flight bound of the HTTP API.
     pub http_config: HttpConfig,
@@ -174,6 +177,10 @@ impl Process {
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
             tracker.spawn(relay.run(self.amqp_url.clone(), shutdown.clone()));
+        }
+        if roles.ingest {
+            let ingest = Ingest::new(self.pool.clone(), self.topology.clone(), self.ingest);
+            tracker.spawn(ingest.run(self.amqp_url.clone(), shutdown.clone()));
         }
         if roles.worker {
             let worker = Worker::new(self.pool.clone(), self.topology.clone(), self.worker);
@@ -211,11 +218,18 @@ impl Process {
     }
 }
 
-/// Start-up shared by `serve`, `relay`, `worker` and `all`.
+/// The tuning of every role; a process uses that of the roles it plays.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    pub relay: RelayConfig,
+    pub worker: WorkerConfig,
+    pub ingest: IngestConfig,
+}
+
+/// Start-up shared by `serve`, `ingest`, `relay`, `worker` and `all`.
 pub async fn start(
     store: &StoreConfig,
-    relay: RelayConfig,
-    worker: WorkerConfig,
+    tuning: Tuning,
     http: Option<&HttpConfig>,
     metrics: Option<&MetricsConfig>,
 ) -> anyhow::Result<Process> {
@@ -236,8 +250,9 @@ pub async fn start(
         pool,
         topology: store.topology(),
         amqp_url: store.amqp_url.clone(),
-        relay,
-        worker,
+        relay: tuning.relay,
+        worker: tuning.worker,
+        ingest: tuning.ingest,
         http: http_listener,
         http_config: http.cloned().unwrap_or_default(),
         metrics,

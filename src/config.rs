@@ -19,6 +19,9 @@ pub mod defaults {
     pub const RETENTION_COMPLETED_MS: u64 = 86_400_000;
     pub const RETENTION_DISCARDED_MS: u64 = 604_800_000;
     pub const RETENTION_BATCH_SIZE: i64 = 1_000;
+    pub const INGEST_CONCURRENCY: usize = 2;
+    pub const INGEST_PREFETCH: u16 = 1000;
+    pub const INGEST_BATCH_SIZE: usize = 500;
     pub const WORKER_CONCURRENCY: usize = 4;
     pub const WORKER_PREFETCH: u16 = 200;
     pub const WORKER_BATCH_SIZE: usize = 100;
@@ -81,6 +84,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
     pub http: bool,
+    /// Consume send-event requests from the ingest exchange.
+    pub ingest: bool,
     pub relay: bool,
     pub worker: bool,
 }
@@ -88,8 +93,16 @@ pub struct Roles {
 impl Roles {
     pub const ALL: Roles = Roles {
         http: true,
+        ingest: true,
         relay: true,
         worker: true,
+    };
+    /// No role: a process whose caller drives each step.
+    pub const NONE: Roles = Roles {
+        http: false,
+        ingest: false,
+        relay: false,
+        worker: false,
     };
 }
 
@@ -223,6 +236,33 @@ impl Default for WorkerConfig {
             worker_batch_size: defaults::WORKER_BATCH_SIZE,
             retry_base_ms: defaults::RETRY_BASE_MS,
             retry_max_ms: defaults::RETRY_MAX_MS,
+        }
+    }
+}
+
+/// Ingest consumer tuning (the AMQP ingest exchange).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestConfig {
+    /// Consumers of the ingest queue per process; each has its own channel and commits one
+    /// batch at a time.
+    #[arg(long, env = "INGEST_CONCURRENCY", default_value_t = defaults::INGEST_CONCURRENCY)]
+    pub ingest_concurrency: usize,
+
+    /// Unacknowledged requests RabbitMQ hands each ingest consumer ahead of time.
+    #[arg(long, env = "INGEST_PREFETCH", default_value_t = defaults::INGEST_PREFETCH)]
+    pub ingest_prefetch: u16,
+
+    /// Most requests stored in one transaction.
+    #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = defaults::INGEST_BATCH_SIZE)]
+    pub ingest_batch_size: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            ingest_concurrency: defaults::INGEST_CONCURRENCY,
+            ingest_prefetch: defaults::INGEST_PREFETCH,
+            ingest_batch_size: defaults::INGEST_BATCH_SIZE,
         }
     }
 }

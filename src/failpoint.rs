@@ -14,6 +14,10 @@ pub const WORKER_AFTER_COMMIT: &str = "worker-after-commit";
 /// The relay has its publisher confirms and is about to mark the jobs published.
 pub const RELAY_AFTER_CONFIRM: &str = "relay-after-confirm";
 
+/// The ingest consumer has committed a batch and not yet acknowledged its messages: it
+/// stops there (see [`pause`]) for a test to kill it.
+pub const INGEST_AFTER_COMMIT: &str = "ingest-after-commit";
+
 /// The worker has locked a batch's jobs and blocks its thread, as a runaway computation
 /// would: for the test of the drain deadline.
 pub const WORKER_STALL: &str = "worker-stall";
@@ -29,6 +33,15 @@ fn active() -> &'static [String] {
             .map(String::from)
             .collect()
     })
+}
+
+/// If the failpoint `name` is active, say so on stderr and wait forever: the process stays
+/// where it is until a test kills it (`kill -9`), as a crash at that point would end it.
+pub async fn pause(name: &str) {
+    if active().iter().any(|n| n == name) {
+        eprintln!("failpoint {name} reached: pausing");
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Abort the process if the failpoint `name` is active.

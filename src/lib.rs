@@ -9,9 +9,11 @@
 //!
 //! The folders follow the path of an event:
 //!
-//! - [`http`]: the API (routes, request and response shapes, errors to status codes); the
-//!   only module that knows the API's JSON.
-//! - [`events`]: ingest ([`EventsService`]) and event filters.
+//! - [`http`]: the API (routes, request and response shapes, errors to status codes).
+//! - [`ingest`]: send-event requests published straight to RabbitMQ (native or
+//!   CloudEvents), stored through the same path as the API's; the AMQP twin of `http`.
+//! - [`events`]: ingest ([`EventsService`]), the JSON of a send (`events::wire`, shared by
+//!   `http` and `ingest`) and event filters.
 //! - [`ledger`]: the job ledger that is also the outbox; the only module that writes jobs
 //!   ([`QueueService`] is its face for library callers).
 //! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
@@ -37,6 +39,7 @@ pub mod events;
 pub mod failpoint;
 mod handlers;
 pub mod http;
+pub mod ingest;
 pub mod ledger;
 pub mod metrics;
 mod ops;

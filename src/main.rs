@@ -2,9 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use kongflow_events::admin::{self, StateFilter};
-use kongflow_events::app::{self, Roles};
+use kongflow_events::app::{self, Roles, Tuning};
 use kongflow_events::config::{
-    HttpConfig, MetricsConfig, RelayConfig, ShutdownConfig, StoreConfig, WorkerConfig,
+    HttpConfig, IngestConfig, MetricsConfig, RelayConfig, ShutdownConfig, StoreConfig, WorkerConfig,
 };
 use kongflow_events::db::environments::{self, EnvironmentType};
 
@@ -38,6 +38,15 @@ enum Command {
         #[command(flatten)]
         stop: ShutdownConfig,
     },
+    /// Consume send-event requests from the ingest exchange and store them.
+    Ingest {
+        #[command(flatten)]
+        ingest: IngestConfig,
+        #[command(flatten)]
+        metrics: MetricsConfig,
+        #[command(flatten)]
+        stop: ShutdownConfig,
+    },
     /// Publish jobs from the outbox to RabbitMQ.
     Relay {
         #[command(flatten)]
@@ -56,10 +65,12 @@ enum Command {
         #[command(flatten)]
         stop: ShutdownConfig,
     },
-    /// HTTP API, relay and worker in one process.
+    /// HTTP API, AMQP ingest, relay and worker in one process.
     All {
         #[command(flatten)]
         http: HttpConfig,
+        #[command(flatten)]
+        ingest: IngestConfig,
         #[command(flatten)]
         relay: RelayConfig,
         #[command(flatten)]
@@ -179,18 +190,27 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve { http, stop } => {
             let shutdown = app::shutdown_on_signal(stop.deadline());
-            let p = app::start(
-                &store,
-                RelayConfig::default(),
-                WorkerConfig::default(),
-                Some(&http),
-                None,
-            )
-            .await?;
+            let p = app::start(&store, Tuning::default(), Some(&http), None).await?;
             let roles = Roles {
                 http: true,
-                relay: false,
-                worker: false,
+                ..Roles::NONE
+            };
+            p.run(roles, shutdown).await?;
+        }
+        Command::Ingest {
+            ingest,
+            metrics,
+            stop,
+        } => {
+            let shutdown = app::shutdown_on_signal(stop.deadline());
+            let tuning = Tuning {
+                ingest,
+                ..Tuning::default()
+            };
+            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
+            let roles = Roles {
+                ingest: true,
+                ..Roles::NONE
             };
             p.run(roles, shutdown).await?;
         }
@@ -200,12 +220,14 @@ async fn main() -> anyhow::Result<()> {
             stop,
         } => {
             let shutdown = app::shutdown_on_signal(stop.deadline());
-            let p =
-                app::start(&store, relay, WorkerConfig::default(), None, Some(&metrics)).await?;
+            let tuning = Tuning {
+                relay,
+                ..Tuning::default()
+            };
+            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
             let roles = Roles {
-                http: false,
                 relay: true,
-                worker: false,
+                ..Roles::NONE
             };
             p.run(roles, shutdown).await?;
         }
@@ -215,23 +237,31 @@ async fn main() -> anyhow::Result<()> {
             stop,
         } => {
             let shutdown = app::shutdown_on_signal(stop.deadline());
-            let p =
-                app::start(&store, RelayConfig::default(), worker, None, Some(&metrics)).await?;
+            let tuning = Tuning {
+                worker,
+                ..Tuning::default()
+            };
+            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
             let roles = Roles {
-                http: false,
-                relay: false,
                 worker: true,
+                ..Roles::NONE
             };
             p.run(roles, shutdown).await?;
         }
         Command::All {
             http,
+            ingest,
             relay,
             worker,
             stop,
         } => {
             let shutdown = app::shutdown_on_signal(stop.deadline());
-            let p = app::start(&store, relay, worker, Some(&http), None).await?;
+            let tuning = Tuning {
+                relay,
+                worker,
+                ingest,
+            };
+            let p = app::start(&store, tuning, Some(&http), None).await?;
             p.run(Roles::ALL, shutdown).await?;
         }
         Command::Env {

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub events_ingested: IntCounterVec,
     /// Events refused, by reason (`invalid`, `unauthorized`, `too_large`, `unavailable`).
     pub events_rejected: IntCounterVec,
+    /// AMQP ingest requests copied to the rejected queue, by reason (see
+    /// `ingest::decode::Reason`; the ingest role creates every series at start).
+    pub ingest_rejected: IntCounterVec,
     pub jobs_inserted: IntCounterVec,
     pub jobs_published: IntCounterVec,
     pub jobs_started: IntCounterVec,
@@ -112,6 +115,12 @@ impl Metrics {
                 &r,
                 "kongflow_events_rejected_total",
                 "Events refused",
+                &["reason"],
+            ),
+            ingest_rejected: counter(
+                &r,
+                "kongflow_ingest_rejected_total",
+                "AMQP ingest requests that could not be stored, copied to the rejected queue",
                 &["reason"],
             ),
             jobs_inserted: counter(&r, "kongflow_jobs_inserted_total", "Jobs inserted", kq),
@@ -243,7 +252,7 @@ impl Metrics {
         for origin in ["discarded", "unrunnable"] {
             self.dead_lettered.with_label_values(&[origin]);
         }
-        for role in ["relay", "worker"] {
+        for role in ["ingest", "relay", "worker"] {
             self.amqp_connected.with_label_values(&[role]);
             self.reconnects.with_label_values(&[role]);
         }

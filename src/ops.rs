@@ -99,6 +99,9 @@ async fn readiness_problems(
     }
     let m = metrics();
     let mut amqp_roles = Vec::new();
+    if state.roles.ingest {
+        amqp_roles.push("ingest");
+    }
     if state.roles.relay {
         amqp_roles.push("relay");
     }

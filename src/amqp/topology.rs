@@ -9,6 +9,11 @@
 //!   exchange with `#.K.events`.
 //! - exchange `P.dead` (fanout) and queue `P.events.dead`: dead letters, with their reason
 //!   in the `x-kongflow-reason` header.
+//! - exchange `P.ingest` (direct) and queue `P.ingest`, bound with key `send`: send-event
+//!   requests that producers publish straight to the broker (see [`crate::ingest`]).
+//! - exchange `P.ingest.rejected` (fanout) and queue `P.ingest.rejected`: copies of the
+//!   requests ingest could not store, with their reason in headers; the oldest go first
+//!   past [`REJECTED_MAX_BYTES`].
 //! - the delay tiers (see [`super::tiers`]): for every level `n`, a topic exchange
 //!   `P.delay.NN` and a queue `P.delay.NN.<ttl>ms` per digit, with that TTL and the next
 //!   level down (or `P.delay.out`) as dead-letter exchange; `P.delay.out` is a topic
@@ -24,6 +29,12 @@ use lapin::{Channel, ExchangeKind};
 
 use super::tiers::{self, LEVELS};
 use crate::ledger::{EVENTS_QUEUE, JobKind};
+
+/// The routing key of send-event requests on the ingest exchange.
+pub const INGEST_ROUTING_KEY: &str = "send";
+
+/// Most bytes the rejected queue keeps (1 GiB); past it, the oldest copies are dropped.
+pub const REJECTED_MAX_BYTES: i64 = 1 << 30;
 
 /// Highest AMQP priority in use; see [`crate::ledger::JobPriority::amqp_priority`].
 pub const MAX_PRIORITY: u8 = 4;
@@ -108,10 +119,32 @@ impl Topology {
         format!("{}.{}.dead", self.prefix, EVENTS_QUEUE)
     }
 
+    /// Where producers publish send-event requests (direct, key [`INGEST_ROUTING_KEY`]).
+    pub fn ingest_exchange(&self) -> String {
+        format!("{}.ingest", self.prefix)
+    }
+
+    /// The queue the ingest consumers read.
+    pub fn ingest_queue(&self) -> String {
+        format!("{}.ingest", self.prefix)
+    }
+
+    /// Where copies of requests that could not be stored are published (fanout).
+    pub fn rejected_exchange(&self) -> String {
+        format!("{}.ingest.rejected", self.prefix)
+    }
+
+    /// The queue that keeps those copies.
+    pub fn rejected_queue(&self) -> String {
+        format!("{}.ingest.rejected", self.prefix)
+    }
+
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
         let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.queue(*k)).collect();
         names.push(self.dead_queue());
+        names.push(self.ingest_queue());
+        names.push(self.rejected_queue());
         names.extend(tiers::tiers().map(|(n, _, ttl)| self.delay_queue(n, ttl)));
         names
     }
@@ -122,6 +155,8 @@ impl Topology {
         names.extend((0..LEVELS).map(|n| self.delay_exchange(n)));
         names.push(self.delay_exit());
         names.push(self.dead_exchange());
+        names.push(self.ingest_exchange());
+        names.push(self.rejected_exchange());
         names
     }
 
@@ -134,6 +169,16 @@ impl Topology {
         plan.exchange(&dead, ExchangeKind::Fanout);
         plan.queue(&self.dead_queue(), Vec::new());
         plan.bind_queue(&self.dead_queue(), &dead, "");
+        let (ingest, rejected) = (self.ingest_exchange(), self.rejected_exchange());
+        plan.exchange(&ingest, ExchangeKind::Direct);
+        plan.queue(&self.ingest_queue(), Vec::new());
+        plan.bind_queue(&self.ingest_queue(), &ingest, INGEST_ROUTING_KEY);
+        plan.exchange(&rejected, ExchangeKind::Fanout);
+        plan.queue(
+            &self.rejected_queue(),
+            vec![("x-max-length-bytes", Arg::Int(REJECTED_MAX_BYTES))],
+        );
+        plan.bind_queue(&self.rejected_queue(), &rejected, "");
         for kind in JobKind::ALL {
             let (exchange, queue) = (self.exchange(kind), self.queue(kind));
             plan.exchange(&exchange, ExchangeKind::Direct);

@@ -167,6 +167,40 @@ pub async fn find_by_api_key(
         }))
 }
 
+/// The environments of several API keys at once, by key; a key no environment has is
+/// absent from the answer.
+pub async fn find_by_api_keys(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, Environment>, sqlx::Error> {
+    let hashes: Vec<Vec<u8>> = keys.iter().map(|k| hash_api_key(k)).collect();
+    let rows = sqlx::query!(
+        r#"SELECT id, slug, type, project_id, api_key_hash FROM runtime_environments
+           WHERE api_key_hash = ANY($1)"#,
+        &hashes
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(keys
+        .iter()
+        .zip(&hashes)
+        .filter_map(|(key, hash)| {
+            let r = rows
+                .iter()
+                .find(|r| constant_time_eq(&r.api_key_hash, hash))?;
+            Some((
+                key.to_string(),
+                Environment {
+                    id: r.id,
+                    slug: r.slug.clone(),
+                    env_type: r.r#type.clone(),
+                    project_id: r.project_id,
+                },
+            ))
+        })
+        .collect())
+}
+
 /// Compare two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

@@ -1,6 +1,7 @@
 //! Events: ingest, lookup, and the filters that decide which dispatchers an event reaches.
 
 pub mod filter;
+pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -389,30 +390,68 @@ impl EventsService {
                 .iter()
                 .map(|p| (p.env.clone(), p.request.clone(), p.options.clone()))
                 .collect();
-            match self.ingest_many(items).await {
+            match self.ingest_each(items).await {
                 Ok(results) => {
                     for (p, r) in batch.into_iter().zip(results) {
-                        let _ = p.reply.send(Ok(r));
-                    }
-                }
-                // A batch that fails as a whole is retried one request at a time, so one
-                // bad request fails alone.
-                Err(_) if batch.len() > 1 => {
-                    for p in batch {
-                        let r = self
-                            .ingest_many(vec![(p.env, p.request, p.options)])
-                            .await
-                            .map(|mut v| v.remove(0));
                         let _ = p.reply.send(r);
                     }
                 }
                 Err(e) => {
-                    if let Some(p) = batch.pop() {
-                        let _ = p.reply.send(Err(e));
+                    let cause = e.to_string();
+                    for p in batch {
+                        let _ = p.reply.send(Err(IngestError::Internal(cause.clone())));
                     }
                 }
             }
         }
+    }
+
+    /// Store many requests, from any environments, with as few transactions as possible,
+    /// each request answered alone: every valid request is stored in one transaction; if
+    /// that fails, each is tried in a transaction of its own, so a request the database
+    /// refuses (a string jsonb cannot hold, say) fails alone, as
+    /// [`IngestError::Invalid`]. Results come in the order of `items`. The outer error is a
+    /// failure that says nothing about the requests (the database is unreachable): nothing
+    /// of them was stored, and trying again later is right.
+    pub async fn ingest_each(
+        &self,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
+        let mut results: Vec<Option<Result<IngestResult, IngestError>>> =
+            Vec::with_capacity(items.len());
+        let mut valid = Vec::new();
+        let mut at = Vec::new();
+        for (i, (env, request, options)) in items.into_iter().enumerate() {
+            match validate(&request, &options) {
+                Ok(()) => {
+                    valid.push((env, request, options));
+                    at.push(i);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if valid.is_empty() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        let stored = match self.ingest_many(valid.clone()).await {
+            Ok(stored) => stored.into_iter().map(Ok).collect(),
+            Err(e) if valid.len() == 1 => vec![refused_alone(e)?],
+            Err(_) => {
+                let mut each = Vec::with_capacity(valid.len());
+                for item in valid {
+                    each.push(match self.ingest_many(vec![item]).await {
+                        Ok(mut one) => Ok(one.remove(0)),
+                        Err(e) => refused_alone(e)?,
+                    });
+                }
+                each
+            }
+        };
+        for (i, r) in at.into_iter().zip(stored) {
+            results[i] = Some(r);
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// Store the event and enqueue its `deliverEvent` job in one transaction. An event id
@@ -575,6 +614,21 @@ impl EventsService {
         };
         tx.commit().await?;
         Ok(Some(current))
+    }
+}
+
+/// The answer to a request that failed in a transaction of its own: the database refusing
+/// its data (SQLSTATE classes 22 and 23) is the request's fault, anything else is not, and
+/// is returned as the outer error.
+fn refused_alone(e: IngestError) -> Result<Result<IngestResult, IngestError>, IngestError> {
+    match e {
+        IngestError::Db(db) => match db.as_database_error().and_then(|d| d.code()) {
+            Some(code) if code.starts_with("22") || code.starts_with("23") => Ok(Err(
+                IngestError::Invalid(format!("the database refused the event: {db}")),
+            )),
+            _ => Err(IngestError::Db(db)),
+        },
+        other => Err(other),
     }
 }
 

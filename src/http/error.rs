@@ -7,6 +7,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::events::wire::{NUL_REFUSED, has_escaped_nul};
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -72,9 +74,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
             .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
         // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
         if has_escaped_nul(&bytes) {
-            return Err(ApiError::bad_request(
-                "strings must not contain the NUL character (\\u0000)",
-            ));
+            return Err(ApiError::bad_request(NUL_REFUSED));
         }
         if !json_type {
             return Err(ApiError::new(
@@ -124,35 +124,5 @@ where
                 Err(ApiError::new(status, rejection.body_text()))
             }
         }
-    }
-}
-
-/// Whether a JSON text holds a NUL character: in valid JSON it can only be the escape
-/// `\u0000` (an odd number of backslashes before `u0000`; `\\u0000` is a backslash and
-/// text).
-pub fn has_escaped_nul(json: &[u8]) -> bool {
-    let mut i = 0;
-    while let Some(at) = json[i..].windows(5).position(|w| w == b"u0000") {
-        let u = i + at;
-        let slashes = json[..u].iter().rev().take_while(|b| **b == b'\\').count();
-        if slashes % 2 == 1 {
-            return true;
-        }
-        i = u + 5;
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::has_escaped_nul;
-
-    #[test]
-    fn finds_nul_escapes_and_only_them() {
-        assert!(has_escaped_nul(br#"{"a":"x\u0000y"}"#));
-        assert!(has_escaped_nul(br#"{"\u0000":1}"#));
-        assert!(has_escaped_nul(br#"["\\\u0000"]"#));
-        assert!(!has_escaped_nul(br#"{"a":"\\u0000"}"#));
-        assert!(!has_escaped_nul(br#"{"a":"u0000"}"#));
     }
 }

@@ -3,7 +3,6 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -12,58 +11,9 @@ use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, JsonText};
 use crate::dates::iso;
-use crate::events::{
-    EventRecord, IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES, SendEvent, SendEventOptions,
-};
+use crate::events::wire::{EventBody, OptionsBody, SendEventBody, WRONG_SHAPE, event_log};
+use crate::events::{IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
 use crate::trace::TraceParent;
-
-#[derive(Debug, Deserialize)]
-pub struct SendEventBody {
-    pub event: EventBody,
-    #[serde(default)]
-    pub options: Option<OptionsBody>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct EventBody {
-    pub name: String,
-    #[serde(default)]
-    pub payload: Value,
-    #[serde(default)]
-    pub context: Option<Value>,
-    #[serde(default)]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub timestamp: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub source: Option<String>,
-    /// `JSON` (the default) or `REQUEST` (a payload of url, method, headers, rawBody).
-    #[serde(default, rename = "payloadType")]
-    pub payload_type: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OptionsBody {
-    #[serde(default)]
-    pub deliver_at: Option<DateTime<Utc>>,
-    #[serde(default)]
-    pub deliver_after: Option<u64>,
-    #[serde(default)]
-    pub account_id: Option<String>,
-}
-
-impl OptionsBody {
-    /// The ingest options, carrying the request's trace.
-    fn into_options(self, trace: &TraceParent) -> SendEventOptions {
-        SendEventOptions {
-            deliver_at: self.deliver_at,
-            deliver_after: self.deliver_after,
-            account_id: self.account_id,
-            trace_parent: Some(trace.to_string()),
-        }
-    }
-}
 
 /// `POST /api/v1/events`
 pub async fn send_event(
@@ -78,8 +28,8 @@ pub async fn send_event(
         .events
         .ingest_send_event(
             &env,
-            send_event_of(body.event),
-            options.into_options(&trace),
+            body.event.into(),
+            options.into_options(trace.to_string()),
         )
         .await
         .map_err(ingest_error)?;
@@ -101,18 +51,6 @@ fn ingest_error(e: IngestError) -> ApiError {
         IngestError::Db(e) => ApiError::internal(e),
         IngestError::Internal(e) => ApiError::internal(e),
         IngestError::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-    }
-}
-
-fn send_event_of(e: EventBody) -> SendEvent {
-    SendEvent {
-        id: e.id,
-        name: e.name,
-        payload: e.payload,
-        context: e.context,
-        timestamp: e.timestamp,
-        source: e.source,
-        payload_type: e.payload_type,
     }
 }
 
@@ -179,11 +117,8 @@ pub async fn send_events(
     headers: HeaderMap,
     JsonText(text): JsonText,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BulkBody = serde_json::from_slice(&text).map_err(|e| {
-        ApiError::bad_request(format!(
-            "Failed to deserialize the JSON body into the target type: {e}"
-        ))
-    })?;
+    let body: BulkBody = serde_json::from_slice(&text)
+        .map_err(|e| ApiError::bad_request(format!("{WRONG_SHAPE}: {e}")))?;
     let mut events = Vec::with_capacity(body.events.len());
     for (i, raw) in body.events.iter().enumerate() {
         let len = raw.get().len();
@@ -199,14 +134,14 @@ pub async fn send_events(
         }
         let event: EventBody = serde_json::from_str(raw.get())
             .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))?;
-        events.push(send_event_of(event));
+        events.push(event.into());
     }
     let options = body.options.unwrap_or_default();
     let trace = trace_of(&headers);
     let n = events.len();
     let results = state
         .events
-        .ingest_bulk(&env, events, options.into_options(&trace))
+        .ingest_bulk(&env, events, options.into_options(trace.to_string()))
         .await
         .map_err(ingest_error)?;
     crate::metrics::metrics()
@@ -278,18 +213,4 @@ pub async fn cancel_event(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("event {event_id:?} not found")))?;
     Ok(Json(event_log(&record)))
-}
-
-/// trigger.dev's ApiEventLog.
-pub fn event_log(r: &EventRecord) -> Value {
-    json!({
-        "id": r.event_id,
-        "name": r.name,
-        "payload": r.payload,
-        "context": r.context,
-        "timestamp": iso(r.timestamp),
-        "deliverAt": iso(r.deliver_at),
-        "deliveredAt": r.delivered_at.map(iso),
-        "cancelledAt": r.cancelled_at.map(iso),
-    })
 }

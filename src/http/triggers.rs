@@ -11,10 +11,10 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson};
-use super::events::SendEventBody;
 use super::jobs::{TriggerBody, register_error};
 use crate::events::DEFAULT_SOURCE;
 use crate::events::filter::Evaluator;
+use crate::events::wire::SendEventBody;
 use crate::triggers;
 
 #[derive(Debug, Deserialize)]

@@ -392,8 +392,8 @@ async fn a_message_that_arrives_early_is_sent_back_until_due() {
     // skipping the tiers, as a clock gone wrong would.
     let roles = Roles {
         http: true,
-        relay: false,
         worker: true,
+        ..Roles::NONE
     };
     let app = TestApp::spawn_with(roles).await;
     let key = app.api_key.clone();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kongflow_events::amqp::{self, JobMessage, Topology};
 use kongflow_events::app::{Process, Roles};
-use kongflow_events::config::{HttpConfig, RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::config::{HttpConfig, IngestConfig, RelayConfig, StoreConfig, WorkerConfig};
 use kongflow_events::db::environments::{self, Environment, EnvironmentType};
 use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
@@ -20,17 +20,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Nothing running in the background: the test drives every step itself.
-pub const NO_ROLES: Roles = Roles {
-    http: false,
-    relay: false,
-    worker: false,
-};
+pub const NO_ROLES: Roles = Roles::NONE;
 
 /// Only the HTTP API running: the test publishes or runs the rest itself.
 pub const HTTP_ONLY: Roles = Roles {
     http: true,
-    relay: false,
-    worker: false,
+    ..Roles::NONE
 };
 
 pub fn pg_base() -> String {
@@ -127,11 +122,12 @@ impl TestApp {
                 retry_base_ms: 100,
                 ..WorkerConfig::default()
             },
+            ingest: IngestConfig::default(),
             http: roles.http.then_some(listener),
             http_config,
             metrics: None,
         };
-        let any_role = roles.http || roles.relay || roles.worker;
+        let any_role = roles != Roles::NONE;
         let running = any_role.then(|| tokio::spawn(process.run(roles, shutdown.clone())));
 
         TestApp {

@@ -4,14 +4,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::helpers::HTTP_ONLY;
 use crate::helpers::{TestApp, job_body};
-use kongflow_events::app::Roles;
-
-const HTTP_ONLY: Roles = Roles {
-    http: true,
-    relay: false,
-    worker: false,
-};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {

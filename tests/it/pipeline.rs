@@ -226,7 +226,7 @@ async fn a_job_message_published_twice_creates_one_run() {
     let app = TestApp::spawn_with(Roles {
         http: true,
         relay: true,
-        worker: false,
+        ..Roles::NONE
     })
     .await;
     let key = app.api_key.clone();

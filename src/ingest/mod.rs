@@ -1,0 +1,404 @@
+//! AMQP ingest: send-event requests that producers publish to the ingest exchange.
+//!
+//! Each consumer takes the requests waiting for it (up to `ingest_batch_size`, from what
+//! the prefetch already holds) and handles them as one batch:
+//!
+//! 1. read each message ([`decode`]) and look up the environments of their API keys with
+//!    one query;
+//! 2. store every valid request with one transaction, through the same path as HTTP ingest
+//!    ([`EventsService::ingest_each`]): same validation, same idempotence on the event id;
+//! 3. copy each request that cannot be stored to the rejected exchange, its reason in
+//!    headers and its API key removed, and wait for the broker's confirms;
+//! 4. answer each request that asked (`reply_to`) as the HTTP API would;
+//! 5. acknowledge the batch.
+//!
+//! A message is acknowledged only once it is committed or its rejected copy is confirmed.
+//! A failure that says nothing about the messages (the database or the broker is
+//! unreachable) ends the consumer before it acknowledges: the broker delivers the batch
+//! again to the consumer that reconnects, and the event ids make the second delivery store
+//! nothing new.
+
+pub mod decode;
+
+use std::collections::HashMap;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, Topology};
+use crate::config::IngestConfig;
+use crate::db::environments::{self, Environment};
+use crate::events::wire::event_log;
+use crate::events::{EventsService, IngestError, IngestResult, SendEvent, SendEventOptions};
+use crate::failpoint;
+use crate::metrics::{ConnectedGuard, metrics};
+use decode::{Reason, Rejection, Request};
+
+/// The header of a reply that carries the HTTP status the API would have answered.
+pub const STATUS_HEADER: &str = "x-kongflow-status";
+/// Headers of a rejected copy: the reason (a [`Reason`] label) and the message.
+pub const REASON_HEADER: &str = "x-kongflow-reason";
+pub const ERROR_HEADER: &str = "x-kongflow-error";
+pub const REJECTED_AT_HEADER: &str = "x-kongflow-rejected-at";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestRoleError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("ingest: {0}")]
+    Ingest(#[from] IngestError),
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker closed the consumer")]
+    ConsumerClosed,
+    #[error("the broker did not take a rejected copy")]
+    RejectedNotConfirmed,
+    #[error("a consumer task failed: {0}")]
+    Task(String),
+}
+
+/// What became of one message of a batch.
+#[derive(Debug)]
+pub enum Outcome {
+    Stored(IngestResult),
+    Rejected(Rejection),
+}
+
+/// The ingest consumer role.
+#[derive(Clone)]
+pub struct Ingest {
+    pool: PgPool,
+    events: EventsService,
+    topology: Topology,
+    config: IngestConfig,
+}
+
+impl Ingest {
+    pub fn new(pool: PgPool, topology: Topology, config: IngestConfig) -> Self {
+        Self {
+            events: EventsService::new(pool.clone()),
+            pool,
+            topology,
+            config,
+        }
+    }
+
+    /// Run until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
+        for reason in Reason::ALL {
+            metrics()
+                .ingest_rejected
+                .with_label_values(&[reason.as_str()]);
+        }
+        crate::supervise::supervise("ingest", shutdown.clone(), || {
+            let this = self.clone();
+            let url = amqp_url.clone();
+            let shutdown = shutdown.clone();
+            async move { this.run_connected(&url, shutdown).await }
+        })
+        .await
+    }
+
+    async fn run_connected(
+        &self,
+        url: &str,
+        shutdown: CancellationToken,
+    ) -> Result<(), IngestRoleError> {
+        let conn: Connection =
+            amqp::connect(url, &format!("kongflow-ingest:{}", self.topology.prefix())).await?;
+        let setup = conn.create_channel().await?;
+        self.topology.declare(&setup).await?;
+        let publisher = self.publisher(&conn).await?;
+        let _connected = ConnectedGuard::new("ingest");
+        let mut tasks = JoinSet::new();
+        for _ in 0..self.config.ingest_concurrency.max(1) {
+            let channel = conn.create_channel().await?;
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            let publisher = publisher.clone();
+            tasks.spawn(async move { this.consume(channel, publisher, shutdown).await });
+        }
+        tracing::info!("ingest connected");
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            let outcome = joined
+                .map_err(|e| IngestRoleError::Task(e.to_string()))
+                .and_then(|r| r);
+            if let Err(e) = outcome
+                && result.is_ok()
+            {
+                // The batches the others hold come back from the broker.
+                tasks.abort_all();
+                result = Err(e);
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        result
+    }
+
+    /// A channel in confirm mode, for rejected copies and replies.
+    pub async fn publisher(&self, conn: &Connection) -> Result<Channel, IngestRoleError> {
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(publisher)
+    }
+
+    async fn consume(
+        &self,
+        channel: Channel,
+        publisher: Channel,
+        shutdown: CancellationToken,
+    ) -> Result<(), IngestRoleError> {
+        channel
+            .basic_qos(self.config.ingest_prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                self.topology.ingest_queue().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                d = consumer.next() => d,
+            };
+            let Some(first) = first else {
+                return Err(IngestRoleError::ConsumerClosed);
+            };
+            let mut batch = vec![first?];
+            while batch.len() < self.config.ingest_batch_size.max(1) {
+                match consumer.next().now_or_never() {
+                    Some(Some(d)) => batch.push(d?),
+                    _ => break,
+                }
+            }
+            self.handle(&publisher, &batch).await?;
+            // Every message of the batch is settled: one acknowledgement covers them all
+            // (a channel's deliveries are acknowledged in order, and this channel holds no
+            // others).
+            if let Some(last) = batch.last() {
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
+        }
+        // Prefetched messages not yet handled go back to the queue when the channel closes.
+        let _ = channel.close(200, "bye".into()).await;
+        Ok(())
+    }
+
+    /// Settle a batch: store what can be stored, copy the rest to the rejected exchange,
+    /// answer those that asked. Returns what became of each message, in order. The caller
+    /// acknowledges the messages once this returns `Ok`.
+    pub async fn handle(
+        &self,
+        publisher: &Channel,
+        batch: &[Delivery],
+    ) -> Result<Vec<Outcome>, IngestRoleError> {
+        let requests: Vec<Request> = batch
+            .iter()
+            .map(|d| decode::decode(&d.properties, &d.data))
+            .collect();
+        let envs = self.environments(&requests).await?;
+        let outcomes = self.store(requests, &envs).await?;
+        failpoint::pause(failpoint::INGEST_AFTER_COMMIT).await;
+        let mut confirms = Vec::new();
+        for (delivery, outcome) in batch.iter().zip(&outcomes) {
+            if let Outcome::Rejected(rejection) = outcome {
+                confirms.push(
+                    self.publish_rejected(publisher, delivery, rejection)
+                        .await?,
+                );
+            }
+        }
+        for (delivery, outcome) in batch.iter().zip(&outcomes) {
+            reply(publisher, delivery, outcome).await?;
+        }
+        for confirm in confirms {
+            if !confirm.await?.is_ack() {
+                return Err(IngestRoleError::RejectedNotConfirmed);
+            }
+        }
+        record(&outcomes);
+        Ok(outcomes)
+    }
+
+    /// The environments of the batch's API keys, with one query.
+    async fn environments(
+        &self,
+        requests: &[Request],
+    ) -> Result<HashMap<String, Environment>, IngestRoleError> {
+        let mut keys: Vec<&str> = requests
+            .iter()
+            .filter_map(|r| r.api_key.as_ref().map(|k| k.expose()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut conn = self.pool.acquire().await?;
+        Ok(environments::find_by_api_keys(&mut conn, &keys).await?)
+    }
+
+    /// Store every request whose key is known and that reads, in one transaction; the
+    /// others are rejected, checked in the order the HTTP API checks them (key, then body).
+    async fn store(
+        &self,
+        requests: Vec<Request>,
+        envs: &HashMap<String, Environment>,
+    ) -> Result<Vec<Outcome>, IngestRoleError> {
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(requests.len());
+        let mut items: Vec<(Environment, SendEvent, SendEventOptions)> = Vec::new();
+        let mut at = Vec::new();
+        for request in requests {
+            let refused =
+                |reason, message: &str| Some(Outcome::Rejected(Rejection::new(reason, message)));
+            let Some(key) = request.api_key else {
+                outcomes.push(refused(
+                    Reason::MissingKey,
+                    &format!("missing {} header", decode::API_KEY_HEADER),
+                ));
+                continue;
+            };
+            let Some(env) = envs.get(key.expose()) else {
+                outcomes.push(refused(Reason::Unauthorized, "invalid API key"));
+                continue;
+            };
+            match request.send {
+                Ok((event, options)) => {
+                    at.push(outcomes.len());
+                    outcomes.push(None);
+                    items.push((env.clone(), event, options));
+                }
+                Err(rejection) => outcomes.push(Some(Outcome::Rejected(rejection))),
+            }
+        }
+        if !items.is_empty() {
+            let results = self.events.ingest_each(items).await?;
+            for (i, result) in at.into_iter().zip(results) {
+                outcomes[i] = Some(match result {
+                    Ok(stored) => Outcome::Stored(stored),
+                    Err(IngestError::Invalid(m)) => {
+                        Outcome::Rejected(Rejection::new(Reason::Invalid, m))
+                    }
+                    Err(IngestError::TooLarge(m)) => {
+                        Outcome::Rejected(Rejection::new(Reason::TooLarge, m))
+                    }
+                    // Not the request's fault: the batch is tried again.
+                    Err(e) => return Err(e.into()),
+                });
+            }
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Copy a message to the rejected exchange: its body and properties, its API key
+    /// removed, its reason added. The caller awaits the confirm.
+    async fn publish_rejected(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        rejection: &Rejection,
+    ) -> Result<lapin::PublisherConfirm, IngestRoleError> {
+        let properties = decode::without_key(&delivery.properties);
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let message: String = rejection.message.chars().take(1000).collect();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(rejection.reason.as_str().into()),
+        );
+        headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(message.into()));
+        headers.insert(
+            REJECTED_AT_HEADER.into(),
+            AMQPValue::LongString(crate::dates::iso(chrono::Utc::now()).into()),
+        );
+        tracing::warn!(
+            reason = rejection.reason.as_str(),
+            error = ?rejection.message,
+            message_id = ?delivery.properties.message_id().as_ref().map(|m| m.as_str()),
+            "ingest request rejected"
+        );
+        Ok(publisher
+            .basic_publish(
+                self.topology.rejected_exchange().as_str().into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &delivery.data,
+                properties.with_headers(headers).with_delivery_mode(2),
+            )
+            .await?)
+    }
+}
+
+/// Answer a message that set `reply_to`, with its `correlation_id`: the event log, or the
+/// error, as the HTTP API's body, and the HTTP status in [`STATUS_HEADER`]. A reply no
+/// queue takes is dropped by the broker: the producer that asked has gone.
+async fn reply(
+    publisher: &Channel,
+    delivery: &Delivery,
+    outcome: &Outcome,
+) -> Result<(), IngestRoleError> {
+    let Some(reply_to) = delivery.properties.reply_to() else {
+        return Ok(());
+    };
+    let (status, body): (u16, Value) = match outcome {
+        Outcome::Stored(stored) => (200, event_log(&stored.record)),
+        Outcome::Rejected(r) => (r.reason.status(), json!({ "error": r.message })),
+    };
+    let mut headers = FieldTable::default();
+    headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    if let Some(c) = delivery.properties.correlation_id() {
+        properties = properties.with_correlation_id(c.clone());
+    }
+    // The confirm is not awaited: a lost reply loses no event.
+    let _ = publisher
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&body).expect("JSON serializes"),
+            properties,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Count what a batch became.
+fn record(outcomes: &[Outcome]) {
+    let m = metrics();
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Stored(_)))
+        .count();
+    m.events_ingested
+        .with_label_values(&["amqp"])
+        .inc_by(stored as u64);
+    for o in outcomes {
+        if let Outcome::Rejected(r) = o {
+            m.ingest_rejected
+                .with_label_values(&[r.reason.as_str()])
+                .inc();
+        }
+    }
+}
