@@ -229,7 +229,8 @@ impl Ingest {
             reply(publisher, delivery, outcome).await?;
         }
         for confirm in confirms {
-            if !confirm.await?.is_ack() {
+            // A copy the broker returned (no queue bound) is no more kept than a nacked one.
+            if !matches!(confirm.await?, lapin::Confirmation::Ack(None)) {
                 return Err(IngestRoleError::RejectedNotConfirmed);
             }
         }

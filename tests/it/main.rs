@@ -9,6 +9,7 @@ mod events_api;
 mod filters;
 mod helpers;
 mod http_api;
+mod ingest;
 mod ledger;
 mod observability;
 mod openapi;
