@@ -27,6 +27,14 @@ if ! target/chart-venv/bin/python -c 'import helm_python, kubernetes_validate, y
   target/chart-venv/bin/pip install --quiet --disable-pip-version-check \
     "helm-python-sdk>=0.2,<0.3" "kubernetes-validate>=1.33" pyyaml
 fi
+# The AMQP producer examples (examples/) run in the tests: pika and the CloudEvents SDK in
+# a venv of their own, amqplib from the lock file. jsonschema checks the contract's schemas.
+if ! target/examples-venv/bin/python -c 'import pika, cloudevents, jsonschema' 2>/dev/null; then
+  python3 -m venv target/examples-venv
+  target/examples-venv/bin/pip install --quiet --disable-pip-version-check \
+    -r examples/python/requirements.txt
+fi
+npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
 # Databases left by interrupted runs.
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'kf\_test\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null

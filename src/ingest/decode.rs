@@ -1,7 +1,8 @@
 //! Reading a send-event request off an AMQP message, in any of its three forms: native
 //! (the body of `POST /api/v1/events`), CloudEvents binary (attributes in `cloudEvents_`
-//! or `cloudEvents:` headers, the body is the data) and CloudEvents structured
-//! (`application/cloudevents+json`). Pure: no I/O; the contract is
+//! or `cloudEvents:` headers as the CloudEvents AMQP binding writes them, or in `ce-`
+//! headers as the RabbitMQ binding of the CloudEvents SDKs does; the body is the data) and
+//! CloudEvents structured (`application/cloudevents+json`). Pure: no I/O; the contract is
 //! `rabbitmq/schemas/README.md`.
 
 use std::collections::BTreeMap;
@@ -186,17 +187,21 @@ fn send_of(
         .map(|t| t.child())
         .unwrap_or_else(TraceParent::new_root)
         .to_string();
-    let content_type = properties
+    let full_type = properties
         .content_type()
         .as_ref()
-        .map(|c| essence(c.as_str()));
+        .map(|c| c.as_str().to_string());
+    let content_type = full_type.as_deref().map(essence);
     let binary: BTreeMap<String, &AMQPValue> = headers
         .inner()
         .iter()
         .filter_map(|(k, v)| cloud_event_attribute(k.as_str()).map(|a| (a, v)))
         .collect();
     if !binary.is_empty() {
-        return binary_cloud_event(binary, content_type.as_deref(), body, trace);
+        // The AMQP binding carries the data's type in a `content-type` application
+        // property: a client that sends those as headers puts it here.
+        let full_type = full_type.or_else(|| header(headers, "content-type").and_then(text));
+        return binary_cloud_event(binary, full_type.as_deref(), body, trace);
     }
     match content_type.as_deref() {
         Some("application/cloudevents+json") => structured_cloud_event(body, trace),
@@ -262,28 +267,44 @@ fn derived_id(body: &[u8]) -> String {
     format!("amqp-{hex}")
 }
 
-/// The attribute a CloudEvents binary-mode header carries, lower-cased: `cloudEvents_type`
-/// and `cloudEvents:type` are both `type`.
+/// The attribute a CloudEvents binary-mode header carries, lower-cased: `cloudEvents_type`,
+/// `cloudEvents:type` and `ce-type` are all `type`.
 fn cloud_event_attribute(header: &str) -> Option<String> {
     let lower = header.to_ascii_lowercase();
     lower
         .strip_prefix("cloudevents_")
         .or_else(|| lower.strip_prefix("cloudevents:"))
+        .or_else(|| lower.strip_prefix("ce-"))
         .filter(|a| !a.is_empty())
         .map(str::to_string)
 }
 
 fn binary_cloud_event(
     attributes: BTreeMap<String, &AMQPValue>,
-    content_type: Option<&str>,
+    full_type: Option<&str>,
     body: &[u8],
     trace: String,
 ) -> Result<(SendEvent, SendEventOptions), Rejection> {
     let mut attrs = Map::new();
     for (name, value) in attributes {
-        attrs.insert(name, json_of(value));
+        let value = match (name.as_str(), value) {
+            // The AMQP binding writes times as AMQP 1.0 timestamps: milliseconds since the
+            // epoch, which arrive over AMQP 0-9-1 as plain integers.
+            ("time" | CE_DELIVER_AT, v) if !matches!(v, AMQPValue::Timestamp(_)) => {
+                match int(v).filter(|_| text(v).is_none()) {
+                    Some(ms) => Utc
+                        .timestamp_millis_opt(ms)
+                        .single()
+                        .map_or(Value::Null, |t| Value::String(t.to_rfc3339())),
+                    None => json_of(v),
+                }
+            }
+            (_, v) => json_of(v),
+        };
+        attrs.insert(name, value);
     }
-    let data = match content_type {
+    let content_type = full_type.map(essence);
+    let data = match content_type.as_deref() {
         None if body.is_empty() => Value::Null,
         None => json_data(body)?,
         Some(t) if is_json(t) => json_data(body)?,
@@ -300,7 +321,7 @@ fn binary_cloud_event(
             ));
         }
     };
-    if let Some(t) = content_type {
+    if let Some(t) = full_type {
         attrs.insert("datacontenttype".into(), Value::String(t.to_string()));
     }
     from_cloud_event(attrs, data, "cloudEvents_", trace)
@@ -659,6 +680,43 @@ mod tests {
             );
             assert_eq!(options.deliver_after, Some(30));
         }
+    }
+
+    #[test]
+    fn what_the_cloudevents_sdks_write_reads_unchanged() {
+        // The RabbitMQ binding: `ce-` headers, the data's type as content_type.
+        let p = props(&[
+            ("ce-specversion", s("1.0")),
+            ("ce-id", s("r-1")),
+            ("ce-type", s("t")),
+            ("ce-source", s("/s")),
+            ("ce-time", s("2026-01-02T03:04:05Z")),
+        ])
+        .with_content_type("application/json; charset=utf-8".into());
+        let (event, _) = decode(&p, b"{}").send.unwrap();
+        assert_eq!(event.id.as_deref(), Some("r-1"));
+        assert_eq!(
+            event.context.unwrap()["datacontenttype"],
+            "application/json; charset=utf-8"
+        );
+        // The AMQP binding: times in milliseconds, the data's type in a header.
+        let p = props(&[
+            ("cloudEvents_specversion", s("1.0")),
+            ("cloudEvents_id", s("a-1")),
+            ("cloudEvents_type", s("t")),
+            ("cloudEvents_source", s("/s")),
+            (
+                "cloudEvents_time",
+                AMQPValue::LongLongInt(1_767_323_045_000),
+            ),
+            ("content-type", s("application/json")),
+        ]);
+        let (event, _) = decode(&p, br#"{"x": 1}"#).send.unwrap();
+        assert_eq!(event.payload, json!({"x": 1}));
+        assert_eq!(
+            event.timestamp.unwrap().to_rfc3339(),
+            "2026-01-02T03:04:05+00:00"
+        );
     }
 
     #[test]

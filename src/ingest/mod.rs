@@ -70,7 +70,7 @@ pub enum IngestRoleError {
 /// What became of one message of a batch.
 #[derive(Debug)]
 pub enum Outcome {
-    Stored(IngestResult),
+    Stored(Box<IngestResult>),
     Rejected(Rejection),
 }
 
@@ -293,7 +293,7 @@ impl Ingest {
             let results = self.events.ingest_each(items).await?;
             for (i, result) in at.into_iter().zip(results) {
                 outcomes[i] = Some(match result {
-                    Ok(stored) => Outcome::Stored(stored),
+                    Ok(stored) => Outcome::Stored(Box::new(stored)),
                     Err(IngestError::Invalid(m)) => {
                         Outcome::Rejected(Rejection::new(Reason::Invalid, m))
                     }
@@ -373,7 +373,7 @@ async fn reply(
         properties = properties.with_correlation_id(c.clone());
     }
     // The confirm is not awaited: a lost reply loses no event.
-    let _ = publisher
+    let confirm = publisher
         .basic_publish(
             "".into(),
             reply_to.as_str().into(),
@@ -382,6 +382,7 @@ async fn reply(
             properties,
         )
         .await?;
+    drop(confirm);
     Ok(())
 }
 

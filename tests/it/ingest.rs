@@ -623,7 +623,7 @@ async fn a_burst_from_several_publishers_stores_each_good_message_once_and_rejec
     let app = TestApp::spawn().await;
     app.register_job("burst", "burst").await;
     // Every tenth message is bad, in one of five ways.
-    let bad = |i: usize| (i % 10 == 0).then_some((i / 10) % 5);
+    let bad = |i: usize| i.is_multiple_of(10).then_some((i / 10) % 5);
     let reasons = [
         "bad_json",
         "bad_shape",

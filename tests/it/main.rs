@@ -6,6 +6,7 @@ mod crash;
 mod delays;
 mod deploy;
 mod events_api;
+mod examples;
 mod filters;
 mod helpers;
 mod http_api;
