@@ -6,7 +6,11 @@
 #             immediate events/s alongside; prints lateness.
 #   tiers:    benches/tiers.rs, the delay tiers alone (RabbitMQ, no database): lateness
 #             of 2,000 messages due within 5 s, by number of hops.
-# `scripts/bench.sh [pipeline|delays|tiers|all] [extra bench arguments]` (default all).
+#   ingest:   the Postgres baseline (pgbench, 16 clients, one event row + one outbox row
+#             per transaction), then benches/ingest.rs: RabbitMQ alone and AMQP ingest
+#             flat out (50,000 messages, 16 and 4 publishers), and publish-to-run latency
+#             at an offered 500 events/s.
+# `scripts/bench.sh [pipeline|delays|tiers|ingest|all] [extra bench arguments]` (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
@@ -14,7 +18,7 @@ shift || true
 ./scripts/services.sh
 export SQLX_OFFLINE=true
 cargo build --release --locked --quiet
-cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers 2>/dev/null
+cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers --bench ingest 2>/dev/null
 db=kongflow_bench
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
@@ -37,4 +41,30 @@ fi
 if [[ $which == all || $which == tiers ]]; then
   echo "== the delay tiers alone"
   cargo bench --locked --quiet --bench tiers -- "$@"
+fi
+if [[ $which == all || $which == ingest ]]; then
+  echo "== postgres alone: one event row + one outbox row per transaction, 16 clients (pgbench)"
+  # A database of its own with the same schema, which no relay reads.
+  base=kongflow_bench_pgbench
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $base WITH (FORCE)"
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $base"
+  base_url=postgres://postgres@127.0.0.1:5432/$base
+  env_id=$(DATABASE_URL=$base_url target/release/kongflow-events env create bench/pgbench/base \
+    | sed -n 's/.* id \([0-9a-f-]*\)$/\1/p')
+  cat > target/pgbench-ingest.sql <<SQL
+BEGIN;
+INSERT INTO event_records (id, environment_id, event_id, name, payload)
+  VALUES (gen_random_uuid(), '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}');
+INSERT INTO queue_jobs (kind, args, state) VALUES ('deliverEvent', '{"id": 1}', 'available');
+COMMIT;
+SQL
+  pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T 15 -f target/pgbench-ingest.sql "$base" \
+    | grep -E "latency average|tps"
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE $base WITH (FORCE)"
+  for publishers in 16 4; do
+    echo "== amqp ingest flat out, $publishers publishers"
+    cargo bench --locked --quiet --bench ingest -- --url http://$HTTP_ADDR --events 50000 --concurrency $publishers "$@"
+  done
+  echo "== amqp ingest, offered 500 events/s"
+  cargo bench --locked --quiet --bench ingest -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 4 "$@"
 fi

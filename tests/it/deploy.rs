@@ -271,8 +271,8 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
             .unwrap();
         assert!(status.success(), "{:?} failed", c.args);
     }
-    // Relay and worker: each ready on the port its manifest names.
-    for role in ["-relay", "-worker"] {
+    // Ingest, relay and worker: each ready on the port its manifest names.
+    for role in ["-ingest", "-relay", "-worker"] {
         let c = &containers(&manifests, "Deployment", role)[0];
         assert!(c.env["KONGFLOW_NO_MIGRATE"] == "true");
         let mut child = start(c, &[]);
@@ -285,7 +285,7 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
     let api = &containers(&manifests, "Deployment", "-api")[0];
     let mut running = vec![start(api, &[])];
     probes_answer(&app, api.ports["metrics"]).await;
-    for role in ["-relay", "-worker"] {
+    for role in ["-ingest", "-relay", "-worker"] {
         let c = &containers(&manifests, "Deployment", role)[0];
         running.push(start(c, &[("METRICS_ADDR", "127.0.0.1:0".into())]));
     }
