@@ -10,7 +10,7 @@
 //! - exchange `P.dead` (fanout) and queue `P.events.dead`: dead letters, with their reason
 //!   in the `x-kongflow-reason` header.
 //! - exchange `P.ingest` (direct) and queue `P.ingest`, bound with key `send`: send-event
-//!   requests that producers publish straight to the broker (see [`crate::ingest`]).
+//!   requests that producers publish straight to the broker (the `ingest` role reads them).
 //! - exchange `P.ingest.rejected` (fanout) and queue `P.ingest.rejected`: copies of the
 //!   requests ingest could not store, with their reason in headers; the oldest go first
 //!   past [`REJECTED_MAX_BYTES`].
