@@ -7,7 +7,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::{self, Topology};
+use crate::amqp::{self, DirectPublisher, Topology};
 use crate::config::{
     HttpConfig, IngestConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
 };
@@ -174,22 +174,32 @@ impl Process {
             None => ops::router(ops_state.clone()),
         };
         tracker.spawn(ops::probe_readiness(ops_state.clone()));
+        // Whatever commits jobs (ingest over HTTP or AMQP, workers) publishes them right
+        // after its commit, on one connection per process; the relay takes what it cannot.
+        let direct = DirectPublisher::new(
+            self.amqp_url.clone(),
+            self.topology.clone(),
+            self.pool.clone(),
+            self.relay.confirm_timeout(),
+        );
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
             tracker.spawn(relay.run(self.amqp_url.clone(), shutdown.clone()));
         }
         if roles.ingest {
-            let ingest = Ingest::new(self.pool.clone(), self.topology.clone(), self.ingest);
+            let ingest = Ingest::new(self.pool.clone(), self.topology.clone(), self.ingest)
+                .publishing(direct.clone());
             tracker.spawn(ingest.run(self.amqp_url.clone(), shutdown.clone()));
         }
         if roles.worker {
-            let worker = Worker::new(self.pool.clone(), self.topology.clone(), self.worker);
+            let worker = Worker::new(self.pool.clone(), self.topology.clone(), self.worker)
+                .publishing(direct.clone());
             tracker.spawn(worker.run(self.amqp_url.clone(), shutdown.clone()));
         }
         let http_task = match (roles.http, self.http) {
             (true, Some(listener)) => {
                 let router = http::router(
-                    AppState::new(self.pool.clone()),
+                    AppState::new(self.pool.clone()).publishing(direct.clone()),
                     &self.http_config,
                     operator_routes,
                 );

@@ -18,6 +18,10 @@ pub const RELAY_AFTER_CONFIRM: &str = "relay-after-confirm";
 /// stops there (see [`pause`]) for a test to kill it.
 pub const INGEST_AFTER_COMMIT: &str = "ingest-after-commit";
 
+/// A process has committed jobs it publishes itself (the fast path) and not yet published
+/// them.
+pub const PUBLISH_AFTER_COMMIT: &str = "publish-after-commit";
+
 /// The worker has locked a batch's jobs and blocks its thread, as a runaway computation
 /// would: for the test of the drain deadline.
 pub const WORKER_STALL: &str = "worker-stall";

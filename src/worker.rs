@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::publish::publish_dead;
-use crate::amqp::{self, JobMessage, Topology, publish_job};
+use crate::amqp::{self, DirectPublisher, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
 use crate::handlers::{self, JobError};
@@ -79,6 +79,9 @@ pub struct Worker {
     pool: PgPool,
     topology: Topology,
     config: WorkerConfig,
+    /// Publishes the jobs the handlers insert right after their batch commits; without one,
+    /// the relay publishes them.
+    publisher: Option<DirectPublisher>,
 }
 
 impl Worker {
@@ -87,6 +90,15 @@ impl Worker {
             pool,
             topology,
             config,
+            publisher: None,
+        }
+    }
+
+    /// Publish the jobs handlers insert with `publisher`, right after each commit.
+    pub fn publishing(self, publisher: DirectPublisher) -> Self {
+        Self {
+            publisher: Some(publisher),
+            ..self
         }
     }
 
@@ -422,37 +434,44 @@ impl Worker {
             tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
                 event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job started");
         }
-        if let Err(e) = self.run_by_kind(&mut tx, &taken.jobs).await {
-            return Ok((Err(e), taken.missing));
-        }
+        let inserted = match self.run_by_kind(&mut tx, &taken.jobs).await {
+            Ok(inserted) => inserted,
+            Err(e) => return Ok((Err(e), taken.missing)),
+        };
         tx.commit().await?;
         count_completed(&taken.jobs, started_at);
+        if let Some(p) = &self.publisher {
+            p.publish(&inserted).await;
+        }
         Ok((Ok(()), taken.missing))
     }
 
-    /// Each kind's handler on its jobs, timed; the first error stops the batch.
-    async fn run_by_kind(&self, tx: &mut PgConnection, jobs: &[Job]) -> Result<(), JobError> {
+    /// Each kind's handler on its jobs, timed; the first error stops the batch. Returns the
+    /// jobs the handlers inserted.
+    async fn run_by_kind(&self, tx: &mut PgConnection, jobs: &[Job]) -> Result<Vec<Job>, JobError> {
+        let caller_publishes = self.publisher.is_some();
+        let mut inserted = Vec::new();
         let mut kinds: Vec<JobKind> = jobs.iter().map(|j| j.kind).collect();
         kinds.sort_unstable();
         kinds.dedup();
         for kind in kinds {
             let group: Vec<Job> = jobs.iter().filter(|j| j.kind == kind).cloned().collect();
             let timer = std::time::Instant::now();
-            let outcome = AssertUnwindSafe(handlers::run_batch(tx, kind, &group))
+            let outcome = AssertUnwindSafe(handlers::run_batch(tx, kind, &group, caller_publishes))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|panic| Err(JobError::Panic(panic_message(&panic))));
             let outcome_label = match &outcome {
-                Ok(()) => "ok",
+                Ok(_) => "ok",
                 Err(e) => e.kind(),
             };
             metrics()
                 .handler_duration
                 .with_label_values(&[kind.as_str(), outcome_label])
                 .observe(timer.elapsed().as_secs_f64());
-            outcome?;
+            inserted.extend(outcome?);
         }
-        Ok(())
+        Ok(inserted)
     }
 
     /// Record a failed attempt (see [`run::record_failure`]): retried after

@@ -1,10 +1,12 @@
 //! RabbitMQ: connections, the topology, and the format of job messages.
 
+pub mod direct;
 pub mod message;
 pub mod publish;
 pub mod tiers;
 pub mod topology;
 
+pub use direct::DirectPublisher;
 pub use message::JobMessage;
 pub use publish::publish_job;
 pub use topology::Topology;

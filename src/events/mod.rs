@@ -12,6 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::amqp::DirectPublisher;
 use crate::db::environments::Environment;
 use crate::ledger::{self, DeliverEventArgs, InsertOpts, JobArgs, JobInsert, JobInsertResult, run};
 
@@ -101,13 +102,15 @@ pub enum IngestError {
 
 /// Ingest events inside the caller's transaction, so they commit with the caller's work.
 /// The requests were validated by the caller. Results come in the order of `items`.
+/// `caller_publishes`: the caller publishes the delivery jobs after its commit.
 async fn ingest_in_tx(
     tx: &mut PgConnection,
     items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    caller_publishes: bool,
 ) -> Result<Vec<IngestResult>, IngestError> {
     let rows = NewEvents::build(tx, items).await?;
     let inserted = rows.insert(tx).await?;
-    let mut stored = enqueue_deliveries(tx, &rows, inserted).await?;
+    let mut stored = enqueue_deliveries(tx, &rows, inserted, caller_publishes).await?;
     resolve_resends(tx, &rows, &mut stored).await?;
     answer(rows, stored)
 }
@@ -225,6 +228,7 @@ async fn enqueue_deliveries(
     tx: &mut PgConnection,
     rows: &NewEvents,
     inserted: Vec<EventRecord>,
+    caller_publishes: bool,
 ) -> Result<Stored, sqlx::Error> {
     let trace_of: HashMap<(Uuid, &str), &Option<String>> = rows
         .envs
@@ -244,6 +248,7 @@ async fn enqueue_deliveries(
                 InsertOpts {
                     run_at: Some(r.deliver_at),
                     trace_parent,
+                    caller_publishes,
                     ..InsertOpts::default()
                 },
             )
@@ -329,10 +334,22 @@ struct Pending {
 }
 
 /// Ingest and lookup of events.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EventsService {
     pool: PgPool,
     batcher: Option<mpsc::Sender<Pending>>,
+    /// Publishes the delivery jobs of what this service commits, right after the commit;
+    /// without one, the relay publishes them.
+    publisher: Option<DirectPublisher>,
+}
+
+impl std::fmt::Debug for EventsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsService")
+            .field("batching", &self.batcher.is_some())
+            .field("publishing", &self.publisher.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Pending {
@@ -349,6 +366,16 @@ impl EventsService {
         Self {
             pool,
             batcher: None,
+            publisher: None,
+        }
+    }
+
+    /// Publish the delivery jobs of committed events with `publisher`, right after each
+    /// commit (the fast path), instead of leaving them to the relay.
+    pub fn publishing(self, publisher: DirectPublisher) -> Self {
+        Self {
+            publisher: Some(publisher),
+            ..self
         }
     }
 
@@ -356,9 +383,14 @@ impl EventsService {
     /// waiting (up to `max_batch`) and store them with one transaction, one commit. Every
     /// caller still gets its answer only after its event is committed.
     pub fn with_batching(pool: PgPool, committers: usize, max_batch: usize) -> Self {
+        Self::new(pool).batching(committers, max_batch)
+    }
+
+    /// This service with its ingests grouped (see [`EventsService::with_batching`]).
+    pub fn batching(self, committers: usize, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Pending>(max_batch * committers * 4);
         let rx = Arc::new(Mutex::new(rx));
-        let this = Self::new(pool);
+        let this = self;
         for _ in 0..committers.max(1) {
             let this = this.clone();
             let rx = rx.clone();
@@ -390,11 +422,14 @@ impl EventsService {
                 .iter()
                 .map(|p| (p.env.clone(), p.request.clone(), p.options.clone()))
                 .collect();
-            match self.ingest_each(items).await {
+            match self.store_each(items).await {
                 Ok(results) => {
+                    // Callers are answered first; the publish follows, on this task.
+                    let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
                     for (p, r) in batch.into_iter().zip(results) {
                         let _ = p.reply.send(r);
                     }
+                    self.publish(&jobs).await;
                 }
                 Err(e) => {
                     let cause = e.to_string();
@@ -414,6 +449,19 @@ impl EventsService {
     /// failure that says nothing about the requests (the database is unreachable): nothing
     /// of them was stored, and trying again later is right.
     pub async fn ingest_each(
+        &self,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
+        let results = self.store_each(items).await?;
+        self.publish(&created_jobs(
+            results.iter().filter_map(|r| r.as_ref().ok()),
+        ))
+        .await;
+        Ok(results)
+    }
+
+    /// [`EventsService::ingest_each`] without the publish.
+    async fn store_each(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
     ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
@@ -477,10 +525,14 @@ impl EventsService {
                     .map_err(|_| IngestError::Unavailable)?;
                 answer.await.map_err(|_| IngestError::Unavailable)?
             }
-            None => Ok(self
-                .ingest_many(vec![(env.clone(), request, options)])
-                .await?
-                .remove(0)),
+            None => {
+                let result = self
+                    .ingest_many(vec![(env.clone(), request, options)])
+                    .await?
+                    .remove(0);
+                self.publish(&created_jobs(std::iter::once(&result))).await;
+                Ok(result)
+            }
         }
     }
 
@@ -512,17 +564,28 @@ impl EventsService {
             .into_iter()
             .map(|e| (env.clone(), e, options.clone()))
             .collect();
-        self.ingest_many(items).await
+        let results = self.ingest_many(items).await?;
+        self.publish(&created_jobs(results.iter())).await;
+        Ok(results)
     }
 
+    /// One transaction; the delivery jobs are left to the caller to publish when this
+    /// service has a publisher (see [`EventsService::publish`]).
     async fn ingest_many(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
     ) -> Result<Vec<IngestResult>, IngestError> {
         let mut tx = self.pool.begin().await?;
-        let results = ingest_in_tx(&mut tx, items).await?;
+        let results = ingest_in_tx(&mut tx, items, self.publisher.is_some()).await?;
         tx.commit().await?;
         Ok(results)
+    }
+
+    /// Publish committed delivery jobs, when this service publishes its own.
+    async fn publish(&self, jobs: &[crate::ledger::Job]) {
+        if let Some(p) = &self.publisher {
+            p.publish(jobs).await;
+        }
     }
 
     /// An event of the environment by the producer's id, with its runs.
@@ -615,6 +678,15 @@ impl EventsService {
         tx.commit().await?;
         Ok(Some(current))
     }
+}
+
+/// The delivery jobs these ingests inserted (not those of ids already stored).
+fn created_jobs<'a>(results: impl Iterator<Item = &'a IngestResult>) -> Vec<crate::ledger::Job> {
+    results
+        .filter_map(|r| r.job.as_ref())
+        .filter(|j| !j.unique_skipped_as_duplicate)
+        .map(|j| j.job.clone())
+        .collect()
 }
 
 /// The answer to a request that failed in a transaction of its own: the database refusing

@@ -45,11 +45,16 @@ struct Candidate {
 }
 
 /// Deliver a batch of events: stamp them delivered, find the dispatchers that take each,
-/// enqueue one `events.invokeDispatcher` job per match.
-pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobError> {
+/// enqueue one `events.invokeDispatcher` job per match. Returns the jobs inserted (see
+/// [`super::run_batch`] for `caller_publishes`).
+pub async fn run(
+    tx: &mut PgConnection,
+    batch: &[ToDeliver],
+    caller_publishes: bool,
+) -> Result<Vec<crate::ledger::Job>, JobError> {
     let events = stamp_delivered(tx, batch).await?;
     if events.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let candidates = candidates(tx, &events).await?;
     // What the invocations inherit: the job's priority, and its trace continued.
@@ -60,13 +65,21 @@ pub async fn run(tx: &mut PgConnection, batch: &[ToDeliver]) -> Result<(), JobEr
     let delivered = events.len();
     // Filters are CPU work bounded by each event's step budget: off the async threads, so
     // a costly event slows its own batch only.
-    let jobs = tokio::task::spawn_blocking(move || invocations(&events, &candidates, &inherited))
-        .await
-        .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))??;
+    let mut jobs =
+        tokio::task::spawn_blocking(move || invocations(&events, &candidates, &inherited))
+            .await
+            .map_err(|e| JobError::Panic(format!("filter evaluation: {e}")))??;
+    for job in &mut jobs {
+        job.opts.caller_publishes = caller_publishes;
+    }
     let matched = jobs.len();
-    crate::ledger::insert_many(tx, jobs).await?;
+    let inserted = crate::ledger::insert_many(tx, jobs).await?;
     tracing::debug!(events = delivered, matched, "events delivered");
-    Ok(())
+    Ok(inserted
+        .into_iter()
+        .filter(|r| !r.unique_skipped_as_duplicate)
+        .map(|r| r.job)
+        .collect())
 }
 
 /// Stamp the events delivered and read them back in one statement. The row locks (taken in

@@ -59,8 +59,15 @@ impl JobError {
 }
 
 /// Run the handler of `kind` for `jobs` (all of that kind, their arguments decoded) in
-/// `tx`. On error nothing of the batch may be kept: the caller rolls back.
-pub async fn run_batch(tx: &mut PgConnection, kind: JobKind, jobs: &[Job]) -> Result<(), JobError> {
+/// `tx`. On error nothing of the batch may be kept: the caller rolls back. Returns the jobs
+/// the handlers inserted; `caller_publishes`: inserted for the caller to publish after its
+/// commit (the fast path), else for the relay.
+pub async fn run_batch(
+    tx: &mut PgConnection,
+    kind: JobKind,
+    jobs: &[Job],
+    caller_publishes: bool,
+) -> Result<Vec<Job>, JobError> {
     for job in jobs {
         match failpoint::handler_fault(&job.args.id().to_string(), job.attempt) {
             Some(Fault::Error) => {
@@ -86,7 +93,7 @@ pub async fn run_batch(tx: &mut PgConnection, kind: JobKind, jobs: &[Job]) -> Re
                     _ => None,
                 })
                 .collect();
-            deliver_event::run(tx, &batch).await
+            deliver_event::run(tx, &batch, caller_publishes).await
         }
         JobKind::InvokeDispatcher => {
             let args: Vec<_> = jobs
@@ -96,7 +103,8 @@ pub async fn run_batch(tx: &mut PgConnection, kind: JobKind, jobs: &[Job]) -> Re
                     _ => None,
                 })
                 .collect();
-            invoke_dispatcher::run(tx, &args).await
+            invoke_dispatcher::run(tx, &args).await?;
+            Ok(Vec::new())
         }
     }
 }

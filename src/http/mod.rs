@@ -32,11 +32,22 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Ingest is group-committed: two committers, up to 200 events per transaction.
+    /// Ingest is group-committed: two committers, up to 200 events per transaction; the
+    /// relay publishes the delivery jobs.
     pub fn new(pool: PgPool) -> Self {
         Self {
             events: EventsService::with_batching(pool.clone(), 2, 200),
             pool,
+        }
+    }
+
+    /// The same, publishing the delivery jobs right after each commit (the fast path).
+    pub fn publishing(self, publisher: crate::amqp::DirectPublisher) -> Self {
+        Self {
+            events: EventsService::new(self.pool.clone())
+                .publishing(publisher)
+                .batching(2, 200),
+            pool: self.pool,
         }
     }
 }

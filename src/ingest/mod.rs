@@ -93,6 +93,14 @@ impl Ingest {
         }
     }
 
+    /// Publish the delivery jobs of each committed batch with `publisher` (the fast path).
+    pub fn publishing(self, publisher: amqp::DirectPublisher) -> Self {
+        Self {
+            events: EventsService::new(self.pool.clone()).publishing(publisher),
+            ..self
+        }
+    }
+
     /// Run until `shutdown`, reconnecting with backoff.
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
         for reason in Reason::ALL {

@@ -52,6 +52,7 @@ struct Columns {
     run_ats: Vec<Option<DateTime<Utc>>>,
     keys: Vec<Vec<u8>>,
     traces: Vec<Option<String>>,
+    claimed: Vec<bool>,
 }
 
 impl Columns {
@@ -66,6 +67,7 @@ impl Columns {
             c.max_attempts.push(j.opts.max_attempts);
             c.run_ats.push(j.opts.run_at);
             c.traces.push(j.opts.trace_parent.clone());
+            c.claimed.push(j.opts.caller_publishes);
         }
         c
     }
@@ -84,13 +86,14 @@ pub async fn insert_many(
     }
     let c = Columns::of(&jobs);
     let inserted = query_jobs!(
-        r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent)
+        r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at)
            SELECT k, a, q, p,
                   CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
                        ELSE 'available'::queue_job_state END,
-                  m, COALESCE(r, now()), u, tp
+                  m, COALESCE(r, now()), u, tp, CASE WHEN cl THEN now() END
            FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
-                       $6::timestamptz[], $7::bytea[], $8::text[]) AS t(k, a, q, p, m, r, u, tp)
+                       $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[])
+                AS t(k, a, q, p, m, r, u, tp, cl)
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
            DO NOTHING
            RETURNING "#,
@@ -103,6 +106,7 @@ pub async fn insert_many(
         &c.run_ats as &[Option<DateTime<Utc>>],
         &c.keys,
         &c.traces as &[Option<String>],
+        &c.claimed,
     )
     .fetch_all(&mut *tx)
     .await?;

@@ -289,6 +289,10 @@ pub struct InsertOpts {
     pub run_at: Option<DateTime<Utc>>,
     /// The W3C `traceparent` of what causes the job.
     pub trace_parent: Option<String>,
+    /// The inserting process publishes the job itself once its transaction commits (the
+    /// fast path, the `amqp::direct` publisher): the row is inserted marked published, so no
+    /// relay claims it, and the insert wakes no relay. Unset: the relay publishes it.
+    pub caller_publishes: bool,
 }
 
 impl Default for InsertOpts {
@@ -299,6 +303,7 @@ impl Default for InsertOpts {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
             trace_parent: None,
+            caller_publishes: false,
         }
     }
 }

@@ -468,12 +468,23 @@ async fn delayed_messages_leave_the_tiers_a_lead_early_for_the_worker_to_hold() 
     let app = TestApp::spawn_with(HTTP_ONLY).await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("lead", json!({}))).await;
+    // Through the library, which leaves publishing to the relay (the API publishes its
+    // own jobs, with the process's lead).
+    let events = kongflow_events::EventsService::new(app.pool.clone());
     for (id, ms) in [("l-1", 2_500), ("l-2", 4_000)] {
-        app.send_event(
-            &key,
-            json!({"event": {"name": "lead", "id": id}, "options": {"deliverAt": at(ms)}}),
-        )
-        .await;
+        let request = kongflow_events::events::SendEvent {
+            id: Some(id.into()),
+            name: "lead".into(),
+            ..Default::default()
+        };
+        let options = kongflow_events::events::SendEventOptions {
+            deliver_at: Some(Utc::now() + chrono::Duration::milliseconds(ms)),
+            ..Default::default()
+        };
+        events
+            .ingest_send_event(&app.env, request, options)
+            .await
+            .unwrap();
     }
     // A relay routing with a lead of 1.5 s: wide, so a busy test machine cannot make the
     // messages late enough to miss it.

@@ -7,6 +7,7 @@ mod delays;
 mod deploy;
 mod events_api;
 mod examples;
+mod fast_path;
 mod filters;
 mod helpers;
 mod http_api;

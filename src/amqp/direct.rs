@@ -1,0 +1,156 @@
+//! The fast path: the process that commits jobs publishes them right after its commit,
+//! instead of leaving them for a relay to find.
+//!
+//! Such jobs are inserted already marked published (`InsertOpts::caller_publishes`), so no
+//! relay claims them and their insert wakes no relay. After the commit, [`DirectPublisher`]
+//! publishes each through [`publish_job`] (due now to the work exchange, due later into the
+//! delay tiers) and waits for the broker's confirms. What the broker does not confirm (a
+//! nack, a return, a timeout, a lost connection) goes back to the outbox, which wakes the
+//! relays: the relay stays the guarantee. A process that dies between its commit and its
+//! publish leaves jobs marked but never sent; the reconciler publishes them again once they
+//! are overdue by `RECONCILE_MARGIN_MS`. Either way nothing committed is lost, and a job
+//! published twice runs once (the worker takes only jobs that are not final).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Confirmation, Connection};
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+use super::publish::{properties, publish_job};
+use super::{JobMessage, Topology};
+use crate::failpoint;
+use crate::ledger::{Job, outbox};
+use crate::metrics::metrics;
+
+/// Publishes committed jobs on one connection of its own, opened (and the topology
+/// declared) on first use and again after it drops. Clones share it.
+#[derive(Clone)]
+pub struct DirectPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    topology: Topology,
+    pool: PgPool,
+    confirm_timeout: Duration,
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl DirectPublisher {
+    pub fn new(url: String, topology: Topology, pool: PgPool, confirm_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                url,
+                topology,
+                pool,
+                confirm_timeout,
+                link: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Publish jobs whose transaction has committed (inserted with `caller_publishes`).
+    /// Never fails: what the broker does not confirm goes back to the outbox.
+    pub async fn publish(&self, jobs: &[Job]) {
+        if jobs.is_empty() {
+            return;
+        }
+        failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
+        let unconfirmed = match tokio::time::timeout(
+            self.inner.confirm_timeout,
+            self.try_publish(jobs),
+        )
+        .await
+        {
+            Ok(Ok(unconfirmed)) => unconfirmed,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "confirms timed out".to_string(),
+                };
+                tracing::warn!(%error, jobs = jobs.len(), "direct publish failed; the relay takes the jobs");
+                *self.inner.link.lock().await = None;
+                jobs.iter().map(|j| j.id).collect()
+            }
+        };
+        if unconfirmed.is_empty() {
+            return;
+        }
+        let back = async {
+            let mut conn = self.inner.pool.acquire().await?;
+            outbox::back_to_outbox(&mut conn, &unconfirmed).await
+        };
+        if let Err(e) = back.await {
+            // Marked published and never sent: the reconciler publishes them once overdue.
+            tracing::error!(error = %e, jobs = ?unconfirmed, "could not hand unconfirmed jobs back to the outbox; the reconciler will");
+        }
+    }
+
+    /// Publish every job, then wait for every confirm. Returns the ids not confirmed.
+    async fn try_publish(&self, jobs: &[Job]) -> lapin::Result<Vec<i64>> {
+        let channel = self.channel().await?;
+        let now = Utc::now();
+        let mut confirms = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let message = JobMessage::from_job(job);
+            let confirm = publish_job(
+                &channel,
+                &self.inner.topology,
+                job.kind,
+                &message,
+                properties(job),
+                now,
+            )
+            .await?;
+            confirms.push((job, confirm));
+        }
+        let mut unconfirmed = Vec::new();
+        let m = metrics();
+        for (job, confirm) in confirms {
+            match confirm.await? {
+                Confirmation::Ack(None) => {
+                    m.jobs_published
+                        .with_label_values(&[job.kind.as_str(), &job.queue])
+                        .inc();
+                    tracing::debug!(
+                        job_id = job.id,
+                        kind = job.kind.as_str(),
+                        attempt = job.attempt,
+                        trace_id = job.trace_id().unwrap_or_default(),
+                        "job published"
+                    );
+                }
+                _ => unconfirmed.push(job.id),
+            }
+        }
+        Ok(unconfirmed)
+    }
+
+    /// The channel, connecting first if there is none or it has closed.
+    async fn channel(&self) -> lapin::Result<Channel> {
+        let mut link = self.inner.link.lock().await;
+        if let Some((conn, channel)) = link.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let conn = super::connect(
+            &self.inner.url,
+            &format!("kongflow-direct:{}", self.inner.topology.prefix()),
+        )
+        .await?;
+        let channel = conn.create_channel().await?;
+        self.inner.topology.declare(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *link = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+}
