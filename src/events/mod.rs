@@ -289,6 +289,7 @@ async fn resolve_resends(
     for r in existing {
         stored.insert((r.environment_id, r.event_id.clone()), (r, None));
     }
+    let mut rearm = Vec::new();
     for (i, key) in rows.keys().enumerate() {
         let Some((record, None)) = stored.get(&key) else {
             continue;
@@ -299,10 +300,17 @@ async fn resolve_resends(
             deliver_at: rows.deliver_ats[i],
             deliver_after: rows.deliver_afters[i],
         };
-        if let Some(updated) = resend(tx, record.id, update).await? {
-            stored.insert(key, (updated, None));
+        let id = record.id;
+        match resend(tx, id, update).await? {
+            Some(updated) => {
+                stored.insert(key, (updated, None));
+            }
+            None => rearm.push(JobArgs::DeliverEvent(DeliverEventArgs { id })),
         }
     }
+    // A request sent again may be the redelivery of one whose process died between its
+    // commit and its own publish: its job, if still pending, goes back to the relay.
+    ledger::outbox::rearm_by_args(tx, &rearm).await?;
     Ok(())
 }
 
@@ -422,7 +430,7 @@ impl EventsService {
                 .iter()
                 .map(|p| (p.env.clone(), p.request.clone(), p.options.clone()))
                 .collect();
-            match self.store_each(items).await {
+            match self.store_each(items, self.publisher.is_some()).await {
                 Ok(results) => {
                     // Callers are answered first; the publish follows, on this task.
                     let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
@@ -452,7 +460,7 @@ impl EventsService {
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
     ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
-        let results = self.store_each(items).await?;
+        let results = self.store_each(items, self.publisher.is_some()).await?;
         self.publish(&created_jobs(
             results.iter().filter_map(|r| r.as_ref().ok()),
         ))
@@ -460,10 +468,31 @@ impl EventsService {
         Ok(results)
     }
 
-    /// [`EventsService::ingest_each`] without the publish.
+    /// [`EventsService::ingest_each`] for a caller that publishes the delivery jobs itself,
+    /// when it likes, through its own [`DirectPublisher`]: they are inserted marked
+    /// published and returned beside the results. Until the caller has published them (or
+    /// handed them back to the outbox), only the reconciler would.
+    pub async fn ingest_each_for_caller(
+        &self,
+        items: Vec<(Environment, SendEvent, SendEventOptions)>,
+    ) -> Result<
+        (
+            Vec<Result<IngestResult, IngestError>>,
+            Vec<crate::ledger::Job>,
+        ),
+        IngestError,
+    > {
+        let results = self.store_each(items, true).await?;
+        let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
+        Ok((results, jobs))
+    }
+
+    /// [`EventsService::ingest_each`] without the publish; `claim`: insert the delivery jobs
+    /// for the caller to publish.
     async fn store_each(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
+        claim: bool,
     ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
         let mut results: Vec<Option<Result<IngestResult, IngestError>>> =
             Vec::with_capacity(items.len());
@@ -482,13 +511,13 @@ impl EventsService {
         if valid.is_empty() {
             return Ok(results.into_iter().flatten().collect());
         }
-        let stored = match self.ingest_many(valid.clone()).await {
+        let stored = match self.ingest_many(valid.clone(), claim).await {
             Ok(stored) => stored.into_iter().map(Ok).collect(),
             Err(e) if valid.len() == 1 => vec![refused_alone(e)?],
             Err(_) => {
                 let mut each = Vec::with_capacity(valid.len());
                 for item in valid {
-                    each.push(match self.ingest_many(vec![item]).await {
+                    each.push(match self.ingest_many(vec![item], claim).await {
                         Ok(mut one) => Ok(one.remove(0)),
                         Err(e) => refused_alone(e)?,
                     });
@@ -527,7 +556,10 @@ impl EventsService {
             }
             None => {
                 let result = self
-                    .ingest_many(vec![(env.clone(), request, options)])
+                    .ingest_many(
+                        vec![(env.clone(), request, options)],
+                        self.publisher.is_some(),
+                    )
                     .await?
                     .remove(0);
                 self.publish(&created_jobs(std::iter::once(&result))).await;
@@ -564,19 +596,20 @@ impl EventsService {
             .into_iter()
             .map(|e| (env.clone(), e, options.clone()))
             .collect();
-        let results = self.ingest_many(items).await?;
+        let results = self.ingest_many(items, self.publisher.is_some()).await?;
         self.publish(&created_jobs(results.iter())).await;
         Ok(results)
     }
 
-    /// One transaction; the delivery jobs are left to the caller to publish when this
-    /// service has a publisher (see [`EventsService::publish`]).
+    /// One transaction; `claim`: the delivery jobs are inserted for the caller to publish
+    /// (see [`EventsService::publish`]).
     async fn ingest_many(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
+        claim: bool,
     ) -> Result<Vec<IngestResult>, IngestError> {
         let mut tx = self.pool.begin().await?;
-        let results = ingest_in_tx(&mut tx, items, self.publisher.is_some()).await?;
+        let results = ingest_in_tx(&mut tx, items, claim).await?;
         tx.commit().await?;
         Ok(results)
     }

@@ -10,9 +10,12 @@
 //! 3. copy each request that cannot be stored to the rejected exchange, its reason in
 //!    headers and its API key removed, and wait for the broker's confirms;
 //! 4. answer each request that asked (`reply_to`) as the HTTP API would;
-//! 5. acknowledge the batch.
+//! 5. publish the batch's `deliverEvent` jobs (the fast path), while the next batch is
+//!    handled, and acknowledge the batch once that publish is settled (confirmed, or its
+//!    jobs handed back to the outbox).
 //!
-//! A message is acknowledged only once it is committed or its rejected copy is confirmed.
+//! A message is acknowledged only once it is committed (and its jobs' publish settled) or
+//! its rejected copy is confirmed.
 //! A failure that says nothing about the messages (the database or the broker is
 //! unreachable) ends the consumer before it acknowledges: the broker delivers the batch
 //! again to the consumer that reconnects, and the event ids make the second delivery store
@@ -81,6 +84,25 @@ pub struct Ingest {
     events: EventsService,
     topology: Topology,
     config: IngestConfig,
+    /// Publishes each batch's delivery jobs after its commit; without one, the relay does.
+    direct: Option<amqp::DirectPublisher>,
+}
+
+/// A batch whose jobs are being published; its messages are acknowledged once that ends.
+struct InFlight {
+    publish: tokio::task::JoinHandle<()>,
+    last: Delivery,
+}
+
+impl InFlight {
+    /// Wait for the publish, then acknowledge the batch (every delivery up to its last).
+    async fn settle(self) -> Result<(), IngestRoleError> {
+        self.publish
+            .await
+            .map_err(|e| IngestRoleError::Task(e.to_string()))?;
+        self.last.ack(BasicAckOptions { multiple: true }).await?;
+        Ok(())
+    }
 }
 
 impl Ingest {
@@ -90,13 +112,14 @@ impl Ingest {
             pool,
             topology,
             config,
+            direct: None,
         }
     }
 
     /// Publish the delivery jobs of each committed batch with `publisher` (the fast path).
     pub fn publishing(self, publisher: amqp::DirectPublisher) -> Self {
         Self {
-            events: EventsService::new(self.pool.clone()).publishing(publisher),
+            direct: Some(publisher),
             ..self
         }
     }
@@ -127,14 +150,17 @@ impl Ingest {
         let setup = conn.create_channel().await?;
         self.topology.declare(&setup).await?;
         let publisher = self.publisher(&conn).await?;
+        // Replies go out unconfirmed, on a channel of their own: a lost reply loses no
+        // event, and confirms nobody waits for would pile up on a confirm-mode channel.
+        let replies = conn.create_channel().await?;
         let _connected = ConnectedGuard::new("ingest");
         let mut tasks = JoinSet::new();
         for _ in 0..self.config.ingest_concurrency.max(1) {
             let channel = conn.create_channel().await?;
             let this = self.clone();
             let shutdown = shutdown.clone();
-            let publisher = publisher.clone();
-            tasks.spawn(async move { this.consume(channel, publisher, shutdown).await });
+            let channels = (publisher.clone(), replies.clone());
+            tasks.spawn(async move { this.consume(channel, channels, shutdown).await });
         }
         tracing::info!("ingest connected");
         let mut result = Ok(());
@@ -166,7 +192,7 @@ impl Ingest {
     async fn consume(
         &self,
         channel: Channel,
-        publisher: Channel,
+        (publisher, replies): (Channel, Channel),
         shutdown: CancellationToken,
     ) -> Result<(), IngestRoleError> {
         channel
@@ -180,10 +206,20 @@ impl Ingest {
                 FieldTable::default(),
             )
             .await?;
+        // The previous batch, acknowledged once its jobs' publish is settled: the publish
+        // of one batch overlaps the handling of the next.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                // Nothing new arrives: settle the previous batch as soon as it can be.
+                _ = async { (&mut in_flight.as_mut().expect("checked").publish).await },
+                    if in_flight.is_some() => {
+                    let done = in_flight.take().expect("checked");
+                    done.last.ack(BasicAckOptions { multiple: true }).await?;
+                    continue;
+                }
                 d = consumer.next() => d,
             };
             let Some(first) = first else {
@@ -196,33 +232,48 @@ impl Ingest {
                     _ => break,
                 }
             }
-            self.handle(&publisher, &batch).await?;
-            // Every message of the batch is settled: one acknowledgement covers them all
-            // (a channel's deliveries are acknowledged in order, and this channel holds no
-            // others).
-            if let Some(last) = batch.last() {
-                last.ack(BasicAckOptions { multiple: true }).await?;
+            let (_, jobs) = self.handle_batch(&publisher, &replies, &batch).await?;
+            // Deliveries are acknowledged in order, with `multiple`: the previous batch
+            // first, then this one once its publish is settled.
+            if let Some(previous) = in_flight.take() {
+                previous.settle().await?;
             }
+            let direct = self.direct.clone();
+            let last = batch.pop().expect("a batch is never empty");
+            in_flight = Some(InFlight {
+                publish: tokio::spawn(async move {
+                    if let Some(d) = direct {
+                        d.publish(&jobs).await;
+                    }
+                }),
+                last,
+            });
+        }
+        if let Some(previous) = in_flight.take() {
+            previous.settle().await?;
         }
         // Prefetched messages not yet handled go back to the queue when the channel closes.
         let _ = channel.close(200, "bye".into()).await;
         Ok(())
     }
 
-    /// Settle a batch: store what can be stored, copy the rest to the rejected exchange,
-    /// answer those that asked. Returns what became of each message, in order. The caller
-    /// acknowledges the messages once this returns `Ok`.
-    pub async fn handle(
+    /// Handle a batch: store what can be stored, copy the rest to the rejected exchange,
+    /// answer those that asked. Returns what became of each message, in order, and the
+    /// delivery jobs to publish (inserted marked published when this role has a publisher,
+    /// else left to the relay, and none returned). The caller publishes them, then
+    /// acknowledges the messages.
+    async fn handle_batch(
         &self,
         publisher: &Channel,
+        replies: &Channel,
         batch: &[Delivery],
-    ) -> Result<Vec<Outcome>, IngestRoleError> {
+    ) -> Result<(Vec<Outcome>, Vec<crate::ledger::Job>), IngestRoleError> {
         let requests: Vec<Request> = batch
             .iter()
             .map(|d| decode::decode(&d.properties, &d.data))
             .collect();
         let envs = self.environments(&requests).await?;
-        let outcomes = self.store(requests, &envs).await?;
+        let (outcomes, jobs) = self.store(requests, &envs).await?;
         failpoint::pause(failpoint::INGEST_AFTER_COMMIT).await;
         let mut confirms = Vec::new();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
@@ -234,7 +285,7 @@ impl Ingest {
             }
         }
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
-            reply(publisher, delivery, outcome).await?;
+            reply(replies, delivery, outcome).await?;
         }
         for confirm in confirms {
             // A copy the broker returned (no queue bound) is no more kept than a nacked one.
@@ -243,7 +294,7 @@ impl Ingest {
             }
         }
         record(&outcomes);
-        Ok(outcomes)
+        Ok((outcomes, jobs))
     }
 
     /// The environments of the batch's API keys, with one query.
@@ -270,7 +321,7 @@ impl Ingest {
         &self,
         requests: Vec<Request>,
         envs: &HashMap<String, Environment>,
-    ) -> Result<Vec<Outcome>, IngestRoleError> {
+    ) -> Result<(Vec<Outcome>, Vec<crate::ledger::Job>), IngestRoleError> {
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(requests.len());
         let mut items: Vec<(Environment, SendEvent, SendEventOptions)> = Vec::new();
         let mut at = Vec::new();
@@ -297,8 +348,15 @@ impl Ingest {
                 Err(rejection) => outcomes.push(Some(Outcome::Rejected(rejection))),
             }
         }
+        let mut jobs = Vec::new();
         if !items.is_empty() {
-            let results = self.events.ingest_each(items).await?;
+            let results = if self.direct.is_some() {
+                let (results, created) = self.events.ingest_each_for_caller(items).await?;
+                jobs = created;
+                results
+            } else {
+                self.events.ingest_each(items).await?
+            };
             for (i, result) in at.into_iter().zip(results) {
                 outcomes[i] = Some(match result {
                     Ok(stored) => Outcome::Stored(Box::new(stored)),
@@ -313,7 +371,7 @@ impl Ingest {
                 });
             }
         }
-        Ok(outcomes.into_iter().flatten().collect())
+        Ok((outcomes.into_iter().flatten().collect(), jobs))
     }
 
     /// Copy a message to the rejected exchange: its body and properties, its API key
@@ -380,8 +438,8 @@ async fn reply(
     if let Some(c) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(c.clone());
     }
-    // The confirm is not awaited: a lost reply loses no event.
-    let confirm = publisher
+    // An unconfirmed channel: this resolves as soon as the frame is handed over.
+    publisher
         .basic_publish(
             "".into(),
             reply_to.as_str().into(),
@@ -389,8 +447,8 @@ async fn reply(
             &serde_json::to_vec(&body).expect("JSON serializes"),
             properties,
         )
+        .await?
         .await?;
-    drop(confirm);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{Job, UnreadableJob, query_jobs};
+use super::{Job, JobArgs, UnreadableJob, query_jobs, unique_key};
 
 /// The channel relays listen on. Inserting jobs notifies it (a statement-level trigger);
 /// every other way back into the outbox goes through [`back_to_outbox`], which does too.
@@ -118,4 +118,26 @@ pub async fn stats(pool: &PgPool) -> Result<OutboxStats, sqlx::Error> {
         oldest_age_secs: outbox.oldest.unwrap_or(0.0).max(0.0),
         delayed,
     })
+}
+
+/// Put back in the outbox the live jobs with these arguments that left it in an earlier
+/// transaction: a request sent again (an event id already stored) re-arms its job, because
+/// the process that committed it may have died before publishing it (the fast path). If its
+/// message did go out, the second one finds the job final and has no effect. Returns how
+/// many were put back.
+pub async fn rearm_by_args(tx: &mut PgConnection, args: &[JobArgs]) -> Result<u64, sqlx::Error> {
+    if args.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<Vec<u8>> = args.iter().map(unique_key).collect();
+    let rearmed = sqlx::query_scalar!(
+        r#"SELECT id FROM queue_jobs
+           WHERE unique_key = ANY($1) AND state IN ('scheduled', 'available')
+             AND published_at < now()
+           FOR UPDATE SKIP LOCKED"#,
+        &keys
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    back_to_outbox(tx, &rearmed).await
 }
