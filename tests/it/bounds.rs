@@ -355,6 +355,8 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
 async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
     let config = HttpConfig {
         http_max_in_flight: 1,
+        // The stalled request must outlast the wait below.
+        http_request_timeout_ms: 120_000,
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
@@ -367,8 +369,10 @@ async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
             .await
             .unwrap()
     };
-    // The stalled request holds the one place once the server has read its head.
-    wait_until("a 503", Duration::from_secs(20), || async {
+    // The stalled request holds the one place once the server has read its head (on a
+    // machine busy with the whole suite that took over 20 s once: the wait ends as soon as
+    // it holds, so a long bound costs nothing).
+    wait_until("a 503", Duration::from_secs(60), || async {
         probe().await.status() == StatusCode::SERVICE_UNAVAILABLE
     })
     .await;
