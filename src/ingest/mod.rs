@@ -214,8 +214,11 @@ impl Ingest {
                 biased;
                 _ = shutdown.cancelled() => break,
                 // Nothing new arrives: settle the previous batch as soon as it can be.
-                _ = async { (&mut in_flight.as_mut().expect("checked").publish).await },
+                joined = async { (&mut in_flight.as_mut().expect("checked").publish).await },
                     if in_flight.is_some() => {
+                    // A publish task that died leaves its batch unacknowledged: it comes
+                    // back, and the resend re-arms its jobs.
+                    joined.map_err(|e| IngestRoleError::Task(e.to_string()))?;
                     let done = in_flight.take().expect("checked");
                     done.last.ack(BasicAckOptions { multiple: true }).await?;
                     continue;
