@@ -219,10 +219,13 @@ impl Process {
             if let Err(e) = task.await? {
                 shutdown.cancel();
                 tracker.wait().await;
+                direct.drain().await;
                 return Err(e.into());
             }
         }
         tracker.wait().await;
+        // Jobs committed by the last requests are published before the process exits.
+        direct.drain().await;
         self.pool.close().await;
         Ok(())
     }

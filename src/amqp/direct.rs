@@ -19,6 +19,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
+use tokio_util::task::TaskTracker;
 
 use super::publish::{properties, publish_job};
 use super::{JobMessage, Topology};
@@ -39,6 +40,9 @@ struct Inner {
     pool: PgPool,
     confirm_timeout: Duration,
     link: Mutex<Option<(Connection, Channel)>>,
+    /// Publishes started with [`DirectPublisher::publish_soon`], for
+    /// [`DirectPublisher::drain`].
+    running: TaskTracker,
 }
 
 impl DirectPublisher {
@@ -50,8 +54,28 @@ impl DirectPublisher {
                 pool,
                 confirm_timeout,
                 link: Mutex::new(None),
+                running: TaskTracker::new(),
             }),
         }
+    }
+
+    /// Publish in a task of its own (see [`DirectPublisher::publish`]), so the caller need
+    /// not wait for the broker's confirms; [`DirectPublisher::drain`] waits for it.
+    pub fn publish_soon(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        self.inner
+            .running
+            .spawn(async move { this.publish(&jobs).await });
+    }
+
+    /// Wait for the publishes started with [`DirectPublisher::publish_soon`]: a process
+    /// that stops calls it once nothing can start another, before it exits.
+    pub async fn drain(&self) {
+        self.inner.running.close();
+        self.inner.running.wait().await;
     }
 
     /// Publish jobs whose transaction has committed (inserted with `caller_publishes`).

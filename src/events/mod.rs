@@ -432,12 +432,16 @@ impl EventsService {
                 .collect();
             match self.store_each(items, self.publisher.is_some()).await {
                 Ok(results) => {
-                    // Callers are answered first; the publish follows, on this task.
+                    // The publish starts before the callers are answered (so a stopping
+                    // process, which waits for its requests and then for its publishes,
+                    // cannot miss it) and goes on while they are.
                     let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
+                    if let Some(p) = &self.publisher {
+                        p.publish_soon(jobs);
+                    }
                     for (p, r) in batch.into_iter().zip(results) {
                         let _ = p.reply.send(r);
                     }
-                    self.publish(&jobs).await;
                 }
                 Err(e) => {
                     let cause = e.to_string();
