@@ -27,7 +27,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::publish::{DeadJob, properties, publish_dead};
+use crate::amqp::publish::{DeadJob, count_published, log_published, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::failpoint;
@@ -337,17 +337,9 @@ impl Relay {
                     if job.state == JobState::Discarded {
                         m.dead_lettered.with_label_values(&["discarded"]).inc();
                     } else {
-                        m.jobs_published
-                            .with_label_values(&[job.kind.as_str(), &job.queue])
-                            .inc();
+                        count_published(job);
                     }
-                    tracing::debug!(
-                        job_id = job.id,
-                        kind = job.kind.as_str(),
-                        attempt = job.attempt,
-                        trace_id = job.trace_id().unwrap_or_default(),
-                        "job published"
-                    );
+                    log_published!(job);
                 }
                 Some(returned) => {
                     tracing::error!(job_id = job.id, reply = %returned.reply_text,

@@ -49,3 +49,28 @@ where
         }
     }
 }
+
+/// Wait for a connection's consumer tasks. One failing means the connection is suspect:
+/// the others are aborted (the messages they held unacknowledged come back from the
+/// broker) and the first error is returned; `lost` describes a task that panicked or was
+/// cancelled before any error.
+pub async fn until_first_failure<E>(
+    mut tasks: tokio::task::JoinSet<Result<(), E>>,
+    lost: impl Fn(String) -> E,
+) -> Result<(), E>
+where
+    E: 'static,
+{
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(|e| lost(e.to_string())).and_then(|r| r);
+        if let Err(e) = outcome
+            && result.is_ok()
+        {
+            // The others then end as cancelled: the first error is the one to report.
+            tasks.abort_all();
+            result = Err(e);
+        }
+    }
+    result
+}

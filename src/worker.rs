@@ -139,21 +139,7 @@ impl Worker {
             }
         }
         tracing::info!("worker connected");
-        let mut result = Ok(());
-        while let Some(joined) = tasks.join_next().await {
-            let outcome = joined
-                .map_err(|e| WorkerError::Task(e.to_string()))
-                .and_then(|r| r);
-            if let Err(e) = outcome
-                && result.is_ok()
-            {
-                // One consumer down means the connection is suspect: start over. Messages
-                // the others held unacknowledged come back from the broker. (The others then
-                // end as cancelled: the first error is the one to report.)
-                tasks.abort_all();
-                result = Err(e);
-            }
-        }
+        let result = crate::supervise::until_first_failure(tasks, WorkerError::Task).await;
         let _ = conn.close(200, "bye".into()).await;
         result
     }

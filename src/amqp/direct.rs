@@ -21,11 +21,10 @@ use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tokio_util::task::TaskTracker;
 
-use super::publish::{properties, publish_job};
+use super::publish::{count_published, log_published, properties, publish_job};
 use super::{JobMessage, Topology};
 use crate::failpoint;
 use crate::ledger::{Job, outbox};
-use crate::metrics::metrics;
 
 /// Publishes committed jobs on one connection of its own, opened (and the topology
 /// declared) on first use and again after it drops. Clones share it.
@@ -134,20 +133,11 @@ impl DirectPublisher {
             confirms.push((job, confirm));
         }
         let mut unconfirmed = Vec::new();
-        let m = metrics();
         for (job, confirm) in confirms {
             match confirm.await? {
                 Confirmation::Ack(None) => {
-                    m.jobs_published
-                        .with_label_values(&[job.kind.as_str(), &job.queue])
-                        .inc();
-                    tracing::debug!(
-                        job_id = job.id,
-                        kind = job.kind.as_str(),
-                        attempt = job.attempt,
-                        trace_id = job.trace_id().unwrap_or_default(),
-                        "job published"
-                    );
+                    count_published(job);
+                    log_published!(job);
                 }
                 _ => unconfirmed.push(job.id),
             }

@@ -81,6 +81,29 @@ pub async fn publish_job(
         .await
 }
 
+/// Count a job whose message the broker confirmed.
+pub fn count_published(job: &Job) {
+    crate::metrics::metrics()
+        .jobs_published
+        .with_label_values(&[job.kind.as_str(), &job.queue])
+        .inc();
+}
+
+/// The log line of a job whose message the broker confirmed, with its trace. A macro, so
+/// the line's target names the module that published (the relay, or `amqp::direct`).
+macro_rules! log_published {
+    ($job:expr) => {
+        tracing::debug!(
+            job_id = $job.id,
+            kind = $job.kind.as_str(),
+            attempt = $job.attempt,
+            trace_id = $job.trace_id().unwrap_or_default(),
+            "job published"
+        )
+    };
+}
+pub(crate) use log_published;
+
 /// What a dead letter says about its job, in its headers.
 #[derive(Debug, Clone)]
 pub struct DeadJob<'a> {

@@ -543,8 +543,8 @@ impl EventsService {
         request: SendEvent,
         options: SendEventOptions,
     ) -> Result<IngestResult, IngestError> {
-        validate(&request, &options)?;
         match &self.batcher {
+            // The committer validates each request of its batch (`store_each`).
             Some(batcher) => {
                 let (reply, answer) = oneshot::channel();
                 batcher
@@ -559,6 +559,7 @@ impl EventsService {
                 answer.await.map_err(|_| IngestError::Unavailable)?
             }
             None => {
+                validate(&request, &options)?;
                 let result = self
                     .ingest_many(
                         vec![(env.clone(), request, options)],

@@ -72,6 +72,10 @@ impl From<EventBody> for SendEvent {
     }
 }
 
+/// Largest body of one send (2 MiB, axum's default), over HTTP or as an AMQP message; the
+/// event's payload and context are then held to [`super::MAX_PAYLOAD_BYTES`].
+pub const MAX_SEND_BODY_BYTES: usize = 2 * 1024 * 1024;
+
 /// The prefix of the message that a body of the wrong shape gets (axum's words, which the
 /// HTTP API answers with).
 pub const WRONG_SHAPE: &str = "Failed to deserialize the JSON body into the target type";

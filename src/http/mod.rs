@@ -56,7 +56,7 @@ impl AppState {
 /// checked on its JSON text before any of it is parsed.
 pub const MAX_BULK_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Largest body of any other request (axum's default).
-pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+pub const MAX_BODY_BYTES: usize = crate::events::wire::MAX_SEND_BODY_BYTES;
 
 /// The API's routes, bounded as `config` says, with `operator_routes` (health, metrics)
 /// beside them outside the in-flight bound; every request is counted and timed.

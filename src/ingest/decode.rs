@@ -23,9 +23,8 @@ pub const API_KEY_HEADER: &str = "x-kongflow-api-key";
 pub const VERSION_HEADER: &str = "x-kongflow-version";
 /// The one contract version this build reads.
 pub const CONTRACT_VERSION: i64 = 1;
-/// Largest message body accepted, as for an HTTP request body: 2 MiB. The event's payload
-/// and context are then held to the same limits as over HTTP.
-pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Largest message body accepted: an HTTP send's.
+pub const MAX_MESSAGE_BYTES: usize = crate::events::wire::MAX_SEND_BODY_BYTES;
 /// The CloudEvents version this build reads.
 pub const CLOUDEVENTS_VERSION: &str = "1.0";
 /// CloudEvents extension attributes that carry the send options.

@@ -163,19 +163,7 @@ impl Ingest {
             tasks.spawn(async move { this.consume(channel, channels, shutdown).await });
         }
         tracing::info!("ingest connected");
-        let mut result = Ok(());
-        while let Some(joined) = tasks.join_next().await {
-            let outcome = joined
-                .map_err(|e| IngestRoleError::Task(e.to_string()))
-                .and_then(|r| r);
-            if let Err(e) = outcome
-                && result.is_ok()
-            {
-                // The batches the others hold come back from the broker.
-                tasks.abort_all();
-                result = Err(e);
-            }
-        }
+        let result = crate::supervise::until_first_failure(tasks, IngestRoleError::Task).await;
         let _ = conn.close(200, "bye".into()).await;
         result
     }

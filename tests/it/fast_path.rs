@@ -56,37 +56,8 @@ async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() 
     })
     .await;
 
-    // The work queue gone (a queue bound under another key keeps the exchange): the
-    // broker confirms the publish but returns the message.
-    let keeper = app
-        .channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    app.channel
-        .queue_bind(
-            keeper.name().clone(),
-            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "elsewhere".into(),
-            lapin::options::QueueBindOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    app.channel
-        .queue_delete(
-            app.topology.queue(JobKind::DeliverEvent).as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
+    // The work queue gone: the broker confirms the publish but returns the message.
+    app.remove_work_queue(JobKind::DeliverEvent).await;
     events
         .ingest_send_event(&app.env, send("returned"), SendEventOptions::default())
         .await

@@ -396,9 +396,48 @@ impl TestApp {
         total
     }
 
+    /// Delete a kind's work queue, keeping its exchange (a queue bound under another key
+    /// holds the test's auto-delete exchange): publishes to it are confirmed but returned.
+    pub async fn remove_work_queue(&self, kind: JobKind) {
+        let keeper = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                keeper.name().clone(),
+                self.topology.exchange(kind).as_str().into(),
+                "elsewhere".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_delete(
+                self.topology.queue(kind).as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Register job `slug` (version 1) for events named `event` from the default source,
     /// through the library.
     pub async fn register_job(&self, slug: &str, event: &str) {
+        self.register_job_from(slug, event, "trigger.dev").await;
+    }
+
+    /// Register job `slug` (version 1) for events named `event` from `source`.
+    pub async fn register_job_from(&self, slug: &str, event: &str, source: &str) {
         kongflow_events::triggers::register_job(
             &self.pool,
             &self.env,
@@ -407,7 +446,7 @@ impl TestApp {
                 version: "1".into(),
                 rule: kongflow_events::triggers::EventRule {
                     event_names: vec![event.into()],
-                    source: "trigger.dev".into(),
+                    source: source.into(),
                     payload_filter: None,
                     context_filter: None,
                 },

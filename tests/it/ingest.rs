@@ -168,32 +168,12 @@ async fn rejected_consumer(app: &TestApp) -> lapin::Consumer {
         .unwrap()
 }
 
-async fn register(app: &TestApp, slug: &str, event: &str, source: &str) {
-    kongflow_events::triggers::register_job(
-        &app.pool,
-        &app.env,
-        slug,
-        &kongflow_events::triggers::JobRegistration {
-            version: "1".into(),
-            rule: kongflow_events::triggers::EventRule {
-                event_names: vec![event.into()],
-                source: source.into(),
-                payload_filter: None,
-                context_filter: None,
-            },
-            enabled: true,
-            manual: false,
-        },
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_form_is_stored_answered_and_run() {
     let app = TestApp::spawn().await;
-    register(&app, "native", "order.paid", "trigger.dev").await;
-    register(&app, "cloud", "order.shipped", "/shop").await;
+    app.register_job("native", "order.paid").await;
+    app.register_job_from("cloud", "order.shipped", "/shop")
+        .await;
     let channel = producer(&app).await;
     let (replies, mut consumer) = reply_queue(&app).await;
     let asks = |p: BasicProperties, c: &str| {

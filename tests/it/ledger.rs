@@ -182,35 +182,7 @@ async fn a_message_the_broker_returns_keeps_its_job_in_the_outbox() {
     // The work queue is gone: the publish is unroutable and the broker returns it
     // (`mandatory`), though it confirms the publish itself. (A queue bound under another
     // key keeps the test's auto-delete exchange alive.)
-    let keeper = app
-        .channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    app.channel
-        .queue_bind(
-            keeper.name().clone(),
-            app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "elsewhere".into(),
-            lapin::options::QueueBindOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    app.channel
-        .queue_delete(
-            app.topology.queue(JobKind::DeliverEvent).as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
+    app.remove_work_queue(JobKind::DeliverEvent).await;
     assert_eq!(relay.publish_batch(&channel).await.unwrap(), 0);
     assert_eq!(published_at().await, None, "the mark was taken back");
     assert_eq!(
