@@ -23,6 +23,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+#[allow(dead_code)]
 mod common;
 use common::{Args, Bench};
 

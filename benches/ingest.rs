@@ -30,7 +30,7 @@ use serde_json::json;
 // The HTTP sender of the shared set-up is not used here: events go over AMQP.
 #[allow(dead_code)]
 mod common;
-use common::{Args, Bench, EVENT};
+use common::{Args, Bench, EVENT, Stages};
 
 /// Confirms awaited per window, per publisher.
 const WINDOW: usize = 500;
@@ -215,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
             "offering {n} messages at {rate} events/s, {} publishers",
             args.concurrency
         );
+        let stages = Stages::scrape(&bench.http, &args.url).await?;
         publish_all(
             exchange,
             "send".into(),
@@ -244,6 +245,9 @@ async fn main() -> anyhow::Result<()> {
             p99 * 1e3,
             max * 1e3
         );
+        Stages::scrape(&bench.http, &args.url)
+            .await?
+            .print_since(&stages);
         return Ok(());
     }
 

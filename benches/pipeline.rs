@@ -2,10 +2,12 @@
 //!
 //! Creates a fresh environment, registers one job over HTTP, sends N events (each matching
 //! the job's dispatcher) with concurrent clients, waits for N runs, and prints:
-//! - ingest rate (events acknowledged per second),
+//! - ingest rate (events acknowledged per second) and each request's latency, p50 and p99
+//!   (as the client sees it),
 //! - end-to-end rate (first send to last run created),
 //! - ingest-to-run latency p50, p95, p99 (run created minus event stored, both by the
-//!   database's clock).
+//!   database's clock),
+//! - where the time went: the service's stage timings (`/metrics`) over the run.
 //!
 //! `cargo bench --bench pipeline -- [--url U] [--events N] [--concurrency C] [--rate R]`
 //! with `DATABASE_URL` pointing at the pipeline's database. `--rate` offers R events/s
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 mod common;
-use common::{Args, Bench};
+use common::{Args, Bench, Stages};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -31,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|r| format!(", offered at {r} events/s"))
             .unwrap_or_default()
     );
+    let stages_before = Stages::scrape(&bench.http, &args.url).await?;
     let started = Instant::now();
     let limit = Arc::new(Semaphore::new(args.concurrency));
     let mut tasks = Vec::with_capacity(args.events);
@@ -42,17 +45,24 @@ async fn main() -> anyhow::Result<()> {
         let permit = limit.clone().acquire_owned().await?;
         let bench = bench.clone();
         tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
             let ok = bench.send(format!("e{i}"), None).await;
             drop(permit);
-            ok
+            (ok, sent.elapsed())
         }));
     }
     let mut failed = 0;
+    let mut requests = Vec::with_capacity(args.events);
     for t in tasks {
-        if !t.await? {
+        let (ok, took) = t.await?;
+        if !ok {
             failed += 1;
         }
+        requests.push(took);
     }
+    requests.sort_unstable();
+    let request_at =
+        |q: f64| requests[((requests.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
     let ingest = started.elapsed();
     anyhow::ensure!(failed == 0, "{failed} sends failed");
 
@@ -81,6 +91,12 @@ async fn main() -> anyhow::Result<()> {
         ingest.as_secs_f64()
     );
     println!(
+        "request:       p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        request_at(0.5),
+        request_at(0.99),
+        request_at(1.0)
+    );
+    println!(
         "end to end:    {:>8.0} events/s ({n} runs in {span:.2} s)",
         n / span
     );
@@ -91,5 +107,8 @@ async fn main() -> anyhow::Result<()> {
         p99 * 1e3,
         max * 1e3
     );
+    Stages::scrape(&bench.http, &args.url)
+        .await?
+        .print_since(&stages_before);
     Ok(())
 }

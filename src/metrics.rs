@@ -18,6 +18,90 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     300.0, 900.0, 1800.0, 3600.0,
 ];
 
+/// Stage-timing buckets, in seconds: 50 µs to 2.5 s, each about twice the last.
+pub const STAGE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
+    0.256, 0.512, 1.0, 2.5,
+];
+
+/// Where an event spends its time on its way to a run: each step of the path has a stage,
+/// timed into `kongflow_stage_duration_seconds{stage}`. One observation per request for
+/// `auth` and `group_wait`, per message for `broker`, per batch (one transaction, one
+/// publish) for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// HTTP: the API key looked up (the environment of the call).
+    Auth,
+    /// HTTP: a send queued until the transaction of its group starts.
+    GroupWait,
+    /// AMQP ingest: a batch of messages decoded.
+    Decode,
+    /// Ingest (HTTP and AMQP): the transaction's statements, from `BEGIN` to before `COMMIT`.
+    Insert,
+    /// Ingest: the `COMMIT`.
+    Commit,
+    /// AMQP ingest: the replies and rejected copies of a batch sent.
+    Reply,
+    /// The fast path: committed jobs published, until the broker confirmed every one.
+    Publish,
+    /// Relay: a batch claimed from the outbox.
+    RelayClaim,
+    /// Relay: the batch published, until every confirm.
+    RelayConfirm,
+    /// Relay: unconfirmed marks taken back and the commit.
+    RelayCommit,
+    /// A job message due when published: from its publish to its delivery to a worker.
+    Broker,
+    /// Worker: the batch's jobs locked and marked completed.
+    Take,
+    /// Worker: the handlers of the batch.
+    Handler,
+    /// Worker: the `COMMIT` of the batch.
+    WorkerCommit,
+    /// Worker: the batch's messages acknowledged (AMQP ingest: its messages too).
+    Ack,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 15] = [
+        Stage::Auth,
+        Stage::GroupWait,
+        Stage::Decode,
+        Stage::Insert,
+        Stage::Commit,
+        Stage::Reply,
+        Stage::Publish,
+        Stage::RelayClaim,
+        Stage::RelayConfirm,
+        Stage::RelayCommit,
+        Stage::Broker,
+        Stage::Take,
+        Stage::Handler,
+        Stage::WorkerCommit,
+        Stage::Ack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Auth => "auth",
+            Stage::GroupWait => "group_wait",
+            Stage::Decode => "decode",
+            Stage::Insert => "insert",
+            Stage::Commit => "commit",
+            Stage::Reply => "reply",
+            Stage::Publish => "publish",
+            Stage::RelayClaim => "relay_claim",
+            Stage::RelayConfirm => "relay_confirm",
+            Stage::RelayCommit => "relay_commit",
+            Stage::Broker => "broker",
+            Stage::Take => "take",
+            Stage::Handler => "handler",
+            Stage::WorkerCommit => "worker_commit",
+            Stage::Ack => "ack",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Events stored, by how they came (`api`, `bulk`, `amqp`).
@@ -59,6 +143,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// Time per step of an event's path, by [`Stage`].
+    pub stage_duration: HistogramVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -71,6 +157,20 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Histogram
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
         labels,
+    )
+    .expect("valid histogram");
+    r.register(Box::new(h.clone())).expect("register histogram");
+    h
+}
+
+fn stage_histogram(r: &Registry) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(
+            "kongflow_stage_duration_seconds",
+            "Time per step of an event's path to its runs",
+        )
+        .buckets(STAGE_BUCKETS.to_vec()),
+        &["stage"],
     )
     .expect("valid histogram");
     r.register(Box::new(h.clone())).expect("register histogram");
@@ -206,11 +306,11 @@ impl Metrics {
                 "HTTP request duration",
                 &["route", "method"],
             ),
+            stage_duration: stage_histogram(&r),
             registry: r,
         }
     }
 
-    /// The text exposition of every metric.
     /// Create the series of every job kind (with its queue), so they are exported (at 0)
     /// before anything happens. The process calls it with the kinds it knows.
     pub fn touch_job_series<'a>(&self, kinds: impl IntoIterator<Item = (&'a str, &'a str)>) {
@@ -252,12 +352,27 @@ impl Metrics {
         for origin in ["discarded", "unrunnable"] {
             self.dead_lettered.with_label_values(&[origin]);
         }
+        for stage in Stage::ALL {
+            self.stage_duration.with_label_values(&[stage.as_str()]);
+        }
         for role in ["ingest", "relay", "worker"] {
             self.amqp_connected.with_label_values(&[role]);
             self.reconnects.with_label_values(&[role]);
         }
     }
 
+    /// Time a [`Stage`] from `since` to now.
+    pub fn stage(&self, stage: Stage, since: std::time::Instant) {
+        self.stage_seconds(stage, since.elapsed().as_secs_f64());
+    }
+
+    pub fn stage_seconds(&self, stage: Stage, seconds: f64) {
+        self.stage_duration
+            .with_label_values(&[stage.as_str()])
+            .observe(seconds);
+    }
+
+    /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()

@@ -35,7 +35,7 @@ use crate::ledger::outbox::{self, Claimed};
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{Job, JobState, NOTIFY_CHANNEL};
 use crate::metrics::ConnectedGuard;
-use crate::metrics::metrics;
+use crate::metrics::{Stage, metrics};
 
 pub use crate::ledger::upkeep::{RECONCILER_LOCK, RETENTION_LOCK};
 
@@ -257,6 +257,7 @@ impl Relay {
             return Ok(0);
         }
         let claimed_in = started.elapsed();
+        metrics().stage_seconds(Stage::RelayClaim, claimed_in.as_secs_f64());
         let mut unconfirmed: Vec<i64> = unreadable
             .iter()
             .map(|u| {
@@ -267,10 +268,16 @@ impl Relay {
         let confirms = self.publish_all(channel, &jobs).await?;
         unconfirmed.extend(self.settle_confirms(confirms)?);
         let confirmed_in = started.elapsed();
+        metrics().stage_seconds(
+            Stage::RelayConfirm,
+            (confirmed_in - claimed_in).as_secs_f64(),
+        );
+        let committing = std::time::Instant::now();
 
         failpoint::hit(failpoint::RELAY_AFTER_CONFIRM);
         outbox::unmark(&mut tx, &unconfirmed).await?;
         tx.commit().await?;
+        metrics().stage(Stage::RelayCommit, committing);
         let published = jobs.len() + unreadable.len() - unconfirmed.len();
         tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
         Ok(published)

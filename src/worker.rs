@@ -36,7 +36,7 @@ use crate::handlers::{self, JobError};
 use crate::ledger::run::{self, Failure};
 use crate::ledger::{Job, JobKind};
 use crate::metrics::ConnectedGuard;
-use crate::metrics::metrics;
+use crate::metrics::{Stage, metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -239,15 +239,18 @@ impl Worker {
                     );
                     arrived.due.push((delivery, Err(reason)));
                 }
-                Ok(m) => match arrival(&m, now, self.topology.delay_lead()) {
-                    Arrival::Due => arrived.due.push((delivery, Ok(m))),
-                    Arrival::Hold => {
-                        let at = m.run_at;
-                        let pos = held.partition_point(|(t, _, _)| *t <= at);
-                        held.insert(pos, (at, delivery, m));
+                Ok(m) => {
+                    time_broker_hop(&delivery, &m, now);
+                    match arrival(&m, now, self.topology.delay_lead()) {
+                        Arrival::Due => arrived.due.push((delivery, Ok(m))),
+                        Arrival::Hold => {
+                            let at = m.run_at;
+                            let pos = held.partition_point(|(t, _, _)| *t <= at);
+                            held.insert(pos, (at, delivery, m));
+                        }
+                        Arrival::SendBack => arrived.early.push((delivery, m)),
                     }
-                    Arrival::SendBack => arrived.early.push((delivery, m)),
-                },
+                }
                 Err(e) => arrived
                     .due
                     .push((delivery, Err(format!("unparseable job message: {e}")))),
@@ -278,11 +281,13 @@ impl Worker {
         if alone && dispositions.iter().all(|d| *d == Disposition::Ack) {
             // One frame acknowledges the whole batch: this channel has one consumer and
             // every other delivery on it is already settled.
+            let acking = std::time::Instant::now();
             let last = deliveries
                 .iter()
                 .max_by_key(|d| d.delivery_tag)
                 .expect("a batch is never empty");
             last.ack(BasicAckOptions { multiple: true }).await?;
+            metrics().stage(Stage::Ack, acking);
             return Ok(());
         }
         for (delivery, disposition) in deliveries.iter().zip(dispositions) {
@@ -403,8 +408,10 @@ impl Worker {
     /// Run `ids` (sorted) in one transaction. On a handler error the transaction is rolled
     /// back and the error returned inside `Ok`, with the ids the ledger does not have.
     async fn run_jobs(&self, ids: &[i64]) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let taken = run::take(&mut tx, ids).await?;
+        metrics().stage(Stage::Take, started);
         if !taken.missing.is_empty() {
             // A message for a final job is a duplicate (or a redelivery after a crash
             // between commit and ack): acknowledged, no effect. One naming no job at all
@@ -424,7 +431,9 @@ impl Worker {
             Ok(inserted) => inserted,
             Err(e) => return Ok((Err(e), taken.missing)),
         };
+        let committing = std::time::Instant::now();
         tx.commit().await?;
+        metrics().stage(Stage::WorkerCommit, committing);
         count_completed(&taken.jobs, started_at);
         if let Some(p) = &self.publisher {
             p.publish(&inserted).await;
@@ -455,6 +464,7 @@ impl Worker {
                 .handler_duration
                 .with_label_values(&[kind.as_str(), outcome_label])
                 .observe(timer.elapsed().as_secs_f64());
+            metrics().stage(Stage::Handler, timer);
             inserted.extend(outcome?);
         }
         Ok(inserted)
@@ -506,6 +516,17 @@ fn count_completed(jobs: &[Job], started_at: DateTime<Utc>) {
             .observe(seconds_since(job.run_at, started_at));
         tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
             event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job completed");
+    }
+}
+
+/// Time the broker hop of a message that was due when published (see
+/// [`crate::amqp::publish::PUBLISHED_AT_HEADER`]); a delayed message's time in the tiers is
+/// not the broker's.
+fn time_broker_hop(delivery: &Delivery, message: &JobMessage, now: DateTime<Utc>) {
+    if let Some(published) = amqp::publish::published_at(&delivery.properties)
+        && message.run_at <= published
+    {
+        metrics().stage_seconds(Stage::Broker, seconds_since(published, now));
     }
 }
 

@@ -1,6 +1,7 @@
 //! What both benchmarks need: a fresh environment with one job registered over HTTP, and a
 //! way to send events.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kongflow_events::db::environments::{self, EnvironmentType};
@@ -129,6 +130,99 @@ impl Bench {
                 "only {runs} of {n} runs after {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The service's stage histograms (`kongflow_stage_duration_seconds`) at one moment: per
+/// stage, its cumulative bucket counts by upper bound, and its sum.
+#[derive(Default)]
+pub struct Stages(BTreeMap<String, (Vec<(f64, f64)>, f64)>);
+
+impl Stages {
+    /// Read them from the service's `/metrics` at `url`.
+    pub async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Self> {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let mut stages: BTreeMap<String, (Vec<(f64, f64)>, f64)> = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("kongflow_stage_duration_seconds_") else {
+                continue;
+            };
+            let label = |name: &str| {
+                let start = rest
+                    .find(&format!("{name}=\""))
+                    .map(|i| i + name.len() + 2)?;
+                let end = rest[start..].find('"')? + start;
+                Some(rest[start..end].to_string())
+            };
+            let (Some(stage), Some(value)) = (
+                label("stage"),
+                rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            let entry = stages.entry(stage).or_default();
+            if rest.starts_with("bucket") {
+                let le =
+                    label("le").map_or(f64::INFINITY, |le| le.parse().unwrap_or(f64::INFINITY));
+                entry.0.push((le, value));
+            } else if rest.starts_with("sum") {
+                entry.1 = value;
+            }
+        }
+        for (buckets, _) in stages.values_mut() {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        Ok(Self(stages))
+    }
+
+    /// Print, per stage, what happened between `before` and `self`: observations, mean, and
+    /// p50 and p99 interpolated within buckets as Prometheus does.
+    pub fn print_since(&self, before: &Stages) {
+        println!("stages (count, mean, p50, p99):");
+        for (stage, (buckets, sum)) in &self.0 {
+            let (old, old_sum) = before.0.get(stage).cloned().unwrap_or_default();
+            let delta: Vec<(f64, f64)> = buckets
+                .iter()
+                .map(|(le, c)| {
+                    let was = old.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+                    (*le, c - was)
+                })
+                .collect();
+            let count = delta.last().map_or(0.0, |(_, c)| *c);
+            if count < 1.0 {
+                continue;
+            }
+            let quantile = |q: f64| {
+                let rank = q * count;
+                let mut lower = (0.0, 0.0);
+                for &(le, c) in &delta {
+                    if c >= rank {
+                        if le.is_infinite() {
+                            return lower.0;
+                        }
+                        let within = if c > lower.1 {
+                            (rank - lower.1) / (c - lower.1)
+                        } else {
+                            1.0
+                        };
+                        return lower.0 + (le - lower.0) * within;
+                    }
+                    lower = (le, c);
+                }
+                lower.0
+            };
+            println!(
+                "  {stage:<14} {count:>8.0}  {:>7.2} ms  {:>7.2} ms  {:>7.2} ms",
+                (sum - old_sum) / count * 1e3,
+                quantile(0.5) * 1e3,
+                quantile(0.99) * 1e3
+            );
         }
     }
 }

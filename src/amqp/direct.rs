@@ -25,6 +25,7 @@ use super::publish::{count_published, log_published, properties, publish_job};
 use super::{JobMessage, Topology};
 use crate::failpoint;
 use crate::ledger::{Job, outbox};
+use crate::metrics::{Stage, metrics};
 
 /// Publishes committed jobs on one connection of its own, opened (and the topology
 /// declared) on first use and again after it drops. Clones share it.
@@ -84,6 +85,7 @@ impl DirectPublisher {
             return;
         }
         failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
+        let started = std::time::Instant::now();
         let unconfirmed = match tokio::time::timeout(
             self.inner.confirm_timeout,
             self.try_publish(jobs),
@@ -101,6 +103,7 @@ impl DirectPublisher {
                 jobs.iter().map(|j| j.id).collect()
             }
         };
+        metrics().stage(Stage::Publish, started);
         if unconfirmed.is_empty() {
             return;
         }

@@ -56,8 +56,27 @@ pub fn route(
     }
 }
 
+/// The header a job message carries with the moment it was published, in microseconds since
+/// the Unix epoch: the worker times the broker's hop with it.
+pub const PUBLISHED_AT_HEADER: &str = "x-kongflow-published-us";
+
+/// When a job message was published, from its [`PUBLISHED_AT_HEADER`].
+pub fn published_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
+    let micros = match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(PUBLISHED_AT_HEADER)?
+    {
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    DateTime::from_timestamp_micros(micros)
+}
+
 /// Publish a job's message by its due time (`mandatory`, so a message no queue takes comes
-/// back instead of vanishing). The caller awaits the returned confirm.
+/// back instead of vanishing), stamped with [`PUBLISHED_AT_HEADER`]. The caller awaits the
+/// returned confirm.
 pub async fn publish_job(
     channel: &Channel,
     topology: &Topology,
@@ -67,6 +86,12 @@ pub async fn publish_job(
     now: DateTime<Utc>,
 ) -> lapin::Result<PublisherConfirm> {
     let route = route(topology, kind, &message.queue, message.run_at, now);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        PUBLISHED_AT_HEADER.into(),
+        AMQPValue::LongLongInt(Utc::now().timestamp_micros()),
+    );
+    let properties = properties.with_headers(headers);
     channel
         .basic_publish(
             route.exchange.as_str().into(),

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::amqp::DirectPublisher;
 use crate::db::environments::Environment;
 use crate::ledger::{self, DeliverEventArgs, InsertOpts, JobArgs, JobInsert, JobInsertResult, run};
+use crate::metrics::{Stage, metrics};
 
 /// Source given to events that name none.
 pub const DEFAULT_SOURCE: &str = "trigger.dev";
@@ -339,6 +340,7 @@ struct Pending {
     request: SendEvent,
     options: SendEventOptions,
     reply: oneshot::Sender<Result<IngestResult, IngestError>>,
+    queued: std::time::Instant,
 }
 
 /// Ingest and lookup of events.
@@ -428,7 +430,10 @@ impl EventsService {
             }
             let items: Vec<_> = batch
                 .iter()
-                .map(|p| (p.env.clone(), p.request.clone(), p.options.clone()))
+                .map(|p| {
+                    metrics().stage(Stage::GroupWait, p.queued);
+                    (p.env.clone(), p.request.clone(), p.options.clone())
+                })
                 .collect();
             match self.store_each(items, self.publisher.is_some()).await {
                 Ok(results) => {
@@ -553,6 +558,7 @@ impl EventsService {
                         request,
                         options,
                         reply,
+                        queued: std::time::Instant::now(),
                     })
                     .await
                     .map_err(|_| IngestError::Unavailable)?;
@@ -613,9 +619,13 @@ impl EventsService {
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
         claim: bool,
     ) -> Result<Vec<IngestResult>, IngestError> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         let results = ingest_in_tx(&mut tx, items, claim).await?;
+        metrics().stage(Stage::Insert, started);
+        let committing = std::time::Instant::now();
         tx.commit().await?;
+        metrics().stage(Stage::Commit, committing);
         Ok(results)
     }
 

@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use super::AppState;
 use super::error::ApiError;
 use crate::db::environments::{self, Environment};
+use crate::metrics::{Stage, metrics};
 
 /// The caller's environment.
 pub struct AuthEnv(pub Environment);
@@ -28,10 +29,11 @@ impl FromRequestParts<AppState> for AuthEnv {
             .ok_or_else(|| {
                 ApiError::unauthorized("Authorization header must be \"Bearer <api key>\"")
             })?;
+        let started = std::time::Instant::now();
         let mut conn = state.pool.acquire().await?;
-        environments::find_by_api_key(&mut conn, key)
-            .await?
-            .map(AuthEnv)
+        let env = environments::find_by_api_key(&mut conn, key).await?;
+        metrics().stage(Stage::Auth, started);
+        env.map(AuthEnv)
             .ok_or_else(|| ApiError::unauthorized("invalid API key"))
     }
 }

@@ -24,6 +24,7 @@
 pub mod decode;
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -44,7 +45,7 @@ use crate::db::environments::{self, Environment};
 use crate::events::wire::event_log;
 use crate::events::{EventsService, IngestError, IngestResult, SendEvent, SendEventOptions};
 use crate::failpoint;
-use crate::metrics::{ConnectedGuard, metrics};
+use crate::metrics::{ConnectedGuard, Stage, metrics};
 use decode::{Reason, Rejection, Request};
 
 /// The header of a reply that carries the HTTP status the API would have answered.
@@ -259,13 +260,18 @@ impl Ingest {
         replies: &Channel,
         batch: &[Delivery],
     ) -> Result<(Vec<Outcome>, Vec<crate::ledger::Job>), IngestRoleError> {
+        let started = Instant::now();
         let requests: Vec<Request> = batch
             .iter()
             .map(|d| decode::decode(&d.properties, &d.data))
             .collect();
+        metrics().stage(Stage::Decode, started);
+        let started = Instant::now();
         let envs = self.environments(&requests).await?;
+        metrics().stage(Stage::Auth, started);
         let (outcomes, jobs) = self.store(requests, &envs).await?;
         failpoint::pause(failpoint::INGEST_AFTER_COMMIT).await;
+        let started = Instant::now();
         let mut confirms = Vec::new();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
             if let Outcome::Rejected(rejection) = outcome {
@@ -284,6 +290,7 @@ impl Ingest {
                 return Err(IngestRoleError::RejectedNotConfirmed);
             }
         }
+        metrics().stage(Stage::Reply, started);
         record(&outcomes);
         Ok((outcomes, jobs))
     }

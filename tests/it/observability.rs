@@ -228,6 +228,31 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
         ),
         n + 2.0
     );
+    // Every step of the way is timed: each keyed request's lookup, each job message's
+    // broker hop, and at least one batch of each other stage.
+    let stage = |name: &str| {
+        moved(&format!(
+            "kongflow_stage_duration_seconds_count{{stage=\"{name}\"}}"
+        ))
+    };
+    assert_eq!(stage("auth"), n + 1.0);
+    assert_eq!(stage("group_wait"), n + 1.0);
+    assert_eq!(stage("broker"), 2.0 * n);
+    for name in [
+        "insert",
+        "commit",
+        "publish",
+        "take",
+        "handler",
+        "worker_commit",
+        "ack",
+    ] {
+        assert!(
+            (1.0..=2.0 * n).contains(&stage(name)),
+            "stage {name}: {}",
+            stage(name)
+        );
+    }
     assert_eq!(value(&after, "kongflow_outbox_backlog"), 0.0);
     assert_eq!(
         value(&after, "kongflow_amqp_connected{role=\"relay\"}"),
