@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks: start `kongflow-events all` (release build) on a fresh database, then run
-#   pipeline: benches/pipeline.rs flat out (20,000 events, 64 clients) and at an offered
-#             500 events/s;
+#   pipeline: the Postgres baseline (below), benches/pipeline.rs flat out (20,000 events,
+#             16 and 64 connections) and at offered 500 and 2,000 events/s (20 s each);
 #   delays:   benches/delays.rs, 10,000 events due 1-60 s after their send, with 200
 #             immediate events/s alongside; prints lateness.
 #   tiers:    benches/tiers.rs, the delay tiers alone (RabbitMQ, no database): lateness
@@ -28,11 +28,37 @@ target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
+# Postgres alone, the same-run baseline: one event row + one outbox row per transaction,
+# 16 clients, on a database of its own with the same schema, which no relay reads.
+pgbench_baseline() {
+  echo "== postgres alone: one event row + one outbox row per transaction, 16 clients (pgbench)"
+  base=kongflow_bench_pgbench
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $base WITH (FORCE)"
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $base"
+  base_url=postgres://postgres@127.0.0.1:5432/$base
+  env_id=$(DATABASE_URL=$base_url target/release/kongflow-events env create bench/pgbench/base \
+    | sed -n 's/.* id \([0-9a-f-]*\)$/\1/p')
+  cat > target/pgbench-ingest.sql <<SQL
+BEGIN;
+INSERT INTO event_records (id, environment_id, event_id, name, payload)
+VALUES (gen_random_uuid(), '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}');
+INSERT INTO queue_jobs (kind, args, state) VALUES ('deliverEvent', '{"id": 1}', 'available');
+COMMIT;
+SQL
+  pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T 15 -f target/pgbench-ingest.sql "$base" \
+    | grep -E "latency average|tps"
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE $base WITH (FORCE)"
+}
 if [[ $which == all || $which == pipeline ]]; then
-  echo "== flat out"
-  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 64 "$@"
-  echo "== offered 500 events/s"
-  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 64 "$@"
+  pgbench_baseline
+  for clients in 16 64; do
+    echo "== flat out, $clients connections"
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
+  done
+  for rate in 500 2000; do
+    echo "== offered $rate events/s"
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events $((rate * 20)) --rate $rate --concurrency 64 "$@"
+  done
 fi
 if [[ $which == all || $which == delays ]]; then
   echo "== delayed: 10,000 events due 1-60 s ahead, 200 immediate events/s alongside"
@@ -43,24 +69,7 @@ if [[ $which == all || $which == tiers ]]; then
   cargo bench --locked --quiet --bench tiers -- "$@"
 fi
 if [[ $which == all || $which == ingest ]]; then
-  echo "== postgres alone: one event row + one outbox row per transaction, 16 clients (pgbench)"
-  # A database of its own with the same schema, which no relay reads.
-  base=kongflow_bench_pgbench
-  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $base WITH (FORCE)"
-  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $base"
-  base_url=postgres://postgres@127.0.0.1:5432/$base
-  env_id=$(DATABASE_URL=$base_url target/release/kongflow-events env create bench/pgbench/base \
-    | sed -n 's/.* id \([0-9a-f-]*\)$/\1/p')
-  cat > target/pgbench-ingest.sql <<SQL
-BEGIN;
-INSERT INTO event_records (id, environment_id, event_id, name, payload)
-  VALUES (gen_random_uuid(), '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}');
-INSERT INTO queue_jobs (kind, args, state) VALUES ('deliverEvent', '{"id": 1}', 'available');
-COMMIT;
-SQL
-  pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T 15 -f target/pgbench-ingest.sql "$base" \
-    | grep -E "latency average|tps"
-  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE $base WITH (FORCE)"
+  pgbench_baseline
   for publishers in 16 4; do
     echo "== amqp ingest flat out, $publishers publishers"
     cargo bench --locked --quiet --bench ingest -- --url http://$HTTP_ADDR --events 50000 --concurrency $publishers "$@"

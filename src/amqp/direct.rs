@@ -18,7 +18,7 @@ use chrono::Utc;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, Connection};
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::publish::{count_published, log_published, properties, publish_job};
@@ -43,7 +43,14 @@ struct Inner {
     /// Publishes started with [`DirectPublisher::publish_soon`], for
     /// [`DirectPublisher::drain`].
     running: TaskTracker,
+    /// Bounds those publishes: past [`MAX_PUBLISHES_IN_FLIGHT`], a caller waits for one to
+    /// end before it starts another (a slow broker slows the committers down instead of
+    /// filling memory).
+    in_flight: Arc<Semaphore>,
 }
+
+/// How many [`DirectPublisher::publish_soon`] publishes may be under way at once.
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 
 impl DirectPublisher {
     pub fn new(url: String, topology: Topology, pool: PgPool, confirm_timeout: Duration) -> Self {
@@ -55,20 +62,30 @@ impl DirectPublisher {
                 confirm_timeout,
                 link: Mutex::new(None),
                 running: TaskTracker::new(),
+                in_flight: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
             }),
         }
     }
 
     /// Publish in a task of its own (see [`DirectPublisher::publish`]), so the caller need
-    /// not wait for the broker's confirms; [`DirectPublisher::drain`] waits for it.
-    pub fn publish_soon(&self, jobs: Vec<Job>) {
+    /// not wait for the broker's confirms; [`DirectPublisher::drain`] waits for it. Waits
+    /// only while [`MAX_PUBLISHES_IN_FLIGHT`] others are under way.
+    pub async fn publish_soon(&self, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
+        let permit = self
+            .inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let this = self.clone();
-        self.inner
-            .running
-            .spawn(async move { this.publish(&jobs).await });
+        self.inner.running.spawn(async move {
+            this.publish(&jobs).await;
+            drop(permit);
+        });
     }
 
     /// Wait for the publishes started with [`DirectPublisher::publish_soon`]: a process

@@ -1,5 +1,9 @@
 //! Organizations, projects, environments and their API keys.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use sha2::{Digest, Sha256};
@@ -143,53 +147,27 @@ pub async fn create_environment(
     })
 }
 
-/// The environment whose key this is, if any. The lookup goes by the key's hash, then the
-/// stored hash is compared again in constant time.
-pub async fn find_by_api_key(
+/// The environments of key hashes, by hash, with one query; each stored hash is compared
+/// again in constant time.
+async fn find_by_hashes(
     conn: &mut PgConnection,
-    key: &str,
-) -> Result<Option<Environment>, sqlx::Error> {
-    let hash = hash_api_key(key);
-    let row = sqlx::query!(
-        r#"SELECT id, slug, type, project_id, api_key_hash FROM runtime_environments
-           WHERE api_key_hash = $1"#,
-        hash
-    )
-    .fetch_optional(conn)
-    .await?;
-    Ok(row
-        .filter(|r| constant_time_eq(&r.api_key_hash, &hash))
-        .map(|r| Environment {
-            id: r.id,
-            slug: r.slug,
-            env_type: r.r#type,
-            project_id: r.project_id,
-        }))
-}
-
-/// The environments of several API keys at once, by key; a key no environment has is
-/// absent from the answer.
-pub async fn find_by_api_keys(
-    conn: &mut PgConnection,
-    keys: &[&str],
-) -> Result<std::collections::HashMap<String, Environment>, sqlx::Error> {
-    let hashes: Vec<Vec<u8>> = keys.iter().map(|k| hash_api_key(k)).collect();
+    hashes: &[Vec<u8>],
+) -> Result<HashMap<Vec<u8>, Environment>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT id, slug, type, project_id, api_key_hash FROM runtime_environments
            WHERE api_key_hash = ANY($1)"#,
-        &hashes
+        hashes
     )
     .fetch_all(conn)
     .await?;
-    Ok(keys
+    Ok(hashes
         .iter()
-        .zip(&hashes)
-        .filter_map(|(key, hash)| {
+        .filter_map(|hash| {
             let r = rows
                 .iter()
                 .find(|r| constant_time_eq(&r.api_key_hash, hash))?;
             Some((
-                key.to_string(),
+                hash.clone(),
                 Environment {
                     id: r.id,
                     slug: r.slug.clone(),
@@ -199,6 +177,101 @@ pub async fn find_by_api_keys(
             ))
         })
         .collect())
+}
+
+/// How long [`KeyCache`] trusts what it looked up: a key replaced (an environment created
+/// again) stops working within this time.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// At most this many keys are remembered; past it, lookups go to the database until
+/// entries expire.
+pub const KEY_CACHE_CAPACITY: usize = 10_000;
+
+/// API key lookups remembered for [`KEY_CACHE_TTL`], the keys no environment has included
+/// (a client retrying with a wrong key costs one query a second, not one per request).
+/// Entries are keyed by the key's hash: the cache holds no key. Clones share it.
+#[derive(Clone, Default)]
+pub struct KeyCache {
+    entries: Arc<Mutex<HashMap<Vec<u8>, Looked>>>,
+}
+
+/// When a key hash was looked up, and its environment (`None`: no environment has it).
+type Looked = (Instant, Option<Environment>);
+
+impl KeyCache {
+    /// The environment of `key`, from the cache while fresh, else from the database.
+    pub async fn find(&self, pool: &PgPool, key: &str) -> Result<Option<Environment>, sqlx::Error> {
+        let hash = hash_api_key(key);
+        if let Some(hit) = self.fresh(&hash) {
+            return Ok(hit);
+        }
+        let mut conn = pool.acquire().await?;
+        let found = find_by_hashes(&mut conn, std::slice::from_ref(&hash))
+            .await?
+            .remove(&hash);
+        self.remember([(hash, found.clone())]);
+        Ok(found)
+    }
+
+    /// The environments of several keys, by key (a key no environment has is absent): the
+    /// fresh ones from the cache, the others with one query.
+    pub async fn find_many(
+        &self,
+        pool: &PgPool,
+        keys: &[&str],
+    ) -> Result<HashMap<String, Environment>, sqlx::Error> {
+        let mut answer = HashMap::new();
+        let mut unknown: Vec<(&str, Vec<u8>)> = Vec::new();
+        for key in keys {
+            let hash = hash_api_key(key);
+            match self.fresh(&hash) {
+                Some(Some(env)) => {
+                    answer.insert(key.to_string(), env);
+                }
+                Some(None) => {}
+                None => unknown.push((key, hash)),
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(answer);
+        }
+        let hashes: Vec<Vec<u8>> = unknown.iter().map(|(_, h)| h.clone()).collect();
+        let mut conn = pool.acquire().await?;
+        let found = find_by_hashes(&mut conn, &hashes).await?;
+        self.remember(hashes.iter().map(|h| (h.clone(), found.get(h).cloned())));
+        for (key, hash) in unknown {
+            if let Some(env) = found.get(&hash) {
+                answer.insert(key.to_string(), env.clone());
+            }
+        }
+        Ok(answer)
+    }
+
+    /// What the cache knows of a key hash, if it is still fresh.
+    fn fresh(&self, hash: &[u8]) -> Option<Option<Environment>> {
+        let entries = self
+            .entries
+            .lock()
+            .expect("the key cache lock is never poisoned");
+        let (at, env) = entries.get(hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| env.clone())
+    }
+
+    fn remember(&self, found: impl IntoIterator<Item = (Vec<u8>, Option<Environment>)>) {
+        let now = Instant::now();
+        let mut entries = self
+            .entries
+            .lock()
+            .expect("the key cache lock is never poisoned");
+        for (hash, env) in found {
+            if entries.len() >= KEY_CACHE_CAPACITY {
+                entries.retain(|_, (at, _)| at.elapsed() < KEY_CACHE_TTL);
+            }
+            if entries.len() < KEY_CACHE_CAPACITY || entries.contains_key(&hash) {
+                entries.insert(hash, (now, env));
+            }
+        }
+    }
 }
 
 /// Compare two byte strings in time that depends only on their lengths.

@@ -442,7 +442,7 @@ impl EventsService {
                     // cannot miss it) and goes on while they are.
                     let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
                     if let Some(p) = &self.publisher {
-                        p.publish_soon(jobs);
+                        p.publish_soon(jobs).await;
                     }
                     for (p, r) in batch.into_iter().zip(results) {
                         let _ = p.reply.send(r);

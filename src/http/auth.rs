@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::db::environments::{self, Environment};
+use crate::db::environments::Environment;
 use crate::metrics::{Stage, metrics};
 
 /// The caller's environment.
@@ -30,8 +30,7 @@ impl FromRequestParts<AppState> for AuthEnv {
                 ApiError::unauthorized("Authorization header must be \"Bearer <api key>\"")
             })?;
         let started = std::time::Instant::now();
-        let mut conn = state.pool.acquire().await?;
-        let env = environments::find_by_api_key(&mut conn, key).await?;
+        let env = state.keys.find(&state.pool, key).await?;
         metrics().stage(Stage::Auth, started);
         env.map(AuthEnv)
             .ok_or_else(|| ApiError::unauthorized("invalid API key"))

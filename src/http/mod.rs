@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::EventsService;
 use crate::config::HttpConfig;
+use crate::db::environments::KeyCache;
 use crate::metrics::metrics;
 use error::ApiError;
 
@@ -29,6 +30,8 @@ use error::ApiError;
 pub struct AppState {
     pub pool: PgPool,
     pub events: EventsService,
+    /// API keys looked up, remembered for a second.
+    pub keys: KeyCache,
 }
 
 impl AppState {
@@ -38,6 +41,7 @@ impl AppState {
         Self {
             events: EventsService::with_batching(pool.clone(), 2, 200),
             pool,
+            keys: KeyCache::default(),
         }
     }
 
@@ -47,7 +51,7 @@ impl AppState {
             events: EventsService::new(self.pool.clone())
                 .publishing(publisher)
                 .batching(2, 200),
-            pool: self.pool,
+            ..self
         }
     }
 }

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Topology};
 use crate::config::IngestConfig;
-use crate::db::environments::{self, Environment};
+use crate::db::environments::{Environment, KeyCache};
 use crate::events::wire::event_log;
 use crate::events::{EventsService, IngestError, IngestResult, SendEvent, SendEventOptions};
 use crate::failpoint;
@@ -87,6 +87,8 @@ pub struct Ingest {
     config: IngestConfig,
     /// Publishes each batch's delivery jobs after its commit; without one, the relay does.
     direct: Option<amqp::DirectPublisher>,
+    /// API keys looked up, remembered for a second.
+    keys: KeyCache,
 }
 
 /// A batch whose jobs are being published; its messages are acknowledged once that ends.
@@ -114,6 +116,7 @@ impl Ingest {
             topology,
             config,
             direct: None,
+            keys: KeyCache::default(),
         }
     }
 
@@ -309,8 +312,7 @@ impl Ingest {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut conn = self.pool.acquire().await?;
-        Ok(environments::find_by_api_keys(&mut conn, &keys).await?)
+        Ok(self.keys.find_many(&self.pool, &keys).await?)
     }
 
     /// Store every request whose key is known and that reads, in one transaction; the

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use kongflow_events::db::environments;
 use serde_json::json;
 
 use crate::helpers::HTTP_ONLY;
@@ -85,6 +86,43 @@ async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {
         .await;
     assert_eq!(s, 404);
     app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_key_stops_working_within_the_key_cache_ttl() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let get = reqwest::Method::GET;
+    let (_, old) = app.new_env("rotated").await;
+    // Known key, unknown event: 404, and the key is now cached.
+    let (s, _) = app
+        .request(get.clone(), "/api/v1/events/none", Some(&old), None)
+        .await;
+    assert_eq!(s, 404);
+    // Creating the environment again gives it a new key; the old one is refused once the
+    // cache has forgotten it, and the new one works at once (it was never cached).
+    let (_, new) = app.new_env("rotated").await;
+    assert_ne!(old, new);
+    let (s, _) = app
+        .request(get.clone(), "/api/v1/events/none", Some(&new), None)
+        .await;
+    assert_eq!(s, 404);
+    tokio::time::sleep(environments::KEY_CACHE_TTL + Duration::from_millis(100)).await;
+    let (s, v) = app
+        .request(get.clone(), "/api/v1/events/none", Some(&old), None)
+        .await;
+    assert_eq!(s, 401, "{v}");
+    // A wrong key is remembered as wrong, and stays refused.
+    for _ in 0..3 {
+        let (s, _) = app
+            .request(
+                get.clone(),
+                "/api/v1/events/none",
+                Some("tr_dev_wrong"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 401);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
