@@ -107,6 +107,31 @@ async fn main() -> anyhow::Result<()> {
         p99 * 1e3,
         max * 1e3
     );
+    // A long run also shows whether the figures hold as the tables grow: each minute alone.
+    if span > 120.0 {
+        let windows: Vec<(i32, i64, f64, f64)> = sqlx::query_as(
+            r#"WITH d AS (
+                   SELECT e.created_at AS at, EXTRACT(EPOCH FROM r.created_at - e.created_at) AS d
+                   FROM job_runs r JOIN event_records e ON e.id = r.event_record_id
+                   WHERE r.environment_id = $1)
+               SELECT (EXTRACT(EPOCH FROM at - (SELECT min(at) FROM d)) / 60)::int4 AS minute,
+                      count(*),
+                      percentile_cont(0.50) WITHIN GROUP (ORDER BY d)::float8,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY d)::float8
+               FROM d GROUP BY 1 ORDER BY 1"#,
+        )
+        .bind(env_id)
+        .fetch_all(&bench.pool)
+        .await?;
+        println!("by minute (events, ingest-to-run p50, p99):");
+        for (minute, count, p50, p99) in windows {
+            println!(
+                "  {minute:>3}  {count:>7}  {:>7.1} ms  {:>7.1} ms",
+                p50 * 1e3,
+                p99 * 1e3
+            );
+        }
+    }
     Stages::scrape(&bench.http, &args.url)
         .await?
         .print_since(&stages_before);

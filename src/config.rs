@@ -19,6 +19,7 @@ pub mod defaults {
     pub const RETENTION_COMPLETED_MS: u64 = 86_400_000;
     pub const RETENTION_DISCARDED_MS: u64 = 604_800_000;
     pub const RETENTION_BATCH_SIZE: i64 = 1_000;
+    pub const VACUUM_INTERVAL_MS: u64 = 60_000;
     pub const INGEST_CONCURRENCY: usize = 2;
     pub const INGEST_PREFETCH: u16 = 1000;
     pub const INGEST_BATCH_SIZE: usize = 500;
@@ -151,6 +152,11 @@ pub struct RelayConfig {
     /// Most jobs one retention statement deletes; each batch is its own short statement.
     #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = defaults::RETENTION_BATCH_SIZE)]
     pub retention_batch_size: i64,
+
+    /// How often the relay looks at the ledger's busiest tables and vacuums (and analyzes)
+    /// those autovacuum has left behind, in milliseconds; 0: never.
+    #[arg(long, env = "VACUUM_INTERVAL_MS", default_value_t = defaults::VACUUM_INTERVAL_MS)]
+    pub vacuum_interval_ms: u64,
 }
 
 impl RelayConfig {
@@ -175,6 +181,10 @@ impl RelayConfig {
     pub fn retention_discarded(&self) -> Duration {
         Duration::from_millis(self.retention_discarded_ms)
     }
+    /// `None`: the relay never vacuums.
+    pub fn vacuum_interval(&self) -> Option<Duration> {
+        (self.vacuum_interval_ms > 0).then(|| Duration::from_millis(self.vacuum_interval_ms))
+    }
 }
 
 impl Default for RelayConfig {
@@ -190,6 +200,7 @@ impl Default for RelayConfig {
             retention_completed_ms: defaults::RETENTION_COMPLETED_MS,
             retention_discarded_ms: defaults::RETENTION_DISCARDED_MS,
             retention_batch_size: defaults::RETENTION_BATCH_SIZE,
+            vacuum_interval_ms: defaults::VACUUM_INTERVAL_MS,
         }
     }
 }

@@ -91,6 +91,10 @@ impl Relay {
         loops.spawn(async move { this.run_reconciler(stop).await });
         let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_retention(stop).await });
+        if let Some(interval) = self.config.vacuum_interval() {
+            let (this, stop) = (self.clone(), shutdown.clone());
+            loops.spawn(async move { this.run_vacuum(interval, stop).await });
+        }
         let this = self.clone();
         loops.spawn(async move { this.run_sampler(amqp_url, shutdown).await });
         while loops.join_next().await.is_some() {}
@@ -176,6 +180,22 @@ impl Relay {
                     "retention deleted old final jobs"
                 ),
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+            }
+        })
+        .await
+    }
+
+    /// Vacuum what autovacuum leaves behind every `interval` until `shutdown`.
+    async fn run_vacuum(&self, interval: Duration, shutdown: CancellationToken) {
+        every(interval, &shutdown, || async {
+            match upkeep::vacuum(&self.pool, interval).await {
+                Ok(done) => {
+                    for v in done {
+                        tracing::info!(table = v.table, dead_rows = v.dead, took = ?v.took,
+                            "vacuumed a ledger table autovacuum had left behind");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "vacuum pass failed (the service's database user must own its tables)"),
             }
         })
         .await

@@ -1,4 +1,5 @@
-//! Keeping the ledger whole and small: the reconciler, and retention of final jobs.
+//! Keeping the ledger whole and small: the reconciler, retention of final jobs, and vacuum
+//! where autovacuum does not keep up.
 
 use std::time::Duration;
 
@@ -11,6 +12,9 @@ pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
 
 /// The advisory lock held by the process doing retention.
 pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
+
+/// The advisory lock held by the process vacuuming.
+pub const VACUUM_LOCK: i64 = 0x6b66_7661_6375_756d;
 
 /// Most jobs one reconciler pass puts back.
 pub const RECONCILE_BATCH: i64 = 10_000;
@@ -105,4 +109,103 @@ pub async fn retain(pool: &PgPool, r: Retention) -> Result<Vec<u64>, sqlx::Error
         .fetch_one(&mut *conn)
         .await?;
     result
+}
+
+/// The tables the hot path updates or deletes from (each job row is updated when it ends,
+/// each event when it is delivered), and the one it only inserts into.
+pub const CHURNED_TABLES: [&str; 3] = ["queue_jobs", "event_records", "job_runs"];
+
+/// A table is vacuumed when its dead rows reach this many, and this share of its live ones.
+pub const VACUUM_MIN_DEAD: i64 = 10_000;
+pub const VACUUM_DEAD_SHARE: f64 = 0.1;
+
+/// What one vacuum pass did to a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vacuumed {
+    pub table: String,
+    /// Dead rows before: `None` when only statistics were gathered (`ANALYZE`).
+    pub dead: Option<i64>,
+    pub took: Duration,
+}
+
+/// One vacuum pass: each of [`CHURNED_TABLES`] whose dead rows reached [`VACUUM_MIN_DEAD`]
+/// and [`VACUUM_DEAD_SHARE`] of its live rows, with no vacuum (autovacuum's or ours) within
+/// `interval`, is vacuumed and analyzed; one whose rows changed that much since its last
+/// analyze is analyzed. Where autovacuum keeps up (the migrations give these tables tighter
+/// thresholds than its defaults), nothing reaches the thresholds and the pass does nothing;
+/// where it is off or behind, every job row's dead version would otherwise stay in the
+/// indexes the workers and the reconciler walk. Throttled as autovacuum is (2 ms pauses),
+/// `SKIP_LOCKED`, one process at a time (an advisory lock).
+pub async fn vacuum(pool: &PgPool, interval: Duration) -> Result<Vec<Vacuumed>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", VACUUM_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if locked != Some(true) {
+        return Ok(Vec::new());
+    }
+    let result = vacuum_locked(&mut conn, interval).await;
+    // Session state goes back before the connection returns to the pool.
+    sqlx::query!("RESET vacuum_cost_delay")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", VACUUM_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    result
+}
+
+async fn vacuum_locked(
+    conn: &mut sqlx::PgConnection,
+    interval: Duration,
+) -> Result<Vec<Vacuumed>, sqlx::Error> {
+    let tables: Vec<String> = CHURNED_TABLES.iter().map(|t| t.to_string()).collect();
+    let due = sqlx::query!(
+        r#"SELECT relname AS "table!", n_dead_tup AS "dead!",
+                  n_dead_tup >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
+                    AND COALESCE(GREATEST(last_vacuum, last_autovacuum), '-infinity')
+                        < now() - make_interval(secs => $4) AS "vacuum!",
+                  n_mod_since_analyze >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
+                    AND COALESCE(GREATEST(last_analyze, last_autoanalyze), '-infinity')
+                        < now() - make_interval(secs => $4) AS "analyze!"
+           FROM pg_stat_user_tables
+           WHERE schemaname = current_schema() AND relname = ANY($1)
+           ORDER BY relname"#,
+        &tables,
+        VACUUM_MIN_DEAD,
+        VACUUM_DEAD_SHARE,
+        interval.as_secs_f64()
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query!("SET vacuum_cost_delay = '2ms'")
+        .execute(&mut *conn)
+        .await?;
+    let mut done = Vec::new();
+    for t in due {
+        // The name comes from CHURNED_TABLES (matched above), never from input.
+        let Some(table) = CHURNED_TABLES.iter().find(|n| **n == t.table) else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let (statement, dead) = if t.vacuum {
+            (
+                format!("VACUUM (ANALYZE, SKIP_LOCKED) {table}"),
+                Some(t.dead),
+            )
+        } else if t.analyze {
+            (format!("ANALYZE (SKIP_LOCKED) {table}"), None)
+        } else {
+            continue;
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *conn)
+            .await?;
+        done.push(Vacuumed {
+            table: table.to_string(),
+            dead,
+            took: started.elapsed(),
+        });
+    }
+    Ok(done)
 }

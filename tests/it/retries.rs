@@ -7,6 +7,7 @@ use kongflow_events::admin;
 use kongflow_events::amqp::JobMessage;
 use kongflow_events::config::RelayConfig;
 use kongflow_events::failpoint::{self, Fault};
+use kongflow_events::ledger::upkeep;
 use kongflow_events::ledger::{
     InsertOpts, InvokeDispatcherArgs, Job, JobInsert, JobKind, JobPriority, JobState, QueueService,
 };
@@ -576,6 +577,87 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
     assert!(results[0].unique_skipped_as_duplicate);
     assert_eq!(results[0].job.id, ids[2_500]);
     assert!(!results[1].unique_skipped_as_duplicate);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_vacuums_ledger_tables_autovacuum_left_behind() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    // Whatever this machine's autovacuum does, it leaves this test's table alone.
+    sqlx::query("ALTER TABLE queue_jobs SET (autovacuum_enabled = false)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let n = upkeep::VACUUM_MIN_DEAD as usize + 2_000;
+    let mut tx = app.pool.begin().await.unwrap();
+    QueueService::new()
+        .enqueue_many(&mut tx, idle_jobs(n, JobPriority::High))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Every row ends once: one dead version each, as the workers leave them.
+    sqlx::query("UPDATE queue_jobs SET state = 'completed', finalized_at = now()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let dead = || async {
+        sqlx::query_as::<_, (i64, Option<DateTime<Utc>>)>(
+            "SELECT n_dead_tup, last_vacuum FROM pg_stat_user_tables WHERE relname = 'queue_jobs'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    // Statistics reach pg_stat_user_tables within a second or so.
+    wait_until("the dead rows counted", Duration::from_secs(20), || async {
+        dead().await.0 >= n as i64
+    })
+    .await;
+
+    // Another process holds the lock: this one skips the pass.
+    let mut other = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(upkeep::VACUUM_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    assert!(
+        upkeep::vacuum(&app.pool, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(upkeep::VACUUM_LOCK)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    drop(other);
+
+    let done = upkeep::vacuum(&app.pool, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let queue_jobs: Vec<_> = done.iter().filter(|v| v.table == "queue_jobs").collect();
+    assert_eq!(queue_jobs.len(), 1, "{done:?}");
+    assert!(queue_jobs[0].dead.unwrap() >= n as i64, "{done:?}");
+    wait_until("the vacuum counted", Duration::from_secs(20), || async {
+        let (dead_rows, last) = dead().await;
+        dead_rows == 0 && last.is_some()
+    })
+    .await;
+    // Vacuumed within the interval, and nothing dead: the next pass leaves it alone.
+    let again = upkeep::vacuum(&app.pool, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(again.iter().all(|v| v.table != "queue_jobs"), "{again:?}");
+    // The session settings of the pass do not leak into the pool.
+    for _ in 0..4 {
+        let delay: String = sqlx::query_scalar("SHOW vacuum_cost_delay")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(delay, "0");
+    }
     app.finish().await;
 }
 
