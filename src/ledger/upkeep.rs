@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 use super::outbox::back_to_outbox;
 
@@ -137,21 +137,21 @@ pub struct Vacuumed {
 /// indexes the workers and the reconciler walk. Throttled as autovacuum is (2 ms pauses),
 /// `SKIP_LOCKED`, one process at a time (an advisory lock).
 pub async fn vacuum(pool: &PgPool, interval: Duration) -> Result<Vec<Vacuumed>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
+    // A connection of its own, closed after the pass: its session settings never reach the
+    // pool, and a vacuum that takes seconds is not logged as a slow statement.
+    let options = (*pool.connect_options())
+        .clone()
+        .disable_statement_logging();
+    let mut conn = options.connect().await?;
     let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", VACUUM_LOCK)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut conn)
         .await?;
-    if locked != Some(true) {
-        return Ok(Vec::new());
-    }
-    let result = vacuum_locked(&mut conn, interval).await;
-    // Session state goes back before the connection returns to the pool.
-    sqlx::query!("RESET vacuum_cost_delay")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", VACUUM_LOCK)
-        .fetch_one(&mut *conn)
-        .await?;
+    let result = match locked {
+        Some(true) => vacuum_locked(&mut conn, interval).await,
+        _ => Ok(Vec::new()),
+    };
+    // Closing the session gives the advisory lock back.
+    conn.close().await?;
     result
 }
 
