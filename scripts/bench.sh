@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks: start `kongflow-events all` (release build) on a fresh database, then run
 #   pipeline: the Postgres baseline (below), benches/pipeline.rs flat out (20,000 events,
-#             16 and 64 connections) and at offered 500 and 2,000 events/s (20 s each);
+#             16 and 64 connections) and at offered 300, 500 and 2,000 events/s (20 s each);
 #   delays:   benches/delays.rs, 10,000 events due 1-60 s after their send, with 200
 #             immediate events/s alongside; prints lateness.
 #   tiers:    benches/tiers.rs, the delay tiers alone (RabbitMQ, no database): lateness
@@ -55,7 +55,7 @@ if [[ $which == all || $which == pipeline ]]; then
     echo "== flat out, $clients connections"
     cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
   done
-  for rate in 500 2000; do
+  for rate in 300 500 2000; do
     echo "== offered $rate events/s"
     cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events $((rate * 20)) --rate $rate --concurrency 64 "$@"
   done
