@@ -23,7 +23,7 @@ pub mod defaults {
     pub const INGEST_CONCURRENCY: usize = 2;
     pub const INGEST_PREFETCH: u16 = 1000;
     pub const INGEST_BATCH_SIZE: usize = 500;
-    pub const WORKER_CONCURRENCY: usize = 2;
+    pub const WORKER_CONCURRENCY: usize = 1;
     pub const WORKER_PREFETCH: u16 = 200;
     pub const WORKER_BATCH_SIZE: usize = 100;
     pub const RETRY_BASE_MS: u64 = 1000;
