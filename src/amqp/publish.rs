@@ -74,9 +74,9 @@ pub fn published_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
 }
 
-/// Publish a job's message by its due time (`mandatory`, so a message no queue takes comes
-/// back instead of vanishing), stamped with [`PUBLISHED_AT_HEADER`]. The caller awaits the
-/// returned confirm.
+/// Publish a job's message by its due time as seen at `now` (`mandatory`, so a message no
+/// queue takes comes back instead of vanishing), stamped with `now` in
+/// [`PUBLISHED_AT_HEADER`]. The caller awaits the returned confirm.
 pub async fn publish_job(
     channel: &Channel,
     topology: &Topology,
@@ -89,7 +89,7 @@ pub async fn publish_job(
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         PUBLISHED_AT_HEADER.into(),
-        AMQPValue::LongLongInt(Utc::now().timestamp_micros()),
+        AMQPValue::LongLongInt(now.timestamp_micros()),
     );
     let properties = properties.with_headers(headers);
     channel

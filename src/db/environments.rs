@@ -201,16 +201,7 @@ type Looked = (Instant, Option<Environment>);
 impl KeyCache {
     /// The environment of `key`, from the cache while fresh, else from the database.
     pub async fn find(&self, pool: &PgPool, key: &str) -> Result<Option<Environment>, sqlx::Error> {
-        let hash = hash_api_key(key);
-        if let Some(hit) = self.fresh(&hash) {
-            return Ok(hit);
-        }
-        let mut conn = pool.acquire().await?;
-        let found = find_by_hashes(&mut conn, std::slice::from_ref(&hash))
-            .await?
-            .remove(&hash);
-        self.remember([(hash, found.clone())]);
-        Ok(found)
+        Ok(self.find_many(pool, &[key]).await?.remove(key))
     }
 
     /// The environments of several keys, by key (a key no environment has is absent): the

@@ -9,10 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kongflow_events::ingest::STATUS_HEADER;
 use kongflow_events::ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 
@@ -203,26 +200,7 @@ async fn the_contract_schema_accepts_what_the_service_stores_and_refuses_what_it
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let replies = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            replies.name().as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (replies, mut consumer) = app.reply_queue().await;
     let mut headers = FieldTable::default();
     headers.insert(
         API_KEY_HEADER.into(),
@@ -234,7 +212,7 @@ async fn the_contract_schema_accepts_what_the_service_stores_and_refuses_what_it
             .with_content_type("application/json".into())
             .with_headers(headers.clone())
             .with_correlation_id(i.to_string().as_str().into())
-            .with_reply_to(replies.name().clone());
+            .with_reply_to(replies.as_str().into());
         channel
             .basic_publish(
                 app.topology.ingest_exchange().as_str().into(),

@@ -11,7 +11,7 @@ use kongflow_events::db::environments::{self, Environment, EnvironmentType};
 use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
 use kongflow_events::worker::{Disposition, Worker};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -399,18 +399,7 @@ impl TestApp {
     /// Delete a kind's work queue, keeping its exchange (a queue bound under another key
     /// holds the test's auto-delete exchange): publishes to it are confirmed but returned.
     pub async fn remove_work_queue(&self, kind: JobKind) {
-        let keeper = self
-            .channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let keeper = private_queue(&self.channel).await;
         self.channel
             .queue_bind(
                 keeper.name().clone(),
@@ -428,6 +417,22 @@ impl TestApp {
             )
             .await
             .unwrap();
+    }
+
+    /// A queue of the test's own for replies, and a consumer on it.
+    pub async fn reply_queue(&self) -> (String, lapin::Consumer) {
+        let channel = self.amqp.create_channel().await.unwrap();
+        let name = private_queue(&channel).await.name().as_str().to_string();
+        let consumer = channel
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (name, consumer)
     }
 
     /// Register job `slug` (version 1) for events named `event` from the default source,
@@ -503,6 +508,22 @@ impl TestApp {
 }
 
 /// Poll `cond` every 20 ms until it holds; panic after `timeout`.
+/// A server-named queue of `channel`'s connection alone, gone when it closes.
+pub async fn private_queue(channel: &lapin::Channel) -> lapin::Queue {
+    channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
     F: FnMut() -> Fut,

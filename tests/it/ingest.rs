@@ -73,34 +73,6 @@ async fn publish(
         .unwrap()
 }
 
-/// A queue of our own for replies, and a consumer on it.
-async fn reply_queue(app: &TestApp) -> (String, lapin::Consumer) {
-    let channel = app.amqp.create_channel().await.unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let name = queue.name().as_str().to_string();
-    let consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (name, consumer)
-}
-
 /// The next `n` messages of a consumer, acknowledged, each with its headers.
 async fn take(consumer: &mut lapin::Consumer, n: usize) -> Vec<lapin::message::Delivery> {
     let mut out = Vec::with_capacity(n);
@@ -175,7 +147,7 @@ async fn every_form_is_stored_answered_and_run() {
     app.register_job_from("cloud", "order.shipped", "/shop")
         .await;
     let channel = producer(&app).await;
-    let (replies, mut consumer) = reply_queue(&app).await;
+    let (replies, mut consumer) = app.reply_queue().await;
     let asks = |p: BasicProperties, c: &str| {
         p.with_reply_to(replies.as_str().into())
             .with_correlation_id(c.into())
@@ -285,7 +257,7 @@ async fn every_form_is_stored_answered_and_run() {
 async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer() {
     let app = TestApp::spawn_with(INGEST_ONLY).await;
     let channel = producer(&app).await;
-    let (replies, mut reply_consumer) = reply_queue(&app).await;
+    let (replies, mut reply_consumer) = app.reply_queue().await;
     let key = app.api_key.as_str();
     let good = |name: &str| json!({"event": {"name": name}}).to_string().into_bytes();
     let big_payload = json!({"event": {"name": "big", "payload": "x".repeat(600 * 1024)}});
@@ -429,7 +401,7 @@ async fn one_event_per_id_however_often_and_however_it_comes() {
     })
     .await;
     let channel = producer(&app).await;
-    let (replies, mut consumer) = reply_queue(&app).await;
+    let (replies, mut consumer) = app.reply_queue().await;
     let key = app.api_key.clone();
     let ask = |p: BasicProperties, c: &str| {
         p.with_reply_to(replies.as_str().into())
@@ -550,7 +522,7 @@ async fn an_ingest_consumer_killed_between_commit_and_ack_stores_and_runs_once()
     })
     .await;
     let channel = producer(&app).await;
-    let (replies, mut consumer) = reply_queue(&app).await;
+    let (replies, mut consumer) = app.reply_queue().await;
     // No id: the one derived from the body must make the redelivery the same event.
     let body = json!({"event": {"name": "killed", "payload": {"k": 1}}}).to_string();
     let props = native(Some(&app.api_key))
