@@ -1,14 +1,17 @@
 //! Lateness of delayed delivery under load.
 //!
 //! Sends `--events` (10,000) events, each with a `deliverAt` between 1 and 60 seconds after
-//! its own send, while other clients send immediate events at `--rate` (200) events/s for
-//! the whole time. Waits for every run, then prints, for the delayed events:
+//! its own send (as fast as `--concurrency` clients go, or paced evenly over `--spread`
+//! seconds), while other clients send immediate events at `--rate` (200) events/s for the
+//! whole time. Waits for every run, then prints, for the delayed events:
 //! - delivery lateness: the event's `deliveredAt` (the deliverEvent job's start) minus its
 //!   `deliverAt`;
 //! - run lateness: its run's creation minus its `deliverAt` (one more trip through the
 //!   outbox, relay and worker);
 //!
-//! as p50, p99 and max, and how many were delivered early (must be 0). All times are by the
+//! as p50, p99 and max, and how many were delivered early (must be 0); delivery lateness
+//! also for the events due after the last delayed send (when the sends no longer load the
+//! machine). All times are by the
 //! database's clock except `deliverAt`, set by this process on the same machine.
 //!
 //! `cargo bench --bench delays -- [--url U] [--events N] [--rate R] [--concurrency C]`
@@ -68,6 +71,11 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::with_capacity(args.events);
     let started = Instant::now();
     for i in 0..args.events {
+        if args.spread > 0.0 {
+            let due =
+                started + Duration::from_secs_f64(args.spread * i as f64 / args.events as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let permit = limit.clone().acquire_owned().await?;
         let bench = bench.clone();
         let ahead_ms = rand::rng().random_range(1_000..=60_000);
@@ -90,11 +98,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(failed == 0, "{failed} delayed sends failed");
+    let sends_ended = Utc::now();
     println!(
         "delayed events sent in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    tokio::time::sleep_until((started + Duration::from_secs(61)).into()).await;
+    let last_due = Duration::from_secs(61) + Duration::from_secs_f64(args.spread);
+    tokio::time::sleep_until((started + last_due).into()).await;
     stop.store(true, Ordering::Relaxed);
     let offered = background.await?;
     let sent = immediate.load(Ordering::Relaxed);
@@ -111,6 +121,18 @@ async fn main() -> anyhow::Result<()> {
                  FROM event_records WHERE environment_id = $1 AND event_id LIKE 'later%') t"#,
     )
     .bind(bench.env_id)
+    .fetch_one(&bench.pool)
+    .await?;
+    let (q50, q99, qmax, after): (f64, f64, f64, i64) = sqlx::query_as(
+        r#"SELECT percentile_cont(0.50) WITHIN GROUP (ORDER BY l)::float8,
+                  percentile_cont(0.99) WITHIN GROUP (ORDER BY l)::float8,
+                  max(l)::float8, count(*)
+           FROM (SELECT EXTRACT(EPOCH FROM delivered_at - deliver_at) AS l
+                 FROM event_records WHERE environment_id = $1 AND event_id LIKE 'later%'
+                   AND deliver_at > $2) t"#,
+    )
+    .bind(bench.env_id)
+    .bind(sends_ended)
     .fetch_one(&bench.pool)
     .await?;
     let (r50, r99, rmax): (f64, f64, f64) = sqlx::query_as(
@@ -139,6 +161,12 @@ async fn main() -> anyhow::Result<()> {
         p50 * 1e3,
         p99 * 1e3,
         max * 1e3
+    );
+    println!(
+        "  due after the last delayed send ({after}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        q50 * 1e3,
+        q99 * 1e3,
+        qmax * 1e3
     );
     println!(
         "run lateness:      p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",

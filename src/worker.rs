@@ -10,11 +10,13 @@
 //! outbox for a later attempt, or is discarded after its last one.
 //!
 //! Delayed jobs come out of the delay tiers a little before they are due (the topology's
-//! delay lead): the consumer holds such a message, unacknowledged, in a due-ordered buffer and
-//! runs it when it is due, in a batch of its own. A message due later than the lead goes back
-//! into the tiers for the remainder.
+//! delay lead): the consumer hands such a message, unacknowledged, to its timer, which holds
+//! it in due order and runs it when it is due, in a batch of its own, concurrently with the
+//! consumer's batches of fresh jobs (so it never waits behind one). A message due later than
+//! the lead goes back into the tiers for the remainder.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
@@ -62,8 +64,8 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
-/// Messages held until their due time, in due order.
-type Held = Vec<(DateTime<Utc>, Delivery, JobMessage)>;
+/// A message held until its due time.
+type Held1 = (DateTime<Utc>, Delivery, JobMessage);
 
 /// A batch of deliveries sorted by [`Worker::sort_arrivals`].
 #[derive(Default)]
@@ -72,6 +74,8 @@ struct Arrived {
     due: Vec<(Delivery, Result<JobMessage, String>)>,
     /// To send back into the tiers.
     early: Vec<(Delivery, JobMessage)>,
+    /// To hold until due.
+    hold: Vec<Held1>,
 }
 
 #[derive(Clone)]
@@ -162,42 +166,85 @@ impl Worker {
                 FieldTable::default(),
             )
             .await?;
-        // Messages that came out of the tiers a little before their due time wait here,
-        // unacknowledged, in due order.
-        let mut held: Held = Vec::new();
-        loop {
-            let wake = held.first().map(|(at, _, _)| instant_of(*at));
-            let batch = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = sleep_until_opt(wake) => Vec::new(),
-                d = consumer.next() => self.more_of(&mut consumer, d)?,
-            };
-            let now = Utc::now();
-            let Arrived { due, early } = self.sort_arrivals(kind, batch, now, &mut held);
-            let ripe = held.partition_point(|(t, _, _)| *t <= now);
-            let ripe: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
-            if !early.is_empty() {
-                self.send_back(&publisher, kind, &early).await?;
-                for (delivery, _) in &early {
-                    delivery.ack(BasicAckOptions::default()).await?;
+        // Messages that came out of the tiers a little before their due time wait in the
+        // timer, unacknowledged, and run at their due time in batches of their own, never
+        // behind a batch of fresh jobs. `holding` counts them until they are settled.
+        let (to_timer, from_loop) = tokio::sync::mpsc::unbounded_channel();
+        let holding = AtomicUsize::new(0);
+        let arrivals = async {
+            loop {
+                let batch = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    d = consumer.next() => self.more_of(&mut consumer, d)?,
+                };
+                let now = Utc::now();
+                let Arrived { due, early, hold } = self.sort_arrivals(kind, batch, now);
+                if !hold.is_empty() {
+                    holding.fetch_add(hold.len(), Ordering::SeqCst);
+                    for held in hold {
+                        // The timer lives as long as this loop.
+                        let _ = to_timer.send(held);
+                    }
+                }
+                if !early.is_empty() {
+                    self.send_back(&publisher, kind, &early).await?;
+                    for (delivery, _) in &early {
+                        delivery.ack(BasicAckOptions::default()).await?;
+                    }
+                }
+                if !due.is_empty() {
+                    // One `multiple` ack may settle the batch only when the timer holds
+                    // nothing unsettled: it gets its messages from this loop alone.
+                    let alone = holding.load(Ordering::SeqCst) == 0;
+                    self.run_and_settle(&publisher, kind, due, now, alone)
+                        .await?;
                 }
             }
-            // Held jobs were published long ago, so no relay holds their rows: they run first,
-            // in a batch of their own, not behind fresh jobs whose rows a relay may still hold.
-            if !ripe.is_empty() {
-                let alone = held.is_empty() && due.is_empty();
-                self.run_and_settle(&publisher, kind, ripe, now, alone)
-                    .await?;
-            }
-            if !due.is_empty() {
-                self.run_and_settle(&publisher, kind, due, now, held.is_empty())
-                    .await?;
-            }
-        }
+        };
+        let result = tokio::select! {
+            r = arrivals => r,
+            r = self.run_held(&publisher, kind, from_loop, &holding) => r,
+        };
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
         let _ = channel.close(200, "shutdown".into()).await;
-        Ok(())
+        result
+    }
+
+    /// The timer of a consumer: hold messages that came out of the tiers before their due
+    /// time, in due order, and run each batch that falls due at once, settling its messages
+    /// one by one. Ends when the consumer's loop does.
+    async fn run_held(
+        &self,
+        publisher: &Channel,
+        kind: JobKind,
+        mut arriving: tokio::sync::mpsc::UnboundedReceiver<Held1>,
+        holding: &AtomicUsize,
+    ) -> Result<(), WorkerError> {
+        let mut held: Vec<Held1> = Vec::new();
+        loop {
+            let wake = held.first().map(|(at, _, _)| instant_of(*at));
+            tokio::select! {
+                biased;
+                _ = sleep_until_opt(wake) => {}
+                next = arriving.recv() => {
+                    let Some(next) = next else { return Ok(()) };
+                    let pos = held.partition_point(|(t, _, _)| *t <= next.0);
+                    held.insert(pos, next);
+                    continue;
+                }
+            }
+            let now = Utc::now();
+            let ripe = held.partition_point(|(t, _, _)| *t <= now);
+            if ripe == 0 {
+                continue;
+            }
+            let batch: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
+            let settled = batch.len();
+            self.run_and_settle(publisher, kind, batch, now, false)
+                .await?;
+            holding.fetch_sub(settled, Ordering::SeqCst);
+        }
     }
 
     /// The delivery that woke the consumer and whatever else is ready, up to a batch.
@@ -220,14 +267,8 @@ impl Worker {
     }
 
     /// Decide for each delivery (see [`arrival`]): due (or unrunnable: it goes to the dead
-    /// letters with the batch), held in `held` until due, or early (sent back).
-    fn sort_arrivals(
-        &self,
-        kind: JobKind,
-        batch: Vec<Delivery>,
-        now: DateTime<Utc>,
-        held: &mut Held,
-    ) -> Arrived {
+    /// letters with the batch), held until due, or early (sent back).
+    fn sort_arrivals(&self, kind: JobKind, batch: Vec<Delivery>, now: DateTime<Utc>) -> Arrived {
         let mut arrived = Arrived::default();
         for delivery in batch {
             match JobMessage::parse(&delivery.data) {
@@ -243,11 +284,7 @@ impl Worker {
                     time_broker_hop(&delivery, &m, now);
                     match arrival(&m, now, self.topology.delay_lead()) {
                         Arrival::Due => arrived.due.push((delivery, Ok(m))),
-                        Arrival::Hold => {
-                            let at = m.run_at;
-                            let pos = held.partition_point(|(t, _, _)| *t <= at);
-                            held.insert(pos, (at, delivery, m));
-                        }
+                        Arrival::Hold => arrived.hold.push((m.run_at, delivery, m)),
                         Arrival::SendBack => arrived.early.push((delivery, m)),
                     }
                 }

@@ -10,12 +10,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Command-line arguments shared by the benchmarks:
-/// `[--url U] [--events N] [--concurrency C] [--rate R]`.
+/// `[--url U] [--events N] [--concurrency C] [--rate R] [--spread S]`.
 pub struct Args {
     pub url: String,
     pub events: usize,
     pub concurrency: usize,
     pub rate: Option<f64>,
+    /// Seconds over which to pace the delayed sends of `benches/delays.rs` (0: at once).
+    pub spread: f64,
     pub database_url: String,
 }
 
@@ -28,6 +30,7 @@ impl Args {
             events,
             concurrency,
             rate,
+            spread: 0.0,
             database_url: std::env::var("DATABASE_URL")
                 .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
         };
@@ -39,6 +42,7 @@ impl Args {
                 "--events" => args.events = val().parse().expect("--events N"),
                 "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
                 "--rate" => args.rate = Some(val().parse().expect("--rate R")),
+                "--spread" => args.spread = val().parse().expect("--spread S"),
                 "--bench" => {}
                 other => panic!("unknown argument {other}"),
             }
