@@ -577,51 +577,84 @@ async fn a_worker_killed_while_holding_a_message_loses_nothing() {
     let app = TestApp::spawn_with(HTTP_ONLY).await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("held", json!({}))).await;
+    // The API publishes its job into the tiers too: that copy comes out about 8 s from now,
+    // well after the original below has come back.
     app.send_event(
         &key,
-        json!({"event": {"name": "held", "id": "h-1", "payload": {}}, "options": {"deliverAt": at(5_000)}}),
+        json!({"event": {"name": "held", "id": "h-1", "payload": {}}, "options": {"deliverAt": at(8_000)}}),
     )
     .await;
     let job = deliver_job(&app, "h-1").await;
-    // Straight to the work queue, 5 s early: a worker with a 10 s lead holds it.
+    // Straight to the work queue, 8 s early: a worker with a 10 s lead holds it.
     publish_to_work_queue(&app, &job).await;
 
     let mut first = spawn_worker(&app);
+    let work_queue = app.topology.queue(JobKind::DeliverEvent);
     wait_until(
         "the worker to take the message",
         Duration::from_secs(10),
-        || async {
-            app.depth_of(&app.topology.queue(JobKind::DeliverEvent))
-                .await
-                == 0
-        },
+        || async { app.depth_of(&work_queue).await == 0 },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(delivery(&app, "h-1").await.1, None, "held, not run");
-    first.kill().await.unwrap();
-    wait_until(
-        "the message back in the queue",
-        Duration::from_secs(10),
-        || async {
-            app.depth_of(&app.topology.queue(JobKind::DeliverEvent))
-                .await
-                == 1
-        },
+    // A fresh job runs while the message is held. Its acknowledgement must not settle the
+    // held one (a `multiple` ack would: its delivery tag is lower), or the kill below
+    // would lose it.
+    app.send_event(
+        &key,
+        json!({"event": {"name": "held", "id": "n-1", "payload": {}}}),
     )
     .await;
+    wait_until("the fresh event's run", Duration::from_secs(10), || async {
+        !app.runs_by_job("n-1").await.is_empty()
+    })
+    .await;
+    assert_eq!(delivery(&app, "h-1").await.1, None, "still held");
+    first.kill().await.unwrap();
+    wait_until(
+        "the messages back in the queue",
+        Duration::from_secs(10),
+        || async { app.depth_of(&work_queue).await >= 1 },
+    )
+    .await;
+    // What the killed worker held comes back: the held message (and the fresh one, if the
+    // kill came between its commit and its ack).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut back = Vec::new();
+    while let Some(m) = app.get_message(JobKind::DeliverEvent).await {
+        back.push(m);
+    }
+    let held = back
+        .iter()
+        .find(|m| JobMessage::parse(&m.delivery.data).unwrap().id == job.id)
+        .expect("the held message came back");
+    assert!(
+        held.delivery.redelivered,
+        "the message back is the one the killed worker held, not the tiers' copy"
+    );
+    for m in back {
+        m.delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     assert_eq!(delivery(&app, "h-1").await.1, None);
 
     let mut second = spawn_worker(&app);
     let delivered = wait_delivered(&app, "h-1", Duration::from_secs(15)).await;
     assert!(delivered >= job.run_at, "delivered early");
-    // Held, not sent back: a message sent back would still sit in a tier (it was 5 s early).
+    // Held, not sent back: a message sent back would still sit in a tier (it was 8 s early).
     assert_eq!(tiers_depth(&app).await, 0, "the second worker held it");
     // No relay running: publish the invocation (and a duplicate of the delivery, which
     // finds its job completed).
     app.relay_all().await;
     app.settle().await;
     assert_eq!(app.runs_by_job("h-1").await, vec![("job".to_string(), 1)]);
+    assert_eq!(app.runs_by_job("n-1").await, vec![("job".to_string(), 1)]);
     second.kill().await.unwrap();
     app.finish().await;
 }
