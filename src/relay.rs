@@ -17,6 +17,7 @@
 //! by more than a margin and still not final, whose message the broker lost or an operator
 //! purged. A duplicate it causes finds its job completed and has no effect.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -26,6 +27,7 @@ use lapin::options::ConfirmSelectOptions;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::amqp::publish::{DeadJob, count_published, log_published, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
@@ -57,7 +59,13 @@ pub struct Relay {
     pool: PgPool,
     topology: Topology,
     config: RelayConfig,
+    /// The last environment and kind a claim served: the next one starts after it.
+    turn: Arc<Mutex<Option<(Uuid, String)>>>,
 }
+
+/// How soon the relay looks again when environments' due jobs wait for room in flight
+/// (the workers make room as they complete jobs, and tell no one).
+pub const FAIR_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 impl Relay {
     pub fn new(pool: PgPool, topology: Topology, config: RelayConfig) -> Self {
@@ -65,6 +73,7 @@ impl Relay {
             pool,
             topology,
             config,
+            turn: Arc::default(),
         }
     }
 
@@ -231,11 +240,15 @@ impl Relay {
         tracing::info!("relay connected");
 
         while !shutdown.is_cancelled() {
-            let published = self.publish_batch(&channel).await?;
-            if published as i64 >= self.config.relay_batch_size {
+            let (published, waiting) = self.publish_fair(&channel).await?;
+            if published as i64 >= self.config.relay_batch_size || (waiting && published > 0) {
                 continue;
             }
-            let wait = self.config.poll_interval();
+            let wait = if waiting {
+                FAIR_POLL_INTERVAL
+            } else {
+                self.config.poll_interval()
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 n = listener.recv() => {
@@ -269,12 +282,28 @@ impl Relay {
     /// becomes visible only for a confirmed message, and a relay that dies before the commit
     /// leaves every row of the batch in the outbox.
     pub async fn publish_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
+        Ok(self.publish_fair(channel).await?.0)
+    }
+
+    /// [`Relay::publish_batch`], and whether due jobs stayed behind for want of room in
+    /// flight (see [`outbox::claim`]).
+    async fn publish_fair(&self, channel: &Channel) -> Result<(usize, bool), RelayError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        let Claimed { jobs, unreadable } =
-            outbox::claim(&mut tx, self.config.relay_batch_size).await?;
+        let after = self.turn.lock().expect("turn lock").clone();
+        let (
+            Claimed {
+                jobs,
+                unreadable,
+                waiting,
+            },
+            last,
+        ) = outbox::claim(&mut tx, self.config.relay_batch_size, after).await?;
+        if last.is_some() {
+            *self.turn.lock().expect("turn lock") = last;
+        }
         if jobs.is_empty() && unreadable.is_empty() {
-            return Ok(0);
+            return Ok((0, waiting));
         }
         let claimed_in = started.elapsed();
         metrics().stage_seconds(Stage::RelayClaim, claimed_in.as_secs_f64());
@@ -299,8 +328,8 @@ impl Relay {
         tx.commit().await?;
         metrics().stage(Stage::RelayCommit, committing);
         let published = jobs.len() + unreadable.len() - unconfirmed.len();
-        tracing::debug!(published, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
-        Ok(published)
+        tracing::debug!(published, waiting, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
+        Ok((published, waiting))
     }
 
     /// Publish every claimed job (a discarded one to the dead letters) and wait for all

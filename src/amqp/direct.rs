@@ -96,8 +96,20 @@ impl DirectPublisher {
     }
 
     /// Publish jobs whose transaction has committed (inserted with `caller_publishes`).
-    /// Never fails: what the broker does not confirm goes back to the outbox.
+    /// Never fails: what the broker does not confirm goes back to the outbox. Jobs the
+    /// insert left unmarked (their environment had no room in flight) are the relay's.
     pub async fn publish(&self, jobs: &[Job]) {
+        let mine: Vec<Job>;
+        let jobs = if jobs.iter().all(|j| j.published_at.is_some()) {
+            jobs
+        } else {
+            mine = jobs
+                .iter()
+                .filter(|j| j.published_at.is_some())
+                .cloned()
+                .collect();
+            &mine
+        };
         if jobs.is_empty() {
             return;
         }

@@ -250,6 +250,7 @@ async fn enqueue_deliveries(
                     run_at: Some(r.deliver_at),
                     trace_parent,
                     caller_publishes,
+                    environment_id: Some(r.environment_id),
                     ..InsertOpts::default()
                 },
             )

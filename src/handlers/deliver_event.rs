@@ -170,6 +170,7 @@ fn invocations(
                     InsertOpts {
                         priority,
                         trace_parent: trace.map(|t| t.child().to_string()),
+                        environment_id: Some(e.environment_id),
                         ..InsertOpts::default()
                     },
                 ));

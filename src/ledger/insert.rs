@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::{
     DeliverEventArgs, InsertOpts, Job, JobInsert, JobInsertResult, UnreadableJob, decode_all,
@@ -53,6 +54,7 @@ struct Columns {
     keys: Vec<Vec<u8>>,
     traces: Vec<Option<String>>,
     claimed: Vec<bool>,
+    envs: Vec<Uuid>,
 }
 
 impl Columns {
@@ -68,6 +70,7 @@ impl Columns {
             c.run_ats.push(j.opts.run_at);
             c.traces.push(j.opts.trace_parent.clone());
             c.claimed.push(j.opts.caller_publishes);
+            c.envs.push(j.opts.environment_id.unwrap_or(Uuid::nil()));
         }
         c
     }
@@ -85,15 +88,41 @@ pub async fn insert_many(
         return Ok(Vec::new());
     }
     let c = Columns::of(&jobs);
+    // A due job the caller would publish itself is marked published only while its
+    // environment has room for it in flight (`room`, counted once per environment and kind
+    // for the whole statement, the jobs numbered within it); the others stay in the outbox
+    // for the relay to take in turn.
     let inserted = query_jobs!(
-        r#"INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at)
-           SELECT k, a, q, p,
+        r#"WITH t AS (
+               SELECT *, row_number() OVER (
+                          PARTITION BY e, k, COALESCE(r, now()) <= now() ORDER BY o) AS n
+               FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
+                           $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[], $10::uuid[])
+                    WITH ORDINALITY AS t(k, a, q, p, m, r, u, tp, cl, e, o)
+           ), room AS (
+               SELECT g.e, g.k, env.max_jobs_in_flight - (
+                          SELECT count(*) FROM (
+                              SELECT 1 FROM queue_jobs j
+                              WHERE j.environment_id = g.e AND j.kind = g.k
+                                AND j.published_at IS NOT NULL
+                                AND j.state IN ('scheduled', 'available', 'retryable')
+                                AND j.run_at <= now()
+                              LIMIT env.max_jobs_in_flight) f) AS free
+               FROM (SELECT DISTINCT e, k FROM t WHERE cl) g
+               JOIN runtime_environments env ON env.id = g.e
+               WHERE env.max_jobs_in_flight IS NOT NULL
+           )
+           INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id)
+           SELECT t.k, a, q, p,
                   CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
                        ELSE 'available'::queue_job_state END,
-                  m, COALESCE(r, now()), u, tp, CASE WHEN cl THEN now() END
-           FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
-                       $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[])
-                AS t(k, a, q, p, m, r, u, tp, cl)
+                  m, COALESCE(r, now()), u, tp,
+                  CASE WHEN cl AND (COALESCE(r, now()) > now() OR room.free IS NULL
+                                    OR t.n <= room.free)
+                       THEN now() END,
+                  t.e
+           FROM t LEFT JOIN room ON room.e = t.e AND room.k = t.k
+           ORDER BY t.o
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
            DO NOTHING
            RETURNING "#,
@@ -107,6 +136,7 @@ pub async fn insert_many(
         &c.keys,
         &c.traces as &[Option<String>],
         &c.claimed,
+        &c.envs,
     )
     .fetch_all(&mut *tx)
     .await?;

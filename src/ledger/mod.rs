@@ -45,7 +45,7 @@ macro_rules! query_jobs {
             $before
                 + "id, kind, args, queue, priority, state::text AS \"state!\", attempt, max_attempts, \
                    run_at, errors, created_at, attempted_at, finalized_at, published_at, unique_key, \
-                   trace_parent"
+                   trace_parent, environment_id"
                 + $after
             $(, $arg)*
         )
@@ -248,6 +248,9 @@ pub struct Job {
     pub published_at: Option<DateTime<Utc>>,
     /// The W3C `traceparent` of what caused the job.
     pub trace_parent: Option<String>,
+    /// The environment whose work it is (the nil UUID for none): its share of the workers
+    /// and its shard.
+    pub environment_id: Uuid,
 }
 
 impl Job {
@@ -291,8 +294,13 @@ pub struct InsertOpts {
     pub trace_parent: Option<String>,
     /// The inserting process publishes the job itself once its transaction commits (the
     /// fast path, the `amqp::direct` publisher): the row is inserted marked published, so no
-    /// relay claims it, and the insert wakes no relay. Unset: the relay publishes it.
+    /// relay claims it, and the insert wakes no relay. Unset: the relay publishes it. A due
+    /// job whose environment already has its `max_jobs_in_flight` of the kind in flight is
+    /// left to the relay all the same (see [`outbox::claim`]): the returned job then has no
+    /// `published_at`, and the caller must not publish it.
     pub caller_publishes: bool,
+    /// The environment whose work the job is.
+    pub environment_id: Option<Uuid>,
 }
 
 impl Default for InsertOpts {
@@ -304,6 +312,7 @@ impl Default for InsertOpts {
             run_at: None,
             trace_parent: None,
             caller_publishes: false,
+            environment_id: None,
         }
     }
 }
@@ -359,6 +368,7 @@ pub(crate) struct JobRow {
     pub published_at: Option<DateTime<Utc>>,
     pub unique_key: Option<Vec<u8>>,
     pub trace_parent: Option<String>,
+    pub environment_id: Uuid,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -391,6 +401,7 @@ impl TryFrom<JobRow> for Job {
             finalized_at: r.finalized_at,
             published_at: r.published_at,
             trace_parent: r.trace_parent,
+            environment_id: r.environment_id,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! putting jobs back, and waking the relays.
 
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use super::{Job, JobArgs, UnreadableJob, query_jobs, unique_key};
 
@@ -15,41 +16,171 @@ pub const NOTIFY_CHANNEL: &str = "kongflow_outbox";
 pub struct Claimed {
     pub jobs: Vec<Job>,
     pub unreadable: Vec<UnreadableJob>,
+    /// Due jobs stayed behind because their environment had no room in flight (or the
+    /// batch was full): the caller should come back soon, as the workers make room.
+    pub waiting: bool,
 }
 
-/// Claim up to `limit` unpublished jobs, due or not (a job due later goes into the delay
-/// tiers), oldest due first, and write their published mark, in the caller's transaction:
-/// rows locked by another relay are skipped. A job due now becomes `available`. The mark
-/// must be taken back ([`unmark`]) for every message the broker does not confirm, before the
-/// transaction commits.
-pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Claimed, sqlx::Error> {
+/// An environment's jobs of one kind in the outbox, and how many more of them may go out.
+#[derive(Debug, Clone)]
+struct Group {
+    environment_id: Uuid,
+    kind: String,
+    /// `None`: no limit.
+    room: Option<i64>,
+}
+
+/// Claim up to `limit` unpublished jobs and write their published mark, in the caller's
+/// transaction; rows locked by another relay are skipped. A job due now becomes
+/// `available`. The mark must be taken back ([`unmark`]) for every message the broker does
+/// not confirm, before the transaction commits.
+///
+/// Fair across environments: each environment with due jobs of a kind in the outbox gets
+/// the room it has in flight (`max_jobs_in_flight` less what it has published and not yet
+/// final), at most an equal part of `limit`, its jobs by priority then due time. Groups
+/// beyond `limit` wait for the next claim, which starts after `after` (the last group this
+/// one served, returned), so every environment takes its turn. Jobs due later (into the
+/// delay tiers) and discarded ones (to the dead letters) have no share: they go oldest
+/// first, up to `limit` more.
+pub async fn claim(
+    tx: &mut PgConnection,
+    limit: i64,
+    after: Option<(Uuid, String)>,
+) -> Result<(Claimed, Option<(Uuid, String)>), sqlx::Error> {
+    let groups = sqlx::query_as!(
+        Group,
+        r#"WITH RECURSIVE g AS (
+               (SELECT environment_id AS e, kind AS k FROM queue_jobs
+                WHERE published_at IS NULL ORDER BY environment_id, kind LIMIT 1)
+               UNION ALL
+               SELECT n.e, n.k FROM g CROSS JOIN LATERAL (
+                   SELECT environment_id AS e, kind AS k FROM queue_jobs
+                   WHERE published_at IS NULL AND (environment_id, kind) > (g.e, g.k)
+                   ORDER BY environment_id, kind LIMIT 1) n
+           )
+           SELECT g.e AS "environment_id!", g.k AS "kind!",
+                  CASE WHEN env.max_jobs_in_flight IS NULL THEN NULL
+                       ELSE env.max_jobs_in_flight - (
+                           SELECT count(*) FROM (
+                               SELECT 1 FROM queue_jobs j
+                               WHERE j.environment_id = g.e AND j.kind = g.k
+                                 AND j.published_at IS NOT NULL
+                                 AND j.state IN ('scheduled', 'available', 'retryable')
+                                 AND j.run_at <= now()
+                               LIMIT env.max_jobs_in_flight) f) END AS room
+           FROM g LEFT JOIN runtime_environments env ON env.id = g.e"#
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let plan = share(&groups, limit, after.as_ref());
     let rows = query_jobs!(
         r#"UPDATE queue_jobs
            SET published_at = now(),
                state = CASE WHEN state IN ('scheduled', 'retryable') AND run_at <= now()
                             THEN 'available'::queue_job_state ELSE state END
            WHERE id IN (
-               SELECT id FROM queue_jobs
-               WHERE published_at IS NULL
-                 AND state IN ('scheduled', 'available', 'retryable', 'discarded')
-               ORDER BY run_at, id
-               LIMIT $1
-               FOR UPDATE SKIP LOCKED)
+               SELECT x.id FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) AS g(e, k, n)
+               CROSS JOIN LATERAL (
+                   SELECT id FROM queue_jobs
+                   WHERE environment_id = g.e AND kind = g.k AND published_at IS NULL
+                     AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+                   ORDER BY priority, run_at, id
+                   LIMIT g.n
+                   FOR UPDATE SKIP LOCKED) x
+               UNION ALL
+               SELECT id FROM (
+                   SELECT id FROM queue_jobs
+                   WHERE published_at IS NULL
+                     AND (state = 'discarded'
+                          OR (state IN ('scheduled', 'available', 'retryable') AND run_at > now()))
+                   ORDER BY run_at, id
+                   LIMIT $4
+                   FOR UPDATE SKIP LOCKED) later)
            RETURNING "#,
         "",
-        limit
+        &plan.envs,
+        &plan.kinds,
+        &plan.takes,
+        limit,
     )
     .fetch_all(&mut *tx)
     .await?;
-    let mut claimed = Claimed::default();
+    let mut claimed = Claimed {
+        waiting: plan.waiting,
+        ..Claimed::default()
+    };
     for row in rows {
         match Job::try_from(row) {
             Ok(job) => claimed.jobs.push(job),
             Err(e) => claimed.unreadable.push(e),
         }
     }
+    // A group whose take came back full may have more due jobs behind it.
+    for ((env, kind), take) in plan.envs.iter().zip(&plan.kinds).zip(&plan.takes) {
+        let got = claimed
+            .jobs
+            .iter()
+            .filter(|j| {
+                j.environment_id == *env
+                    && j.kind.as_str() == kind
+                    && j.run_at <= chrono::Utc::now()
+            })
+            .count() as i64;
+        if got >= *take {
+            claimed.waiting = true;
+        }
+    }
     claimed.jobs.sort_by_key(|j| (j.run_at, j.id));
-    Ok(claimed)
+    Ok((claimed, plan.last))
+}
+
+/// How many due jobs a claim takes from each group.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    envs: Vec<Uuid>,
+    kinds: Vec<String>,
+    takes: Vec<i64>,
+    /// The last group served (the next claim starts after it).
+    last: Option<(Uuid, String)>,
+    /// A group was left with no room, or out of this batch.
+    waiting: bool,
+}
+
+/// Share `limit` between the groups (sorted by environment and kind): starting after
+/// `after` and wrapping round, each group with room gets at most its room and at most an
+/// equal part of `limit` (at least one), until `limit` is spent.
+fn share(groups: &[Group], limit: i64, after: Option<&(Uuid, String)>) -> Plan {
+    let mut plan = Plan::default();
+    let with_room: Vec<&Group> = groups
+        .iter()
+        .filter(|g| g.room.is_none_or(|r| r > 0))
+        .collect();
+    plan.waiting = with_room.len() < groups.len();
+    if with_room.is_empty() || limit <= 0 {
+        return plan;
+    }
+    let start = after.map_or(0, |(e, k)| {
+        with_room
+            .iter()
+            .position(|g| (g.environment_id, g.kind.as_str()) > (*e, k.as_str()))
+            .unwrap_or(0)
+    });
+    let part = (limit / with_room.len() as i64).max(1);
+    let mut left = limit;
+    for i in 0..with_room.len() {
+        if left <= 0 {
+            plan.waiting = true;
+            break;
+        }
+        let g = with_room[(start + i) % with_room.len()];
+        let take = g.room.map_or(part, |r| r.min(part)).min(left);
+        left -= take;
+        plan.envs.push(g.environment_id);
+        plan.kinds.push(g.kind.clone());
+        plan.takes.push(take);
+        plan.last = Some((g.environment_id, g.kind.clone()));
+    }
+    plan
 }
 
 /// Take back the published mark of claimed jobs whose message was not confirmed: they stay
@@ -140,4 +271,46 @@ pub async fn rearm_by_args(tx: &mut PgConnection, args: &[JobArgs]) -> Result<u6
     .fetch_all(&mut *tx)
     .await?;
     back_to_outbox(tx, &rearmed).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(n: u128, room: Option<i64>) -> Group {
+        Group {
+            environment_id: Uuid::from_u128(n),
+            kind: "deliverEvent".into(),
+            room,
+        }
+    }
+
+    #[test]
+    fn each_group_gets_its_room_within_an_equal_part() {
+        let groups = [group(1, Some(32)), group(2, Some(3)), group(3, None)];
+        let plan = share(&groups, 30, None);
+        assert_eq!(plan.takes, vec![10, 3, 10]);
+        assert!(!plan.waiting);
+        assert_eq!(plan.last, Some((Uuid::from_u128(3), "deliverEvent".into())));
+    }
+
+    #[test]
+    fn a_group_without_room_waits() {
+        let plan = share(&[group(1, Some(0)), group(2, Some(5))], 100, None);
+        assert_eq!(plan.envs, vec![Uuid::from_u128(2)]);
+        assert_eq!(plan.takes, vec![5]);
+        assert!(plan.waiting);
+    }
+
+    #[test]
+    fn more_groups_than_the_batch_take_turns() {
+        let groups: Vec<Group> = (1..=5).map(|n| group(n, Some(32))).collect();
+        let first = share(&groups, 2, None);
+        assert_eq!(first.envs, vec![Uuid::from_u128(1), Uuid::from_u128(2)]);
+        assert!(first.waiting);
+        let second = share(&groups, 2, first.last.as_ref());
+        assert_eq!(second.envs, vec![Uuid::from_u128(3), Uuid::from_u128(4)]);
+        let third = share(&groups, 2, second.last.as_ref());
+        assert_eq!(third.envs, vec![Uuid::from_u128(5), Uuid::from_u128(1)]);
+    }
 }

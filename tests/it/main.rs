@@ -7,6 +7,7 @@ mod delays;
 mod deploy;
 mod events_api;
 mod examples;
+mod fairness;
 mod fast_path;
 mod filters;
 mod helpers;

@@ -1,0 +1,26 @@
+-- Fair service across environments. Every job carries its environment; a job is "in
+-- flight" from its publication until it is final. Each environment may have at most
+-- `max_jobs_in_flight` jobs of a kind in flight (NULL: no limit): the rest wait in the
+-- outbox, where the relay takes them in turn with every other environment's, so the
+-- broker's work queues hold at most that many of any one environment's jobs and a quiet
+-- environment's job waits behind that many of a noisy one's, not behind its backlog.
+ALTER TABLE runtime_environments ADD COLUMN max_jobs_in_flight integer DEFAULT 32
+    CHECK (max_jobs_in_flight IS NULL OR max_jobs_in_flight > 0);
+UPDATE runtime_environments SET max_jobs_in_flight = 32;
+
+-- Jobs of no environment (none today) share the nil UUID.
+ALTER TABLE queue_jobs ADD COLUMN environment_id uuid NOT NULL
+    DEFAULT '00000000-0000-0000-0000-000000000000';
+UPDATE queue_jobs q SET environment_id = e.environment_id
+FROM event_records e
+WHERE q.state IN ('scheduled', 'available', 'retryable')
+  AND e.id = (CASE q.kind WHEN 'deliverEvent' THEN q.args->>'id'
+                          ELSE q.args->>'eventRecordId' END)::uuid;
+
+-- The relay's work list by environment and kind, in the order it takes an environment's
+-- share (priority, then due time).
+CREATE INDEX queue_jobs_fair_outbox_idx ON queue_jobs (environment_id, kind, priority, run_at, id)
+    WHERE published_at IS NULL;
+-- What each environment has in flight (published, not final; due, so in a work queue).
+CREATE INDEX queue_jobs_in_flight_idx ON queue_jobs (environment_id, kind, run_at)
+    WHERE published_at IS NOT NULL AND state IN ('scheduled', 'available', 'retryable');

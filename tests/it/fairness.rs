@@ -1,0 +1,131 @@
+//! Fair service across environments: an environment's due jobs beyond its share in flight
+//! (`max_jobs_in_flight`) wait in the outbox, not in the broker's queues, so another
+//! environment's events run after that share of work, not after the whole backlog.
+
+use std::time::Duration;
+
+use kongflow_events::app::Roles;
+use kongflow_events::ledger::JobKind;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+const FLOOD: usize = 600;
+
+async fn flood(app: &TestApp, key: &str, prefix: &str, events: usize) {
+    for chunk in 0..events.div_ceil(100) {
+        let batch: Vec<_> = (chunk * 100..((chunk + 1) * 100).min(events))
+            .map(|i| json!({"name": "tick", "id": format!("{prefix}-{i}"), "payload": {}}))
+            .collect();
+        let (status, body) = app
+            .request(
+                Method::POST,
+                "/api/v1/events/bulk",
+                Some(key),
+                Some(json!({ "events": batch })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}
+
+/// Events of an environment that have a run.
+async fn with_runs(app: &TestApp, env: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT event_record_id) FROM job_runs WHERE environment_id = $1",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// An environment's jobs still in the outbox.
+async fn in_outbox(app: &TestApp, env: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs WHERE environment_id = $1 AND published_at IS NULL",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+fn spawn_worker(app: &TestApp) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("worker")
+        .envs(app.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn kongflow-events worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
+    // The API and the relay; the worker comes later.
+    let app = TestApp::spawn_with(Roles {
+        http: true,
+        relay: true,
+        ..Roles::NONE
+    })
+    .await;
+    let (a, a_key) = (app.env.id, app.api_key.clone());
+    let (b_env, b_key) = app.new_env("quiet").await;
+    app.put_job(&a_key, "job", job_body("tick", json!({})))
+        .await;
+    app.put_job(&b_key, "job", job_body("tick", json!({})))
+        .await;
+    let share: i32 =
+        sqlx::query_scalar("SELECT max_jobs_in_flight FROM runtime_environments WHERE id = $1")
+            .bind(a)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(share, 32, "the default share");
+
+    flood(&app, &a_key, "a", FLOOD).await;
+    // The broker holds A's share; the outbox holds the rest.
+    wait_until(
+        "A's share in the work queue",
+        Duration::from_secs(10),
+        || async { app.queue_depth(JobKind::DeliverEvent).await >= 32 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let depth = app.queue_depth(JobKind::DeliverEvent).await;
+    // A claim and an insert that run at the same moment may each fill the share once.
+    assert!(depth <= 64, "{depth} of A's jobs in the work queue");
+    let waiting = in_outbox(&app, a).await;
+    assert_eq!(waiting + i64::from(depth), FLOOD as i64);
+
+    // B's events have room: they go straight to the broker, behind A's share only.
+    for i in 0..5 {
+        app.send_event(
+            &b_key,
+            json!({"event": {"name": "tick", "id": format!("b-{i}"), "payload": {}}}),
+        )
+        .await;
+    }
+    let mut worker = spawn_worker(&app);
+    wait_until("B's runs", Duration::from_secs(30), || async {
+        with_runs(&app, b_env.id).await == 5
+    })
+    .await;
+    let a_done = with_runs(&app, a).await;
+    assert!(
+        a_done < 200,
+        "B's events waited for {a_done} of A's {FLOOD} events, not for A's share"
+    );
+    // A still progresses, a share at a time, at the pace the worker allows.
+    wait_until("A's runs", Duration::from_secs(60), || async {
+        with_runs(&app, a).await == FLOOD as i64
+    })
+    .await;
+    assert_eq!(in_outbox(&app, a).await, 0);
+    app.assert_completed_once(JobKind::DeliverEvent, FLOOD + 5)
+        .await;
+    worker.kill().await.unwrap();
+    app.finish().await;
+}
