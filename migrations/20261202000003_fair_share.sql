@@ -4,9 +4,9 @@
 -- outbox, where the relay takes them in turn with every other environment's, so the
 -- broker's work queues hold at most that many of any one environment's jobs and a quiet
 -- environment's job waits behind that many of a noisy one's, not behind its backlog.
-ALTER TABLE runtime_environments ADD COLUMN max_jobs_in_flight integer DEFAULT 32
+ALTER TABLE runtime_environments ADD COLUMN max_jobs_in_flight integer DEFAULT 64
     CHECK (max_jobs_in_flight IS NULL OR max_jobs_in_flight > 0);
-UPDATE runtime_environments SET max_jobs_in_flight = 32;
+UPDATE runtime_environments SET max_jobs_in_flight = 64;
 
 -- Jobs of no environment (none today) share the nil UUID.
 ALTER TABLE queue_jobs ADD COLUMN environment_id uuid NOT NULL
@@ -24,3 +24,17 @@ CREATE INDEX queue_jobs_fair_outbox_idx ON queue_jobs (environment_id, kind, pri
 -- What each environment has in flight (published, not final; due, so in a work queue).
 CREATE INDEX queue_jobs_in_flight_idx ON queue_jobs (environment_id, kind, run_at)
     WHERE published_at IS NOT NULL AND state IN ('scheduled', 'available', 'retryable');
+
+-- A due job its inserter would have published itself but for its environment's share is
+-- left in the outbox without waking the relays: the workers hand it the room that their
+-- completions leave (`outbox::refill`), and a relay that finds environments waiting looks
+-- again every few milliseconds. Such inserts take no commit-time notification lock.
+ALTER TABLE queue_jobs ADD COLUMN awaits_room boolean NOT NULL DEFAULT false;
+CREATE OR REPLACE FUNCTION queue_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM inserted WHERE published_at IS NULL AND NOT awaits_room) THEN
+        PERFORM pg_notify('kongflow_outbox', '');
+    END IF;
+    RETURN NULL;
+END;
+$$;

@@ -63,9 +63,11 @@ pub struct Relay {
     turn: Arc<Mutex<Option<(Uuid, String)>>>,
 }
 
-/// How soon the relay looks again when environments' due jobs wait for room in flight
-/// (the workers make room as they complete jobs, and tell no one).
-pub const FAIR_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How soon the relay looks again when environments' due jobs wait for room in flight. The
+/// workers hand the room their completions leave to the waiting jobs themselves
+/// (`outbox::refill`); the relay is the fallback (a worker without the fast path, room
+/// left by a job that failed or was cancelled).
+pub const FAIR_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 impl Relay {
     pub fn new(pool: PgPool, topology: Topology, config: RelayConfig) -> Self {

@@ -36,7 +36,7 @@ use crate::config::WorkerConfig;
 use crate::failpoint;
 use crate::handlers::{self, JobError};
 use crate::ledger::run::{self, Failure};
-use crate::ledger::{Job, JobKind};
+use crate::ledger::{Job, JobKind, outbox};
 use crate::metrics::ConnectedGuard;
 use crate::metrics::{Stage, metrics};
 
@@ -464,10 +464,14 @@ impl Worker {
             tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
                 event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job started");
         }
-        let inserted = match self.run_by_kind(&mut tx, &taken.jobs).await {
+        let mut inserted = match self.run_by_kind(&mut tx, &taken.jobs).await {
             Ok(inserted) => inserted,
             Err(e) => return Ok((Err(e), taken.missing)),
         };
+        if self.publisher.is_some() {
+            // The room these jobs leave in flight goes to their environments' next jobs.
+            inserted.extend(outbox::refill(&mut tx, &freed_by(&taken.jobs)).await?);
+        }
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::WorkerCommit, committing);
@@ -539,6 +543,21 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// How many due jobs of each environment and kind a batch completes.
+fn freed_by(jobs: &[Job]) -> Vec<(uuid::Uuid, JobKind, i64)> {
+    let mut freed: Vec<(uuid::Uuid, JobKind, i64)> = Vec::new();
+    for job in jobs {
+        match freed
+            .iter_mut()
+            .find(|(e, k, _)| *e == job.environment_id && *k == job.kind)
+        {
+            Some(f) => f.2 += 1,
+            None => freed.push((job.environment_id, job.kind, 1)),
+        }
+    }
+    freed
 }
 
 /// Count and log jobs whose batch committed.

@@ -112,16 +112,17 @@ pub async fn insert_many(
                JOIN runtime_environments env ON env.id = g.e
                WHERE env.max_jobs_in_flight IS NOT NULL
            )
-           INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id)
+           INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id, awaits_room)
            SELECT t.k, a, q, p,
                   CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
                        ELSE 'available'::queue_job_state END,
                   m, COALESCE(r, now()), u, tp,
-                  CASE WHEN cl AND (COALESCE(r, now()) > now() OR room.free IS NULL
-                                    OR t.n <= room.free)
-                       THEN now() END,
-                  t.e
+                  CASE WHEN has_room THEN now() END,
+                  t.e, cl AND NOT has_room
            FROM t LEFT JOIN room ON room.e = t.e AND room.k = t.k
+           CROSS JOIN LATERAL (
+               SELECT cl AND (COALESCE(r, now()) > now() OR room.free IS NULL OR t.n <= room.free)
+                   AS has_room) h
            ORDER BY t.o
            ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
            DO NOTHING

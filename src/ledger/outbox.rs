@@ -4,7 +4,7 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{Job, JobArgs, UnreadableJob, query_jobs, unique_key};
+use super::{Job, JobArgs, JobKind, UnreadableJob, query_jobs, unique_key};
 
 /// The channel relays listen on. Inserting jobs notifies it (a statement-level trigger);
 /// every other way back into the outbox goes through [`back_to_outbox`], which does too.
@@ -132,6 +132,51 @@ pub async fn claim(
     }
     claimed.jobs.sort_by_key(|j| (j.run_at, j.id));
     Ok((claimed, plan.last))
+}
+
+/// Hand the room that completed jobs leave in flight to their environments' next due jobs
+/// of the same kind, in the completing transaction: up to `freed` of each
+/// `(environment, kind)` are marked published (by priority, then due time; rows another
+/// transaction holds are skipped) and returned for the caller to publish once it commits,
+/// as the fast path does. So an environment at its share keeps it full without waiting for
+/// a relay, and never takes more.
+pub async fn refill(
+    tx: &mut PgConnection,
+    freed: &[(Uuid, JobKind, i64)],
+) -> Result<Vec<Job>, sqlx::Error> {
+    if freed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let envs: Vec<Uuid> = freed.iter().map(|f| f.0).collect();
+    let kinds: Vec<String> = freed.iter().map(|f| f.1.as_str().to_string()).collect();
+    let takes: Vec<i64> = freed.iter().map(|f| f.2).collect();
+    let rows = query_jobs!(
+        r#"UPDATE queue_jobs
+           SET published_at = now(),
+               state = CASE WHEN state IN ('scheduled', 'retryable')
+                            THEN 'available'::queue_job_state ELSE state END
+           WHERE id IN (
+               SELECT x.id FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) AS g(e, k, n)
+               CROSS JOIN LATERAL (
+                   SELECT id FROM queue_jobs
+                   WHERE environment_id = g.e AND kind = g.k AND published_at IS NULL
+                     AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+                   ORDER BY priority, run_at, id
+                   LIMIT g.n
+                   FOR UPDATE SKIP LOCKED) x)
+           RETURNING "#,
+        "",
+        &envs,
+        &kinds,
+        &takes,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    // A row this build cannot read stays marked: the reconciler puts it back.
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| Job::try_from(r).ok())
+        .collect())
 }
 
 /// How many due jobs a claim takes from each group.
