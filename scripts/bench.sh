@@ -10,7 +10,10 @@
 #             per transaction), then benches/ingest.rs: RabbitMQ alone and AMQP ingest
 #             flat out (50,000 messages, 16 and 4 publishers), and publish-to-run latency
 #             at an offered 500 events/s.
-# `scripts/bench.sh [pipeline|delays|tiers|ingest|all] [extra bench arguments]` (default all).
+#   fairness: benches/fairness.rs: ten quiet environments at 20 events/s each, alone and
+#             while another floods 20,000 events; with the default shares, then without.
+# `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|all] [extra bench arguments]`
+# (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
@@ -18,7 +21,7 @@ shift || true
 ./scripts/services.sh
 export SQLX_OFFLINE=true
 cargo build --release --locked --quiet
-cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers --bench ingest 2>/dev/null
+cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers --bench ingest --bench fairness 2>/dev/null
 db=kongflow_bench
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)"
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
@@ -76,4 +79,10 @@ if [[ $which == all || $which == ingest ]]; then
   done
   echo "== amqp ingest, offered 500 events/s"
   cargo bench --locked --quiet --bench ingest -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 4 "$@"
+fi
+if [[ $which == all || $which == fairness ]]; then
+  echo "== fairness: a flood of 20,000 beside ten quiet environments, with shares"
+  cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR "$@"
+  echo "== the same without shares (max_jobs_in_flight lifted)"
+  cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --unfair "$@"
 fi

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Command-line arguments shared by the benchmarks:
-/// `[--url U] [--events N] [--concurrency C] [--rate R] [--spread S]`.
+/// `[--url U] [--events N] [--concurrency C] [--rate R] [--spread S] [--unfair]`.
 pub struct Args {
     pub url: String,
     pub events: usize,
@@ -18,6 +18,8 @@ pub struct Args {
     pub rate: Option<f64>,
     /// Seconds over which to pace the delayed sends of `benches/delays.rs` (0: at once).
     pub spread: f64,
+    /// `benches/fairness.rs`: lift the environments' share in flight (no fairness).
+    pub unfair: bool,
     pub database_url: String,
 }
 
@@ -31,6 +33,7 @@ impl Args {
             concurrency,
             rate,
             spread: 0.0,
+            unfair: false,
             database_url: std::env::var("DATABASE_URL")
                 .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
         };
@@ -43,6 +46,7 @@ impl Args {
                 "--concurrency" => args.concurrency = val().parse().expect("--concurrency C"),
                 "--rate" => args.rate = Some(val().parse().expect("--rate R")),
                 "--spread" => args.spread = val().parse().expect("--spread S"),
+                "--unfair" => args.unfair = true,
                 "--bench" => {}
                 other => panic!("unknown argument {other}"),
             }
