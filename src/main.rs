@@ -148,6 +148,17 @@ enum EnvCommand {
         #[arg(long = "type", value_enum, default_value = "DEVELOPMENT")]
         env_type: EnvironmentType,
     },
+    /// Show the limits of <org>/<project>/<env>, or set them.
+    Limits {
+        path: String,
+        /// Due jobs of each kind the environment may have published and not yet final (its
+        /// share of the workers); the rest wait in the outbox.
+        #[arg(long, conflicts_with = "no_max_jobs_in_flight")]
+        max_jobs_in_flight: Option<i32>,
+        /// Lift that limit.
+        #[arg(long)]
+        no_max_jobs_in_flight: bool,
+    },
 }
 
 fn init_tracing() {
@@ -275,6 +286,28 @@ async fn main() -> anyhow::Result<()> {
                 created.environment.id
             );
             println!("{}", created.api_key);
+        }
+        Command::Env {
+            command:
+                EnvCommand::Limits {
+                    path,
+                    max_jobs_in_flight,
+                    no_max_jobs_in_flight,
+                },
+        } => {
+            let pool = app::open_database(&store).await?;
+            let set = if no_max_jobs_in_flight {
+                Some(None)
+            } else {
+                max_jobs_in_flight.map(Some)
+            };
+            let Some(limits) = environments::limits(&pool, &path, set).await? else {
+                anyhow::bail!("no environment {path}");
+            };
+            let shown = limits
+                .max_jobs_in_flight
+                .map_or("none".to_string(), |n| n.to_string());
+            println!("environment {path}: max jobs in flight {shown}");
         }
         Command::Jobs { json, command } => jobs(&store, json, command).await?,
     }

@@ -53,6 +53,8 @@ pub struct CreatedEnvironment {
 pub enum EnvironmentError {
     #[error("expected <org>/<project>/<env>, each of letters, digits, '-' or '_': got {0:?}")]
     BadPath(String),
+    #[error("max jobs in flight must be at least 1 (or none, for no limit): got {0}")]
+    BadLimit(i32),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -84,6 +86,57 @@ fn valid_slug(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// How much of the shared workers an environment may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Due jobs of each kind published and not yet final; `None`: no limit (see the
+    /// ledger's fair claim).
+    pub max_jobs_in_flight: Option<i32>,
+}
+
+/// The slugs of `org/project/env`, checked.
+fn slugs(path: &str) -> Result<[&str; 3], EnvironmentError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts[..] {
+        [org, project, env] if [org, project, env].iter().all(|s| valid_slug(s)) => {
+            Ok([org, project, env])
+        }
+        _ => Err(EnvironmentError::BadPath(path.to_string())),
+    }
+}
+
+/// The limits of the environment at `path` (`None`: no such environment), after setting
+/// `max_jobs_in_flight` to `set` if given (`Some(None)` lifts it).
+pub async fn limits(
+    pool: &PgPool,
+    path: &str,
+    set: Option<Option<i32>>,
+) -> Result<Option<Limits>, EnvironmentError> {
+    let [org, project, env] = slugs(path)?;
+    if let Some(Some(n)) = set
+        && n < 1
+    {
+        return Err(EnvironmentError::BadLimit(n));
+    }
+    let row = sqlx::query_scalar!(
+        r#"UPDATE runtime_environments e
+           SET max_jobs_in_flight = CASE WHEN $4 THEN $5 ELSE e.max_jobs_in_flight END,
+               updated_at = CASE WHEN $4 THEN now() ELSE e.updated_at END
+           FROM projects p, organizations o
+           WHERE e.project_id = p.id AND p.organization_id = o.id
+             AND o.slug = $1 AND p.slug = $2 AND e.slug = $3
+           RETURNING e.max_jobs_in_flight"#,
+        org,
+        project,
+        env,
+        set.is_some(),
+        set.flatten()
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|max_jobs_in_flight| Limits { max_jobs_in_flight }))
+}
+
 /// Create whatever of `org/project/env` is missing and give the environment a new API key.
 /// An environment that already exists gets its key replaced: the old key stops working.
 pub async fn create_environment(
@@ -91,14 +144,7 @@ pub async fn create_environment(
     path: &str,
     env_type: EnvironmentType,
 ) -> Result<CreatedEnvironment, EnvironmentError> {
-    let parts: Vec<&str> = path.split('/').collect();
-    let [org, project, env] = parts[..] else {
-        return Err(EnvironmentError::BadPath(path.to_string()));
-    };
-    if ![org, project, env].iter().all(|s| valid_slug(s)) {
-        return Err(EnvironmentError::BadPath(path.to_string()));
-    }
-
+    let [org, project, env] = slugs(path)?;
     let api_key = generate_api_key(env);
     let hash = hash_api_key(&api_key);
     let mut tx = pool.begin().await?;

@@ -129,3 +129,67 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     worker.kill().await.unwrap();
     app.finish().await;
 }
+
+/// `kongflow-events env limits …` against the test's database; its status and output.
+async fn env_limits(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("env")
+        .arg("limits")
+        .args(args)
+        .envs(app.child_env())
+        .output()
+        .await
+        .expect("run kongflow-events env limits");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environments_share_is_set_by_command_and_the_api_publishes_no_more() {
+    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let (env, key) = app.new_env("limited").await;
+    let path: String = sqlx::query_scalar(
+        "SELECT o.slug || '/' || p.slug || '/' || e.slug FROM runtime_environments e
+         JOIN projects p ON p.id = e.project_id JOIN organizations o ON o.id = p.organization_id
+         WHERE e.id = $1",
+    )
+    .bind(env.id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (ok, out) = env_limits(&app, &[&path]).await;
+    assert!(ok && out.contains("max jobs in flight 64"), "{out}");
+    let (ok, out) = env_limits(&app, &[&path, "--max-jobs-in-flight", "3"]).await;
+    assert!(ok && out.contains("max jobs in flight 3"), "{out}");
+    let (ok, out) = env_limits(&app, &[&path, "--max-jobs-in-flight", "0"]).await;
+    assert!(!ok && out.contains("at least 1"), "{out}");
+    let (ok, out) = env_limits(&app, &["no/such/env"]).await;
+    assert!(!ok && out.contains("no environment no/such/env"), "{out}");
+
+    // Ten events in one call: the API publishes three, the others wait for room.
+    app.put_job(&key, "job", job_body("tick", json!({}))).await;
+    flood(&app, &key, "l", 10).await;
+    let awaiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs WHERE environment_id = $1 AND awaits_room AND published_at IS NULL",
+    )
+    .bind(env.id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(awaiting, 7);
+    wait_until("the three messages", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::DeliverEvent).await == 3
+    })
+    .await;
+
+    let (ok, out) = env_limits(&app, &[&path, "--no-max-jobs-in-flight"]).await;
+    assert!(ok && out.contains("max jobs in flight none"), "{out}");
+    // No limit: all of the next ten go out at once.
+    flood(&app, &key, "m", 10).await;
+    wait_until("ten more messages", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::DeliverEvent).await == 13
+    })
+    .await;
+    app.finish().await;
+}
