@@ -193,3 +193,53 @@ async fn an_environments_share_is_set_by_command_and_the_api_publishes_no_more()
     .await;
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_order_the_work_inside_an_environments_share() {
+    use kongflow_events::ledger::{
+        InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
+    };
+    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 3 WHERE id = $1")
+        .bind(app.env.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let job = |priority| {
+        JobInsert::invoke_dispatcher(
+            InvokeDispatcherArgs {
+                id: Uuid::new_v4(),
+                event_record_id: Uuid::new_v4(),
+            },
+            InsertOpts {
+                priority,
+                environment_id: Some(app.env.id),
+                ..InsertOpts::default()
+            },
+        )
+    };
+    // Ten NORMAL jobs, then one CRITICAL: the share of three takes the CRITICAL one first.
+    let mut jobs: Vec<JobInsert> = (0..10).map(|_| job(JobPriority::Normal)).collect();
+    jobs.push(job(JobPriority::Critical));
+    let mut tx = app.pool.begin().await.unwrap();
+    let ids: Vec<i64> = QueueService::new()
+        .enqueue_many(&mut tx, jobs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.job.id)
+        .collect();
+    tx.commit().await.unwrap();
+    let relay = app.relay();
+    let channel = relay.open_channel(&app.amqp).await.unwrap();
+    assert_eq!(relay.publish_batch(&channel).await.unwrap(), 3);
+    // The share is full: nothing more until a job completes.
+    assert_eq!(relay.publish_batch(&channel).await.unwrap(), 0);
+    let published: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM queue_jobs WHERE published_at IS NOT NULL ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(published, vec![ids[0], ids[1], ids[10]]);
+    app.finish().await;
+}
