@@ -131,6 +131,9 @@ pub struct Metrics {
     pub outbox_oldest_age: prometheus::Gauge,
     /// Delayed jobs published into the tiers and not yet due.
     pub delayed_jobs_waiting: IntGauge,
+    /// Due jobs waiting in the outbox, for the environments with the most (top
+    /// [`TOP_BACKLOGS`], by `org/project/env`; the others are not reported).
+    pub environment_backlog: IntGaugeVec,
     /// Messages in the dead-letter queue.
     pub dead_letter_queue_depth: IntGauge,
     /// 1 while the role's RabbitMQ connection is up.
@@ -177,6 +180,9 @@ fn stage_histogram(r: &Registry) -> HistogramVec {
     h
 }
 
+/// How many environments [`Metrics::environment_backlog`] reports.
+pub const TOP_BACKLOGS: i64 = 10;
+
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid gauge");
     r.register(Box::new(g.clone())).expect("register gauge");
@@ -204,7 +210,18 @@ impl Metrics {
         .expect("valid gauge");
         r.register(Box::new(amqp_connected.clone()))
             .expect("register gauge");
+        let environment_backlog = IntGaugeVec::new(
+            Opts::new(
+                "kongflow_environment_backlog",
+                "Due jobs waiting in the outbox, for the environments with the most",
+            ),
+            &["environment"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(environment_backlog.clone()))
+            .expect("register gauge");
         Self {
+            environment_backlog,
             events_ingested: counter(
                 &r,
                 "kongflow_events_ingested_total",

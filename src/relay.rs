@@ -145,7 +145,8 @@ impl Relay {
         }
     }
 
-    /// One sample: outbox backlog and oldest age, delayed jobs waiting, dead letters.
+    /// One sample: outbox backlog and oldest age, the environments with the most waiting,
+    /// delayed jobs waiting, dead letters.
     pub async fn sample(
         &self,
         amqp_url: &str,
@@ -156,6 +157,13 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
+        let top = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
+        m.environment_backlog.reset();
+        for (environment, waiting) in top {
+            m.environment_backlog
+                .with_label_values(&[&environment])
+                .set(waiting);
+        }
         // The dead-letter queue exists once a relay loop has connected and declared the
         // topology; asking before that only makes the broker close the channel.
         if m.amqp_connected.with_label_values(&["relay"]).get() <= 0 {

@@ -296,6 +296,31 @@ pub async fn stats(pool: &PgPool) -> Result<OutboxStats, sqlx::Error> {
     })
 }
 
+/// The `n` environments with the most due jobs waiting in the outbox (for room in flight,
+/// or for a relay), most first: `org/project/env` (the id if it names no environment) and
+/// how many.
+pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT COALESCE(o.slug || '/' || p.slug || '/' || e.slug, b.environment_id::text) AS "environment!",
+                  b.waiting AS "waiting!"
+           FROM (SELECT environment_id, count(*) AS waiting FROM queue_jobs
+                 WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')
+                   AND run_at <= now()
+                 GROUP BY environment_id ORDER BY count(*) DESC LIMIT $1) b
+           LEFT JOIN runtime_environments e ON e.id = b.environment_id
+           LEFT JOIN projects p ON p.id = e.project_id
+           LEFT JOIN organizations o ON o.id = p.organization_id
+           ORDER BY b.waiting DESC"#,
+        n
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.environment, r.waiting))
+        .collect())
+}
+
 /// Put back in the outbox the live jobs with these arguments that left it in an earlier
 /// transaction: a request sent again (an event id already stored) re-arms its job, because
 /// the process that committed it may have died before publishing it (the fast path). If its

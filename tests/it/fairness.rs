@@ -99,6 +99,13 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     assert!(depth <= 128, "{depth} of A's jobs in the work queue");
     let waiting = in_outbox(&app, a).await;
     assert_eq!(waiting + i64::from(depth), FLOOD as i64);
+    // The gauge of the environments with the most waiting names A first.
+    let top = kongflow_events::ledger::outbox::top_backlogs(&app.pool, 10)
+        .await
+        .unwrap();
+    assert_eq!(top.len(), 1, "{top:?}");
+    assert!(top[0].0.ends_with("/proj/dev"), "{top:?}");
+    assert_eq!(top[0].1, waiting);
 
     // B's events have room: they go straight to the broker, behind A's share only.
     for i in 0..5 {
