@@ -38,3 +38,8 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- An environment's ingest rate over HTTP, in events per second (NULL: no limit); past it,
+-- `429` with `Retry-After`.
+ALTER TABLE runtime_environments ADD COLUMN max_events_per_second integer
+    CHECK (max_events_per_second IS NULL OR max_events_per_second > 0);

@@ -158,6 +158,13 @@ enum EnvCommand {
         /// Lift that limit.
         #[arg(long)]
         no_max_jobs_in_flight: bool,
+        /// Events per second the environment may send over HTTP; past it, `429` with
+        /// `Retry-After`.
+        #[arg(long, conflicts_with = "no_max_events_per_second")]
+        max_events_per_second: Option<i32>,
+        /// Lift that limit.
+        #[arg(long)]
+        no_max_events_per_second: bool,
     },
 }
 
@@ -293,21 +300,25 @@ async fn main() -> anyhow::Result<()> {
                     path,
                     max_jobs_in_flight,
                     no_max_jobs_in_flight,
+                    max_events_per_second,
+                    no_max_events_per_second,
                 },
         } => {
             let pool = app::open_database(&store).await?;
-            let set = if no_max_jobs_in_flight {
-                Some(None)
-            } else {
-                max_jobs_in_flight.map(Some)
+            let change = |lift: bool, n: Option<i32>| if lift { Some(None) } else { n.map(Some) };
+            let set = environments::SetLimits {
+                max_jobs_in_flight: change(no_max_jobs_in_flight, max_jobs_in_flight),
+                max_events_per_second: change(no_max_events_per_second, max_events_per_second),
             };
             let Some(limits) = environments::limits(&pool, &path, set).await? else {
                 anyhow::bail!("no environment {path}");
             };
-            let shown = limits
-                .max_jobs_in_flight
-                .map_or("none".to_string(), |n| n.to_string());
-            println!("environment {path}: max jobs in flight {shown}");
+            let shown = |n: Option<i32>| n.map_or("none".to_string(), |n| n.to_string());
+            println!(
+                "environment {path}: max jobs in flight {}, max events per second {}",
+                shown(limits.max_jobs_in_flight),
+                shown(limits.max_events_per_second)
+            );
         }
         Command::Jobs { json, command } => jobs(&store, json, command).await?,
     }

@@ -131,6 +131,8 @@ pub struct Metrics {
     pub outbox_oldest_age: prometheus::Gauge,
     /// Delayed jobs published into the tiers and not yet due.
     pub delayed_jobs_waiting: IntGauge,
+    /// Events refused for their environment's rate limit, by source (`http`).
+    pub events_rate_limited: IntCounterVec,
     /// Due jobs waiting in the outbox, for the environments with the most (top
     /// [`TOP_BACKLOGS`], by `org/project/env`; the others are not reported).
     pub environment_backlog: IntGaugeVec,
@@ -226,6 +228,12 @@ impl Metrics {
                 &r,
                 "kongflow_events_ingested_total",
                 "Events stored",
+                &["source"],
+            ),
+            events_rate_limited: counter(
+                &r,
+                "kongflow_events_rate_limited_total",
+                "Events refused for their environment's rate limit",
                 &["source"],
             ),
             events_rejected: counter(

@@ -39,6 +39,8 @@ pub struct Environment {
     pub slug: String,
     pub env_type: String,
     pub project_id: Uuid,
+    /// Its ingest rate limit over HTTP, in events per second (`None`: no limit).
+    pub max_events_per_second: Option<i32>,
 }
 
 /// What `env create` made.
@@ -53,7 +55,7 @@ pub struct CreatedEnvironment {
 pub enum EnvironmentError {
     #[error("expected <org>/<project>/<env>, each of letters, digits, '-' or '_': got {0:?}")]
     BadPath(String),
-    #[error("max jobs in flight must be at least 1 (or none, for no limit): got {0}")]
+    #[error("a limit must be at least 1 (or none, for no limit): got {0}")]
     BadLimit(i32),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -86,12 +88,21 @@ fn valid_slug(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// How much of the shared workers an environment may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How much of the service an environment may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
     /// Due jobs of each kind published and not yet final; `None`: no limit (see the
     /// ledger's fair claim).
     pub max_jobs_in_flight: Option<i32>,
+    /// Events accepted per second over HTTP; `None`: no limit.
+    pub max_events_per_second: Option<i32>,
+}
+
+/// Changes to [`Limits`]: `Some(None)` lifts a limit, `None` leaves it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetLimits {
+    pub max_jobs_in_flight: Option<Option<i32>>,
+    pub max_events_per_second: Option<Option<i32>>,
 }
 
 /// The slugs of `org/project/env`, checked.
@@ -105,36 +116,48 @@ fn slugs(path: &str) -> Result<[&str; 3], EnvironmentError> {
     }
 }
 
-/// The limits of the environment at `path` (`None`: no such environment), after setting
-/// `max_jobs_in_flight` to `set` if given (`Some(None)` lifts it).
+/// The limits of the environment at `path` (`None`: no such environment), after applying
+/// `set`.
 pub async fn limits(
     pool: &PgPool,
     path: &str,
-    set: Option<Option<i32>>,
+    set: SetLimits,
 ) -> Result<Option<Limits>, EnvironmentError> {
     let [org, project, env] = slugs(path)?;
-    if let Some(Some(n)) = set
-        && n < 1
+    for n in [set.max_jobs_in_flight, set.max_events_per_second]
+        .into_iter()
+        .flatten()
+        .flatten()
     {
-        return Err(EnvironmentError::BadLimit(n));
+        if n < 1 {
+            return Err(EnvironmentError::BadLimit(n));
+        }
     }
-    let row = sqlx::query_scalar!(
+    let changes = set.max_jobs_in_flight.is_some() || set.max_events_per_second.is_some();
+    let row = sqlx::query!(
         r#"UPDATE runtime_environments e
            SET max_jobs_in_flight = CASE WHEN $4 THEN $5 ELSE e.max_jobs_in_flight END,
-               updated_at = CASE WHEN $4 THEN now() ELSE e.updated_at END
+               max_events_per_second = CASE WHEN $6 THEN $7 ELSE e.max_events_per_second END,
+               updated_at = CASE WHEN $8 THEN now() ELSE e.updated_at END
            FROM projects p, organizations o
            WHERE e.project_id = p.id AND p.organization_id = o.id
              AND o.slug = $1 AND p.slug = $2 AND e.slug = $3
-           RETURNING e.max_jobs_in_flight"#,
+           RETURNING e.max_jobs_in_flight, e.max_events_per_second"#,
         org,
         project,
         env,
-        set.is_some(),
-        set.flatten()
+        set.max_jobs_in_flight.is_some(),
+        set.max_jobs_in_flight.flatten(),
+        set.max_events_per_second.is_some(),
+        set.max_events_per_second.flatten(),
+        changes
     )
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|max_jobs_in_flight| Limits { max_jobs_in_flight }))
+    Ok(row.map(|r| Limits {
+        max_jobs_in_flight: r.max_jobs_in_flight,
+        max_events_per_second: r.max_events_per_second,
+    }))
 }
 
 /// Create whatever of `org/project/env` is missing and give the environment a new API key.
@@ -172,7 +195,7 @@ pub async fn create_environment(
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (project_id, slug)
            DO UPDATE SET api_key_hash = EXCLUDED.api_key_hash, type = EXCLUDED.type, updated_at = now()
-           RETURNING id, slug, type"#,
+           RETURNING id, slug, type, max_events_per_second"#,
         Uuid::now_v7(),
         project_id,
         env,
@@ -188,6 +211,7 @@ pub async fn create_environment(
             slug: row.slug,
             env_type: row.r#type,
             project_id,
+            max_events_per_second: row.max_events_per_second,
         },
         api_key,
     })
@@ -200,8 +224,8 @@ async fn find_by_hashes(
     hashes: &[Vec<u8>],
 ) -> Result<HashMap<Vec<u8>, Environment>, sqlx::Error> {
     let rows = sqlx::query!(
-        r#"SELECT id, slug, type, project_id, api_key_hash FROM runtime_environments
-           WHERE api_key_hash = ANY($1)"#,
+        r#"SELECT id, slug, type, project_id, api_key_hash, max_events_per_second
+           FROM runtime_environments WHERE api_key_hash = ANY($1)"#,
         hashes
     )
     .fetch_all(conn)
@@ -219,6 +243,7 @@ async fn find_by_hashes(
                     slug: r.slug.clone(),
                     env_type: r.r#type.clone(),
                     project_id: r.project_id,
+                    max_events_per_second: r.max_events_per_second,
                 },
             ))
         })

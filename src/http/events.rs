@@ -11,6 +11,7 @@ use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, JsonText};
 use crate::dates::iso;
+use crate::db::environments::Environment;
 use crate::events::wire::{EventBody, OptionsBody, SendEventBody, WRONG_SHAPE, event_log};
 use crate::events::{IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
 use crate::trace::TraceParent;
@@ -22,6 +23,7 @@ pub async fn send_event(
     headers: HeaderMap,
     ApiJson(body): ApiJson<SendEventBody>,
 ) -> Result<Json<Value>, ApiError> {
+    within_rate(&state, &env, 1)?;
     let options = body.options.unwrap_or_default();
     let trace = trace_of(&headers);
     let result = state
@@ -42,6 +44,31 @@ pub async fn send_event(
         "event accepted"
     );
     Ok(Json(event_log(&result.record)))
+}
+
+/// Take `n` events of the environment's ingest allowance, or answer `429` with
+/// `Retry-After` (the v2 SDK retries it).
+fn within_rate(state: &AppState, env: &Environment, n: usize) -> Result<(), ApiError> {
+    let Some(rate) = env.max_events_per_second else {
+        return Ok(());
+    };
+    let rate = u32::try_from(rate).unwrap_or(1);
+    state
+        .limiter
+        .take(env.id, rate, n, std::time::Instant::now())
+        .map_err(|wait| {
+            crate::metrics::metrics()
+                .events_rate_limited
+                .with_label_values(&["http"])
+                .inc_by(n as u64);
+            ApiError::too_many(
+                format!(
+                    "this environment may send {rate} events per second; retry after {:.1} s",
+                    wait.as_secs_f64()
+                ),
+                wait,
+            )
+        })
 }
 
 fn ingest_error(e: IngestError) -> ApiError {
@@ -139,6 +166,7 @@ pub async fn send_events(
     let options = body.options.unwrap_or_default();
     let trace = trace_of(&headers);
     let n = events.len();
+    within_rate(&state, &env, n)?;
     let results = state
         .events
         .ingest_bulk(&env, events, options.into_options(trace.to_string()))

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod ratelimit;
 pub mod triggers;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub events: EventsService,
     /// API keys looked up, remembered for a second.
     pub keys: KeyCache,
+    /// Each environment's ingest allowance (`max_events_per_second`).
+    pub limiter: ratelimit::RateLimiter,
 }
 
 impl AppState {
@@ -42,6 +45,7 @@ impl AppState {
             events: EventsService::with_batching(pool.clone(), 2, 200),
             pool,
             keys: KeyCache::default(),
+            limiter: ratelimit::RateLimiter::default(),
         }
     }
 

@@ -250,3 +250,76 @@ async fn priorities_order_the_work_inside_an_environments_share() {
     assert_eq!(published, vec![ids[0], ids[1], ids[10]]);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_over_its_ingest_rate_gets_429_with_retry_after() {
+    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let (env, key) = app.new_env("rated").await;
+    let path = format!("{}-rated/proj/env", app.db_name);
+    let (ok, out) = env_limits(&app, &[&path, "--max-events-per-second", "5"]).await;
+    assert!(ok && out.contains("max events per second 5"), "{out}");
+    let limited = || {
+        kongflow_events::metrics::metrics()
+            .events_rate_limited
+            .with_label_values(&["http"])
+            .get()
+    };
+    let before = limited();
+    let send = |id: String| {
+        app.http
+            .post(format!("{}/api/v1/events", app.base_url))
+            .bearer_auth(&key)
+            .json(&json!({"event": {"name": "tick", "id": id, "payload": {}}}))
+            .send()
+    };
+    for i in 0..5 {
+        assert_eq!(
+            send(format!("r-{i}")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let refused = send("r-5".into()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("5 events per second"),
+        "{body}"
+    );
+    assert!(limited() > before);
+    // Nothing of the refused call was stored.
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE environment_id = $1")
+            .bind(env.id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 5);
+
+    // A second later the bucket is full: a bulk call of ten goes, and leaves a debt.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    flood(&app, &key, "bulk", 10).await;
+    let refused = send("r-6".into()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&wait), "Retry-After {wait}");
+
+    // Lifted: no more refusals.
+    let (ok, _) = env_limits(&app, &[&path, "--no-max-events-per-second"]).await;
+    assert!(ok);
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // the key cache forgets
+    for i in 7..20 {
+        assert_eq!(
+            send(format!("r-{i}")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    app.finish().await;
+}
