@@ -136,10 +136,11 @@ pub async fn claim(
 
 /// Hand the room that completed jobs leave in flight to their environments' next due jobs
 /// of the same kind, in the completing transaction: up to `freed` of each
-/// `(environment, kind)` are marked published (by priority, then due time; rows another
-/// transaction holds are skipped) and returned for the caller to publish once it commits,
-/// as the fast path does. So an environment at its share keeps it full without waiting for
-/// a relay, and never takes more.
+/// `(environment, kind)`, and no more than its room counted again here (a relay may have
+/// filled some meanwhile: counting keeps the share from ratcheting up), are marked
+/// published (by priority, then due time; rows another transaction holds are skipped) and
+/// returned for the caller to publish once it commits, as the fast path does. So an
+/// environment at its share keeps it full without waiting for a relay.
 pub async fn refill(
     tx: &mut PgConnection,
     freed: &[(Uuid, JobKind, i64)],
@@ -157,12 +158,23 @@ pub async fn refill(
                             THEN 'available'::queue_job_state ELSE state END
            WHERE id IN (
                SELECT x.id FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) AS g(e, k, n)
+               LEFT JOIN runtime_environments env ON env.id = g.e
+               CROSS JOIN LATERAL (
+                   SELECT CASE WHEN env.max_jobs_in_flight IS NULL THEN g.n
+                               ELSE LEAST(g.n, env.max_jobs_in_flight - (
+                                   SELECT count(*) FROM (
+                                       SELECT 1 FROM queue_jobs j
+                                       WHERE j.environment_id = g.e AND j.kind = g.k
+                                         AND j.published_at IS NOT NULL
+                                         AND j.state IN ('scheduled', 'available', 'retryable')
+                                         AND j.run_at <= now()
+                                       LIMIT env.max_jobs_in_flight) f)) END AS room) r
                CROSS JOIN LATERAL (
                    SELECT id FROM queue_jobs
                    WHERE environment_id = g.e AND kind = g.k AND published_at IS NULL
                      AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
                    ORDER BY priority, run_at, id
-                   LIMIT g.n
+                   LIMIT GREATEST(r.room, 0)
                    FOR UPDATE SKIP LOCKED) x)
            RETURNING "#,
         "",
