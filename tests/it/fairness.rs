@@ -125,11 +125,27 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
         a_done < 250,
         "B's events waited for {a_done} of A's {FLOOD} events, not for A's share"
     );
-    // A still progresses, a share at a time, at the pace the worker allows.
+    // A still progresses, a share at a time, at the pace the worker allows, and its jobs in
+    // flight stay near its share while the relay and the worker's refills both hand it room.
+    let most = std::sync::atomic::AtomicI64::new(0);
     wait_until("A's runs", Duration::from_secs(60), || async {
+        let in_flight: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM queue_jobs WHERE environment_id = $1 AND kind = 'deliverEvent'
+               AND published_at IS NOT NULL AND state = 'available'",
+        )
+        .bind(a)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        most.fetch_max(in_flight, std::sync::atomic::Ordering::Relaxed);
         with_runs(&app, a).await == FLOOD as i64
     })
     .await;
+    let most_in_flight = most.into_inner();
+    assert!(
+        most_in_flight <= 3 * 64,
+        "{most_in_flight} of A's jobs in flight at once, against a share of 64"
+    );
     assert_eq!(in_outbox(&app, a).await, 0);
     app.assert_completed_once(JobKind::DeliverEvent, FLOOD + 5)
         .await;
