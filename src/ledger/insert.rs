@@ -100,14 +100,7 @@ pub async fn insert_many(
                            $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[], $10::uuid[])
                     WITH ORDINALITY AS t(k, a, q, p, m, r, u, tp, cl, e, o)
            ), room AS (
-               SELECT g.e, g.k, env.max_jobs_in_flight - (
-                          SELECT count(*) FROM (
-                              SELECT 1 FROM queue_jobs j
-                              WHERE j.environment_id = g.e AND j.kind = g.k
-                                AND j.published_at IS NOT NULL
-                                AND j.state IN ('scheduled', 'available', 'retryable')
-                                AND j.run_at <= now()
-                              LIMIT env.max_jobs_in_flight) f) AS free
+               SELECT g.e, g.k, env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight) AS free
                FROM (SELECT DISTINCT e, k FROM t WHERE cl) g
                JOIN runtime_environments env ON env.id = g.e
                WHERE env.max_jobs_in_flight IS NOT NULL

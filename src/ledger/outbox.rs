@@ -60,14 +60,7 @@ pub async fn claim(
            )
            SELECT g.e AS "environment_id!", g.k AS "kind!",
                   CASE WHEN env.max_jobs_in_flight IS NULL THEN NULL
-                       ELSE env.max_jobs_in_flight - (
-                           SELECT count(*) FROM (
-                               SELECT 1 FROM queue_jobs j
-                               WHERE j.environment_id = g.e AND j.kind = g.k
-                                 AND j.published_at IS NOT NULL
-                                 AND j.state IN ('scheduled', 'available', 'retryable')
-                                 AND j.run_at <= now()
-                               LIMIT env.max_jobs_in_flight) f) END AS room
+                       ELSE env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight) END AS room
            FROM g LEFT JOIN runtime_environments env ON env.id = g.e"#
     )
     .fetch_all(&mut *tx)
@@ -161,14 +154,7 @@ pub async fn refill(
                LEFT JOIN runtime_environments env ON env.id = g.e
                CROSS JOIN LATERAL (
                    SELECT CASE WHEN env.max_jobs_in_flight IS NULL THEN g.n
-                               ELSE LEAST(g.n, env.max_jobs_in_flight - (
-                                   SELECT count(*) FROM (
-                                       SELECT 1 FROM queue_jobs j
-                                       WHERE j.environment_id = g.e AND j.kind = g.k
-                                         AND j.published_at IS NOT NULL
-                                         AND j.state IN ('scheduled', 'available', 'retryable')
-                                         AND j.run_at <= now()
-                                       LIMIT env.max_jobs_in_flight) f)) END AS room) r
+                               ELSE LEAST(g.n, env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight)) END AS room) r
                CROSS JOIN LATERAL (
                    SELECT id FROM queue_jobs
                    WHERE environment_id = g.e AND kind = g.k AND published_at IS NULL
