@@ -44,16 +44,19 @@ $$;
 ALTER TABLE runtime_environments ADD COLUMN max_events_per_second integer
     CHECK (max_events_per_second IS NULL OR max_events_per_second > 0);
 
--- An environment's jobs of a kind in flight (published, not final, due), counted up to
--- `cap` (all of them when `cap` is NULL): the one definition the insert, the relay's claim
--- and the workers' refill share.
-CREATE FUNCTION queue_jobs_in_flight(env uuid, job_kind text, cap integer) RETURNS bigint
+-- The room an environment has for more jobs of a kind in flight: its `max_jobs_in_flight`
+-- less its jobs of that kind published, not final and due; NULL when it has no limit (or no
+-- environment row). The one definition the insert, the relay's claim and the workers'
+-- refill share.
+CREATE FUNCTION queue_jobs_room(env uuid, job_kind text) RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT count(*) FROM (
-        SELECT 1 FROM queue_jobs j
-        WHERE j.environment_id = env AND j.kind = job_kind
-          AND j.published_at IS NOT NULL
-          AND j.state IN ('scheduled', 'available', 'retryable')
-          AND j.run_at <= now()
-        LIMIT cap) f
+    SELECT r.max_jobs_in_flight - (
+        SELECT count(*) FROM (
+            SELECT 1 FROM queue_jobs j
+            WHERE j.environment_id = env AND j.kind = job_kind
+              AND j.published_at IS NOT NULL
+              AND j.state IN ('scheduled', 'available', 'retryable')
+              AND j.run_at <= now()
+            LIMIT r.max_jobs_in_flight) f)
+    FROM runtime_environments r WHERE r.id = env
 $$;

@@ -65,7 +65,7 @@ pub enum Disposition {
 }
 
 /// A message held until its due time.
-type Held1 = (DateTime<Utc>, Delivery, JobMessage);
+type Held = (DateTime<Utc>, Delivery, JobMessage);
 
 /// A batch of deliveries sorted by [`Worker::sort_arrivals`].
 #[derive(Default)]
@@ -75,7 +75,7 @@ struct Arrived {
     /// To send back into the tiers.
     early: Vec<(Delivery, JobMessage)>,
     /// To hold until due.
-    hold: Vec<Held1>,
+    hold: Vec<Held>,
 }
 
 #[derive(Clone)]
@@ -218,10 +218,10 @@ impl Worker {
         &self,
         publisher: &Channel,
         kind: JobKind,
-        mut arriving: tokio::sync::mpsc::UnboundedReceiver<Held1>,
+        mut arriving: tokio::sync::mpsc::UnboundedReceiver<Held>,
         holding: &AtomicUsize,
     ) -> Result<(), WorkerError> {
-        let mut held: Vec<Held1> = Vec::new();
+        let mut held: Vec<Held> = Vec::new();
         loop {
             let wake = held.first().map(|(at, _, _)| instant_of(*at));
             tokio::select! {

@@ -99,17 +99,7 @@ impl DirectPublisher {
     /// Never fails: what the broker does not confirm goes back to the outbox. Jobs the
     /// insert left unmarked (their environment had no room in flight) are the relay's.
     pub async fn publish(&self, jobs: &[Job]) {
-        let mine: Vec<Job>;
-        let jobs = if jobs.iter().all(|j| j.published_at.is_some()) {
-            jobs
-        } else {
-            mine = jobs
-                .iter()
-                .filter(|j| j.published_at.is_some())
-                .cloned()
-                .collect();
-            &mine
-        };
+        let jobs: Vec<&Job> = jobs.iter().filter(|j| j.published_at.is_some()).collect();
         if jobs.is_empty() {
             return;
         }
@@ -117,7 +107,7 @@ impl DirectPublisher {
         let started = std::time::Instant::now();
         let unconfirmed = match tokio::time::timeout(
             self.inner.confirm_timeout,
-            self.try_publish(jobs),
+            self.try_publish(&jobs),
         )
         .await
         {
@@ -147,7 +137,7 @@ impl DirectPublisher {
     }
 
     /// Publish every job, then wait for every confirm. Returns the ids not confirmed.
-    async fn try_publish(&self, jobs: &[Job]) -> lapin::Result<Vec<i64>> {
+    async fn try_publish(&self, jobs: &[&Job]) -> lapin::Result<Vec<i64>> {
         let channel = self.channel().await?;
         let now = Utc::now();
         let mut confirms = Vec::with_capacity(jobs.len());

@@ -100,10 +100,8 @@ pub async fn insert_many(
                            $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[], $10::uuid[])
                     WITH ORDINALITY AS t(k, a, q, p, m, r, u, tp, cl, e, o)
            ), room AS (
-               SELECT g.e, g.k, env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight) AS free
+               SELECT e, k, queue_jobs_room(e, k) AS free
                FROM (SELECT DISTINCT e, k FROM t WHERE cl) g
-               JOIN runtime_environments env ON env.id = g.e
-               WHERE env.max_jobs_in_flight IS NOT NULL
            )
            INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id, awaits_room)
            SELECT t.k, a, q, p,

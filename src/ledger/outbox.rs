@@ -1,10 +1,12 @@
 //! The ledger as the outbox: claiming unpublished jobs for the relay, taking a mark back,
 //! putting jobs back, and waking the relays.
 
+use std::collections::HashMap;
+
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{Job, JobArgs, JobKind, UnreadableJob, query_jobs, unique_key};
+use super::{Job, JobArgs, JobKind, JobState, UnreadableJob, query_jobs, unique_key};
 
 /// The channel relays listen on. Inserting jobs notifies it (a statement-level trigger);
 /// every other way back into the outbox goes through [`back_to_outbox`], which does too.
@@ -58,10 +60,8 @@ pub async fn claim(
                    WHERE published_at IS NULL AND (environment_id, kind) > (g.e, g.k)
                    ORDER BY environment_id, kind LIMIT 1) n
            )
-           SELECT g.e AS "environment_id!", g.k AS "kind!",
-                  CASE WHEN env.max_jobs_in_flight IS NULL THEN NULL
-                       ELSE env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight) END AS room
-           FROM g LEFT JOIN runtime_environments env ON env.id = g.e"#
+           SELECT g.e AS "environment_id!", g.k AS "kind!", queue_jobs_room(g.e, g.k) AS room
+           FROM g"#
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -108,21 +108,26 @@ pub async fn claim(
             Err(e) => claimed.unreadable.push(e),
         }
     }
-    // A group whose take came back full may have more due jobs behind it.
-    for ((env, kind), take) in plan.envs.iter().zip(&plan.kinds).zip(&plan.takes) {
-        let got = claimed
-            .jobs
-            .iter()
-            .filter(|j| {
-                j.environment_id == *env
-                    && j.kind.as_str() == kind
-                    && j.run_at <= chrono::Utc::now()
-            })
-            .count() as i64;
-        if got >= *take {
-            claimed.waiting = true;
-        }
+    // A group whose take came back full may have more due jobs behind it (a due job comes
+    // out of the claim `available`; one due later stays `scheduled` or `retryable`).
+    let mut due: HashMap<(Uuid, &str), i64> = HashMap::new();
+    for job in claimed
+        .jobs
+        .iter()
+        .filter(|j| j.state == JobState::Available)
+    {
+        *due.entry((job.environment_id, job.kind.as_str()))
+            .or_default() += 1;
     }
+    claimed.waiting |=
+        plan.envs
+            .iter()
+            .zip(&plan.kinds)
+            .zip(&plan.takes)
+            .any(|((env, kind), take)| {
+                due.get(&(*env, kind.as_str()))
+                    .is_some_and(|got| got >= take)
+            });
     claimed.jobs.sort_by_key(|j| (j.run_at, j.id));
     Ok((claimed, plan.last))
 }
@@ -151,10 +156,8 @@ pub async fn refill(
                             THEN 'available'::queue_job_state ELSE state END
            WHERE id IN (
                SELECT x.id FROM UNNEST($1::uuid[], $2::text[], $3::int8[]) AS g(e, k, n)
-               LEFT JOIN runtime_environments env ON env.id = g.e
-               CROSS JOIN LATERAL (
-                   SELECT CASE WHEN env.max_jobs_in_flight IS NULL THEN g.n
-                               ELSE LEAST(g.n, env.max_jobs_in_flight - queue_jobs_in_flight(g.e, g.k, env.max_jobs_in_flight)) END AS room) r
+               -- LEAST ignores NULL: no limit leaves the freed count.
+               CROSS JOIN LATERAL (SELECT LEAST(g.n, queue_jobs_room(g.e, g.k)) AS room) r
                CROSS JOIN LATERAL (
                    SELECT id FROM queue_jobs
                    WHERE environment_id = g.e AND kind = g.k AND published_at IS NULL
