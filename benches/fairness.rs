@@ -7,6 +7,10 @@
 //! stored to its last run. `--unfair` lifts every environment's share in flight
 //! (`max_jobs_in_flight` NULL): the service as it was before fairness.
 //!
+//! With `SHARD_COUNT` above 1 (the service's, read here too), one quiet environment at least
+//! is made to hash to A's shard, and the figures of those sharing A's shard are printed
+//! apart.
+//!
 //! `cargo bench --bench fairness -- [--url U] [--events N] [--rate R] [--concurrency C]
 //! [--unfair]` with `DATABASE_URL` pointing at the pipeline's database.
 
@@ -28,12 +32,26 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse(20_000, 16, Some(20.0));
     let rate = args.rate.unwrap_or(20.0);
     let flooder = Arc::new(Bench::setup(&args.url, &args.database_url, args.concurrency).await?);
+    let shards: u16 = std::env::var("SHARD_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let shard_of = |b: &Bench| kongflow_events::amqp::topology::shard_of(b.env_id, shards);
     let mut quiet = Vec::new();
     for _ in 0..QUIET {
         quiet.push(Arc::new(
             Bench::setup(&args.url, &args.database_url, 4).await?,
         ));
     }
+    // One quiet environment at least on A's shard: hash-sharding alone would starve it.
+    while !quiet.iter().any(|q| shard_of(q) == shard_of(&flooder)) {
+        quiet[QUIET - 1] = Arc::new(Bench::setup(&args.url, &args.database_url, 4).await?);
+    }
+    let beside: Vec<Arc<Bench>> = quiet
+        .iter()
+        .filter(|q| shard_of(q) == shard_of(&flooder))
+        .cloned()
+        .collect();
     if args.unfair {
         sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = NULL")
             .execute(&flooder.pool)
@@ -52,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let each = quiet_traffic(&quiet, rate, "idle").await?;
     wait_all(&quiet, each).await?;
     report("A idle", &quiet, "idle").await?;
+    if shards > 1 {
+        report("  on A's shard", &beside, "idle").await?;
+    }
 
     let flood = {
         let (a, events, clients) = (flooder.clone(), args.events, args.concurrency);
@@ -61,6 +82,17 @@ async fn main() -> anyhow::Result<()> {
     let flood_stored = flood.await??;
     wait_all(&quiet, each + more).await?;
     report("A flooding", &quiet, "flood").await?;
+    if shards > 1 {
+        report(
+            &format!(
+                "  on A's shard ({} of {QUIET}, {shards} shards)",
+                beside.len()
+            ),
+            &beside,
+            "flood",
+        )
+        .await?;
+    }
     let (n, p50, p99, max) = latency(&quiet, "flood", Some(flood_stored)).await?;
     println!(
         "  of which sent after A's last event was stored (A's backlog draining): {n} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let consumer_channel = conn.create_channel().await?;
     let mut consumer = consumer_channel
         .basic_consume(
-            topology.queue(JobKind::DeliverEvent).as_str().into(),
+            topology.queue(JobKind::DeliverEvent, 0).as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -86,15 +86,30 @@ async fn main() -> anyhow::Result<()> {
             attempt: 0,
             run_at: now + chrono::Duration::milliseconds(ahead),
         };
-        let hops = route(&topology, JobKind::DeliverEvent, "events", msg.run_at, now)
-            .delay
-            .map(|d| d.hops())
-            .unwrap_or(0);
+        let hops = route(
+            &topology,
+            JobKind::DeliverEvent,
+            "events",
+            0,
+            msg.run_at,
+            now,
+        )
+        .delay
+        .map(|d| d.hops())
+        .unwrap_or(0);
         hops_of.insert(msg.id, hops);
         let props = BasicProperties::default().with_delivery_mode(2);
-        publish_job(&channel, &topology, JobKind::DeliverEvent, &msg, props, now)
-            .await?
-            .await?;
+        publish_job(
+            &channel,
+            &topology,
+            JobKind::DeliverEvent,
+            0,
+            &msg,
+            props,
+            now,
+        )
+        .await?
+        .await?;
     }
     let mut late = Vec::with_capacity(messages);
     let mut by_hops: BTreeMap<usize, Vec<f64>> = BTreeMap::new();

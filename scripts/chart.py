@@ -32,6 +32,11 @@ URLS = {
 VALUE_SETS = {
     "default": URLS,
     "keda": {**URLS, "worker": {"keda": {"enabled": True}}},
+    "keda-shard-groups": {
+        **URLS,
+        "config": {"SHARD_COUNT": "4"},
+        "worker": {"keda": {"enabled": True}, "shardGroups": [[0, 1], [2, 3]]},
+    },
     "existing-secret": {"existingSecret": "kongflow-stores"},
     "monitoring-on": {
         **URLS,
@@ -57,6 +62,9 @@ BAD_VALUES = [
     ({**URLS, "ports": {"http": 70000}}, "http"),
     ({**URLS, "worker": {"keda": {"enabled": True, "queueLength": 0}}}, "queueLength"),
     ({**URLS, "terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds"),
+    ({**URLS, "config": {"SHARD_COUNT": "0"}}, "SHARD_COUNT"),
+    ({**URLS, "config": {"SHARD_COUNT": "2"}, "worker": {"shardGroups": [[0, 2]]}}, "shard 2"),
+    ({**URLS, "config": {"SHARD_COUNT": "3"}, "worker": {"shardGroups": [[0], [2]]}}, "shard 1 without"),
     ({"existingSecret": "", "database": {"url": "mysql://x"}, "amqp": URLS["amqp"]}, "url"),
 ]
 

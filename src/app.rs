@@ -157,7 +157,27 @@ pub struct Process {
 impl Process {
     /// Run the roles until `shutdown`; returns when every role has finished its work.
     pub async fn run(self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
-        metrics().touch_job_series(JobKind::ALL.iter().map(|k| (k.as_str(), EVENTS_QUEUE)));
+        let shards = if roles.worker {
+            self.worker
+                .shards_of(self.topology.shard_count())
+                .map_err(anyhow::Error::msg)?
+        } else {
+            (0..self.topology.shard_count()).collect()
+        };
+        metrics().touch_job_series(
+            JobKind::ALL.iter().map(|k| (k.as_str(), EVENTS_QUEUE)),
+            &shards,
+        );
+        if roles.relay {
+            // The relay samples every shard's depth; its series exist from the start.
+            for kind in JobKind::ALL {
+                for shard in 0..self.topology.shard_count() {
+                    metrics()
+                        .work_queue_depth
+                        .with_label_values(&[kind.as_str(), &shard.to_string()]);
+                }
+            }
+        }
         let tracker = TaskTracker::new();
         let ops_state = OpsState::new(
             self.pool.clone(),
@@ -199,7 +219,9 @@ impl Process {
         let http_task = match (roles.http, self.http) {
             (true, Some(listener)) => {
                 let router = http::router(
-                    AppState::new(self.pool.clone()).publishing(direct.clone()),
+                    AppState::new(self.pool.clone())
+                        .publishing(direct.clone())
+                        .with_operator_token(self.http_config.operator_token.as_ref()),
                     &self.http_config,
                     operator_routes,
                 );

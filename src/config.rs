@@ -7,6 +7,7 @@ use std::time::Duration;
 /// `Default` implementations both read them.
 pub mod defaults {
     pub const DELAY_LEAD_MS: u64 = 250;
+    pub const SHARD_COUNT: u16 = 1;
     pub const DATABASE_MAX_CONNECTIONS: u32 = 16;
     pub const KONGFLOW_NO_MIGRATE: bool = false;
     pub const RELAY_BATCH_SIZE: i64 = 200;
@@ -34,6 +35,9 @@ pub mod defaults {
     pub const SHUTDOWN_DEADLINE_MS: u64 = 20_000;
     pub const HTTP_ADDR: &str = "127.0.0.1:3030";
 }
+
+/// Most shards a deployment may have.
+pub const MAX_SHARDS: u16 = 256;
 
 /// Where the stores are. Shared by every command. Its `Debug` hides the passwords of the
 /// URLs, and `--help` does not print their values from the environment.
@@ -66,6 +70,13 @@ pub struct StoreConfig {
     /// auto-delete, so a short-lived deployment (a test, a preview) leaves nothing behind.
     #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS")]
     pub amqp_queue_expires_ms: Option<u32>,
+
+    /// How many shards the work queues are split into, by a stable hash of the environment
+    /// (1 to 256). Every process of a deployment must agree; see the README before changing
+    /// it on a running deployment.
+    #[arg(long, env = "SHARD_COUNT", default_value_t = defaults::SHARD_COUNT,
+        value_parser = clap::value_parser!(u16).range(1..=MAX_SHARDS as i64))]
+    pub shard_count: u16,
 
     /// How long before its due time a delayed job's message leaves the delay tiers; the
     /// worker holds it for the rest, in milliseconds. Relays and workers must agree.
@@ -228,6 +239,73 @@ pub struct WorkerConfig {
     /// Longest wait between two attempts, in milliseconds.
     #[arg(long, env = "RETRY_MAX_MS", default_value_t = defaults::RETRY_MAX_MS)]
     pub retry_max_ms: u64,
+
+    /// The shards this worker consumes, as a list of numbers and ranges (`0,2,4-7`);
+    /// unset: every shard. Lets a deployment run separate worker groups.
+    #[arg(long = "shards", env = "WORKER_SHARDS")]
+    pub shards: Option<ShardSet>,
+}
+
+/// A set of shards, written `0,2,4-7`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSet(Vec<u16>);
+
+impl std::str::FromStr for ShardSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("{t:?} is not a shard number (0 to 255)"))
+        };
+        let mut shards = Vec::new();
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (number(a)?, number(b)?);
+                    if a > b {
+                        return Err(format!("the range {part:?} runs backwards"));
+                    }
+                    shards.extend(a..=b);
+                }
+                None => shards.push(number(part)?),
+            }
+        }
+        if shards.is_empty() {
+            return Err("no shard given: write them like 0,2,4-7".into());
+        }
+        shards.sort_unstable();
+        shards.dedup();
+        Ok(Self(shards))
+    }
+}
+
+impl ShardSet {
+    pub fn new(shards: impl IntoIterator<Item = u16>) -> Self {
+        let mut v: Vec<u16> = shards.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Self(v)
+    }
+}
+
+impl WorkerConfig {
+    /// The shards to consume among `count`: the configured set, or all of them. An error
+    /// names a configured shard that does not exist.
+    pub fn shards_of(&self, count: u16) -> Result<Vec<u16>, String> {
+        match &self.shards {
+            None => Ok((0..count).collect()),
+            Some(ShardSet(set)) => match set.iter().find(|s| **s >= count) {
+                Some(s) => Err(format!(
+                    "WORKER_SHARDS names shard {s}, but SHARD_COUNT is {count} (shards 0 to {}): \
+                     give shards below SHARD_COUNT, or raise SHARD_COUNT on every process",
+                    count - 1
+                )),
+                None => Ok(set.clone()),
+            },
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -247,6 +325,7 @@ impl Default for WorkerConfig {
             worker_batch_size: defaults::WORKER_BATCH_SIZE,
             retry_base_ms: defaults::RETRY_BASE_MS,
             retry_max_ms: defaults::RETRY_MAX_MS,
+            shards: None,
         }
     }
 }
@@ -318,6 +397,32 @@ pub struct HttpConfig {
     /// one). Unset: on the API's address.
     #[arg(long = "metrics", env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// The bearer token of the operator endpoints (`/api/v1/operator/...`: environment
+    /// limits). Unset: those endpoints answer 403.
+    #[arg(long, env = "OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<OperatorToken>,
+}
+
+/// The operator endpoints' bearer token; printed as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OperatorToken(pub String);
+
+impl std::str::FromStr for OperatorToken {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() < 16 {
+            return Err("OPERATOR_TOKEN must be at least 16 characters".into());
+        }
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for OperatorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl HttpConfig {
@@ -339,6 +444,7 @@ impl Default for HttpConfig {
             http_request_timeout_ms: defaults::HTTP_REQUEST_TIMEOUT_MS,
             http_max_in_flight: defaults::HTTP_MAX_IN_FLIGHT,
             metrics_addr: None,
+            operator_token: None,
         }
     }
 }
@@ -366,6 +472,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
             .field("amqp_queue_expires_ms", &self.amqp_queue_expires_ms)
+            .field("shard_count", &self.shard_count)
             .field("delay_lead_ms", &self.delay_lead_ms)
             .field("database_max_connections", &self.database_max_connections)
             .field("no_migrate", &self.no_migrate)
@@ -393,7 +500,27 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{ShardSet, WorkerConfig, redact_url};
+
+    #[test]
+    fn shard_sets_read_lists_and_ranges() {
+        let set: ShardSet = "4-6, 0,2,5".parse().unwrap();
+        assert_eq!(set, ShardSet::new([0, 2, 4, 5, 6]));
+        for bad in ["", "x", "3-1", "1-", "70000"] {
+            assert!(bad.parse::<ShardSet>().is_err(), "{bad:?}");
+        }
+        let worker = WorkerConfig {
+            shards: Some(set),
+            ..WorkerConfig::default()
+        };
+        assert_eq!(worker.shards_of(8).unwrap(), [0, 2, 4, 5, 6]);
+        let e = worker.shards_of(4).unwrap_err();
+        assert!(
+            e.contains("shard 4") && e.contains("SHARD_COUNT is 4"),
+            "{e}"
+        );
+        assert_eq!(WorkerConfig::default().shards_of(3).unwrap(), [0, 1, 2]);
+    }
 
     #[test]
     fn the_store_configuration_prints_without_passwords() {
@@ -402,6 +529,7 @@ mod tests {
             amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
             amqp_prefix: "kongflow".into(),
             amqp_queue_expires_ms: None,
+            shard_count: super::defaults::SHARD_COUNT,
             delay_lead_ms: super::defaults::DELAY_LEAD_MS,
             database_max_connections: super::defaults::DATABASE_MAX_CONNECTIONS,
             no_migrate: false,

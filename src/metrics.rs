@@ -134,10 +134,13 @@ pub struct Metrics {
     /// Events refused for their environment's rate limit, by source (`http`).
     pub events_rate_limited: IntCounterVec,
     /// Due jobs waiting in the outbox, for the environments with the most (top
-    /// [`TOP_BACKLOGS`], by `org/project/env`; the others are not reported).
+    /// [`TOP_BACKLOGS`], by `org/project/env`), and for all the others together
+    /// ([`OTHER_ENVIRONMENTS`], 0 when none waits).
     pub environment_backlog: IntGaugeVec,
     /// Messages in the dead-letter queue.
     pub dead_letter_queue_depth: IntGauge,
+    /// Messages ready in each work queue, by kind and shard (the relay samples them).
+    pub work_queue_depth: IntGaugeVec,
     /// 1 while the role's RabbitMQ connection is up.
     pub amqp_connected: IntGaugeVec,
     /// 1 while Postgres answers.
@@ -182,8 +185,11 @@ fn stage_histogram(r: &Registry) -> HistogramVec {
     h
 }
 
-/// How many environments [`Metrics::environment_backlog`] reports.
+/// How many environments [`Metrics::environment_backlog`] reports by name.
 pub const TOP_BACKLOGS: i64 = 10;
+
+/// The `environment` label of the backlog of every environment not reported by name.
+pub const OTHER_ENVIRONMENTS: &str = "(others)";
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid gauge");
@@ -222,8 +228,19 @@ impl Metrics {
         .expect("valid gauge");
         r.register(Box::new(environment_backlog.clone()))
             .expect("register gauge");
+        let work_queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "kongflow_work_queue_depth",
+                "Messages ready in a work queue, by kind and shard",
+            ),
+            &["kind", "shard"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(work_queue_depth.clone()))
+            .expect("register gauge");
         Self {
             environment_backlog,
+            work_queue_depth,
             events_ingested: counter(
                 &r,
                 "kongflow_events_ingested_total",
@@ -284,7 +301,7 @@ impl Metrics {
                 &r,
                 "kongflow_queue_latency_seconds",
                 "Start of a job minus the moment it became due",
-                &["kind"],
+                &["kind", "shard"],
             ),
             event_latency: histogram(
                 &r,
@@ -338,7 +355,11 @@ impl Metrics {
 
     /// Create the series of every job kind (with its queue), so they are exported (at 0)
     /// before anything happens. The process calls it with the kinds it knows.
-    pub fn touch_job_series<'a>(&self, kinds: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    pub fn touch_job_series<'a>(
+        &self,
+        kinds: impl IntoIterator<Item = (&'a str, &'a str)>,
+        shards: &[u16],
+    ) {
         for (k, queue) in kinds {
             let kq = [k, queue];
             for c in [
@@ -351,7 +372,10 @@ impl Metrics {
             ] {
                 c.with_label_values(&kq);
             }
-            self.queue_latency.with_label_values(&[k]);
+            for shard in shards {
+                self.queue_latency
+                    .with_label_values(&[k, &shard.to_string()]);
+            }
             self.event_latency.with_label_values(&[k]);
             for outcome in ["ok", "error", "panic", "permanent"] {
                 self.handler_duration.with_label_values(&[k, outcome]);
@@ -444,14 +468,14 @@ mod tests {
             .with_label_values(&["deliverEvent", "events"])
             .inc();
         m.queue_latency
-            .with_label_values(&["deliverEvent"])
+            .with_label_values(&["deliverEvent", "0"])
             .observe(0.002);
         let text = m.render();
         assert!(
             text.contains("kongflow_jobs_completed_total{kind=\"deliverEvent\",queue=\"events\"} ")
         );
         assert!(text.contains(
-            "kongflow_queue_latency_seconds_bucket{kind=\"deliverEvent\",le=\"0.0025\"} "
+            "kongflow_queue_latency_seconds_bucket{kind=\"deliverEvent\",shard=\"0\",le=\"0.0025\"} "
         ));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let mut parts = line.split_whitespace().skip(2);

@@ -35,7 +35,7 @@ use crate::config::RelayConfig;
 use crate::failpoint;
 use crate::ledger::outbox::{self, Claimed};
 use crate::ledger::upkeep::{self, Retention};
-use crate::ledger::{Job, JobState, NOTIFY_CHANNEL};
+use crate::ledger::{Job, JobKind, JobState, NOTIFY_CHANNEL};
 use crate::metrics::ConnectedGuard;
 use crate::metrics::{Stage, metrics};
 
@@ -146,7 +146,8 @@ impl Relay {
     }
 
     /// One sample: outbox backlog and oldest age, the environments with the most waiting,
-    /// delayed jobs waiting, dead letters.
+    /// delayed jobs waiting, dead letters, and the ready messages of every shard's work
+    /// queue.
     pub async fn sample(
         &self,
         amqp_url: &str,
@@ -157,13 +158,18 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
-        let top = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
+        let (top, total) = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
         m.environment_backlog.reset();
+        let mut others = total;
         for (environment, waiting) in top {
+            others -= waiting;
             m.environment_backlog
                 .with_label_values(&[&environment])
                 .set(waiting);
         }
+        m.environment_backlog
+            .with_label_values(&[crate::metrics::OTHER_ENVIRONMENTS])
+            .set(others);
         // The dead-letter queue exists once a relay loop has connected and declared the
         // topology; asking before that only makes the broker close the channel.
         if m.amqp_connected.with_label_values(&["relay"]).get() <= 0 {
@@ -173,17 +179,32 @@ impl Relay {
             *conn = Some(amqp::connect(amqp_url, "kongflow-sampler").await?);
         }
         let channel = conn.as_ref().expect("connected").create_channel().await?;
-        let q = channel
-            .queue_declare(
-                self.topology.dead_queue().as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
-        m.dead_letter_queue_depth.set(q.message_count() as i64);
+        let depth = |queue: String| {
+            let channel = channel.clone();
+            async move {
+                let q = channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<i64, lapin::Error>(q.message_count() as i64)
+            }
+        };
+        m.dead_letter_queue_depth
+            .set(depth(self.topology.dead_queue()).await?);
+        for kind in JobKind::ALL {
+            for shard in 0..self.topology.shard_count() {
+                let ready = depth(self.topology.queue(kind, shard)).await?;
+                m.work_queue_depth
+                    .with_label_values(&[kind.as_str(), &shard.to_string()])
+                    .set(ready);
+            }
+        }
         let _ = channel.close(200, "sampled".into()).await;
         Ok(())
     }
@@ -373,6 +394,7 @@ impl Relay {
                     channel,
                     &self.topology,
                     job.kind,
+                    self.topology.shard_of(job.environment_id),
                     &message,
                     properties(job),
                     chrono::Utc::now(),

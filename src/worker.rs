@@ -67,6 +67,13 @@ pub enum Disposition {
 /// A message held until its due time.
 type Held = (DateTime<Utc>, Delivery, JobMessage);
 
+/// One work queue: a kind's shard.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    kind: JobKind,
+    shard: u16,
+}
+
 /// A batch of deliveries sorted by [`Worker::sort_arrivals`].
 #[derive(Default)]
 struct Arrived {
@@ -133,34 +140,51 @@ impl Worker {
             .await?;
         let _connected = ConnectedGuard::new("worker");
         let mut tasks = JoinSet::new();
+        let shards = self.shards();
         for kind in JobKind::ALL {
-            for _ in 0..self.config.worker_concurrency.max(1) {
-                let channel = conn.create_channel().await?;
-                let this = self.clone();
-                let shutdown = shutdown.clone();
-                let publisher = publisher.clone();
-                tasks.spawn(async move { this.consume(channel, publisher, kind, shutdown).await });
+            for &shard in &shards {
+                for _ in 0..self.config.worker_concurrency.max(1) {
+                    let channel = conn.create_channel().await?;
+                    let this = self.clone();
+                    let shutdown = shutdown.clone();
+                    let publisher = publisher.clone();
+                    let queue = Shard { kind, shard };
+                    tasks.spawn(
+                        async move { this.consume(channel, publisher, queue, shutdown).await },
+                    );
+                }
             }
         }
-        tracing::info!("worker connected");
+        tracing::info!(?shards, "worker connected");
         let result = crate::supervise::until_first_failure(tasks, WorkerError::Task).await;
         let _ = conn.close(200, "bye".into()).await;
         result
+    }
+
+    /// The shards this worker consumes (the process checked the configuration at start).
+    pub fn shards(&self) -> Vec<u16> {
+        self.config
+            .shards_of(self.topology.shard_count())
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the worker consumes no shard");
+                Vec::new()
+            })
     }
 
     async fn consume(
         &self,
         channel: Channel,
         publisher: Channel,
-        kind: JobKind,
+        queue: Shard,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
+        let Shard { kind, shard } = queue;
         channel
             .basic_qos(self.config.worker_prefetch, BasicQosOptions::default())
             .await?;
         let mut consumer = channel
             .basic_consume(
-                self.topology.queue(kind).as_str().into(),
+                self.topology.queue(kind, shard).as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -188,7 +212,7 @@ impl Worker {
                     }
                 }
                 if !early.is_empty() {
-                    self.send_back(&publisher, kind, &early).await?;
+                    self.send_back(&publisher, queue, &early).await?;
                     for (delivery, _) in &early {
                         delivery.ack(BasicAckOptions::default()).await?;
                     }
@@ -364,7 +388,7 @@ impl Worker {
     async fn send_back(
         &self,
         publisher: &Channel,
-        kind: JobKind,
+        Shard { kind, shard }: Shard,
         early: &[(Delivery, JobMessage)],
     ) -> Result<(), WorkerError> {
         let mut confirms = Vec::with_capacity(early.len());
@@ -374,6 +398,7 @@ impl Worker {
                 publisher,
                 &self.topology,
                 kind,
+                shard,
                 message,
                 delivery.properties.clone(),
                 Utc::now(),
@@ -475,7 +500,7 @@ impl Worker {
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::WorkerCommit, committing);
-        count_completed(&taken.jobs, started_at);
+        count_completed(&self.topology, &taken.jobs, started_at);
         if let Some(p) = &self.publisher {
             p.publish(&inserted).await;
         }
@@ -561,14 +586,17 @@ fn freed_by(jobs: &[Job]) -> Vec<(uuid::Uuid, JobKind, i64)> {
 }
 
 /// Count and log jobs whose batch committed.
-fn count_completed(jobs: &[Job], started_at: DateTime<Utc>) {
+fn count_completed(topology: &Topology, jobs: &[Job], started_at: DateTime<Utc>) {
     let m = metrics();
     for job in jobs {
         let kq = [job.kind.as_str(), job.queue.as_str()];
         m.jobs_started.with_label_values(&kq).inc();
         m.jobs_completed.with_label_values(&kq).inc();
         m.queue_latency
-            .with_label_values(&[job.kind.as_str()])
+            .with_label_values(&[
+                job.kind.as_str(),
+                &topology.shard_of(job.environment_id).to_string(),
+            ])
             .observe(seconds_since(job.run_at, started_at));
         tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
             event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job completed");

@@ -147,6 +147,7 @@ impl DirectPublisher {
                 &channel,
                 &self.inner.topology,
                 job.kind,
+                self.inner.topology.shard_of(job.environment_id),
                 &message,
                 properties(job),
                 now,

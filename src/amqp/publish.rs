@@ -25,16 +25,20 @@ pub struct Route {
     pub delay: Option<DelayDigits>,
 }
 
-/// The route of a message of `kind` for `queue`, due at `run_at`, seen at `now`: it is
-/// meant to reach the work queue the topology's delay lead before `run_at` (a worker holds
-/// it for the rest), so one due within the lead goes straight there.
+/// The route of a message of `kind` for `queue` on `shard`, due at `run_at`, seen at
+/// `now`: it is meant to reach the shard's work queue the topology's delay lead before
+/// `run_at` (a worker holds it for the rest), so one due within the lead goes straight
+/// there. The tiers keep the shard in the routing key, so a delayed message comes back to
+/// its shard.
 pub fn route(
     topology: &Topology,
     kind: JobKind,
     queue: &str,
+    shard: u16,
     run_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Route {
+    let key = topology.work_key(queue, shard);
     let remaining = (run_at - now)
         .to_std()
         .ok()
@@ -45,12 +49,12 @@ pub fn route(
     match digits.entry_level() {
         None => Route {
             exchange: topology.exchange(kind),
-            routing_key: queue.to_string(),
+            routing_key: key,
             delay: None,
         },
         Some(level) => Route {
             exchange: topology.delay_exchange(level),
-            routing_key: digits.routing_key(kind.as_str(), queue),
+            routing_key: digits.routing_key(kind.as_str(), &key),
             delay: Some(digits),
         },
     }
@@ -74,18 +78,19 @@ pub fn published_at(properties: &BasicProperties) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros)
 }
 
-/// Publish a job's message by its due time as seen at `now` (`mandatory`, so a message no
-/// queue takes comes back instead of vanishing), stamped with `now` in
+/// Publish a job's message to `shard` by its due time as seen at `now` (`mandatory`, so a
+/// message no queue takes comes back instead of vanishing), stamped with `now` in
 /// [`PUBLISHED_AT_HEADER`]. The caller awaits the returned confirm.
 pub async fn publish_job(
     channel: &Channel,
     topology: &Topology,
     kind: JobKind,
+    shard: u16,
     message: &JobMessage,
     properties: BasicProperties,
     now: DateTime<Utc>,
 ) -> lapin::Result<PublisherConfirm> {
-    let route = route(topology, kind, &message.queue, message.run_at, now);
+    let route = route(topology, kind, &message.queue, shard, message.run_at, now);
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         PUBLISHED_AT_HEADER.into(),
@@ -213,7 +218,7 @@ mod tests {
     /// Where a job of `kind` due `ahead` from now is routed.
     fn ahead(t: &Topology, kind: JobKind, ahead: Duration) -> Route {
         let now = Utc::now();
-        route(t, kind, "events", now + ahead, now)
+        route(t, kind, "events", 0, now + ahead, now)
     }
 
     #[test]
@@ -221,7 +226,7 @@ mod tests {
         let t = Topology::new("kf");
         let now = Utc::now();
         for run_at in [now, now - Duration::days(3)] {
-            let r = route(&t, JobKind::DeliverEvent, "events", run_at, now);
+            let r = route(&t, JobKind::DeliverEvent, "events", 0, run_at, now);
             assert_eq!(r.exchange, "kf.deliverEvent");
             assert_eq!(r.routing_key, "events");
             assert_eq!(r.delay, None);
@@ -245,6 +250,31 @@ mod tests {
             r.routing_key
         );
         assert_eq!(r.delay.unwrap().total_ms(), 5_000);
+    }
+
+    #[test]
+    fn a_shard_keeps_its_key_through_the_tiers() {
+        let t = Topology::new("kf").with_shards(4);
+        let now = Utc::now();
+        let r = route(&t, JobKind::DeliverEvent, "events", 3, now, now);
+        assert_eq!(
+            (r.exchange.as_str(), r.routing_key.as_str()),
+            ("kf.deliverEvent", "events.s3")
+        );
+        let r = route(
+            &t,
+            JobKind::DeliverEvent,
+            "events",
+            2,
+            now + Duration::seconds(5),
+            now,
+        );
+        assert!(
+            r.routing_key.ends_with(".deliverEvent.events.s2"),
+            "{}",
+            r.routing_key
+        );
+        assert!(!r.routing_key.ends_with(".deliverEvent.events"));
     }
 
     #[test]

@@ -2,11 +2,14 @@
 //!
 //! For every job kind `K` (`deliverEvent`, `events.invokeDispatcher`) and prefix `P`:
 //!
-//! - exchange `P.K`: direct, durable. The relay publishes here with the job's queue
-//!   (`events`) as routing key.
-//! - queue `P.K`: durable, a priority queue (`x-max-priority` 4), bound to `P.K` with key
-//!   `events`. Workers for kind `K` consume from it. It is also bound to the delay exit
-//!   exchange with `#.K.events`.
+//! - exchange `P.K`: direct, durable. The relay publishes here with the job's shard key
+//!   as routing key (see [`Topology::work_key`]).
+//! - the work queues of `K`, one per shard: `P.K` when there is one shard (the default),
+//!   `P.K.s0` … `P.K.s<N-1>` when there are `N`. Each is durable, a priority queue
+//!   (`x-max-priority` 4), bound to `P.K` with its shard key (`events`, or `events.s<i>`)
+//!   and to the delay exit exchange with `#.K.<shard key>`. A job's shard is a stable hash
+//!   of its environment ([`shard_of`]); workers consume every shard or the set they are
+//!   given.
 //! - exchange `P.dead` (fanout) and queue `P.events.dead`: dead letters, with their reason
 //!   in the `x-kongflow-reason` header.
 //! - exchange `P.ingest` (direct) and queue `P.ingest`, bound with key `send`: send-event
@@ -26,6 +29,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
 
 use lapin::{Channel, ExchangeKind};
+use uuid::Uuid;
 
 use super::tiers::{self, LEVELS};
 use crate::ledger::{EVENTS_QUEUE, JobKind};
@@ -39,10 +43,26 @@ pub const REJECTED_MAX_BYTES: i64 = 1 << 30;
 /// Highest AMQP priority in use; see [`crate::ledger::JobPriority::amqp_priority`].
 pub const MAX_PRIORITY: u8 = 4;
 
+pub use crate::config::MAX_SHARDS;
+
+/// The shard of an environment among `count`: FNV-1a (64 bits) of the environment id's 16
+/// bytes, modulo `count`. Stable across processes, versions and languages, so tools outside
+/// this service can compute it too.
+pub fn shard_of(environment: Uuid, count: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in environment.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(count.max(1))) as u16
+}
+
 /// The names of this deployment's exchanges and queues.
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
+    /// How many shards the work queues are split into (1 or more).
+    shards: u16,
     /// `x-expires` for queues, in milliseconds: used by tests so their queues go away by
     /// themselves. `None` in production.
     queue_expires_ms: Option<u32>,
@@ -55,9 +75,26 @@ impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            shards: 1,
             queue_expires_ms: None,
             delay_lead: Duration::ZERO,
         }
+    }
+
+    /// Split the work queues into `count` shards (at least 1, at most [`MAX_SHARDS`]).
+    pub fn with_shards(mut self, count: u16) -> Self {
+        self.shards = count.clamp(1, MAX_SHARDS);
+        self
+    }
+
+    /// How many shards the work queues are split into.
+    pub fn shard_count(&self) -> u16 {
+        self.shards
+    }
+
+    /// The shard an environment's jobs go to.
+    pub fn shard_of(&self, environment: Uuid) -> u16 {
+        shard_of(environment, self.shards)
     }
 
     /// Deliver delayed messages `lead` before their due time; workers hold them until then.
@@ -89,9 +126,29 @@ impl Topology {
         format!("{}.{}", self.prefix, kind.as_str())
     }
 
-    /// The work queue of a kind.
-    pub fn queue(&self, kind: JobKind) -> String {
-        format!("{}.{}", self.prefix, kind.as_str())
+    /// The work queue of a kind's shard: `P.K` when there is one shard, `P.K.s<shard>`
+    /// when there are several.
+    pub fn queue(&self, kind: JobKind, shard: u16) -> String {
+        if self.shards == 1 {
+            format!("{}.{}", self.prefix, kind.as_str())
+        } else {
+            format!("{}.{}.s{shard}", self.prefix, kind.as_str())
+        }
+    }
+
+    /// Every work queue of a kind, shard 0 first.
+    pub fn queues(&self, kind: JobKind) -> Vec<String> {
+        (0..self.shards).map(|s| self.queue(kind, s)).collect()
+    }
+
+    /// The routing key of a shard's work queue for jobs of `queue` (River's queue name,
+    /// `events`): `queue` itself when there is one shard, `queue.s<shard>` otherwise.
+    pub fn work_key(&self, queue: &str, shard: u16) -> String {
+        if self.shards == 1 {
+            queue.to_string()
+        } else {
+            format!("{queue}.s{shard}")
+        }
     }
 
     /// The exchange of delay level `n` (0 is the shortest).
@@ -141,7 +198,7 @@ impl Topology {
 
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
-        let mut names: Vec<String> = JobKind::ALL.iter().map(|k| self.queue(*k)).collect();
+        let mut names: Vec<String> = JobKind::ALL.iter().flat_map(|k| self.queues(*k)).collect();
         names.push(self.dead_queue());
         names.push(self.ingest_queue());
         names.push(self.rejected_queue());
@@ -180,16 +237,19 @@ impl Topology {
         );
         plan.bind_queue(&self.rejected_queue(), &rejected, "");
         for kind in JobKind::ALL {
-            let (exchange, queue) = (self.exchange(kind), self.queue(kind));
+            let exchange = self.exchange(kind);
             plan.exchange(&exchange, ExchangeKind::Direct);
-            // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
-            plan.queue(
-                &queue,
-                vec![("x-max-priority", Arg::Int(MAX_PRIORITY as i64))],
-            );
-            plan.bind_queue(&queue, &exchange, EVENTS_QUEUE);
-            let exit_key = tiers::exit_pattern(kind.as_str(), EVENTS_QUEUE);
-            plan.bind_queue(&queue, &self.delay_exit(), &exit_key);
+            for shard in 0..self.shards {
+                let (queue, key) = (self.queue(kind, shard), self.work_key(EVENTS_QUEUE, shard));
+                // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
+                plan.queue(
+                    &queue,
+                    vec![("x-max-priority", Arg::Int(MAX_PRIORITY as i64))],
+                );
+                plan.bind_queue(&queue, &exchange, &key);
+                let exit_key = tiers::exit_pattern(kind.as_str(), &key);
+                plan.bind_queue(&queue, &self.delay_exit(), &exit_key);
+            }
         }
         plan
     }
@@ -417,6 +477,7 @@ impl crate::config::StoreConfig {
     /// The RabbitMQ names this configuration uses.
     pub fn topology(&self) -> Topology {
         let t = Topology::new(&self.amqp_prefix)
+            .with_shards(self.shard_count)
             .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
         match self.amqp_queue_expires_ms {
             Some(ms) => t.with_queue_expiry(ms),
@@ -434,8 +495,36 @@ mod tests {
         let t = Topology::new("kf");
         assert_eq!(t.exchange(JobKind::DeliverEvent), "kf.deliverEvent");
         assert_eq!(
-            t.queue(JobKind::InvokeDispatcher),
+            t.queue(JobKind::InvokeDispatcher, 0),
             "kf.events.invokeDispatcher"
         );
+        assert_eq!(t.work_key("events", 0), "events");
+        let sharded = Topology::new("kf").with_shards(4);
+        assert_eq!(
+            sharded.queues(JobKind::DeliverEvent),
+            [
+                "kf.deliverEvent.s0",
+                "kf.deliverEvent.s1",
+                "kf.deliverEvent.s2",
+                "kf.deliverEvent.s3"
+            ]
+        );
+        assert_eq!(sharded.work_key("events", 3), "events.s3");
+    }
+
+    #[test]
+    fn shards_are_a_stable_hash_of_the_environment() {
+        // Fixed values: changing the hash would move every environment to another queue.
+        let id = Uuid::parse_str("0190d3a2-7c1e-7b44-9a3e-5f1c2d3e4f50").unwrap();
+        assert_eq!(shard_of(id, 1), 0);
+        assert_eq!(shard_of(id, 8), 3);
+        assert_eq!(shard_of(id, 7), 4);
+        assert_eq!(shard_of(Uuid::nil(), 1000), 221);
+        let counts = (0..4000u128).fold([0u32; 8], |mut c, i| {
+            c[shard_of(Uuid::from_u128(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)), 8) as usize] += 1;
+            c
+        });
+        // Spread: every shard within a fifth of the mean.
+        assert!(counts.iter().all(|c| (400..=600).contains(c)), "{counts:?}");
     }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod operator;
 pub mod ratelimit;
 pub mod triggers;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub keys: KeyCache,
     /// Each environment's ingest allowance (`max_events_per_second`).
     pub limiter: ratelimit::RateLimiter,
+    /// SHA-256 of the operator endpoints' token; `None`: they answer 403.
+    pub operator_token: Option<Arc<[u8]>>,
 }
 
 impl AppState {
@@ -46,6 +49,15 @@ impl AppState {
             pool,
             keys: KeyCache::default(),
             limiter: ratelimit::RateLimiter::default(),
+            operator_token: None,
+        }
+    }
+
+    /// Open the operator endpoints to callers bearing `token`.
+    pub fn with_operator_token(self, token: Option<&crate::config::OperatorToken>) -> Self {
+        Self {
+            operator_token: token.map(|t| crate::db::environments::hash_api_key(&t.0).into()),
+            ..self
         }
     }
 
@@ -110,6 +122,10 @@ pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> 
         .route(
             "/api/v1/dispatchers/{id}/disable",
             post(triggers::disable_dispatcher),
+        )
+        .route(
+            "/api/v1/operator/environments/{org}/{project}/{env}/limits",
+            get(operator::get_limits).put(operator::put_limits),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)

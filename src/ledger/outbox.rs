@@ -299,12 +299,13 @@ pub async fn stats(pool: &PgPool) -> Result<OutboxStats, sqlx::Error> {
 
 /// The `n` environments with the most due jobs waiting in the outbox (for room in flight,
 /// or for a relay), most first: `org/project/env` (the id if it names no environment) and
-/// how many.
-pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<Vec<(String, i64)>, sqlx::Error> {
+/// how many; and how many due jobs wait in all, every environment's.
+pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<(Vec<(String, i64)>, i64), sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT COALESCE(o.slug || '/' || p.slug || '/' || e.slug, b.environment_id::text) AS "environment!",
-                  b.waiting AS "waiting!"
-           FROM (SELECT environment_id, count(*) AS waiting FROM queue_jobs
+                  b.waiting AS "waiting!", b.total::int8 AS "total!"
+           FROM (SELECT environment_id, count(*) AS waiting, sum(count(*)) OVER () AS total
+                 FROM queue_jobs
                  WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')
                    AND run_at <= now()
                  GROUP BY environment_id ORDER BY count(*) DESC LIMIT $1) b
@@ -316,10 +317,13 @@ pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<Vec<(String, i64)>, s
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| (r.environment, r.waiting))
-        .collect())
+    let total = rows.first().map_or(0, |r| r.total);
+    Ok((
+        rows.into_iter()
+            .map(|r| (r.environment, r.waiting))
+            .collect(),
+        total,
+    ))
 }
 
 /// Put back in the outbox the live jobs with these arguments that left it in an earlier

@@ -86,7 +86,10 @@ async fn publish_to_work_queue(app: &TestApp, job: &Ledger) {
     let confirm = channel
         .basic_publish(
             app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "events".into(),
+            app.topology
+                .work_key("events", app.topology.shard_of(app.env.id))
+                .as_str()
+                .into(),
             BasicPublishOptions::default(),
             &message.to_bytes(),
             BasicProperties::default().with_delivery_mode(2),
@@ -174,6 +177,7 @@ async fn a_past_deliver_at_and_a_zero_deliver_after_deliver_now() {
             &app.topology,
             JobKind::DeliverEvent,
             "events",
+            0,
             job.run_at,
             job.published_at.unwrap(),
         );
@@ -232,6 +236,7 @@ async fn a_delay_of_a_year_is_routed_through_the_top_tier() {
         &app.topology,
         JobKind::DeliverEvent,
         "events",
+        0,
         job.run_at,
         job.published_at.unwrap(),
     );
@@ -589,7 +594,7 @@ async fn a_worker_killed_while_holding_a_message_loses_nothing() {
     publish_to_work_queue(&app, &job).await;
 
     let mut first = spawn_worker(&app);
-    let work_queue = app.topology.queue(JobKind::DeliverEvent);
+    let work_queue = app.env_queue(JobKind::DeliverEvent);
     wait_until(
         "the worker to take the message",
         Duration::from_secs(10),
@@ -656,5 +661,53 @@ async fn a_worker_killed_while_holding_a_message_loses_nothing() {
     assert_eq!(app.runs_by_job("h-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.runs_by_job("n-1").await, vec![("job".to_string(), 1)]);
     second.kill().await.unwrap();
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
+    // The API publishes into the tiers; no worker, so the messages stay where they land.
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let topology = &app.topology;
+    let mut n = 0;
+    let (other, other_key) = loop {
+        let (env, key) = app.new_env(&format!("other{n}")).await;
+        if topology.shard_count() == 1 || topology.shard_of(env.id) != topology.shard_of(app.env.id)
+        {
+            break (env, key);
+        }
+        n += 1;
+    };
+    for (key, id) in [(&app.api_key, "mine"), (&other_key, "theirs")] {
+        app.put_job(key, "job", job_body("later", json!({}))).await;
+        app.send_event(
+            key,
+            json!({"event": {"name": "later", "id": id, "payload": {}}, "options": {"deliverAfter": 1}}),
+        )
+        .await;
+    }
+    let queue_of = |env: uuid::Uuid| topology.queue(JobKind::DeliverEvent, topology.shard_of(env));
+    wait_until("both out of the tiers", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::DeliverEvent).await == 2
+    })
+    .await;
+    if topology.shard_count() == 1 {
+        // One queue holds both: nothing to tell apart.
+        return app.finish().await;
+    }
+    for (env, id) in [(app.env.id, "mine"), (other.id, "theirs")] {
+        let got = app
+            .channel
+            .basic_get(
+                queue_of(env).as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .expect("the message is on its environment's shard");
+        let message = JobMessage::parse(&got.delivery.data).unwrap();
+        assert_eq!(message.id, deliver_job(&app, id).await.id, "{id}");
+    }
+    assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
     app.finish().await;
 }

@@ -72,7 +72,16 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     })
     .await;
     let (a, a_key) = (app.env.id, app.api_key.clone());
-    let (b_env, b_key) = app.new_env("quiet").await;
+    // B hashes to A's shard on purpose: it shares A's work queue, so shards alone would
+    // leave it behind A's whole backlog.
+    let mut quiet = 0;
+    let (b_env, b_key) = loop {
+        let (env, key) = app.new_env(&format!("quiet{quiet}")).await;
+        if app.topology.shard_of(env.id) == app.topology.shard_of(a) {
+            break (env, key);
+        }
+        quiet += 1;
+    };
     app.put_job(&a_key, "job", job_body("tick", json!({})))
         .await;
     app.put_job(&b_key, "job", job_body("tick", json!({})))
@@ -100,10 +109,11 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     let waiting = in_outbox(&app, a).await;
     assert_eq!(waiting + i64::from(depth), FLOOD as i64);
     // The gauge of the environments with the most waiting names A first.
-    let top = kongflow_events::ledger::outbox::top_backlogs(&app.pool, 10)
+    let (top, total) = kongflow_events::ledger::outbox::top_backlogs(&app.pool, 10)
         .await
         .unwrap();
     assert_eq!(top.len(), 1, "{top:?}");
+    assert_eq!(total, waiting, "nobody else waits");
     assert!(top[0].0.ends_with("/proj/dev"), "{top:?}");
     assert_eq!(top[0].1, waiting);
 
@@ -337,5 +347,145 @@ async fn an_environment_over_its_ingest_rate_gets_429_with_retry_after() {
             StatusCode::OK
         );
     }
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_read_and_set_limits_over_http_with_their_token_only() {
+    const TOKEN: &str = "operator-token-of-this-test";
+    let http = kongflow_events::config::HttpConfig {
+        operator_token: Some(TOKEN.parse().unwrap()),
+        ..Default::default()
+    };
+    let app = TestApp::spawn_full(
+        crate::helpers::HTTP_ONLY,
+        kongflow_events::config::RelayConfig::default(),
+        http,
+    )
+    .await;
+    let (_env, key) = app.new_env("limited").await;
+    let url = format!(
+        "{}/api/v1/operator/environments/{}-limited/proj/env/limits",
+        app.base_url, app.db_name
+    );
+    let call = |method: Method, token: Option<&str>, body: Option<serde_json::Value>| {
+        let mut request = app.http.request(method, &url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // No token, a wrong one, an environment's API key: refused, and nothing changes.
+    for token in [None, Some("operator-token-of-another"), Some(key.as_str())] {
+        let (status, body) = call(Method::PUT, token, Some(json!({"maxJobsInFlight": 1}))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}: {body}");
+    }
+    let (status, body) = call(Method::GET, Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"environment": format!("{}-limited/proj/env", app.db_name),
+               "maxJobsInFlight": 64, "maxEventsPerSecond": null})
+    );
+    // A field left out stays; null lifts.
+    let (_, body) = call(
+        Method::PUT,
+        Some(TOKEN),
+        Some(json!({"maxEventsPerSecond": 2})),
+    )
+    .await;
+    assert_eq!(
+        (
+            body["maxJobsInFlight"].clone(),
+            body["maxEventsPerSecond"].clone()
+        ),
+        (json!(64), json!(2))
+    );
+    let (_, body) = call(
+        Method::PUT,
+        Some(TOKEN),
+        Some(json!({"maxJobsInFlight": null})),
+    )
+    .await;
+    assert_eq!(
+        (
+            body["maxJobsInFlight"].clone(),
+            body["maxEventsPerSecond"].clone()
+        ),
+        (json!(null), json!(2))
+    );
+    // Nonsense is refused with the reason.
+    let (status, body) = call(
+        Method::PUT,
+        Some(TOKEN),
+        Some(json!({"maxJobsInFlight": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("at least 1"),
+        "{body}"
+    );
+    let (status, _) = call(Method::PUT, Some(TOKEN), Some(json!({"maxJobs": 3}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let missing = url.replace("-limited/", "-nobody/");
+    let response = app
+        .http
+        .get(&missing)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // The rate set over HTTP holds once the key cache forgets (a second).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = app
+            .http
+            .post(format!("{}/api/v1/events", app.base_url))
+            .bearer_auth(&key)
+            .json(&json!({"event": {"name": "tick", "id": format!("o-{i}"), "payload": {}}}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status());
+    }
+    assert_eq!(statuses[..2], [StatusCode::OK, StatusCode::OK]);
+    assert!(
+        statuses[2..].contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_are_off_without_a_token() {
+    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let url = format!(
+        "{}/api/v1/operator/environments/org-{}/proj/dev/limits",
+        app.base_url, app.db_name
+    );
+    let response = app
+        .http
+        .get(&url)
+        .bearer_auth("anything-at-all-here")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("OPERATOR_TOKEN"),
+        "{body}"
+    );
     app.finish().await;
 }

@@ -32,6 +32,16 @@ pub fn pg_base() -> String {
     std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// How many shards a test deployment has: `TEST_SHARD_COUNT`, 3 by default, so every
+/// test runs with several shards (and `TEST_SHARD_COUNT=1` runs them with the default of a
+/// small install).
+pub fn shard_count() -> u16 {
+    std::env::var("TEST_SHARD_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -86,6 +96,7 @@ impl TestApp {
             amqp_url: amqp_url(),
             amqp_prefix: prefix,
             amqp_queue_expires_ms: Some(600_000),
+            shard_count: shard_count(),
             delay_lead_ms: 100,
             database_max_connections: 6,
             no_migrate: false,
@@ -319,9 +330,26 @@ impl TestApp {
         .await;
     }
 
-    /// Messages ready in a kind's queue (a passive declare: exact, unlike management stats).
+    /// Messages ready in a kind's queues, every shard (a passive declare: exact, unlike
+    /// management stats).
     pub async fn queue_depth(&self, kind: JobKind) -> u32 {
-        self.depth_of(&self.topology.queue(kind)).await
+        let mut ready = 0;
+        for queue in self.topology.queues(kind) {
+            ready += self.depth_of(&queue).await;
+        }
+        ready
+    }
+
+    /// The routing key of the test environment's shard on a work exchange.
+    pub fn work_key(&self) -> String {
+        self.topology
+            .work_key("events", self.topology.shard_of(self.env.id))
+    }
+
+    /// The work queue of a kind's shard that the test's environment hashes to.
+    pub fn env_queue(&self, kind: JobKind) -> String {
+        self.topology
+            .queue(kind, self.topology.shard_of(self.env.id))
     }
 
     /// Messages ready in any queue by name.
@@ -340,15 +368,20 @@ impl TestApp {
             .message_count()
     }
 
-    /// Take one message from a kind's queue, without acknowledging it yet.
+    /// Take one message from a kind's queues (the first shard that has one), without
+    /// acknowledging it yet.
     pub async fn get_message(&self, kind: JobKind) -> Option<lapin::message::BasicGetMessage> {
-        self.channel
-            .basic_get(
-                self.topology.queue(kind).as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await
-            .expect("basic.get")
+        for queue in self.topology.queues(kind) {
+            let got = self
+                .channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .expect("basic.get");
+            if got.is_some() {
+                return got;
+            }
+        }
+        None
     }
 
     /// Take every message of a kind, hand each to a worker step, ack per its disposition.
@@ -396,7 +429,7 @@ impl TestApp {
         total
     }
 
-    /// Delete a kind's work queue, keeping its exchange (a queue bound under another key
+    /// Delete a kind's work queues (every shard), keeping its exchange (a queue bound under another key
     /// holds the test's auto-delete exchange): publishes to it are confirmed but returned.
     pub async fn remove_work_queue(&self, kind: JobKind) {
         let keeper = private_queue(&self.channel).await;
@@ -410,13 +443,15 @@ impl TestApp {
             )
             .await
             .unwrap();
-        self.channel
-            .queue_delete(
-                self.topology.queue(kind).as_str().into(),
-                lapin::options::QueueDeleteOptions::default(),
-            )
-            .await
-            .unwrap();
+        for queue in self.topology.queues(kind) {
+            self.channel
+                .queue_delete(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await
+                .unwrap();
+        }
     }
 
     /// A queue of the test's own for replies, and a consumer on it.
@@ -500,6 +535,7 @@ impl TestApp {
             ("AMQP_URL", self.store.amqp_url.clone()),
             ("AMQP_PREFIX", self.store.amqp_prefix.clone()),
             ("AMQP_QUEUE_EXPIRES_MS", "600000".into()),
+            ("SHARD_COUNT", self.store.shard_count.to_string()),
             ("DATABASE_MAX_CONNECTIONS", "3".into()),
             ("RUST_LOG", "warn".into()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),

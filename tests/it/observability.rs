@@ -129,7 +129,7 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
     channel
         .basic_publish(
             app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            "events".into(),
+            app.work_key().as_str().into(),
             BasicPublishOptions::default(),
             b"garbage",
             BasicProperties::default(),
@@ -194,7 +194,8 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
             0.0,
             "{kind}"
         );
-        let k = format!("{{kind=\"{kind}\"}}");
+        let shard = app.topology.shard_of(app.env.id);
+        let k = format!("{{kind=\"{kind}\",shard=\"{shard}\"}}");
         assert_eq!(
             moved(&format!("kongflow_queue_latency_seconds_count{k}")),
             n
@@ -202,7 +203,7 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
         // Every observation falls in some bucket: the +Inf bucket equals the count.
         assert_eq!(
             moved(&format!(
-                "kongflow_queue_latency_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}}"
+                "kongflow_queue_latency_seconds_bucket{{kind=\"{kind}\",shard=\"{shard}\",le=\"+Inf\"}}"
             )),
             n
         );

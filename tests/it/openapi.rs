@@ -23,9 +23,13 @@ fn routes_in_code() -> BTreeSet<(String, String)> {
         rest = &rest[at + 8..];
         let end = rest.find('"').unwrap();
         let path = rest[..end].to_string();
+        // The method router: `get(h)`, maybe chained (`get(h).put(g)`), up to the next route.
         let after = rest[end + 1..].trim_start_matches(',').trim_start();
+        let methods = &after[..after.find(".route(").unwrap_or(after.len())];
         for method in ["get", "post", "put", "delete"] {
-            if after.starts_with(&format!("{method}(")) {
+            if methods.starts_with(&format!("{method}("))
+                || methods.contains(&format!(").{method}("))
+            {
                 routes.insert((method.to_string(), path.clone()));
             }
         }

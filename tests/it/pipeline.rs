@@ -271,7 +271,7 @@ async fn a_job_message_published_twice_creates_one_run() {
                 .exchange(JobKind::InvokeDispatcher)
                 .as_str()
                 .into(),
-            "events".into(),
+            app.work_key().as_str().into(),
             BasicPublishOptions::default(),
             &data,
             BasicProperties::default().with_delivery_mode(2),

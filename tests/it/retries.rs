@@ -262,7 +262,7 @@ async fn garbage_and_unknown_kinds_are_dead_lettered_with_a_reason() {
         let confirm = channel
             .basic_publish(
                 app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-                "events".into(),
+                app.work_key().as_str().into(),
                 BasicPublishOptions::default(),
                 body,
                 BasicProperties::default(),

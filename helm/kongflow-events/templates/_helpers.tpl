@@ -53,8 +53,52 @@ app.kubernetes.io/component: {{ .component }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) $drain) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds plus config.SHUTDOWN_DEADLINE_MS (%v s): the pod would be killed mid-drain" .Values.terminationGracePeriodSeconds (add (int .Values.preStopSleepSeconds) $drain)) -}}
 {{- end -}}
+{{- $shards := int (default "1" .Values.config.SHARD_COUNT) -}}
+{{- if or (lt $shards 1) (gt $shards 256) -}}
+{{- fail (printf "config.SHARD_COUNT (%v) must be 1 to 256" .Values.config.SHARD_COUNT) -}}
+{{- end -}}
+{{- if .Values.worker.shardGroups -}}
+{{- $covered := dict -}}
+{{- range $g := .Values.worker.shardGroups -}}
+{{- range $s := $g -}}
+{{- if ge (int $s) $shards -}}
+{{- fail (printf "worker.shardGroups names shard %v, but config.SHARD_COUNT is %d (shards 0 to %d)" $s $shards (sub $shards 1)) -}}
+{{- end -}}
+{{- $_ := set $covered (toString (int $s)) true -}}
+{{- end -}}
+{{- end -}}
+{{- range $s := until $shards -}}
+{{- if not (hasKey $covered (toString $s)) -}}
+{{- fail (printf "worker.shardGroups leaves shard %d without a worker: put it in a group" $s) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.migrations.hook (not .Values.existingSecret) -}}
 {{- fail "migrations.hook runs before the release's own Secret exists: use existingSecret, or migrations.hook=false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The worker Deployments, as JSON: one consuming every shard (`worker`), or one per
+entry of worker.shardGroups (`worker-<i>`, with the shards it consumes). */}}
+{{- define "kf.workerUnits" -}}
+{{- $units := list -}}
+{{- if .Values.worker.shardGroups -}}
+{{- range $i, $g := .Values.worker.shardGroups -}}
+{{- $units = append $units (dict "name" (printf "worker-%d" $i) "shards" $g "env" (dict "WORKER_SHARDS" (join "," $g))) -}}
+{{- end -}}
+{{- else -}}
+{{- $units = list (dict "name" "worker" "shards" (until (int (default "1" .Values.config.SHARD_COUNT))) "env" dict) -}}
+{{- end -}}
+{{- toJson $units -}}
+{{- end -}}
+
+{{/* A work queue's name: `<prefix>.<kind>` with one shard, `<prefix>.<kind>.s<i>` with
+several. Takes (dict "root" $ "kind" K "shard" I). */}}
+{{- define "kf.workQueue" -}}
+{{- if eq (int (default "1" .root.Values.config.SHARD_COUNT)) 1 -}}
+{{ printf "%s.%s" .root.Values.config.AMQP_PREFIX .kind }}
+{{- else -}}
+{{ printf "%s.%s.s%d" .root.Values.config.AMQP_PREFIX .kind (int .shard) }}
 {{- end -}}
 {{- end -}}
 
@@ -99,6 +143,10 @@ containers:
         value: "true"
       - name: METRICS_ADDR
         value: "0.0.0.0:{{ $root.Values.ports.metrics }}"
+      {{- range $k, $v := .env }}
+      - name: {{ $k }}
+        value: {{ $v | quote }}
+      {{- end }}
     ports:
       {{- if .http }}
       - name: http
