@@ -19,5 +19,6 @@ mod openapi;
 mod pipeline;
 mod retries;
 mod sdk;
+mod shards;
 mod structure;
 mod triggers_api;
