@@ -5,7 +5,9 @@
 //! `--concurrency` (16) clients go (bulk calls of 100 events). Prints, for each phase, the
 //! quiet environments' ingest-to-run p50, p99 and max, and A's rate from its first event
 //! stored to its last run. `--unfair` lifts every environment's share in flight
-//! (`max_jobs_in_flight` NULL): the service as it was before fairness.
+//! (`max_jobs_in_flight` NULL): the service as it was before fairness; `--share N` sets
+//! every environment's share to N; `--rate-of-a R` holds A's ingest to R events/s (its
+//! refused calls are sent again after their `Retry-After`).
 //!
 //! With `SHARD_COUNT` above 1 (the service's, read here too), one quiet environment at least
 //! is made to hash to A's shard, and the figures of those sharing A's shard are printed
@@ -52,18 +54,27 @@ async fn main() -> anyhow::Result<()> {
         .filter(|q| shard_of(q) == shard_of(&flooder))
         .cloned()
         .collect();
-    if args.unfair {
-        sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = NULL")
+    if let Some(rate) = args.rate_of_a {
+        sqlx::query("UPDATE runtime_environments SET max_events_per_second = $1 WHERE id = $2")
+            .bind(rate)
+            .bind(flooder.env_id)
+            .execute(&flooder.pool)
+            .await?;
+        println!("A's ingest is held to {rate} events/s (429 and Retry-After past it)");
+    }
+    if args.unfair || args.share.is_some() {
+        sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = $1")
+            .bind(args.share.filter(|_| !args.unfair))
             .execute(&flooder.pool)
             .await?;
     }
     println!(
         "{QUIET} quiet environments at {rate} events/s each; a flood of {} events{}",
         args.events,
-        if args.unfair {
-            " (no shares: unfair)"
-        } else {
-            ""
+        match (args.unfair, args.share) {
+            (true, _) => " (no shares: unfair)".to_string(),
+            (false, Some(n)) => format!(" (shares of {n})"),
+            (false, None) => String::new(),
         }
     );
 
@@ -169,15 +180,30 @@ async fn send_flood(
             let batch: Vec<_> = (chunk * 100..((chunk + 1) * 100).min(events))
                 .map(|i| json!({"name": EVENT, "id": format!("a-{i}"), "payload": {"kind": "bench"}}))
                 .collect();
-            let r = a
-                .http
-                .post(format!("{}/api/v1/events/bulk", a.url))
-                .bearer_auth(&a.key)
-                .json(&json!({ "events": batch }))
-                .send()
-                .await;
+            // A call refused for A's ingest rate (429) is sent again after its
+            // Retry-After, as the v2 SDK does.
+            let stored = loop {
+                let r = a
+                    .http
+                    .post(format!("{}/api/v1/events/bulk", a.url))
+                    .bearer_auth(&a.key)
+                    .json(&json!({ "events": batch }))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                        let wait: u64 = r
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(1);
+                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                    }
+                    r => break matches!(r, Ok(r) if r.status().is_success()),
+                }
+            };
             drop(permit);
-            matches!(r, Ok(r) if r.status().is_success())
+            stored
         }));
     }
     let mut failed = 0;

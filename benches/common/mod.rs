@@ -10,7 +10,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Command-line arguments shared by the benchmarks:
-/// `[--url U] [--events N] [--concurrency C] [--rate R] [--spread S] [--unfair]`.
+/// `[--url U] [--events N] [--concurrency C] [--rate R] [--spread S] [--unfair] [--share N]
+/// [--rate-of-a R]`.
 pub struct Args {
     pub url: String,
     pub events: usize,
@@ -20,6 +21,10 @@ pub struct Args {
     pub spread: f64,
     /// `benches/fairness.rs`: lift the environments' share in flight (no fairness).
     pub unfair: bool,
+    /// `benches/fairness.rs`: every environment's share in flight (`max_jobs_in_flight`).
+    pub share: Option<i32>,
+    /// `benches/fairness.rs`: the flooding environment's `max_events_per_second`.
+    pub rate_of_a: Option<i32>,
     pub database_url: String,
 }
 
@@ -34,6 +39,8 @@ impl Args {
             rate,
             spread: 0.0,
             unfair: false,
+            share: None,
+            rate_of_a: None,
             database_url: std::env::var("DATABASE_URL")
                 .unwrap_or_else(|_| "postgres://localhost/kongflow".into()),
         };
@@ -47,6 +54,8 @@ impl Args {
                 "--rate" => args.rate = Some(val().parse().expect("--rate R")),
                 "--spread" => args.spread = val().parse().expect("--spread S"),
                 "--unfair" => args.unfair = true,
+                "--share" => args.share = Some(val().parse().expect("--share N")),
+                "--rate-of-a" => args.rate_of_a = Some(val().parse().expect("--rate-of-a R")),
                 "--bench" => {}
                 other => panic!("unknown argument {other}"),
             }
