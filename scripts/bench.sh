@@ -11,7 +11,8 @@
 #             flat out (50,000 messages, 16 and 4 publishers), and publish-to-run latency
 #             at an offered 500 events/s.
 #   fairness: benches/fairness.rs: ten quiet environments at 20 events/s each, alone and
-#             while another floods 20,000 events; with the default shares, then without.
+#             while another floods 20,000 events; with the default shares, with A's ingest
+#             rate held too, then without shares. SHARD_COUNT (the service's) applies.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|all] [extra bench arguments]`
 # (default all).
 set -euo pipefail
@@ -81,8 +82,11 @@ if [[ $which == all || $which == ingest ]]; then
   cargo bench --locked --quiet --bench ingest -- --url http://$HTTP_ADDR --events 10000 --rate 500 --concurrency 4 "$@"
 fi
 if [[ $which == all || $which == fairness ]]; then
+  [[ $which == fairness ]] && pgbench_baseline
   echo "== fairness: a flood of 20,000 beside ten quiet environments, with shares"
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR "$@"
+  echo "== the same with A's ingest held to 1,000 events/s (about what the workers take)"
+  cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --rate-of-a 1000 "$@"
   echo "== the same without shares (max_jobs_in_flight lifted)"
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --unfair "$@"
 fi
