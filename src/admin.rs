@@ -361,3 +361,47 @@ pub fn dead_table(letters: &[DeadLetter]) -> String {
     }
     out
 }
+
+/// What deleting an environment removed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EnvironmentDeleted {
+    pub id: uuid::Uuid,
+    pub events: u64,
+    pub runs: u64,
+    pub jobs_cancelled: u64,
+}
+
+/// Delete the environment at `path` and its data: its jobs not yet final are cancelled and
+/// its events and runs deleted in batches of `batch` while it still exists (so a deletion
+/// stopped part way is finished by running it again), then its row (with its API key and
+/// what cascades), then, once the key cache has forgotten the key, whatever arrived
+/// meanwhile. `None`: no such environment.
+pub async fn delete_environment(
+    pool: &PgPool,
+    path: &str,
+    batch: i64,
+) -> anyhow::Result<Option<EnvironmentDeleted>> {
+    use crate::db::environments;
+    let Some(id) = environments::id_of(pool, path).await? else {
+        return Ok(None);
+    };
+    let mut deleted = purge(pool, id, batch).await?;
+    environments::delete(pool, id).await?;
+    tokio::time::sleep(environments::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
+    let late = purge(pool, id, batch).await?;
+    deleted.events += late.events;
+    deleted.runs += late.runs;
+    deleted.jobs_cancelled += late.jobs_cancelled;
+    Ok(Some(deleted))
+}
+
+async fn purge(pool: &PgPool, id: uuid::Uuid, batch: i64) -> anyhow::Result<EnvironmentDeleted> {
+    let jobs_cancelled = operator::cancel_environment(pool, id).await?;
+    let gone = crate::events::retention::delete_environment_events(pool, id, batch).await?;
+    Ok(EnvironmentDeleted {
+        id,
+        events: gone.events,
+        runs: gone.runs,
+        jobs_cancelled,
+    })
+}

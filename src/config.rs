@@ -20,6 +20,8 @@ pub mod defaults {
     pub const RETENTION_COMPLETED_MS: u64 = 86_400_000;
     pub const RETENTION_DISCARDED_MS: u64 = 604_800_000;
     pub const RETENTION_BATCH_SIZE: i64 = 1_000;
+    /// 30 days.
+    pub const RETENTION_EVENTS_MS: u64 = 2_592_000_000;
     pub const VACUUM_INTERVAL_MS: u64 = 60_000;
     pub const INGEST_CONCURRENCY: usize = 2;
     pub const INGEST_PREFETCH: u16 = 1000;
@@ -160,6 +162,12 @@ pub struct RelayConfig {
     #[arg(long, env = "RETENTION_DISCARDED_MS", default_value_t = defaults::RETENTION_DISCARDED_MS)]
     pub retention_discarded_ms: u64,
 
+    /// Delivered and cancelled events, with their runs, are deleted this long after they
+    /// were stored, in milliseconds; 0: kept forever. Keep it above RETENTION_DISCARDED_MS,
+    /// so a dead-lettered job's event is still there to replay.
+    #[arg(long, env = "RETENTION_EVENTS_MS", default_value_t = defaults::RETENTION_EVENTS_MS)]
+    pub retention_events_ms: u64,
+
     /// Most jobs one retention statement deletes; each batch is its own short statement.
     #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = defaults::RETENTION_BATCH_SIZE)]
     pub retention_batch_size: i64,
@@ -192,6 +200,10 @@ impl RelayConfig {
     pub fn retention_discarded(&self) -> Duration {
         Duration::from_millis(self.retention_discarded_ms)
     }
+    /// `None`: events are kept forever.
+    pub fn retention_events(&self) -> Option<Duration> {
+        (self.retention_events_ms > 0).then(|| Duration::from_millis(self.retention_events_ms))
+    }
     /// `None`: the relay never vacuums.
     pub fn vacuum_interval(&self) -> Option<Duration> {
         (self.vacuum_interval_ms > 0).then(|| Duration::from_millis(self.vacuum_interval_ms))
@@ -210,6 +222,7 @@ impl Default for RelayConfig {
             retention_interval_ms: defaults::RETENTION_INTERVAL_MS,
             retention_completed_ms: defaults::RETENTION_COMPLETED_MS,
             retention_discarded_ms: defaults::RETENTION_DISCARDED_MS,
+            retention_events_ms: defaults::RETENTION_EVENTS_MS,
             retention_batch_size: defaults::RETENTION_BATCH_SIZE,
             vacuum_interval_ms: defaults::VACUUM_INTERVAL_MS,
         }
@@ -481,8 +494,35 @@ impl std::fmt::Debug for StoreConfig {
 }
 
 /// A connection URL with its password (the part between `user:` and `@`) replaced by
-/// `***`, fit to print.
+/// `***`, fit to print; a comma-separated list of URLs (`AMQP_URL` naming a cluster's nodes)
+/// has each of them redacted.
 pub fn redact_url(url: &str) -> String {
+    url_list(url)
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The URLs of a comma-separated list. It splits only where a new URL (`scheme://`) starts,
+/// so a comma inside one (in a password, in a Postgres host list) stays in it.
+pub fn url_list(list: &str) -> Vec<&str> {
+    let list = list.trim().trim_matches(',');
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (at, _) in list.match_indices(',') {
+        let next = &list[at + 1..];
+        if next[..next.find(',').unwrap_or(next.len())].contains("://") {
+            urls.push(list[start..at].trim());
+            start = at + 1;
+        }
+    }
+    urls.push(list[start..].trim());
+    urls.retain(|u| !u.is_empty());
+    urls
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -500,7 +540,17 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{ShardSet, WorkerConfig, redact_url};
+    use super::{ShardSet, WorkerConfig, redact_url, url_list};
+
+    #[test]
+    fn url_lists_split_where_a_url_starts() {
+        assert_eq!(
+            url_list("amqp://u:p@a/%2f, amqp://u:p,q@b/%2f,"),
+            ["amqp://u:p@a/%2f", "amqp://u:p,q@b/%2f"]
+        );
+        assert_eq!(url_list("amqp://one"), ["amqp://one"]);
+        assert!(url_list(" , ").is_empty());
+    }
 
     #[test]
     fn shard_sets_read_lists_and_ranges() {
@@ -558,5 +608,15 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://app@db/k"), "postgres://app@db/k");
         assert_eq!(redact_url("not a url"), "not a url");
+        // Several nodes: each one's password goes.
+        assert_eq!(
+            redact_url("amqp://a:one@n1:5672/%2f, amqp://a:two@n2:5672/%2f"),
+            "amqp://a:***@n1:5672/%2f,amqp://a:***@n2:5672/%2f"
+        );
+        // A comma inside one URL does not split it.
+        assert_eq!(
+            redact_url("postgres://app:p,ss@db1,db2/k"),
+            "postgres://app:***@db1,db2/k"
+        );
     }
 }

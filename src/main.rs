@@ -148,6 +148,14 @@ enum EnvCommand {
         #[arg(long = "type", value_enum, default_value = "DEVELOPMENT")]
         env_type: EnvironmentType,
     },
+    /// Delete <org>/<project>/<env> and everything of it: dispatchers, jobs, its API key,
+    /// its events and runs (in batches), and its queued work (cancelled).
+    Delete {
+        path: String,
+        /// Say yes: the deletion cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Show the limits of <org>/<project>/<env>, or set them.
     Limits {
         path: String,
@@ -318,6 +326,22 @@ async fn main() -> anyhow::Result<()> {
                 "environment {path}: max jobs in flight {}, max events per second {}",
                 shown(limits.max_jobs_in_flight),
                 shown(limits.max_events_per_second)
+            );
+        }
+        Command::Env {
+            command: EnvCommand::Delete { path, yes },
+        } => {
+            if !yes {
+                anyhow::bail!("deleting {path} cannot be undone: add --yes");
+            }
+            let pool = app::open_database(&store).await?;
+            let batch = kongflow_events::config::defaults::RETENTION_BATCH_SIZE;
+            let deleted = admin::delete_environment(&pool, &path, batch)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no environment {path}"))?;
+            println!(
+                "environment {path} ({}) deleted: {} events, {} runs, {} queued jobs cancelled",
+                deleted.id, deleted.events, deleted.runs, deleted.jobs_cancelled
             );
         }
         Command::Jobs { json, command } => jobs(&store, json, command).await?,

@@ -139,6 +139,10 @@ pub struct Metrics {
     pub environment_backlog: IntGaugeVec,
     /// Messages in the dead-letter queue.
     pub dead_letter_queue_depth: IntGauge,
+    /// Rows deleted by retention, by what (`jobs`, `events`, `runs`).
+    pub retention_deleted: IntCounterVec,
+    /// Bytes on disk of the tables that grow with traffic, by table.
+    pub table_bytes: IntGaugeVec,
     /// Messages ready in each work queue, by kind and shard (the relay samples them).
     pub work_queue_depth: IntGaugeVec,
     /// 1 while the role's RabbitMQ connection is up.
@@ -238,9 +242,26 @@ impl Metrics {
         .expect("valid gauge");
         r.register(Box::new(work_queue_depth.clone()))
             .expect("register gauge");
+        let table_bytes = IntGaugeVec::new(
+            Opts::new(
+                "kongflow_table_bytes",
+                "Bytes on disk of a table that grows with traffic, indexes included",
+            ),
+            &["table"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(table_bytes.clone()))
+            .expect("register gauge");
         Self {
             environment_backlog,
             work_queue_depth,
+            table_bytes,
+            retention_deleted: counter(
+                &r,
+                "kongflow_retention_deleted_total",
+                "Rows deleted by retention",
+                &["what"],
+            ),
             events_ingested: counter(
                 &r,
                 "kongflow_events_ingested_total",
@@ -386,6 +407,9 @@ impl Metrics {
     /// Create the series of every known label value but the job kinds', so they are
     /// exported (at 0) before anything happens.
     fn touch_known_series(&self) {
+        for what in ["jobs", "events", "runs"] {
+            self.retention_deleted.with_label_values(&[what]);
+        }
         for source in ["api", "bulk", "amqp"] {
             self.events_ingested.with_label_values(&[source]);
         }

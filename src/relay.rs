@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::amqp::publish::{DeadJob, count_published, log_published, properties, publish_dead};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
+use crate::events::retention;
 use crate::failpoint;
 use crate::ledger::outbox::{self, Claimed};
 use crate::ledger::upkeep::{self, Retention};
@@ -158,6 +159,9 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
+        for (table, bytes) in upkeep::table_sizes(&self.pool).await? {
+            m.table_bytes.with_label_values(&[&table]).set(bytes);
+        }
         let (top, total) = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
         m.environment_backlog.reset();
         let mut others = total;
@@ -209,20 +213,56 @@ impl Relay {
         Ok(())
     }
 
-    /// Delete old final jobs every `retention_interval` until `shutdown`.
+    /// Delete old final jobs, and old settled events with their runs, every
+    /// `retention_interval` until `shutdown`.
     async fn run_retention(&self, shutdown: CancellationToken) {
         every(self.config.retention_interval(), &shutdown, || async {
+            let deleted = metrics().retention_deleted.clone();
             match self.retain().await {
                 Ok(batches) if batches.iter().sum::<u64>() == 0 => {}
-                Ok(batches) => tracing::info!(
-                    jobs = batches.iter().sum::<u64>(),
-                    statements = batches.len(),
-                    "retention deleted old final jobs"
-                ),
+                Ok(batches) => {
+                    let jobs = batches.iter().sum::<u64>();
+                    deleted.with_label_values(&["jobs"]).inc_by(jobs);
+                    tracing::info!(
+                        jobs,
+                        statements = batches.len(),
+                        "retention deleted old final jobs"
+                    )
+                }
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+            }
+            match self.retain_events().await {
+                Ok(batches) => {
+                    let mut total = retention::Deleted::default();
+                    for b in &batches {
+                        total += *b;
+                    }
+                    deleted.with_label_values(&["events"]).inc_by(total.events);
+                    deleted.with_label_values(&["runs"]).inc_by(total.runs);
+                    if total.events > 0 {
+                        tracing::info!(
+                            events = total.events,
+                            runs = total.runs,
+                            statements = batches.len(),
+                            "retention deleted old events and their runs"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "event retention pass failed"),
             }
         })
         .await
+    }
+
+    /// One event retention pass (see [`retention::retain`]); nothing when
+    /// `RETENTION_EVENTS_MS` is 0.
+    pub async fn retain_events(&self) -> Result<Vec<retention::Deleted>, sqlx::Error> {
+        match self.config.retention_events() {
+            Some(keep) => {
+                retention::retain(&self.pool, keep, self.config.retention_batch_size).await
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Vacuum what autovacuum leaves behind every `interval` until `shutdown`.

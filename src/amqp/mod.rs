@@ -11,16 +11,59 @@ pub use message::JobMessage;
 pub use publish::publish_job;
 pub use topology::Topology;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use lapin::{Connection, ConnectionProperties};
 
-/// Open one connection. Callers own reconnection: the relay and the worker run inside a
-/// supervisor loop that reconnects with backoff when the connection drops.
+/// The node addresses of an `AMQP_URL`: one URL, or several separated by commas (the nodes
+/// of a cluster, each a whole URL).
+pub fn addresses(url: &str) -> Vec<&str> {
+    crate::config::url_list(url)
+}
+
+/// How long one node may take to accept a connection before the next is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Open one connection, to the first node of `url` ([`addresses`]) that accepts it, starting
+/// from a different node on each call so a process's connections spread over a cluster; a
+/// node that refuses or does not answer within [`CONNECT_TIMEOUT`] is skipped. A refusal of
+/// the credentials or the virtual host ends the attempt at once (a cluster shares them).
+/// Callers own reconnection: the relay and the worker run inside a supervisor loop that
+/// reconnects with backoff when the connection drops, which lands on the next node.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    Connection::connect(
-        url,
-        ConnectionProperties::default().with_connection_name(name.into()),
-    )
-    .await
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nodes = addresses(url);
+    if nodes.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "AMQP_URL names no node",
+        )
+        .into());
+    }
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut failure = None;
+    for i in 0..nodes.len() {
+        let node = nodes[(first + i) % nodes.len()];
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(node, properties));
+        let e = match attempt.await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) if is_permanent(&e) => return Err(e),
+            Ok(Err(e)) => e,
+            Err(_) => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            )
+            .into(),
+        };
+        if nodes.len() > 1 {
+            tracing::warn!(node = %crate::config::redact_url(node), error = %e, connection = name,
+                "RabbitMQ node unreachable; trying the next");
+        }
+        failure = Some(e);
+    }
+    Err(failure.expect("at least one node was tried"))
 }
 
 /// Whether connecting failed for a reason that waiting will not fix: the broker refused the

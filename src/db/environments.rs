@@ -116,6 +116,32 @@ fn slugs(path: &str) -> Result<[&str; 3], EnvironmentError> {
     }
 }
 
+/// The id of the environment at `path`, `None` for no such environment.
+pub async fn id_of(pool: &PgPool, path: &str) -> Result<Option<Uuid>, EnvironmentError> {
+    let [org, project, env] = slugs(path)?;
+    Ok(sqlx::query_scalar!(
+        r#"SELECT e.id FROM runtime_environments e
+           JOIN projects p ON p.id = e.project_id
+           JOIN organizations o ON o.id = p.organization_id
+           WHERE o.slug = $1 AND p.slug = $2 AND e.slug = $3"#,
+        org,
+        project,
+        env
+    )
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Delete the environment `id`'s row, with what cascades from it (jobs, versions,
+/// dispatchers, dynamic triggers, external accounts; its API key is in the row). Its events,
+/// runs and queued jobs carry no foreign key: see `admin::delete_environment`.
+pub async fn delete(pool: &PgPool, id: Uuid) -> Result<(), EnvironmentError> {
+    sqlx::query!("DELETE FROM runtime_environments WHERE id = $1", id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// The limits of the environment at `path` (`None`: no such environment), after applying
 /// `set`.
 pub async fn limits(

@@ -191,3 +191,21 @@ pub async fn states_of(pool: &PgPool, ids: &[i64]) -> Result<Vec<(i64, String)>,
     .map(|r| (r.id, r.state))
     .collect())
 }
+
+/// Cancel every job of an environment that is not final (its environment is being
+/// deleted): the relay no longer claims them, and a worker that receives one of their
+/// messages finds it final and only acknowledges it. Retention deletes them later. Returns
+/// how many.
+pub async fn cancel_environment(
+    pool: &PgPool,
+    environment: uuid::Uuid,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query!(
+        r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now(), awaits_room = false
+           WHERE environment_id = $1 AND state IN ('scheduled', 'available', 'retryable')"#,
+        environment
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}

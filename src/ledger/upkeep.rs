@@ -115,6 +115,20 @@ pub async fn retain(pool: &PgPool, r: Retention) -> Result<Vec<u64>, sqlx::Error
 /// each event when it is delivered), and the one it only inserts into.
 pub const CHURNED_TABLES: [&str; 3] = ["queue_jobs", "event_records", "job_runs"];
 
+/// The bytes on disk of each of [`CHURNED_TABLES`], indexes and TOAST included.
+pub async fn table_sizes(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT c.relname::text AS "table!", pg_total_relation_size(c.oid) AS "bytes!"
+           FROM pg_class c
+           WHERE c.relname = ANY($1) AND c.relkind = 'r'
+             AND c.relnamespace = current_schema()::regnamespace"#,
+        &CHURNED_TABLES.map(String::from)[..]
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.table, r.bytes)).collect())
+}
+
 /// A table is vacuumed when its dead rows reach this many, and this share of its live ones.
 pub const VACUUM_MIN_DEAD: i64 = 10_000;
 pub const VACUUM_DEAD_SHARE: f64 = 0.1;

@@ -104,8 +104,10 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let depth = app.queue_depth(JobKind::DeliverEvent).await;
-    // A claim and an insert that run at the same moment may each fill the share once.
-    assert!(depth <= 128, "{depth} of A's jobs in the work queue");
+    // Statements that count the room at the same moment may each fill it once: the API's
+    // two group committers and the relay's two loops, at most four shares. (Seen: 64 to
+    // 164.) With the share lifted, all 600 are there.
+    assert!(depth <= 4 * 64, "{depth} of A's jobs in the work queue");
     let waiting = in_outbox(&app, a).await;
     assert_eq!(waiting + i64::from(depth), FLOOD as i64);
     // The gauge of the environments with the most waiting names A first.

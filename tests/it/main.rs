@@ -2,6 +2,7 @@
 //! prefix per test, so tests run in parallel.
 
 mod bounds;
+mod brokers;
 mod crash;
 mod delays;
 mod deploy;
@@ -17,6 +18,7 @@ mod ledger;
 mod observability;
 mod openapi;
 mod pipeline;
+mod retention;
 mod retries;
 mod sdk;
 mod shards;
