@@ -86,17 +86,16 @@ async fn main() -> anyhow::Result<()> {
             attempt: 0,
             run_at: now + chrono::Duration::milliseconds(ahead),
         };
-        let hops = route(
-            &topology,
-            JobKind::DeliverEvent,
-            "events",
-            0,
-            msg.run_at,
-            now,
-        )
-        .delay
-        .map(|d| d.hops())
-        .unwrap_or(0);
+        let to = kongflow_events::amqp::publish::Destination {
+            kind: JobKind::DeliverEvent,
+            queue: "events",
+            shard: 0,
+            priority: None,
+        };
+        let hops = route(&topology, to, msg.run_at, now)
+            .delay
+            .map(|d| d.hops())
+            .unwrap_or(0);
         hops_of.insert(msg.id, hops);
         let props = BasicProperties::default().with_delivery_mode(2);
         publish_job(

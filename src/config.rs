@@ -38,6 +38,14 @@ pub mod defaults {
     pub const HTTP_ADDR: &str = "127.0.0.1:3030";
 }
 
+/// RabbitMQ's queue types this service can declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
 /// Most shards a deployment may have.
 pub const MAX_SHARDS: u16 = 256;
 
@@ -72,6 +80,12 @@ pub struct StoreConfig {
     /// auto-delete, so a short-lived deployment (a test, a preview) leaves nothing behind.
     #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS")]
     pub amqp_queue_expires_ms: Option<u32>,
+
+    /// The type of every queue this service declares: `classic` (the default: one node
+    /// holds each queue) or `quorum` (replicated over a cluster's nodes; see the README for
+    /// which to pick). Every process must agree, and a queue's type cannot change in place.
+    #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    pub amqp_queue_type: QueueType,
 
     /// How many shards the work queues are split into, by a stable hash of the environment
     /// (1 to 256). Every process of a deployment must agree; see the README before changing
@@ -485,6 +499,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
             .field("amqp_queue_expires_ms", &self.amqp_queue_expires_ms)
+            .field("amqp_queue_type", &self.amqp_queue_type)
             .field("shard_count", &self.shard_count)
             .field("delay_lead_ms", &self.delay_lead_ms)
             .field("database_max_connections", &self.database_max_connections)
@@ -579,6 +594,7 @@ mod tests {
             amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
             amqp_prefix: "kongflow".into(),
             amqp_queue_expires_ms: None,
+            amqp_queue_type: super::QueueType::Classic,
             shard_count: super::defaults::SHARD_COUNT,
             delay_lead_ms: super::defaults::DELAY_LEAD_MS,
             database_max_connections: super::defaults::DATABASE_MAX_CONNECTIONS,

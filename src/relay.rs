@@ -203,7 +203,10 @@ impl Relay {
             .set(depth(self.topology.dead_queue()).await?);
         for kind in JobKind::ALL {
             for shard in 0..self.topology.shard_count() {
-                let ready = depth(self.topology.queue(kind, shard)).await?;
+                let mut ready = 0;
+                for (_, queue) in self.topology.shard_queues(kind, shard) {
+                    ready += depth(queue).await?;
+                }
                 m.work_queue_depth
                     .with_label_values(&[kind.as_str(), &shard.to_string()])
                     .set(ready);

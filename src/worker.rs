@@ -67,6 +67,20 @@ pub enum Disposition {
 /// A message held until its due time.
 type Held = (DateTime<Utc>, Delivery, JobMessage);
 
+/// The deliveries of a shard's consumers, merged.
+type Deliveries = futures_util::stream::BoxStream<'static, lapin::Result<Delivery>>;
+
+/// Merge consumers given highest priority first: whenever a higher one has a delivery
+/// ready, it comes before any of a lower one.
+fn highest_first(consumers: Vec<lapin::Consumer>) -> Deliveries {
+    use futures_util::stream::{PollNext, select_with_strategy};
+    let mut streams = consumers.into_iter().map(StreamExt::boxed);
+    let first = streams.next().expect("a shard has a queue");
+    streams.fold(first, |higher, lower| {
+        select_with_strategy(higher, lower, |_: &mut ()| PollNext::Left).boxed()
+    })
+}
+
 /// One work queue: a kind's shard.
 #[derive(Debug, Clone, Copy)]
 struct Shard {
@@ -144,13 +158,17 @@ impl Worker {
         for kind in JobKind::ALL {
             for &shard in &shards {
                 for _ in 0..self.config.worker_concurrency.max(1) {
-                    let channel = conn.create_channel().await?;
+                    // A channel per queue of the shard (one, or one per priority level).
+                    let mut channels = Vec::new();
+                    for _ in self.topology.shard_queues(kind, shard) {
+                        channels.push(conn.create_channel().await?);
+                    }
                     let this = self.clone();
                     let shutdown = shutdown.clone();
                     let publisher = publisher.clone();
                     let queue = Shard { kind, shard };
                     tasks.spawn(
-                        async move { this.consume(channel, publisher, queue, shutdown).await },
+                        async move { this.consume(channels, publisher, queue, shutdown).await },
                     );
                 }
             }
@@ -171,25 +189,36 @@ impl Worker {
             })
     }
 
+    /// Consume a kind's shard: its one queue, or with quorum queues its queue of each
+    /// priority level, each on its own channel, merged so that a level's ready messages are
+    /// always taken before a lower level's.
     async fn consume(
         &self,
-        channel: Channel,
+        channels: Vec<Channel>,
         publisher: Channel,
         queue: Shard,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
         let Shard { kind, shard } = queue;
-        channel
-            .basic_qos(self.config.worker_prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                self.topology.queue(kind, shard).as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumers = Vec::new();
+        for (channel, (_, name)) in channels.iter().zip(self.topology.shard_queues(kind, shard)) {
+            channel
+                .basic_qos(self.config.worker_prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    name.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(consumer);
+        }
+        let mut consumer = highest_first(consumers);
+        // One `multiple` ack covers earlier deliveries of its own channel only: with several
+        // channels a batch is acknowledged message by message.
+        let one_channel = channels.len() == 1;
         // Messages that came out of the tiers a little before their due time wait in the
         // timer, unacknowledged, and run at their due time in batches of their own, never
         // behind a batch of fresh jobs. `holding` counts them until they are settled.
@@ -220,7 +249,7 @@ impl Worker {
                 if !due.is_empty() {
                     // One `multiple` ack may settle the batch only when the timer holds
                     // nothing unsettled: it gets its messages from this loop alone.
-                    let alone = holding.load(Ordering::SeqCst) == 0;
+                    let alone = one_channel && holding.load(Ordering::SeqCst) == 0;
                     self.run_and_settle(&publisher, kind, due, now, alone)
                         .await?;
                 }
@@ -231,7 +260,9 @@ impl Worker {
             r = self.run_held(&publisher, kind, from_loop, &holding) => r,
         };
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
-        let _ = channel.close(200, "shutdown".into()).await;
+        for channel in channels {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
         result
     }
 
@@ -274,7 +305,7 @@ impl Worker {
     /// The delivery that woke the consumer and whatever else is ready, up to a batch.
     fn more_of(
         &self,
-        consumer: &mut lapin::Consumer,
+        consumer: &mut Deliveries,
         first: Option<lapin::Result<Delivery>>,
     ) -> Result<Vec<Delivery>, WorkerError> {
         let Some(first) = first else {

@@ -25,20 +25,34 @@ pub struct Route {
     pub delay: Option<DelayDigits>,
 }
 
-/// The route of a message of `kind` for `queue` on `shard`, due at `run_at`, seen at
-/// `now`: it is meant to reach the shard's work queue the topology's delay lead before
-/// `run_at` (a worker holds it for the rest), so one due within the lead goes straight
-/// there. The tiers keep the shard in the routing key, so a delayed message comes back to
-/// its shard.
+/// Where a job message is headed: its kind, River queue, shard and AMQP priority.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    pub kind: JobKind,
+    pub queue: &'a str,
+    pub shard: u16,
+    /// `None`: the default level (see [`crate::amqp::topology::DEFAULT_PRIORITY`]).
+    pub priority: Option<u8>,
+}
+
+/// The route of a message for `to`, due at `run_at`, seen at `now`: it is meant to reach
+/// its work queue the topology's delay lead before `run_at` (a worker holds it for the
+/// rest), so one due within the lead goes straight there. The tiers keep the work key
+/// (shard, and priority level with quorum queues) in the routing key, so a delayed message
+/// comes back to its shard and level.
 pub fn route(
     topology: &Topology,
-    kind: JobKind,
-    queue: &str,
-    shard: u16,
+    to: Destination<'_>,
     run_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Route {
-    let key = topology.work_key(queue, shard);
+    let Destination {
+        kind,
+        queue,
+        shard,
+        priority,
+    } = to;
+    let key = topology.work_key(queue, shard, priority);
     let remaining = (run_at - now)
         .to_std()
         .ok()
@@ -90,7 +104,13 @@ pub async fn publish_job(
     properties: BasicProperties,
     now: DateTime<Utc>,
 ) -> lapin::Result<PublisherConfirm> {
-    let route = route(topology, kind, &message.queue, shard, message.run_at, now);
+    let to = Destination {
+        kind,
+        queue: &message.queue,
+        shard,
+        priority: *properties.priority(),
+    };
+    let route = route(topology, to, message.run_at, now);
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(
         PUBLISHED_AT_HEADER.into(),
@@ -215,10 +235,19 @@ mod tests {
 
     use super::*;
 
+    fn to(kind: JobKind, shard: u16) -> Destination<'static> {
+        Destination {
+            kind,
+            queue: "events",
+            shard,
+            priority: None,
+        }
+    }
+
     /// Where a job of `kind` due `ahead` from now is routed.
     fn ahead(t: &Topology, kind: JobKind, ahead: Duration) -> Route {
         let now = Utc::now();
-        route(t, kind, "events", 0, now + ahead, now)
+        route(t, to(kind, 0), now + ahead, now)
     }
 
     #[test]
@@ -226,7 +255,7 @@ mod tests {
         let t = Topology::new("kf");
         let now = Utc::now();
         for run_at in [now, now - Duration::days(3)] {
-            let r = route(&t, JobKind::DeliverEvent, "events", 0, run_at, now);
+            let r = route(&t, to(JobKind::DeliverEvent, 0), run_at, now);
             assert_eq!(r.exchange, "kf.deliverEvent");
             assert_eq!(r.routing_key, "events");
             assert_eq!(r.delay, None);
@@ -256,16 +285,14 @@ mod tests {
     fn a_shard_keeps_its_key_through_the_tiers() {
         let t = Topology::new("kf").with_shards(4);
         let now = Utc::now();
-        let r = route(&t, JobKind::DeliverEvent, "events", 3, now, now);
+        let r = route(&t, to(JobKind::DeliverEvent, 3), now, now);
         assert_eq!(
             (r.exchange.as_str(), r.routing_key.as_str()),
             ("kf.deliverEvent", "events.s3")
         );
         let r = route(
             &t,
-            JobKind::DeliverEvent,
-            "events",
-            2,
+            to(JobKind::DeliverEvent, 2),
             now + Duration::seconds(5),
             now,
         );

@@ -43,7 +43,14 @@ pub const REJECTED_MAX_BYTES: i64 = 1 << 30;
 /// Highest AMQP priority in use; see [`crate::ledger::JobPriority::amqp_priority`].
 pub const MAX_PRIORITY: u8 = 4;
 
-pub use crate::config::MAX_SHARDS;
+pub use crate::config::{MAX_SHARDS, QueueType};
+
+/// The AMQP priorities of jobs, highest first (see [`crate::ledger::JobPriority::amqp_priority`]):
+/// a quorum deployment has one work queue per level, consumed highest first.
+pub const PRIORITY_LEVELS: [u8; 4] = [4, 3, 2, 1];
+
+/// The level of a message that carries no priority: HIGH, the jobs' default.
+pub const DEFAULT_PRIORITY: u8 = 3;
 
 /// The shard of an environment among `count`: FNV-1a (64 bits) of the environment id's 16
 /// bytes, modulo `count`. Stable across processes, versions and languages, so tools outside
@@ -63,6 +70,8 @@ pub struct Topology {
     prefix: String,
     /// How many shards the work queues are split into (1 or more).
     shards: u16,
+    /// Classic or quorum queues.
+    queue_type: QueueType,
     /// `x-expires` for queues, in milliseconds: used by tests so their queues go away by
     /// themselves. `None` in production.
     queue_expires_ms: Option<u32>,
@@ -76,6 +85,7 @@ impl Topology {
         Self {
             prefix: prefix.into(),
             shards: 1,
+            queue_type: QueueType::Classic,
             queue_expires_ms: None,
             delay_lead: Duration::ZERO,
         }
@@ -85,6 +95,16 @@ impl Topology {
     pub fn with_shards(mut self, count: u16) -> Self {
         self.shards = count.clamp(1, MAX_SHARDS);
         self
+    }
+
+    /// Declare quorum queues (or classic ones).
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    pub fn queue_type(&self) -> QueueType {
+        self.queue_type
     }
 
     /// How many shards the work queues are split into.
@@ -127,7 +147,8 @@ impl Topology {
     }
 
     /// The work queue of a kind's shard: `P.K` when there is one shard, `P.K.s<shard>`
-    /// when there are several.
+    /// when there are several. With quorum queues this names the shard, whose queues are
+    /// one per priority level ([`Topology::shard_queues`]).
     pub fn queue(&self, kind: JobKind, shard: u16) -> String {
         if self.shards == 1 {
             format!("{}.{}", self.prefix, kind.as_str())
@@ -136,18 +157,50 @@ impl Topology {
         }
     }
 
-    /// Every work queue of a kind, shard 0 first.
-    pub fn queues(&self, kind: JobKind) -> Vec<String> {
-        (0..self.shards).map(|s| self.queue(kind, s)).collect()
+    /// The queues of a kind's shard, highest priority first, with the level each holds:
+    /// one queue (level 0: all levels, a priority queue) with classic queues; one per
+    /// level, `<shard queue>.p<level>`, with quorum queues, which have no priorities.
+    pub fn shard_queues(&self, kind: JobKind, shard: u16) -> Vec<(u8, String)> {
+        let queue = self.queue(kind, shard);
+        match self.queue_type {
+            QueueType::Classic => vec![(0, queue)],
+            QueueType::Quorum => PRIORITY_LEVELS
+                .iter()
+                .map(|p| (*p, format!("{queue}.p{p}")))
+                .collect(),
+        }
     }
 
-    /// The routing key of a shard's work queue for jobs of `queue` (River's queue name,
-    /// `events`): `queue` itself when there is one shard, `queue.s<shard>` otherwise.
-    pub fn work_key(&self, queue: &str, shard: u16) -> String {
-        if self.shards == 1 {
-            queue.to_string()
-        } else {
-            format!("{queue}.s{shard}")
+    /// Every work queue of a kind, shard 0 first.
+    pub fn queues(&self, kind: JobKind) -> Vec<String> {
+        (0..self.shards)
+            .flat_map(|s| self.shard_queues(kind, s).into_iter().map(|(_, q)| q))
+            .collect()
+    }
+
+    /// The routing key of the work queue for jobs of `queue` (River's queue name, `events`)
+    /// on `shard` with AMQP `priority` (`None`: [`DEFAULT_PRIORITY`]): `queue`, then
+    /// `.s<shard>` when there are several shards, then `.p<level>` with quorum queues.
+    pub fn work_key(&self, queue: &str, shard: u16, priority: Option<u8>) -> String {
+        let mut key = queue.to_string();
+        if self.shards > 1 {
+            key.push_str(&format!(".s{shard}"));
+        }
+        if self.queue_type == QueueType::Quorum {
+            let p = priority
+                .filter(|p| *p > 0)
+                .unwrap_or(DEFAULT_PRIORITY)
+                .min(MAX_PRIORITY);
+            key.push_str(&format!(".p{p}"));
+        }
+        key
+    }
+
+    /// The arguments every queue of this deployment carries for its type.
+    fn type_arguments(&self) -> Vec<(&'static str, Arg)> {
+        match self.queue_type {
+            QueueType::Classic => Vec::new(),
+            QueueType::Quorum => vec![("x-queue-type", Arg::Text("quorum".into()))],
         }
     }
 
@@ -224,31 +277,33 @@ impl Topology {
         self.plan_tiers(&mut plan);
         let dead = self.dead_exchange();
         plan.exchange(&dead, ExchangeKind::Fanout);
-        plan.queue(&self.dead_queue(), Vec::new());
+        plan.queue(&self.dead_queue(), self.type_arguments());
         plan.bind_queue(&self.dead_queue(), &dead, "");
         let (ingest, rejected) = (self.ingest_exchange(), self.rejected_exchange());
         plan.exchange(&ingest, ExchangeKind::Direct);
-        plan.queue(&self.ingest_queue(), Vec::new());
+        plan.queue(&self.ingest_queue(), self.type_arguments());
         plan.bind_queue(&self.ingest_queue(), &ingest, INGEST_ROUTING_KEY);
         plan.exchange(&rejected, ExchangeKind::Fanout);
-        plan.queue(
-            &self.rejected_queue(),
-            vec![("x-max-length-bytes", Arg::Int(REJECTED_MAX_BYTES))],
-        );
+        let mut rejected_args = self.type_arguments();
+        rejected_args.push(("x-max-length-bytes", Arg::Int(REJECTED_MAX_BYTES)));
+        plan.queue(&self.rejected_queue(), rejected_args);
         plan.bind_queue(&self.rejected_queue(), &rejected, "");
         for kind in JobKind::ALL {
             let exchange = self.exchange(kind);
             plan.exchange(&exchange, ExchangeKind::Direct);
             for shard in 0..self.shards {
-                let (queue, key) = (self.queue(kind, shard), self.work_key(EVENTS_QUEUE, shard));
-                // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
-                plan.queue(
-                    &queue,
-                    vec![("x-max-priority", Arg::Int(MAX_PRIORITY as i64))],
-                );
-                plan.bind_queue(&queue, &exchange, &key);
-                let exit_key = tiers::exit_pattern(kind.as_str(), &key);
-                plan.bind_queue(&queue, &self.delay_exit(), &exit_key);
+                for (level, queue) in self.shard_queues(kind, shard) {
+                    let key = self.work_key(EVENTS_QUEUE, shard, Some(level));
+                    let mut args = self.type_arguments();
+                    if self.queue_type == QueueType::Classic {
+                        // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
+                        args.push(("x-max-priority", Arg::Int(MAX_PRIORITY as i64)));
+                    }
+                    plan.queue(&queue, args);
+                    plan.bind_queue(&queue, &exchange, &key);
+                    let exit_key = tiers::exit_pattern(kind.as_str(), &key);
+                    plan.bind_queue(&queue, &self.delay_exit(), &exit_key);
+                }
             }
         }
         plan
@@ -270,13 +325,20 @@ impl Topology {
             for digit in 1..=level.max_digit {
                 let ttl = level.unit_ms * digit as u64;
                 let queue = self.delay_queue(n, ttl);
-                plan.queue(
-                    &queue,
-                    vec![
-                        ("x-message-ttl", Arg::Int(ttl as i64)),
-                        ("x-dead-letter-exchange", Arg::Text(below.clone())),
-                    ],
-                );
+                let mut args = self.type_arguments();
+                args.extend([
+                    ("x-message-ttl", Arg::Int(ttl as i64)),
+                    ("x-dead-letter-exchange", Arg::Text(below.clone())),
+                ]);
+                if self.queue_type == QueueType::Quorum {
+                    // A hop between tiers is at-least-once: the message leaves a tier only
+                    // once the level below confirmed it (which needs reject-publish).
+                    args.extend([
+                        ("x-dead-letter-strategy", Arg::Text("at-least-once".into())),
+                        ("x-overflow", Arg::Text("reject-publish".into())),
+                    ]);
+                }
+                plan.queue(&queue, args);
                 plan.bind_queue(&queue, &exchange, &tiers::binding_pattern(n, digit));
             }
             plan.bind_exchange(&below, &exchange, &tiers::binding_pattern(n, 0));
@@ -478,6 +540,7 @@ impl crate::config::StoreConfig {
     pub fn topology(&self) -> Topology {
         let t = Topology::new(&self.amqp_prefix)
             .with_shards(self.shard_count)
+            .with_queue_type(self.amqp_queue_type)
             .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
         match self.amqp_queue_expires_ms {
             Some(ms) => t.with_queue_expiry(ms),
@@ -498,7 +561,7 @@ mod tests {
             t.queue(JobKind::InvokeDispatcher, 0),
             "kf.events.invokeDispatcher"
         );
-        assert_eq!(t.work_key("events", 0), "events");
+        assert_eq!(t.work_key("events", 0, Some(4)), "events");
         let sharded = Topology::new("kf").with_shards(4);
         assert_eq!(
             sharded.queues(JobKind::DeliverEvent),
@@ -509,7 +572,43 @@ mod tests {
                 "kf.deliverEvent.s3"
             ]
         );
-        assert_eq!(sharded.work_key("events", 3), "events.s3");
+        assert_eq!(sharded.work_key("events", 3, None), "events.s3");
+        let quorum = Topology::new("kf")
+            .with_shards(2)
+            .with_queue_type(QueueType::Quorum);
+        assert_eq!(
+            quorum.shard_queues(JobKind::DeliverEvent, 1),
+            [4, 3, 2, 1].map(|p| (p, format!("kf.deliverEvent.s1.p{p}")))
+        );
+        assert_eq!(quorum.work_key("events", 1, Some(4)), "events.s1.p4");
+        assert_eq!(quorum.work_key("events", 1, None), "events.s1.p3");
+        assert_eq!(quorum.work_key("events", 1, Some(9)), "events.s1.p4");
+        // Every queue is a quorum queue; the tiers dead-letter at least once; no priorities.
+        let plan = quorum.plan();
+        for q in &plan.queues {
+            assert!(
+                q.arguments
+                    .contains(&("x-queue-type", Arg::Text("quorum".into()))),
+                "{}",
+                q.name
+            );
+            assert!(
+                !q.arguments.iter().any(|(k, _)| *k == "x-max-priority"),
+                "{}",
+                q.name
+            );
+            if q.name.contains(".delay.") {
+                assert!(
+                    q.arguments
+                        .contains(&("x-dead-letter-strategy", Arg::Text("at-least-once".into())))
+                );
+                assert!(
+                    q.arguments
+                        .contains(&("x-overflow", Arg::Text("reject-publish".into())))
+                );
+            }
+        }
+        assert_eq!(quorum.queues(JobKind::DeliverEvent).len(), 8);
     }
 
     #[test]

@@ -86,10 +86,7 @@ async fn publish_to_work_queue(app: &TestApp, job: &Ledger) {
     let confirm = channel
         .basic_publish(
             app.topology.exchange(JobKind::DeliverEvent).as_str().into(),
-            app.topology
-                .work_key("events", app.topology.shard_of(app.env.id))
-                .as_str()
-                .into(),
+            app.work_key().as_str().into(),
             BasicPublishOptions::default(),
             &message.to_bytes(),
             BasicProperties::default().with_delivery_mode(2),
@@ -175,9 +172,12 @@ async fn a_past_deliver_at_and_a_zero_deliver_after_deliver_now() {
         // Straight to the work exchange: the job was never in a tier.
         let r = route(
             &app.topology,
-            JobKind::DeliverEvent,
-            "events",
-            0,
+            kongflow_events::amqp::publish::Destination {
+                kind: JobKind::DeliverEvent,
+                queue: "events",
+                shard: 0,
+                priority: None,
+            },
             job.run_at,
             job.published_at.unwrap(),
         );
@@ -234,9 +234,12 @@ async fn a_delay_of_a_year_is_routed_through_the_top_tier() {
     let job = wait_published(&app, "y-1").await;
     let r = route(
         &app.topology,
-        JobKind::DeliverEvent,
-        "events",
-        0,
+        kongflow_events::amqp::publish::Destination {
+            kind: JobKind::DeliverEvent,
+            queue: "events",
+            shard: 0,
+            priority: None,
+        },
         job.run_at,
         job.published_at.unwrap(),
     );
@@ -686,7 +689,15 @@ async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
         )
         .await;
     }
-    let queue_of = |env: uuid::Uuid| topology.queue(JobKind::DeliverEvent, topology.shard_of(env));
+    // The queue of the environment's shard where a HIGH job goes (the only one, classic).
+    let queue_of = |env: uuid::Uuid| {
+        topology
+            .shard_queues(JobKind::DeliverEvent, topology.shard_of(env))
+            .into_iter()
+            .find(|(level, _)| *level == 0 || *level == 3)
+            .unwrap()
+            .1
+    };
     wait_until("both out of the tiers", Duration::from_secs(10), || async {
         app.queue_depth(JobKind::DeliverEvent).await == 2
     })

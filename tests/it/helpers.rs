@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use kongflow_events::amqp::{self, JobMessage, Topology};
 use kongflow_events::app::{Process, Roles};
-use kongflow_events::config::{HttpConfig, IngestConfig, RelayConfig, StoreConfig, WorkerConfig};
+use kongflow_events::config::{
+    HttpConfig, IngestConfig, QueueType, RelayConfig, StoreConfig, WorkerConfig,
+};
 use kongflow_events::db::environments::{self, Environment, EnvironmentType};
 use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
@@ -40,6 +42,15 @@ pub fn shard_count() -> u16 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
+}
+
+/// The queue type of a test deployment: `TEST_QUEUE_TYPE` (`classic`, the default, or
+/// `quorum`), so the whole suite can run on quorum queues.
+pub fn queue_type() -> QueueType {
+    match std::env::var("TEST_QUEUE_TYPE").as_deref() {
+        Ok("quorum") => QueueType::Quorum,
+        _ => QueueType::Classic,
+    }
 }
 
 pub fn amqp_url() -> String {
@@ -97,6 +108,7 @@ impl TestApp {
             amqp_prefix: prefix,
             amqp_queue_expires_ms: Some(600_000),
             shard_count: shard_count(),
+            amqp_queue_type: queue_type(),
             delay_lead_ms: 100,
             database_max_connections: 6,
             no_migrate: false,
@@ -340,16 +352,27 @@ impl TestApp {
         ready
     }
 
-    /// The routing key of the test environment's shard on a work exchange.
+    /// The routing key of the test environment's shard on a work exchange, for a message
+    /// with no priority.
     pub fn work_key(&self) -> String {
         self.topology
-            .work_key("events", self.topology.shard_of(self.env.id))
+            .work_key("events", self.topology.shard_of(self.env.id), None)
     }
 
-    /// The work queue of a kind's shard that the test's environment hashes to.
+    /// The work queue of a kind's shard that the test's environment hashes to, where a
+    /// message with no priority goes.
     pub fn env_queue(&self, kind: JobKind) -> String {
+        let shard = self.topology.shard_of(self.env.id);
+        let key = self.work_key();
         self.topology
-            .queue(kind, self.topology.shard_of(self.env.id))
+            .shard_queues(kind, shard)
+            .into_iter()
+            .map(|(_, q)| q)
+            .find(|q| {
+                self.topology.queue_type() == QueueType::Classic
+                    || q.ends_with(&key[key.rfind('.').unwrap()..])
+            })
+            .expect("the shard has a queue")
     }
 
     /// Messages ready in any queue by name.
@@ -536,6 +559,13 @@ impl TestApp {
             ("AMQP_PREFIX", self.store.amqp_prefix.clone()),
             ("AMQP_QUEUE_EXPIRES_MS", "600000".into()),
             ("SHARD_COUNT", self.store.shard_count.to_string()),
+            (
+                "AMQP_QUEUE_TYPE",
+                match self.store.amqp_queue_type {
+                    QueueType::Quorum => "quorum".into(),
+                    QueueType::Classic => "classic".into(),
+                },
+            ),
             ("DATABASE_MAX_CONNECTIONS", "3".into()),
             ("RUST_LOG", "warn".into()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
