@@ -22,12 +22,15 @@ pub fn addresses(url: &str) -> Vec<&str> {
     crate::config::url_list(url)
 }
 
-/// How long one node may take to accept a connection before the next is tried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one node of several may take to accept a connection before the next is tried
+/// (a node that is gone may drop packets rather than refuse). With one node there is no
+/// other to try, and a busy broker may be slow: the attempt waits as long as it takes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Open one connection, to the first node of `url` ([`addresses`]) that accepts it, starting
 /// from a different node on each call so a process's connections spread over a cluster; a
-/// node that refuses or does not answer within [`CONNECT_TIMEOUT`] is skipped. A refusal of
+/// node that refuses, or of several one that does not answer within [`CONNECT_TIMEOUT`], is
+/// skipped. A refusal of
 /// the credentials or the virtual host ends the attempt at once (a cluster shares them).
 /// Callers own reconnection: the relay and the worker run inside a supervisor loop that
 /// reconnects with backoff when the connection drops, which lands on the next node.
@@ -46,7 +49,12 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     for i in 0..nodes.len() {
         let node = nodes[(first + i) % nodes.len()];
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(node, properties));
+        let wait = if nodes.len() > 1 {
+            CONNECT_TIMEOUT
+        } else {
+            Duration::MAX
+        };
+        let attempt = tokio::time::timeout(wait, Connection::connect(node, properties));
         let e = match attempt.await {
             Ok(Ok(conn)) => return Ok(conn),
             Ok(Err(e)) if is_permanent(&e) => return Err(e),
