@@ -165,6 +165,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
+    r.register(Box::new(g.clone())).expect("register gauge");
+    g
+}
+
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let h = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
@@ -212,46 +218,30 @@ impl Metrics {
         .expect("valid gauge");
         r.register(Box::new(outbox_oldest_age.clone()))
             .expect("register gauge");
-        let amqp_connected = IntGaugeVec::new(
-            Opts::new(
-                "kongflow_amqp_connected",
-                "1 while the role's RabbitMQ connection is up",
-            ),
+        let amqp_connected = gauge_vec(
+            &r,
+            "kongflow_amqp_connected",
+            "1 while the role's RabbitMQ connection is up",
             &["role"],
-        )
-        .expect("valid gauge");
-        r.register(Box::new(amqp_connected.clone()))
-            .expect("register gauge");
-        let environment_backlog = IntGaugeVec::new(
-            Opts::new(
-                "kongflow_environment_backlog",
-                "Due jobs waiting in the outbox, for the environments with the most",
-            ),
+        );
+        let environment_backlog = gauge_vec(
+            &r,
+            "kongflow_environment_backlog",
+            "Due jobs waiting in the outbox, for the environments with the most",
             &["environment"],
-        )
-        .expect("valid gauge");
-        r.register(Box::new(environment_backlog.clone()))
-            .expect("register gauge");
-        let work_queue_depth = IntGaugeVec::new(
-            Opts::new(
-                "kongflow_work_queue_depth",
-                "Messages ready in a work queue, by kind and shard",
-            ),
+        );
+        let work_queue_depth = gauge_vec(
+            &r,
+            "kongflow_work_queue_depth",
+            "Messages ready in a work queue, by kind and shard",
             &["kind", "shard"],
-        )
-        .expect("valid gauge");
-        r.register(Box::new(work_queue_depth.clone()))
-            .expect("register gauge");
-        let table_bytes = IntGaugeVec::new(
-            Opts::new(
-                "kongflow_table_bytes",
-                "Bytes on disk of a table that grows with traffic, indexes included",
-            ),
+        );
+        let table_bytes = gauge_vec(
+            &r,
+            "kongflow_table_bytes",
+            "Bytes on disk of a table that grows with traffic, indexes included",
             &["table"],
-        )
-        .expect("valid gauge");
-        r.register(Box::new(table_bytes.clone()))
-            .expect("register gauge");
+        );
         Self {
             environment_backlog,
             work_queue_depth,
