@@ -23,9 +23,13 @@ pub fn addresses(url: &str) -> Vec<&str> {
 }
 
 /// How long one node of several may take to accept a connection before the next is tried
-/// (a node that is gone may drop packets rather than refuse). With one node there is no
-/// other to try, and a busy broker may be slow: the attempt waits as long as it takes.
+/// (a node that is gone may drop packets rather than refuse).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The same with one node: longer, since a busy broker may be slow to answer, but bounded,
+/// since a broker still booting may take the connection and never finish the handshake
+/// (the caller's retry then opens a fresh one).
+pub const SOLE_NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Open one connection, to the first node of `url` ([`addresses`]) that accepts it, starting
 /// from a different node on each call so a process's connections spread over a cluster; a
@@ -52,7 +56,7 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
         let wait = if nodes.len() > 1 {
             CONNECT_TIMEOUT
         } else {
-            Duration::MAX
+            SOLE_NODE_CONNECT_TIMEOUT
         };
         let attempt = tokio::time::timeout(wait, Connection::connect(node, properties));
         let e = match attempt.await {
