@@ -52,6 +52,14 @@ pub const PRIORITY_LEVELS: [u8; 4] = [4, 3, 2, 1];
 /// The level of a message that carries no priority: HIGH, the jobs' default.
 pub const DEFAULT_PRIORITY: u8 = 3;
 
+/// The work-queue level of a message's AMQP priority.
+fn level_of(priority: Option<u8>) -> u8 {
+    priority
+        .filter(|p| *p > 0)
+        .unwrap_or(DEFAULT_PRIORITY)
+        .min(MAX_PRIORITY)
+}
+
 /// The shard of an environment among `count`: FNV-1a (64 bits) of the environment id's 16
 /// bytes, modulo `count`. Stable across processes, versions and languages, so tools outside
 /// this service can compute it too.
@@ -171,6 +179,17 @@ impl Topology {
         }
     }
 
+    /// The queue of a kind's shard where a message of AMQP `priority` goes (`None`: the
+    /// default level).
+    pub fn queue_for(&self, kind: JobKind, shard: u16, priority: Option<u8>) -> String {
+        let level = level_of(priority);
+        self.shard_queues(kind, shard)
+            .into_iter()
+            .find(|(l, _)| *l == 0 || *l == level)
+            .expect("a shard has a queue for every level")
+            .1
+    }
+
     /// Every work queue of a kind, shard 0 first.
     pub fn queues(&self, kind: JobKind) -> Vec<String> {
         (0..self.shards)
@@ -187,11 +206,7 @@ impl Topology {
             key.push_str(&format!(".s{shard}"));
         }
         if self.queue_type == QueueType::Quorum {
-            let p = priority
-                .filter(|p| *p > 0)
-                .unwrap_or(DEFAULT_PRIORITY)
-                .min(MAX_PRIORITY);
-            key.push_str(&format!(".p{p}"));
+            key.push_str(&format!(".p{}", level_of(priority)));
         }
         key
     }

@@ -689,15 +689,9 @@ async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
         )
         .await;
     }
-    // The queue of the environment's shard where a HIGH job goes (the only one, classic).
-    let queue_of = |env: uuid::Uuid| {
-        topology
-            .shard_queues(JobKind::DeliverEvent, topology.shard_of(env))
-            .into_iter()
-            .find(|(level, _)| *level == 0 || *level == 3)
-            .unwrap()
-            .1
-    };
+    // The queue of the environment's shard where a HIGH job (the default) goes.
+    let queue_of =
+        |env: uuid::Uuid| topology.queue_for(JobKind::DeliverEvent, topology.shard_of(env), None);
     wait_until("both out of the tiers", Duration::from_secs(10), || async {
         app.queue_depth(JobKind::DeliverEvent).await == 2
     })

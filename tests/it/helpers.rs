@@ -346,8 +346,8 @@ impl TestApp {
     /// management stats).
     pub async fn queue_depth(&self, kind: JobKind) -> u32 {
         let mut ready = 0;
-        for queue in self.topology.queues(kind) {
-            ready += self.depth_of(&queue).await;
+        for shard in 0..self.topology.shard_count() {
+            ready += self.shard_depth(kind, shard).await;
         }
         ready
     }
@@ -362,17 +362,17 @@ impl TestApp {
     /// The work queue of a kind's shard that the test's environment hashes to, where a
     /// message with no priority goes.
     pub fn env_queue(&self, kind: JobKind) -> String {
-        let shard = self.topology.shard_of(self.env.id);
-        let key = self.work_key();
         self.topology
-            .shard_queues(kind, shard)
-            .into_iter()
-            .map(|(_, q)| q)
-            .find(|q| {
-                self.topology.queue_type() == QueueType::Classic
-                    || q.ends_with(&key[key.rfind('.').unwrap()..])
-            })
-            .expect("the shard has a queue")
+            .queue_for(kind, self.topology.shard_of(self.env.id), None)
+    }
+
+    /// Messages ready in a kind's queues of one shard.
+    pub async fn shard_depth(&self, kind: JobKind, shard: u16) -> u32 {
+        let mut ready = 0;
+        for (_, queue) in self.topology.shard_queues(kind, shard) {
+            ready += self.depth_of(&queue).await;
+        }
+        ready
     }
 
     /// Messages ready in any queue by name.

@@ -78,10 +78,9 @@ async fn a_worker_given_shards_runs_those_shards_jobs_and_no_others() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(runs_of(other.id).await, 0, "another shard's jobs ran");
-    let mut waiting = 0;
-    for (_, queue) in topology.shard_queues(JobKind::DeliverEvent, topology.shard_of(other.id)) {
-        waiting += app.depth_of(&queue).await;
-    }
+    let waiting = app
+        .shard_depth(JobKind::DeliverEvent, topology.shard_of(other.id))
+        .await;
     assert_eq!(waiting, 5, "the other shard's jobs wait in its queue");
 
     // A worker for every shard takes the rest.
