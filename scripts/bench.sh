@@ -13,7 +13,11 @@
 #   fairness: benches/fairness.rs: ten quiet environments at 20 events/s each, alone and
 #             while another floods 20,000 events; with the default shares, with A's ingest
 #             rate held too, then without shares. SHARD_COUNT (the service's) applies.
-# `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|all] [extra bench arguments]`
+#   retention: ingest while retention deletes: the pipeline (20,000 events, 16 and 64
+#             connections) with nothing to delete, then again right after 1,000,000 old
+#             settled events (and a run each) are planted, so retention's batches (every
+#             5 s here) run beside it; prints what retention deleted during each run.
+# `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
 # (default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +32,8 @@ psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WIT
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
 export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=${BENCH_LOG:-warn}
+# Retention looks for old events every 5 s in the retention bench (the default is a minute).
+[[ $which == retention ]] && export RETENTION_INTERVAL_MS=5000
 target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
@@ -89,4 +95,39 @@ if [[ $which == all || $which == fairness ]]; then
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --rate-of-a 1000 "$@"
   echo "== the same without shares (max_jobs_in_flight lifted)"
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --unfair "$@"
+fi
+if [[ $which == retention ]]; then
+  pgbench_baseline
+  deleted() {
+    curl -sf http://$HTTP_ADDR/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
+  }
+  plant() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
+    psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
+INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
+SELECT gen_random_uuid(), (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
+       'old-' || g, 'bench.old', '{"kind": "old"}', now() - interval '40 days',
+       now() - interval '40 days', now() - interval '40 days'
+FROM generate_series(1, 1000000) g;
+INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id, created_at)
+SELECT gen_random_uuid(), e.environment_id, gen_random_uuid(), gen_random_uuid(), e.id, gen_random_uuid(), e.created_at
+FROM event_records e WHERE e.name = 'bench.old';
+ANALYZE event_records; ANALYZE job_runs;
+SQL
+  }
+  for clients in 16 64; do
+    echo "== $clients connections, nothing to delete"
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
+    echo "== planting 1,000,000 old settled events"
+    plant
+    before=$(deleted)
+    echo "== $clients connections, retention deleting beside it"
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
+    echo "retention deleted $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"
+    for _ in $(seq 1 120); do
+      left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
+      [[ $left == 0 ]] && break
+      sleep 2
+    done
+    echo "old events left: $left"
+  done
 fi

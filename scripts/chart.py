@@ -37,6 +37,11 @@ VALUE_SETS = {
         "config": {"SHARD_COUNT": "4"},
         "worker": {"keda": {"enabled": True}, "shardGroups": [[0, 1], [2, 3]]},
     },
+    "keda-quorum": {
+        **URLS,
+        "config": {"SHARD_COUNT": "2", "AMQP_QUEUE_TYPE": "quorum"},
+        "worker": {"keda": {"enabled": True}},
+    },
     "existing-secret": {"existingSecret": "kongflow-stores"},
     "monitoring-on": {
         **URLS,
@@ -63,6 +68,7 @@ BAD_VALUES = [
     ({**URLS, "worker": {"keda": {"enabled": True, "queueLength": 0}}}, "queueLength"),
     ({**URLS, "terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds"),
     ({**URLS, "config": {"SHARD_COUNT": "0"}}, "SHARD_COUNT"),
+    ({**URLS, "config": {"AMQP_QUEUE_TYPE": "stream"}}, "AMQP_QUEUE_TYPE"),
     ({**URLS, "config": {"SHARD_COUNT": "2"}, "worker": {"shardGroups": [[0, 2]]}}, "shard 2"),
     ({**URLS, "config": {"SHARD_COUNT": "3"}, "worker": {"shardGroups": [[0], [2]]}}, "shard 1 without"),
     ({"existingSecret": "", "database": {"url": "mysql://x"}, "amqp": URLS["amqp"]}, "url"),

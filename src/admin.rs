@@ -187,7 +187,13 @@ async fn take_dead(
         let body = serde_json::from_slice(&delivery.data)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&delivery.data).into()));
         let letter = DeadLetter {
-            reason: header_str(h.get(REASON_HEADER)).unwrap_or_else(|| "(no reason)".into()),
+            // The worker says why; a message the broker dead-lettered (a quorum queue's
+            // delivery limit) carries the broker's reason instead.
+            reason: header_str(h.get(REASON_HEADER))
+                .or_else(|| {
+                    header_str(h.get("x-first-death-reason")).map(|r| format!("broker: {r}"))
+                })
+                .unwrap_or_else(|| "(no reason)".into()),
             dead_at: header_str(h.get(DEAD_AT_HEADER)),
             job_id,
             kind: header_str(h.get(KIND_HEADER)).or(parsed.as_ref().map(|m| m.kind.clone())),

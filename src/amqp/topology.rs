@@ -49,6 +49,10 @@ pub use crate::config::{MAX_SHARDS, QueueType};
 /// a quorum deployment has one work queue per level, consumed highest first.
 pub const PRIORITY_LEVELS: [u8; 4] = [4, 3, 2, 1];
 
+/// With quorum queues: how many times a work message may be delivered and come back
+/// unacknowledged (its consumer gone) before the broker dead-letters it.
+pub const WORK_DELIVERY_LIMIT: i64 = 20;
+
 /// The level of a message that carries no priority: HIGH, the jobs' default.
 pub const DEFAULT_PRIORITY: u8 = 3;
 
@@ -310,9 +314,18 @@ impl Topology {
                 for (level, queue) in self.shard_queues(kind, shard) {
                     let key = self.work_key(EVENTS_QUEUE, shard, Some(level));
                     let mut args = self.type_arguments();
-                    if self.queue_type == QueueType::Classic {
+                    match self.queue_type {
                         // A priority queue, so a CRITICAL job overtakes a backlog of HIGH ones.
-                        args.push(("x-max-priority", Arg::Int(MAX_PRIORITY as i64)));
+                        QueueType::Classic => {
+                            args.push(("x-max-priority", Arg::Int(MAX_PRIORITY as i64)))
+                        }
+                        // A message that keeps coming back unacknowledged (its worker dies
+                        // on it, again and again) goes to the dead letters instead of
+                        // taking every worker down in turn; the ledger still holds its job.
+                        QueueType::Quorum => args.extend([
+                            ("x-delivery-limit", Arg::Int(WORK_DELIVERY_LIMIT)),
+                            ("x-dead-letter-exchange", Arg::Text(dead.clone())),
+                        ]),
                     }
                     plan.queue(&queue, args);
                     plan.bind_queue(&queue, &exchange, &key);
@@ -622,6 +635,20 @@ mod tests {
                         .contains(&("x-overflow", Arg::Text("reject-publish".into())))
                 );
             }
+        }
+        // A work message that keeps coming back goes to the dead letters.
+        for queue in quorum.queues(JobKind::InvokeDispatcher) {
+            let declared = plan.queues.iter().find(|q| q.name == queue).unwrap();
+            assert!(
+                declared
+                    .arguments
+                    .contains(&("x-delivery-limit", Arg::Int(WORK_DELIVERY_LIMIT)))
+            );
+            assert!(
+                declared
+                    .arguments
+                    .contains(&("x-dead-letter-exchange", Arg::Text(quorum.dead_exchange())))
+            );
         }
         assert_eq!(quorum.queues(JobKind::DeliverEvent).len(), 8);
     }

@@ -9,7 +9,7 @@ use kongflow_events::ledger::JobKind;
 use kongflow_events::worker::{Disposition, Worker};
 use serde_json::json;
 
-use crate::helpers::{NO_ROLES, TestApp, wait_until};
+use crate::helpers::{NO_ROLES, TestApp, collect_stderr, wait_until};
 
 async fn job_and_event(app: &TestApp, event_id: &str) {
     app.register_job("job", "crash").await;
@@ -308,23 +308,6 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
     assert_eq!(extra, 0, "no event ran twice");
     next.kill().await.unwrap();
     app.finish().await;
-}
-
-/// Collect a child's stderr lines as they come.
-fn collect_stderr(
-    child: &mut tokio::process::Child,
-) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
-    use tokio::io::AsyncBufReadExt;
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().expect("stderr piped");
-    let sink = lines.clone();
-    tokio::spawn(async move {
-        let mut reader = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,7 +246,13 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
     let values = json!({
         "database": {"url": app.database_url},
         "amqp": {"url": app.store.amqp_url},
-        "config": {"AMQP_PREFIX": app.store.amqp_prefix, "AMQP_QUEUE_EXPIRES_MS": "600000"},
+        "config": {
+            "AMQP_PREFIX": app.store.amqp_prefix,
+            "AMQP_QUEUE_EXPIRES_MS": "600000",
+            "SHARD_COUNT": app.store.shard_count.to_string(),
+            "AMQP_QUEUE_TYPE": app.child_env().into_iter()
+                .find(|(k, _)| *k == "AMQP_QUEUE_TYPE").unwrap().1,
+        },
     });
     let out = std::process::Command::new(chart_python())
         .args([
@@ -334,4 +340,56 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
         let _ = child.wait().await;
     }
     app.finish().await;
+}
+
+/// KEDA scales the workers on the queues the service declares, whatever the shards and the
+/// queue type: a trigger on a queue name that does not exist would read 0 forever.
+#[test]
+fn keda_watches_the_work_queues_the_service_declares() {
+    use kongflow_events::amqp::Topology;
+    use kongflow_events::config::QueueType;
+    use kongflow_events::ledger::JobKind;
+    for (shards, queue_type, name) in [
+        (1u16, QueueType::Classic, "classic"),
+        (3, QueueType::Classic, "classic"),
+        (1, QueueType::Quorum, "quorum"),
+        (2, QueueType::Quorum, "quorum"),
+    ] {
+        let values = json!({
+            "database": {"url": "postgres://kongflow:secret@postgres:5432/kongflow"},
+            "amqp": {"url": "amqp://kongflow:secret@rabbitmq:5672/kongflow"},
+            "config": {"AMQP_PREFIX": "kf", "SHARD_COUNT": shards.to_string(), "AMQP_QUEUE_TYPE": name},
+            "worker": {"keda": {"enabled": true}},
+        });
+        let out = std::process::Command::new(chart_python())
+            .args([
+                &format!("{ROOT}/scripts/chart.py"),
+                "render",
+                &values.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifests: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut watched: Vec<String> = manifests
+            .iter()
+            .filter(|m| m["kind"] == "ScaledObject")
+            .flat_map(|m| m["spec"]["triggers"].as_array().unwrap().clone())
+            .map(|t| t["metadata"]["queueName"].as_str().unwrap().to_string())
+            .collect();
+        watched.sort();
+        let topology = Topology::new("kf")
+            .with_shards(shards)
+            .with_queue_type(queue_type);
+        let mut declared: Vec<String> = JobKind::ALL
+            .into_iter()
+            .flat_map(|k| topology.queues(k))
+            .collect();
+        declared.sort();
+        assert_eq!(watched, declared, "{shards} shards, {name}");
+    }
 }

@@ -3,6 +3,7 @@
 
 mod bounds;
 mod brokers;
+mod cluster;
 mod crash;
 mod delays;
 mod deploy;

@@ -734,3 +734,83 @@ async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
     assert_eq!(state_of(first.id).await, "available");
     app.finish().await;
 }
+
+/// With quorum queues, a work message that keeps coming back unacknowledged (each worker
+/// that takes it dies) is dead-lettered by the broker after its delivery limit, and the
+/// dead-letter listing says the broker put it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_work_message_returned_past_its_delivery_limit_is_dead_lettered() {
+    use kongflow_events::amqp::{Topology, topology::WORK_DELIVERY_LIMIT};
+    use kongflow_events::config::QueueType;
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    let quorum = Topology::new(format!("{}.q", app.topology.prefix()))
+        .with_queue_type(QueueType::Quorum)
+        .with_queue_expiry(600_000);
+    quorum.declare(&app.channel).await.unwrap();
+    let queue = quorum.queue_for(JobKind::DeliverEvent, 0, None);
+    app.channel
+        .basic_publish(
+            quorum.exchange(JobKind::DeliverEvent).as_str().into(),
+            quorum.work_key("events", 0, None).as_str().into(),
+            BasicPublishOptions::default(),
+            br#"{"v": 1, "id": 4242, "kind": "deliverEvent", "queue": "events", "args": {"id": "x"}, "attempt": 0, "runAt": "2026-01-01T00:00:00Z"}"#,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    let mut returned = 0;
+    for _ in 0..(WORK_DELIVERY_LIMIT + 5) {
+        let got = app
+            .channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap();
+        let Some(m) = got else {
+            wait_until(
+                "the message back, or dead",
+                Duration::from_secs(5),
+                || async {
+                    app.depth_of(&queue).await > 0 || app.depth_of(&quorum.dead_queue()).await > 0
+                },
+            )
+            .await;
+            if app.depth_of(&quorum.dead_queue()).await > 0 {
+                break;
+            }
+            continue;
+        };
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        returned += 1;
+    }
+    wait_until(
+        "the broker's dead letter",
+        Duration::from_secs(10),
+        || async { app.depth_of(&quorum.dead_queue()).await == 1 },
+    )
+    .await;
+    assert_eq!(app.depth_of(&queue).await, 0);
+    assert!(
+        returned > WORK_DELIVERY_LIMIT && returned <= WORK_DELIVERY_LIMIT + 1,
+        "returned {returned} times"
+    );
+    let letters = admin::dead_letters(&app.amqp, &quorum, &app.pool, 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].job_id, Some(4242));
+    assert_eq!(letters[0].reason, "broker: delivery_limit");
+    for q in quorum.all_queues() {
+        let _ = app
+            .channel
+            .queue_delete(q.as_str().into(), Default::default())
+            .await;
+    }
+    app.finish().await;
+}

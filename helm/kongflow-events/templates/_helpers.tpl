@@ -53,6 +53,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) $drain) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed preStopSleepSeconds plus config.SHUTDOWN_DEADLINE_MS (%v s): the pod would be killed mid-drain" .Values.terminationGracePeriodSeconds (add (int .Values.preStopSleepSeconds) $drain)) -}}
 {{- end -}}
+{{- if not (has (default "classic" .Values.config.AMQP_QUEUE_TYPE) (list "classic" "quorum")) -}}
+{{- fail (printf "config.AMQP_QUEUE_TYPE (%v) must be classic or quorum" .Values.config.AMQP_QUEUE_TYPE) -}}
+{{- end -}}
 {{- $shards := int (default "1" .Values.config.SHARD_COUNT) -}}
 {{- if or (lt $shards 1) (gt $shards 256) -}}
 {{- fail (printf "config.SHARD_COUNT (%v) must be 1 to 256" .Values.config.SHARD_COUNT) -}}
@@ -92,13 +95,18 @@ entry of worker.shardGroups (`worker-<i>`, with the shards it consumes). */}}
 {{- toJson $units -}}
 {{- end -}}
 
-{{/* A work queue's name: `<prefix>.<kind>` with one shard, `<prefix>.<kind>.s<i>` with
-several. Takes (dict "root" $ "kind" K "shard" I). */}}
-{{- define "kf.workQueue" -}}
-{{- if eq (int (default "1" .root.Values.config.SHARD_COUNT)) 1 -}}
-{{ printf "%s.%s" .root.Values.config.AMQP_PREFIX .kind }}
+{{/* A shard's work queues, as a JSON list: `<prefix>.<kind>` with one shard,
+`<prefix>.<kind>.s<i>` with several; with quorum queues one per priority level, that name
+then `.p4` (CRITICAL) to `.p1` (LOW). Takes (dict "root" $ "kind" K "shard" I). */}}
+{{- define "kf.workQueues" -}}
+{{- $base := printf "%s.%s" .root.Values.config.AMQP_PREFIX .kind -}}
+{{- if ne (int (default "1" .root.Values.config.SHARD_COUNT)) 1 -}}
+{{- $base = printf "%s.s%d" $base (int .shard) -}}
+{{- end -}}
+{{- if eq (default "classic" .root.Values.config.AMQP_QUEUE_TYPE) "quorum" -}}
+{{- toJson (list (printf "%s.p4" $base) (printf "%s.p3" $base) (printf "%s.p2" $base) (printf "%s.p1" $base)) -}}
 {{- else -}}
-{{ printf "%s.%s.s%d" .root.Values.config.AMQP_PREFIX .kind (int .shard) }}
+{{- toJson (list $base) -}}
 {{- end -}}
 {{- end -}}
 
