@@ -23,6 +23,24 @@ fn chart_python() -> String {
     python
 }
 
+/// The chart's manifests rendered with these values (`scripts/chart.py render`).
+fn render(values: &Value) -> Vec<Value> {
+    let out = std::process::Command::new(chart_python())
+        .args([
+            &format!("{ROOT}/scripts/chart.py"),
+            "render",
+            &values.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn the_dockerfile_builds_what_ci_builds_from_files_that_exist() {
     let dockerfile = std::fs::read_to_string(format!("{ROOT}/Dockerfile")).unwrap();
@@ -254,20 +272,7 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
                 .find(|(k, _)| *k == "AMQP_QUEUE_TYPE").unwrap().1,
         },
     });
-    let out = std::process::Command::new(chart_python())
-        .args([
-            &format!("{ROOT}/scripts/chart.py"),
-            "render",
-            &values.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let manifests: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let manifests = render(&values);
 
     // The Job: migrations, then the topology; each exits 0.
     for c in containers(&manifests, "Job", "-migrate-1") {
@@ -361,20 +366,7 @@ fn keda_watches_the_work_queues_the_service_declares() {
             "config": {"AMQP_PREFIX": "kf", "SHARD_COUNT": shards.to_string(), "AMQP_QUEUE_TYPE": name},
             "worker": {"keda": {"enabled": true}},
         });
-        let out = std::process::Command::new(chart_python())
-            .args([
-                &format!("{ROOT}/scripts/chart.py"),
-                "render",
-                &values.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let manifests: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let manifests = render(&values);
         let mut watched: Vec<String> = manifests
             .iter()
             .filter(|m| m["kind"] == "ScaledObject")
