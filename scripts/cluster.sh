@@ -21,13 +21,16 @@ start_node() {
   # guest may connect from loopback only by default; these nodes listen on loopback anyway.
   printf 'loopback_users = none\nlisteners.tcp.1 = 127.0.0.1:%s\n' "$(port "$n")" >"$dir/rabbitmq.conf"
   echo '[].' >"$dir/enabled_plugins"
+  # The settings the project ships for quorum mode (the dead-letter hop's confirm timeout).
+  cp rabbitmq/advanced.config "$dir/advanced.config"
   # Debian's wrapper runs the node as the rabbitmq user: its files must be that user's.
   chown -R rabbitmq:rabbitmq "$dir"
   env RABBITMQ_NODENAME="$(name "$n")" RABBITMQ_NODE_PORT="$(port "$n")" \
     RABBITMQ_DIST_PORT=$((25680 + n)) RABBITMQ_MNESIA_BASE="$dir/mnesia" \
     RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
-    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" rabbitmq-server -detached
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+    rabbitmq-server -detached
 }
 
 wait_node() {
@@ -47,6 +50,9 @@ stop_node() {
 case "${1:-}" in
 up)
   for n in 1 2 3; do stop_node "$n"; done
+  # The nodes' logs stay, in target/cluster-logs, for a failed run to be read.
+  rm -rf "$base-logs"/kfc[123] && mkdir -p "$base-logs"
+  for n in 1 2 3; do [ -d "$base/kfc$n/log" ] && cp -r "$base/kfc$n/log" "$base-logs/kfc$n"; done
   rm -rf "$base"
   for n in 1 2 3; do start_node "$n"; done
   for n in 1 2 3; do wait_node "$n"; done
@@ -63,6 +69,9 @@ up)
   ;;
 down)
   for n in 1 2 3; do stop_node "$n"; done
+  # The nodes' logs stay, in target/cluster-logs, for a failed run to be read.
+  rm -rf "$base-logs"/kfc[123] && mkdir -p "$base-logs"
+  for n in 1 2 3; do [ -d "$base/kfc$n/log" ] && cp -r "$base/kfc$n/log" "$base-logs/kfc$n"; done
   rm -rf "$base"
   ;;
 stop) stop_node "$2" ;;
@@ -71,17 +80,26 @@ start)
   wait_node "$2"
   ;;
 leader)
-  node=$(rabbitmqctl -q -n "$(name 1)" list_queues name leader --no-table-headers 2>/dev/null |
-    awk -v q="$2" '$1 == q { print $2 }')
-  [ -z "$node" ] && node=$(rabbitmqctl -q -n "$(name 2)" list_queues name leader --no-table-headers |
-    awk -v q="$2" '$1 == q { print $2 }')
-  case "$node" in
-  kfc[123]@localhost) echo "${node:3:1}" ;;
-  *)
-    echo "no leader found for queue $2" >&2
-    exit 1
-    ;;
-  esac
+  # Asked of each running node in turn, for up to 20 s: a queue just declared may not have
+  # elected its leader yet, and a node being stopped answers with an error.
+  for _ in $(seq 1 20); do
+    for n in 1 2 3; do
+      if out=$(rabbitmqctl -q -n "$(name "$n")" list_queues name leader --no-table-headers 2>&1); then
+        node=$(awk -v q="$2" '$1 == q { print $2 }' <<<"$out")
+        case "$node" in
+        kfc[123]@localhost)
+          echo "${node:3:1}"
+          exit 0
+          ;;
+        esac
+      else
+        last_error=$out
+      fi
+    done
+    sleep 1
+  done
+  echo "no leader found for queue $2${last_error:+ (last error: $last_error)}" >&2
+  exit 1
   ;;
 urls)
   echo "amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f,amqp://guest:guest@127.0.0.1:5683/%2f"

@@ -14,7 +14,7 @@ use kongflow_events::config::QueueType;
 use kongflow_events::ledger::JobKind;
 use serde_json::json;
 
-use crate::helpers::{NO_ROLES, TestApp, collect_stderr, queue_type, wait_until};
+use crate::helpers::{NO_ROLES, TestApp, collect_stderr, queue_type};
 
 const EVENTS: usize = 10_000;
 /// Events offered per second: the sending lasts 40 s, so the outage falls inside it.
@@ -110,7 +110,9 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
             .args(["all", "--http", &format!("127.0.0.1:{port}")])
             .envs(app.child_env())
-            .env("RUST_LOG", "warn")
+            // `/readyz` beside the API, where this test looks for it.
+            .env_remove("METRICS_ADDR")
+            .env("RUST_LOG", std::env::var("CLUSTER_CHILD_LOG").unwrap_or("warn".into()))
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -119,16 +121,26 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         children.push(child);
         bases.push(format!("http://127.0.0.1:{port}"));
     }
-    for base in &bases {
-        wait_until(
-            "the service to be ready",
-            Duration::from_secs(60),
-            || async {
-                matches!(app.http.get(format!("{base}/readyz")).send().await,
-                     Ok(r) if r.status().is_success())
-            },
-        )
-        .await;
+    // Ready within 180 s (every quorum queue is a Raft group the cluster creates), or the
+    // failure shows what the processes said.
+    for (i, base) in bases.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if matches!(app.http.get(format!("{base}/readyz")).send().await,
+                 Ok(r) if r.status().is_success())
+            {
+                break;
+            }
+            let exited = children[i].try_wait().unwrap();
+            if exited.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "process {i} not ready ({}); its stderr:\n{}",
+                    exited.map_or("timed out after 180 s".into(), |s| format!("exited: {s}")),
+                    logs[i].lock().unwrap().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     let work_queue = app.topology.queue_for(
@@ -281,11 +293,41 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         percentile(&immediate, 0.99),
         immediate.last().copied().unwrap_or(f64::NAN),
     );
+    // Each process's log, for a run to be read afterwards.
+    for (n, log) in logs.iter().enumerate() {
+        let path = format!("{}/target/cluster-logs/process-{n}.log", env!("CARGO_MANIFEST_DIR"));
+        let _ = std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap());
+        let _ = std::fs::write(&path, log.lock().unwrap().join("\n"));
+    }
     if finished.is_err() || lost > 0 {
+        // Where the missing ones stand: the ledger's unfinished jobs, and the broker's queues.
+        let jobs: Vec<(String, String, bool, i64)> = sqlx::query_as(
+            "SELECT kind, state::text, published_at IS NOT NULL, count(*) FROM queue_jobs
+             WHERE state <> 'completed' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        eprintln!("unfinished jobs (kind, state, published, count): {jobs:?}");
+        let queues = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", "kfc2@localhost", "list_queues", "name", "leader", "messages_ready",
+                   "messages_unacknowledged", "consumers", "--no-table-headers"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let prefix = &app.store.amqp_prefix;
+        eprintln!(
+            "this test's queues with messages or consumers:\n{}",
+            queues
+                .lines()
+                .filter(|l| l.starts_with(prefix.as_str()) && !l.ends_with("\t0\t0\t0"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         for (n, log) in logs.iter().enumerate() {
             let log = log.lock().unwrap();
             eprintln!(
-                "process {n}, last lines:\n{}",
+                "process {n} (whole log in target/cluster-logs), last lines:\n{}",
                 log[log.len().saturating_sub(30)..].join("\n")
             );
         }
@@ -293,13 +335,14 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
     assert_eq!(lost, 0, "every acknowledged event runs");
     assert_eq!(duplicates, 0, "no event runs twice");
     assert_eq!(lateness.len(), EVENTS / DELAYED_EVERY);
-    // On time: no delayed run comes more than the outage's length after its due time (the
-    // two nodes left hold a majority, so the tiers keep expiring while the third is down),
-    // and none comes early by more than the delay lead.
+    // On time within the outage: no delayed run comes later after its due time than the
+    // node was out (from its stop until it was back in the cluster), and none comes early
+    // by more than the delay lead.
     let worst = lateness.last().copied().unwrap_or(0.0);
+    let outage_ms = (back_at - stopped_at).as_millis() as f64;
     assert!(
-        worst < OUTAGE.as_millis() as f64,
-        "a delayed run came {worst:.0} ms late"
+        worst < outage_ms,
+        "a delayed run came {worst:.0} ms late, past the {outage_ms:.0} ms outage"
     );
     assert!(lateness.first().copied().unwrap_or(0.0) > -1_000.0);
 

@@ -501,3 +501,57 @@ async fn operator_endpoints_are_off_without_a_token() {
     );
     app.finish().await;
 }
+
+/// A delayed job the broker holds past its due time (a tier's dead-letter hop caught by a
+/// lost cluster node) is not in a work queue: after a short grace it stops taking its
+/// environment's room, so the jobs due now are not kept waiting behind it. A job published
+/// when due keeps its place until it is final, however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_jobs_the_broker_holds_up_stop_taking_the_room() {
+    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let env = app.env.id;
+    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
+        .bind(env)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let plant = |published_s: i32, due_s: i32, n: i32| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO queue_jobs (kind, args, state, environment_id, run_at, published_at)
+                 SELECT 'deliverEvent', jsonb_build_object('id', gen_random_uuid()), 'scheduled',
+                        $1, now() - make_interval(secs => $3), now() - make_interval(secs => $2)
+                 FROM generate_series(1, $4)",
+            )
+            .bind(env)
+            .bind(published_s as f64)
+            .bind(due_s as f64)
+            .bind(n)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let room = || async {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT queue_jobs_room($1, 'deliverEvent')")
+            .bind(env)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(room().await, Some(10));
+    // Published a minute ahead of a due time 30 s past: held by the broker, not counted.
+    plant(60, 30, 3).await;
+    assert_eq!(room().await, Some(10), "held delayed jobs take no room");
+    // Due 2 s ago: on its way to a worker, counted.
+    plant(60, 2, 2).await;
+    assert_eq!(room().await, Some(8), "delayed jobs just due are in flight");
+    // Published when due, 30 s ago, and not final: in a work queue, counted.
+    plant(30, 30, 4).await;
+    assert_eq!(room().await, Some(4), "jobs published when due stay in flight");
+    // Not yet due: in the tiers, not counted.
+    plant(60, -30, 5).await;
+    assert_eq!(room().await, Some(4), "jobs not yet due take no room");
+    app.finish().await;
+}
