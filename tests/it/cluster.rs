@@ -271,6 +271,41 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         v
     };
     let (lateness, immediate) = (sorted(delayed), sorted(now));
+    // Where the latest immediate runs spent their time: the stages of the five slowest.
+    let slowest: Vec<(f64, f64, f64, f64)> = sqlx::query_as(
+        "SELECT extract(epoch FROM j.published_at - e.created_at)::float8,
+                extract(epoch FROM j.attempted_at - j.published_at)::float8,
+                extract(epoch FROM r.created_at - j.attempted_at)::float8,
+                extract(epoch FROM r.created_at - e.created_at)::float8
+         FROM event_records e
+         JOIN queue_jobs j ON j.kind = 'deliverEvent' AND j.args->>'id' = e.id::text
+         JOIN job_runs r ON r.event_record_id = e.id
+         WHERE e.event_id = ANY($1) AND e.deliver_at <= e.created_at + interval '1 second'
+         ORDER BY 4 DESC LIMIT 5",
+    )
+    .bind(&acked)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    println!(
+        "slowest immediate runs, seconds (stored to published, published to taken, taken to \
+         run, total): {slowest:.1?}"
+    );
+    // Jobs that waited in the outbox more than 2 s, by second of their storing: how many,
+    // and when they were published (seconds since the first event).
+    let waits: Vec<(f64, String, i64, f64, f64)> = sqlx::query_as(
+        "WITH t AS (SELECT min(created_at) t0 FROM event_records)
+         SELECT floor(extract(epoch FROM j.created_at - t0))::float8, j.kind, count(*),
+                extract(epoch FROM min(j.published_at) - t0)::float8,
+                extract(epoch FROM max(j.published_at) - t0)::float8
+         FROM queue_jobs j, t WHERE j.published_at > j.created_at + interval '2 seconds'
+           AND j.run_at <= j.created_at + interval '1 second'
+         GROUP BY 1, 2, t0 ORDER BY 1, 2",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    println!("jobs that waited in the outbox (stored at s, kind, count, published from s, to s): {waits:.1?}");
     let send_failures = *sender.failures.lock().unwrap();
     println!(
         "cluster: {} events ({} delayed 2-30 s), node {leader} (leader of {work_queue}) stopped at \

@@ -502,12 +502,12 @@ async fn operator_endpoints_are_off_without_a_token() {
     app.finish().await;
 }
 
-/// A delayed job the broker holds past its due time (a tier's dead-letter hop caught by a
-/// lost cluster node) is not in a work queue: after a short grace it stops taking its
-/// environment's room, so the jobs due now are not kept waiting behind it. A job published
-/// when due keeps its place until it is final, however long.
+/// The room in flight counts the jobs published when due (in a work queue until final).
+/// A delayed job, published into the delay tiers ahead of its due time, never waited for
+/// room and takes none once due: when the broker holds such jobs up past their due time (a
+/// tier's hop caught by a lost cluster node), the jobs due now are not kept waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delayed_jobs_the_broker_holds_up_stop_taking_the_room() {
+async fn delayed_jobs_take_no_room_in_flight() {
     let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
     let env = app.env.id;
     sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
@@ -515,18 +515,19 @@ async fn delayed_jobs_the_broker_holds_up_stop_taking_the_room() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let plant = |published_s: i32, due_s: i32, n: i32| {
+    // `n` jobs published `published_s` seconds ago, due `due_s` seconds ago.
+    let plant = |published_s: f64, due_s: f64, n: i32| {
         let pool = app.pool.clone();
         async move {
             sqlx::query(
                 "INSERT INTO queue_jobs (kind, args, state, environment_id, run_at, published_at)
-                 SELECT 'deliverEvent', jsonb_build_object('id', gen_random_uuid()), 'scheduled',
+                 SELECT 'deliverEvent', jsonb_build_object('id', gen_random_uuid()), 'available',
                         $1, now() - make_interval(secs => $3), now() - make_interval(secs => $2)
                  FROM generate_series(1, $4)",
             )
             .bind(env)
-            .bind(published_s as f64)
-            .bind(due_s as f64)
+            .bind(published_s)
+            .bind(due_s)
             .bind(n)
             .execute(&pool)
             .await
@@ -541,17 +542,21 @@ async fn delayed_jobs_the_broker_holds_up_stop_taking_the_room() {
             .unwrap()
     };
     assert_eq!(room().await, Some(10));
-    // Published a minute ahead of a due time 30 s past: held by the broker, not counted.
-    plant(60, 30, 3).await;
-    assert_eq!(room().await, Some(10), "held delayed jobs take no room");
-    // Due 2 s ago: on its way to a worker, counted.
-    plant(60, 2, 2).await;
-    assert_eq!(room().await, Some(8), "delayed jobs just due are in flight");
+    // Published a minute ahead of a due time 30 s past, or 2 s past: no room taken.
+    plant(60.0, 30.0, 3).await;
+    plant(60.0, 2.0, 2).await;
+    assert_eq!(room().await, Some(10), "due delayed jobs take no room");
     // Published when due, 30 s ago, and not final: in a work queue, counted.
-    plant(30, 30, 4).await;
-    assert_eq!(room().await, Some(4), "jobs published when due stay in flight");
-    // Not yet due: in the tiers, not counted.
-    plant(60, -30, 5).await;
-    assert_eq!(room().await, Some(4), "jobs not yet due take no room");
+    plant(30.0, 30.0, 4).await;
+    // Published by a relay a while after it was due: counted too.
+    plant(5.0, 20.0, 1).await;
+    assert_eq!(room().await, Some(5), "jobs published when due stay in flight");
+    // Final ones free their room.
+    sqlx::query("UPDATE queue_jobs SET state = 'completed', finalized_at = now() WHERE environment_id = $1 AND published_at = run_at")
+        .bind(env)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(room().await, Some(9), "final jobs take no room");
     app.finish().await;
 }
