@@ -9,6 +9,12 @@
 #   scripts/cluster.sh start N   start node N again (it rejoins the cluster by itself)
 #   scripts/cluster.sh leader Q  the node (1-3) that leads quorum queue Q
 #   scripts/cluster.sh urls      the AMQP_URL that lists the three nodes
+#   scripts/cluster.sh solo up|down  a fourth node, kfc4@localhost on 5684, alone (not
+#                                 clustered): the one-node broker of the quorum suite
+#
+# Each node may open as many files as the hard limit allows: Debian's wrapper starts a
+# node through su, which leaves it 1024, and quorum queues (a Raft log each) exhaust that
+# within a test suite, after which the node accepts TCP connections and never answers them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=$(pwd)/target/cluster
@@ -25,12 +31,20 @@ start_node() {
   cp rabbitmq/advanced.config "$dir/advanced.config"
   # Debian's wrapper runs the node as the rabbitmq user: its files must be that user's.
   chown -R rabbitmq:rabbitmq "$dir"
-  env RABBITMQ_NODENAME="$(name "$n")" RABBITMQ_NODE_PORT="$(port "$n")" \
+  export RABBITMQ_NODENAME="$(name "$n")" RABBITMQ_NODE_PORT="$(port "$n")" \
     RABBITMQ_DIST_PORT=$((25680 + n)) RABBITMQ_MNESIA_BASE="$dir/mnesia" \
     RABBITMQ_LOG_BASE="$dir/log" RABBITMQ_PID_FILE="$dir/pid" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
-    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
-    rabbitmq-server -detached
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
+  (cd /var/lib/rabbitmq && su rabbitmq -s /bin/sh -c \
+    'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached')
+}
+
+# Keep node N's log in target/cluster-logs (for a failed run to be read), then remove its files.
+remove_node() {
+  rm -rf "$base-logs/kfc$1" && mkdir -p "$base-logs"
+  [ -d "$base/kfc$1/log" ] && cp -r "$base/kfc$1/log" "$base-logs/kfc$1"
+  rm -rf "$base/kfc$1"
 }
 
 wait_node() {
@@ -49,11 +63,7 @@ stop_node() {
 
 case "${1:-}" in
 up)
-  for n in 1 2 3; do stop_node "$n"; done
-  # The nodes' logs stay, in target/cluster-logs, for a failed run to be read.
-  rm -rf "$base-logs"/kfc[123] && mkdir -p "$base-logs"
-  for n in 1 2 3; do [ -d "$base/kfc$n/log" ] && cp -r "$base/kfc$n/log" "$base-logs/kfc$n"; done
-  rm -rf "$base"
+  for n in 1 2 3; do stop_node "$n" && remove_node "$n"; done
   for n in 1 2 3; do start_node "$n"; done
   for n in 1 2 3; do wait_node "$n"; done
   for n in 2 3; do
@@ -68,11 +78,7 @@ up)
   fi
   ;;
 down)
-  for n in 1 2 3; do stop_node "$n"; done
-  # The nodes' logs stay, in target/cluster-logs, for a failed run to be read.
-  rm -rf "$base-logs"/kfc[123] && mkdir -p "$base-logs"
-  for n in 1 2 3; do [ -d "$base/kfc$n/log" ] && cp -r "$base/kfc$n/log" "$base-logs/kfc$n"; done
-  rm -rf "$base"
+  for n in 1 2 3; do stop_node "$n" && remove_node "$n"; done
   ;;
 stop) stop_node "$2" ;;
 start)
@@ -101,11 +107,25 @@ leader)
   echo "no leader found for queue $2${last_error:+ (last error: $last_error)}" >&2
   exit 1
   ;;
+solo)
+  case "${2:-}" in
+  up)
+    stop_node 4 && remove_node 4
+    start_node 4
+    wait_node 4
+    ;;
+  down) stop_node 4 && remove_node 4 ;;
+  *)
+    echo "usage: scripts/cluster.sh solo up|down" >&2
+    exit 2
+    ;;
+  esac
+  ;;
 urls)
   echo "amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f,amqp://guest:guest@127.0.0.1:5683/%2f"
   ;;
 *)
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,17p' "$0" >&2
   exit 2
   ;;
 esac

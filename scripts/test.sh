@@ -45,3 +45,6 @@ unset DATABASE_URL
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+# The three-node cluster test (quorum queues, a node lost mid-traffic): its own cluster
+# beside the machine's broker, removed after; about 3 minutes.
+./scripts/cluster-test.sh

@@ -382,6 +382,9 @@ impl Worker {
             metrics().stage(Stage::Ack, acking);
             return Ok(());
         }
+        // One frame per delivery (a channel consuming several queues, as in quorum mode
+        // with a queue per priority level, or a batch with a dead letter in it).
+        let acking = std::time::Instant::now();
         for (delivery, disposition) in deliveries.iter().zip(dispositions) {
             match disposition {
                 Disposition::Ack => {
@@ -410,6 +413,7 @@ impl Worker {
                 }
             }
         }
+        metrics().stage(Stage::Ack, acking);
         Ok(())
     }
 

@@ -498,6 +498,13 @@ async fn invented_methods_add_no_metric_series() {
 }
 
 /// The TCP connections process `pid` holds open to port `port`, read from `/proc`.
+/// The port of the test broker (`AMQP_URL`'s first node).
+fn broker_port() -> u16 {
+    let url = crate::helpers::amqp_url();
+    let authority = url.split('@').next_back().unwrap().split('/').next().unwrap();
+    authority.rsplit_once(':').map_or(5672, |(_, p)| p.parse().unwrap())
+}
+
 fn connections_to(pid: u32, port: u16) -> usize {
     let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -536,7 +543,7 @@ async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs
     }
     let pid = child.id().unwrap();
     assert_eq!(
-        connections_to(pid, 5672),
+        connections_to(pid, broker_port()),
         1,
         "one connection held for readiness"
     );
