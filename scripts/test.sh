@@ -45,6 +45,8 @@ unset DATABASE_URL
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+# The whole suite again in quorum mode, on a one-node broker of its own; about 5.5 minutes.
+./scripts/quorum-test.sh
 # The three-node cluster test (quorum queues, a node lost mid-traffic): its own cluster
 # beside the machine's broker, removed after; about 3 minutes.
 ./scripts/cluster-test.sh
