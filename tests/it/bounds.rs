@@ -501,8 +501,16 @@ async fn invented_methods_add_no_metric_series() {
 /// The port of the test broker (`AMQP_URL`'s first node).
 fn broker_port() -> u16 {
     let url = crate::helpers::amqp_url();
-    let authority = url.split('@').next_back().unwrap().split('/').next().unwrap();
-    authority.rsplit_once(':').map_or(5672, |(_, p)| p.parse().unwrap())
+    let authority = url
+        .split('@')
+        .next_back()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    authority
+        .rsplit_once(':')
+        .map_or(5672, |(_, p)| p.parse().unwrap())
 }
 
 fn connections_to(pid: u32, port: u16) -> usize {

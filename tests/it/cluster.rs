@@ -112,7 +112,10 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
             .envs(app.child_env())
             // `/readyz` beside the API, where this test looks for it.
             .env_remove("METRICS_ADDR")
-            .env("RUST_LOG", std::env::var("CLUSTER_CHILD_LOG").unwrap_or("warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CLUSTER_CHILD_LOG").unwrap_or("warn".into()),
+            )
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -305,7 +308,9 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
     .fetch_all(&app.pool)
     .await
     .unwrap();
-    println!("jobs that waited in the outbox (stored at s, kind, count, published from s, to s): {waits:.1?}");
+    println!(
+        "jobs that waited in the outbox (stored at s, kind, count, published from s, to s): {waits:.1?}"
+    );
     let send_failures = *sender.failures.lock().unwrap();
     println!(
         "cluster: {} events ({} delayed 2-30 s), node {leader} (leader of {work_queue}) stopped at \
@@ -330,7 +335,10 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
     );
     // Each process's log, for a run to be read afterwards.
     for (n, log) in logs.iter().enumerate() {
-        let path = format!("{}/target/cluster-logs/process-{n}.log", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/target/cluster-logs/process-{n}.log",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let _ = std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap());
         let _ = std::fs::write(&path, log.lock().unwrap().join("\n"));
     }
@@ -345,8 +353,18 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         .unwrap();
         eprintln!("unfinished jobs (kind, state, published, count): {jobs:?}");
         let queues = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "-n", "kfc2@localhost", "list_queues", "name", "leader", "messages_ready",
-                   "messages_unacknowledged", "consumers", "--no-table-headers"])
+            .args([
+                "-q",
+                "-n",
+                "kfc2@localhost",
+                "list_queues",
+                "name",
+                "leader",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                "--no-table-headers",
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();

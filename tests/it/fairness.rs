@@ -550,7 +550,11 @@ async fn delayed_jobs_take_no_room_in_flight() {
     plant(30.0, 30.0, 4).await;
     // Published by a relay a while after it was due: counted too.
     plant(5.0, 20.0, 1).await;
-    assert_eq!(room().await, Some(5), "jobs published when due stay in flight");
+    assert_eq!(
+        room().await,
+        Some(5),
+        "jobs published when due stay in flight"
+    );
     // Final ones free their room.
     sqlx::query("UPDATE queue_jobs SET state = 'completed', finalized_at = now() WHERE environment_id = $1 AND published_at = run_at")
         .bind(env)
