@@ -541,15 +541,24 @@ async fn delayed_messages_leave_the_tiers_a_lead_early_for_the_worker_to_hold() 
                 .fetch_one(&app.pool)
                 .await
                 .unwrap();
+        // The delay left when the relay's claim began (`published_at` is its transaction's
+        // start); the relay routes by the delay left at its publish, a little later: up to
+        // 250 ms later on a busy machine, the tier the test accepts is any of that span's.
         let remaining =
             tiers::remaining_ms((message.run_at - published_at).to_std().unwrap() - lead);
-        let entry = DelayDigits::of(remaining).entry_level().unwrap();
-        let level = tiers::level(entry);
-        let digit = (remaining / level.unit_ms).min(level.max_digit as u64);
-        assert_eq!(
-            entered,
-            Some(app.topology.delay_queue(entry, digit * level.unit_ms)),
-            "entered at the tier its delay names ({remaining} ms)"
+        let tier_of = |remaining: u64| {
+            let entry = DelayDigits::of(remaining).entry_level().unwrap();
+            let level = tiers::level(entry);
+            let digit = (remaining / level.unit_ms).min(level.max_digit as u64);
+            app.topology.delay_queue(entry, digit * level.unit_ms)
+        };
+        let mut tiers_named: Vec<String> = (remaining.saturating_sub(250)..=remaining)
+            .map(tier_of)
+            .collect();
+        tiers_named.dedup();
+        assert!(
+            entered.as_ref().is_some_and(|q| tiers_named.contains(q)),
+            "entered at {entered:?}, not a tier its delay names ({remaining} ms: {tiers_named:?})"
         );
         // It came out before its due time, inside the lead: the worker holds it.
         assert_eq!(
