@@ -370,10 +370,10 @@ impl Worker {
         let (deliveries, messages): (Vec<Delivery>, Vec<_>) = due.into_iter().unzip();
         let dispositions = self.process(messages).await?;
         tracing::debug!(kind = kind.as_str(), size = deliveries.len(), worst_late_ms, took = ?started.elapsed(), "batch processed");
+        let acking = std::time::Instant::now();
         if alone && dispositions.iter().all(|d| *d == Disposition::Ack) {
             // One frame acknowledges the whole batch: this channel has one consumer and
             // every other delivery on it is already settled.
-            let acking = std::time::Instant::now();
             let last = deliveries
                 .iter()
                 .max_by_key(|d| d.delivery_tag)
@@ -384,7 +384,6 @@ impl Worker {
         }
         // One frame per delivery (a channel consuming several queues, as in quorum mode
         // with a queue per priority level, or a batch with a dead letter in it).
-        let acking = std::time::Instant::now();
         for (delivery, disposition) in deliveries.iter().zip(dispositions) {
             match disposition {
                 Disposition::Ack => {

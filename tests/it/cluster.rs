@@ -294,23 +294,6 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         "slowest immediate runs, seconds (stored to published, published to taken, taken to \
          run, total): {slowest:.1?}"
     );
-    // Jobs that waited in the outbox more than 2 s, by second of their storing: how many,
-    // and when they were published (seconds since the first event).
-    let waits: Vec<(f64, String, i64, f64, f64)> = sqlx::query_as(
-        "WITH t AS (SELECT min(created_at) t0 FROM event_records)
-         SELECT floor(extract(epoch FROM j.created_at - t0))::float8, j.kind, count(*),
-                extract(epoch FROM min(j.published_at) - t0)::float8,
-                extract(epoch FROM max(j.published_at) - t0)::float8
-         FROM queue_jobs j, t WHERE j.published_at > j.created_at + interval '2 seconds'
-           AND j.run_at <= j.created_at + interval '1 second'
-         GROUP BY 1, 2, t0 ORDER BY 1, 2",
-    )
-    .fetch_all(&app.pool)
-    .await
-    .unwrap();
-    println!(
-        "jobs that waited in the outbox (stored at s, kind, count, published from s, to s): {waits:.1?}"
-    );
     let send_failures = *sender.failures.lock().unwrap();
     println!(
         "cluster: {} events ({} delayed 2-30 s), node {leader} (leader of {work_queue}) stopped at \
