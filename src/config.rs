@@ -31,6 +31,8 @@ pub mod defaults {
     pub const WORKER_BATCH_SIZE: usize = 100;
     pub const RETRY_BASE_MS: u64 = 1000;
     pub const RETRY_MAX_MS: u64 = 3_600_000;
+    pub const WEBHOOK_TIMEOUT_MS: u64 = 10_000;
+    pub const WEBHOOK_CONNECT_TIMEOUT_MS: u64 = 3_000;
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
     pub const HTTP_MAX_IN_FLIGHT: usize = 256;
@@ -271,6 +273,37 @@ pub struct WorkerConfig {
     /// unset: every shard. Lets a deployment run separate worker groups.
     #[arg(long = "shards", env = "WORKER_SHARDS")]
     pub shards: Option<ShardSet>,
+
+    /// Longest a webhook request may take, connect to last byte, in milliseconds; past it
+    /// the attempt fails and is retried like any job.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_TIMEOUT_MS)]
+    pub webhook_timeout_ms: u64,
+
+    /// Longest a webhook's host may take to resolve and to connect, in milliseconds.
+    #[arg(long, env = "WEBHOOK_CONNECT_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_CONNECT_TIMEOUT_MS)]
+    pub webhook_connect_timeout_ms: u64,
+
+    /// Networks webhooks may reach although they are loopback, private, link-local or
+    /// otherwise inside (comma-separated, `10.0.0.0/8,::1`). Unset: none.
+    #[arg(long, env = "WEBHOOK_ALLOW_NETS", value_parser = crate::webhooks::parse_nets_arg)]
+    pub webhook_allow_nets: Option<NetList>,
+}
+
+/// Networks, written `10.0.0.0/8,::1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetList(pub Vec<ipnet::IpNet>);
+
+impl WorkerConfig {
+    /// How this worker sends webhooks.
+    pub fn webhook_sender(&self) -> crate::webhooks::Sender {
+        crate::webhooks::Sender {
+            guard: crate::webhooks::Guard {
+                allow: self.webhook_allow_nets.clone().unwrap_or_default().0,
+            },
+            connect_timeout: Duration::from_millis(self.webhook_connect_timeout_ms),
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+        }
+    }
 }
 
 /// A set of shards, written `0,2,4-7`.
@@ -353,6 +386,9 @@ impl Default for WorkerConfig {
             retry_base_ms: defaults::RETRY_BASE_MS,
             retry_max_ms: defaults::RETRY_MAX_MS,
             shards: None,
+            webhook_timeout_ms: defaults::WEBHOOK_TIMEOUT_MS,
+            webhook_connect_timeout_ms: defaults::WEBHOOK_CONNECT_TIMEOUT_MS,
+            webhook_allow_nets: None,
         }
     }
 }

@@ -13,6 +13,9 @@ use std::sync::{Mutex, OnceLock};
 pub const WORKER_AFTER_COMMIT: &str = "worker-after-commit";
 /// The relay has its publisher confirms and is about to mark the jobs published.
 pub const RELAY_AFTER_CONFIRM: &str = "relay-after-confirm";
+/// The relay has the confirms of outbox messages (the runs hand-off) and is about to delete
+/// them.
+pub const RELAY_AFTER_MESSAGE_CONFIRM: &str = "relay-after-message-confirm";
 
 /// The ingest consumer has committed a batch and not yet acknowledged its messages: it
 /// stops there (see [`pause`]) for a test to kill it.

@@ -44,10 +44,12 @@ pub mod ledger;
 pub mod metrics;
 mod ops;
 pub mod relay;
+pub mod runs;
 mod serve;
 mod supervise;
 mod trace;
 pub mod triggers;
+pub mod webhooks;
 pub mod worker;
 
 pub use events::EventsService;

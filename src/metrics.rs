@@ -125,6 +125,12 @@ pub struct Metrics {
     pub event_latency: HistogramVec,
     /// Handler time per batch, by kind and outcome (`ok`, `error`, `panic`, `permanent`).
     pub handler_duration: HistogramVec,
+    /// Webhook attempts, by result (`delivered`, `failed`, `refused`).
+    pub webhook_attempts: IntCounterVec,
+    /// Time of one webhook attempt, by result.
+    pub webhook_duration: HistogramVec,
+    /// Messages of the runs hand-off published, by routing key.
+    pub messages_published: IntCounterVec,
     /// Jobs in the outbox (not yet published).
     pub outbox_backlog: IntGauge,
     /// Age of the oldest job in the outbox, in seconds.
@@ -326,6 +332,24 @@ impl Metrics {
                 "Handler time per batch",
                 &["kind", "outcome"],
             ),
+            webhook_attempts: counter(
+                &r,
+                "kongflow_webhook_attempts_total",
+                "Webhook attempts of EPHEMERAL dispatchers",
+                &["result"],
+            ),
+            webhook_duration: histogram(
+                &r,
+                "kongflow_webhook_duration_seconds",
+                "Time of one webhook attempt",
+                &["result"],
+            ),
+            messages_published: counter(
+                &r,
+                "kongflow_messages_published_total",
+                "Outbox messages (the runs hand-off) confirmed by the broker",
+                &["routing_key"],
+            ),
             outbox_backlog: gauge(&r, "kongflow_outbox_backlog", "Jobs waiting in the outbox"),
             outbox_oldest_age,
             delayed_jobs_waiting: gauge(
@@ -414,6 +438,13 @@ impl Metrics {
         }
         for origin in ["discarded", "unrunnable"] {
             self.dead_lettered.with_label_values(&[origin]);
+        }
+        for result in ["delivered", "failed", "refused"] {
+            self.webhook_attempts.with_label_values(&[result]);
+            self.webhook_duration.with_label_values(&[result]);
+        }
+        for key in [crate::runs::CREATED_KEY, crate::runs::CANCELLED_KEY] {
+            self.messages_published.with_label_values(&[key]);
         }
         for stage in Stage::ALL {
             self.stage_duration.with_label_values(&[stage.as_str()]);

@@ -34,6 +34,7 @@ use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::events::retention;
 use crate::failpoint;
+use crate::ledger::messages;
 use crate::ledger::outbox::{self, Claimed};
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{Job, JobKind, JobState, NOTIFY_CHANNEL};
@@ -315,7 +316,11 @@ impl Relay {
 
         while !shutdown.is_cancelled() {
             let (published, waiting) = self.publish_fair(&channel).await?;
-            if published as i64 >= self.config.relay_batch_size || (waiting && published > 0) {
+            let messages = self.publish_messages(&channel).await?;
+            if published as i64 >= self.config.relay_batch_size
+                || messages as i64 >= self.config.relay_batch_size
+                || (waiting && published > 0)
+            {
                 continue;
             }
             let wait = if waiting {
@@ -404,6 +409,87 @@ impl Relay {
         let published = jobs.len() + unreadable.len() - unconfirmed.len();
         tracing::debug!(published, waiting, ?claimed_in, ?confirmed_in, total = ?started.elapsed(), "relay batch published");
         Ok((published, waiting))
+    }
+
+    /// Publish one batch of the outbox's messages (the runs hand-off, see [`crate::runs`])
+    /// as they are, and delete those the broker confirmed, in the claiming transaction.
+    /// Returns how many were confirmed.
+    pub async fn publish_messages(&self, channel: &Channel) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let claimed = messages::claim(&mut tx, self.config.relay_batch_size).await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let mut pending = Vec::with_capacity(claimed.len());
+        for m in &claimed {
+            let Some(exchange) = self.topology.outbox_exchange(&m.exchange) else {
+                tracing::error!(message_id = %m.message_id, exchange = %m.exchange,
+                    "outbox message for an exchange this build does not know left in the outbox");
+                continue;
+            };
+            let mut headers = lapin::types::FieldTable::default();
+            if let Some(tp) = &m.trace_parent {
+                headers.insert(
+                    "traceparent".into(),
+                    lapin::types::AMQPValue::LongString(tp.clone().into()),
+                );
+            }
+            let properties = lapin::BasicProperties::default()
+                .with_headers(headers)
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_message_id(m.message_id.as_str().into())
+                .with_type(m.r#type.as_str().into())
+                .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
+            let body = serde_json::to_vec(&m.body).expect("a JSON value serializes");
+            let confirm = channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await?;
+            pending.push(async move { (m, confirm.await) });
+        }
+        let timeout = self.config.confirm_timeout();
+        let confirms = tokio::time::timeout(timeout, join_all(pending))
+            .await
+            .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
+        let mut confirmed = Vec::with_capacity(confirms.len());
+        for (m, confirm) in confirms {
+            let confirm = confirm?;
+            let acked = confirm.is_ack();
+            match confirm.take_message() {
+                None if acked => {
+                    metrics()
+                        .messages_published
+                        .with_label_values(&[&m.routing_key])
+                        .inc();
+                    confirmed.push(m.id);
+                }
+                Some(returned) => {
+                    tracing::error!(message_id = %m.message_id, reply = %returned.reply_text,
+                    "outbox message returned by the broker (is the runs queue declared?)")
+                }
+                None => {
+                    tracing::warn!(message_id = %m.message_id, "outbox message nacked by the broker")
+                }
+            }
+        }
+        failpoint::hit(failpoint::RELAY_AFTER_MESSAGE_CONFIRM);
+        messages::published(&mut tx, &confirmed).await?;
+        tx.commit().await?;
+        tracing::debug!(
+            published = confirmed.len(),
+            claimed = claimed.len(),
+            "outbox messages published"
+        );
+        Ok(confirmed.len())
     }
 
     /// Publish every claimed job (a discarded one to the dead letters) and wait for all

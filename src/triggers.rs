@@ -300,6 +300,19 @@ async fn upsert_dispatcher(
     enabled: bool,
     manual: bool,
 ) -> Result<Uuid, RegisterError> {
+    upsert_dispatcher_with_id(conn, env, rule, target, Uuid::now_v7(), enabled, manual).await
+}
+
+/// [`upsert_dispatcher`], with the id a new dispatcher gets.
+async fn upsert_dispatcher_with_id(
+    conn: &mut PgConnection,
+    env: &Environment,
+    rule: &EventRule,
+    target: DispatcherTarget,
+    id: Uuid,
+    enabled: bool,
+    manual: bool,
+) -> Result<Uuid, RegisterError> {
     sqlx::query!(
         "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
         env.id
@@ -308,7 +321,8 @@ async fn upsert_dispatcher(
     .await?;
     let counted = sqlx::query_scalar!(
         r#"SELECT count(*) AS "others!" FROM event_dispatchers
-           WHERE environment_id = $1 AND dispatchable_id <> $2"#,
+           WHERE environment_id = $1 AND dispatchable_id <> $2
+             AND NOT (dispatchable_type = 'EPHEMERAL' AND (fired_at IS NOT NULL OR expires_at <= now()))"#,
         env.id,
         target.owner
     )
@@ -332,7 +346,7 @@ async fn upsert_dispatcher(
                dispatchable_type = EXCLUDED.dispatchable_type, target_id = EXCLUDED.target_id,
                updated_at = now()
            RETURNING id"#,
-        Uuid::now_v7(),
+        id,
         env.id,
         &rule.event_names,
         rule.source,
@@ -369,6 +383,208 @@ pub async fn delete_dynamic_registration(
     .await?
     .rows_affected();
     Ok(deleted > 0)
+}
+
+/// Shortest and longest life of an EPHEMERAL dispatcher, and the default (trigger.dev's).
+pub const EPHEMERAL_MIN_SECS: i64 = 10;
+pub const EPHEMERAL_MAX_SECS: i64 = 60 * 60 * 24 * 365;
+pub const EPHEMERAL_DEFAULT_SECS: i64 = 3_600;
+
+/// An EPHEMERAL dispatcher as its creator sees it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ephemeral {
+    pub id: Uuid,
+    pub url: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The signing secret: only in the answer that created the dispatcher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// `false`: a live dispatcher of this URL existed and is returned as it is.
+    pub created: bool,
+}
+
+/// Create an EPHEMERAL dispatcher for `url`, live for `timeout_secs`: it POSTs the first
+/// event its rule matches to the URL, once. Idempotent on (url, environment): while a
+/// dispatcher of the URL is live (not fired, not expired) it is returned unchanged and
+/// without its secret; one that fired or expired gives the URL up to a new dispatcher.
+pub async fn register_ephemeral(
+    pool: &PgPool,
+    env: &Environment,
+    url: &str,
+    rule: &EventRule,
+    account: Option<&str>,
+    timeout_secs: i64,
+) -> Result<Ephemeral, RegisterError> {
+    crate::webhooks::check_url(url).map_err(RegisterError::Invalid)?;
+    if !(EPHEMERAL_MIN_SECS..=EPHEMERAL_MAX_SECS).contains(&timeout_secs) {
+        return Err(RegisterError::Invalid(format!(
+            "timeoutInSeconds must be {EPHEMERAL_MIN_SECS} to {EPHEMERAL_MAX_SECS}"
+        )));
+    }
+    rule.validate()?;
+    if let Some(a) = account {
+        check_text("accountId", a)?;
+    }
+    let mut tx = pool.begin().await?;
+    let existing = sqlx::query!(
+        r#"SELECT id, expires_at AS "expires_at!", (fired_at IS NULL AND expires_at > now()) AS "live!"
+           FROM event_dispatchers
+           WHERE environment_id = $1 AND dispatchable_id = $2 AND dispatchable_type = 'EPHEMERAL'
+           FOR UPDATE"#,
+        env.id,
+        url
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(e) = &existing {
+        if e.live {
+            return Ok(Ephemeral {
+                id: e.id,
+                url: url.to_string(),
+                expires_at: e.expires_at,
+                secret: None,
+                created: false,
+            });
+        }
+        // Spent: it keeps its attempts, and gives the URL up.
+        sqlx::query!(
+            "UPDATE event_dispatchers SET dispatchable_id = 'spent:' || id::text, enabled = false, updated_at = now() WHERE id = $1",
+            e.id
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    let account_id = match account {
+        Some(identifier) => Some(
+            sqlx::query_scalar!(
+                r#"WITH new AS (
+                       INSERT INTO external_accounts (id, environment_id, identifier)
+                       VALUES ($1, $2, $3) ON CONFLICT (environment_id, identifier) DO NOTHING
+                       RETURNING id)
+                   SELECT id AS "id!" FROM new
+                   UNION ALL
+                   SELECT id FROM external_accounts WHERE environment_id = $2 AND identifier = $3
+                   LIMIT 1"#,
+                Uuid::now_v7(),
+                env.id,
+                identifier
+            )
+            .fetch_one(&mut *tx)
+            .await?,
+        ),
+        None => None,
+    };
+    let id = Uuid::now_v7();
+    let secret = crate::webhooks::new_secret();
+    let target = DispatcherTarget {
+        kind: "EPHEMERAL",
+        owner: url.to_string(),
+        target_id: id,
+    };
+    let upserted = upsert_dispatcher_with_id(&mut tx, env, rule, target, id, true, false).await?;
+    let expires_at = sqlx::query_scalar!(
+        r#"UPDATE event_dispatchers
+           SET url = $2, secret = $3, expires_at = now() + make_interval(secs => $4),
+               external_account_id = $5
+           WHERE id = $1
+           RETURNING expires_at AS "expires_at!""#,
+        upserted,
+        url,
+        secret,
+        timeout_secs as f64,
+        account_id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Ephemeral {
+        id: upserted,
+        url: url.to_string(),
+        expires_at,
+        secret: Some(secret),
+        created: true,
+    })
+}
+
+/// An EPHEMERAL dispatcher's state, and every attempt of its webhook.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EphemeralView {
+    pub id: Uuid,
+    pub url: String,
+    pub event: Vec<String>,
+    pub source: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    pub fired_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `waiting`, `expired`, `firing` (fired, not yet answered 2xx) or `delivered`.
+    pub status: &'static str,
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+/// One request made (or refused) for an EPHEMERAL dispatcher.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookAttempt {
+    pub attempt: i32,
+    /// The answer's HTTP status; `null` when none came.
+    pub status: Option<i32>,
+    pub duration_ms: i32,
+    pub error: Option<String>,
+    pub event_id: Uuid,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Most attempts one view lists (the newest).
+pub const MAX_ATTEMPTS_SHOWN: i64 = 100;
+
+/// The EPHEMERAL dispatcher `id` of the environment, with its attempts.
+pub async fn ephemeral(
+    pool: &PgPool,
+    env: &Environment,
+    id: Uuid,
+) -> Result<Option<EphemeralView>, sqlx::Error> {
+    let Some(d) = sqlx::query!(
+        r#"SELECT id, url AS "url!", event_names, source, expires_at AS "expires_at!",
+                  fired_at, delivered_at, expires_at <= now() AS "expired!"
+           FROM event_dispatchers
+           WHERE id = $1 AND environment_id = $2 AND dispatchable_type = 'EPHEMERAL'"#,
+        id,
+        env.id
+    )
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut attempts = sqlx::query_as!(
+        WebhookAttempt,
+        r#"SELECT attempt, status, duration_ms, error, event_record_id AS event_id, created_at AS at
+           FROM webhook_attempts WHERE dispatcher_id = $1 ORDER BY id DESC LIMIT $2"#,
+        id,
+        MAX_ATTEMPTS_SHOWN
+    )
+    .fetch_all(pool)
+    .await?;
+    attempts.reverse();
+    let status = match (d.fired_at, d.delivered_at) {
+        (_, Some(_)) => "delivered",
+        (Some(_), None) => "firing",
+        (None, None) if d.expired => "expired",
+        (None, None) => "waiting",
+    };
+    Ok(Some(EphemeralView {
+        id: d.id,
+        url: d.url,
+        event: d.event_names,
+        source: d.source,
+        expires_at: d.expires_at,
+        fired_at: d.fired_at,
+        delivered_at: d.delivered_at,
+        status,
+        attempts,
+    }))
 }
 
 /// A dispatcher as operators and the dry run see it.

@@ -107,11 +107,14 @@ pub struct Worker {
     /// Publishes the jobs the handlers insert right after their batch commits; without one,
     /// the relay publishes them.
     publisher: Option<DirectPublisher>,
+    /// Sends the webhooks of `events.deliverWebhook` jobs.
+    webhooks: std::sync::Arc<crate::webhooks::Sender>,
 }
 
 impl Worker {
     pub fn new(pool: PgPool, topology: Topology, config: WorkerConfig) -> Self {
         Self {
+            webhooks: std::sync::Arc::new(config.webhook_sender()),
             pool,
             topology,
             config,
@@ -457,6 +460,11 @@ impl Worker {
     ) -> Result<Vec<Disposition>, sqlx::Error> {
         let mut ids = Vec::with_capacity(messages.len());
         let mut message_ids = Vec::with_capacity(messages.len());
+        // A queue holds one kind: a webhook batch is all webhooks.
+        let webhooks = messages.iter().any(|m| {
+            m.as_ref()
+                .is_ok_and(|m| m.kind == JobKind::DeliverWebhook.as_str())
+        });
         let mut dispositions: Vec<Disposition> = messages
             .into_iter()
             .map(|m| match m {
@@ -477,6 +485,18 @@ impl Worker {
             return Ok(dispositions);
         }
 
+        if webhooks {
+            let missing = self.run_webhooks(&ids).await?;
+            for (d, id) in dispositions.iter_mut().zip(&message_ids) {
+                if let Some(id) = id
+                    && missing.contains(id)
+                {
+                    *d = Disposition::DeadLetter(format!("the ledger has no job {id}"));
+                }
+            }
+            failpoint::hit(failpoint::WORKER_AFTER_COMMIT);
+            return Ok(dispositions);
+        }
         let (outcome, missing) = self.run_jobs(&ids).await?;
         for (d, id) in dispositions.iter_mut().zip(&message_ids) {
             if let Some(id) = id
@@ -499,6 +519,37 @@ impl Worker {
         }
         failpoint::hit(failpoint::WORKER_AFTER_COMMIT);
         Ok(dispositions)
+    }
+
+    /// Run webhook jobs, each on its own: the request first, holding no transaction, then,
+    /// for a 2xx answer, the job taken and completed in a transaction of its own (see
+    /// [`handlers::deliver_webhook`]); a failed attempt is recorded like any job's. Returns
+    /// the ids the ledger has no row for.
+    async fn run_webhooks(&self, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
+        let pending = run::pending(&self.pool, ids).await?;
+        for bad in &pending.unreadable {
+            self.record_failure(bad.id, &JobError::Permanent(bad.reason.clone()))
+                .await?;
+        }
+        let attempts = pending.jobs.iter().map(|job| async move {
+            let crate::ledger::JobArgs::DeliverWebhook(args) = job.args else {
+                let error = JobError::Permanent(format!("job {} is no webhook", job.id));
+                return self.record_failure(job.id, &error).await;
+            };
+            match handlers::deliver_webhook::attempt(&self.pool, &self.webhooks, job, args).await? {
+                Ok(()) => {
+                    if let (Err(error), _) = self.run_jobs(&[job.id]).await? {
+                        self.record_failure(job.id, &error).await?;
+                    }
+                    Ok(())
+                }
+                Err(error) => self.record_failure(job.id, &error).await,
+            }
+        });
+        for done in join_all(attempts).await {
+            done?;
+        }
+        Ok(pending.missing)
     }
 
     /// Run `ids` (sorted) in one transaction. On a handler error the transaction is rolled

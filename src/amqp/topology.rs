@@ -36,6 +36,8 @@ use crate::ledger::{EVENTS_QUEUE, JobKind};
 
 /// The routing key of send-event requests on the ingest exchange.
 pub const INGEST_ROUTING_KEY: &str = "send";
+/// What the runs queue takes from the runs exchange.
+pub const RUNS_BINDING: &str = "run.#";
 
 /// Most bytes the rejected queue keeps (1 GiB); past it, the oldest copies are dropped.
 pub const REJECTED_MAX_BYTES: i64 = 1 << 30;
@@ -268,12 +270,30 @@ impl Topology {
         format!("{}.ingest.rejected", self.prefix)
     }
 
+    /// Where the runs hand-off is published (topic; keys `run.created`, `run.cancelled`).
+    pub fn runs_exchange(&self) -> String {
+        format!("{}.runs", self.prefix)
+    }
+
+    /// The queue that keeps the hand-off for the runs service (bound to `run.#`): messages
+    /// wait there until a runs service consumes them. A runs service may bind queues of its
+    /// own to the exchange as well.
+    pub fn runs_queue(&self) -> String {
+        format!("{}.runs", self.prefix)
+    }
+
+    /// The exchange of an outbox message's `exchange` column (see [`crate::runs`]).
+    pub fn outbox_exchange(&self, name: &str) -> Option<String> {
+        (name == crate::runs::EXCHANGE).then(|| self.runs_exchange())
+    }
+
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
         let mut names: Vec<String> = JobKind::ALL.iter().flat_map(|k| self.queues(*k)).collect();
         names.push(self.dead_queue());
         names.push(self.ingest_queue());
         names.push(self.rejected_queue());
+        names.push(self.runs_queue());
         names.extend(tiers::tiers().map(|(n, _, ttl)| self.delay_queue(n, ttl)));
         names
     }
@@ -286,6 +306,7 @@ impl Topology {
         names.push(self.dead_exchange());
         names.push(self.ingest_exchange());
         names.push(self.rejected_exchange());
+        names.push(self.runs_exchange());
         names
     }
 
@@ -307,6 +328,10 @@ impl Topology {
         rejected_args.push(("x-max-length-bytes", Arg::Int(REJECTED_MAX_BYTES)));
         plan.queue(&self.rejected_queue(), rejected_args);
         plan.bind_queue(&self.rejected_queue(), &rejected, "");
+        let runs = self.runs_exchange();
+        plan.exchange(&runs, ExchangeKind::Topic);
+        plan.queue(&self.runs_queue(), self.type_arguments());
+        plan.bind_queue(&self.runs_queue(), &runs, RUNS_BINDING);
         for kind in JobKind::ALL {
             let exchange = self.exchange(kind);
             plan.exchange(&exchange, ExchangeKind::Direct);

@@ -669,8 +669,8 @@ impl EventsService {
         env: &Environment,
         event_id: &str,
     ) -> Result<Option<(Vec<Uuid>, Vec<Uuid>)>, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let Some(record) = find_event(&mut conn, env.id, event_id).await? else {
+        let mut tx = self.pool.begin().await?;
+        let Some(record) = find_event(&mut tx, env.id, event_id).await? else {
             return Ok(None);
         };
         let cancelled = sqlx::query_scalar!(
@@ -680,8 +680,11 @@ impl EventsService {
             record.id,
             env.id
         )
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *tx)
         .await?;
+        // The runs service hears of each cancelled run, through the outbox.
+        crate::runs::hand_off_cancelled(&mut tx, &cancelled).await?;
+        tx.commit().await?;
         Ok(Some((cancelled, Vec::new())))
     }
 

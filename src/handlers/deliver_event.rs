@@ -118,6 +118,7 @@ async fn candidates(
                   payload_filter, context_filter
            FROM event_dispatchers
            WHERE enabled AND NOT manual AND environment_id = ANY($1) AND event_names && $2
+             AND (expires_at IS NULL OR expires_at > now())
            ORDER BY id"#,
         &envs,
         &names

@@ -1,20 +1,52 @@
-//! `events.invokeDispatcher`: create the job runs of dispatchers for events.
+//! `events.invokeDispatcher`: create the job runs of dispatchers for events (and hand each
+//! to the runs service), or fire an EPHEMERAL dispatcher's webhook.
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::JobError;
-use crate::ledger::InvokeDispatcherArgs;
+use crate::ledger::{InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert};
+use crate::runs::{self, Created};
+use crate::trace::TraceParent;
 
-/// Invoke a batch of (dispatcher, event) pairs with one statement. A dispatcher or event
-/// that is gone, a disabled dispatcher, or a pair from two environments creates nothing.
-/// JOB_VERSION creates one run of its version; DYNAMIC_TRIGGER one run of the latest version
-/// of each attached job. Runs are unique per (event, dispatcher, job version), so a second
-/// invocation inserts nothing.
-pub async fn run(tx: &mut PgConnection, batch: &[InvokeDispatcherArgs]) -> Result<(), JobError> {
-    let dispatchers: Vec<Uuid> = batch.iter().map(|a| a.id).collect();
-    let events: Vec<Uuid> = batch.iter().map(|a| a.event_record_id).collect();
-    let created = sqlx::query_scalar!(
+/// Invoke a batch of (dispatcher, event) pairs. A dispatcher or event that is gone, a
+/// disabled dispatcher, or a pair from two environments does nothing.
+///
+/// - JOB_VERSION creates one run of its version; DYNAMIC_TRIGGER one run of the latest
+///   version of each attached job. Runs are unique per (event, dispatcher, job version), so
+///   a second invocation inserts nothing; each run created gets its `run.created` message
+///   in the outbox, in this transaction (see [`crate::runs`]).
+/// - EPHEMERAL fires once: the first invocation while it is live (enabled, not fired, not
+///   expired) disables it and inserts its `events.deliverWebhook` job; any other finds it
+///   fired and does nothing.
+///
+/// Returns the jobs inserted (see [`super::run_batch`] for `caller_publishes`).
+pub async fn run(
+    tx: &mut PgConnection,
+    batch: &[&Job],
+    caller_publishes: bool,
+) -> Result<Vec<Job>, JobError> {
+    let jobs: Vec<(&Job, InvokeDispatcherArgs)> = batch
+        .iter()
+        .filter_map(|job| match job.args {
+            JobArgs::InvokeDispatcher(a) => Some((*job, a)),
+            _ => None,
+        })
+        .collect();
+    let pairs: Vec<InvokeDispatcherArgs> = jobs.iter().map(|(_, a)| *a).collect();
+    let dispatchers: Vec<Uuid> = pairs.iter().map(|a| a.id).collect();
+    let events: Vec<Uuid> = pairs.iter().map(|a| a.event_record_id).collect();
+    // What the runs' hand-offs and the webhooks continue: each invocation's trace.
+    let traces: Vec<Option<String>> = jobs
+        .iter()
+        .map(|(job, _)| {
+            job.trace_parent
+                .as_deref()
+                .and_then(TraceParent::parse)
+                .map(|t| t.child().to_string())
+        })
+        .collect();
+    let created = sqlx::query!(
         r#"WITH created AS (
            INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
            SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
@@ -32,8 +64,9 @@ pub async fn run(tx: &mut PgConnection, batch: &[InvokeDispatcherArgs]) -> Resul
                  AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
            ) t ON true
            ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING
-           RETURNING event_record_id, created_at)
-           SELECT EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS "late!"
+           RETURNING id, event_record_id, dispatcher_id, created_at)
+           SELECT c.id, c.event_record_id, c.dispatcher_id,
+                  EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS "late!"
            FROM created c JOIN event_records e ON e.id = c.event_record_id"#,
         &dispatchers,
         &events
@@ -43,13 +76,70 @@ pub async fn run(tx: &mut PgConnection, batch: &[InvokeDispatcherArgs]) -> Resul
     let latency = crate::metrics::metrics()
         .event_latency
         .with_label_values(&[crate::ledger::JobKind::InvokeDispatcher.as_str()]);
-    for late in &created {
-        latency.observe(late.max(0.0));
+    let trace_of = |dispatcher: Uuid, event: Uuid| {
+        pairs
+            .iter()
+            .position(|a| a.id == dispatcher && a.event_record_id == event)
+            .and_then(|i| traces[i].clone())
+    };
+    let mut handed = Vec::with_capacity(created.len());
+    for run in &created {
+        latency.observe(run.late.max(0.0));
+        handed.push(Created {
+            run_id: run.id,
+            trace_parent: trace_of(run.dispatcher_id, run.event_record_id),
+        });
     }
+    runs::hand_off_created(tx, &handed).await?;
+
+    // EPHEMERAL: the row lock of the UPDATE serializes two invocations of one dispatcher
+    // (two events matched it); the second finds it fired. Of two pairs naming it in this
+    // batch, the UPDATE takes one.
+    let fired = sqlx::query!(
+        r#"UPDATE event_dispatchers d
+           SET enabled = false, fired_at = now(), updated_at = now()
+           FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
+           JOIN event_records e ON e.id = a.event_id
+           WHERE d.id = a.dispatcher_id AND d.dispatchable_type = 'EPHEMERAL'
+             AND d.enabled AND d.fired_at IS NULL AND d.expires_at > now()
+             AND e.environment_id = d.environment_id
+           RETURNING d.id, e.id AS event_id, d.environment_id"#,
+        &dispatchers,
+        &events
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let webhooks: Vec<JobInsert> = fired
+        .iter()
+        .map(|f| {
+            let i = pairs
+                .iter()
+                .position(|a| a.id == f.id && a.event_record_id == f.event_id);
+            JobInsert::deliver_webhook(
+                InvokeDispatcherArgs {
+                    id: f.id,
+                    event_record_id: f.event_id,
+                },
+                InsertOpts {
+                    priority: i.map_or_else(Default::default, |i| jobs[i].0.priority),
+                    trace_parent: trace_of(f.id, f.event_id),
+                    environment_id: Some(f.environment_id),
+                    caller_publishes,
+                    ..InsertOpts::default()
+                },
+            )
+        })
+        .collect();
+    let inserted = crate::ledger::insert_many(tx, webhooks).await?;
     tracing::debug!(
         invocations = batch.len(),
         created = created.len(),
+        webhooks = fired.len(),
         "dispatchers invoked"
     );
-    Ok(())
+    Ok(inserted
+        .into_iter()
+        .filter(|r| !r.unique_skipped_as_duplicate)
+        .map(|r| r.job)
+        .collect())
 }

@@ -3,6 +3,7 @@
 //! and the jobs' completion commit together or not at all.
 
 pub mod deliver_event;
+pub mod deliver_webhook;
 pub mod invoke_dispatcher;
 
 use sqlx::PgConnection;
@@ -21,7 +22,7 @@ pub fn backoff(
     max: std::time::Duration,
 ) -> std::time::Duration {
     match kind {
-        JobKind::DeliverEvent | JobKind::InvokeDispatcher => {
+        JobKind::DeliverEvent | JobKind::InvokeDispatcher | JobKind::DeliverWebhook => {
             let exp = attempt.clamp(1, 32) as u32 - 1;
             base.saturating_mul(1u32 << exp.min(31)).min(max)
         }
@@ -96,14 +97,13 @@ pub async fn run_batch(
             deliver_event::run(tx, &batch, caller_publishes).await
         }
         JobKind::InvokeDispatcher => {
-            let args: Vec<_> = jobs
-                .iter()
-                .filter_map(|job| match job.args {
-                    JobArgs::InvokeDispatcher(args) => Some(args),
-                    _ => None,
-                })
-                .collect();
-            invoke_dispatcher::run(tx, &args).await?;
+            let group: Vec<&Job> = jobs.iter().filter(|j| j.kind == kind).collect();
+            invoke_dispatcher::run(tx, &group, caller_publishes).await
+        }
+        JobKind::DeliverWebhook => {
+            // The request was made and answered 2xx before the job was taken (see
+            // `deliver_webhook`); what is left is the record of it.
+            deliver_webhook::delivered(tx, jobs).await?;
             Ok(Vec::new())
         }
     }

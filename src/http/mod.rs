@@ -114,6 +114,14 @@ pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> 
             delete(triggers::delete_registration),
         )
         .route("/api/v1/dispatchers", get(triggers::list_dispatchers))
+        .route(
+            "/api/v1/event-dispatchers/ephemeral",
+            post(triggers::post_ephemeral),
+        )
+        .route(
+            "/api/v1/event-dispatchers/{id}",
+            get(triggers::get_ephemeral),
+        )
         .route("/api/openapi.json", get(openapi))
         .route(
             "/api/v1/dispatchers/{id}/enable",

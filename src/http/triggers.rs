@@ -218,3 +218,66 @@ pub async fn match_event(
     .map_err(ApiError::internal)?;
     Ok(Json(answer))
 }
+
+/// The body of `POST /api/v1/event-dispatchers/ephemeral` (trigger.dev v2's).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EphemeralBody {
+    pub url: String,
+    pub name: super::jobs::OneOrMany,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub filter: Option<Value>,
+    #[serde(default)]
+    pub context_filter: Option<Value>,
+    #[serde(default)]
+    pub account_id: Option<String>,
+    #[serde(default)]
+    pub timeout_in_seconds: Option<i64>,
+}
+
+/// `POST /api/v1/event-dispatchers/ephemeral`: a dispatcher that POSTs the first event its
+/// rule matches to `url`, signed, once, before `timeoutInSeconds` pass. The answer carries
+/// the signing secret when it created the dispatcher.
+pub async fn post_ephemeral(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    ApiJson(body): ApiJson<EphemeralBody>,
+) -> Result<Json<Value>, ApiError> {
+    let rule = super::jobs::TriggerBody {
+        event: body.name,
+        source: body.source,
+        payload: body.filter,
+        context: body.context_filter,
+    }
+    .into_rule();
+    let timeout = body
+        .timeout_in_seconds
+        .unwrap_or(triggers::EPHEMERAL_DEFAULT_SECS);
+    let created = triggers::register_ephemeral(
+        &state.pool,
+        &env,
+        &body.url,
+        &rule,
+        body.account_id.as_deref(),
+        timeout,
+    )
+    .await
+    .map_err(register_error)?;
+    Ok(Json(serde_json::to_value(created).expect("serializes")))
+}
+
+/// `GET /api/v1/event-dispatchers/{id}`: an EPHEMERAL dispatcher's state and attempts.
+pub async fn get_ephemeral(
+    State(state): State<AppState>,
+    AuthEnv(env): AuthEnv,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::not_found(format!("event dispatcher {id:?} not found"));
+    let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let view = triggers::ephemeral(&state.pool, &env, uuid)
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(Json(serde_json::to_value(view).expect("serializes")))
+}

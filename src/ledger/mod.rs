@@ -11,11 +11,14 @@
 //! - [`run`]: take jobs to run (marked completed in the handler's transaction), record a
 //!   failure (retry or discard), cancel or move a job by its arguments;
 //! - [`operator`]: list, get, retry and cancel for `kongflow-events jobs`;
-//! - [`upkeep`]: the reconciler and retention.
+//! - [`upkeep`]: the reconciler and retention;
+//! - [`messages`]: the outbox's other table, messages for other services (the runs
+//!   hand-off), claimed and deleted once published.
 //!
 //! The relay publishes rows to RabbitMQ later; nothing here talks to the broker.
 
 pub mod insert;
+pub mod messages;
 pub mod operator;
 pub mod outbox;
 pub mod run;
@@ -58,15 +61,22 @@ pub(crate) use query_jobs;
 pub enum JobKind {
     DeliverEvent,
     InvokeDispatcher,
+    /// POST an event to an EPHEMERAL dispatcher's URL.
+    DeliverWebhook,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::DeliverEvent, JobKind::InvokeDispatcher];
+    pub const ALL: [JobKind; 3] = [
+        JobKind::DeliverEvent,
+        JobKind::InvokeDispatcher,
+        JobKind::DeliverWebhook,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DeliverEvent => "deliverEvent",
             Self::InvokeDispatcher => "events.invokeDispatcher",
+            Self::DeliverWebhook => "events.deliverWebhook",
         }
     }
 
@@ -181,12 +191,17 @@ pub struct InvokeDispatcherArgs {
     pub event_record_id: Uuid,
 }
 
+/// Arguments of `events.deliverWebhook`: the EPHEMERAL dispatcher and the event it fired
+/// on (the same pair as an invocation's).
+pub type DeliverWebhookArgs = InvokeDispatcherArgs;
+
 /// A job's arguments, decoded once, by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum JobArgs {
     DeliverEvent(DeliverEventArgs),
     InvokeDispatcher(InvokeDispatcherArgs),
+    DeliverWebhook(DeliverWebhookArgs),
 }
 
 impl JobArgs {
@@ -194,6 +209,7 @@ impl JobArgs {
         match self {
             Self::DeliverEvent(_) => JobKind::DeliverEvent,
             Self::InvokeDispatcher(_) => JobKind::InvokeDispatcher,
+            Self::DeliverWebhook(_) => JobKind::DeliverWebhook,
         }
     }
 
@@ -204,6 +220,7 @@ impl JobArgs {
             JobKind::InvokeDispatcher => {
                 Self::InvokeDispatcher(InvokeDispatcherArgs::deserialize(args)?)
             }
+            JobKind::DeliverWebhook => Self::DeliverWebhook(DeliverWebhookArgs::deserialize(args)?),
         })
     }
 
@@ -216,7 +233,7 @@ impl JobArgs {
     pub fn event_record_id(&self) -> Uuid {
         match self {
             Self::DeliverEvent(a) => a.id,
-            Self::InvokeDispatcher(a) => a.event_record_id,
+            Self::InvokeDispatcher(a) | Self::DeliverWebhook(a) => a.event_record_id,
         }
     }
 
@@ -224,7 +241,7 @@ impl JobArgs {
     pub fn id(&self) -> Uuid {
         match self {
             Self::DeliverEvent(a) => a.id,
-            Self::InvokeDispatcher(a) => a.id,
+            Self::InvokeDispatcher(a) | Self::DeliverWebhook(a) => a.id,
         }
     }
 }
@@ -335,6 +352,13 @@ impl JobInsert {
     pub fn invoke_dispatcher(args: InvokeDispatcherArgs, opts: InsertOpts) -> Self {
         Self {
             args: JobArgs::InvokeDispatcher(args),
+            opts,
+        }
+    }
+
+    pub fn deliver_webhook(args: DeliverWebhookArgs, opts: InsertOpts) -> Self {
+        Self {
+            args: JobArgs::DeliverWebhook(args),
             opts,
         }
     }

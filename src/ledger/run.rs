@@ -66,6 +66,47 @@ pub async fn take(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Err
     Ok(taken)
 }
 
+/// The live jobs among `ids` that [`take`] would take, read without a lock or a mark: for a
+/// kind whose work happens outside the database before its job is taken (a webhook). The
+/// caller takes each job afterwards, and a job taken meanwhile by another worker (a
+/// duplicate message) is then not taken again.
+pub async fn pending(pool: &sqlx::PgPool, ids: &[i64]) -> Result<Taken, sqlx::Error> {
+    let rows = query_jobs!(
+        r#"SELECT "#,
+        r#" FROM queue_jobs
+           WHERE id = ANY($1) AND NOT (state::text = ANY($2))
+             AND run_at <= now() + interval '1 second'
+           ORDER BY id"#,
+        ids,
+        &JobState::final_names()
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut pending = Taken::default();
+    let returned: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    for row in rows {
+        match Job::try_from(row) {
+            Ok(job) => pending.jobs.push(job),
+            Err(e) => pending.unreadable.push(e),
+        }
+    }
+    let others: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !returned.contains(id))
+        .collect();
+    if !others.is_empty() {
+        let known = sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
+            .fetch_all(pool)
+            .await?;
+        pending.missing = others
+            .into_iter()
+            .filter(|id| !known.contains(id))
+            .collect();
+    }
+    Ok(pending)
+}
+
 /// A failed attempt, as the worker reports it.
 #[derive(Debug, Clone)]
 pub struct Failure<'a> {

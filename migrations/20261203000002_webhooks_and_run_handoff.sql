@@ -1,0 +1,68 @@
+-- EPHEMERAL dispatchers: a URL that takes the first matching event once, before it expires.
+-- `dispatchable_id` is the URL (unique per environment while the dispatcher is live); a
+-- dispatcher that fired or expired gives its URL up (`dispatchable_id` becomes 'spent:<id>')
+-- so the same URL can be registered again as a new dispatcher, while the old one keeps its
+-- attempts readable.
+ALTER TABLE event_dispatchers
+    DROP CONSTRAINT event_dispatchers_dispatchable_type_check,
+    ADD CONSTRAINT event_dispatchers_dispatchable_type_check
+        CHECK (dispatchable_type IN ('JOB_VERSION', 'DYNAMIC_TRIGGER', 'EPHEMERAL')),
+    ADD COLUMN url text,
+    -- The Standard Webhooks signing secret (`whsec_` + base64 of 32 random bytes).
+    ADD COLUMN secret text,
+    ADD COLUMN expires_at timestamptz,
+    -- When a matching event claimed it (it is then disabled: it fires once).
+    ADD COLUMN fired_at timestamptz,
+    -- When the receiver answered 2xx.
+    ADD COLUMN delivered_at timestamptz,
+    ADD CONSTRAINT event_dispatchers_ephemeral_shape CHECK (
+        dispatchable_type <> 'EPHEMERAL'
+        OR (url IS NOT NULL AND secret IS NOT NULL AND expires_at IS NOT NULL));
+
+-- An ephemeral dispatcher has no job version or dynamic trigger: its target is itself.
+COMMENT ON COLUMN event_dispatchers.target_id IS
+    'JOB_VERSION: the job version; DYNAMIC_TRIGGER: the dynamic trigger; EPHEMERAL: its own id';
+
+-- Every request made (or refused) for an ephemeral dispatcher.
+CREATE TABLE webhook_attempts (
+    id             bigserial PRIMARY KEY,
+    dispatcher_id  uuid NOT NULL REFERENCES event_dispatchers (id) ON DELETE CASCADE,
+    event_record_id uuid NOT NULL,
+    job_id         bigint NOT NULL,
+    attempt        integer NOT NULL,
+    -- The HTTP status, NULL when no answer came (refused, unreachable, timed out).
+    status         integer,
+    duration_ms    integer NOT NULL,
+    error          text,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX webhook_attempts_dispatcher_idx ON webhook_attempts (dispatcher_id, id);
+
+-- Messages for other services, published by the relay as they are (the outbox beside the
+-- ledger's jobs): a row is written in the transaction that causes it, published with a
+-- publisher confirm, and deleted once the broker confirmed it. A relay that dies between
+-- the confirm and the delete publishes it again (same message id).
+CREATE TABLE outbox_messages (
+    id          bigserial PRIMARY KEY,
+    -- Which exchange of the topology: 'runs'.
+    exchange    text NOT NULL,
+    routing_key text NOT NULL,
+    -- The AMQP message-id (a run's hand-offs carry the run's id and the message type).
+    message_id  text NOT NULL,
+    -- The AMQP type property (`run.created.v1`).
+    type        text NOT NULL,
+    body        jsonb NOT NULL,
+    trace_parent text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- A message written wakes the relays (once per statement, like the ledger's inserts).
+CREATE FUNCTION outbox_messages_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('kongflow_outbox', '');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER outbox_messages_notify AFTER INSERT ON outbox_messages
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_messages_notify();

@@ -1,0 +1,129 @@
+//! `events.deliverWebhook`: POST an event to the URL of the EPHEMERAL dispatcher it fired.
+//!
+//! This kind's effect is outside the database, so it runs in two steps. First, holding no
+//! transaction (a slow receiver must not hold a database connection), the worker loads the
+//! dispatcher and the event, makes the request ([`crate::webhooks::Sender`]) and records
+//! the attempt; then, for a 2xx answer, the job is taken and completed in a transaction of
+//! its own with [`delivered`]. Any other answer, or none, is the job's failure: retried with
+//! backoff, and dead-lettered after its last attempt. A refused address fails it at once
+//! (no later attempt can do better). A worker that dies between the answer and the commit
+//! sends it again: every attempt carries the same `webhook-id`, for the receiver to drop
+//! the repeat.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::JobError;
+use crate::ledger::{DeliverWebhookArgs, Job};
+use crate::webhooks::{Request, Sender};
+
+/// What a webhook needs: where, with which secret, and the event.
+struct Target {
+    url: String,
+    secret: String,
+    event_id: String,
+    source: String,
+    name: String,
+    payload: Value,
+    context: Value,
+    timestamp: DateTime<Utc>,
+    account_id: Option<String>,
+}
+
+/// The `webhook-id` of a dispatcher's one message.
+pub fn message_id(dispatcher: Uuid) -> String {
+    format!("msg_{}", dispatcher.simple())
+}
+
+/// Make one attempt of the job and record it. `Ok(Ok(()))`: the receiver answered 2xx.
+pub async fn attempt(
+    pool: &PgPool,
+    sender: &Sender,
+    job: &Job,
+    args: DeliverWebhookArgs,
+) -> Result<Result<(), JobError>, sqlx::Error> {
+    let Some(t) = sqlx::query_as!(
+        Target,
+        r#"SELECT d.url AS "url!", d.secret AS "secret!", e.event_id, e.source, e.name,
+                  e.payload, e.context, e.timestamp, a.identifier AS "account_id?"
+           FROM event_dispatchers d
+           JOIN event_records e ON e.id = $2 AND e.environment_id = d.environment_id
+           LEFT JOIN external_accounts a ON a.id = e.external_account_id
+           WHERE d.id = $1 AND d.dispatchable_type = 'EPHEMERAL'"#,
+        args.id,
+        args.event_record_id
+    )
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(Err(JobError::Permanent(format!(
+            "dispatcher {} or event {} is gone",
+            args.id, args.event_record_id
+        ))));
+    };
+    // trigger.dev's body for an ephemeral dispatcher.
+    let body = json!({
+        "id": t.event_id,
+        "source": t.source,
+        "name": t.name,
+        "payload": t.payload,
+        "context": t.context,
+        "timestamp": crate::dates::iso(t.timestamp),
+        "accountId": t.account_id,
+    });
+    let msg_id = message_id(args.id);
+    let outcome = sender
+        .send(Request {
+            url: &t.url,
+            msg_id: &msg_id,
+            secret: &t.secret,
+            body: serde_json::to_vec(&body).expect("a webhook body serializes"),
+        })
+        .await;
+    let duration_ms = i32::try_from(outcome.duration.as_millis()).unwrap_or(i32::MAX);
+    sqlx::query!(
+        r#"INSERT INTO webhook_attempts
+               (dispatcher_id, event_record_id, job_id, attempt, status, duration_ms, error)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
+        args.id,
+        args.event_record_id,
+        job.id,
+        job.attempt + 1,
+        outcome.status.map(i32::from),
+        duration_ms,
+        outcome.error
+    )
+    .execute(pool)
+    .await?;
+    let m = crate::metrics::metrics();
+    let result = match (&outcome.error, outcome.refused) {
+        (None, _) => "delivered",
+        (Some(_), true) => "refused",
+        (Some(_), false) => "failed",
+    };
+    m.webhook_attempts.with_label_values(&[result]).inc();
+    m.webhook_duration
+        .with_label_values(&[result])
+        .observe(outcome.duration.as_secs_f64());
+    tracing::info!(job_id = job.id, dispatcher = %args.id, attempt = job.attempt + 1,
+        status = ?outcome.status, took = ?outcome.duration, error = ?outcome.error, "webhook attempt");
+    Ok(match outcome.error {
+        None => Ok(()),
+        Some(e) if outcome.refused => Err(JobError::Permanent(e)),
+        Some(e) => Err(JobError::Retryable(e)),
+    })
+}
+
+/// Mark the dispatchers of answered webhooks delivered, in the jobs' transaction.
+pub async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.args.id()).collect();
+    sqlx::query!(
+        "UPDATE event_dispatchers SET delivered_at = now(), updated_at = now() WHERE id = ANY($1)",
+        &ids
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
