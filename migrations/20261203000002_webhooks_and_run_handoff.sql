@@ -15,6 +15,8 @@ ALTER TABLE event_dispatchers
     ADD COLUMN fired_at timestamptz,
     -- When the receiver answered 2xx.
     ADD COLUMN delivered_at timestamptz,
+    -- When its webhook job was discarded (last attempt failed, or the address refused).
+    ADD COLUMN failed_at timestamptz,
     ADD CONSTRAINT event_dispatchers_ephemeral_shape CHECK (
         dispatchable_type <> 'EPHEMERAL'
         OR (url IS NOT NULL AND secret IS NOT NULL AND expires_at IS NOT NULL));

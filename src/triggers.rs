@@ -300,40 +300,7 @@ async fn upsert_dispatcher(
     enabled: bool,
     manual: bool,
 ) -> Result<Uuid, RegisterError> {
-    upsert_dispatcher_with_id(conn, env, rule, target, Uuid::now_v7(), enabled, manual).await
-}
-
-/// [`upsert_dispatcher`], with the id a new dispatcher gets.
-async fn upsert_dispatcher_with_id(
-    conn: &mut PgConnection,
-    env: &Environment,
-    rule: &EventRule,
-    target: DispatcherTarget,
-    id: Uuid,
-    enabled: bool,
-    manual: bool,
-) -> Result<Uuid, RegisterError> {
-    sqlx::query!(
-        "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
-        env.id
-    )
-    .execute(&mut *conn)
-    .await?;
-    let counted = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "others!" FROM event_dispatchers
-           WHERE environment_id = $1 AND dispatchable_id <> $2
-             AND NOT (dispatchable_type = 'EPHEMERAL' AND (fired_at IS NOT NULL OR expires_at <= now()))"#,
-        env.id,
-        target.owner
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    if counted >= MAX_DISPATCHERS_PER_ENV {
-        return Err(RegisterError::Invalid(format!(
-            "the environment has {counted} dispatchers already, the most it may have \
-             ({MAX_DISPATCHERS_PER_ENV}); delete registrations it no longer needs"
-        )));
-    }
+    make_room(conn, env, &target.owner).await?;
     Ok(sqlx::query_scalar!(
         r#"INSERT INTO event_dispatchers
                (id, environment_id, event_names, source, payload_filter, context_filter,
@@ -346,7 +313,7 @@ async fn upsert_dispatcher_with_id(
                dispatchable_type = EXCLUDED.dispatchable_type, target_id = EXCLUDED.target_id,
                updated_at = now()
            RETURNING id"#,
-        id,
+        Uuid::now_v7(),
         env.id,
         &rule.event_names,
         rule.source,
@@ -360,6 +327,38 @@ async fn upsert_dispatcher_with_id(
     )
     .fetch_one(conn)
     .await?)
+}
+
+/// Refuse a new dispatcher (other than `owner`'s) when the environment has
+/// [`MAX_DISPATCHERS_PER_ENV`] live ones already. Registrations of one environment take a
+/// transaction-scoped advisory lock first, so two at once cannot both pass the count.
+async fn make_room(
+    conn: &mut PgConnection,
+    env: &Environment,
+    owner: &str,
+) -> Result<(), RegisterError> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
+        env.id
+    )
+    .execute(&mut *conn)
+    .await?;
+    let counted = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "others!" FROM event_dispatchers
+           WHERE environment_id = $1 AND dispatchable_id <> $2
+             AND NOT (dispatchable_type = 'EPHEMERAL' AND (fired_at IS NOT NULL OR expires_at <= now()))"#,
+        env.id,
+        owner
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if counted >= MAX_DISPATCHERS_PER_ENV {
+        return Err(RegisterError::Invalid(format!(
+            "the environment has {counted} dispatchers already, the most it may have \
+             ({MAX_DISPATCHERS_PER_ENV}); delete registrations it no longer needs"
+        )));
+    }
+    Ok(())
 }
 
 /// Remove a dynamic trigger's registration (its dispatcher). `false` if there was none.
@@ -427,6 +426,9 @@ pub async fn register_ephemeral(
         check_text("accountId", a)?;
     }
     let mut tx = pool.begin().await?;
+    // First, as it takes the environment's registration lock: two creations of one URL at
+    // once then find each other's dispatcher.
+    make_room(&mut tx, env, url).await?;
     let existing = sqlx::query!(
         r#"SELECT id, expires_at AS "expires_at!", (fired_at IS NULL AND expires_at > now()) AS "live!"
            FROM event_dispatchers
@@ -477,19 +479,20 @@ pub async fn register_ephemeral(
     };
     let id = Uuid::now_v7();
     let secret = crate::webhooks::new_secret();
-    let target = DispatcherTarget {
-        kind: "EPHEMERAL",
-        owner: url.to_string(),
-        target_id: id,
-    };
-    let upserted = upsert_dispatcher_with_id(&mut tx, env, rule, target, id, true, false).await?;
     let expires_at = sqlx::query_scalar!(
-        r#"UPDATE event_dispatchers
-           SET url = $2, secret = $3, expires_at = now() + make_interval(secs => $4),
-               external_account_id = $5
-           WHERE id = $1
+        r#"INSERT INTO event_dispatchers
+               (id, environment_id, event_names, source, payload_filter, context_filter,
+                enabled, manual, dispatchable_type, dispatchable_id, target_id,
+                url, secret, expires_at, external_account_id)
+           VALUES ($1, $2, $3, $4, $5, $6, true, false, 'EPHEMERAL', $7, $1,
+                   $7, $8, now() + make_interval(secs => $9), $10)
            RETURNING expires_at AS "expires_at!""#,
-        upserted,
+        id,
+        env.id,
+        &rule.event_names,
+        rule.source,
+        rule.payload_filter.clone().filter(|v| !v.is_null()),
+        rule.context_filter.clone().filter(|v| !v.is_null()),
         url,
         secret,
         timeout_secs as f64,
@@ -499,7 +502,7 @@ pub async fn register_ephemeral(
     .await?;
     tx.commit().await?;
     Ok(Ephemeral {
-        id: upserted,
+        id,
         url: url.to_string(),
         expires_at,
         secret: Some(secret),
@@ -518,7 +521,9 @@ pub struct EphemeralView {
     pub expires_at: chrono::DateTime<chrono::Utc>,
     pub fired_at: Option<chrono::DateTime<chrono::Utc>>,
     pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// `waiting`, `expired`, `firing` (fired, not yet answered 2xx) or `delivered`.
+    pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `waiting`, `expired`, `firing` (fired, not yet answered 2xx), `delivered`, or
+    /// `failed` (its webhook job discarded: see the attempts).
     pub status: &'static str,
     pub attempts: Vec<WebhookAttempt>,
 }
@@ -547,7 +552,7 @@ pub async fn ephemeral(
 ) -> Result<Option<EphemeralView>, sqlx::Error> {
     let Some(d) = sqlx::query!(
         r#"SELECT id, url AS "url!", event_names, source, expires_at AS "expires_at!",
-                  fired_at, delivered_at, expires_at <= now() AS "expired!"
+                  fired_at, delivered_at, failed_at, expires_at <= now() AS "expired!"
            FROM event_dispatchers
            WHERE id = $1 AND environment_id = $2 AND dispatchable_type = 'EPHEMERAL'"#,
         id,
@@ -568,11 +573,12 @@ pub async fn ephemeral(
     .fetch_all(pool)
     .await?;
     attempts.reverse();
-    let status = match (d.fired_at, d.delivered_at) {
-        (_, Some(_)) => "delivered",
-        (Some(_), None) => "firing",
-        (None, None) if d.expired => "expired",
-        (None, None) => "waiting",
+    let status = match (d.fired_at, d.delivered_at, d.failed_at) {
+        (_, Some(_), _) => "delivered",
+        (_, None, Some(_)) => "failed",
+        (Some(_), None, None) => "firing",
+        (None, None, None) if d.expired => "expired",
+        (None, None, None) => "waiting",
     };
     Ok(Some(EphemeralView {
         id: d.id,
@@ -582,6 +588,7 @@ pub async fn ephemeral(
         expires_at: d.expires_at,
         fired_at: d.fired_at,
         delivered_at: d.delivered_at,
+        failed_at: d.failed_at,
         status,
         attempts,
     }))

@@ -534,17 +534,20 @@ impl Worker {
         let attempts = pending.jobs.iter().map(|job| async move {
             let crate::ledger::JobArgs::DeliverWebhook(args) = job.args else {
                 let error = JobError::Permanent(format!("job {} is no webhook", job.id));
-                return self.record_failure(job.id, &error).await;
+                return self.record_failure(job.id, &error).await.map(drop);
             };
-            match handlers::deliver_webhook::attempt(&self.pool, &self.webhooks, job, args).await? {
-                Ok(()) => {
-                    if let (Err(error), _) = self.run_jobs(&[job.id]).await? {
-                        self.record_failure(job.id, &error).await?;
-                    }
-                    Ok(())
-                }
-                Err(error) => self.record_failure(job.id, &error).await,
+            let webhook = &handlers::deliver_webhook::attempt;
+            let error = match webhook(&self.pool, &self.webhooks, job, args).await? {
+                Ok(()) => match self.run_jobs(&[job.id]).await? {
+                    (Ok(()), _) => return Ok(()),
+                    (Err(error), _) => error,
+                },
+                Err(error) => error,
+            };
+            if self.record_failure(job.id, &error).await? {
+                handlers::deliver_webhook::failed(&self.pool, args.id).await?;
             }
+            Ok(())
         });
         for done in join_all(attempts).await {
             done?;
@@ -624,8 +627,8 @@ impl Worker {
     /// Record a failed attempt (see [`run::record_failure`]): retried after
     /// [`handlers::backoff`] × a jitter of 0.9 to 1.1 (the relay routes it through the delay
     /// tiers), or discarded after its last attempt or a permanent error, for the relay to
-    /// copy it to the dead-letter queue.
-    async fn record_failure(&self, id: i64, error: &JobError) -> Result<(), sqlx::Error> {
+    /// copy it to the dead-letter queue. Returns whether it was discarded.
+    async fn record_failure(&self, id: i64, error: &JobError) -> Result<bool, sqlx::Error> {
         let jitter: f64 = rand::rng().random_range(0.9..1.1);
         let (base, max) = (self.config.retry_base(), self.config.retry_max());
         let message = error.to_string();
@@ -636,7 +639,7 @@ impl Worker {
         };
         let wait = |kind, attempt| handlers::backoff(kind, attempt, base, max).mul_f64(jitter);
         let Some(done) = run::record_failure(&self.pool, id, &failure, wait).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let kind = done.kind.map_or("unknown", JobKind::as_str);
         let kq = [kind, done.queue.as_str()];
@@ -651,7 +654,7 @@ impl Worker {
             m.jobs_retried.with_label_values(&kq).inc();
             tracing::warn!(job_id = id, kind, attempt, %error, retry_in = ?done.wait, trace_id, "job attempt failed; will retry");
         }
-        Ok(())
+        Ok(done.discarded)
     }
 }
 

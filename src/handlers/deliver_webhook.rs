@@ -127,3 +127,15 @@ pub async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::
     .await?;
     Ok(())
 }
+
+/// Mark a dispatcher whose webhook job was discarded (its last attempt failed, or its
+/// address was refused).
+pub async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE event_dispatchers SET failed_at = now(), updated_at = now() WHERE id = $1",
+        dispatcher
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}

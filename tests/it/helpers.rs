@@ -90,6 +90,27 @@ impl TestApp {
 
     /// Whichever roles, with these relay and HTTP configurations.
     pub async fn spawn_full(roles: Roles, relay: RelayConfig, http_config: HttpConfig) -> Self {
+        Self::spawn_all(roles, relay, http_config, test_worker_config()).await
+    }
+
+    /// Every role, with this worker configuration.
+    pub async fn spawn_worker(worker: WorkerConfig) -> Self {
+        Self::spawn_all(
+            Roles::ALL,
+            RelayConfig::default(),
+            HttpConfig::default(),
+            worker,
+        )
+        .await
+    }
+
+    /// Whichever roles, with these relay, HTTP and worker configurations.
+    pub async fn spawn_all(
+        roles: Roles,
+        relay: RelayConfig,
+        http_config: HttpConfig,
+        worker: WorkerConfig,
+    ) -> Self {
         let db_name = format!("kf_test_{}", Uuid::new_v4().simple());
         let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
             .await
@@ -139,12 +160,7 @@ impl TestApp {
             topology: topology.clone(),
             amqp_url: store.amqp_url.clone(),
             relay,
-            worker: WorkerConfig {
-                worker_concurrency: 2,
-                // Retries come quickly: 100, 200, 400, 800 ms.
-                retry_base_ms: 100,
-                ..WorkerConfig::default()
-            },
+            worker,
             ingest: IngestConfig::default(),
             http: roles.http.then_some(listener),
             http_config,
@@ -570,6 +586,21 @@ impl TestApp {
             ("RUST_LOG", "warn".into()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
         ]
+    }
+}
+
+/// The workers of tests: two consumers per kind; retries come quickly (100, 200, 400,
+/// 800 ms); webhooks may reach loopback (where the tests' receivers listen) and give up
+/// after 2 s.
+pub fn test_worker_config() -> WorkerConfig {
+    WorkerConfig {
+        worker_concurrency: 2,
+        retry_base_ms: 100,
+        webhook_timeout_ms: 2_000,
+        webhook_allow_nets: Some(
+            kongflow_events::webhooks::parse_nets_arg("127.0.0.0/8,::1").unwrap(),
+        ),
+        ..WorkerConfig::default()
     }
 }
 

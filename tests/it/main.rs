@@ -25,3 +25,4 @@ mod sdk;
 mod shards;
 mod structure;
 mod triggers_api;
+mod webhooks;

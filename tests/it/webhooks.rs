@@ -1,0 +1,477 @@
+//! EPHEMERAL dispatchers: the webhook is signed, retried, dead-lettered, refused for inner
+//! addresses, never redirected, never sent for an expired dispatcher, and sent once however
+//! many events match. Receivers are real HTTP servers on loopback.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use kongflow_events::config::WorkerConfig;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, test_worker_config, wait_until};
+
+/// What a receiver answers, request after request (the last answer repeats).
+#[derive(Debug, Clone)]
+enum Answer {
+    Status(u16),
+    /// Never answers.
+    Hang,
+    /// 302 to this URL.
+    Redirect(String),
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    answers: Arc<Vec<Answer>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    /// A receiver on a free loopback port; returns it and its URL.
+    async fn start(answers: Vec<Answer>) -> (Self, String) {
+        let me = Self {
+            answers: Arc::new(answers),
+            received: Arc::default(),
+        };
+        let app = Router::new().fallback(answer).with_state(me.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (me, url)
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+async fn answer(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = {
+        let mut got = r.received.lock().unwrap();
+        got.push(Received { headers, body });
+        got.len()
+    };
+    match r.answers[(n - 1).min(r.answers.len() - 1)].clone() {
+        Answer::Status(code) => {
+            (StatusCode::from_u16(code).unwrap(), format!("answer {n}")).into_response()
+        }
+        Answer::Hang => std::future::pending().await,
+        Answer::Redirect(to) => (StatusCode::FOUND, [("location", to)], "moved").into_response(),
+    }
+}
+
+/// Create an ephemeral dispatcher; returns the answer.
+async fn create(app: &TestApp, body: Value) -> (StatusCode, Value) {
+    app.request(
+        Method::POST,
+        "/api/v1/event-dispatchers/ephemeral",
+        Some(&app.api_key),
+        Some(body),
+    )
+    .await
+}
+
+async fn view(app: &TestApp, id: &str) -> Value {
+    let (status, v) = app
+        .request(
+            Method::GET,
+            &format!("/api/v1/event-dispatchers/{id}"),
+            Some(&app.api_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v
+}
+
+/// The webhook job's (state, attempt), once there is one.
+async fn webhook_job(app: &TestApp) -> Option<(String, i32)> {
+    sqlx::query_as(
+        "SELECT state::text, attempt FROM queue_jobs WHERE kind = 'events.deliverWebhook'",
+    )
+    .fetch_optional(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Check a request's Standard Webhooks signature with `secret`.
+fn assert_signed(r: &Received, secret: &str) {
+    let header = |name: &str| {
+        r.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let (id, ts) = (header("webhook-id"), header("webhook-timestamp"));
+    let ts_secs: i64 = ts.parse().unwrap();
+    assert!((chrono::Utc::now().timestamp() - ts_secs).abs() < 60);
+    let key = B64
+        .decode(secret.strip_prefix("whsec_").expect("whsec_ prefix"))
+        .unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&r.body);
+    let expected = format!("v1,{}", B64.encode(mac.finalize().into_bytes()));
+    let signatures = header("webhook-signature");
+    assert!(
+        signatures.split(' ').any(|s| s == expected),
+        "signature {signatures} is not {expected}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_gets_signed_retries_until_it_answers_2xx() {
+    let app = TestApp::spawn().await;
+    let (rx, url) = Receiver::start(vec![
+        Answer::Status(500),
+        Answer::Status(500),
+        Answer::Status(200),
+    ])
+    .await;
+    let (status, created) = create(
+        &app,
+        json!({"url": url, "name": "order.paid", "filter": {"total": [{"$gt": 10}]},
+               "accountId": "acct-1", "timeoutInSeconds": 600}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let secret = created["secret"].as_str().expect("a secret at creation");
+    let id = created["id"].as_str().unwrap().to_string();
+    // A second creation with the same URL is the same dispatcher, secret not repeated.
+    let (_, again) = create(&app, json!({"url": url, "name": "order.paid"})).await;
+    assert_eq!(again["id"], created["id"]);
+    assert_eq!(again["created"], false);
+    assert!(again.get("secret").is_none(), "{again}");
+
+    // Filtered out: too small.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "order.paid", "id": "small", "payload": {"total": 5}}}),
+    )
+    .await;
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "order.paid", "id": "big", "payload": {"total": 50},
+               "context": {"k": 1}}, "options": {"accountId": "acct-1"}}),
+    )
+    .await;
+    wait_until(
+        "the dispatcher to be delivered",
+        Duration::from_secs(20),
+        || async { view(&app, &id).await["status"] == "delivered" },
+    )
+    .await;
+    let got = rx.all();
+    assert_eq!(got.len(), 3, "three attempts");
+    let ids: Vec<_> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "one webhook-id for every attempt"
+    );
+    for r in &got {
+        assert_signed(r, secret);
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["id"], "big");
+        assert_eq!(body["name"], "order.paid");
+        assert_eq!(body["source"], "trigger.dev");
+        assert_eq!(body["payload"], json!({"total": 50}));
+        assert_eq!(body["context"], json!({"k": 1}));
+        assert_eq!(body["accountId"], "acct-1");
+        assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    let v = view(&app, &id).await;
+    let statuses: Vec<Value> = v["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].clone())
+        .collect();
+    assert_eq!(statuses, vec![json!(500), json!(500), json!(200)], "{v}");
+    assert!(v["attempts"][0]["error"].as_str().unwrap().contains("500"));
+    assert_eq!(v["attempts"][2]["error"], Value::Null);
+    assert_eq!(webhook_job(&app).await, Some(("completed".into(), 3)));
+    // A repeat of the first event's match does nothing more: the dispatcher is spent.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "order.paid", "id": "late", "payload": {"total": 99}}}),
+    )
+    .await;
+    app.settle_with_errors().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.count(), 3);
+    // The URL is free again: a new dispatcher, with a new secret.
+    let (_, renewed) = create(&app, json!({"url": url, "name": "order.paid"})).await;
+    assert_ne!(renewed["id"], created["id"]);
+    assert_eq!(renewed["created"], true);
+    assert_ne!(renewed["secret"].as_str(), Some(secret));
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_answers_times_out_each_attempt_and_is_dead_lettered() {
+    let app = TestApp::spawn_worker(WorkerConfig {
+        webhook_timeout_ms: 300,
+        ..test_worker_config()
+    })
+    .await;
+    let (rx, url) = Receiver::start(vec![Answer::Hang]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "ping"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": "ping", "id": "p1"}}))
+        .await;
+    wait_until(
+        "the webhook job to be discarded",
+        Duration::from_secs(30),
+        || async {
+            webhook_job(&app)
+                .await
+                .is_some_and(|(s, _)| s == "discarded")
+        },
+    )
+    .await;
+    assert_eq!(webhook_job(&app).await, Some(("discarded".into(), 5)));
+    assert_eq!(rx.count(), 5, "one request per attempt");
+    let v = view(&app, &id).await;
+    let attempts = v["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 5, "{v}");
+    for a in attempts {
+        assert_eq!(a["status"], Value::Null);
+        assert!(
+            a["error"].as_str().unwrap().contains("no answer within"),
+            "{a}"
+        );
+        assert!(a["durationMs"].as_i64().unwrap() >= 250, "{a}");
+    }
+    assert_eq!(v["status"], "failed");
+    wait_until("the dead letter", Duration::from_secs(10), || async {
+        app.depth_of(&app.topology.dead_queue()).await == 1
+    })
+    .await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inner_addresses_are_refused_without_a_request_when_the_allow_list_is_off() {
+    let app = TestApp::spawn_worker(WorkerConfig {
+        webhook_allow_nets: None,
+        ..test_worker_config()
+    })
+    .await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    // By name (resolved to loopback), and by the metadata address itself.
+    let by_name = url.replace("127.0.0.1", "localhost");
+    for (n, (url, why)) in [
+        (by_name.as_str(), "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "cloud metadata"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("inner.{n}");
+        let (status, created) = create(&app, json!({"url": url, "name": name})).await;
+        assert_eq!(status, StatusCode::OK, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": name, "id": format!("e{n}")}}),
+        )
+        .await;
+        wait_until(
+            "the refusal to be recorded",
+            Duration::from_secs(20),
+            || async {
+                !view(&app, &id).await["attempts"]
+                    .as_array()
+                    .unwrap()
+                    .is_empty()
+            },
+        )
+        .await;
+        let v = view(&app, &id).await;
+        let a = &v["attempts"][0];
+        assert_eq!(a["status"], Value::Null, "{v}");
+        let error = a["error"].as_str().unwrap();
+        assert!(error.contains("refused") && error.contains(why), "{error}");
+        wait_until(
+            "the dispatcher to be failed",
+            Duration::from_secs(10),
+            || async { view(&app, &id).await["status"] == "failed" },
+        )
+        .await;
+    }
+    app.settle_with_errors().await;
+    // A refusal is final: one attempt each, discarded, and nothing reached the receiver.
+    let jobs: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT state::text, attempt FROM queue_jobs WHERE kind = 'events.deliverWebhook'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(jobs, vec![("discarded".to_string(), 1); 2]);
+    assert_eq!(rx.count(), 0, "no request was made");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed() {
+    let app = TestApp::spawn().await;
+    let (inner, inner_url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (rx, url) = Receiver::start(vec![Answer::Redirect(inner_url)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "moved"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "moved", "id": "m1"}}),
+    )
+    .await;
+    wait_until("two attempts", Duration::from_secs(20), || async {
+        view(&app, &id).await["attempts"].as_array().unwrap().len() >= 2
+    })
+    .await;
+    let v = view(&app, &id).await;
+    assert_eq!(v["attempts"][0]["status"], 302);
+    assert!(
+        v["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("redirects are not followed"),
+        "{v}"
+    );
+    assert!(rx.count() >= 2);
+    assert_eq!(inner.count(), 0, "the redirect's target got nothing");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_dispatcher_delivers_nothing() {
+    let app = TestApp::spawn().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    for bad in [9, 60 * 60 * 24 * 366] {
+        let (status, v) = create(
+            &app,
+            json!({"url": url, "name": "x", "timeoutInSeconds": bad}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("timeoutInSeconds"),
+            "{v}"
+        );
+    }
+    for bad in ["ftp://example.com/", "http://user:pw@example.com/", "nope"] {
+        let (status, v) = create(&app, json!({"url": bad, "name": "x"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+    let (_, created) = create(
+        &app,
+        json!({"url": url, "name": "late", "timeoutInSeconds": 10}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // Ten seconds pass (the test moves its expiry instead of waiting).
+    sqlx::query(
+        "UPDATE event_dispatchers SET expires_at = now() - interval '1 second' WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    app.send_event(&app.api_key, json!({"event": {"name": "late", "id": "l1"}}))
+        .await;
+    wait_until(
+        "the event to be delivered",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT delivered_at IS NOT NULL FROM event_records WHERE event_id = 'l1'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(webhook_job(&app).await, None);
+    assert_eq!(rx.count(), 0);
+    assert_eq!(view(&app, &id).await["status"], "expired");
+    // Expired, it gives its URL up to a new dispatcher.
+    let (_, renewed) = create(&app, json!({"url": url, "name": "late"})).await;
+    assert_eq!(renewed["created"], true);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_events_matching_one_dispatcher_deliver_once() {
+    let app = TestApp::spawn().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(204)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": ["a", "b"]})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // Twenty matching events at once, by bulk and one by one, racing to fire it.
+    let bulk: Vec<Value> = (0..10)
+        .map(|i| json!({"name": "a", "id": format!("bulk{i}")}))
+        .collect();
+    let (status, v) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/bulk",
+            Some(&app.api_key),
+            Some(json!({"events": bulk})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let singles = (0..10).map(|i| {
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": "b", "id": format!("one{i}")}}),
+        )
+    });
+    futures_util::future::join_all(singles).await;
+    wait_until("the delivery", Duration::from_secs(20), || async {
+        view(&app, &id).await["status"] == "delivered"
+    })
+    .await;
+    app.settle().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.count(), 1, "one delivery");
+    let webhooks: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(webhooks, 1);
+    // The dispatcher fired, so it no longer matches: twenty invocations, one webhook.
+    let invocations: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs WHERE kind = 'events.invokeDispatcher' AND state = 'completed'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(invocations >= 1, "{invocations}");
+    app.finish().await;
+}
