@@ -68,3 +68,8 @@ END $$;
 
 CREATE TRIGGER outbox_messages_notify AFTER INSERT ON outbox_messages
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_messages_notify();
+
+-- A time as the API writes it: RFC 3339 in UTC with milliseconds (2026-12-03T10:00:00.123Z).
+CREATE FUNCTION iso_time(t timestamptz) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+$$;

@@ -38,7 +38,7 @@ pub async fn hand_off_created(tx: &mut PgConnection, runs: &[Created]) -> Result
            SELECT $3, $4, r.id::text || ':created', $5,
                   jsonb_build_object(
                       'type', 'run.created', 'version', 1,
-                      'runId', r.id, 'createdAt', r.created_at,
+                      'runId', r.id, 'createdAt', iso_time(r.created_at),
                       'environmentId', r.environment_id,
                       'jobId', r.job_id, 'jobSlug', j.slug,
                       'jobVersionId', r.job_version_id, 'jobVersion', v.version,
@@ -46,7 +46,7 @@ pub async fn hand_off_created(tx: &mut PgConnection, runs: &[Created]) -> Result
                       'event', jsonb_build_object(
                           'id', e.event_id, 'recordId', e.id, 'name', e.name,
                           'source', e.source, 'payload', e.payload, 'context', e.context,
-                          'timestamp', e.timestamp, 'accountId', a.identifier),
+                          'timestamp', iso_time(e.timestamp), 'accountId', a.identifier),
                       'traceparent', t.trace),
                   t.trace
            FROM UNNEST($1::uuid[], $2::text[]) AS t(run_id, trace)
@@ -76,7 +76,7 @@ pub async fn hand_off_cancelled(tx: &mut PgConnection, runs: &[Uuid]) -> Result<
            SELECT $2, $3, r.id::text || ':cancelled', $4,
                   jsonb_build_object(
                       'type', 'run.cancelled', 'version', 1,
-                      'runId', r.id, 'cancelledAt', r.completed_at,
+                      'runId', r.id, 'cancelledAt', iso_time(r.completed_at),
                       'environmentId', r.environment_id, 'jobId', r.job_id,
                       'jobVersionId', r.job_version_id,
                       'event', jsonb_build_object('id', e.event_id, 'recordId', e.id))

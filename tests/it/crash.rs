@@ -111,6 +111,7 @@ async fn a_relay_killed_after_publishing_before_marking_causes_no_double_effect(
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
+    assert_eq!(app.assert_handed_off_once().await, 0);
     app.finish().await;
 }
 
@@ -177,6 +178,7 @@ async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
+    assert_eq!(app.assert_handed_off_once().await, 0);
     app.finish().await;
 }
 
@@ -306,6 +308,8 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
     .await
     .unwrap();
     assert_eq!(extra, 0, "no event ran twice");
+    // Every run was handed to the runs service, none twice under another id.
+    app.assert_handed_off_once().await;
     next.kill().await.unwrap();
     app.finish().await;
 }
@@ -390,6 +394,39 @@ async fn a_stuck_process_exits_at_its_drain_deadline_and_loses_nothing() {
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
+    assert_eq!(app.assert_handed_off_once().await, 0);
     next.kill().await.unwrap();
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_with_its_id() {
+    let app = TestApp::spawn_with(NO_ROLES).await;
+    job_and_event(&app, "h-1").await;
+    app.relay_all().await;
+    let worker = app.worker();
+    app.drain_with(&worker, JobKind::DeliverEvent).await;
+    invoke_by_hand(&app, &worker).await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM outbox_messages").await,
+        1,
+        "the run's hand-off, written with it"
+    );
+
+    run_until_abort(&app, "relay", "relay-after-message-confirm").await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM outbox_messages").await,
+        1,
+        "still in the outbox"
+    );
+    assert_eq!(
+        app.depth_of(&app.topology.runs_queue()).await,
+        1,
+        "but published"
+    );
+    // The next relay publishes it again: a repeat, with the same message id.
+    assert_eq!(app.relay_messages().await, 1);
+    assert_eq!(count(&app, "SELECT count(*) FROM outbox_messages").await, 0);
+    assert_eq!(app.assert_handed_off_once().await, 1);
     app.finish().await;
 }

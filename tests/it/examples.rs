@@ -138,8 +138,123 @@ async fn the_python_and_node_examples_publish_and_read_their_events_back() {
     app.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_runs_service_starts_each_run_once_and_hears_of_cancels() {
+    let app = TestApp::spawn().await;
+    for job in ["ship", "bill"] {
+        app.register_job(job, "order.paid").await;
+    }
+    for id in ["a", "b", "c"] {
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": "order.paid", "id": id, "payload": {"id": id}}}),
+        )
+        .await;
+    }
+    crate::helpers::wait_until("six runs", Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM job_runs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+            == 6
+    })
+    .await;
+    app.settle().await;
+    let (status, cancelled) = app
+        .request(
+            reqwest::Method::POST,
+            "/api/v1/events/c/cancel-runs",
+            Some(&app.api_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{cancelled}");
+    let queue = app.topology.runs_queue();
+    crate::helpers::wait_until("eight hand-offs", Duration::from_secs(20), || async {
+        app.depth_of(&queue).await == 8
+    })
+    .await;
+    // A repeat, as a relay that died between confirm and commit sends it: same message.
+    let first = app
+        .channel
+        .basic_get(queue.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("a hand-off");
+    let confirm = app
+        .channel
+        .basic_publish(
+            app.topology.runs_exchange().as_str().into(),
+            first.delivery.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &first.delivery.data,
+            first.delivery.properties.clone(),
+        )
+        .await
+        .unwrap();
+    drop(confirm);
+    first
+        .delivery
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    crate::helpers::wait_until("nine messages", Duration::from_secs(10), || async {
+        app.depth_of(&queue).await == 9
+    })
+    .await;
+
+    let result = run_example(
+        &app,
+        &python(),
+        &["examples/python/runs_service.py"],
+        &[("IDLE_SECONDS", "2"), ("VALIDATE", "1")],
+    )
+    .await;
+    assert_eq!(result["refused"], json!([]), "{result}");
+    assert_eq!(result["duplicates"], 1, "{result}");
+    let runs: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT r.id, e.event_id FROM job_runs r JOIN event_records e ON e.id = r.event_record_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let ids = |pred: &dyn Fn(&str) -> bool| {
+        let mut v: Vec<String> = runs
+            .iter()
+            .filter(|(_, e)| pred(e))
+            .map(|(r, _)| r.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut cancelled_ids: Vec<String> = result["cancelled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    cancelled_ids.sort();
+    assert_eq!(cancelled_ids, ids(&|e| e == "c"));
+    // Started: every run of a and b once. Those of c were handed off before they were
+    // cancelled, so the service, reading in order, started them too: a runs service hears
+    // of a cancel after the run was created.
+    let mut started: Vec<String> = result["started"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    started.sort();
+    assert_eq!(started, ids(&|_| true), "{result}");
+    assert_eq!(app.depth_of(&queue).await, 0);
+    app.finish().await;
+}
+
 /// The verdicts of a JSON Schema of `rabbitmq/schemas/` on `cases`.
-async fn schema_verdicts(schema: &str, cases: &[Value]) -> Vec<bool> {
+pub(crate) async fn schema_verdicts(schema: &str, cases: &[Value]) -> Vec<bool> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(python())
         .arg("tests/contract/check_schema.py")

@@ -537,6 +537,88 @@ impl TestApp {
         .unwrap();
     }
 
+    /// Publish every message of the outbox (the runs hand-off) with a relay step; how many.
+    pub async fn relay_messages(&self) -> usize {
+        let relay = self.relay();
+        let channel = relay.open_channel(&self.amqp).await.unwrap();
+        let mut total = 0;
+        loop {
+            let n = relay.publish_messages(&channel).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        total
+    }
+
+    /// Take every message of the runs queue (acknowledged): (routing key, AMQP type,
+    /// message id, body), in queue order. The outbox is emptied first, by whichever relay
+    /// runs, or by a relay step here.
+    pub async fn take_hand_offs(&self) -> Vec<(String, String, String, Value)> {
+        let waiting = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_messages")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap()
+        };
+        if waiting().await > 0 {
+            self.relay_messages().await;
+        }
+        let mut got = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(
+                self.topology.runs_queue().as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+        {
+            let p = &m.delivery.properties;
+            got.push((
+                m.delivery.routing_key.to_string(),
+                p.kind().as_ref().map(|t| t.to_string()).unwrap_or_default(),
+                p.message_id()
+                    .as_ref()
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                serde_json::from_slice(&m.delivery.data).unwrap(),
+            ));
+            m.delivery
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .unwrap();
+        }
+        got
+    }
+
+    /// Every run of this test's database was handed off, and nothing else: each run has
+    /// `run.created` messages, all with its message id and its run id (a repeat is allowed,
+    /// with the same id: what a relay that died between confirm and commit sends), and no
+    /// message names a run that does not exist. Returns how many repeats there were.
+    pub async fn assert_handed_off_once(&self) -> usize {
+        let runs: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM job_runs ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for (key, kind, message_id, body) in self.take_hand_offs().await {
+            assert_eq!(
+                (key.as_str(), kind.as_str()),
+                ("run.created", "run.created.v1")
+            );
+            let run = body["runId"].as_str().unwrap().to_string();
+            assert_eq!(message_id, format!("{run}:created"), "{body}");
+            *seen.entry(run).or_default() += 1;
+        }
+        let mut handed: Vec<uuid::Uuid> = seen.keys().map(|r| r.parse().unwrap()).collect();
+        handed.sort();
+        assert_eq!(handed, runs, "one hand-off per run, for runs that exist");
+        seen.values().map(|n| n - 1).sum()
+    }
+
     /// A child `kongflow-events <role>` serving HTTP on a free port, its stderr piped, once
     /// its `/readyz` answers 200. Returns it and its base URL.
     pub async fn spawn_ready(

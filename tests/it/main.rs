@@ -12,6 +12,7 @@ mod examples;
 mod fairness;
 mod fast_path;
 mod filters;
+mod handoff;
 mod helpers;
 mod http_api;
 mod ingest;
