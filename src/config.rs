@@ -286,12 +286,8 @@ pub struct WorkerConfig {
     /// Networks webhooks may reach although they are loopback, private, link-local or
     /// otherwise inside (comma-separated, `10.0.0.0/8,::1`). Unset: none.
     #[arg(long, env = "WEBHOOK_ALLOW_NETS", value_parser = crate::webhooks::parse_nets_arg)]
-    pub webhook_allow_nets: Option<NetList>,
+    pub webhook_allow_nets: Option<crate::webhooks::NetList>,
 }
-
-/// Networks, written `10.0.0.0/8,::1`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NetList(pub Vec<ipnet::IpNet>);
 
 impl WorkerConfig {
     /// How this worker sends webhooks.

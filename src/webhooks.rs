@@ -166,9 +166,13 @@ pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+/// Networks, written `10.0.0.0/8,::1` (`WEBHOOK_ALLOW_NETS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetList(pub Vec<IpNet>);
+
 /// [`parse_nets`] for the command line.
-pub fn parse_nets_arg(s: &str) -> Result<crate::config::NetList, String> {
-    parse_nets(s).map(crate::config::NetList)
+pub fn parse_nets_arg(s: &str) -> Result<NetList, String> {
+    parse_nets(s).map(NetList)
 }
 
 /// One request to make.
