@@ -243,6 +243,9 @@ impl Relay {
                     }
                     deleted.with_label_values(&["events"]).inc_by(total.events);
                     deleted.with_label_values(&["runs"]).inc_by(total.runs);
+                    deleted
+                        .with_label_values(&["dispatchers"])
+                        .inc_by(total.dispatchers);
                     if total.events > 0 {
                         tracing::info!(
                             events = total.events,

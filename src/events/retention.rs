@@ -16,12 +16,16 @@ pub const EVENTS_RETENTION_LOCK: i64 = 0x6b66_6576_7265_746e;
 pub struct Deleted {
     pub events: u64,
     pub runs: u64,
+    /// EPHEMERAL dispatchers spent (fired or expired) longer ago than the retention, with
+    /// their webhook attempts.
+    pub dispatchers: u64,
 }
 
 impl std::ops::AddAssign for Deleted {
     fn add_assign(&mut self, other: Self) {
         self.events += other.events;
         self.runs += other.runs;
+        self.dispatchers += other.dispatchers;
     }
 }
 
@@ -29,7 +33,9 @@ impl std::ops::AddAssign for Deleted {
 /// runs, deleted `batch` events per statement (each its own short transaction, rows locked
 /// by others skipped), until a batch comes back short. An event still due (not yet
 /// delivered, however old) is kept. Only the process holding the lock does it; the others
-/// skip the pass. Returns what each statement deleted.
+/// skip the pass. Then EPHEMERAL dispatchers spent longer ago than `keep` go, with their
+/// attempts. Returns what each statement on events deleted, and a last entry for the
+/// dispatchers when there were any.
 pub async fn retain(
     pool: &PgPool,
     keep: Duration,
@@ -70,6 +76,7 @@ pub async fn retain(
                 let d = Deleted {
                     events: d.events as u64,
                     runs: d.runs as u64,
+                    dispatchers: 0,
                 };
                 batches.push(d);
                 if d.events < batch as u64 {
@@ -79,10 +86,53 @@ pub async fn retain(
             Err(e) => break Err(e),
         }
     };
+    let result = match result {
+        Ok(mut batches) => retain_dispatchers(&mut conn, keep, batch)
+            .await
+            .map(|dispatchers| {
+                if dispatchers > 0 {
+                    batches.push(Deleted {
+                        dispatchers,
+                        ..Deleted::default()
+                    });
+                }
+                batches
+            }),
+        Err(e) => Err(e),
+    };
     sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", EVENTS_RETENTION_LOCK)
         .fetch_one(&mut *conn)
         .await?;
     result
+}
+
+/// Delete EPHEMERAL dispatchers spent (fired, or expired) more than `keep` ago, with their
+/// attempts, `batch` per statement. Returns how many.
+async fn retain_dispatchers(
+    conn: &mut sqlx::PgConnection,
+    keep: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let n = sqlx::query!(
+            r#"DELETE FROM event_dispatchers WHERE id IN (
+                   SELECT id FROM event_dispatchers
+                   WHERE dispatchable_type = 'EPHEMERAL'
+                     AND COALESCE(fired_at, expires_at)
+                         < now() - make_interval(secs => $1)
+                   LIMIT $2 FOR UPDATE SKIP LOCKED)"#,
+            keep.as_secs_f64(),
+            batch
+        )
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        total += n;
+        if n < batch as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Delete every event and run of an environment, `batch` events per statement. For an

@@ -423,6 +423,33 @@ async fn an_expired_dispatcher_delivers_nothing() {
     // Expired, it gives its URL up to a new dispatcher.
     let (_, renewed) = create(&app, json!({"url": url, "name": "late"})).await;
     assert_eq!(renewed["created"], true);
+    // Retention deletes a dispatcher spent longer ago than it keeps events, not a live one.
+    let keep = Duration::from_secs(30 * 86_400);
+    let retain = || kongflow_events::events::retention::retain(&app.pool, keep, 100);
+    let deleted: u64 = retain().await.unwrap().iter().map(|d| d.dispatchers).sum();
+    assert_eq!(deleted, 0);
+    sqlx::query(
+        "UPDATE event_dispatchers SET expires_at = now() - interval '31 days' WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let deleted: u64 = retain().await.unwrap().iter().map(|d| d.dispatchers).sum();
+    assert_eq!(deleted, 1);
+    let (status, _) = app
+        .request(
+            Method::GET,
+            &format!("/api/v1/event-dispatchers/{id}"),
+            Some(&app.api_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        view(&app, renewed["id"].as_str().unwrap()).await["status"],
+        "waiting"
+    );
     app.finish().await;
 }
 
