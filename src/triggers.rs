@@ -611,6 +611,11 @@ pub struct DispatcherView {
     pub context: Option<Value>,
     pub enabled: bool,
     pub manual: bool,
+    /// EPHEMERAL: its URL, and when it expires (or expired).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(skip)]
     pub external_account_id: Option<Uuid>,
 }
@@ -632,6 +637,7 @@ pub async fn list_dispatchers(
     let rows = sqlx::query!(
         r#"SELECT d.id, d.dispatchable_type, d.dispatchable_id, d.event_names, d.source,
                   d.payload_filter, d.context_filter, d.enabled, d.manual, d.external_account_id,
+                  d.url, d.expires_at,
                   j.slug AS "job_slug?", t.slug AS "trigger_slug?"
            FROM event_dispatchers d
            LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
@@ -666,6 +672,8 @@ pub async fn list_dispatchers(
             context: r.context_filter,
             enabled: r.enabled,
             manual: r.manual,
+            url: r.url,
+            expires_at: r.expires_at,
             external_account_id: r.external_account_id,
         })
         .collect();
@@ -764,6 +772,9 @@ pub fn why_not(eval: &mut Evaluator, d: &DispatcherView, e: EventFacts<'_>) -> O
     }
     if d.manual {
         return Some("manual: only run by hand".into());
+    }
+    if d.expires_at.is_some_and(|at| at <= chrono::Utc::now()) {
+        return Some("expired".into());
     }
     let rule = RuleRef {
         event_names: &d.event_names,

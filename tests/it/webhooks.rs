@@ -401,6 +401,24 @@ async fn an_expired_dispatcher_delivers_nothing() {
     .execute(&app.pool)
     .await
     .unwrap();
+    // The dry run says why it would not take an event, and the listing shows it.
+    let (_, dry) = app
+        .request(
+            Method::POST,
+            "/api/v1/events/match",
+            Some(&app.api_key),
+            Some(json!({"event": {"name": "late"}})),
+        )
+        .await;
+    assert_eq!(dry["misses"][0]["reason"], "expired", "{dry}");
+    let (_, listed) = app
+        .request(Method::GET, "/api/v1/dispatchers", Some(&app.api_key), None)
+        .await;
+    assert_eq!(
+        listed["dispatchers"][0]["dispatchableType"], "EPHEMERAL",
+        "{listed}"
+    );
+    assert_eq!(listed["dispatchers"][0]["url"], url.as_str());
     app.send_event(&app.api_key, json!({"event": {"name": "late", "id": "l1"}}))
         .await;
     wait_until(
