@@ -131,6 +131,9 @@ pub struct Metrics {
     pub webhook_duration: HistogramVec,
     /// Messages of the runs hand-off published, by routing key.
     pub messages_published: IntCounterVec,
+    /// Messages waiting in the outbox (the runs hand-off), and the oldest one's age.
+    pub messages_backlog: IntGauge,
+    pub messages_oldest_age: prometheus::Gauge,
     /// Jobs in the outbox (not yet published).
     pub outbox_backlog: IntGauge,
     /// Age of the oldest job in the outbox, in seconds.
@@ -209,6 +212,12 @@ pub const OTHER_ENVIRONMENTS: &str = "(others)";
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid gauge");
+    r.register(Box::new(g.clone())).expect("register gauge");
+    g
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).expect("valid gauge");
     r.register(Box::new(g.clone())).expect("register gauge");
     g
 }
@@ -349,6 +358,16 @@ impl Metrics {
                 "kongflow_messages_published_total",
                 "Outbox messages (the runs hand-off) confirmed by the broker",
                 &["routing_key"],
+            ),
+            messages_backlog: gauge(
+                &r,
+                "kongflow_outbox_messages_backlog",
+                "Hand-off messages waiting in the outbox",
+            ),
+            messages_oldest_age: float_gauge(
+                &r,
+                "kongflow_outbox_messages_oldest_age_seconds",
+                "Age of the oldest hand-off message waiting in the outbox",
             ),
             outbox_backlog: gauge(&r, "kongflow_outbox_backlog", "Jobs waiting in the outbox"),
             outbox_oldest_age,

@@ -160,6 +160,9 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
+        let (messages, oldest) = messages::backlog(&self.pool).await?;
+        m.messages_backlog.set(messages);
+        m.messages_oldest_age.set(oldest);
         for (table, bytes) in upkeep::table_sizes(&self.pool).await? {
             m.table_bytes.with_label_values(&[&table]).set(bytes);
         }
