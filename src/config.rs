@@ -33,6 +33,7 @@ pub mod defaults {
     pub const RETRY_MAX_MS: u64 = 3_600_000;
     pub const WEBHOOK_TIMEOUT_MS: u64 = 10_000;
     pub const WEBHOOK_CONNECT_TIMEOUT_MS: u64 = 3_000;
+    pub const WEBHOOK_CONCURRENCY: usize = 64;
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
     pub const HTTP_MAX_IN_FLIGHT: usize = 256;
@@ -279,6 +280,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_TIMEOUT_MS)]
     pub webhook_timeout_ms: u64,
 
+    /// Webhook requests one consumer has in flight at once (each settles its own message,
+    /// so a slow receiver holds up only its own).
+    #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = defaults::WEBHOOK_CONCURRENCY)]
+    pub webhook_concurrency: usize,
+
     /// Longest a webhook's host may take to resolve and to connect, in milliseconds.
     #[arg(long, env = "WEBHOOK_CONNECT_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_CONNECT_TIMEOUT_MS)]
     pub webhook_connect_timeout_ms: u64,
@@ -384,6 +390,7 @@ impl Default for WorkerConfig {
             shards: None,
             webhook_timeout_ms: defaults::WEBHOOK_TIMEOUT_MS,
             webhook_connect_timeout_ms: defaults::WEBHOOK_CONNECT_TIMEOUT_MS,
+            webhook_concurrency: defaults::WEBHOOK_CONCURRENCY,
             webhook_allow_nets: None,
         }
     }

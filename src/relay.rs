@@ -422,7 +422,12 @@ impl Relay {
     /// Returns how many were confirmed.
     pub async fn publish_messages(&self, channel: &Channel) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = messages::claim(&mut tx, self.config.relay_batch_size).await?;
+        let claimed = messages::claim(
+            &mut tx,
+            self.config.relay_batch_size,
+            &[crate::runs::EXCHANGE],
+        )
+        .await?;
         if claimed.is_empty() {
             return Ok(0);
         }

@@ -4,8 +4,8 @@
 //! written as a message to the outbox (`outbox_messages`) in the transaction that creates or
 //! cancels it; the relay publishes it to the runs exchange (`{prefix}.runs`, topic, routing
 //! keys `run.created` and `run.cancelled`) and deletes it once the broker confirmed it. The
-//! bodies are JSON, version 1, as `rabbitmq/schemas/run-created.v1.json` and
-//! `run-cancelled.v1.json` describe; the AMQP `message-id` is `<run id>:created` or
+//! bodies are JSON, version 1, as `rabbitmq/schemas/run-created.v1.schema.json` and
+//! `run-cancelled.v1.schema.json` describe; the AMQP `message-id` is `<run id>:created` or
 //! `<run id>:cancelled`, so a repeat (a relay that died between the confirm and the delete)
 //! carries the same id and a consumer drops it.
 

@@ -396,8 +396,8 @@ pub struct Ephemeral {
     pub id: Uuid,
     pub url: String,
     pub expires_at: chrono::DateTime<chrono::Utc>,
-    /// The signing secret: only in the answer that created the dispatcher.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The signing secret (also on a repeated call for the same environment, so a client
+    /// whose first answer was lost can still verify).
     pub secret: Option<String>,
     /// `false`: a live dispatcher of this URL existed and is returned as it is.
     pub created: bool,
@@ -405,8 +405,9 @@ pub struct Ephemeral {
 
 /// Create an EPHEMERAL dispatcher for `url`, live for `timeout_secs`: it POSTs the first
 /// event its rule matches to the URL, once. Idempotent on (url, environment): while a
-/// dispatcher of the URL is live (not fired, not expired) it is returned unchanged and
-/// without its secret; one that fired or expired gives the URL up to a new dispatcher.
+/// dispatcher of the URL is live (not fired, not expired) it is returned unchanged, its
+/// rule and expiry as first given (trigger.dev's upsert updates nothing), with its secret;
+/// one that fired or expired gives the URL up to a new dispatcher.
 pub async fn register_ephemeral(
     pool: &PgPool,
     env: &Environment,
@@ -430,7 +431,8 @@ pub async fn register_ephemeral(
     // once then find each other's dispatcher.
     make_room(&mut tx, env, url).await?;
     let existing = sqlx::query!(
-        r#"SELECT id, expires_at AS "expires_at!", (fired_at IS NULL AND expires_at > now()) AS "live!"
+        r#"SELECT id, secret AS "secret!", expires_at AS "expires_at!",
+                  (fired_at IS NULL AND expires_at > now()) AS "live!"
            FROM event_dispatchers
            WHERE environment_id = $1 AND dispatchable_id = $2 AND dispatchable_type = 'EPHEMERAL'
            FOR UPDATE"#,
@@ -445,7 +447,7 @@ pub async fn register_ephemeral(
                 id: e.id,
                 url: url.to_string(),
                 expires_at: e.expires_at,
-                secret: None,
+                secret: Some(e.secret.clone()),
                 created: false,
             });
         }

@@ -82,18 +82,26 @@ pub struct Guard {
 
 impl Guard {
     /// Why `ip` is refused, `None` if it may be reached.
+    /// Cloud metadata addresses are refused whatever the allow-list says.
     pub fn refusal(&self, ip: IpAddr) -> Option<&'static str> {
-        let ip = match ip {
+        let mapped = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        let why = refused_range(ip)?;
-        if self.allow.iter().any(|net| net.contains(&ip)) {
+        let why = refused_range(mapped)?;
+        if why == METADATA {
+            return Some(why);
+        }
+        let allowed = |a: &IpAddr| self.allow.iter().any(|net| net.contains(a));
+        if allowed(&ip) || allowed(&mapped) {
             return None;
         }
         Some(why)
     }
 }
+
+/// Why a cloud metadata address is refused (no allow-list opens it).
+const METADATA: &str = "cloud metadata";
 
 /// The refused range `ip` is in, if any.
 fn refused_range(ip: IpAddr) -> Option<&'static str> {
@@ -106,7 +114,7 @@ fn refused_range(ip: IpAddr) -> Option<&'static str> {
 fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
     let [a, b, ..] = ip.octets();
     Some(if ip == Ipv4Addr::new(169, 254, 169, 254) {
-        "cloud metadata"
+        METADATA
     } else if ip.is_loopback() {
         "loopback"
     } else if ip.is_private() {
@@ -129,10 +137,12 @@ fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let first = ip.segments()[0];
+    let seg = ip.segments();
+    let o = ip.octets();
+    let first = seg[0];
     Some(
         if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-            "cloud metadata"
+            METADATA
         } else if ip.is_loopback() {
             "loopback"
         } else if ip.is_unspecified() {
@@ -143,10 +153,21 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
             "private (unique local)"
         } else if first & 0xffc0 == 0xfe80 {
             "link-local"
-        } else if first == 0x64 && ip.segments()[1] == 0xff9b {
-            // NAT64: the embedded IPv4 address decides.
-            let [.., a, b, c, d] = ip.octets();
-            return refused_v4(Ipv4Addr::new(a, b, c, d));
+        } else if first & 0xffc0 == 0xfec0 {
+            "site-local"
+        } else if seg[..6] == [0; 6] {
+            // IPv4-compatible (::a.b.c.d, deprecated): the IPv4 address decides.
+            return refused_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+        } else if first == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
+            // NAT64 (64:ff9b::/96): the embedded IPv4 address decides.
+            return refused_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+        } else if first == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+            "NAT64 (local use)"
+        } else if first == 0x2002 {
+            // 6to4: the IPv4 address in bits 16 to 48 decides.
+            return refused_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+        } else if first == 0x2001 && seg[1] == 0 {
+            "Teredo"
         } else {
             return None;
         },
@@ -264,6 +285,12 @@ impl Sender {
             Err(e) => return outcome(None, Some(self.describe(&e, addr)), false),
         };
         let status = response.status();
+        let code = Some(status.as_u16());
+        if status.is_success() {
+            // Delivered: what follows the status is not read (a receiver that took the
+            // event and then streams slowly, or resets, must not get it again).
+            return outcome(code, None, false);
+        }
         // The answer, up to the cap (a receiver cannot make the worker read without end).
         let mut answer = Vec::new();
         let read_error = loop {
@@ -279,10 +306,6 @@ impl Sender {
                 Err(e) => break Some(self.describe(&e, addr)),
             }
         };
-        let code = Some(status.as_u16());
-        if status.is_success() {
-            return outcome(code, read_error, false);
-        }
         let text = String::from_utf8_lossy(&answer);
         let snippet: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
         let mut error = format!("answered {status}");
@@ -292,6 +315,9 @@ impl Sender {
         if !snippet.is_empty() {
             error.push_str(": ");
             error.push_str(&snippet);
+        }
+        if let Some(e) = read_error {
+            error.push_str(&format!(" (reading the answer: {e})"));
         }
         outcome(code, Some(error), false)
     }
@@ -413,6 +439,13 @@ mod tests {
             ("::ffff:169.254.169.254", "cloud metadata"),
             ("64:ff9b::a00:1", "private"),
             ("fd00:ec2::254", "cloud metadata"),
+            ("::7f00:1", "loopback"),
+            ("::a00:1", "private"),
+            ("2002:a00:1::1", "private"),
+            ("2002:a9fe:a9fe::1", "cloud metadata"),
+            ("2001:0:4136:e378::1", "Teredo"),
+            ("64:ff9b:1::a00:1", "NAT64 (local use)"),
+            ("fec0::1", "site-local"),
         ] {
             assert_eq!(g.refusal(ip.parse().unwrap()), Some(why), "{ip}");
         }
@@ -428,6 +461,24 @@ mod tests {
             loopback.refusal("169.254.169.254".parse().unwrap()),
             Some("cloud metadata")
         );
+        // No allow-list opens the metadata addresses; one written in IPv6 form matches the
+        // IPv4-mapped address too.
+        let wide = Guard {
+            allow: parse_nets("0.0.0.0/0, ::/0").unwrap(),
+        };
+        assert_eq!(
+            wide.refusal("169.254.169.254".parse().unwrap()),
+            Some("cloud metadata")
+        );
+        assert_eq!(
+            wide.refusal("fd00:ec2::254".parse().unwrap()),
+            Some("cloud metadata")
+        );
+        assert_eq!(wide.refusal("10.0.0.1".parse().unwrap()), None);
+        let mapped = Guard {
+            allow: parse_nets("::ffff:10.0.0.0/104").unwrap(),
+        };
+        assert_eq!(mapped.refusal("::ffff:10.1.1.1".parse().unwrap()), None);
         assert!(parse_nets("10.0.0.0/8,nope").is_err());
     }
 

@@ -64,6 +64,44 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
+/// How much longer than its longest attempt a webhook job stays leased to its worker.
+pub const WEBHOOK_LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Webhook deliveries in flight on a consumer: each runs as a task of its own and settles
+/// its own message, so a slow receiver holds its own message and no other.
+struct Inflight {
+    tasks: std::sync::Mutex<JoinSet<Result<(), WorkerError>>>,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Inflight {
+    fn new(concurrency: usize) -> Self {
+        Self {
+            tasks: std::sync::Mutex::new(JoinSet::new()),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+        }
+    }
+
+    /// The first error of the tasks already finished.
+    fn reap(&self) -> Result<(), WorkerError> {
+        let mut tasks = self.tasks.lock().expect("inflight lock");
+        while let Some(done) = tasks.try_join_next() {
+            done.map_err(|e| WorkerError::Task(e.to_string()))??;
+        }
+        Ok(())
+    }
+
+    /// Wait for every task still running (a stopping consumer lets them settle).
+    async fn drain(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("inflight lock"));
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(e)) | Err(e) = done.map_err(|e| WorkerError::Task(e.to_string())) {
+                tracing::warn!(error = %e, "webhook delivery ended in error while stopping");
+            }
+        }
+    }
+}
+
 /// A message held until its due time.
 type Held = (DateTime<Utc>, Delivery, JobMessage);
 
@@ -227,6 +265,7 @@ impl Worker {
         // behind a batch of fresh jobs. `holding` counts them until they are settled.
         let (to_timer, from_loop) = tokio::sync::mpsc::unbounded_channel();
         let holding = AtomicUsize::new(0);
+        let inflight = Inflight::new(self.config.webhook_concurrency);
         let arrivals = async {
             loop {
                 let batch = tokio::select! {
@@ -253,15 +292,16 @@ impl Worker {
                     // One `multiple` ack may settle the batch only when the timer holds
                     // nothing unsettled: it gets its messages from this loop alone.
                     let alone = one_channel && holding.load(Ordering::SeqCst) == 0;
-                    self.run_and_settle(&publisher, kind, due, now, alone)
+                    self.settle(&publisher, kind, due, now, alone, &inflight)
                         .await?;
                 }
             }
         };
         let result = tokio::select! {
             r = arrivals => r,
-            r = self.run_held(&publisher, kind, from_loop, &holding) => r,
+            r = self.run_held(&publisher, kind, from_loop, &holding, &inflight) => r,
         };
+        inflight.drain().await;
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
         for channel in channels {
             let _ = channel.close(200, "shutdown".into()).await;
@@ -278,6 +318,7 @@ impl Worker {
         kind: JobKind,
         mut arriving: tokio::sync::mpsc::UnboundedReceiver<Held>,
         holding: &AtomicUsize,
+        inflight: &Inflight,
     ) -> Result<(), WorkerError> {
         let mut held: Vec<Held> = Vec::new();
         loop {
@@ -299,7 +340,7 @@ impl Worker {
             }
             let batch: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
             let settled = batch.len();
-            self.run_and_settle(publisher, kind, batch, now, false)
+            self.settle(publisher, kind, batch, now, false, inflight)
                 .await?;
             holding.fetch_sub(settled, Ordering::SeqCst);
         }
@@ -352,6 +393,44 @@ impl Worker {
             }
         }
         arrived
+    }
+
+    /// Run a batch and settle its messages ([`Worker::run_and_settle`]); webhooks each in a
+    /// task of their own, at most `webhook_concurrency` at once, settled as each ends.
+    async fn settle(
+        &self,
+        publisher: &Channel,
+        kind: JobKind,
+        due: Vec<(Delivery, Result<JobMessage, String>)>,
+        now: DateTime<Utc>,
+        alone: bool,
+        inflight: &Inflight,
+    ) -> Result<(), WorkerError> {
+        if kind != JobKind::DeliverWebhook {
+            return self.run_and_settle(publisher, kind, due, now, alone).await;
+        }
+        inflight.reap()?;
+        for one in due {
+            let permit = inflight
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (this, publisher) = (self.clone(), publisher.clone());
+            inflight
+                .tasks
+                .lock()
+                .expect("inflight lock")
+                .spawn(async move {
+                    let settled = this
+                        .run_and_settle(&publisher, kind, vec![one], now, false)
+                        .await;
+                    drop(permit);
+                    settled
+                });
+        }
+        Ok(())
     }
 
     /// Run a batch and settle its messages. `alone`: no other message of this channel is
@@ -497,7 +576,7 @@ impl Worker {
             failpoint::hit(failpoint::WORKER_AFTER_COMMIT);
             return Ok(dispositions);
         }
-        let (outcome, missing) = self.run_jobs(&ids).await?;
+        let (outcome, missing) = self.run_jobs(&ids, false).await?;
         for (d, id) in dispositions.iter_mut().zip(&message_ids) {
             if let Some(id) = id
                 && missing.contains(id)
@@ -511,7 +590,7 @@ impl Worker {
             } else {
                 // Find the culprit: one transaction per job, so the others still complete.
                 for id in ids {
-                    if let (Err(error), _) = self.run_jobs(&[id]).await? {
+                    if let (Err(error), _) = self.run_jobs(&[id], false).await? {
                         self.record_failure(id, &error).await?;
                     }
                 }
@@ -521,12 +600,16 @@ impl Worker {
         Ok(dispositions)
     }
 
-    /// Run webhook jobs, each on its own: the request first, holding no transaction, then,
-    /// for a 2xx answer, the job taken and completed in a transaction of its own (see
-    /// [`handlers::deliver_webhook`]); a failed attempt is recorded like any job's. Returns
-    /// the ids the ledger has no row for.
+    /// Run webhook jobs, each on its own: the job leased ([`run::lease`]: only one worker
+    /// sends it), the request made holding no transaction, then, for a 2xx answer, the job
+    /// taken and completed in a transaction of its own (see [`handlers::deliver_webhook`]);
+    /// a failed attempt is recorded like any job's. Returns the ids the ledger has no row
+    /// for.
     async fn run_webhooks(&self, ids: &[i64]) -> Result<Vec<i64>, sqlx::Error> {
-        let pending = run::pending(&self.pool, ids).await?;
+        // Held for the longest an attempt can take, and a margin: a duplicate message meanwhile
+        // finds the job not due, and a worker that dies holding it leaves it to the reconciler.
+        let hold = self.webhooks.connect_timeout + self.webhooks.timeout + WEBHOOK_LEASE_MARGIN;
+        let pending = run::lease(&self.pool, ids, hold).await?;
         for bad in &pending.unreadable {
             self.record_failure(bad.id, &JobError::Permanent(bad.reason.clone()))
                 .await?;
@@ -538,7 +621,7 @@ impl Worker {
             };
             let webhook = &handlers::deliver_webhook::attempt;
             let error = match webhook(&self.pool, &self.webhooks, job, args).await? {
-                Ok(()) => match self.run_jobs(&[job.id]).await? {
+                Ok(()) => match self.run_jobs(&[job.id], true).await? {
                     (Ok(()), _) => return Ok(()),
                     (Err(error), _) => error,
                 },
@@ -555,12 +638,21 @@ impl Worker {
         Ok(pending.missing)
     }
 
-    /// Run `ids` (sorted) in one transaction. On a handler error the transaction is rolled
+    /// Run `ids` (sorted) in one transaction (`leased`: jobs this worker holds by
+    /// [`run::lease`]). On a handler error the transaction is rolled
     /// back and the error returned inside `Ok`, with the ids the ledger does not have.
-    async fn run_jobs(&self, ids: &[i64]) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
+    async fn run_jobs(
+        &self,
+        ids: &[i64],
+        leased: bool,
+    ) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
-        let taken = run::take(&mut tx, ids).await?;
+        let taken = if leased {
+            run::take_leased(&mut tx, ids).await?
+        } else {
+            run::take(&mut tx, ids).await?
+        };
         metrics().stage(Stage::Take, started);
         if !taken.missing.is_empty() {
             // A message for a final job is a duplicate (or a redelivery after a crash

@@ -92,15 +92,18 @@ pub async fn run(
     }
     runs::hand_off_created(tx, &handed).await?;
 
-    // EPHEMERAL: the row lock of the UPDATE serializes two invocations of one dispatcher
-    // (two events matched it); the second finds it fired. Of two pairs naming it in this
-    // batch, the UPDATE takes one.
+    // EPHEMERAL: the row locks (taken in id order, so two batches cannot deadlock)
+    // serialize two invocations of one dispatcher (two events matched it); the second finds
+    // it fired. Of two pairs naming it in this batch, the UPDATE takes one.
     let fired = sqlx::query!(
         r#"UPDATE event_dispatchers d
            SET enabled = false, fired_at = now(), updated_at = now()
            FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
            JOIN event_records e ON e.id = a.event_id
-           WHERE d.id = a.dispatcher_id AND d.dispatchable_type = 'EPHEMERAL'
+           WHERE d.id = a.dispatcher_id AND d.id IN (
+                   SELECT id FROM event_dispatchers
+                   WHERE id = ANY($1) AND dispatchable_type = 'EPHEMERAL'
+                   ORDER BY id FOR UPDATE)
              AND d.enabled AND d.fired_at IS NULL AND d.expires_at > now()
              AND e.environment_id = d.environment_id
            RETURNING d.id, e.id AS event_id, d.environment_id"#,

@@ -23,13 +23,22 @@ pub struct OutboxMessage {
     pub created_at: DateTime<Utc>,
 }
 
-/// Lock up to `limit` messages, oldest first, skipping those another relay holds.
-pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxMessage>, sqlx::Error> {
+/// Lock up to `limit` messages for the exchanges this build knows, oldest first, skipping
+/// those another relay holds. (Rows for an exchange a newer build added wait for it,
+/// without standing in front of the others.)
+pub async fn claim(
+    tx: &mut PgConnection,
+    limit: i64,
+    exchanges: &[&str],
+) -> Result<Vec<OutboxMessage>, sqlx::Error> {
+    let exchanges: Vec<String> = exchanges.iter().map(|e| e.to_string()).collect();
     sqlx::query_as!(
         OutboxMessage,
         r#"SELECT id, exchange, routing_key, message_id, type AS "type", body, trace_parent, created_at
-           FROM outbox_messages ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"#,
-        limit
+           FROM outbox_messages WHERE exchange = ANY($2)
+           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"#,
+        limit,
+        &exchanges
     )
     .fetch_all(&mut *tx)
     .await

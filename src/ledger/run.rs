@@ -26,21 +26,45 @@ pub struct Taken {
 /// duplicate. A job moved later (an event resent with a new time) is not taken by its old
 /// message either: a new one is on its way.
 pub async fn take(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Error> {
+    take_where(tx, ids, false).await
+}
+
+/// [`take`] for jobs the caller holds by [`lease`] (their due time moved ahead).
+pub async fn take_leased(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Error> {
+    take_where(tx, ids, true).await
+}
+
+async fn take_where(
+    tx: &mut PgConnection,
+    ids: &[i64],
+    leased: bool,
+) -> Result<Taken, sqlx::Error> {
     let rows = query_jobs!(
         r#"UPDATE queue_jobs
            SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
            WHERE id IN (
                SELECT id FROM queue_jobs
                WHERE id = ANY($1) AND NOT (state::text = ANY($2))
-                 AND run_at <= now() + interval '1 second'
+                 AND ($3 OR run_at <= now() + interval '1 second')
                ORDER BY id FOR UPDATE)
            RETURNING "#,
         "",
         ids,
-        &JobState::final_names()
+        &JobState::final_names(),
+        leased
     )
     .fetch_all(&mut *tx)
     .await?;
+    sort_out(&mut *tx, ids, rows).await
+}
+
+/// The rows a statement returned for `ids`, decoded, and which of the others have no row
+/// at all.
+async fn sort_out(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    rows: Vec<super::JobRow>,
+) -> Result<Taken, sqlx::Error> {
     let mut taken = Taken::default();
     let returned: Vec<i64> = rows.iter().map(|r| r.id).collect();
     for row in rows {
@@ -56,7 +80,7 @@ pub async fn take(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Err
             .filter(|id| !returned.contains(id))
             .collect();
         let known = sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
         taken.missing = others
             .into_iter()
@@ -66,45 +90,33 @@ pub async fn take(tx: &mut PgConnection, ids: &[i64]) -> Result<Taken, sqlx::Err
     Ok(taken)
 }
 
-/// The live jobs among `ids` that [`take`] would take, read without a lock or a mark: for a
-/// kind whose work happens outside the database before its job is taken (a webhook). The
-/// caller takes each job afterwards, and a job taken meanwhile by another worker (a
-/// duplicate message) is then not taken again.
-pub async fn pending(pool: &sqlx::PgPool, ids: &[i64]) -> Result<Taken, sqlx::Error> {
+/// Lease the live, due jobs among `ids` for `hold`: their due time moves `hold` ahead, so
+/// no other message of theirs runs them (a duplicate finds them not due and is acknowledged
+/// with no effect) and the reconciler leaves them alone until the lease and its margin
+/// pass. For a kind whose work happens outside the database before its job is taken (a
+/// webhook): the holder then takes each with [`take_leased`], or records its failure. Rows
+/// another worker holds locked are skipped. Commits on its own.
+pub async fn lease(
+    pool: &sqlx::PgPool,
+    ids: &[i64],
+    hold: std::time::Duration,
+) -> Result<Taken, sqlx::Error> {
     let rows = query_jobs!(
-        r#"SELECT "#,
-        r#" FROM queue_jobs
-           WHERE id = ANY($1) AND NOT (state::text = ANY($2))
-             AND run_at <= now() + interval '1 second'
-           ORDER BY id"#,
+        r#"UPDATE queue_jobs SET run_at = now() + make_interval(secs => $3)
+           WHERE id IN (
+               SELECT id FROM queue_jobs
+               WHERE id = ANY($1) AND NOT (state::text = ANY($2))
+                 AND run_at <= now() + interval '1 second'
+               ORDER BY id FOR UPDATE SKIP LOCKED)
+           RETURNING "#,
+        "",
         ids,
-        &JobState::final_names()
+        &JobState::final_names(),
+        hold.as_secs_f64()
     )
     .fetch_all(pool)
     .await?;
-    let mut pending = Taken::default();
-    let returned: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    for row in rows {
-        match Job::try_from(row) {
-            Ok(job) => pending.jobs.push(job),
-            Err(e) => pending.unreadable.push(e),
-        }
-    }
-    let others: Vec<i64> = ids
-        .iter()
-        .copied()
-        .filter(|id| !returned.contains(id))
-        .collect();
-    if !others.is_empty() {
-        let known = sqlx::query_scalar!("SELECT id FROM queue_jobs WHERE id = ANY($1)", &others)
-            .fetch_all(pool)
-            .await?;
-        pending.missing = others
-            .into_iter()
-            .filter(|id| !known.contains(id))
-            .collect();
-    }
-    Ok(pending)
+    sort_out(&mut *pool.acquire().await?, ids, rows).await
 }
 
 /// A failed attempt, as the worker reports it.

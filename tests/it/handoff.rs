@@ -140,7 +140,7 @@ async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hand_off_is_written_with_its_run_or_not_at_all() {
+async fn a_dynamic_triggers_run_is_handed_off_with_its_trace_and_no_match_hands_off_nothing() {
     // A dynamic trigger's runs are handed off like a job's; an event matching nothing
     // hands nothing off; and the hand-off carries the delivery's trace.
     let app = TestApp::spawn().await;

@@ -13,7 +13,11 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, KeyInit, Mac};
+use kongflow_events::amqp::JobMessage;
+use kongflow_events::app::Roles;
 use kongflow_events::config::WorkerConfig;
+use kongflow_events::ledger::JobKind;
+use kongflow_events::worker::{Disposition, Worker};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -27,6 +31,8 @@ enum Answer {
     Hang,
     /// 302 to this URL.
     Redirect(String),
+    /// This status after this many milliseconds.
+    Slow(u64, u16),
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +82,10 @@ async fn answer(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> R
         }
         Answer::Hang => std::future::pending().await,
         Answer::Redirect(to) => (StatusCode::FOUND, [("location", to)], "moved").into_response(),
+        Answer::Slow(ms, code) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            StatusCode::from_u16(code).unwrap().into_response()
+        }
     }
 }
 
@@ -158,11 +168,12 @@ async fn a_failing_receiver_gets_signed_retries_until_it_answers_2xx() {
     assert_eq!(status, StatusCode::OK, "{created}");
     let secret = created["secret"].as_str().expect("a secret at creation");
     let id = created["id"].as_str().unwrap().to_string();
-    // A second creation with the same URL is the same dispatcher, secret not repeated.
+    // A second creation with the same URL is the same dispatcher, as first given.
     let (_, again) = create(&app, json!({"url": url, "name": "order.paid"})).await;
     assert_eq!(again["id"], created["id"]);
     assert_eq!(again["created"], false);
-    assert!(again.get("secret").is_none(), "{again}");
+    assert_eq!(again["secret"], created["secret"], "{again}");
+    assert_eq!(again["expiresAt"], created["expiresAt"]);
 
     // Filtered out: too small.
     app.send_event(
@@ -510,13 +521,148 @@ async fn many_events_matching_one_dispatcher_deliver_once() {
             .await
             .unwrap();
     assert_eq!(webhooks, 1);
-    // The dispatcher fired, so it no longer matches: twenty invocations, one webhook.
-    let invocations: i64 = sqlx::query_scalar(
+    // Once fired it no longer matches: between one and twenty invocations ran (as many as
+    // events delivered before the first invocation committed), every one completed, and
+    // one webhook came of them.
+    let (invocations, settled): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'completed')
+         FROM queue_jobs WHERE kind = 'events.invokeDispatcher'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!((1..=20).contains(&invocations), "{invocations}");
+    assert_eq!(settled, invocations);
+    app.finish().await;
+}
+
+/// Every message of `kind` waiting, parsed (acknowledged: the test runs them by hand).
+async fn take_messages(app: &TestApp, kind: JobKind) -> Vec<JobMessage> {
+    let mut got = Vec::new();
+    while let Some(m) = app.get_message(kind).await {
+        got.push(JobMessage::parse(&m.delivery.data).unwrap());
+        m.delivery.ack(Default::default()).await.unwrap();
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_invocations_fire_once_and_one_expired_by_then_fires_not() {
+    // No relay or worker of its own: the test publishes and runs each step, so the ten
+    // invocations of one dispatcher run in ten transactions at once.
+    let app = TestApp::spawn_with(Roles {
+        http: true,
+        ..Roles::NONE
+    })
+    .await;
+    let (_, created) = create(&app, json!({"url": "http://127.0.0.1:9/a", "name": "race"})).await;
+    let racing = created["id"].as_str().unwrap().to_string();
+    let (_, created) = create(&app, json!({"url": "http://127.0.0.1:9/b", "name": "late"})).await;
+    let late = created["id"].as_str().unwrap().to_string();
+    for i in 0..10 {
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": "race", "id": format!("r{i}")}}),
+        )
+        .await;
+    }
+    app.send_event(&app.api_key, json!({"event": {"name": "late", "id": "l"}}))
+        .await;
+    // The API publishes its own jobs right after its commit (or leaves them to a relay).
+    app.relay_all().await;
+    wait_until(
+        "eleven deliveries queued",
+        Duration::from_secs(10),
+        || async { app.queue_depth(JobKind::DeliverEvent).await == 11 },
+    )
+    .await;
+    let worker = app.worker();
+    app.drain_with(&worker, JobKind::DeliverEvent).await;
+    // Matched while live; expired before its invocation runs.
+    sqlx::query("UPDATE event_dispatchers SET expires_at = now() WHERE id = $1::uuid")
+        .bind(&late)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.relay_all().await;
+    let invocations = take_messages(&app, JobKind::InvokeDispatcher).await;
+    assert_eq!(invocations.len(), 11);
+    let runs = invocations.into_iter().map(|m| worker.process(vec![Ok(m)]));
+    for d in futures_util::future::join_all(runs).await {
+        assert_eq!(d.unwrap(), vec![Disposition::Ack]);
+    }
+    let fired: Vec<(String,)> =
+        sqlx::query_as("SELECT args->>'id' FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fired,
+        vec![(racing.clone(),)],
+        "one webhook, for the live dispatcher"
+    );
+    let completed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM queue_jobs WHERE kind = 'events.invokeDispatcher' AND state = 'completed'",
     )
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    assert!(invocations >= 1, "{invocations}");
+    assert_eq!(completed, 11);
+    assert_eq!(view(&app, &late).await["status"], "expired");
+    assert_eq!(view(&app, &racing).await["status"], "firing");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_message_run_again_while_it_is_sent_sends_once() {
+    let app = TestApp::spawn_with(Roles {
+        http: true,
+        ..Roles::NONE
+    })
+    .await;
+    let (rx, url) = Receiver::start(vec![Answer::Slow(500, 200)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "twice"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": "twice", "id": "t"}}))
+        .await;
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
+        // The API publishes its own jobs right after its commit; the relay, the worker's.
+        app.relay_all().await;
+        wait_until("the job's message", Duration::from_secs(10), || async {
+            app.queue_depth(kind).await == 1
+        })
+        .await;
+        app.drain_with(&worker, kind).await;
+    }
+    app.relay_all().await;
+    let webhook = take_messages(&app, JobKind::DeliverWebhook).await;
+    assert_eq!(webhook.len(), 1);
+    // The same message again while the first is being sent (a redelivery racing it), and
+    // both at once: one request.
+    let first = {
+        let (worker, message) = (worker.clone(), webhook[0].clone());
+        tokio::spawn(async move { worker.process(vec![Ok(message)]).await })
+    };
+    wait_until("the first request", Duration::from_secs(10), || async {
+        rx.count() == 1
+    })
+    .await;
+    let (again, at_once) = tokio::join!(
+        worker.process(vec![Ok(webhook[0].clone())]),
+        worker.process(vec![Ok(webhook[0].clone())]),
+    );
+    assert_eq!(again.unwrap(), vec![Disposition::Ack]);
+    assert_eq!(at_once.unwrap(), vec![Disposition::Ack]);
+    assert_eq!(first.await.unwrap().unwrap(), vec![Disposition::Ack]);
+    assert_eq!(rx.count(), 1);
+    assert_eq!(webhook_job(&app).await, Some(("completed".into(), 1)));
+    assert_eq!(view(&app, &id).await["status"], "delivered");
+    // And once more, after: the job is completed, nothing is sent.
+    assert_eq!(
+        worker.process(vec![Ok(webhook[0].clone())]).await.unwrap(),
+        vec![Disposition::Ack]
+    );
+    assert_eq!(rx.count(), 1);
     app.finish().await;
 }
