@@ -59,10 +59,11 @@ CREATE TABLE outbox_messages (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- A message written wakes the relays (once per statement, like the ledger's inserts).
+-- A message written wakes the relays' message loops (once per statement), on a channel of
+-- their own: the job loops' claim does not run for it.
 CREATE FUNCTION outbox_messages_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('kongflow_outbox', '');
+    PERFORM pg_notify('kongflow_messages', '');
     RETURN NULL;
 END $$;
 

@@ -100,6 +100,16 @@ impl Relay {
                 .await
             });
         }
+        // The outbox's messages (the runs hand-off) have a loop of their own, woken by their
+        // own notifications, so a message written never makes the job loops claim.
+        let (this, url, stop) = (self.clone(), amqp_url.clone(), shutdown.clone());
+        loops.spawn(async move {
+            crate::supervise::supervise("relay", stop.clone(), || {
+                let (this, url, stop) = (this.clone(), url.clone(), stop.clone());
+                async move { this.run_messages_connected(&url, stop).await }
+            })
+            .await
+        });
         let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_reconciler(stop).await });
         let (this, stop) = (self.clone(), shutdown.clone());
@@ -322,11 +332,7 @@ impl Relay {
 
         while !shutdown.is_cancelled() {
             let (published, waiting) = self.publish_fair(&channel).await?;
-            let messages = self.publish_messages(&channel).await?;
-            if published as i64 >= self.config.relay_batch_size
-                || messages as i64 >= self.config.relay_batch_size
-                || (waiting && published > 0)
-            {
+            if published as i64 >= self.config.relay_batch_size || (waiting && published > 0) {
                 continue;
             }
             let wait = if waiting {
@@ -342,6 +348,38 @@ impl Relay {
                     while listener.next_buffered().is_some() {}
                 }
                 _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let _ = conn.close(200, "shutdown".into()).await;
+        Ok(())
+    }
+
+    /// Publish the outbox's messages until `shutdown`: a batch whenever a notification on
+    /// [`messages::NOTIFY_CHANNEL`] comes, or every `RELAY_POLL_INTERVAL_MS`.
+    async fn run_messages_connected(
+        &self,
+        url: &str,
+        shutdown: CancellationToken,
+    ) -> Result<(), RelayError> {
+        let conn = amqp::connect(
+            url,
+            &format!("kongflow-relay-messages:{}", self.topology.prefix()),
+        )
+        .await?;
+        let channel = self.open_channel(&conn).await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(messages::NOTIFY_CHANNEL).await?;
+        while !shutdown.is_cancelled() {
+            if self.publish_messages(&channel).await? as i64 >= self.config.relay_batch_size {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                n = listener.recv() => {
+                    n?;
+                    while listener.next_buffered().is_some() {}
+                }
+                _ = tokio::time::sleep(self.config.poll_interval()) => {}
             }
         }
         let _ = conn.close(200, "shutdown".into()).await;

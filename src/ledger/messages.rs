@@ -8,6 +8,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 
+/// The channel an insert into `outbox_messages` notifies (once per statement, by a trigger).
+pub const NOTIFY_CHANNEL: &str = "kongflow_messages";
+
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
