@@ -41,34 +41,33 @@ CREATE TABLE webhook_attempts (
 
 CREATE INDEX webhook_attempts_dispatcher_idx ON webhook_attempts (dispatcher_id, id);
 
--- Messages for other services, published by the relay as they are (the outbox beside the
--- ledger's jobs): a row is written in the transaction that causes it, published with a
--- publisher confirm, and deleted once the broker confirmed it. A relay that dies between
--- the confirm and the delete publishes it again (same message id).
-CREATE TABLE outbox_messages (
-    id          bigserial PRIMARY KEY,
-    -- Which exchange of the topology: 'runs'.
-    exchange    text NOT NULL,
-    routing_key text NOT NULL,
-    -- The AMQP message-id (a run's hand-offs carry the run's id and the message type).
-    message_id  text NOT NULL,
-    -- The AMQP type property (`run.created.v1`).
-    type        text NOT NULL,
-    body        jsonb NOT NULL,
+-- The runs hand-off's outbox: one row per message owed to the runs service, written in the
+-- transaction that creates (or cancels) the run; the relay builds the message from the run
+-- and its event when it publishes it, and deletes the row, in its claiming transaction,
+-- once the broker confirmed it. A relay that dies between confirm and commit publishes it
+-- again (same message id).
+CREATE TABLE run_handoffs (
+    id           bigserial PRIMARY KEY,
+    run_id       uuid NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('created', 'cancelled')),
+    -- The trace the run's creation continues (W3C traceparent).
     trace_parent text,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- A message written wakes the relays' message loops (once per statement), on a channel of
--- their own: the job loops' claim does not run for it.
-CREATE FUNCTION outbox_messages_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+-- A statement that wrote hand-offs wakes the relays' hand-off loops, once, on a channel of
+-- their own (the job loops' claim does not run for it).
+CREATE FUNCTION run_handoffs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('kongflow_messages', '');
+    IF EXISTS (SELECT 1 FROM written) THEN
+        PERFORM pg_notify('kongflow_handoffs', '');
+    END IF;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER outbox_messages_notify AFTER INSERT ON outbox_messages
-    FOR EACH STATEMENT EXECUTE FUNCTION outbox_messages_notify();
+CREATE TRIGGER run_handoffs_notify AFTER INSERT ON run_handoffs
+    REFERENCING NEW TABLE AS written
+    FOR EACH STATEMENT EXECUTE FUNCTION run_handoffs_notify();
 
 -- A time as the API writes it: RFC 3339 in UTC with milliseconds (2026-12-03T10:00:00.123Z).
 CREATE FUNCTION iso_time(t timestamptz) RETURNS text LANGUAGE sql IMMUTABLE AS $$

@@ -129,11 +129,11 @@ pub struct Metrics {
     pub webhook_attempts: IntCounterVec,
     /// Time of one webhook attempt, by result.
     pub webhook_duration: HistogramVec,
-    /// Messages of the runs hand-off published, by routing key.
-    pub messages_published: IntCounterVec,
-    /// Messages waiting in the outbox (the runs hand-off), and the oldest one's age.
-    pub messages_backlog: IntGauge,
-    pub messages_oldest_age: prometheus::Gauge,
+    /// Run hand-offs published, by routing key.
+    pub handoffs_published: IntCounterVec,
+    /// Run hand-offs waiting to be published, and the oldest one's age.
+    pub handoff_backlog: IntGauge,
+    pub handoff_oldest_age: prometheus::Gauge,
     /// Jobs in the outbox (not yet published).
     pub outbox_backlog: IntGauge,
     /// Age of the oldest job in the outbox, in seconds.
@@ -353,21 +353,21 @@ impl Metrics {
                 "Time of one webhook attempt",
                 &["result"],
             ),
-            messages_published: counter(
+            handoffs_published: counter(
                 &r,
-                "kongflow_messages_published_total",
-                "Outbox messages (the runs hand-off) confirmed by the broker",
+                "kongflow_handoffs_published_total",
+                "Run hand-offs confirmed by the broker",
                 &["routing_key"],
             ),
-            messages_backlog: gauge(
+            handoff_backlog: gauge(
                 &r,
-                "kongflow_outbox_messages_backlog",
-                "Hand-off messages waiting in the outbox",
+                "kongflow_handoff_backlog",
+                "Run hand-offs waiting to be published",
             ),
-            messages_oldest_age: float_gauge(
+            handoff_oldest_age: float_gauge(
                 &r,
-                "kongflow_outbox_messages_oldest_age_seconds",
-                "Age of the oldest hand-off message waiting in the outbox",
+                "kongflow_handoff_oldest_age_seconds",
+                "Age of the oldest run hand-off waiting to be published",
             ),
             outbox_backlog: gauge(&r, "kongflow_outbox_backlog", "Jobs waiting in the outbox"),
             outbox_oldest_age,
@@ -462,8 +462,8 @@ impl Metrics {
             self.webhook_attempts.with_label_values(&[result]);
             self.webhook_duration.with_label_values(&[result]);
         }
-        for key in [crate::runs::CREATED_KEY, crate::runs::CANCELLED_KEY] {
-            self.messages_published.with_label_values(&[key]);
+        for key in ["run.created", "run.cancelled"] {
+            self.handoffs_published.with_label_values(&[key]);
         }
         for stage in Stage::ALL {
             self.stage_duration.with_label_values(&[stage.as_str()]);

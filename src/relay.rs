@@ -34,7 +34,6 @@ use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::events::retention;
 use crate::failpoint;
-use crate::ledger::messages;
 use crate::ledger::outbox::{self, Claimed};
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{Job, JobKind, JobState, NOTIFY_CHANNEL};
@@ -63,6 +62,8 @@ pub struct Relay {
     config: RelayConfig,
     /// The last environment and kind a claim served: the next one starts after it.
     turn: Arc<Mutex<Option<(Uuid, String)>>>,
+    /// Hand-offs were written: the job loops' listeners tell the hand-off loop.
+    handoffs_written: Arc<tokio::sync::Notify>,
 }
 
 /// How soon the relay looks again when environments' due jobs wait for room in flight. The
@@ -78,6 +79,7 @@ impl Relay {
             topology,
             config,
             turn: Arc::default(),
+            handoffs_written: Arc::default(),
         }
     }
 
@@ -170,9 +172,9 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
-        let (messages, oldest) = messages::backlog(&self.pool).await?;
-        m.messages_backlog.set(messages);
-        m.messages_oldest_age.set(oldest);
+        let (handoffs, oldest) = crate::runs::backlog(&self.pool).await?;
+        m.handoff_backlog.set(handoffs);
+        m.handoff_oldest_age.set(oldest);
         for (table, bytes) in upkeep::table_sizes(&self.pool).await? {
             m.table_bytes.with_label_values(&[&table]).set(bytes);
         }
@@ -326,7 +328,9 @@ impl Relay {
             amqp::connect(url, &format!("kongflow-relay:{}", self.topology.prefix())).await?;
         let channel = self.open_channel(&conn).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(NOTIFY_CHANNEL).await?;
+        listener
+            .listen_all([NOTIFY_CHANNEL, crate::runs::NOTIFY_CHANNEL])
+            .await?;
         let _connected = ConnectedGuard::new("relay");
         tracing::info!("relay connected");
 
@@ -340,22 +344,38 @@ impl Relay {
             } else {
                 self.config.poll_interval()
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                n = listener.recv() => {
-                    n?;
-                    // One pass serves every notification already received.
-                    while listener.next_buffered().is_some() {}
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    n = listener.recv() => {
+                        // One pass serves every notification already received; one for
+                        // the hand-off wakes the hand-off loop, not this one.
+                        let mut jobs = false;
+                        let mut next = Some(n?);
+                        while let Some(n) = next {
+                            if n.channel() == crate::runs::NOTIFY_CHANNEL {
+                                self.handoffs_written.notify_one();
+                            } else {
+                                jobs = true;
+                            }
+                            next = listener.next_buffered();
+                        }
+                        if jobs {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
                 }
-                _ = tokio::time::sleep(wait) => {}
             }
         }
         let _ = conn.close(200, "shutdown".into()).await;
         Ok(())
     }
 
-    /// Publish the outbox's messages until `shutdown`: a batch whenever a notification on
-    /// [`messages::NOTIFY_CHANNEL`] comes, or every `RELAY_POLL_INTERVAL_MS`.
+    /// Publish the runs hand-off until `shutdown`: a batch whenever the job loops hear a
+    /// notification on [`crate::runs::NOTIFY_CHANNEL`] (their listeners serve this loop:
+    /// a listener holds a pool connection for good), or every `RELAY_POLL_INTERVAL_MS`.
     async fn run_messages_connected(
         &self,
         url: &str,
@@ -367,18 +387,13 @@ impl Relay {
         )
         .await?;
         let channel = self.open_channel(&conn).await?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(messages::NOTIFY_CHANNEL).await?;
         while !shutdown.is_cancelled() {
             if self.publish_messages(&channel).await? as i64 >= self.config.relay_batch_size {
                 continue;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                n = listener.recv() => {
-                    n?;
-                    while listener.next_buffered().is_some() {}
-                }
+                _ = self.handoffs_written.notified() => {}
                 _ = tokio::time::sleep(self.config.poll_interval()) => {}
             }
         }
@@ -455,29 +470,27 @@ impl Relay {
         Ok((published, waiting))
     }
 
-    /// Publish one batch of the outbox's messages (the runs hand-off, see [`crate::runs`])
-    /// as they are, and delete those the broker confirmed, in the claiming transaction.
-    /// Returns how many were confirmed.
+    /// Publish one batch of the runs hand-off (see [`crate::runs`]) and delete the
+    /// hand-offs the broker confirmed, in the claiming transaction. Returns how many were
+    /// confirmed.
     pub async fn publish_messages(&self, channel: &Channel) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = messages::claim(
-            &mut tx,
-            self.config.relay_batch_size,
-            &[crate::runs::EXCHANGE],
-        )
-        .await?;
+        let claimed = crate::runs::claim(&mut tx, self.config.relay_batch_size).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
+        let exchange = self.topology.runs_exchange();
+        let mut done = Vec::with_capacity(claimed.len());
         let mut pending = Vec::with_capacity(claimed.len());
-        for m in &claimed {
-            let Some(exchange) = self.topology.outbox_exchange(&m.exchange) else {
-                tracing::error!(message_id = %m.message_id, exchange = %m.exchange,
-                    "outbox message for an exchange this build does not know left in the outbox");
+        for h in &claimed {
+            let Some(body) = &h.body else {
+                tracing::warn!(run = %h.run_id, kind = %h.kind,
+                    "run gone before its hand-off was published (retention, or its environment deleted): dropped");
+                done.push(h.id);
                 continue;
             };
             let mut headers = lapin::types::FieldTable::default();
-            if let Some(tp) = &m.trace_parent {
+            if let Some(tp) = &h.trace_parent {
                 headers.insert(
                     "traceparent".into(),
                     lapin::types::AMQPValue::LongString(tp.clone().into()),
@@ -487,14 +500,14 @@ impl Relay {
                 .with_headers(headers)
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)
-                .with_message_id(m.message_id.as_str().into())
-                .with_type(m.r#type.as_str().into())
+                .with_message_id(h.message_id().into())
+                .with_type(h.amqp_type().into())
                 .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
-            let body = serde_json::to_vec(&m.body).expect("a JSON value serializes");
+            let body = serde_json::to_vec(body).expect("a JSON value serializes");
             let confirm = channel
                 .basic_publish(
                     exchange.as_str().into(),
-                    m.routing_key.as_str().into(),
+                    h.routing_key().as_str().into(),
                     lapin::options::BasicPublishOptions {
                         mandatory: true,
                         ..Default::default()
@@ -503,42 +516,43 @@ impl Relay {
                     properties,
                 )
                 .await?;
-            pending.push(async move { (m, confirm.await) });
+            pending.push(async move { (h, confirm.await) });
         }
         let timeout = self.config.confirm_timeout();
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
-        let mut confirmed = Vec::with_capacity(confirms.len());
-        for (m, confirm) in confirms {
+        let mut confirmed = 0;
+        for (h, confirm) in confirms {
             let confirm = confirm?;
             let acked = confirm.is_ack();
             match confirm.take_message() {
                 None if acked => {
                     metrics()
-                        .messages_published
-                        .with_label_values(&[&m.routing_key])
+                        .handoffs_published
+                        .with_label_values(&[&h.routing_key()])
                         .inc();
-                    confirmed.push(m.id);
+                    done.push(h.id);
+                    confirmed += 1;
                 }
                 Some(returned) => {
-                    tracing::error!(message_id = %m.message_id, reply = %returned.reply_text,
-                    "outbox message returned by the broker (is the runs queue declared?)")
+                    tracing::error!(message_id = %h.message_id(), reply = %returned.reply_text,
+                    "hand-off returned by the broker (is the runs queue declared?); it stays in the outbox")
                 }
                 None => {
-                    tracing::warn!(message_id = %m.message_id, "outbox message nacked by the broker")
+                    tracing::warn!(message_id = %h.message_id(), "hand-off nacked by the broker; it stays in the outbox")
                 }
             }
         }
         failpoint::hit(failpoint::RELAY_AFTER_MESSAGE_CONFIRM);
-        messages::published(&mut tx, &confirmed).await?;
+        crate::runs::published(&mut tx, &done).await?;
         tx.commit().await?;
         tracing::debug!(
-            published = confirmed.len(),
+            published = confirmed,
             claimed = claimed.len(),
-            "outbox messages published"
+            "run hand-offs published"
         );
-        Ok(confirmed.len())
+        Ok(confirmed)
     }
 
     /// Publish every claimed job (a discarded one to the dead letters) and wait for all

@@ -282,11 +282,6 @@ impl Topology {
         format!("{}.runs", self.prefix)
     }
 
-    /// The exchange of an outbox message's `exchange` column (see [`crate::runs`]).
-    pub fn outbox_exchange(&self, name: &str) -> Option<String> {
-        (name == crate::runs::EXCHANGE).then(|| self.runs_exchange())
-    }
-
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
         let mut names: Vec<String> = JobKind::ALL.iter().flat_map(|k| self.queues(*k)).collect();

@@ -6,7 +6,6 @@ use uuid::Uuid;
 
 use super::JobError;
 use crate::ledger::{InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert};
-use crate::runs::{self, Created};
 use crate::trace::TraceParent;
 
 /// Invoke a batch of (dispatcher, event) pairs. A dispatcher or event that is gone, a
@@ -14,8 +13,8 @@ use crate::trace::TraceParent;
 ///
 /// - JOB_VERSION creates one run of its version; DYNAMIC_TRIGGER one run of the latest
 ///   version of each attached job. Runs are unique per (event, dispatcher, job version), so
-///   a second invocation inserts nothing; each run created gets its `run.created` message
-///   in the outbox, in this transaction (see [`crate::runs`]).
+///   a second invocation inserts nothing; each run created gets its `run.created`
+///   hand-off in the same statement (see [`crate::runs`]).
 /// - EPHEMERAL fires once: the first invocation while it is live (enabled, not fired, not
 ///   expired) disables it and inserts its `events.deliverWebhook` job; any other finds it
 ///   fired and does nothing.
@@ -46,7 +45,8 @@ pub async fn run(
                 .map(|t| t.child().to_string())
         })
         .collect();
-    let created = sqlx::query!(
+    // The runs, and their hand-offs (`crate::runs`), in one statement.
+    let created = sqlx::query_scalar!(
         r#"WITH created AS (
            INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
            SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
@@ -64,33 +64,33 @@ pub async fn run(
                  AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
            ) t ON true
            ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING
-           RETURNING id, event_record_id, dispatcher_id, created_at)
-           SELECT c.id, c.event_record_id, c.dispatcher_id,
-                  EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS "late!"
+           RETURNING id, event_record_id, dispatcher_id, created_at),
+           handed AS (
+           INSERT INTO run_handoffs (run_id, kind, trace_parent)
+           SELECT c.id, $4, t.trace FROM created c
+           JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS t(dispatcher_id, event_id, trace)
+             ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id)
+           SELECT EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS "late!"
            FROM created c JOIN event_records e ON e.id = c.event_record_id"#,
         &dispatchers,
-        &events
+        &events,
+        &traces as &[Option<String>],
+        crate::runs::CREATED
     )
     .fetch_all(&mut *tx)
     .await?;
     let latency = crate::metrics::metrics()
         .event_latency
         .with_label_values(&[crate::ledger::JobKind::InvokeDispatcher.as_str()]);
+    for late in &created {
+        latency.observe(late.max(0.0));
+    }
     let trace_of = |dispatcher: Uuid, event: Uuid| {
         pairs
             .iter()
             .position(|a| a.id == dispatcher && a.event_record_id == event)
             .and_then(|i| traces[i].clone())
     };
-    let mut handed = Vec::with_capacity(created.len());
-    for run in &created {
-        latency.observe(run.late.max(0.0));
-        handed.push(Created {
-            run_id: run.id,
-            trace_parent: trace_of(run.dispatcher_id, run.event_record_id),
-        });
-    }
-    runs::hand_off_created(tx, &handed).await?;
 
     // EPHEMERAL: the row locks (taken in id order, so two batches cannot deadlock)
     // serialize two invocations of one dispatcher (two events matched it); the second finds

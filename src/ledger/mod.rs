@@ -11,14 +11,11 @@
 //! - [`run`]: take jobs to run (marked completed in the handler's transaction), record a
 //!   failure (retry or discard), cancel or move a job by its arguments;
 //! - [`operator`]: list, get, retry and cancel for `kongflow-events jobs`;
-//! - [`upkeep`]: the reconciler and retention;
-//! - [`messages`]: the outbox's other table, messages for other services (the runs
-//!   hand-off), claimed and deleted once published.
+//! - [`upkeep`]: the reconciler and retention.
 //!
 //! The relay publishes rows to RabbitMQ later; nothing here talks to the broker.
 
 pub mod insert;
-pub mod messages;
 pub mod operator;
 pub mod outbox;
 pub mod run;

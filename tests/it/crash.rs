@@ -408,14 +408,14 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
     app.drain_with(&worker, JobKind::DeliverEvent).await;
     invoke_by_hand(&app, &worker).await;
     assert_eq!(
-        count(&app, "SELECT count(*) FROM outbox_messages").await,
+        count(&app, "SELECT count(*) FROM run_handoffs").await,
         1,
         "the run's hand-off, written with it"
     );
 
     run_until_abort(&app, "relay", "relay-after-message-confirm").await;
     assert_eq!(
-        count(&app, "SELECT count(*) FROM outbox_messages").await,
+        count(&app, "SELECT count(*) FROM run_handoffs").await,
         1,
         "still in the outbox"
     );
@@ -426,7 +426,7 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
     );
     // The next relay publishes it again: a repeat, with the same message id.
     assert_eq!(app.relay_messages().await, 1);
-    assert_eq!(count(&app, "SELECT count(*) FROM outbox_messages").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM run_handoffs").await, 0);
     assert_eq!(app.assert_handed_off_once().await, 1);
     app.finish().await;
 }

@@ -28,7 +28,7 @@ async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
     })
     .await;
     wait_until("the outbox to empty", Duration::from_secs(20), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_messages")
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
             .fetch_one(&app.pool)
             .await
             .unwrap()

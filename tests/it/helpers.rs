@@ -558,7 +558,7 @@ impl TestApp {
     /// runs, or by a relay step here.
     pub async fn take_hand_offs(&self) -> Vec<(String, String, String, Value)> {
         let waiting = || async {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox_messages")
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
                 .fetch_one(&self.pool)
                 .await
                 .unwrap()
