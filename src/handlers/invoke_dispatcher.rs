@@ -46,7 +46,11 @@ pub async fn run(
         })
         .collect();
     // The runs, and their hand-offs (`crate::runs`), in one statement.
-    let created = sqlx::query_scalar!(
+    // EPHEMERAL, in the same statement: the row locks (taken in id order, so two batches
+    // cannot deadlock) serialize two invocations of one dispatcher (two events matched it);
+    // the second finds it fired. Of two pairs naming it in this batch, the UPDATE takes one.
+    // Rows out: a run created (with its lateness), or a dispatcher fired.
+    let rows = sqlx::query!(
         r#"WITH created AS (
            INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
            SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
@@ -69,9 +73,24 @@ pub async fn run(
            INSERT INTO run_handoffs (run_id, kind, trace_parent)
            SELECT c.id, $4, t.trace FROM created c
            JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS t(dispatcher_id, event_id, trace)
-             ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id)
-           SELECT EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS "late!"
-           FROM created c JOIN event_records e ON e.id = c.event_record_id"#,
+             ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id),
+           fired AS (
+           UPDATE event_dispatchers d
+           SET enabled = false, fired_at = now(), updated_at = now()
+           FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
+           JOIN event_records e ON e.id = a.event_id
+           WHERE d.id = a.dispatcher_id AND d.id IN (
+                   SELECT id FROM event_dispatchers
+                   WHERE id = ANY($1) AND dispatchable_type = 'EPHEMERAL'
+                   ORDER BY id FOR UPDATE)
+             AND d.enabled AND d.fired_at IS NULL AND d.expires_at > now()
+             AND e.environment_id = d.environment_id
+           RETURNING d.id, e.id AS event_id, d.environment_id)
+           SELECT NULL::uuid AS fired, NULL::uuid AS event, NULL::uuid AS environment,
+                  EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS late
+           FROM created c JOIN event_records e ON e.id = c.event_record_id
+           UNION ALL
+           SELECT f.id, f.event_id, f.environment_id, NULL FROM fired f"#,
         &dispatchers,
         &events,
         &traces as &[Option<String>],
@@ -82,8 +101,16 @@ pub async fn run(
     let latency = crate::metrics::metrics()
         .event_latency
         .with_label_values(&[crate::ledger::JobKind::InvokeDispatcher.as_str()]);
-    for late in &created {
-        latency.observe(late.max(0.0));
+    let mut created = 0;
+    let mut fired = Vec::new();
+    for row in rows {
+        match (row.fired, row.event, row.environment) {
+            (Some(id), Some(event), Some(environment)) => fired.push((id, event, environment)),
+            _ => {
+                created += 1;
+                latency.observe(row.late.unwrap_or(0.0).max(0.0));
+            }
+        }
     }
     let trace_of = |dispatcher: Uuid, event: Uuid| {
         pairs
@@ -91,42 +118,21 @@ pub async fn run(
             .position(|a| a.id == dispatcher && a.event_record_id == event)
             .and_then(|i| traces[i].clone())
     };
-
-    // EPHEMERAL: the row locks (taken in id order, so two batches cannot deadlock)
-    // serialize two invocations of one dispatcher (two events matched it); the second finds
-    // it fired. Of two pairs naming it in this batch, the UPDATE takes one.
-    let fired = sqlx::query!(
-        r#"UPDATE event_dispatchers d
-           SET enabled = false, fired_at = now(), updated_at = now()
-           FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
-           JOIN event_records e ON e.id = a.event_id
-           WHERE d.id = a.dispatcher_id AND d.id IN (
-                   SELECT id FROM event_dispatchers
-                   WHERE id = ANY($1) AND dispatchable_type = 'EPHEMERAL'
-                   ORDER BY id FOR UPDATE)
-             AND d.enabled AND d.fired_at IS NULL AND d.expires_at > now()
-             AND e.environment_id = d.environment_id
-           RETURNING d.id, e.id AS event_id, d.environment_id"#,
-        &dispatchers,
-        &events
-    )
-    .fetch_all(&mut *tx)
-    .await?;
     let webhooks: Vec<JobInsert> = fired
         .iter()
-        .map(|f| {
+        .map(|&(id, event, environment)| {
             let i = pairs
                 .iter()
-                .position(|a| a.id == f.id && a.event_record_id == f.event_id);
+                .position(|a| a.id == id && a.event_record_id == event);
             JobInsert::deliver_webhook(
                 InvokeDispatcherArgs {
-                    id: f.id,
-                    event_record_id: f.event_id,
+                    id,
+                    event_record_id: event,
                 },
                 InsertOpts {
                     priority: i.map_or_else(Default::default, |i| jobs[i].0.priority),
-                    trace_parent: trace_of(f.id, f.event_id),
-                    environment_id: Some(f.environment_id),
+                    trace_parent: trace_of(id, event),
+                    environment_id: Some(environment),
                     caller_publishes,
                     ..InsertOpts::default()
                 },
@@ -136,7 +142,7 @@ pub async fn run(
     let inserted = crate::ledger::insert_many(tx, webhooks).await?;
     tracing::debug!(
         invocations = batch.len(),
-        created = created.len(),
+        created,
         webhooks = fired.len(),
         "dispatchers invoked"
     );
