@@ -9,6 +9,16 @@ use serde_json::{Value, json};
 use crate::examples::schema_verdicts;
 use crate::helpers::{TestApp, job_body, wait_until};
 
+async fn cancel_runs(app: &TestApp, event: &str) -> (StatusCode, Value) {
+    app.request(
+        Method::POST,
+        &format!("/api/v1/events/{event}/cancel-runs"),
+        Some(&app.api_key),
+        None,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
     let app = TestApp::spawn().await;
@@ -82,14 +92,7 @@ async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
         vec![true, true, false, false, false]
     );
 
-    let (status, v) = app
-        .request(
-            Method::POST,
-            "/api/v1/events/o-1/cancel-runs",
-            Some(&app.api_key),
-            None,
-        )
-        .await;
+    let (status, v) = cancel_runs(&app, "o-1").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let cancelled: Vec<Value> = v["cancelledRunIds"].as_array().unwrap().clone();
     assert_eq!(cancelled.len(), 2);
@@ -125,14 +128,7 @@ async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
         vec![true, true, false]
     );
     // Cancelling again cancels nothing, and hands nothing off.
-    let (_, again) = app
-        .request(
-            Method::POST,
-            "/api/v1/events/o-1/cancel-runs",
-            Some(&app.api_key),
-            None,
-        )
-        .await;
+    let (_, again) = cancel_runs(&app, "o-1").await;
     assert_eq!(again["cancelledRunIds"], json!([]));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(app.take_hand_offs().await.is_empty());

@@ -536,6 +536,15 @@ async fn many_events_matching_one_dispatcher_deliver_once() {
     app.finish().await;
 }
 
+/// The API alone: no relay or worker, the test publishes and runs each step.
+async fn http_only() -> TestApp {
+    TestApp::spawn_with(Roles {
+        http: true,
+        ..Roles::NONE
+    })
+    .await
+}
+
 /// Every message of `kind` waiting, parsed (acknowledged: the test runs them by hand).
 async fn take_messages(app: &TestApp, kind: JobKind) -> Vec<JobMessage> {
     let mut got = Vec::new();
@@ -550,11 +559,7 @@ async fn take_messages(app: &TestApp, kind: JobKind) -> Vec<JobMessage> {
 async fn racing_invocations_fire_once_and_one_expired_by_then_fires_not() {
     // No relay or worker of its own: the test publishes and runs each step, so the ten
     // invocations of one dispatcher run in ten transactions at once.
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = http_only().await;
     let (_, created) = create(&app, json!({"url": "http://127.0.0.1:9/a", "name": "race"})).await;
     let racing = created["id"].as_str().unwrap().to_string();
     let (_, created) = create(&app, json!({"url": "http://127.0.0.1:9/b", "name": "late"})).await;
@@ -615,11 +620,7 @@ async fn racing_invocations_fire_once_and_one_expired_by_then_fires_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_message_run_again_while_it_is_sent_sends_once() {
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = http_only().await;
     let (rx, url) = Receiver::start(vec![Answer::Slow(500, 200)]).await;
     let (_, created) = create(&app, json!({"url": url, "name": "twice"})).await;
     let id = created["id"].as_str().unwrap().to_string();
