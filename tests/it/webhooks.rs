@@ -100,15 +100,18 @@ async fn create(app: &TestApp, body: Value) -> (StatusCode, Value) {
     .await
 }
 
+async fn get_dispatcher(app: &TestApp, id: &str) -> (StatusCode, Value) {
+    app.request(
+        Method::GET,
+        &format!("/api/v1/event-dispatchers/{id}"),
+        Some(&app.api_key),
+        None,
+    )
+    .await
+}
+
 async fn view(app: &TestApp, id: &str) -> Value {
-    let (status, v) = app
-        .request(
-            Method::GET,
-            &format!("/api/v1/event-dispatchers/{id}"),
-            Some(&app.api_key),
-            None,
-        )
-        .await;
+    let (status, v) = get_dispatcher(app, id).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     v
 }
@@ -466,15 +469,7 @@ async fn an_expired_dispatcher_delivers_nothing() {
     .unwrap();
     let deleted: u64 = retain().await.unwrap().iter().map(|d| d.dispatchers).sum();
     assert_eq!(deleted, 1);
-    let (status, _) = app
-        .request(
-            Method::GET,
-            &format!("/api/v1/event-dispatchers/{id}"),
-            Some(&app.api_key),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(get_dispatcher(&app, &id).await.0, StatusCode::NOT_FOUND);
     assert_eq!(
         view(&app, renewed["id"].as_str().unwrap()).await["status"],
         "waiting"
