@@ -29,7 +29,9 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::amqp::publish::{DeadJob, count_published, log_published, properties, publish_dead};
+use crate::amqp::publish::{
+    DeadJob, count_published, log_published, properties, publish_dead, publish_handoff,
+};
 use crate::amqp::{self, JobMessage, Topology, publish_job};
 use crate::config::RelayConfig;
 use crate::events::retention;
@@ -108,7 +110,7 @@ impl Relay {
         loops.spawn(async move {
             crate::supervise::supervise("relay", stop.clone(), || {
                 let (this, url, stop) = (this.clone(), url.clone(), stop.clone());
-                async move { this.run_messages_connected(&url, stop).await }
+                async move { this.run_handoffs_connected(&url, stop).await }
             })
             .await
         });
@@ -376,7 +378,7 @@ impl Relay {
     /// Publish the runs hand-off until `shutdown`: a batch whenever the job loops hear a
     /// notification on [`crate::runs::NOTIFY_CHANNEL`] (their listeners serve this loop:
     /// a listener holds a pool connection for good), or every `RELAY_POLL_INTERVAL_MS`.
-    async fn run_messages_connected(
+    async fn run_handoffs_connected(
         &self,
         url: &str,
         shutdown: CancellationToken,
@@ -388,7 +390,7 @@ impl Relay {
         .await?;
         let channel = self.open_channel(&conn).await?;
         while !shutdown.is_cancelled() {
-            if self.publish_messages(&channel).await? as i64 >= self.config.relay_batch_size {
+            if self.publish_handoffs(&channel).await? as i64 >= self.config.relay_batch_size {
                 continue;
             }
             tokio::select! {
@@ -473,13 +475,12 @@ impl Relay {
     /// Publish one batch of the runs hand-off (see [`crate::runs`]) and delete the
     /// hand-offs the broker confirmed, in the claiming transaction. Returns how many were
     /// confirmed.
-    pub async fn publish_messages(&self, channel: &Channel) -> Result<usize, RelayError> {
+    pub async fn publish_handoffs(&self, channel: &Channel) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
         let claimed = crate::runs::claim(&mut tx, self.config.relay_batch_size).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
-        let exchange = self.topology.runs_exchange();
         let mut done = Vec::with_capacity(claimed.len());
         let mut pending = Vec::with_capacity(claimed.len());
         for h in &claimed {
@@ -489,33 +490,7 @@ impl Relay {
                 done.push(h.id);
                 continue;
             };
-            let mut headers = lapin::types::FieldTable::default();
-            if let Some(tp) = &h.trace_parent {
-                headers.insert(
-                    "traceparent".into(),
-                    lapin::types::AMQPValue::LongString(tp.clone().into()),
-                );
-            }
-            let properties = lapin::BasicProperties::default()
-                .with_headers(headers)
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_message_id(h.message_id().into())
-                .with_type(h.amqp_type().into())
-                .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64);
-            let body = serde_json::to_vec(body).expect("a JSON value serializes");
-            let confirm = channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    h.routing_key().as_str().into(),
-                    lapin::options::BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?;
+            let confirm = publish_handoff(channel, &self.topology, h, body).await?;
             pending.push(async move { (h, confirm.await) });
         }
         let timeout = self.config.confirm_timeout();

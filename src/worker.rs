@@ -564,19 +564,12 @@ impl Worker {
             return Ok(dispositions);
         }
 
-        if webhooks {
-            let missing = self.run_webhooks(&ids).await?;
-            for (d, id) in dispositions.iter_mut().zip(&message_ids) {
-                if let Some(id) = id
-                    && missing.contains(id)
-                {
-                    *d = Disposition::DeadLetter(format!("the ledger has no job {id}"));
-                }
-            }
-            failpoint::hit(failpoint::WORKER_AFTER_COMMIT);
-            return Ok(dispositions);
-        }
-        let (outcome, missing) = self.run_jobs(&ids, false).await?;
+        // Webhooks record their own failures (each runs alone).
+        let (outcome, missing) = if webhooks {
+            (Ok(()), self.run_webhooks(&ids).await?)
+        } else {
+            self.run_jobs(&ids, false).await?
+        };
         for (d, id) in dispositions.iter_mut().zip(&message_ids) {
             if let Some(id) = id
                 && missing.contains(id)
@@ -619,8 +612,8 @@ impl Worker {
                 let error = JobError::Permanent(format!("job {} is no webhook", job.id));
                 return self.record_failure(job.id, &error).await.map(drop);
             };
-            let webhook = &handlers::deliver_webhook::attempt;
-            let error = match webhook(&self.pool, &self.webhooks, job, args).await? {
+            let sent = handlers::deliver_webhook::attempt(&self.pool, &self.webhooks, job, args);
+            let error = match sent.await? {
                 Ok(()) => match self.run_jobs(&[job.id], true).await? {
                     (Ok(()), _) => return Ok(()),
                     (Err(error), _) => error,

@@ -211,22 +211,56 @@ pub async fn publish_dead(
 
 /// The AMQP properties of a job's message.
 pub fn properties(job: &Job) -> BasicProperties {
+    json_properties(
+        &job.id.to_string(),
+        job.kind.as_str(),
+        job.trace_parent.as_deref(),
+    )
+    .with_priority(job.priority.amqp_priority())
+}
+
+/// Properties every message this service publishes carries: persistent JSON, its id and
+/// type, the time, and the W3C `traceparent` header when there is one.
+fn json_properties(message_id: &str, kind: &str, trace_parent: Option<&str>) -> BasicProperties {
     let mut headers = lapin::types::FieldTable::default();
-    if let Some(tp) = &job.trace_parent {
-        headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(tp.clone().into()),
-        );
+    if let Some(tp) = trace_parent {
+        headers.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
     }
     BasicProperties::default()
         .with_headers(headers)
         .with_content_type("application/json".into())
         // 2: persistent, written to disk by the broker.
         .with_delivery_mode(2)
-        .with_priority(job.priority.amqp_priority())
-        .with_message_id(job.id.to_string().into())
-        .with_type(job.kind.as_str().into())
+        .with_message_id(message_id.into())
+        .with_type(kind.into())
         .with_timestamp(Utc::now().timestamp().max(0) as u64)
+}
+
+/// Publish a run hand-off (see [`crate::runs`]) to the runs exchange, `mandatory`, for a
+/// publisher confirm. `body` is its message.
+pub async fn publish_handoff(
+    channel: &Channel,
+    topology: &Topology,
+    handoff: &crate::runs::HandOff,
+    body: &serde_json::Value,
+) -> lapin::Result<PublisherConfirm> {
+    let properties = json_properties(
+        &handoff.message_id(),
+        &handoff.amqp_type(),
+        handoff.trace_parent.as_deref(),
+    );
+    channel
+        .basic_publish(
+            topology.runs_exchange().as_str().into(),
+            handoff.routing_key().as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &serde_json::to_vec(body).expect("a JSON value serializes"),
+            properties,
+        )
+        .await
 }
 
 #[cfg(test)]

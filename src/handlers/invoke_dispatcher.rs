@@ -112,15 +112,10 @@ pub async fn run(
             }
         }
     }
-    let trace_of = |dispatcher: Uuid, event: Uuid| {
-        pairs
-            .iter()
-            .position(|a| a.id == dispatcher && a.event_record_id == event)
-            .and_then(|i| traces[i].clone())
-    };
     let webhooks: Vec<JobInsert> = fired
         .iter()
         .map(|&(id, event, environment)| {
+            // The invocation that fired it: its priority and trace carry on.
             let i = pairs
                 .iter()
                 .position(|a| a.id == id && a.event_record_id == event);
@@ -131,7 +126,7 @@ pub async fn run(
                 },
                 InsertOpts {
                     priority: i.map_or_else(Default::default, |i| jobs[i].0.priority),
-                    trace_parent: trace_of(id, event),
+                    trace_parent: i.and_then(|i| traces[i].clone()),
                     environment_id: Some(environment),
                     caller_publishes,
                     ..InsertOpts::default()

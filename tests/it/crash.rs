@@ -425,7 +425,7 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
         "but published"
     );
     // The next relay publishes it again: a repeat, with the same message id.
-    assert_eq!(app.relay_messages().await, 1);
+    assert_eq!(app.relay_handoffs().await, 1);
     assert_eq!(count(&app, "SELECT count(*) FROM run_handoffs").await, 0);
     assert_eq!(app.assert_handed_off_once().await, 1);
     app.finish().await;

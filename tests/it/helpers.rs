@@ -538,12 +538,12 @@ impl TestApp {
     }
 
     /// Publish every message of the outbox (the runs hand-off) with a relay step; how many.
-    pub async fn relay_messages(&self) -> usize {
+    pub async fn relay_handoffs(&self) -> usize {
         let relay = self.relay();
         let channel = relay.open_channel(&self.amqp).await.unwrap();
         let mut total = 0;
         loop {
-            let n = relay.publish_messages(&channel).await.unwrap();
+            let n = relay.publish_handoffs(&channel).await.unwrap();
             if n == 0 {
                 break;
             }
@@ -564,7 +564,7 @@ impl TestApp {
                 .unwrap()
         };
         if waiting().await > 0 {
-            self.relay_messages().await;
+            self.relay_handoffs().await;
         }
         let mut got = Vec::new();
         while let Some(m) = self
