@@ -37,6 +37,7 @@ use crate::config::RelayConfig;
 use crate::events::retention;
 use crate::failpoint;
 use crate::ledger::outbox::{self, Claimed};
+use crate::ledger::publishers;
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{Job, JobKind, JobState, NOTIFY_CHANNEL};
 use crate::metrics::ConnectedGuard;
@@ -117,6 +118,8 @@ impl Relay {
         let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_reconciler(stop).await });
         let (this, stop) = (self.clone(), shutdown.clone());
+        loops.spawn(async move { this.run_reaper(stop).await });
+        let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_retention(stop).await });
         if let Some(interval) = self.config.vacuum_interval() {
             let (this, stop) = (self.clone(), shutdown.clone());
@@ -137,6 +140,22 @@ impl Relay {
                     "reconciler put overdue jobs back in the outbox (their messages went missing)"
                 ),
                 Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
+            }
+        })
+        .await
+    }
+
+    /// Every [`publishers::HEARTBEAT`], put back in the outbox the unsettled jobs of
+    /// processes that stopped beating (they died between a commit and its confirms).
+    async fn run_reaper(&self, shutdown: CancellationToken) {
+        every(publishers::HEARTBEAT, &shutdown, || async {
+            match publishers::reap(&self.pool, publishers::STALE_AFTER).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    jobs = n,
+                    "a publishing process stopped beating; its unconfirmed jobs went back to the outbox"
+                ),
+                Err(e) => tracing::warn!(error = %e, "publisher reaper pass failed"),
             }
         })
         .await

@@ -35,6 +35,7 @@ use crate::amqp::{self, DirectPublisher, JobMessage, Topology, publish_job};
 use crate::config::WorkerConfig;
 use crate::failpoint;
 use crate::handlers::{self, JobError};
+use crate::ledger::publishers::{PublishedBy, Ticket};
 use crate::ledger::run::{self, Failure};
 use crate::ledger::{Job, JobKind, outbox};
 use crate::metrics::ConnectedGuard;
@@ -640,6 +641,13 @@ impl Worker {
         leased: bool,
     ) -> Result<(Result<(), JobError>, Vec<i64>), sqlx::Error> {
         let started = std::time::Instant::now();
+        // Taken before the transaction: the jobs it inserts for this process to publish
+        // carry its stamp from their first commit.
+        let ticket = match &self.publisher {
+            Some(p) => Some(p.ticket().await?),
+            None => None,
+        };
+        let stamp = ticket.as_ref().map(Ticket::stamp);
         let mut tx = self.pool.begin().await?;
         let taken = if leased {
             run::take_leased(&mut tx, ids).await?
@@ -662,28 +670,32 @@ impl Worker {
             tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
                 event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job started");
         }
-        let mut inserted = match self.run_by_kind(&mut tx, &taken.jobs).await {
+        let mut inserted = match self.run_by_kind(&mut tx, &taken.jobs, stamp).await {
             Ok(inserted) => inserted,
             Err(e) => return Ok((Err(e), taken.missing)),
         };
-        if self.publisher.is_some() {
+        if let Some(stamp) = stamp {
             // The room these jobs leave in flight goes to their environments' next jobs.
-            inserted.extend(outbox::refill(&mut tx, &freed_by(&taken.jobs)).await?);
+            inserted.extend(outbox::refill(&mut tx, &freed_by(&taken.jobs), stamp).await?);
         }
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::WorkerCommit, committing);
         count_completed(&self.topology, &taken.jobs, started_at);
-        if let Some(p) = &self.publisher {
-            p.publish(&inserted).await;
+        if let (Some(p), Some(ticket)) = (&self.publisher, ticket) {
+            p.publish(&inserted, ticket).await;
         }
         Ok((Ok(()), taken.missing))
     }
 
     /// Each kind's handler on its jobs, timed; the first error stops the batch. Returns the
     /// jobs the handlers inserted.
-    async fn run_by_kind(&self, tx: &mut PgConnection, jobs: &[Job]) -> Result<Vec<Job>, JobError> {
-        let caller_publishes = self.publisher.is_some();
+    async fn run_by_kind(
+        &self,
+        tx: &mut PgConnection,
+        jobs: &[Job],
+        caller_publishes: Option<PublishedBy>,
+    ) -> Result<Vec<Job>, JobError> {
         let mut inserted = Vec::new();
         let mut kinds: Vec<JobKind> = jobs.iter().map(|j| j.kind).collect();
         kinds.sort_unstable();

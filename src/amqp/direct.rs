@@ -6,10 +6,13 @@
 //! publishes each through [`publish_job`] (due now to the work exchange, due later into the
 //! delay tiers) and waits for the broker's confirms. What the broker does not confirm (a
 //! nack, a return, a timeout, a lost connection) goes back to the outbox, which wakes the
-//! relays: the relay stays the guarantee. A process that dies between its commit and its
-//! publish leaves jobs marked but never sent; the reconciler publishes them again once they
-//! are overdue by `RECONCILE_MARGIN_MS`. Either way nothing committed is lost, and a job
-//! published twice runs once (the worker takes only jobs that are not final).
+//! relays: the relay stays the guarantee. The rows carry the stamp of a
+//! [`Ticket`] taken before their transaction: a process that dies between its commit and
+//! its confirms stops its heartbeat, and the relay puts the jobs of its unsettled tickets
+//! back in the outbox within seconds (`ledger::publishers`); a role that fails there drops
+//! its ticket unsettled, and the process's next heartbeat does the same. Either way nothing
+//! committed is lost, and a job published twice runs once (the worker takes only jobs that
+//! are not final).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use super::publish::{count_published, log_published, properties, publish_job};
 use super::{JobMessage, Topology};
 use crate::failpoint;
+use crate::ledger::publishers::{Publisher, Ticket};
 use crate::ledger::{Job, outbox};
 use crate::metrics::{Stage, metrics};
 
@@ -40,6 +44,8 @@ struct Inner {
     pool: PgPool,
     confirm_timeout: Duration,
     link: Mutex<Option<(Connection, Channel)>>,
+    /// This process's record of the jobs it marked published and has not settled.
+    publisher: Publisher,
     /// Publishes started with [`DirectPublisher::publish_soon`], for
     /// [`DirectPublisher::drain`].
     running: TaskTracker,
@@ -58,6 +64,7 @@ impl DirectPublisher {
             inner: Arc::new(Inner {
                 url,
                 topology,
+                publisher: Publisher::new(pool.clone()),
                 pool,
                 confirm_timeout,
                 link: Mutex::new(None),
@@ -67,11 +74,18 @@ impl DirectPublisher {
         }
     }
 
+    /// A ticket for the jobs one transaction is about to mark published for this process to
+    /// publish (stamp them with [`Ticket::stamp`]; pass it to the publish after the commit).
+    pub async fn ticket(&self) -> Result<Ticket, sqlx::Error> {
+        self.inner.publisher.ticket().await
+    }
+
     /// Publish in a task of its own (see [`DirectPublisher::publish`]), so the caller need
     /// not wait for the broker's confirms; [`DirectPublisher::drain`] waits for it. Waits
     /// only while [`MAX_PUBLISHES_IN_FLIGHT`] others are under way.
-    pub async fn publish_soon(&self, jobs: Vec<Job>) {
+    pub async fn publish_soon(&self, jobs: Vec<Job>, ticket: Ticket) {
         if jobs.is_empty() {
+            ticket.settle();
             return;
         }
         let permit = self
@@ -83,24 +97,29 @@ impl DirectPublisher {
             .expect("the semaphore is never closed");
         let this = self.clone();
         self.inner.running.spawn(async move {
-            this.publish(&jobs).await;
+            this.publish(&jobs, ticket).await;
             drop(permit);
         });
     }
 
-    /// Wait for the publishes started with [`DirectPublisher::publish_soon`]: a process
-    /// that stops calls it once nothing can start another, before it exits.
+    /// Wait for the publishes started with [`DirectPublisher::publish_soon`], then settle
+    /// and remove this process's publisher record: a process that stops calls it once
+    /// nothing can start another, before it exits.
     pub async fn drain(&self) {
         self.inner.running.close();
         self.inner.running.wait().await;
+        self.inner.publisher.end().await;
     }
 
-    /// Publish jobs whose transaction has committed (inserted with `caller_publishes`).
-    /// Never fails: what the broker does not confirm goes back to the outbox. Jobs the
-    /// insert left unmarked (their environment had no room in flight) are the relay's.
-    pub async fn publish(&self, jobs: &[Job]) {
+    /// Publish jobs whose transaction has committed (inserted with `caller_publishes`,
+    /// stamped with `ticket`), and settle the ticket. Never fails: what the broker does not
+    /// confirm goes back to the outbox (if that fails too, the ticket is dropped unsettled
+    /// and the heartbeat tries again). Jobs the insert left unmarked (their environment had
+    /// no room in flight) are the relay's.
+    pub async fn publish(&self, jobs: &[Job], ticket: Ticket) {
         let jobs: Vec<&Job> = jobs.iter().filter(|j| j.published_at.is_some()).collect();
         if jobs.is_empty() {
+            ticket.settle();
             return;
         }
         failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
@@ -124,15 +143,19 @@ impl DirectPublisher {
         };
         metrics().stage(Stage::Publish, started);
         if unconfirmed.is_empty() {
+            ticket.settle();
             return;
         }
         let back = async {
             let mut conn = self.inner.pool.acquire().await?;
             outbox::back_to_outbox(&mut conn, &unconfirmed).await
         };
-        if let Err(e) = back.await {
-            // Marked published and never sent: the reconciler publishes them once overdue.
-            tracing::error!(error = %e, jobs = ?unconfirmed, "could not hand unconfirmed jobs back to the outbox; the reconciler will");
+        match back.await {
+            Ok(_) => ticket.settle(),
+            // The ticket, dropped unsettled, has the heartbeat try again.
+            Err(e) => {
+                tracing::error!(error = %e, jobs = ?unconfirmed, "could not hand unconfirmed jobs back to the outbox; the heartbeat will")
+            }
         }
     }
 

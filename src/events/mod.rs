@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::amqp::DirectPublisher;
 use crate::db::environments::Environment;
+use crate::ledger::publishers::{PublishedBy, Ticket};
 use crate::ledger::{self, DeliverEventArgs, InsertOpts, JobArgs, JobInsert, JobInsertResult, run};
 use crate::metrics::{Stage, metrics};
 
@@ -108,7 +109,7 @@ pub enum IngestError {
 async fn ingest_in_tx(
     tx: &mut PgConnection,
     items: Vec<(Environment, SendEvent, SendEventOptions)>,
-    caller_publishes: bool,
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<IngestResult>, IngestError> {
     let rows = NewEvents::build(tx, items).await?;
     let inserted = rows.insert(tx).await?;
@@ -230,7 +231,7 @@ async fn enqueue_deliveries(
     tx: &mut PgConnection,
     rows: &NewEvents,
     inserted: Vec<EventRecord>,
-    caller_publishes: bool,
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Stored, sqlx::Error> {
     let trace_of: HashMap<(Uuid, &str), &Option<String>> = rows
         .envs
@@ -437,14 +438,21 @@ impl EventsService {
                     (p.env.clone(), p.request.clone(), p.options.clone())
                 })
                 .collect();
-            match self.store_each(items, self.publisher.is_some()).await {
-                Ok(results) => {
+            let stored = match self.ticket().await {
+                Ok(ticket) => {
+                    let stamp = ticket.as_ref().map(Ticket::stamp);
+                    self.store_each(items, stamp).await.map(|r| (r, ticket))
+                }
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok((results, ticket)) => {
                     // The publish starts before the callers are answered (so a stopping
                     // process, which waits for its requests and then for its publishes,
                     // cannot miss it) and goes on while they are.
                     let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
-                    if let Some(p) = &self.publisher {
-                        p.publish_soon(jobs).await;
+                    if let (Some(p), Some(ticket)) = (&self.publisher, ticket) {
+                        p.publish_soon(jobs, ticket).await;
                     }
                     for (p, r) in batch.into_iter().zip(results) {
                         let _ = p.reply.send(r);
@@ -471,21 +479,25 @@ impl EventsService {
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
     ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
-        let results = self.store_each(items, self.publisher.is_some()).await?;
-        self.publish(&created_jobs(
-            results.iter().filter_map(|r| r.as_ref().ok()),
-        ))
+        let ticket = self.ticket().await?;
+        let results = self
+            .store_each(items, ticket.as_ref().map(Ticket::stamp))
+            .await?;
+        self.publish(
+            &created_jobs(results.iter().filter_map(|r| r.as_ref().ok())),
+            ticket,
+        )
         .await;
         Ok(results)
     }
 
     /// [`EventsService::ingest_each`] for a caller that publishes the delivery jobs itself,
     /// when it likes, through its own [`DirectPublisher`]: they are inserted marked
-    /// published and returned beside the results. Until the caller has published them (or
-    /// handed them back to the outbox), only the reconciler would.
+    /// published, stamped with the caller's ticket, and returned beside the results.
     pub async fn ingest_each_for_caller(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
+        stamp: PublishedBy,
     ) -> Result<
         (
             Vec<Result<IngestResult, IngestError>>,
@@ -493,7 +505,7 @@ impl EventsService {
         ),
         IngestError,
     > {
-        let results = self.store_each(items, true).await?;
+        let results = self.store_each(items, Some(stamp)).await?;
         let jobs = created_jobs(results.iter().filter_map(|r| r.as_ref().ok()));
         Ok((results, jobs))
     }
@@ -503,7 +515,7 @@ impl EventsService {
     async fn store_each(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
-        claim: bool,
+        claim: Option<PublishedBy>,
     ) -> Result<Vec<Result<IngestResult, IngestError>>, IngestError> {
         let mut results: Vec<Option<Result<IngestResult, IngestError>>> =
             Vec::with_capacity(items.len());
@@ -568,14 +580,16 @@ impl EventsService {
             }
             None => {
                 validate(&request, &options)?;
+                let ticket = self.ticket().await?;
                 let result = self
                     .ingest_many(
                         vec![(env.clone(), request, options)],
-                        self.publisher.is_some(),
+                        ticket.as_ref().map(Ticket::stamp),
                     )
                     .await?
                     .remove(0);
-                self.publish(&created_jobs(std::iter::once(&result))).await;
+                self.publish(&created_jobs(std::iter::once(&result)), ticket)
+                    .await;
                 Ok(result)
             }
         }
@@ -609,8 +623,11 @@ impl EventsService {
             .into_iter()
             .map(|e| (env.clone(), e, options.clone()))
             .collect();
-        let results = self.ingest_many(items, self.publisher.is_some()).await?;
-        self.publish(&created_jobs(results.iter())).await;
+        let ticket = self.ticket().await?;
+        let results = self
+            .ingest_many(items, ticket.as_ref().map(Ticket::stamp))
+            .await?;
+        self.publish(&created_jobs(results.iter()), ticket).await;
         Ok(results)
     }
 
@@ -619,7 +636,7 @@ impl EventsService {
     async fn ingest_many(
         &self,
         items: Vec<(Environment, SendEvent, SendEventOptions)>,
-        claim: bool,
+        claim: Option<PublishedBy>,
     ) -> Result<Vec<IngestResult>, IngestError> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
@@ -631,10 +648,19 @@ impl EventsService {
         Ok(results)
     }
 
+    /// A ticket for the delivery jobs of the next transaction, when this service publishes
+    /// its own.
+    async fn ticket(&self) -> Result<Option<Ticket>, IngestError> {
+        match &self.publisher {
+            Some(p) => Ok(Some(p.ticket().await?)),
+            None => Ok(None),
+        }
+    }
+
     /// Publish committed delivery jobs, when this service publishes its own.
-    async fn publish(&self, jobs: &[crate::ledger::Job]) {
-        if let Some(p) = &self.publisher {
-            p.publish(jobs).await;
+    async fn publish(&self, jobs: &[crate::ledger::Job], ticket: Option<Ticket>) {
+        if let (Some(p), Some(ticket)) = (&self.publisher, ticket) {
+            p.publish(jobs, ticket).await;
         }
     }
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::JobError;
 use crate::events::filter::Evaluator;
+use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority};
 use crate::trace::TraceParent;
 use crate::triggers::{EventFacts, RuleRef, rule_miss};
@@ -50,7 +51,7 @@ struct Candidate {
 pub async fn run(
     tx: &mut PgConnection,
     batch: &[ToDeliver],
-    caller_publishes: bool,
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<crate::ledger::Job>, JobError> {
     let events = stamp_delivered(tx, batch).await?;
     if events.is_empty() {

@@ -5,6 +5,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::JobError;
+use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert};
 use crate::trace::TraceParent;
 
@@ -23,7 +24,7 @@ use crate::trace::TraceParent;
 pub async fn run(
     tx: &mut PgConnection,
     batch: &[&Job],
-    caller_publishes: bool,
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<Job>, JobError> {
     let jobs: Vec<(&Job, InvokeDispatcherArgs)> = batch
         .iter()

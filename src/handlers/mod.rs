@@ -9,6 +9,7 @@ pub mod invoke_dispatcher;
 use sqlx::PgConnection;
 
 use crate::failpoint::{self, Fault};
+use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{Job, JobArgs, JobKind};
 use crate::trace::TraceParent;
 
@@ -67,7 +68,7 @@ pub async fn run_batch(
     tx: &mut PgConnection,
     kind: JobKind,
     jobs: &[Job],
-    caller_publishes: bool,
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<Job>, JobError> {
     for job in jobs {
         match failpoint::handler_fault(&job.args.id().to_string(), job.attempt) {

@@ -55,6 +55,12 @@ pub const REASON_HEADER: &str = "x-kongflow-reason";
 pub const ERROR_HEADER: &str = "x-kongflow-error";
 pub const REJECTED_AT_HEADER: &str = "x-kongflow-rejected-at";
 
+/// The delivery jobs a batch stored for this process to publish, with their ticket.
+type Created = (
+    Vec<crate::ledger::Job>,
+    Option<crate::ledger::publishers::Ticket>,
+);
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestRoleError {
     #[error("postgres: {0}")]
@@ -237,8 +243,8 @@ impl Ingest {
             let last = batch.pop().expect("a batch is never empty");
             in_flight = Some(InFlight {
                 publish: tokio::spawn(async move {
-                    if let Some(d) = direct {
-                        d.publish(&jobs).await;
+                    if let (Some(d), (jobs, Some(ticket))) = (direct, jobs) {
+                        d.publish(&jobs, ticket).await;
                     }
                 }),
                 last,
@@ -262,7 +268,7 @@ impl Ingest {
         publisher: &Channel,
         replies: &Channel,
         batch: &[Delivery],
-    ) -> Result<(Vec<Outcome>, Vec<crate::ledger::Job>), IngestRoleError> {
+    ) -> Result<(Vec<Outcome>, Created), IngestRoleError> {
         let started = Instant::now();
         let requests: Vec<Request> = batch
             .iter()
@@ -321,7 +327,7 @@ impl Ingest {
         &self,
         requests: Vec<Request>,
         envs: &HashMap<String, Environment>,
-    ) -> Result<(Vec<Outcome>, Vec<crate::ledger::Job>), IngestRoleError> {
+    ) -> Result<(Vec<Outcome>, Created), IngestRoleError> {
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(requests.len());
         let mut items: Vec<(Environment, SendEvent, SendEventOptions)> = Vec::new();
         let mut at = Vec::new();
@@ -348,11 +354,15 @@ impl Ingest {
                 Err(rejection) => outcomes.push(Some(Outcome::Rejected(rejection))),
             }
         }
-        let mut jobs = Vec::new();
+        let mut jobs = (Vec::new(), None);
         if !items.is_empty() {
-            let results = if self.direct.is_some() {
-                let (results, created) = self.events.ingest_each_for_caller(items).await?;
-                jobs = created;
+            let results = if let Some(direct) = &self.direct {
+                let ticket = direct.ticket().await?;
+                let (results, created) = self
+                    .events
+                    .ingest_each_for_caller(items, ticket.stamp())
+                    .await?;
+                jobs = (created, Some(ticket));
                 results
             } else {
                 self.events.ingest_each(items).await?

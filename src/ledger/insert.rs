@@ -54,6 +54,8 @@ struct Columns {
     keys: Vec<Vec<u8>>,
     traces: Vec<Option<String>>,
     claimed: Vec<bool>,
+    publishers: Vec<Option<i64>>,
+    seqs: Vec<Option<i64>>,
     envs: Vec<Uuid>,
 }
 
@@ -69,7 +71,10 @@ impl Columns {
             c.max_attempts.push(j.opts.max_attempts);
             c.run_ats.push(j.opts.run_at);
             c.traces.push(j.opts.trace_parent.clone());
-            c.claimed.push(j.opts.caller_publishes);
+            c.claimed.push(j.opts.caller_publishes.is_some());
+            c.publishers
+                .push(j.opts.caller_publishes.map(|p| p.publisher));
+            c.seqs.push(j.opts.caller_publishes.map(|p| p.seq));
             c.envs.push(j.opts.environment_id.unwrap_or(Uuid::nil()));
         }
         c
@@ -97,19 +102,21 @@ pub async fn insert_many(
                SELECT *, row_number() OVER (
                           PARTITION BY e, k, COALESCE(r, now()) <= now() ORDER BY o) AS n
                FROM UNNEST($1::text[], $2::jsonb[], $3::text[], $4::int2[], $5::int4[],
-                           $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[], $10::uuid[])
-                    WITH ORDINALITY AS t(k, a, q, p, m, r, u, tp, cl, e, o)
+                           $6::timestamptz[], $7::bytea[], $8::text[], $9::bool[], $10::uuid[],
+                           $11::int8[], $12::int8[])
+                    WITH ORDINALITY AS t(k, a, q, p, m, r, u, tp, cl, e, pb, ps, o)
            ), room AS (
                SELECT e, k, queue_jobs_room(e, k) AS free
                FROM (SELECT DISTINCT e, k FROM t WHERE cl) g
            )
-           INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id, awaits_room)
+           INSERT INTO queue_jobs (kind, args, queue, priority, state, max_attempts, run_at, unique_key, trace_parent, published_at, environment_id, awaits_room, published_by, publish_seq)
            SELECT t.k, a, q, p,
                   CASE WHEN COALESCE(r, now()) > now() THEN 'scheduled'::queue_job_state
                        ELSE 'available'::queue_job_state END,
                   m, COALESCE(r, now()), u, tp,
                   CASE WHEN has_room THEN now() END,
-                  t.e, cl AND NOT has_room
+                  t.e, cl AND NOT has_room,
+                  CASE WHEN has_room THEN pb END, CASE WHEN has_room THEN ps END
            FROM t LEFT JOIN room ON room.e = t.e AND room.k = t.k
            CROSS JOIN LATERAL (
                SELECT cl AND (COALESCE(r, now()) > now() OR room.free IS NULL OR t.n <= room.free)
@@ -129,6 +136,8 @@ pub async fn insert_many(
         &c.traces as &[Option<String>],
         &c.claimed,
         &c.envs,
+        &c.publishers as &[Option<i64>],
+        &c.seqs as &[Option<i64>],
     )
     .fetch_all(&mut *tx)
     .await?;

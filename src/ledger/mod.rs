@@ -18,6 +18,7 @@
 pub mod insert;
 pub mod operator;
 pub mod outbox;
+pub mod publishers;
 pub mod run;
 pub mod upkeep;
 
@@ -311,8 +312,9 @@ pub struct InsertOpts {
     /// relay claims it, and the insert wakes no relay. Unset: the relay publishes it. A due
     /// job whose environment already has its `max_jobs_in_flight` of the kind in flight is
     /// left to the relay all the same (see [`outbox::claim`]): the returned job then has no
-    /// `published_at`, and the caller must not publish it.
-    pub caller_publishes: bool,
+    /// `published_at`, and the caller must not publish it. The stamp names the ticket
+    /// ([`publishers::Ticket`]) that covers the job until its message is confirmed.
+    pub caller_publishes: Option<publishers::PublishedBy>,
     /// The environment whose work the job is.
     pub environment_id: Option<Uuid>,
 }
@@ -325,7 +327,7 @@ impl Default for InsertOpts {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             run_at: None,
             trace_parent: None,
-            caller_publishes: false,
+            caller_publishes: None,
             environment_id: None,
         }
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::publishers::PublishedBy;
 use super::{Job, JobArgs, JobKind, JobState, UnreadableJob, query_jobs, unique_key};
 
 /// The channel relays listen on. Inserting jobs notifies it (a statement-level trigger);
@@ -142,6 +143,7 @@ pub async fn claim(
 pub async fn refill(
     tx: &mut PgConnection,
     freed: &[(Uuid, JobKind, i64)],
+    stamp: PublishedBy,
 ) -> Result<Vec<Job>, sqlx::Error> {
     if freed.is_empty() {
         return Ok(Vec::new());
@@ -151,7 +153,7 @@ pub async fn refill(
     let takes: Vec<i64> = freed.iter().map(|f| f.2).collect();
     let rows = query_jobs!(
         r#"UPDATE queue_jobs
-           SET published_at = now(),
+           SET published_at = now(), published_by = $4, publish_seq = $5,
                state = CASE WHEN state IN ('scheduled', 'retryable')
                             THEN 'available'::queue_job_state ELSE state END
            WHERE id IN (
@@ -170,6 +172,8 @@ pub async fn refill(
         &envs,
         &kinds,
         &takes,
+        stamp.publisher,
+        stamp.seq,
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -236,7 +240,8 @@ pub async fn unmark(tx: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Err
         return Ok(0);
     }
     Ok(sqlx::query!(
-        "UPDATE queue_jobs SET published_at = NULL WHERE id = ANY($1)",
+        "UPDATE queue_jobs SET published_at = NULL, published_by = NULL, publish_seq = NULL
+         WHERE id = ANY($1)",
         ids
     )
     .execute(&mut *tx)

@@ -283,6 +283,50 @@ async fn a_filter_costs_one_walk_and_a_costly_event_is_given_up_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_events_dispatchers_share_one_step_budget() {
+    let app = TestApp::spawn().await;
+    let key = app.api_key.clone();
+    // Two dispatchers of 400 `$not` checks over a 2,000-element array: 800,000 steps each,
+    // within the budget alone, past it together.
+    let nots: Vec<Value> = (1..=400).map(|i| json!({ "$not": -i })).collect();
+    for job in ["half-1", "half-2"] {
+        app.put_job(
+            &key,
+            job,
+            job_body("halves", json!({"payload": {"tags": nots}})),
+        )
+        .await;
+    }
+    let tags: Vec<i32> = (0..2_000).collect();
+    app.send_event(
+        &key,
+        json!({"event": {"name": "halves", "id": "halves-1", "payload": {"tags": tags}}}),
+    )
+    .await;
+    wait_until("the event given up", Duration::from_secs(20), || async {
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT j.state::text FROM queue_jobs j JOIN event_records e ON j.args->>'id' = e.id::text
+             WHERE e.event_id = 'halves-1' AND j.kind = 'deliverEvent'",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        state.as_deref() == Some("discarded")
+    })
+    .await;
+    let error: String = sqlx::query_scalar(
+        "SELECT j.errors->0->>'error' FROM queue_jobs j
+         JOIN event_records e ON j.args->>'id' = e.id::text WHERE e.event_id = 'halves-1'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(error.contains("budget"), "{error}");
+    assert!(app.runs_by_job("halves-1").await.is_empty());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_call_is_sized_event_by_event_before_it_is_parsed() {
     let app = TestApp::spawn_with(HTTP_ONLY).await;
     let key = app.api_key.clone();

@@ -430,3 +430,276 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
     assert_eq!(app.assert_handed_off_once().await, 1);
     app.finish().await;
 }
+
+/// A child `kongflow-events worker` (one consumer per kind), killed on drop.
+fn spawn_worker(app: &TestApp, failpoints: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("worker")
+        .envs(app.child_env())
+        .env("KONGFLOW_FAILPOINTS", failpoints)
+        .env("WORKER_CONCURRENCY", "1")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn kongflow-events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_within_seconds() {
+    // HTTP and the relay here. The reconciler's margin is its default (minutes), so only
+    // the publishers' heartbeats can bring the job back within the test's wait.
+    let app = TestApp::spawn_with(kongflow_events::config::Roles {
+        http: true,
+        relay: true,
+        ..NO_ROLES
+    })
+    .await;
+    app.register_job("job", "crash").await;
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "crash", "id": "k-1"}}),
+    )
+    .await;
+    // The worker commits the delivery (and the invocation job it inserts, marked for it to
+    // publish), then dies before publishing.
+    let mut dying = spawn_worker(&app, "publish-after-commit");
+    let status = tokio::time::timeout(Duration::from_secs(30), dying.wait())
+        .await
+        .expect("the worker reaches its failpoint")
+        .unwrap();
+    assert_eq!(status.signal(), Some(6), "the worker should abort");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM queue_jobs WHERE kind = 'events.invokeDispatcher'
+             AND state = 'available' AND published_at IS NOT NULL AND attempt = 0"
+        )
+        .await,
+        1,
+        "the invocation job is committed, marked published, and was never sent"
+    );
+    let died = std::time::Instant::now();
+    let _next = spawn_worker(&app, "");
+    wait_until(
+        "the stranded invocation to run (within 10 s of the death)",
+        Duration::from_secs(10),
+        || async { app.runs_by_job("k-1").await == vec![("job".to_string(), 1)] },
+    )
+    .await;
+    eprintln!("ran {:?} after the worker died", died.elapsed());
+    app.settle().await;
+    app.assert_completed_once(JobKind::DeliverEvent, 1).await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, 1)
+        .await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_published_again() {
+    // The relay here, no worker anywhere: every message stays in its queue.
+    let app = TestApp::spawn_with(kongflow_events::config::Roles {
+        relay: true,
+        ..NO_ROLES
+    })
+    .await;
+    app.register_job("job", "deep").await;
+    let (mut child, base) = app.spawn_ready("serve", &[]).await;
+    for i in 0..20 {
+        let sent = app
+            .http
+            .post(format!("{base}/api/v1/events"))
+            .bearer_auth(&app.api_key)
+            .json(&json!({"event": {"name": "deep", "id": format!("deep-{i}")}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(sent.status().is_success());
+    }
+    let depth = || async {
+        let mut n = 0;
+        for shard in 0..app.topology.shard_count() {
+            n += app.shard_depth(JobKind::DeliverEvent, shard).await;
+        }
+        n
+    };
+    wait_until("20 messages confirmed", Duration::from_secs(10), || async {
+        depth().await == 20
+    })
+    .await;
+    // The process's heartbeat has said every ticket it took is settled...
+    wait_until(
+        "a heartbeat after the confirms",
+        Duration::from_secs(10),
+        || async {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM queue_jobs j JOIN job_publishers p ON p.id = j.published_by
+             WHERE j.publish_seq > p.settled_through",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            open == 0
+        },
+    )
+    .await;
+    // ...then it dies, and the relay finds it dead.
+    child.kill().await.unwrap();
+    wait_until(
+        "the dead publisher reaped",
+        Duration::from_secs(15),
+        || async { count(&app, "SELECT count(*) FROM job_publishers").await == 0 },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM queue_jobs WHERE published_at IS NULL"
+        )
+        .await,
+        0,
+        "nothing went back to the outbox"
+    );
+    assert_eq!(depth().await, 20, "no message published twice");
+    app.finish().await;
+}
+
+/// A child `kongflow-events <role>` on this test's stores, killed on drop.
+fn spawn_role(app: &TestApp, role: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg(role)
+        .envs(app.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn kongflow-events")
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_and_run_nothing_twice()
+ {
+    // `CHAOS_EVENTS` at `CHAOS_RATE` a second (the full run: 10,000 at 400).
+    let (events, rate) = (env_or("CHAOS_EVENTS", 2_000), env_or("CHAOS_RATE", 300));
+    let app = TestApp::spawn_with(kongflow_events::config::Roles {
+        http: true,
+        ..NO_ROLES
+    })
+    .await;
+    app.register_job("job", "chaos").await;
+    let mut relay = spawn_role(&app, "relay");
+    let mut workers = [spawn_role(&app, "worker"), spawn_role(&app, "worker")];
+    let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+
+    let chaos = {
+        let sending = sending.clone();
+        let app_env = app.child_env();
+        tokio::spawn(async move {
+            let (mut kills, mut relay_killed) = (0, false);
+            while sending.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let w = &mut workers[kills % 2];
+                w.start_kill().unwrap();
+                w.wait().await.unwrap();
+                *w = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+                    .arg("worker")
+                    .envs(app_env.clone())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap();
+                kills += 1;
+                if kills == 3 && !relay_killed {
+                    relay.start_kill().unwrap();
+                    relay.wait().await.unwrap();
+                    relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+                        .arg("relay")
+                        .envs(app_env.clone())
+                        .kill_on_drop(true)
+                        .spawn()
+                        .unwrap();
+                    relay_killed = true;
+                }
+            }
+            (kills, relay_killed, relay, workers)
+        })
+    };
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let started = std::time::Instant::now();
+    let mut sends = Vec::new();
+    for i in 0..events {
+        // Paced: event i leaves at i / rate seconds.
+        let at = started + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(at.into()).await;
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (http, base, key, ok) = (
+            app.http.clone(),
+            app.base_url.clone(),
+            app.api_key.clone(),
+            acked.clone(),
+        );
+        sends.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/api/v1/events"))
+                .bearer_auth(key)
+                .json(&json!({"event": {"name": "chaos", "id": format!("c-{i}")}}))
+                .send()
+                .await;
+            if matches!(&r, Ok(r) if r.status().is_success()) {
+                ok.lock().unwrap().push(format!("c-{i}"));
+            }
+            drop(permit);
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    let last_send = std::time::Instant::now();
+    sending.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (kills, relay_killed, _relay, _workers) = chaos.await.unwrap();
+    assert!(
+        relay_killed && kills >= 3,
+        "kills {kills}, relay killed {relay_killed}"
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), events, "every send acknowledged");
+
+    let missing = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM UNNEST($1::text[]) AS a(eid)
+             WHERE NOT EXISTS (SELECT 1 FROM event_records e JOIN job_runs r ON r.event_record_id = e.id
+                               WHERE e.event_id = a.eid)",
+        )
+        .bind(&acked)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(
+        "a run for every acknowledged event within 15 s of the last send",
+        Duration::from_secs(15),
+        || async { missing().await == 0 },
+    )
+    .await;
+    eprintln!(
+        "{events} events at {rate}/s, {kills} worker kills and the relay once: settled {:?} after the last send",
+        last_send.elapsed()
+    );
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT event_record_id FROM job_runs GROUP BY event_record_id HAVING count(*) > 1) d",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(twice, 0, "no event ran twice");
+    app.settle().await;
+    app.assert_completed_once(JobKind::DeliverEvent, events)
+        .await;
+    app.assert_completed_once(JobKind::InvokeDispatcher, events)
+        .await;
+    app.finish().await;
+}
