@@ -84,6 +84,39 @@ pub async fn check_broker(store: &StoreConfig) -> anyhow::Result<()> {
     }
 }
 
+/// Claim `AMQP_PREFIX` on the broker for this database's installation (`amqp::owner`), or
+/// refuse to start when another installation holds it. A broker that cannot be asked now
+/// is left to the roles.
+async fn claim_prefix(store: &StoreConfig, topology: &Topology) -> anyhow::Result<()> {
+    let Some(install) = topology.install() else {
+        return Ok(());
+    };
+    let claimed = async {
+        let conn = amqp::connect(&store.amqp_url, "kongflow-claim").await?;
+        let claim = amqp::owner::claim(&conn, topology, install).await;
+        let _ = conn.close(200, "claimed".into()).await;
+        claim
+    };
+    match tokio::time::timeout(Duration::from_secs(10), claimed).await {
+        Ok(Ok(amqp::owner::Claim::Ours)) => Ok(()),
+        Ok(Ok(amqp::owner::Claim::Taken(owner))) => anyhow::bail!(
+            "AMQP_PREFIX {:?} on this broker belongs to another installation ({owner}; this \
+             database's is {install}): the two would take each other's messages. Give this \
+             installation a prefix of its own with AMQP_PREFIX (or --amqp-prefix), or a \
+             virtual host of its own in AMQP_URL",
+            topology.prefix()
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not claim AMQP_PREFIX on the broker now");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("the broker did not answer the prefix claim within 10 s");
+            Ok(())
+        }
+    }
+}
+
 /// Declare the RabbitMQ topology once.
 pub async fn declare_topology(store: &StoreConfig) -> anyhow::Result<()> {
     let conn = amqp::connect(&store.amqp_url, "kongflow-topology").await?;
@@ -270,6 +303,10 @@ pub async fn start(
 ) -> anyhow::Result<Process> {
     let pool = open_database(store).await?;
     check_broker(store).await?;
+    let topology = store
+        .topology()
+        .with_install(db::installation(&pool).await?);
+    claim_prefix(store, &topology).await?;
     let http_listener = match http {
         Some(h) => Some(bind(h.http_addr, "HTTP_ADDR", "--http").await?),
         None => None,
@@ -283,7 +320,7 @@ pub async fn start(
     };
     Ok(Process {
         pool,
-        topology: store.topology(),
+        topology,
         amqp_url: store.amqp_url.clone(),
         relay: tuning.relay,
         worker: tuning.worker,

@@ -119,6 +119,11 @@ pub struct Metrics {
     pub jobs_discarded: IntCounterVec,
     /// Messages copied to the dead-letter queue, by origin (`discarded`, `unrunnable`).
     pub dead_lettered: IntCounterVec,
+    /// Another installation's job messages a worker gave back, by kind.
+    pub foreign_messages: IntCounterVec,
+    /// Jobs marked published by a process that never got them confirmed, put back in the
+    /// outbox, by cause (`publisher_died`, `dropped`).
+    pub jobs_recovered: IntCounterVec,
     /// Start of a job minus the moment it became due.
     pub queue_latency: HistogramVec,
     /// A run's creation minus its event's due time.
@@ -323,6 +328,18 @@ impl Metrics {
                 "Messages copied to the dead-letter queue",
                 &["origin"],
             ),
+            foreign_messages: counter(
+                &r,
+                "kongflow_foreign_messages_total",
+                "Job messages of another installation on this prefix, given back unrun",
+                &["kind"],
+            ),
+            jobs_recovered: counter(
+                &r,
+                "kongflow_jobs_recovered_total",
+                "Jobs whose publisher never got them confirmed, put back in the outbox",
+                &["cause"],
+            ),
             queue_latency: histogram(
                 &r,
                 "kongflow_queue_latency_seconds",
@@ -414,7 +431,11 @@ impl Metrics {
         kinds: impl IntoIterator<Item = (&'a str, &'a str)>,
         shards: &[u16],
     ) {
+        for cause in ["publisher_died", "dropped"] {
+            self.jobs_recovered.with_label_values(&[cause]);
+        }
         for (k, queue) in kinds {
+            self.foreign_messages.with_label_values(&[k]);
             let kq = [k, queue];
             for c in [
                 &self.jobs_inserted,

@@ -22,7 +22,9 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rand::Rng;
@@ -136,6 +138,8 @@ struct Arrived {
     early: Vec<(Delivery, JobMessage)>,
     /// To hold until due.
     hold: Vec<Held>,
+    /// Another installation's (see `amqp::owner`): given back to the queue, never run.
+    foreign: Vec<Delivery>,
 }
 
 #[derive(Clone)]
@@ -275,7 +279,15 @@ impl Worker {
                     d = consumer.next() => self.more_of(&mut consumer, d)?,
                 };
                 let now = Utc::now();
-                let Arrived { due, early, hold } = self.sort_arrivals(kind, batch, now);
+                let Arrived {
+                    due,
+                    early,
+                    hold,
+                    foreign,
+                } = self.sort_arrivals(kind, batch, now);
+                if !foreign.is_empty() {
+                    self.give_back(kind, foreign).await?;
+                }
                 if !hold.is_empty() {
                     holding.fetch_add(hold.len(), Ordering::SeqCst);
                     for held in hold {
@@ -371,6 +383,14 @@ impl Worker {
     fn sort_arrivals(&self, kind: JobKind, batch: Vec<Delivery>, now: DateTime<Utc>) -> Arrived {
         let mut arrived = Arrived::default();
         for delivery in batch {
+            if let (Some(ours), Some(theirs)) = (
+                self.topology.install(),
+                crate::amqp::owner::install_of(&delivery.properties),
+            ) && ours != theirs
+            {
+                arrived.foreign.push(delivery);
+                continue;
+            }
             match JobMessage::parse(&delivery.data) {
                 Ok(m) if m.kind != kind.as_str() => {
                     let reason = format!(
@@ -496,6 +516,31 @@ impl Worker {
             }
         }
         metrics().stage(Stage::Ack, acking);
+        Ok(())
+    }
+
+    /// Another installation's messages go back to the queue, settled before the batch
+    /// they came in (whose `multiple` ack must not cover them). The consumer then pauses a
+    /// second, so a broker shared by mistake does not spin it.
+    async fn give_back(&self, kind: JobKind, foreign: Vec<Delivery>) -> Result<(), WorkerError> {
+        metrics()
+            .foreign_messages
+            .with_label_values(&[kind.as_str()])
+            .inc_by(foreign.len() as u64);
+        tracing::error!(
+            messages = foreign.len(),
+            prefix = self.topology.prefix(),
+            "messages of another installation on this prefix: given back, not run; give each installation its own AMQP_PREFIX"
+        );
+        for delivery in &foreign {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 pub mod direct;
 pub mod message;
+pub mod owner;
 pub mod publish;
 pub mod tiers;
 pub mod topology;

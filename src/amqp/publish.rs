@@ -116,6 +116,12 @@ pub async fn publish_job(
         PUBLISHED_AT_HEADER.into(),
         AMQPValue::LongLongInt(now.timestamp_micros()),
     );
+    if let Some(install) = topology.install() {
+        headers.insert(
+            super::owner::INSTALL_HEADER.into(),
+            AMQPValue::LongString(install.to_string().into()),
+        );
+    }
     let properties = properties.with_headers(headers);
     channel
         .basic_publish(

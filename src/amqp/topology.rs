@@ -92,6 +92,9 @@ pub struct Topology {
     /// How long before its due time the tiers hand a message to a worker, which holds it
     /// for the rest (see [`Topology::delay_lead`]).
     delay_lead: Duration,
+    /// The installation that owns the prefix (see `amqp::owner`): job messages carry it,
+    /// and a worker leaves another installation's messages alone.
+    install: Option<uuid::Uuid>,
 }
 
 impl Topology {
@@ -102,7 +105,23 @@ impl Topology {
             queue_type: QueueType::Classic,
             queue_expires_ms: None,
             delay_lead: Duration::ZERO,
+            install: None,
         }
+    }
+
+    /// The installation whose messages these are.
+    pub fn with_install(mut self, install: uuid::Uuid) -> Self {
+        self.install = Some(install);
+        self
+    }
+
+    pub fn install(&self) -> Option<uuid::Uuid> {
+        self.install
+    }
+
+    /// `x-expires` of every queue, when set (tests).
+    pub fn queue_expires_ms(&self) -> Option<u32> {
+        self.queue_expires_ms
     }
 
     /// Split the work queues into `count` shards (at least 1, at most [`MAX_SHARDS`]).

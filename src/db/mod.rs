@@ -45,3 +45,11 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// This installation's identity (one per database, made by the migrations): claimed on the
+/// broker under `AMQP_PREFIX` at start (`amqp::owner`).
+pub async fn installation(pool: &PgPool) -> Result<uuid::Uuid, sqlx::Error> {
+    sqlx::query_scalar!("SELECT id FROM installation")
+        .fetch_one(pool)
+        .await
+}

@@ -242,6 +242,10 @@ async fn hand_back(pool: &PgPool, publisher: i64, seqs: &[i64]) -> Result<u64, s
     let n = back_to_outbox(&mut tx, &ids).await?;
     tx.commit().await?;
     if n > 0 {
+        crate::metrics::metrics()
+            .jobs_recovered
+            .with_label_values(&["dropped"])
+            .inc_by(n);
         tracing::warn!(
             jobs = n,
             "jobs a role committed and never published went back to the outbox"
@@ -284,6 +288,10 @@ pub async fn reap(pool: &PgPool, stale: Duration) -> Result<u64, sqlx::Error> {
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    crate::metrics::metrics()
+        .jobs_recovered
+        .with_label_values(&["publisher_died"])
+        .inc_by(n);
     Ok(n)
 }
 

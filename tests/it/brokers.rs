@@ -74,3 +74,116 @@ async fn every_node_gone_is_said_with_the_nodes_redacted() {
     assert!(stderr.contains("127.0.0.1:2"), "{stderr}");
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_installation_on_a_prefix_refuses_to_start_and_its_messages_are_never_dead_lettered()
+ {
+    use kongflow_events::amqp::JobMessage;
+    use kongflow_events::ledger::JobKind;
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let first = TestApp::spawn_with(NO_ROLES).await;
+    // The first installation's worker claims the prefix as it starts.
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("worker")
+        .envs(first.child_env())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let claim = kongflow_events::amqp::owner::queue_name(&first.topology);
+    wait_until("the prefix claimed", Duration::from_secs(30), || async {
+        // A passive declare closes its channel when the queue is not there yet.
+        let channel = first.amqp.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                claim.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        matches!(declared, Ok(q) if q.message_count() == 1)
+    })
+    .await;
+
+    // A second installation (its own database) given the first one's prefix.
+    let second = TestApp::spawn_with(NO_ROLES).await;
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+        .arg("relay")
+        .envs(second.child_env())
+        .env("AMQP_PREFIX", first.topology.prefix())
+        .kill_on_drop(true)
+        .output();
+    let refused = tokio::time::timeout(Duration::from_secs(30), refused)
+        .await
+        .expect("the second installation stops at once")
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("AMQP_PREFIX") && said.contains("another installation"),
+        "{said}"
+    );
+
+    // A message of another installation (one that started before the claim, say) reaches
+    // the first one's worker: given back, never run, never dead-lettered.
+    let theirs: uuid::Uuid = sqlx::query_scalar("SELECT id FROM installation")
+        .fetch_one(&second.pool)
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-kongflow-install".into(),
+        AMQPValue::LongString(theirs.to_string().into()),
+    );
+    let message = JobMessage {
+        v: 1,
+        id: 987_654_321,
+        kind: JobKind::DeliverEvent.as_str().into(),
+        queue: "events".into(),
+        args: json!({"id": uuid::Uuid::new_v4()}),
+        attempt: 0,
+        run_at: chrono::Utc::now(),
+    };
+    let channel = first.amqp.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = channel
+        .basic_publish(
+            first
+                .topology
+                .exchange(JobKind::DeliverEvent)
+                .as_str()
+                .into(),
+            first.work_key().as_str().into(),
+            BasicPublishOptions::default(),
+            &message.to_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    // The worker takes it and gives it back, once a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(first.depth_of(&first.topology.dead_queue()).await, 0);
+    worker.kill().await.unwrap();
+    wait_until(
+        "the message back in its queue",
+        Duration::from_secs(10),
+        || async {
+            first
+                .depth_of(&first.env_queue(JobKind::DeliverEvent))
+                .await
+                == 1
+        },
+    )
+    .await;
+    second.finish().await;
+    first.finish().await;
+}
