@@ -883,8 +883,74 @@ async fn a_webhook_message_that_arrives_while_the_relay_holds_its_row_is_sent_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_whose_row_stays_locked_past_the_lease_wait_is_sent_later() {
+    let app = http_only().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "stuck"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": "stuck", "id": "s"}}))
+        .await;
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
+        app.relay_all().await;
+        wait_until("the job's message", Duration::from_secs(10), || async {
+            app.queue_depth(kind).await == 1
+        })
+        .await;
+        app.drain_with(&worker, kind).await;
+    }
+    app.relay_all().await;
+    // The webhook's row held locked longer than the lease waits for it.
+    let job: i64 =
+        sqlx::query_scalar("SELECT id FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(job)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(
+        worker
+            .clone()
+            .run(app.store.amqp_url.clone(), shutdown.clone()),
+    );
+    wait_until(
+        "the worker to wait for the row",
+        Duration::from_secs(10),
+        || async { lock_waiters(&app).await > 0 },
+    )
+    .await;
+    wait_until(
+        "the worker to give up waiting",
+        kongflow_events::ledger::run::LEASE_LOCK_WAIT + Duration::from_secs(5),
+        || async { lock_waiters(&app).await == 0 },
+    )
+    .await;
+    assert_eq!(rx.count(), 0);
+    holder.commit().await.unwrap();
+    // The message went back into the tiers; it comes again and is sent, once.
+    wait_until("the webhook", Duration::from_secs(10), || async {
+        rx.count() == 1
+    })
+    .await;
+    wait_until("the job to complete", Duration::from_secs(10), || async {
+        webhook_job(&app).await == Some(("completed".into(), 1))
+    })
+    .await;
+    assert_eq!(view(&app, &id).await["status"], "delivered");
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(rx.count(), 1);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_environments_hanging_webhooks_leave_room_for_anothers() {
-    let timeout = Duration::from_secs(5);
+    let timeout = Duration::from_secs(6);
     let config = WorkerConfig {
         webhook_concurrency: 4,
         webhook_concurrency_per_environment: 2,
