@@ -83,6 +83,9 @@ struct Inflight {
     held: Shares,
     /// The most places one environment holds.
     share: usize,
+    /// Cancelled when the consumer stops: a webhook still waiting for a place does not
+    /// start (its message, unacknowledged, goes back when the channel closes).
+    stopping: CancellationToken,
 }
 
 type Shares = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>;
@@ -114,6 +117,7 @@ impl Inflight {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency)),
             held: Default::default(),
             share: share.clamp(1, concurrency),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -144,8 +148,10 @@ impl Inflight {
         Ok(())
     }
 
-    /// Wait for every task still running (a stopping consumer lets them settle).
+    /// Wait for every task still running (a stopping consumer lets them settle); those
+    /// still waiting for a place end at once.
     async fn drain(&self) {
+        self.stopping.cancel();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("inflight lock"));
         while let Some(done) = tasks.join_next().await {
             if let Ok(Err(e)) | Err(e) = done.map_err(|e| WorkerError::Task(e.to_string())) {
@@ -488,16 +494,16 @@ impl Worker {
                 continue;
             };
             let (this, publisher) = (self.clone(), publisher.clone());
-            let permits = inflight.permits.clone();
+            let (permits, stopping) = (inflight.permits.clone(), inflight.stopping.clone());
             inflight
                 .tasks
                 .lock()
                 .expect("inflight lock")
                 .spawn(async move {
-                    let permit = permits
-                        .acquire_owned()
-                        .await
-                        .expect("the semaphore is never closed");
+                    let permit = tokio::select! {
+                        p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
+                        _ = stopping.cancelled() => return Ok(()),
+                    };
                     let settled = this.run_webhook(&publisher, queue, one, now).await;
                     drop((permit, place));
                     settled
