@@ -34,6 +34,7 @@ pub mod defaults {
     pub const WEBHOOK_TIMEOUT_MS: u64 = 10_000;
     pub const WEBHOOK_CONNECT_TIMEOUT_MS: u64 = 3_000;
     pub const WEBHOOK_CONCURRENCY: usize = 64;
+    pub const WEBHOOK_CONCURRENCY_PER_ENVIRONMENT: usize = 16;
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
     pub const HTTP_MAX_IN_FLIGHT: usize = 256;
@@ -285,6 +286,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = defaults::WEBHOOK_CONCURRENCY)]
     pub webhook_concurrency: usize,
 
+    /// Of a consumer's `WEBHOOK_CONCURRENCY` places, the most one environment holds (its
+    /// share): its other webhooks wait in the delay tiers while it has that many out, so a
+    /// tenant whose receivers hang leaves the other places to the others.
+    #[arg(long, env = "WEBHOOK_CONCURRENCY_PER_ENVIRONMENT", default_value_t = defaults::WEBHOOK_CONCURRENCY_PER_ENVIRONMENT)]
+    pub webhook_concurrency_per_environment: usize,
+
     /// Longest a webhook's host may take to resolve and to connect, in milliseconds.
     #[arg(long, env = "WEBHOOK_CONNECT_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_CONNECT_TIMEOUT_MS)]
     pub webhook_connect_timeout_ms: u64,
@@ -304,6 +311,7 @@ impl WorkerConfig {
             },
             connect_timeout: Duration::from_millis(self.webhook_connect_timeout_ms),
             timeout: Duration::from_millis(self.webhook_timeout_ms),
+            resolver: crate::webhooks::Resolver::default(),
         }
     }
 }
@@ -391,6 +399,7 @@ impl Default for WorkerConfig {
             webhook_timeout_ms: defaults::WEBHOOK_TIMEOUT_MS,
             webhook_connect_timeout_ms: defaults::WEBHOOK_CONNECT_TIMEOUT_MS,
             webhook_concurrency: defaults::WEBHOOK_CONCURRENCY,
+            webhook_concurrency_per_environment: defaults::WEBHOOK_CONCURRENCY_PER_ENVIRONMENT,
             webhook_allow_nets: None,
         }
     }

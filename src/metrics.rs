@@ -134,6 +134,12 @@ pub struct Metrics {
     pub webhook_attempts: IntCounterVec,
     /// Time of one webhook attempt, by result.
     pub webhook_duration: HistogramVec,
+    /// Database errors of one webhook, handled without stopping the worker, by step
+    /// (`record_attempt`, `job`, `message`).
+    pub webhook_errors: IntCounterVec,
+    /// Webhook messages sent back into the delay tiers, by reason (`share`: the environment
+    /// had its share of the places out; `error`).
+    pub webhooks_deferred: IntCounterVec,
     /// Run hand-offs published, by routing key.
     pub handoffs_published: IntCounterVec,
     /// Run hand-offs waiting to be published, and the oldest one's age.
@@ -370,6 +376,18 @@ impl Metrics {
                 "Time of one webhook attempt",
                 &["result"],
             ),
+            webhook_errors: counter(
+                &r,
+                "kongflow_webhook_errors_total",
+                "Database errors of one webhook, handled without stopping the worker",
+                &["step"],
+            ),
+            webhooks_deferred: counter(
+                &r,
+                "kongflow_webhooks_deferred_total",
+                "Webhook messages sent back into the delay tiers",
+                &["reason"],
+            ),
             handoffs_published: counter(
                 &r,
                 "kongflow_handoffs_published_total",
@@ -482,6 +500,12 @@ impl Metrics {
         for result in ["delivered", "failed", "refused"] {
             self.webhook_attempts.with_label_values(&[result]);
             self.webhook_duration.with_label_values(&[result]);
+        }
+        for step in ["record_attempt", "job", "message"] {
+            self.webhook_errors.with_label_values(&[step]);
+        }
+        for reason in ["share", "error"] {
+            self.webhooks_deferred.with_label_values(&[reason]);
         }
         for key in ["run.created", "run.cancelled"] {
             self.handoffs_published.with_label_values(&[key]);

@@ -13,6 +13,7 @@
 //!   [`BODY_CAP`] bytes of the answer are read.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -27,10 +28,23 @@ use sha2::Sha256;
 pub const BODY_CAP: usize = 16 * 1024;
 /// Most characters of an answer kept in an attempt's error.
 pub const ERROR_SNIPPET_CHARS: usize = 200;
+/// Most characters of an attempt's error stored.
+pub const MAX_ERROR_CHARS: usize = 1024;
 /// Longest URL a dispatcher may have.
 pub const MAX_URL_CHARS: usize = 2048;
 /// The prefix of a signing secret.
 pub const SECRET_PREFIX: &str = "whsec_";
+
+/// Text from outside (a receiver's answer), made safe to store and to show: valid UTF-8
+/// (what is not is replaced), no control character but newline and tab (no NUL, which
+/// Postgres text refuses, no terminal escape), at most `max` characters.
+pub fn clean_text(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| !c.is_control() || matches!(c, '\n' | '\t'))
+        .take(max)
+        .collect()
+}
 
 /// A new signing secret: `whsec_` + base64 of 32 random bytes.
 pub fn new_secret() -> String {
@@ -111,67 +125,148 @@ fn refused_range(ip: IpAddr) -> Option<&'static str> {
     }
 }
 
-fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
-    Some(if ip == Ipv4Addr::new(169, 254, 169, 254) {
-        METADATA
-    } else if ip.is_loopback() {
-        "loopback"
-    } else if ip.is_private() {
-        "private"
-    } else if ip.is_link_local() {
-        "link-local"
-    } else if a == 100 && (64..128).contains(&b) {
-        "shared (carrier-grade NAT)"
-    } else if ip.is_multicast() {
-        "multicast"
-    } else if ip.is_broadcast() || a >= 240 {
-        "reserved"
-    } else if a == 0 {
-        "unspecified"
-    } else if a == 192 && b == 0 && ip.octets()[2] == 0 {
-        "IETF protocol assignments"
-    } else {
-        return None;
-    })
+/// Whether `ip` is in `net`/`len` (IPv4).
+fn in_v4(ip: Ipv4Addr, net: [u8; 4], len: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(Ipv4Addr::from(net)) & mask
 }
 
+/// Whether `ip` is in `net`/`len` (IPv6).
+fn in_v6(ip: Ipv6Addr, net: [u16; 8], len: u32) -> bool {
+    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+    u128::from(ip) & mask == u128::from(Ipv6Addr::from(net)) & mask
+}
+
+/// The IPv4 blocks refused: every entry of the IANA IPv4 Special-Purpose Address Registry
+/// that is not globally reachable, and multicast. Checked in order, after
+/// [`GLOBAL_V4`].
+const REFUSED_V4: &[([u8; 4], u32, &str)] = &[
+    ([0, 0, 0, 0], 8, "unspecified (this network)"),
+    ([10, 0, 0, 0], 8, "private"),
+    ([100, 64, 0, 0], 10, "shared (carrier-grade NAT)"),
+    ([127, 0, 0, 0], 8, "loopback"),
+    ([169, 254, 0, 0], 16, "link-local"),
+    ([172, 16, 0, 0], 12, "private"),
+    // Its service continuity prefix, dummy address and NAT64 discovery addresses among them.
+    ([192, 0, 0, 0], 24, "IETF protocol assignments"),
+    ([192, 0, 2, 0], 24, "documentation (TEST-NET-1)"),
+    ([192, 88, 99, 0], 24, "6to4 relay anycast (deprecated)"),
+    ([192, 168, 0, 0], 16, "private"),
+    ([198, 18, 0, 0], 15, "benchmarking"),
+    ([198, 51, 100, 0], 24, "documentation (TEST-NET-2)"),
+    ([203, 0, 113, 0], 24, "documentation (TEST-NET-3)"),
+    ([224, 0, 0, 0], 4, "multicast"),
+    // Limited broadcast (255.255.255.255) among them.
+    ([240, 0, 0, 0], 4, "reserved"),
+];
+
+/// Globally reachable entries of the IPv4 registry inside a refused block: the Port Control
+/// Protocol and TURN anycast addresses.
+const GLOBAL_V4: &[([u8; 4], u32)] = &[([192, 0, 0, 9], 32), ([192, 0, 0, 10], 32)];
+
+fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip == Ipv4Addr::new(169, 254, 169, 254) {
+        return Some(METADATA);
+    }
+    if GLOBAL_V4.iter().any(|&(net, len)| in_v4(ip, net, len)) {
+        return None;
+    }
+    REFUSED_V4
+        .iter()
+        .find(|&&(net, len, _)| in_v4(ip, net, len))
+        .map(|&(_, _, why)| why)
+}
+
+/// The IPv6 blocks refused: every entry of the IANA IPv6 Special-Purpose Address Registry
+/// that is not globally reachable, the overlay identifiers (ORCHID, ORCHIDv2, DETs: not
+/// routed as addresses), and the deprecated and multicast blocks. Checked in order, after
+/// [`GLOBAL_V6`] and the forms that embed an IPv4 address; anything else outside the global
+/// unicast block 2000::/3 is refused as reserved.
+const REFUSED_V6: &[([u16; 8], u32, &str)] = &[
+    ([0, 0, 0, 0, 0, 0, 0, 0], 128, "unspecified"),
+    ([0, 0, 0, 0, 0, 0, 0, 1], 128, "loopback"),
+    ([0, 0, 0, 0, 0xffff, 0, 0, 0], 96, "IPv4-translated (SIIT)"),
+    ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "NAT64 (local use)"),
+    ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only"),
+    ([0x100, 0, 0, 1, 0, 0, 0, 0], 64, "dummy prefix"),
+    ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo"),
+    ([0x2001, 2, 0, 0, 0, 0, 0, 0], 48, "benchmarking"),
+    (
+        [0x2001, 0x10, 0, 0, 0, 0, 0, 0],
+        28,
+        "ORCHID overlay identifiers (deprecated)",
+    ),
+    (
+        [0x2001, 0x20, 0, 0, 0, 0, 0, 0],
+        28,
+        "ORCHIDv2 overlay identifiers",
+    ),
+    (
+        [0x2001, 0x30, 0, 0, 0, 0, 0, 0],
+        28,
+        "drone entity tags (overlay identifiers)",
+    ),
+    (
+        [0x2001, 0, 0, 0, 0, 0, 0, 0],
+        23,
+        "IETF protocol assignments",
+    ),
+    ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation"),
+    ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation"),
+    (
+        [0x5f00, 0, 0, 0, 0, 0, 0, 0],
+        16,
+        "segment routing (SRv6) identifiers",
+    ),
+    ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "private (unique local)"),
+    ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local"),
+    ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local"),
+    ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
+];
+
+/// Globally reachable entries of the IPv6 registry inside a refused block: the PCP, TURN
+/// and DNS-SD anycast addresses, AMT, and AS112-v6.
+const GLOBAL_V6: &[([u16; 8], u32)] = &[
+    ([0x2001, 1, 0, 0, 0, 0, 0, 1], 128),
+    ([0x2001, 1, 0, 0, 0, 0, 0, 2], 128),
+    ([0x2001, 1, 0, 0, 0, 0, 0, 3], 128),
+    ([0x2001, 3, 0, 0, 0, 0, 0, 0], 32),
+    ([0x2001, 4, 0x112, 0, 0, 0, 0, 0], 48),
+];
+
 fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let seg = ip.segments();
     let o = ip.octets();
-    let first = seg[0];
-    Some(
-        if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-            METADATA
-        } else if ip.is_loopback() {
-            "loopback"
-        } else if ip.is_unspecified() {
-            "unspecified"
-        } else if ip.is_multicast() {
-            "multicast"
-        } else if first & 0xfe00 == 0xfc00 {
-            "private (unique local)"
-        } else if first & 0xffc0 == 0xfe80 {
-            "link-local"
-        } else if first & 0xffc0 == 0xfec0 {
-            "site-local"
-        } else if seg[..6] == [0; 6] {
-            // IPv4-compatible (::a.b.c.d, deprecated): the IPv4 address decides.
-            return refused_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
-        } else if first == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
-            // NAT64 (64:ff9b::/96): the embedded IPv4 address decides.
-            return refused_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
-        } else if first == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
-            "NAT64 (local use)"
-        } else if first == 0x2002 {
-            // 6to4: the IPv4 address in bits 16 to 48 decides.
-            return refused_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
-        } else if first == 0x2001 && seg[1] == 0 {
-            "Teredo"
-        } else {
-            return None;
-        },
-    )
+    let embedded = || Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+        return Some(METADATA);
+    }
+    if GLOBAL_V6.iter().any(|&(net, len)| in_v6(ip, net, len)) {
+        return None;
+    }
+    if let Some(why) = REFUSED_V6
+        .iter()
+        .find(|&&(net, len, _)| in_v6(ip, net, len))
+        .map(|&(_, _, why)| why)
+    {
+        return Some(why);
+    }
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        // IPv4-mapped (::ffff:a.b.c.d): the IPv4 address decides.
+        refused_v4(v4)
+    } else if in_v6(ip, [0; 8], 96) {
+        // IPv4-compatible (::a.b.c.d, deprecated): the IPv4 address decides.
+        refused_v4(embedded())
+    } else if in_v6(ip, [0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96) {
+        // NAT64 (64:ff9b::/96): the embedded IPv4 address decides.
+        refused_v4(embedded())
+    } else if in_v6(ip, [0x2002, 0, 0, 0, 0, 0, 0, 0], 16) {
+        // 6to4: the IPv4 address in bits 16 to 48 decides.
+        refused_v4(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
+    } else if !in_v6(ip, [0x2000, 0, 0, 0, 0, 0, 0, 0], 3) {
+        Some("reserved (outside global unicast 2000::/3)")
+    } else {
+        None
+    }
 }
 
 /// Parse `WEBHOOK_ALLOW_NETS`: networks or single addresses, comma-separated.
@@ -225,6 +320,51 @@ impl Outcome {
     }
 }
 
+/// Looks host names up: the system's resolver unless a test gives another. The guard checks
+/// what it answers, and the client is pinned to the checked address; the client is given
+/// the same resolver, so a request that were not pinned would look the name up again here.
+#[derive(Clone)]
+pub struct Resolver(Arc<dyn reqwest::dns::Resolve>);
+
+impl Resolver {
+    pub fn new(resolve: Arc<dyn reqwest::dns::Resolve>) -> Self {
+        Self(resolve)
+    }
+}
+
+impl Default for Resolver {
+    /// The system's resolver (`getaddrinfo`, through tokio).
+    fn default() -> Self {
+        Self(Arc::new(SystemResolver))
+    }
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        self.0.resolve(name)
+    }
+}
+
+/// The system's resolver.
+struct SystemResolver;
+
+impl reqwest::dns::Resolve for SystemResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let addrs: reqwest::dns::Addrs = Box::new(found.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// Sends webhooks.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -232,6 +372,8 @@ pub struct Sender {
     pub connect_timeout: Duration,
     /// For the whole request: connect, send, answer.
     pub timeout: Duration,
+    /// How host names are looked up.
+    pub resolver: Resolver,
 }
 
 impl Sender {
@@ -257,6 +399,7 @@ impl Sender {
             .no_proxy()
             .connect_timeout(self.connect_timeout)
             .timeout(self.timeout)
+            .dns_resolver(Arc::new(self.resolver.clone()))
             .user_agent(concat!("kongflow-events/", env!("CARGO_PKG_VERSION")));
         if let Some(url::Host::Domain(domain)) = url.host() {
             // The checked address, and no other: the client does not look the name up.
@@ -306,7 +449,7 @@ impl Sender {
                 Err(e) => break Some(self.describe(&e, addr)),
             }
         };
-        let text = String::from_utf8_lossy(&answer);
+        let text = clean_text(&answer, BODY_CAP);
         let snippet: String = text.trim().chars().take(ERROR_SNIPPET_CHARS).collect();
         let mut error = format!("answered {status}");
         if status.is_redirection() {
@@ -335,9 +478,12 @@ impl Sender {
             url::Host::Ipv4(ip) => vec![SocketAddr::new(ip.into(), port)],
             url::Host::Ipv6(ip) => vec![SocketAddr::new(ip.into(), port)],
             url::Host::Domain(name) => {
-                let lookup = tokio::net::lookup_host((name, port));
+                let lookup = match name.parse::<reqwest::dns::Name>() {
+                    Ok(n) => reqwest::dns::Resolve::resolve(&self.resolver, n),
+                    Err(e) => return Err(Refused(format!("{name:?} is no host name: {e}"), true)),
+                };
                 match tokio::time::timeout(self.connect_timeout, lookup).await {
-                    Ok(Ok(found)) => found.collect(),
+                    Ok(Ok(found)) => found.map(|a| SocketAddr::new(a.ip(), port)).collect(),
                     Ok(Err(e)) => {
                         return Err(Refused(format!("{name} does not resolve: {e}"), false));
                     }
@@ -352,14 +498,7 @@ impl Sender {
         };
         for a in &addrs {
             if let Some(why) = self.guard.refusal(a.ip()) {
-                return Err(Refused(
-                    format!(
-                        "refused: {host} is {} ({why}); no request was made. \
-                         WEBHOOK_ALLOW_NETS can allow it",
-                        a.ip()
-                    ),
-                    true,
-                ));
+                return Err(Refused(refusal_message(&host, a.ip(), why), true));
             }
         }
         addrs
@@ -377,6 +516,16 @@ impl Sender {
             format!("request to {addr} failed: {}", root_cause(e))
         }
     }
+}
+
+/// What an attempt's error says of a refused address.
+fn refusal_message(host: &url::Host<&str>, ip: IpAddr, why: &str) -> String {
+    let remedy = if why == METADATA {
+        "no setting allows it"
+    } else {
+        "WEBHOOK_ALLOW_NETS can allow it"
+    };
+    format!("refused: {host} is {ip} ({why}); no request was made; {remedy}")
 }
 
 /// Why no request was made, and whether that is final.
@@ -428,7 +577,7 @@ mod tests {
             ("169.254.1.1", "link-local"),
             ("100.64.0.1", "shared (carrier-grade NAT)"),
             ("224.0.0.1", "multicast"),
-            ("0.0.0.0", "unspecified"),
+            ("0.0.0.0", "unspecified (this network)"),
             ("255.255.255.255", "reserved"),
             ("::1", "loopback"),
             ("::", "unspecified"),
@@ -480,6 +629,191 @@ mod tests {
         };
         assert_eq!(mapped.refusal("::ffff:10.1.1.1".parse().unwrap()), None);
         assert!(parse_nets("10.0.0.0/8,nope").is_err());
+    }
+
+    /// Every entry of the IANA IPv4 and IPv6 Special-Purpose Address Registries that is not
+    /// globally reachable, at its first and last address, is refused; the globally reachable
+    /// entries (some inside refused blocks) and their neighbours are not.
+    #[test]
+    fn the_guard_refuses_every_non_global_special_purpose_range() {
+        let g = Guard::default();
+        for (ip, why) in [
+            // IPv4.
+            ("0.0.0.0", "unspecified"),
+            ("0.255.255.255", "unspecified"),
+            ("10.0.0.0", "private"),
+            ("10.255.255.255", "private"),
+            ("100.64.0.0", "shared"),
+            ("100.127.255.255", "shared"),
+            ("127.0.0.0", "loopback"),
+            ("127.255.255.255", "loopback"),
+            ("169.254.0.0", "link-local"),
+            ("169.254.255.255", "link-local"),
+            ("172.16.0.0", "private"),
+            ("172.31.255.255", "private"),
+            ("192.0.0.0", "IETF protocol assignments"),
+            ("192.0.0.7", "IETF protocol assignments"),
+            ("192.0.0.8", "IETF protocol assignments"),
+            ("192.0.0.11", "IETF protocol assignments"),
+            ("192.0.0.170", "IETF protocol assignments"),
+            ("192.0.0.171", "IETF protocol assignments"),
+            ("192.0.0.255", "IETF protocol assignments"),
+            ("192.0.2.0", "documentation"),
+            ("192.0.2.255", "documentation"),
+            ("192.88.99.0", "6to4 relay anycast"),
+            ("192.88.99.255", "6to4 relay anycast"),
+            ("192.168.0.0", "private"),
+            ("192.168.255.255", "private"),
+            ("198.18.0.0", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("198.51.100.0", "documentation"),
+            ("198.51.100.255", "documentation"),
+            ("203.0.113.0", "documentation"),
+            ("203.0.113.255", "documentation"),
+            ("224.0.0.0", "multicast"),
+            ("239.255.255.255", "multicast"),
+            ("240.0.0.0", "reserved"),
+            ("255.255.255.254", "reserved"),
+            ("255.255.255.255", "reserved"),
+            // IPv6.
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("::ffff:0:808:808", "IPv4-translated"),
+            ("::ffff:0:7f00:1", "IPv4-translated"),
+            ("::ffff:192.0.2.1", "documentation"),
+            ("::ffff:198.18.0.1", "benchmarking"),
+            ("64:ff9b::c000:201", "documentation"),
+            ("64:ff9b:1::", "NAT64 (local use)"),
+            ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", "NAT64 (local use)"),
+            ("100::", "discard-only"),
+            ("100::ffff:ffff:ffff:ffff", "discard-only"),
+            ("100:0:0:1::", "dummy"),
+            ("100:0:0:1:ffff:ffff:ffff:ffff", "dummy"),
+            ("2001::", "Teredo"),
+            ("2001:0:ffff:ffff:ffff:ffff:ffff:ffff", "Teredo"),
+            ("2001:1::", "IETF protocol assignments"),
+            ("2001:1::4", "IETF protocol assignments"),
+            ("2001:2::", "benchmarking"),
+            ("2001:2:0:ffff:ffff:ffff:ffff:ffff", "benchmarking"),
+            ("2001:2:1::", "IETF protocol assignments"),
+            ("2001:4::", "IETF protocol assignments"),
+            ("2001:4:111:ffff::", "IETF protocol assignments"),
+            ("2001:4:113::", "IETF protocol assignments"),
+            ("2001:10::", "overlay"),
+            ("2001:1f:ffff::", "overlay"),
+            ("2001:20::", "overlay"),
+            ("2001:2f:ffff:ffff:ffff:ffff:ffff:ffff", "overlay"),
+            ("2001:30::", "overlay"),
+            ("2001:3f:ffff::", "overlay"),
+            (
+                "2001:1ff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "IETF protocol assignments",
+            ),
+            ("2001:db8::", "documentation"),
+            ("2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "documentation"),
+            ("2002:c000:201::1", "documentation"),
+            ("3fff::", "documentation"),
+            ("3fff:fff:ffff:ffff:ffff:ffff:ffff:ffff", "documentation"),
+            ("5f00::", "segment routing"),
+            ("5f00:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "segment routing"),
+            ("fc00::", "unique local"),
+            ("fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "unique local"),
+            ("fe80::", "link-local"),
+            ("febf:ffff::", "link-local"),
+            ("fec0::", "site-local"),
+            ("feff:ffff::", "site-local"),
+            ("ff00::", "multicast"),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "multicast"),
+            // Outside the global unicast block 2000::/3: unassigned or reserved.
+            ("::1:0:0:0", "reserved"),
+            ("1::1", "reserved"),
+            ("4000::1", "reserved"),
+            ("e000::1", "reserved"),
+        ] {
+            let got = g.refusal(ip.parse().unwrap());
+            assert!(
+                got.is_some_and(|r| r.contains(why)),
+                "{ip}: {got:?}, not {why:?}"
+            );
+        }
+        for ip in [
+            // Globally reachable entries of the registries, some inside refused blocks.
+            "192.0.0.9",
+            "192.0.0.10",
+            "192.31.196.1",
+            "192.52.193.1",
+            "192.175.48.1",
+            "2001:1::1",
+            "2001:1::2",
+            "2001:1::3",
+            "2001:3::",
+            "2001:3:ffff:ffff:ffff:ffff:ffff:ffff",
+            "2001:4:112::",
+            "2001:4:112:ffff:ffff:ffff:ffff:ffff",
+            "2620:4f:8000::1",
+            // Neighbours of refused blocks.
+            "1.0.0.0",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "169.255.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "191.255.255.255",
+            "192.0.1.0",
+            "192.0.3.0",
+            "192.88.98.255",
+            "192.88.100.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "198.51.99.255",
+            "198.51.101.0",
+            "203.0.112.255",
+            "203.0.114.0",
+            "223.255.255.255",
+            "2000::1",
+            "2001:200::",
+            "2001:db7:ffff::",
+            "2001:db9::",
+            "3ffe:ffff::",
+            "3fff:1000::",
+            "2606:4700::1111",
+            // Global IPv4 addresses in the IPv6 forms that embed them.
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
+            assert_eq!(g.refusal(ip.parse().unwrap()), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn text_from_receivers_is_cleaned_before_it_is_kept() {
+        let dirty = b"bad\0news\x01\x1b[31m red\xff end\r\n\tline\x7f\xc2\x9b.";
+        assert_eq!(
+            clean_text(dirty, 100),
+            "badnews[31m red\u{fffd} end\n\tline."
+        );
+        assert_eq!(clean_text("h\u{e9}llo".as_bytes(), 2), "h\u{e9}");
+        assert_eq!(clean_text(b"", 10), "");
+    }
+
+    #[test]
+    fn a_metadata_refusal_says_no_setting_allows_it() {
+        let host = url::Host::Domain("metadata.internal");
+        let ip = "169.254.169.254".parse().unwrap();
+        let m = refusal_message(&host, ip, Guard::default().refusal(ip).unwrap());
+        assert!(!m.contains("WEBHOOK_ALLOW_NETS"), "{m}");
+        assert!(m.contains("no setting allows it"), "{m}");
+        let ip = "10.0.0.1".parse().unwrap();
+        let m = refusal_message(&host, ip, Guard::default().refusal(ip).unwrap());
+        assert!(m.contains("WEBHOOK_ALLOW_NETS can allow it"), "{m}");
     }
 
     #[test]

@@ -70,19 +70,76 @@ pub enum Disposition {
 /// How much longer than its longest attempt a webhook job stays leased to its worker.
 pub const WEBHOOK_LEASE_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a webhook message waits in the delay tiers when its environment holds its share
+/// of the places, or when the ledger could not take it (a database error of its own).
+pub const WEBHOOK_DEFER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Webhook deliveries in flight on a consumer: each runs as a task of its own and settles
-/// its own message, so a slow receiver holds its own message and no other.
+/// its own message, so a slow receiver holds its own message and no other. At most
+/// `WEBHOOK_CONCURRENCY` run at once, and one environment holds at most its share of those
+/// places (`WEBHOOK_CONCURRENCY_PER_ENVIRONMENT`, counting those waiting for a place): its
+/// other messages go back into the delay tiers, never in the way of another environment's.
 struct Inflight {
     tasks: std::sync::Mutex<JoinSet<Result<(), WorkerError>>>,
     permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Places each environment holds, running or waiting for a permit.
+    held: Shares,
+    /// The most places one environment holds.
+    share: usize,
+    /// Cancelled when the consumer stops: a webhook still waiting for a place does not
+    /// start (its message, unacknowledged, goes back when the channel closes).
+    stopping: CancellationToken,
+}
+
+type Shares = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>;
+
+/// An environment's place, given back when dropped.
+struct Place {
+    env: Option<uuid::Uuid>,
+    held: Shares,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let Some(env) = self.env else { return };
+        let mut held = self.held.lock().expect("inflight lock");
+        if let Some(n) = held.get_mut(&env) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&env);
+            }
+        }
+    }
 }
 
 impl Inflight {
-    fn new(concurrency: usize) -> Self {
+    fn new(concurrency: usize, share: usize) -> Self {
+        let concurrency = concurrency.max(1);
         Self {
             tasks: std::sync::Mutex::new(JoinSet::new()),
-            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency)),
+            held: Default::default(),
+            share: share.clamp(1, concurrency),
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// A place for a webhook of `env`, unless the environment holds its share already. A
+    /// message of no known environment (it names no job; it is dead-lettered at once) is
+    /// not counted.
+    fn admit(&self, env: Option<uuid::Uuid>) -> Option<Place> {
+        if let Some(env) = env {
+            let mut held = self.held.lock().expect("inflight lock");
+            let n = held.entry(env).or_default();
+            if *n >= self.share {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Place {
+            env,
+            held: self.held.clone(),
+        })
     }
 
     /// The first error of the tasks already finished.
@@ -94,8 +151,10 @@ impl Inflight {
         Ok(())
     }
 
-    /// Wait for every task still running (a stopping consumer lets them settle).
+    /// Wait for every task still running (a stopping consumer lets them settle); those
+    /// still waiting for a place end at once.
     async fn drain(&self) {
+        self.stopping.cancel();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("inflight lock"));
         while let Some(done) = tasks.join_next().await {
             if let Ok(Err(e)) | Err(e) = done.map_err(|e| WorkerError::Task(e.to_string())) {
@@ -270,7 +329,10 @@ impl Worker {
         // behind a batch of fresh jobs. `holding` counts them until they are settled.
         let (to_timer, from_loop) = tokio::sync::mpsc::unbounded_channel();
         let holding = AtomicUsize::new(0);
-        let inflight = Inflight::new(self.config.webhook_concurrency);
+        let inflight = Inflight::new(
+            self.config.webhook_concurrency,
+            self.config.webhook_concurrency_per_environment,
+        );
         let arrivals = async {
             loop {
                 let batch = tokio::select! {
@@ -305,14 +367,14 @@ impl Worker {
                     // One `multiple` ack may settle the batch only when the timer holds
                     // nothing unsettled: it gets its messages from this loop alone.
                     let alone = one_channel && holding.load(Ordering::SeqCst) == 0;
-                    self.settle(&publisher, kind, due, now, alone, &inflight)
+                    self.settle(&publisher, queue, due, now, alone, &inflight)
                         .await?;
                 }
             }
         };
         let result = tokio::select! {
             r = arrivals => r,
-            r = self.run_held(&publisher, kind, from_loop, &holding, &inflight) => r,
+            r = self.run_held(&publisher, queue, from_loop, &holding, &inflight) => r,
         };
         inflight.drain().await;
         // Unacknowledged prefetched messages go back to the queue when the channel closes.
@@ -328,7 +390,7 @@ impl Worker {
     async fn run_held(
         &self,
         publisher: &Channel,
-        kind: JobKind,
+        queue: Shard,
         mut arriving: tokio::sync::mpsc::UnboundedReceiver<Held>,
         holding: &AtomicUsize,
         inflight: &Inflight,
@@ -353,7 +415,7 @@ impl Worker {
             }
             let batch: Vec<_> = held.drain(..ripe).map(|(_, d, m)| (d, Ok(m))).collect();
             let settled = batch.len();
-            self.settle(publisher, kind, batch, now, false, inflight)
+            self.settle(publisher, queue, batch, now, false, inflight)
                 .await?;
             holding.fetch_sub(settled, Ordering::SeqCst);
         }
@@ -417,39 +479,123 @@ impl Worker {
     }
 
     /// Run a batch and settle its messages ([`Worker::run_and_settle`]); webhooks each in a
-    /// task of their own, at most `webhook_concurrency` at once, settled as each ends.
+    /// task of their own, settled as each ends, within the consumer's places and each
+    /// environment's share of them (see [`Inflight`]).
     async fn settle(
         &self,
         publisher: &Channel,
-        kind: JobKind,
+        queue: Shard,
         due: Vec<(Delivery, Result<JobMessage, String>)>,
         now: DateTime<Utc>,
         alone: bool,
         inflight: &Inflight,
     ) -> Result<(), WorkerError> {
-        if kind != JobKind::DeliverWebhook {
-            return self.run_and_settle(publisher, kind, due, now, alone).await;
+        if queue.kind != JobKind::DeliverWebhook {
+            return self
+                .run_and_settle(publisher, queue.kind, due, now, alone)
+                .await;
         }
         inflight.reap()?;
+        let ids: Vec<i64> = due
+            .iter()
+            .filter_map(|(_, m)| m.as_ref().ok().map(|m| m.id))
+            .collect();
+        let envs = run::environments_of(&self.pool, &ids).await?;
+        let mut over_share = Vec::new();
         for one in due {
-            let permit = inflight
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
+            let env = one
+                .1
+                .as_ref()
+                .ok()
+                .and_then(|m| envs.iter().find(|(id, _)| *id == m.id).map(|&(_, env)| env));
+            let Some(place) = inflight.admit(env) else {
+                if let (delivery, Ok(message)) = one {
+                    over_share.push((delivery, message));
+                }
+                continue;
+            };
             let (this, publisher) = (self.clone(), publisher.clone());
+            let (permits, stopping) = (inflight.permits.clone(), inflight.stopping.clone());
             inflight
                 .tasks
                 .lock()
                 .expect("inflight lock")
                 .spawn(async move {
-                    let settled = this
-                        .run_and_settle(&publisher, kind, vec![one], now, false)
-                        .await;
-                    drop(permit);
+                    let permit = tokio::select! {
+                        p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
+                        _ = stopping.cancelled() => return Ok(()),
+                    };
+                    let settled = this.run_webhook(&publisher, queue, one, now).await;
+                    drop((permit, place));
                     settled
                 });
+        }
+        if !over_share.is_empty() {
+            tracing::debug!(
+                waiting = over_share.len(),
+                "webhooks of an environment at its share wait in the tiers"
+            );
+            self.defer(publisher, queue, over_share, "share").await?;
+        }
+        Ok(())
+    }
+
+    /// Run one webhook message and settle it. An error of the database while taking it (its
+    /// row held longer than the lease waits, say) stops no one: it is logged and counted,
+    /// and the message goes back into the tiers for a later try.
+    async fn run_webhook(
+        &self,
+        publisher: &Channel,
+        queue: Shard,
+        (delivery, message): (Delivery, Result<JobMessage, String>),
+        now: DateTime<Utc>,
+    ) -> Result<(), WorkerError> {
+        let again = message.as_ref().ok().cloned();
+        let late_ms = again.as_ref().map(|m| (now - m.run_at).num_milliseconds());
+        let dispositions = match self.process(vec![message]).await {
+            Ok(d) => d,
+            Err(e) => {
+                metrics()
+                    .webhook_errors
+                    .with_label_values(&["message"])
+                    .inc();
+                let Some(message) = again else {
+                    return Err(e.into());
+                };
+                tracing::error!(job_id = message.id, error = %e,
+                    "webhook message not run for a database error; sent back for a later try");
+                return self
+                    .defer(publisher, queue, vec![(delivery, message)], "error")
+                    .await;
+            }
+        };
+        tracing::debug!(late_ms, "webhook message processed");
+        self.settle_dispositions(publisher, vec![delivery], dispositions, false)
+            .await
+    }
+
+    /// Send messages back into the tiers for [`WEBHOOK_DEFER`], and acknowledge them once
+    /// the broker has confirmed the copies. The job is not touched: the copy runs it.
+    async fn defer(
+        &self,
+        publisher: &Channel,
+        queue: Shard,
+        messages: Vec<(Delivery, JobMessage)>,
+        reason: &str,
+    ) -> Result<(), WorkerError> {
+        metrics()
+            .webhooks_deferred
+            .with_label_values(&[reason])
+            .inc_by(messages.len() as u64);
+        let later =
+            Utc::now() + chrono::Duration::from_std(WEBHOOK_DEFER).expect("a second is a duration");
+        let copies: Vec<(Delivery, JobMessage)> = messages
+            .into_iter()
+            .map(|(d, m)| (d, JobMessage { run_at: later, ..m }))
+            .collect();
+        self.send_back(publisher, queue, &copies).await?;
+        for (delivery, _) in &copies {
+            delivery.ack(BasicAckOptions::default()).await?;
         }
         Ok(())
     }
@@ -473,6 +619,19 @@ impl Worker {
         let (deliveries, messages): (Vec<Delivery>, Vec<_>) = due.into_iter().unzip();
         let dispositions = self.process(messages).await?;
         tracing::debug!(kind = kind.as_str(), size = deliveries.len(), worst_late_ms, took = ?started.elapsed(), "batch processed");
+        self.settle_dispositions(publisher, deliveries, dispositions, alone)
+            .await
+    }
+
+    /// Acknowledge each delivery, or copy it to the dead letters first, as its disposition
+    /// says. `alone`: see [`Worker::run_and_settle`].
+    async fn settle_dispositions(
+        &self,
+        publisher: &Channel,
+        deliveries: Vec<Delivery>,
+        dispositions: Vec<Disposition>,
+        alone: bool,
+    ) -> Result<(), WorkerError> {
         let acking = std::time::Instant::now();
         if alone && dispositions.iter().all(|d| *d == Disposition::Ack) {
             // One frame acknowledges the whole batch: this channel has one consumer and
@@ -654,27 +813,44 @@ impl Worker {
                 .await?;
         }
         let attempts = pending.jobs.iter().map(|job| async move {
-            let crate::ledger::JobArgs::DeliverWebhook(args) = job.args else {
-                let error = JobError::Permanent(format!("job {} is no webhook", job.id));
-                return self.record_failure(job.id, &error).await.map(drop);
+            let Err(e) = self.run_webhook_job(job).await else {
+                return Ok(());
             };
-            let sent = handlers::deliver_webhook::attempt(&self.pool, &self.webhooks, job, args);
-            let error = match sent.await? {
-                Ok(()) => match self.run_jobs(&[job.id], true).await? {
-                    (Ok(()), _) => return Ok(()),
-                    (Err(error), _) => error,
-                },
-                Err(error) => error,
-            };
-            if self.record_failure(job.id, &error).await? {
+            // A database error of this job's is this job's failure, not the worker's: the
+            // job is retried (or discarded) like any other, and the others run on.
+            metrics().webhook_errors.with_label_values(&["job"]).inc();
+            tracing::error!(job_id = job.id, error = %e, "webhook job failed in the database");
+            if self.record_failure(job.id, &JobError::from(e)).await?
+                && let crate::ledger::JobArgs::DeliverWebhook(args) = job.args
+            {
                 handlers::deliver_webhook::failed(&self.pool, args.id).await?;
             }
-            Ok(())
+            Ok::<(), sqlx::Error>(())
         });
         for done in join_all(attempts).await {
             done?;
         }
         Ok(pending.missing)
+    }
+
+    /// One leased webhook job: the attempt, then its completion or its failure.
+    async fn run_webhook_job(&self, job: &Job) -> Result<(), sqlx::Error> {
+        let crate::ledger::JobArgs::DeliverWebhook(args) = job.args else {
+            let error = JobError::Permanent(format!("job {} is no webhook", job.id));
+            return self.record_failure(job.id, &error).await.map(drop);
+        };
+        let sent = handlers::deliver_webhook::attempt(&self.pool, &self.webhooks, job, args);
+        let error = match sent.await? {
+            Ok(()) => match self.run_jobs(&[job.id], true).await? {
+                (Ok(()), _) => return Ok(()),
+                (Err(error), _) => error,
+            },
+            Err(error) => error,
+        };
+        if self.record_failure(job.id, &error).await? {
+            handlers::deliver_webhook::failed(&self.pool, args.id).await?;
+        }
+        Ok(())
     }
 
     /// Run `ids` (sorted) in one transaction (`leased`: jobs this worker holds by

@@ -83,7 +83,12 @@ pub async fn attempt(
         })
         .await;
     let duration_ms = i32::try_from(outcome.duration.as_millis()).unwrap_or(i32::MAX);
-    sqlx::query!(
+    // Only clean text is stored: the error carries the receiver's answer.
+    let error = outcome
+        .error
+        .as_deref()
+        .map(|e| crate::webhooks::clean_text(e.as_bytes(), crate::webhooks::MAX_ERROR_CHARS));
+    let recorded = sqlx::query!(
         r#"INSERT INTO webhook_attempts
                (dispatcher_id, event_record_id, job_id, attempt, status, duration_ms, error)
            VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
@@ -93,11 +98,18 @@ pub async fn attempt(
         job.attempt + 1,
         outcome.status.map(i32::from),
         duration_ms,
-        outcome.error
+        error
     )
     .execute(pool)
-    .await?;
+    .await;
     let m = crate::metrics::metrics();
+    // An attempt that cannot be recorded is still the attempt it was: its job completes,
+    // or fails (retried, then discarded) as its answer says.
+    let unrecorded = recorded.err().map(|e| {
+        m.webhook_errors.with_label_values(&["record_attempt"]).inc();
+        tracing::error!(job_id = job.id, dispatcher = %args.id, error = %e, "webhook attempt not recorded");
+        format!(" (the attempt could not be recorded: {e})")
+    });
     let result = match (&outcome.error, outcome.refused) {
         (None, _) => "delivered",
         (Some(_), true) => "refused",
@@ -108,11 +120,17 @@ pub async fn attempt(
         .with_label_values(&[result])
         .observe(outcome.duration.as_secs_f64());
     tracing::info!(job_id = job.id, dispatcher = %args.id, attempt = job.attempt + 1,
-        status = ?outcome.status, took = ?outcome.duration, error = ?outcome.error, "webhook attempt");
-    Ok(match outcome.error {
+        status = ?outcome.status, took = ?outcome.duration, error = ?error, "webhook attempt");
+    Ok(match error {
         None => Ok(()),
-        Some(e) if outcome.refused => Err(JobError::Permanent(e)),
-        Some(e) => Err(JobError::Retryable(e)),
+        Some(e) => {
+            let e = e + unrecorded.as_deref().unwrap_or_default();
+            if outcome.refused {
+                Err(JobError::Permanent(e))
+            } else {
+                Err(JobError::Retryable(e))
+            }
+        }
     })
 }
 

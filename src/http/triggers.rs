@@ -115,10 +115,16 @@ async fn set_enabled(
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::not_found(format!("dispatcher {id:?} not found"));
     let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
-    if triggers::set_dispatcher_enabled(&state.pool, &env_id.0, uuid, on).await? {
-        Ok(Json(json!({"id": uuid, "enabled": on})))
-    } else {
-        Err(not_found())
+    match triggers::set_dispatcher_enabled(&state.pool, &env_id.0, uuid, on).await? {
+        triggers::Toggled::Done => Ok(Json(json!({"id": uuid, "enabled": on}))),
+        triggers::Toggled::NotFound => Err(not_found()),
+        triggers::Toggled::Spent(why) => Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            format!(
+                "dispatcher {id:?} is an EPHEMERAL dispatcher that has {why}: it fires once and \
+                 cannot be enabled again; create a new one"
+            ),
+        )),
     }
 }
 

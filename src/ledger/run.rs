@@ -94,29 +94,62 @@ async fn sort_out(
 /// no other message of theirs runs them (a duplicate finds them not due and is acknowledged
 /// with no effect) and the reconciler leaves them alone until the lease and its margin
 /// pass. For a kind whose work happens outside the database before its job is taken (a
-/// webhook): the holder then takes each with [`take_leased`], or records its failure. Rows
-/// another worker holds locked are skipped. Commits on its own.
+/// webhook): the holder then takes each with [`take_leased`], or records its failure.
+///
+/// A row another transaction holds locked is waited for, up to [`LEASE_LOCK_WAIT`]: the
+/// relay holds a job's row until its publish is confirmed, and the message can arrive
+/// before that; skipping the row would drop the message as a duplicate and leave the job
+/// to the reconciler. Past the wait the statement fails (`lock_not_available`), and the
+/// caller sends the message back for later. Commits on its own.
 pub async fn lease(
     pool: &sqlx::PgPool,
     ids: &[i64],
     hold: std::time::Duration,
 ) -> Result<Taken, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "SELECT set_config('lock_timeout', $1, true)",
+        format!("{}ms", LEASE_LOCK_WAIT.as_millis())
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let rows = query_jobs!(
         r#"UPDATE queue_jobs SET run_at = now() + make_interval(secs => $3)
            WHERE id IN (
                SELECT id FROM queue_jobs
                WHERE id = ANY($1) AND NOT (state::text = ANY($2))
                  AND run_at <= now() + interval '1 second'
-               ORDER BY id FOR UPDATE SKIP LOCKED)
+               ORDER BY id FOR UPDATE)
            RETURNING "#,
         "",
         ids,
         &JobState::final_names(),
         hold.as_secs_f64()
     )
+    .fetch_all(&mut *tx)
+    .await?;
+    let taken = sort_out(&mut tx, ids, rows).await?;
+    tx.commit().await?;
+    Ok(taken)
+}
+
+/// Longest [`lease`] waits for a job's row another transaction holds (the relay's, while
+/// its confirms come: short).
+pub const LEASE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The environment of each of `ids` the ledger has (to give each environment its share of
+/// the places before a job is leased).
+pub async fn environments_of(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Vec<(i64, uuid::Uuid)>, sqlx::Error> {
+    let rows = sqlx::query!(
+        "SELECT id, environment_id FROM queue_jobs WHERE id = ANY($1)",
+        ids
+    )
     .fetch_all(pool)
     .await?;
-    sort_out(&mut *pool.acquire().await?, ids, rows).await
+    Ok(rows.into_iter().map(|r| (r.id, r.environment_id)).collect())
 }
 
 /// A failed attempt, as the worker reports it.
@@ -168,6 +201,8 @@ pub async fn record_failure(
         return Ok(None);
     };
     let attempt = row.attempt + 1;
+    // Postgres text cannot hold a NUL, and an error may quote outside text.
+    let error = failure.error.replace('\0', "");
     let kind = JobKind::parse(&row.kind);
     let wait = kind.map_or(Duration::ZERO, |k| wait(k, attempt));
     let permanent = failure.permanent || kind.is_none();
@@ -186,7 +221,7 @@ pub async fn record_failure(
            RETURNING state = 'discarded' AS "discarded!""#,
         id,
         attempt,
-        failure.error,
+        error,
         failure.kind,
         permanent,
         wait.as_secs_f64()

@@ -33,6 +33,8 @@ enum Answer {
     Redirect(String),
     /// This status after this many milliseconds.
     Slow(u64, u16),
+    /// This status with this body, byte for byte.
+    Body(u16, Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -50,15 +52,20 @@ struct Receiver {
 impl Receiver {
     /// A receiver on a free loopback port; returns it and its URL.
     async fn start(answers: Vec<Answer>) -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        (Self::serve(listener, answers), url)
+    }
+
+    /// A receiver on a listener of the test's own.
+    fn serve(listener: tokio::net::TcpListener, answers: Vec<Answer>) -> Self {
         let me = Self {
             answers: Arc::new(answers),
             received: Arc::default(),
         };
         let app = Router::new().fallback(answer).with_state(me.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (me, url)
+        me
     }
 
     fn count(&self) -> usize {
@@ -86,6 +93,7 @@ async fn answer(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> R
             tokio::time::sleep(Duration::from_millis(ms)).await;
             StatusCode::from_u16(code).unwrap().into_response()
         }
+        Answer::Body(code, body) => (StatusCode::from_u16(code).unwrap(), body).into_response(),
     }
 }
 
@@ -661,4 +669,509 @@ async fn a_webhook_message_run_again_while_it_is_sent_sends_once() {
     );
     assert_eq!(rx.count(), 1);
     app.finish().await;
+}
+
+/// A second environment of the test, on the same shard as its first (the same queues and
+/// consumers), with its key.
+async fn neighbour(app: &TestApp) -> String {
+    let shard = app.topology.shard_of(app.env.id);
+    for i in 0..64 {
+        let (env, key) = app.new_env(&format!("n{i}")).await;
+        if app.topology.shard_of(env.id) == shard {
+            return key;
+        }
+    }
+    panic!("no environment on shard {shard} in 64 tries");
+}
+
+/// Create an ephemeral dispatcher in the environment of `key`; returns its id.
+async fn create_with(app: &TestApp, key: &str, body: Value) -> String {
+    let (status, v) = app
+        .request(
+            Method::POST,
+            "/api/v1/event-dispatchers/ephemeral",
+            Some(key),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receivers_nul_and_control_bytes_are_stored_clean_and_its_job_retried() {
+    let app = TestApp::spawn().await;
+    // A NUL (Postgres text refuses it), other control characters, an escape sequence and
+    // bytes that are not UTF-8.
+    let nasty = b"bad\0news\x01\x1b[31m red\xff\xfe end\n\tline".to_vec();
+    let (rx, url) = Receiver::start(vec![
+        Answer::Body(500, nasty.clone()),
+        Answer::Body(500, nasty),
+        Answer::Status(200),
+    ])
+    .await;
+    let key = app.api_key.clone();
+    let id = create_with(&app, &key, json!({"url": url, "name": "nul"})).await;
+    app.send_event(&key, json!({"event": {"name": "nul", "id": "n1"}}))
+        .await;
+    wait_until(
+        "the dispatcher to be delivered",
+        Duration::from_secs(20),
+        || async { view(&app, &id).await["status"] == "delivered" },
+    )
+    .await;
+    assert_eq!(rx.count(), 3);
+    assert_eq!(webhook_job(&app).await, Some(("completed".into(), 3)));
+    let v = view(&app, &id).await;
+    for a in &v["attempts"].as_array().unwrap()[..2] {
+        let error = a["error"].as_str().unwrap();
+        assert!(
+            error.contains("bad") && error.contains("news") && error.contains("end"),
+            "{error:?}"
+        );
+        assert!(
+            !error
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{error:?}"
+        );
+    }
+    // The same worker sends another tenant's webhook after it.
+    let (_, other) = app.new_env("other").await;
+    let (rx2, url2) = Receiver::start(vec![Answer::Status(200)]).await;
+    create_with(&app, &other, json!({"url": url2, "name": "next"})).await;
+    app.send_event(&other, json!({"event": {"name": "next", "id": "x"}}))
+        .await;
+    wait_until(
+        "the other tenant's webhook",
+        Duration::from_secs(20),
+        || async { rx2.count() == 1 },
+    )
+    .await;
+    app.settle_with_errors().await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_cannot_be_recorded_still_counts_against_its_job() {
+    let app = TestApp::spawn().await;
+    // The database refuses to record a failed attempt (as it refused one with a NUL in it):
+    // a trigger of this test's own.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.status = 500 THEN RAISE EXCEPTION 'refused by the test'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_attempt BEFORE INSERT ON webhook_attempts
+           FOR EACH ROW EXECUTE FUNCTION refuse_attempt();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (rx, url) = Receiver::start(vec![Answer::Status(500)]).await;
+    let key = app.api_key.clone();
+    let id = create_with(&app, &key, json!({"url": url, "name": "unrecorded"})).await;
+    app.send_event(&key, json!({"event": {"name": "unrecorded", "id": "u"}}))
+        .await;
+    // Retried with backoff and discarded after its last attempt, like any failing job.
+    wait_until(
+        "the webhook job to be discarded",
+        Duration::from_secs(30),
+        || async {
+            webhook_job(&app)
+                .await
+                .is_some_and(|(s, _)| s == "discarded")
+        },
+    )
+    .await;
+    assert_eq!(webhook_job(&app).await, Some(("discarded".into(), 5)));
+    assert_eq!(rx.count(), 5, "one request per attempt");
+    let errors: Value =
+        sqlx::query_scalar("SELECT errors FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let errors = errors.as_array().unwrap();
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert!(
+        errors[0]["error"].as_str().unwrap().contains("500"),
+        "{errors:?}"
+    );
+    wait_until(
+        "the dispatcher to be failed",
+        Duration::from_secs(10),
+        || async { view(&app, &id).await["status"] == "failed" },
+    )
+    .await;
+    // Another tenant's webhook goes out all the same.
+    let (_, other) = app.new_env("other").await;
+    let (rx2, url2) = Receiver::start(vec![Answer::Status(200)]).await;
+    create_with(&app, &other, json!({"url": url2, "name": "next"})).await;
+    app.send_event(&other, json!({"event": {"name": "next", "id": "x"}}))
+        .await;
+    wait_until(
+        "the other tenant's webhook",
+        Duration::from_secs(20),
+        || async { rx2.count() == 1 },
+    )
+    .await;
+    app.finish().await;
+}
+
+/// Backends of the test's database waiting for a lock.
+async fn lock_waiters(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_message_that_arrives_while_the_relay_holds_its_row_is_sent_once() {
+    let app = http_only().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "held"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": "held", "id": "h"}}))
+        .await;
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
+        app.relay_all().await;
+        wait_until("the job's message", Duration::from_secs(10), || async {
+            app.queue_depth(kind).await == 1
+        })
+        .await;
+        app.drain_with(&worker, kind).await;
+    }
+    app.relay_all().await;
+    let webhook = take_messages(&app, JobKind::DeliverWebhook).await;
+    assert_eq!(webhook.len(), 1);
+    // A relay (the reconciler's republish) holds the job's row locked until its confirms
+    // come, and the message it publishes arrives before it commits.
+    let mut relay = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(webhook[0].id)
+        .execute(&mut *relay)
+        .await
+        .unwrap();
+    let running = {
+        let (worker, message) = (worker.clone(), webhook[0].clone());
+        tokio::spawn(async move { worker.process(vec![Ok(message)]).await })
+    };
+    wait_until(
+        "the worker to wait for the row (or to be done with it)",
+        Duration::from_secs(10),
+        || async { running.is_finished() || lock_waiters(&app).await > 0 },
+    )
+    .await;
+    relay.commit().await.unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), vec![Disposition::Ack]);
+    assert_eq!(rx.count(), 1, "the webhook was sent once");
+    assert_eq!(webhook_job(&app).await, Some(("completed".into(), 1)));
+    assert_eq!(view(&app, &id).await["status"], "delivered");
+    // The message once more: nothing is sent.
+    assert_eq!(
+        worker.process(vec![Ok(webhook[0].clone())]).await.unwrap(),
+        vec![Disposition::Ack]
+    );
+    assert_eq!(rx.count(), 1);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_whose_row_stays_locked_past_the_lease_wait_is_sent_later() {
+    let app = http_only().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "stuck"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": "stuck", "id": "s"}}))
+        .await;
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
+        app.relay_all().await;
+        wait_until("the job's message", Duration::from_secs(10), || async {
+            app.queue_depth(kind).await == 1
+        })
+        .await;
+        app.drain_with(&worker, kind).await;
+    }
+    app.relay_all().await;
+    // The webhook's row held locked longer than the lease waits for it.
+    let job: i64 =
+        sqlx::query_scalar("SELECT id FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(job)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(
+        worker
+            .clone()
+            .run(app.store.amqp_url.clone(), shutdown.clone()),
+    );
+    wait_until(
+        "the worker to wait for the row",
+        Duration::from_secs(10),
+        || async { lock_waiters(&app).await > 0 },
+    )
+    .await;
+    wait_until(
+        "the worker to give up waiting",
+        kongflow_events::ledger::run::LEASE_LOCK_WAIT + Duration::from_secs(5),
+        || async { lock_waiters(&app).await == 0 },
+    )
+    .await;
+    assert_eq!(rx.count(), 0);
+    holder.commit().await.unwrap();
+    // The message went back into the tiers; it comes again and is sent, once.
+    wait_until("the webhook", Duration::from_secs(10), || async {
+        rx.count() == 1
+    })
+    .await;
+    wait_until("the job to complete", Duration::from_secs(10), || async {
+        webhook_job(&app).await == Some(("completed".into(), 1))
+    })
+    .await;
+    assert_eq!(view(&app, &id).await["status"], "delivered");
+    shutdown.cancel();
+    running.await.unwrap();
+    assert_eq!(rx.count(), 1);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_environments_hanging_webhooks_leave_room_for_anothers() {
+    let timeout = Duration::from_secs(6);
+    let config = WorkerConfig {
+        webhook_concurrency: 4,
+        webhook_concurrency_per_environment: 2,
+        webhook_timeout_ms: timeout.as_millis() as u64,
+        ..test_worker_config()
+    };
+    // Each consumer of the shard gives the flooding environment its share.
+    let share = config.worker_concurrency * config.webhook_concurrency_per_environment;
+    let app = TestApp::spawn_worker(config).await;
+    let other = neighbour(&app).await;
+    let (hanging, hang_url) = Receiver::start(vec![Answer::Hang]).await;
+    let key = app.api_key.clone();
+    for i in 0..12 {
+        create_with(
+            &app,
+            &key,
+            json!({"url": format!("{hang_url}/{i}"), "name": "flood"}),
+        )
+        .await;
+    }
+    app.send_event(&key, json!({"event": {"name": "flood", "id": "f"}}))
+        .await;
+    wait_until(
+        "the flood's requests to hang",
+        Duration::from_secs(10),
+        || async { hanging.count() >= share },
+    )
+    .await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    create_with(&app, &other, json!({"url": url, "name": "quiet"})).await;
+    let sent = std::time::Instant::now();
+    app.send_event(&other, json!({"event": {"name": "quiet", "id": "q"}}))
+        .await;
+    wait_until("the other environment's webhook", timeout, || async {
+        rx.count() == 1
+    })
+    .await;
+    let took = sent.elapsed();
+    assert!(took < timeout / 2, "the other environment waited {took:?}");
+    assert!(
+        hanging.count() <= share,
+        "the flooding environment has {} requests out, more than its share of {share}",
+        hanging.count()
+    );
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fired_ephemeral_dispatcher_cannot_be_enabled_and_a_second_event_sends_nothing() {
+    let app = http_only().await;
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (_, created) = create(&app, json!({"url": url, "name": "once"})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // Two events matched while it is live: two invocations.
+    for e in ["e1", "e2"] {
+        app.send_event(&app.api_key, json!({"event": {"name": "once", "id": e}}))
+            .await;
+    }
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    app.relay_all().await;
+    wait_until("two deliveries", Duration::from_secs(10), || async {
+        app.queue_depth(JobKind::DeliverEvent).await == 2
+    })
+    .await;
+    app.drain_with(&worker, JobKind::DeliverEvent).await;
+    app.relay_all().await;
+    let invocations = take_messages(&app, JobKind::InvokeDispatcher).await;
+    assert_eq!(invocations.len(), 2);
+    // The first fires it.
+    assert_eq!(
+        worker
+            .process(vec![Ok(invocations[0].clone())])
+            .await
+            .unwrap(),
+        vec![Disposition::Ack]
+    );
+    assert_eq!(view(&app, &id).await["status"], "firing");
+    // Spent: it cannot be enabled again.
+    let enable = format!("/api/v1/dispatchers/{id}/enable");
+    let (status, v) = app
+        .request(Method::POST, &enable, Some(&app.api_key), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("fired"), "{v}");
+    // As an older build's enable left it: enabled, and fired. The second invocation must
+    // not fire it again, nor may an event sent now.
+    sqlx::query("UPDATE event_dispatchers SET enabled = true WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        worker
+            .process(vec![Ok(invocations[1].clone())])
+            .await
+            .unwrap(),
+        vec![Disposition::Ack]
+    );
+    app.send_event(&app.api_key, json!({"event": {"name": "once", "id": "e3"}}))
+        .await;
+    for kind in [
+        JobKind::DeliverEvent,
+        JobKind::InvokeDispatcher,
+        JobKind::DeliverWebhook,
+    ] {
+        app.relay_all().await;
+        app.drain_with(&worker, kind).await;
+    }
+    let webhooks: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(webhooks, 1, "one webhook job");
+    assert_eq!(rx.count(), 1, "one webhook sent");
+    assert_eq!(view(&app, &id).await["status"], "delivered");
+    // An expired one cannot be enabled either; a live one can, and disabling is always
+    // allowed.
+    let (_, live) = create(&app, json!({"url": format!("{url}/2"), "name": "later"})).await;
+    let live = live["id"].as_str().unwrap().to_string();
+    let path = |id: &str, what: &str| format!("/api/v1/dispatchers/{id}/{what}");
+    for what in ["disable", "enable"] {
+        let (status, v) = app
+            .request(Method::POST, &path(&live, what), Some(&app.api_key), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{what}: {v}");
+    }
+    sqlx::query("UPDATE event_dispatchers SET expires_at = now() WHERE id = $1::uuid")
+        .bind(&live)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (status, v) = app
+        .request(
+            Method::POST,
+            &path(&live, "enable"),
+            Some(&app.api_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("expired"), "{v}");
+    let (status, _) = app
+        .request(
+            Method::POST,
+            &path(&id, "disable"),
+            Some(&app.api_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    app.finish().await;
+}
+
+/// A resolver that answers one address the first time it is asked and another after: a
+/// DNS rebinding between the guard's check and the connection.
+#[derive(Debug)]
+struct Rebinding {
+    first: std::net::IpAddr,
+    then: std::net::IpAddr,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+impl reqwest::dns::Resolve for Rebinding {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let asked = self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ip = if asked == 0 { self.first } else { self.then };
+        Box::pin(async move {
+            let addrs: reqwest::dns::Addrs = Box::new(std::iter::once((ip, 0).into()));
+            Ok(addrs)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_rebound_to_loopback_after_the_check_is_not_followed() {
+    use kongflow_events::webhooks::{Guard, Request, Resolver, Sender, new_secret, parse_nets};
+    // The checked address: 127.0.0.2, allowed, standing for a public one. The address the
+    // name turns to after the check: 127.0.0.1, inside and refused. Both listen on one port.
+    let (checked, inside) = loop {
+        let a = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = a.local_addr().unwrap().port();
+        if let Ok(b) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            break (a, b);
+        }
+    };
+    let port = checked.local_addr().unwrap().port();
+    let public = Receiver::serve(checked, vec![Answer::Status(200)]);
+    let inner = Receiver::serve(inside, vec![Answer::Status(200)]);
+    let resolver = Arc::new(Rebinding {
+        first: "127.0.0.2".parse().unwrap(),
+        then: "127.0.0.1".parse().unwrap(),
+        asked: Default::default(),
+    });
+    let sender = Sender {
+        guard: Guard {
+            allow: parse_nets("127.0.0.2/32").unwrap(),
+        },
+        connect_timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(2),
+        resolver: Resolver::new(resolver.clone()),
+    };
+    let url = format!("http://rebind.test:{port}/hook");
+    let outcome = sender
+        .send(Request {
+            url: &url,
+            msg_id: "msg_rebind",
+            secret: &new_secret(),
+            body: b"{}".to_vec(),
+        })
+        .await;
+    assert_eq!(
+        inner.count(),
+        0,
+        "the request followed the rebinding inside"
+    );
+    assert!(outcome.succeeded(), "{outcome:?}");
+    assert_eq!(public.count(), 1, "the request went to the checked address");
+    assert_eq!(
+        resolver.asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the name was looked up once, for the check"
+    );
 }
