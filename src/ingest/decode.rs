@@ -650,6 +650,46 @@ mod tests {
     }
 
     #[test]
+    fn a_body_cut_short_is_bad_json_whatever_shape_it_began() {
+        let json = BasicProperties::default().with_content_type("application/json".into());
+        for body in [
+            &b"[1, 2"[..],
+            br#"{"event": "x""#,
+            br#"{"event": {"name": "x"}"#,
+            br#"{"event": 1"#,
+        ] {
+            let r = decode(&json, body).send.unwrap_err();
+            assert_eq!(
+                r.reason,
+                Reason::BadJson,
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                r.message
+            );
+        }
+        // Whole JSON of the wrong shape is still bad_shape.
+        for body in [&b"[1, 2]"[..], br#"{"event": "x"}"#, br#"{"event": 1}"#] {
+            assert_eq!(rejected(decode(&json, body)), Reason::BadShape);
+        }
+    }
+
+    #[test]
+    fn a_nul_in_text_data_is_refused_when_read() {
+        let p = props(&[
+            ("ce-specversion", s("1.0")),
+            ("ce-id", s("t-1")),
+            ("ce-type", s("t")),
+            ("ce-source", s("/s")),
+        ])
+        .with_content_type("text/plain".into());
+        let r = decode(&p, b"a\0b").send.unwrap_err();
+        assert_eq!(r.reason, Reason::Invalid);
+        assert_eq!(r.message, NUL_REFUSED);
+        let (event, _) = decode(&p, b"ab").send.unwrap();
+        assert_eq!(event.payload, json!("ab"));
+    }
+
+    #[test]
     fn binary_cloud_events_read_with_either_prefix() {
         for prefix in ["cloudEvents_", "cloudEvents:"] {
             let h = |a: &str| format!("{prefix}{a}");
