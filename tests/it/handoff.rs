@@ -324,6 +324,9 @@ async fn a_hand_off_that_cannot_be_read_is_set_aside_and_the_other_tenants_go_ou
 async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
     let app = TestApp::spawn().await;
     let (run, _) = a_run_in_each_of_two_environments(&app).await;
+    // The relay step's channel first: opening it declares the topology, binding included.
+    let relay = app.relay();
+    let channel = relay.open_channel(&app.amqp).await.unwrap();
     // Unbind the runs queue (another queue keeps the exchange): a hand-off now comes back.
     let keeper = crate::helpers::private_queue(&app.channel).await;
     let bind = |queue: String, key: &'static str| {
@@ -353,8 +356,6 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
         .await
         .unwrap();
     hand_off_again(&app, &[run]).await;
-    let relay = app.relay();
-    let channel = relay.open_channel(&app.amqp).await.unwrap();
     for _ in 0..3 {
         assert_eq!(relay.publish_handoffs(&channel).await.unwrap(), 0);
         assert_eq!(

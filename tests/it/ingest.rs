@@ -901,7 +901,7 @@ async fn replies_go_only_to_reply_queues() {
         )
         .await
         .unwrap();
-    let good = json!({"event": {"name": "reply"}}).to_string();
+    let good = |id: &str| json!({"event": {"name": "reply", "id": id}}).to_string();
     for (i, target) in [app.topology.runs_queue(), victim.clone()]
         .into_iter()
         .enumerate()
@@ -911,10 +911,11 @@ async fn replies_go_only_to_reply_queues() {
             ("none", native(None)),
             ("good", native(Some(&key))),
         ] {
+            let id = format!("{who}-{i}");
             let props = props
                 .with_reply_to(target.as_str().into())
-                .with_message_id(format!("{who}-{i}").as_str().into());
-            publish(&app, &channel, "send", props, good.as_bytes()).await;
+                .with_message_id(id.as_str().into());
+            publish(&app, &channel, "send", props, good(&id).as_bytes()).await;
         }
     }
     // Direct reply-to is answered, on the channel that asked.
@@ -983,13 +984,13 @@ async fn replies_go_only_to_reply_queues() {
     let props = native(Some(&key))
         .with_reply_to(named.as_str().into())
         .with_correlation_id("named".into());
-    publish(&app, &channel, "send", props, good.as_bytes()).await;
+    publish(&app, &channel, "send", props, good("named").as_bytes()).await;
     let (c, status, _) = read_reply(&take(&mut named_consumer, 1).await[0]);
     assert_eq!((c.as_str(), status), ("named", 200));
     // Every message before them was handled: none was answered.
     wait_until("the rejected copies", Duration::from_secs(20), || async {
         app.depth_of(&app.topology.rejected_queue()).await == 4
-            && count(&app, "SELECT count(*) FROM event_records").await == 3
+            && count(&app, "SELECT count(*) FROM event_records").await == 4
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
