@@ -229,6 +229,14 @@ fn native(
     if has_escaped_nul(body) {
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
+    // Read as JSON first: a body cut short is not JSON, whatever shape it began (the typed
+    // read would stop at the first field of the wrong type and call it a shape error).
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+        Rejection::new(
+            Reason::BadJson,
+            format!("Failed to parse the request body as JSON: {e}"),
+        )
+    })?;
     let parsed: SendEventBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             Rejection::new(Reason::BadShape, format!("{WRONG_SHAPE}: {e}"))
@@ -311,6 +319,9 @@ fn binary_cloud_event(
             let s = std::str::from_utf8(body).map_err(|_| {
                 Rejection::new(Reason::BadShape, format!("{t} data is not UTF-8 text"))
             })?;
+            if s.contains('\0') {
+                return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
+            }
             Value::String(s.to_string())
         }
         Some(t) => {

@@ -54,6 +54,13 @@ pub const STATUS_HEADER: &str = "x-kongflow-status";
 pub const REASON_HEADER: &str = "x-kongflow-reason";
 pub const ERROR_HEADER: &str = "x-kongflow-error";
 pub const REJECTED_AT_HEADER: &str = "x-kongflow-rejected-at";
+/// Headers of the rejected copy of a message too large: only its first
+/// [`TRUNCATED_BODY_BYTES`] are kept, `x-kongflow-truncated` says so (`true`) and
+/// `x-kongflow-original-size` gives the size of the body as it came, in bytes.
+pub const TRUNCATED_HEADER: &str = "x-kongflow-truncated";
+pub const ORIGINAL_SIZE_HEADER: &str = "x-kongflow-original-size";
+/// How much of a `too_large` message's body its rejected copy keeps: 64 KiB.
+pub const TRUNCATED_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestRoleError {
@@ -284,8 +291,9 @@ impl Ingest {
                 );
             }
         }
+        let allowed = self.reply_prefix();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
-            reply(replies, delivery, outcome).await?;
+            reply(replies, delivery, outcome, &allowed).await?;
         }
         for confirm in confirms {
             // A copy the broker returned (no queue bound) is no more kept than a nacked one.
@@ -296,6 +304,14 @@ impl Ingest {
         metrics().stage(Stage::Reply, started);
         record(&outcomes);
         Ok((outcomes, jobs))
+    }
+
+    /// The start of the names of queues replies may go to, besides direct reply-to.
+    fn reply_prefix(&self) -> String {
+        self.config
+            .ingest_reply_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}.reply.", self.topology.prefix()))
     }
 
     /// The environments of the batch's API keys, with one query.
@@ -394,6 +410,17 @@ impl Ingest {
             REJECTED_AT_HEADER.into(),
             AMQPValue::LongString(crate::dates::iso(chrono::Utc::now()).into()),
         );
+        // A message too large is not copied whole: the rejected queue would hold what the
+        // service refused to hold.
+        let mut body = &delivery.data[..];
+        if rejection.reason == Reason::TooLarge && body.len() > TRUNCATED_BODY_BYTES {
+            headers.insert(TRUNCATED_HEADER.into(), AMQPValue::Boolean(true));
+            headers.insert(
+                ORIGINAL_SIZE_HEADER.into(),
+                AMQPValue::LongLongInt(body.len() as i64),
+            );
+            body = &body[..TRUNCATED_BODY_BYTES];
+        }
         tracing::warn!(
             reason = rejection.reason.as_str(),
             error = ?rejection.message,
@@ -408,24 +435,48 @@ impl Ingest {
                     mandatory: true,
                     ..Default::default()
                 },
-                &delivery.data,
+                body,
                 properties.with_headers(headers).with_delivery_mode(2),
             )
             .await?)
     }
 }
 
-/// Answer a message that set `reply_to`, with its `correlation_id`: the event log, or the
-/// error, as the HTTP API's body, and the HTTP status in [`STATUS_HEADER`]. A reply no
-/// queue takes is dropped by the broker: the producer that asked has gone.
+/// Direct reply-to: the pseudo-queue of the channel that asked.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Queues the broker named (`queue.declare` with an empty name): no client can create one
+/// with a name of its choosing, so none is a queue of this service.
+pub const SERVER_NAMED: &str = "amq.gen-";
+
+/// Whether a reply may go to `reply_to`: direct reply-to, a server-named queue, or a queue
+/// whose name starts with `allowed` (`INGEST_REPLY_PREFIX`, `<AMQP_PREFIX>.reply.` by
+/// default). Any other name (the runs queue, a work queue, another producer's queue) gets
+/// nothing: a publisher must not be able to put messages into queues it names.
+pub fn reply_allowed(reply_to: &str, allowed: &str) -> bool {
+    reply_to == DIRECT_REPLY_TO
+        || reply_to.starts_with(&format!("{DIRECT_REPLY_TO}."))
+        || reply_to.starts_with(SERVER_NAMED)
+        || (!allowed.is_empty() && reply_to.starts_with(allowed))
+}
+
+/// Answer a message that set `reply_to` (to a queue [`reply_allowed`] takes), with its
+/// `correlation_id`: the event log, or the error, as the HTTP API's body, and the HTTP
+/// status in [`STATUS_HEADER`]. A reply no queue takes is dropped by the broker: the
+/// producer that asked has gone.
 async fn reply(
     publisher: &Channel,
     delivery: &Delivery,
     outcome: &Outcome,
+    allowed: &str,
 ) -> Result<(), IngestRoleError> {
     let Some(reply_to) = delivery.properties.reply_to() else {
         return Ok(());
     };
+    if !reply_allowed(reply_to.as_str(), allowed) {
+        metrics().ingest_replies_refused.inc();
+        tracing::debug!(reply_to = ?reply_to.as_str(), "reply_to names a queue replies may not go to: no reply");
+        return Ok(());
+    }
     let (status, body): (u16, Value) = match outcome {
         Outcome::Stored(stored) => (200, event_log(&stored.record)),
         Outcome::Rejected(r) => (r.reason.status(), json!({ "error": r.message })),

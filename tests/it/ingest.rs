@@ -9,11 +9,7 @@ use kongflow_events::app::Roles;
 use kongflow_events::ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
 use kongflow_events::ingest::{ERROR_HEADER, REASON_HEADER, STATUS_HEADER};
 
-/// The rejected copy of a message too large: its first 64 KiB, and these headers (written
-/// out here so the test fails, rather than not compiling, on a build without them).
-const TRUNCATED_BODY_BYTES: usize = 64 * 1024;
-const TRUNCATED_HEADER: &str = "x-kongflow-truncated";
-const ORIGINAL_SIZE_HEADER: &str = "x-kongflow-original-size";
+use kongflow_events::ingest::{ORIGINAL_SIZE_HEADER, TRUNCATED_BODY_BYTES, TRUNCATED_HEADER};
 use kongflow_events::ledger::JobKind;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -757,6 +753,7 @@ const DEPTH_LIMIT: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_depth_limit_holds_on_every_ingest_path() {
+    assert_eq!(kongflow_events::events::MAX_JSON_DEPTH, DEPTH_LIMIT);
     let app = TestApp::spawn_with(Roles {
         http: true,
         ingest: true,
