@@ -1016,3 +1016,84 @@ fn the_shipped_broker_refuses_messages_far_larger_than_the_service_takes() {
          and at most 8 MiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_over_its_rate_waits_over_amqp_and_the_others_flow() {
+    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let (slow, slow_key) = app.new_env("slow").await;
+    sqlx::query("UPDATE environments SET max_events_per_second = 1 WHERE id = $1")
+        .bind(slow.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let stored = |env: uuid::Uuid| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM event_records WHERE environment_id = $1",
+            )
+            .bind(env)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let channel = producer(&app).await;
+    let started = std::time::Instant::now();
+    // 300 messages of the 1/s environment, and among them 30 of another one.
+    let mut confirms = Vec::new();
+    for i in 0..300 {
+        let (key, id) = if i % 10 == 5 {
+            (&app.api_key, format!("fast-{i}"))
+        } else {
+            (&slow_key, format!("slow-{i}"))
+        };
+        let body = json!({"event": {"name": "tick", "id": id}}).to_string();
+        confirms.push(
+            channel
+                .basic_publish(
+                    app.topology.ingest_exchange().as_str().into(),
+                    "send".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body.as_bytes(),
+                    native(Some(key)),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.unwrap(), Confirmation::Ack(None)));
+    }
+    wait_until(
+        "the other environment's events",
+        Duration::from_secs(10),
+        || async { stored(app.env.id).await == 30 },
+    )
+    .await;
+    let slow_stored = stored(slow.id).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    // A second's worth at once, then one a second (and the second the batch took).
+    assert!(
+        (slow_stored as f64) <= 2.0 + elapsed,
+        "{slow_stored} events of a 1/s environment stored in {elapsed:.2} s"
+    );
+    // The others wait, not lost: they come back and are stored at the rate.
+    wait_until(
+        "more of the 1/s environment's events",
+        Duration::from_secs(10),
+        || async { stored(slow.id).await >= slow_stored + 2 },
+    )
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!((stored(slow.id).await as f64) <= 2.0 + elapsed);
+    assert_eq!(
+        app.depth_of(&app.topology.rejected_queue()).await,
+        0,
+        "nothing rejected"
+    );
+    app.finish().await;
+}
