@@ -1021,7 +1021,7 @@ fn the_shipped_broker_refuses_messages_far_larger_than_the_service_takes() {
 async fn an_environment_over_its_rate_waits_over_amqp_and_the_others_flow() {
     let app = TestApp::spawn_with(INGEST_ONLY).await;
     let (slow, slow_key) = app.new_env("slow").await;
-    sqlx::query("UPDATE environments SET max_events_per_second = 1 WHERE id = $1")
+    sqlx::query("UPDATE runtime_environments SET max_events_per_second = 1 WHERE id = $1")
         .bind(slow.id)
         .execute(&app.pool)
         .await
