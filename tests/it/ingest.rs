@@ -765,9 +765,12 @@ async fn one_depth_limit_holds_on_every_ingest_path() {
         v.to_string().contains(&format!("{DEPTH_LIMIT}")) && v.to_string().contains("deep")
     };
     // HTTP, one event: payload, and context.
+    // One past the limit, and past what a JSON parser takes (serde_json stops at 128): each
+    // refused with the limit named.
     for (depth, status) in [
         (DEPTH_LIMIT, reqwest::StatusCode::OK),
         (DEPTH_LIMIT + 1, reqwest::StatusCode::BAD_REQUEST),
+        (200, reqwest::StatusCode::BAD_REQUEST),
     ] {
         for field in ["payload", "context"] {
             let (s, v) = app
@@ -816,7 +819,7 @@ async fn one_depth_limit_holds_on_every_ingest_path() {
         h
     };
     let mut sent = 0;
-    for depth in [DEPTH_LIMIT, DEPTH_LIMIT + 1] {
+    for depth in [DEPTH_LIMIT, DEPTH_LIMIT + 1, 200] {
         let native_body = json!({"event": {"name": "deep", "id": format!("n-{depth}"),
                                            "payload": nest(depth)}});
         let mut binary = keyed();
@@ -870,9 +873,9 @@ async fn one_depth_limit_holds_on_every_ingest_path() {
             rejected += 1;
         }
     }
-    assert_eq!(rejected, 3);
+    assert_eq!(rejected, 6);
     let mut copies = rejected_consumer(&app).await;
-    for d in take(&mut copies, 3).await {
+    for d in take(&mut copies, 6).await {
         assert_eq!(header_text(&d, REASON_HEADER).as_deref(), Some("invalid"));
     }
     // Stored: two HTTP events and one bulk at the limit, and the three AMQP ones.
