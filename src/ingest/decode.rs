@@ -13,7 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::events::wire::{NUL_REFUSED, SendEventBody, WRONG_SHAPE, has_escaped_nul};
+use crate::events::wire::{NUL_REFUSED, SendEventBody, WRONG_SHAPE, has_escaped_nul, too_deep};
 use crate::events::{SendEvent, SendEventOptions};
 use crate::trace::TraceParent;
 
@@ -231,20 +231,19 @@ fn native(
     }
     // Read as JSON first: a body cut short is not JSON, whatever shape it began (the typed
     // read would stop at the first field of the wrong type and call it a shape error).
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
-        Rejection::new(
+    let not_json = |e: serde_json::Error| {
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("Failed to parse the request body as JSON: {e}"),
         )
-    })?;
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
     let parsed: SendEventBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
-            Rejection::new(Reason::BadShape, format!("{WRONG_SHAPE}: {e}"))
+            unparsed(&e, Reason::BadShape, format!("{WRONG_SHAPE}: {e}"))
         }
-        _ => Rejection::new(
-            Reason::BadJson,
-            format!("Failed to parse the request body as JSON: {e}"),
-        ),
+        _ => not_json(e),
     })?;
     let mut event: SendEvent = parsed.event.into();
     let message_id = properties
@@ -264,6 +263,15 @@ fn native(
     }
     let options = parsed.options.unwrap_or_default().into_options(trace);
     Ok((event, options))
+}
+
+/// A JSON text that does not parse: refused for the depth limit (`invalid`) when it nests
+/// past what the parser takes, else for `reason`, with `message`.
+fn unparsed(e: &serde_json::Error, reason: Reason, message: String) -> Rejection {
+    match too_deep(&e.to_string()) {
+        Some(m) => Rejection::new(Reason::Invalid, m),
+        None => Rejection::new(reason, message),
+    }
 }
 
 /// The id of a native message that names none: derived from its body, so a message the
@@ -342,7 +350,8 @@ fn json_data(body: &[u8]) -> Result<Value, Rejection> {
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
     serde_json::from_slice(body).map_err(|e| {
-        Rejection::new(
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("the CloudEvent's data is not JSON: {e}"),
         )
@@ -357,7 +366,8 @@ fn structured_cloud_event(
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        Rejection::new(
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("Failed to parse the CloudEvent as JSON: {e}"),
         )
