@@ -26,6 +26,8 @@ start_node() {
   mkdir -p "$dir/mnesia" "$dir/log"
   # guest may connect from loopback only by default; these nodes listen on loopback anyway.
   printf 'loopback_users = none\nlisteners.tcp.1 = 127.0.0.1:%s\n' "$(port "$n")" >"$dir/rabbitmq.conf"
+  # The largest message the shipped configuration lets in.
+  grep '^max_message_size' rabbitmq/rabbitmq.conf >>"$dir/rabbitmq.conf"
   echo '[].' >"$dir/enabled_plugins"
   # The settings the project ships for quorum mode (the dead-letter hop's confirm timeout).
   cp rabbitmq/advanced.config "$dir/advanced.config"

@@ -420,6 +420,12 @@ pub struct IngestConfig {
     /// Most requests stored in one transaction.
     #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = defaults::INGEST_BATCH_SIZE)]
     pub ingest_batch_size: usize,
+
+    /// Queues a request's `reply_to` may name, by the start of their names, besides direct
+    /// reply-to (`amq.rabbitmq.reply-to`) and server-named queues (`amq.gen-`); default
+    /// `<AMQP_PREFIX>.reply.`. A request naming any other queue gets no reply.
+    #[arg(long, env = "INGEST_REPLY_PREFIX")]
+    pub ingest_reply_prefix: Option<String>,
 }
 
 impl Default for IngestConfig {
@@ -428,6 +434,7 @@ impl Default for IngestConfig {
             ingest_concurrency: defaults::INGEST_CONCURRENCY,
             ingest_prefetch: defaults::INGEST_PREFETCH,
             ingest_batch_size: defaults::INGEST_BATCH_SIZE,
+            ingest_reply_prefix: None,
         }
     }
 }

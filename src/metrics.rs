@@ -145,6 +145,12 @@ pub struct Metrics {
     /// Run hand-offs waiting to be published, and the oldest one's age.
     pub handoff_backlog: IntGauge,
     pub handoff_oldest_age: prometheus::Gauge,
+    /// Run hand-offs set aside (their message could not be read or built), and how many
+    /// set-aside rows are in the database.
+    pub handoffs_set_aside: prometheus::IntCounter,
+    pub handoffs_set_aside_waiting: IntGauge,
+    /// AMQP ingest replies not sent: `reply_to` named a queue replies may not go to.
+    pub ingest_replies_refused: prometheus::IntCounter,
     /// Jobs in the outbox (not yet published).
     pub outbox_backlog: IntGauge,
     /// Age of the oldest job in the outbox, in seconds.
@@ -225,6 +231,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid gauge");
     r.register(Box::new(g.clone())).expect("register gauge");
     g
+}
+
+fn plain_counter(r: &Registry, name: &str, help: &str) -> prometheus::IntCounter {
+    let c = prometheus::IntCounter::new(name, help).expect("valid counter");
+    r.register(Box::new(c.clone())).expect("register counter");
+    c
 }
 
 fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
@@ -403,6 +415,21 @@ impl Metrics {
                 &r,
                 "kongflow_handoff_oldest_age_seconds",
                 "Age of the oldest run hand-off waiting to be published",
+            ),
+            handoffs_set_aside: plain_counter(
+                &r,
+                "kongflow_handoffs_set_aside_total",
+                "Run hand-offs set aside: their message could not be read or built",
+            ),
+            handoffs_set_aside_waiting: gauge(
+                &r,
+                "kongflow_handoffs_set_aside",
+                "Run hand-offs set aside, kept in run_handoffs for an operator",
+            ),
+            ingest_replies_refused: plain_counter(
+                &r,
+                "kongflow_ingest_replies_refused_total",
+                "AMQP ingest replies not sent: reply_to named a queue replies may not go to",
             ),
             outbox_backlog: gauge(&r, "kongflow_outbox_backlog", "Jobs waiting in the outbox"),
             outbox_oldest_age,

@@ -193,9 +193,10 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
-        let (handoffs, oldest) = crate::runs::backlog(&self.pool).await?;
+        let (handoffs, oldest, aside) = crate::runs::backlog(&self.pool).await?;
         m.handoff_backlog.set(handoffs);
         m.handoff_oldest_age.set(oldest);
+        m.handoffs_set_aside_waiting.set(aside);
         for (table, bytes) in upkeep::table_sizes(&self.pool).await? {
             m.table_bytes.with_label_values(&[&table]).set(bytes);
         }
@@ -492,14 +493,29 @@ impl Relay {
     }
 
     /// Publish one batch of the runs hand-off (see [`crate::runs`]) and delete the
-    /// hand-offs the broker confirmed, in the claiming transaction. Returns how many were
+    /// hand-offs the broker confirmed, in the claiming transaction; set aside those whose
+    /// message cannot be read or published (the others go out). Returns how many were
     /// confirmed.
     pub async fn publish_handoffs(&self, channel: &Channel) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = crate::runs::claim(&mut tx, self.config.relay_batch_size).await?;
-        if claimed.is_empty() {
+        let rows = crate::runs::claim(&mut tx, self.config.relay_batch_size).await?;
+        if rows.is_empty() {
             return Ok(0);
         }
+        let mut claimed = Vec::with_capacity(rows.len());
+        let mut aside = Vec::new();
+        for row in rows {
+            let run = row.run_id;
+            match row.read() {
+                Ok(h) => claimed.push(h),
+                Err((id, reason)) => {
+                    tracing::error!(handoff_id = id, %run, %reason,
+                        "run hand-off set aside (see run_handoffs.set_aside_reason); the others go on");
+                    aside.push((id, reason));
+                }
+            }
+        }
+        crate::runs::set_aside(&mut tx, &aside).await?;
         let mut done = Vec::with_capacity(claimed.len());
         let mut pending = Vec::with_capacity(claimed.len());
         for h in &claimed {
@@ -541,6 +557,7 @@ impl Relay {
         failpoint::hit(failpoint::RELAY_AFTER_MESSAGE_CONFIRM);
         crate::runs::published(&mut tx, &done).await?;
         tx.commit().await?;
+        metrics().handoffs_set_aside.inc_by(aside.len() as u64);
         tracing::debug!(
             published = confirmed,
             claimed = claimed.len(),

@@ -10,6 +10,11 @@
 //! `run-cancelled.v1.schema.json` describe; the AMQP `message-id` is `<run id>:created` or
 //! `<run id>:cancelled`, so a repeat (a relay that died between the confirm and its commit)
 //! carries the same id and a consumer drops it.
+//!
+//! Each message is built as JSON text by the claim and read here, row by row: a row whose
+//! message cannot be read (nested deeper than a JSON reader takes) or is too large to
+//! publish is set aside ([`set_aside`]: kept with its reason, claimed no more, counted in
+//! `kongflow_handoffs_set_aside_total`) and never fails the batch of the others.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -21,6 +26,51 @@ pub const NOTIFY_CHANNEL: &str = "kongflow_handoffs";
 /// `run_handoffs.kind` of a run created, and of a run cancelled.
 pub const CREATED: &str = "created";
 pub const CANCELLED: &str = "cancelled";
+
+/// Largest hand-off message published: 1 MiB, twice an event's payload and context, and
+/// below the broker's `max_message_size` (which would close the channel).
+pub const MAX_HANDOFF_BYTES: usize = 1024 * 1024;
+
+/// A hand-off as claimed: its message still JSON text.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub run_id: Uuid,
+    pub kind: String,
+    pub trace_parent: Option<String>,
+    pub body: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Claimed {
+    /// The hand-off with its message read, or why it cannot be published.
+    pub fn read(self) -> Result<HandOff, (i64, String)> {
+        let body = match self.body {
+            None => None,
+            Some(text) if text.len() > MAX_HANDOFF_BYTES => {
+                return Err((
+                    self.id,
+                    format!(
+                        "its message is {} bytes; at most {MAX_HANDOFF_BYTES} are published",
+                        text.len()
+                    ),
+                ));
+            }
+            Some(text) => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| (self.id, format!("its message cannot be read: {e}")))?,
+            ),
+        };
+        Ok(HandOff {
+            id: self.id,
+            run_id: self.run_id,
+            kind: self.kind,
+            trace_parent: self.trace_parent,
+            body,
+            created_at: self.created_at,
+        })
+    }
+}
 
 /// A hand-off to publish.
 #[derive(Debug, Clone)]
@@ -68,11 +118,12 @@ pub async fn hand_off_cancelled(tx: &mut PgConnection, runs: &[Uuid]) -> Result<
     Ok(())
 }
 
-/// Lock up to `limit` hand-offs, oldest first, skipping those another relay holds, with
-/// their messages built from the runs and events as they now stand.
-pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<HandOff>, sqlx::Error> {
+/// Lock up to `limit` hand-offs, oldest first, skipping those another relay holds and those
+/// set aside, with their messages built (as JSON text) from the runs and events as they now
+/// stand.
+pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as!(
-        HandOff,
+        Claimed,
         r#"SELECT h.id AS "id!", h.run_id AS "run_id!", h.kind AS "kind!",
                   h.trace_parent, h.created_at AS "created_at!",
                   CASE WHEN r.id IS NULL THEN NULL
@@ -94,8 +145,9 @@ pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<HandOff>, sq
                            'environmentId', r.environment_id, 'jobId', r.job_id,
                            'jobVersionId', r.job_version_id,
                            'event', jsonb_build_object('id', e.event_id, 'recordId', e.id))
-                  END AS body
-           FROM (SELECT * FROM run_handoffs ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) h
+                  END::text AS body
+           FROM (SELECT * FROM run_handoffs WHERE set_aside_at IS NULL
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) h
            LEFT JOIN job_runs r ON r.id = h.run_id
            LEFT JOIN event_records e ON e.id = r.event_record_id
            LEFT JOIN job_versions v ON v.id = r.job_version_id
@@ -117,14 +169,34 @@ pub async fn published(tx: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::E
     Ok(())
 }
 
-/// How many hand-offs wait, and the age of the oldest in seconds.
-pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+/// Set hand-offs aside, each with its reason, in the claiming transaction: they stay in
+/// `run_handoffs` (`set_aside_at` set) for an operator, and no claim takes them again.
+pub async fn set_aside(tx: &mut PgConnection, rows: &[(i64, String)]) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (ids, reasons): (Vec<i64>, Vec<String>) = rows.iter().cloned().unzip();
+    sqlx::query!(
+        "UPDATE run_handoffs h SET set_aside_at = now(), set_aside_reason = t.reason
+         FROM UNNEST($1::bigint[], $2::text[]) AS t(id, reason) WHERE h.id = t.id",
+        &ids,
+        &reasons
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// How many hand-offs wait, the age of the oldest in seconds, and how many are set aside.
+pub async fn backlog(pool: &PgPool) -> Result<(i64, f64, i64), sqlx::Error> {
     let r = sqlx::query!(
-        r#"SELECT count(*) AS "n!",
-                  COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS "age!"
+        r#"SELECT count(*) FILTER (WHERE set_aside_at IS NULL) AS "n!",
+                  COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)
+                                    FILTER (WHERE set_aside_at IS NULL)), 0)::float8 AS "age!",
+                  count(*) FILTER (WHERE set_aside_at IS NOT NULL) AS "aside!"
            FROM run_handoffs"#
     )
     .fetch_one(pool)
     .await?;
-    Ok((r.n, r.age))
+    Ok((r.n, r.age, r.aside))
 }

@@ -36,6 +36,10 @@ use crate::ledger::{EVENTS_QUEUE, JobKind};
 
 /// The routing key of send-event requests on the ingest exchange.
 pub const INGEST_ROUTING_KEY: &str = "send";
+/// The job kind and queue that the delay tiers' routing keys name for an ingest request sent
+/// round them (one over its environment's rate): the exit exchange hands it back to the
+/// ingest queue.
+pub const INGEST_DEFERRED: (&str, &str) = ("ingest", "deferred");
 /// What the runs queue takes from the runs exchange.
 pub const RUNS_BINDING: &str = "run.#";
 
@@ -337,6 +341,12 @@ impl Topology {
         plan.exchange(&ingest, ExchangeKind::Direct);
         plan.queue(&self.ingest_queue(), self.type_arguments());
         plan.bind_queue(&self.ingest_queue(), &ingest, INGEST_ROUTING_KEY);
+        let (kind, queue) = INGEST_DEFERRED;
+        plan.bind_queue(
+            &self.ingest_queue(),
+            &self.delay_exit(),
+            &tiers::exit_pattern(kind, queue),
+        );
         plan.exchange(&rejected, ExchangeKind::Fanout);
         let mut rejected_args = self.type_arguments();
         rejected_args.push(("x-max-length-bytes", Arg::Int(REJECTED_MAX_BYTES)));

@@ -1,6 +1,7 @@
 //! Events: ingest, lookup, and the filters that decide which dispatchers an event reaches.
 
 pub mod filter;
+pub mod ratelimit;
 pub mod retention;
 pub mod wire;
 
@@ -789,6 +790,12 @@ pub const MAX_NAME_CHARS: usize = 255;
 pub const MAX_ID_CHARS: usize = 255;
 /// Largest payload plus context of one event, serialized as JSON: 512 KiB.
 pub const MAX_PAYLOAD_BYTES: usize = 512 * 1024;
+/// Deepest nesting of arrays and objects accepted in an event's payload, and in its context
+/// (`{"a": [1]}` is 2 deep), on every ingest path. What the service wraps around them (a send
+/// body, a webhook body, a run hand-off: a few levels each) stays far below the 128 levels
+/// at which JSON readers such as serde_json stop, so every message the service writes can
+/// be read back.
+pub const MAX_JSON_DEPTH: usize = 64;
 /// Most events in one bulk send.
 pub const MAX_BULK_EVENTS: usize = 100;
 /// A pending event due at least this long from now takes a resent payload and time.
@@ -846,6 +853,19 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
             )));
         }
     }
+    for (field, value) in [
+        ("payload", Some(&request.payload)),
+        ("context", request.context.as_ref()),
+    ] {
+        if let Some(value) = value
+            && json_depth(value) > MAX_JSON_DEPTH
+        {
+            return Err(IngestError::Invalid(format!(
+                "event.{field} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; \
+                 at most {MAX_JSON_DEPTH} are accepted"
+            )));
+        }
+    }
     let size = json_len(&request.payload) + request.context.as_ref().map_or(0, json_len);
     if size > MAX_PAYLOAD_BYTES {
         return Err(IngestError::TooLarge(format!(
@@ -862,6 +882,23 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
         )));
     }
     Ok(())
+}
+
+/// How deeply arrays and objects nest in `value`: 0 for a scalar, 1 for `[]` or `{"a": 1}`.
+/// Walked without recursion.
+pub fn json_depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth + 1);
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    deepest
 }
 
 /// What a resend brings.
@@ -959,4 +996,28 @@ async fn upsert_external_account(
     )
     .fetch_one(conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn depth_counts_arrays_and_objects() {
+        assert_eq!(json_depth(&json!(1)), 0);
+        assert_eq!(json_depth(&json!([])), 1);
+        assert_eq!(json_depth(&json!({"a": [1, {"b": 2}], "c": 3})), 3);
+        let deep = (0..MAX_JSON_DEPTH).fold(json!(1), |v, _| json!([v]));
+        let request = |payload: Value| SendEvent {
+            name: "n".into(),
+            payload,
+            ..SendEvent::default()
+        };
+        let options = SendEventOptions::default();
+        assert!(validate(&request(deep.clone()), &options).is_ok());
+        let err = validate(&request(json!([deep])), &options).unwrap_err();
+        assert!(err.to_string().contains("64 levels deep"), "{err}");
+    }
 }

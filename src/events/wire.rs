@@ -94,6 +94,19 @@ pub fn event_log(r: &EventRecord) -> Value {
     })
 }
 
+/// The message of a JSON text nested past what the parser takes (serde_json stops at 128
+/// levels, `error` says "recursion limit exceeded"), or `None` for any other error: such a
+/// text is past the depth limit, and is refused for it.
+pub fn too_deep(error: &str) -> Option<String> {
+    error.contains("recursion limit exceeded").then(|| {
+        format!(
+            "the JSON nests arrays and objects too deep: payload and context may nest at \
+             most {} levels deep",
+            super::MAX_JSON_DEPTH
+        )
+    })
+}
+
 /// The message a JSON text with a NUL character gets: Postgres stores none, in text or in
 /// jsonb.
 pub const NUL_REFUSED: &str = "strings must not contain the NUL character (\\u0000)";

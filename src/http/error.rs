@@ -141,7 +141,10 @@ where
                     StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
                     s => s,
                 };
-                Err(ApiError::new(status, rejection.body_text()))
+                let text = rejection.body_text();
+                // Nested past what the parser takes: past the depth limit, said so.
+                let text = crate::events::wire::too_deep(&text).unwrap_or(text);
+                Err(ApiError::new(status, text))
             }
         }
     }

@@ -12,7 +12,9 @@ use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, JsonText};
 use crate::dates::iso;
 use crate::db::environments::Environment;
-use crate::events::wire::{EventBody, OptionsBody, SendEventBody, WRONG_SHAPE, event_log};
+use crate::events::wire::{
+    EventBody, OptionsBody, SendEventBody, WRONG_SHAPE, event_log, too_deep,
+};
 use crate::events::{IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
 use crate::trace::TraceParent;
 
@@ -144,8 +146,9 @@ pub async fn send_events(
     headers: HeaderMap,
     JsonText(text): JsonText,
 ) -> Result<Json<Value>, ApiError> {
-    let body: BulkBody = serde_json::from_slice(&text)
-        .map_err(|e| ApiError::bad_request(format!("{WRONG_SHAPE}: {e}")))?;
+    let body: BulkBody = serde_json::from_slice(&text).map_err(|e| {
+        ApiError::bad_request(too_deep(&e.to_string()).unwrap_or(format!("{WRONG_SHAPE}: {e}")))
+    })?;
     let mut events = Vec::with_capacity(body.events.len());
     for (i, raw) in body.events.iter().enumerate() {
         let len = raw.get().len();
@@ -159,8 +162,10 @@ pub async fn send_events(
                 ),
             ));
         }
-        let event: EventBody = serde_json::from_str(raw.get())
-            .map_err(|e| ApiError::bad_request(format!("events[{i}]: {e}")))?;
+        let event: EventBody = serde_json::from_str(raw.get()).map_err(|e| {
+            let e = e.to_string();
+            ApiError::bad_request(format!("events[{i}]: {}", too_deep(&e).unwrap_or(e)))
+        })?;
         events.push(event.into());
     }
     let options = body.options.unwrap_or_default();

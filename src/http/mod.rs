@@ -5,7 +5,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod operator;
-pub mod ratelimit;
+pub use crate::events::ratelimit;
 pub mod triggers;
 
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::events::wire::{NUL_REFUSED, SendEventBody, WRONG_SHAPE, has_escaped_nul};
+use crate::events::wire::{NUL_REFUSED, SendEventBody, WRONG_SHAPE, has_escaped_nul, too_deep};
 use crate::events::{SendEvent, SendEventOptions};
 use crate::trace::TraceParent;
 
@@ -229,14 +229,21 @@ fn native(
     if has_escaped_nul(body) {
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
-    let parsed: SendEventBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            Rejection::new(Reason::BadShape, format!("{WRONG_SHAPE}: {e}"))
-        }
-        _ => Rejection::new(
+    // Read as JSON first: a body cut short is not JSON, whatever shape it began (the typed
+    // read would stop at the first field of the wrong type and call it a shape error).
+    let not_json = |e: serde_json::Error| {
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("Failed to parse the request body as JSON: {e}"),
-        ),
+        )
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(not_json)?;
+    let parsed: SendEventBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            unparsed(&e, Reason::BadShape, format!("{WRONG_SHAPE}: {e}"))
+        }
+        _ => not_json(e),
     })?;
     let mut event: SendEvent = parsed.event.into();
     let message_id = properties
@@ -256,6 +263,15 @@ fn native(
     }
     let options = parsed.options.unwrap_or_default().into_options(trace);
     Ok((event, options))
+}
+
+/// A JSON text that does not parse: refused for the depth limit (`invalid`) when it nests
+/// past what the parser takes, else for `reason`, with `message`.
+fn unparsed(e: &serde_json::Error, reason: Reason, message: String) -> Rejection {
+    match too_deep(&e.to_string()) {
+        Some(m) => Rejection::new(Reason::Invalid, m),
+        None => Rejection::new(reason, message),
+    }
 }
 
 /// The id of a native message that names none: derived from its body, so a message the
@@ -311,6 +327,9 @@ fn binary_cloud_event(
             let s = std::str::from_utf8(body).map_err(|_| {
                 Rejection::new(Reason::BadShape, format!("{t} data is not UTF-8 text"))
             })?;
+            if s.contains('\0') {
+                return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
+            }
             Value::String(s.to_string())
         }
         Some(t) => {
@@ -331,7 +350,8 @@ fn json_data(body: &[u8]) -> Result<Value, Rejection> {
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
     serde_json::from_slice(body).map_err(|e| {
-        Rejection::new(
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("the CloudEvent's data is not JSON: {e}"),
         )
@@ -346,7 +366,8 @@ fn structured_cloud_event(
         return Err(Rejection::new(Reason::Invalid, NUL_REFUSED));
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        Rejection::new(
+        unparsed(
+            &e,
             Reason::BadJson,
             format!("Failed to parse the CloudEvent as JSON: {e}"),
         )
@@ -647,6 +668,46 @@ mod tests {
             Reason::BadShape
         );
         assert!(decode(&json, b"{}").api_key.is_none());
+    }
+
+    #[test]
+    fn a_body_cut_short_is_bad_json_whatever_shape_it_began() {
+        let json = BasicProperties::default().with_content_type("application/json".into());
+        for body in [
+            &b"[1, 2"[..],
+            br#"{"event": "x""#,
+            br#"{"event": {"name": "x"}"#,
+            br#"{"event": 1"#,
+        ] {
+            let r = decode(&json, body).send.unwrap_err();
+            assert_eq!(
+                r.reason,
+                Reason::BadJson,
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                r.message
+            );
+        }
+        // Whole JSON of the wrong shape is still bad_shape.
+        for body in [&b"[1, 2]"[..], br#"{"event": "x"}"#, br#"{"event": 1}"#] {
+            assert_eq!(rejected(decode(&json, body)), Reason::BadShape);
+        }
+    }
+
+    #[test]
+    fn a_nul_in_text_data_is_refused_when_read() {
+        let p = props(&[
+            ("ce-specversion", s("1.0")),
+            ("ce-id", s("t-1")),
+            ("ce-type", s("t")),
+            ("ce-source", s("/s")),
+        ])
+        .with_content_type("text/plain".into());
+        let r = decode(&p, b"a\0b").send.unwrap_err();
+        assert_eq!(r.reason, Reason::Invalid);
+        assert_eq!(r.message, NUL_REFUSED);
+        let (event, _) = decode(&p, b"ab").send.unwrap();
+        assert_eq!(event.payload, json!("ab"));
     }
 
     #[test]

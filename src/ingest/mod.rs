@@ -9,6 +9,9 @@
 //!    ([`EventsService::ingest_each`]): same validation, same idempotence on the event id;
 //! 3. copy each request that cannot be stored to the rejected exchange, its reason in
 //!    headers and its API key removed, and wait for the broker's confirms;
+//!    a valid request over its environment's `max_events_per_second` is not stored: a copy
+//!    goes round the delay tiers, back to the ingest queue when the rate allows it (see
+//!    [`Ingest::over_rate`]), so it waits without holding up other environments' messages;
 //! 4. answer each request that asked (`reply_to`) as the HTTP API would;
 //! 5. publish the batch's `deliverEvent` jobs (the fast path), while the next batch is
 //!    handled, and acknowledge the batch once that publish is settled (confirmed, or its
@@ -24,7 +27,7 @@
 pub mod decode;
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -39,9 +42,11 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, Topology};
+use crate::amqp::topology::INGEST_DEFERRED;
+use crate::amqp::{self, Topology, tiers};
 use crate::config::IngestConfig;
 use crate::db::environments::{Environment, KeyCache};
+use crate::events::ratelimit::RateLimiter;
 use crate::events::wire::event_log;
 use crate::events::{EventsService, IngestError, IngestResult, SendEvent, SendEventOptions};
 use crate::failpoint;
@@ -54,6 +59,18 @@ pub const STATUS_HEADER: &str = "x-kongflow-status";
 pub const REASON_HEADER: &str = "x-kongflow-reason";
 pub const ERROR_HEADER: &str = "x-kongflow-error";
 pub const REJECTED_AT_HEADER: &str = "x-kongflow-rejected-at";
+/// Headers of the rejected copy of a message too large: only its first
+/// [`TRUNCATED_BODY_BYTES`] are kept, `x-kongflow-truncated` says so (`true`) and
+/// `x-kongflow-original-size` gives the size of the body as it came, in bytes.
+pub const TRUNCATED_HEADER: &str = "x-kongflow-truncated";
+pub const ORIGINAL_SIZE_HEADER: &str = "x-kongflow-original-size";
+/// How much of a `too_large` message's body its rejected copy keeps: 64 KiB.
+pub const TRUNCATED_BODY_BYTES: usize = 64 * 1024;
+/// The header of a request sent round the delay tiers for its environment's rate: how many
+/// times it was.
+pub const DEFERRED_HEADER: &str = "x-kongflow-deferred";
+/// Longest a request waits in the tiers in one round; past it, it comes back and waits again.
+pub const MAX_DEFER: Duration = Duration::from_secs(600);
 
 /// The delivery jobs a batch stored for this process to publish, with their ticket.
 type Created = (
@@ -71,7 +88,7 @@ pub enum IngestRoleError {
     Amqp(#[from] lapin::Error),
     #[error("the broker closed the consumer")]
     ConsumerClosed,
-    #[error("the broker did not take a rejected copy")]
+    #[error("the broker did not take a rejected or deferred copy")]
     RejectedNotConfirmed,
     #[error("a consumer task failed: {0}")]
     Task(String),
@@ -82,6 +99,8 @@ pub enum IngestRoleError {
 pub enum Outcome {
     Stored(Box<IngestResult>),
     Rejected(Rejection),
+    /// Over its environment's rate: sent round the delay tiers for this long.
+    Deferred(Duration),
 }
 
 /// The ingest consumer role.
@@ -95,6 +114,8 @@ pub struct Ingest {
     direct: Option<amqp::DirectPublisher>,
     /// API keys looked up, remembered for a second.
     keys: KeyCache,
+    /// Each environment's `max_events_per_second`, for this process's ingest consumers.
+    limiter: RateLimiter,
 }
 
 /// A batch whose jobs are being published; its messages are acknowledged once that ends.
@@ -123,6 +144,7 @@ impl Ingest {
             config,
             direct: None,
             keys: KeyCache::default(),
+            limiter: RateLimiter::default(),
         }
     }
 
@@ -283,15 +305,20 @@ impl Ingest {
         let started = Instant::now();
         let mut confirms = Vec::new();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
-            if let Outcome::Rejected(rejection) = outcome {
-                confirms.push(
+            match outcome {
+                Outcome::Rejected(rejection) => confirms.push(
                     self.publish_rejected(publisher, delivery, rejection)
                         .await?,
-                );
+                ),
+                Outcome::Deferred(wait) => {
+                    confirms.push(self.publish_deferred(publisher, delivery, *wait).await?)
+                }
+                Outcome::Stored(_) => {}
             }
         }
+        let allowed = self.reply_prefix();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
-            reply(replies, delivery, outcome).await?;
+            reply(replies, delivery, outcome, &allowed).await?;
         }
         for confirm in confirms {
             // A copy the broker returned (no queue bound) is no more kept than a nacked one.
@@ -302,6 +329,14 @@ impl Ingest {
         metrics().stage(Stage::Reply, started);
         record(&outcomes);
         Ok((outcomes, jobs))
+    }
+
+    /// The start of the names of queues replies may go to, besides direct reply-to.
+    fn reply_prefix(&self) -> String {
+        self.config
+            .ingest_reply_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}.reply.", self.topology.prefix()))
     }
 
     /// The environments of the batch's API keys, with one query.
@@ -331,6 +366,8 @@ impl Ingest {
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(requests.len());
         let mut items: Vec<(Environment, SendEvent, SendEventOptions)> = Vec::new();
         let mut at = Vec::new();
+        let mut deferred = HashMap::new();
+        let now = Instant::now();
         for request in requests {
             let refused =
                 |reason, message: &str| Some(Outcome::Rejected(Rejection::new(reason, message)));
@@ -345,6 +382,12 @@ impl Ingest {
                 outcomes.push(refused(Reason::Unauthorized, "invalid API key"));
                 continue;
             };
+            if request.send.is_ok()
+                && let Some(wait) = self.over_rate(env, &mut deferred, now)
+            {
+                outcomes.push(Some(Outcome::Deferred(wait)));
+                continue;
+            }
             match request.send {
                 Ok((event, options)) => {
                     at.push(outcomes.len());
@@ -384,6 +427,61 @@ impl Ingest {
         Ok((outcomes.into_iter().flatten().collect(), jobs))
     }
 
+    /// How long a request of `env` must wait for its rate, if it must: the bucket's wait, plus
+    /// a slot of `1 / rate` for each request of `env` this batch already deferred (`behind`),
+    /// so they come back one by one at the rate instead of all at once, each within
+    /// [`MAX_DEFER`]. `None`: it may be stored now (its event taken from the allowance).
+    fn over_rate(
+        &self,
+        env: &Environment,
+        behind: &mut HashMap<uuid::Uuid, u32>,
+        now: Instant,
+    ) -> Option<Duration> {
+        let rate = u32::try_from(env.max_events_per_second?)
+            .unwrap_or(1)
+            .max(1);
+        let wait = self.limiter.take(env.id, rate, 1, now).err()?;
+        let ahead = behind.entry(env.id).or_default();
+        let wait = wait + Duration::from_secs_f64(f64::from(*ahead) / f64::from(rate));
+        *ahead += 1;
+        Some(wait.min(MAX_DEFER))
+    }
+
+    /// Send a copy of a message (key included: it comes back to be stored) round the delay
+    /// tiers, to reach the ingest queue again after `wait`. The caller awaits the confirm.
+    async fn publish_deferred(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        wait: Duration,
+    ) -> Result<lapin::PublisherConfirm, IngestRoleError> {
+        let digits = tiers::DelayDigits::of(tiers::remaining_ms(wait).max(1));
+        let level = digits.entry_level().expect("a delay of 1 ms or more");
+        let (kind, queue) = INGEST_DEFERRED;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let times = match headers.inner().get(DEFERRED_HEADER) {
+            Some(AMQPValue::LongInt(n)) => n.saturating_add(1),
+            _ => 1,
+        };
+        headers.insert(DEFERRED_HEADER.into(), AMQPValue::LongInt(times));
+        Ok(publisher
+            .basic_publish(
+                self.topology.delay_exchange(level).as_str().into(),
+                digits.routing_key(kind, queue).as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &delivery.data,
+                delivery
+                    .properties
+                    .clone()
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await?)
+    }
+
     /// Copy a message to the rejected exchange: its body and properties, its API key
     /// removed, its reason added. The caller awaits the confirm.
     async fn publish_rejected(
@@ -404,6 +502,17 @@ impl Ingest {
             REJECTED_AT_HEADER.into(),
             AMQPValue::LongString(crate::dates::iso(chrono::Utc::now()).into()),
         );
+        // A message too large is not copied whole: the rejected queue would hold what the
+        // service refused to hold.
+        let mut body = &delivery.data[..];
+        if rejection.reason == Reason::TooLarge && body.len() > TRUNCATED_BODY_BYTES {
+            headers.insert(TRUNCATED_HEADER.into(), AMQPValue::Boolean(true));
+            headers.insert(
+                ORIGINAL_SIZE_HEADER.into(),
+                AMQPValue::LongLongInt(body.len() as i64),
+            );
+            body = &body[..TRUNCATED_BODY_BYTES];
+        }
         tracing::warn!(
             reason = rejection.reason.as_str(),
             error = ?rejection.message,
@@ -418,27 +527,56 @@ impl Ingest {
                     mandatory: true,
                     ..Default::default()
                 },
-                &delivery.data,
+                body,
                 properties.with_headers(headers).with_delivery_mode(2),
             )
             .await?)
     }
 }
 
-/// Answer a message that set `reply_to`, with its `correlation_id`: the event log, or the
-/// error, as the HTTP API's body, and the HTTP status in [`STATUS_HEADER`]. A reply no
-/// queue takes is dropped by the broker: the producer that asked has gone.
+/// Direct reply-to: the pseudo-queue of the channel that asked.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Queues the broker named (`queue.declare` with an empty name): no client can create one
+/// with a name of its choosing, so none is a queue of this service.
+pub const SERVER_NAMED: &str = "amq.gen-";
+
+/// Whether a reply may go to `reply_to`: direct reply-to, a server-named queue, or a queue
+/// whose name starts with `allowed` (`INGEST_REPLY_PREFIX`, `<AMQP_PREFIX>.reply.` by
+/// default). Any other name (the runs queue, a work queue, another producer's queue) gets
+/// nothing: a publisher must not be able to put messages into queues it names.
+pub fn reply_allowed(reply_to: &str, allowed: &str) -> bool {
+    reply_to == DIRECT_REPLY_TO
+        || reply_to.starts_with(&format!("{DIRECT_REPLY_TO}."))
+        || reply_to.starts_with(SERVER_NAMED)
+        || (!allowed.is_empty() && reply_to.starts_with(allowed))
+}
+
+/// Answer a message that set `reply_to` (to a queue [`reply_allowed`] takes), with its
+/// `correlation_id`: the event log, or the error, as the HTTP API's body, and the HTTP
+/// status in [`STATUS_HEADER`]. A reply no queue takes is dropped by the broker: the
+/// producer that asked has gone.
 async fn reply(
     publisher: &Channel,
     delivery: &Delivery,
     outcome: &Outcome,
+    allowed: &str,
 ) -> Result<(), IngestRoleError> {
     let Some(reply_to) = delivery.properties.reply_to() else {
         return Ok(());
     };
+    // A deferred request is answered when it comes back and is stored.
+    if matches!(outcome, Outcome::Deferred(_)) {
+        return Ok(());
+    }
+    if !reply_allowed(reply_to.as_str(), allowed) {
+        metrics().ingest_replies_refused.inc();
+        tracing::debug!(reply_to = ?reply_to.as_str(), "reply_to names a queue replies may not go to: no reply");
+        return Ok(());
+    }
     let (status, body): (u16, Value) = match outcome {
         Outcome::Stored(stored) => (200, event_log(&stored.record)),
         Outcome::Rejected(r) => (r.reason.status(), json!({ "error": r.message })),
+        Outcome::Deferred(_) => return Ok(()),
     };
     let mut headers = FieldTable::default();
     headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
@@ -473,10 +611,13 @@ fn record(outcomes: &[Outcome]) {
         .with_label_values(&["amqp"])
         .inc_by(stored as u64);
     for o in outcomes {
-        if let Outcome::Rejected(r) = o {
-            m.ingest_rejected
+        match o {
+            Outcome::Rejected(r) => m
+                .ingest_rejected
                 .with_label_values(&[r.reason.as_str()])
-                .inc();
+                .inc(),
+            Outcome::Deferred(_) => m.events_rate_limited.with_label_values(&["amqp"]).inc(),
+            Outcome::Stored(_) => {}
         }
     }
 }

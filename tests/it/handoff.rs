@@ -193,3 +193,195 @@ async fn a_dynamic_triggers_run_is_handed_off_with_its_trace_and_no_match_hands_
     );
     app.finish().await;
 }
+
+/// A run in this test's environment (event `a-1`) and one in another environment (event
+/// `b-1`), both handed off already and taken off the runs queue. Returns their ids.
+async fn a_run_in_each_of_two_environments(app: &TestApp) -> (uuid::Uuid, uuid::Uuid) {
+    let (_, other_key) = app.new_env("other").await;
+    for (key, event) in [(&app.api_key, "a-1"), (&other_key, "b-1")] {
+        app.put_job(key, "job", job_body("order.paid", json!({})))
+            .await;
+        app.send_event(key, json!({"event": {"name": "order.paid", "id": event}}))
+            .await;
+    }
+    for event in ["a-1", "b-1"] {
+        wait_until("the runs", Duration::from_secs(20), || async {
+            app.runs_by_job(event).await.len() == 1
+        })
+        .await;
+    }
+    wait_until("the outbox to empty", Duration::from_secs(20), || async {
+        waiting_hand_offs(app).await == 0
+    })
+    .await;
+    assert_eq!(app.take_hand_offs().await.len(), 2);
+    let run_of = |event: &'static str| async move {
+        sqlx::query_scalar::<_, uuid::Uuid>(
+            "SELECT r.id FROM job_runs r JOIN event_records e ON e.id = r.event_record_id
+             WHERE e.event_id = $1",
+        )
+        .bind(event)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    (run_of("a-1").await, run_of("b-1").await)
+}
+
+async fn waiting_hand_offs(app: &TestApp) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// Hand each run off again, in this order (one statement: one batch for the relay).
+async fn hand_off_again(app: &TestApp, runs: &[uuid::Uuid]) {
+    sqlx::query(
+        "INSERT INTO run_handoffs (run_id, kind)
+         SELECT r, 'created' FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(r, n) ORDER BY n",
+    )
+    .bind(runs)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+fn metric(name: &str) -> f64 {
+    kongflow_events::metrics::metrics()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_that_cannot_be_read_is_set_aside_and_the_other_tenants_go_out() {
+    let app = TestApp::spawn().await;
+    let (deep, other) = a_run_in_each_of_two_environments(&app).await;
+    // Nested deeper than a JSON reader's recursion limit, written past ingest (which refuses
+    // it), as an old build or a hand in the database could have.
+    sqlx::query(
+        "UPDATE event_records SET payload = (repeat('[', 200) || repeat(']', 200))::jsonb
+         WHERE event_id = 'a-1'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let before = metric("kongflow_handoffs_set_aside_total");
+    hand_off_again(&app, &[deep, other]).await;
+    // A relay step here (the process's own relay may take the batch first: then this one
+    // finds nothing to claim); either way the step does not fail.
+    let relay = app.relay();
+    let channel = relay.open_channel(&app.amqp).await.unwrap();
+    relay
+        .publish_handoffs(&channel)
+        .await
+        .expect("a batch with an unreadable hand-off is no failure");
+    wait_until(
+        "the other tenant's hand-off published, the deep one set aside",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM run_handoffs WHERE set_aside_at IS NULL",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+                == 0
+        },
+    )
+    .await;
+    let got = app.take_hand_offs().await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3["runId"], other.to_string());
+    let (run, reason): (uuid::Uuid, String) =
+        sqlx::query_as("SELECT run_id, set_aside_reason FROM run_handoffs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(run, deep);
+    assert!(reason.contains("recursion limit"), "{reason}");
+    assert!(metric("kongflow_handoffs_set_aside_total") >= before + 1.0);
+    // Set aside, it is claimed no more: later hand-offs go out without it.
+    hand_off_again(&app, &[other]).await;
+    wait_until("the next hand-off", Duration::from_secs(20), || async {
+        app.depth_of(&app.topology.runs_queue()).await == 1
+    })
+    .await;
+    assert_eq!(
+        waiting_hand_offs(&app).await,
+        1,
+        "only the set-aside row stays"
+    );
+    let _ = channel.close(200, "done".into()).await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
+    let app = TestApp::spawn().await;
+    let (run, _) = a_run_in_each_of_two_environments(&app).await;
+    // The relay step's channel first: opening it declares the topology, binding included.
+    let relay = app.relay();
+    let channel = relay.open_channel(&app.amqp).await.unwrap();
+    // Unbind the runs queue (another queue keeps the exchange): a hand-off now comes back.
+    let keeper = crate::helpers::private_queue(&app.channel).await;
+    let bind = |queue: String, key: &'static str| {
+        let channel = app.channel.clone();
+        let exchange = app.topology.runs_exchange();
+        async move {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.into(),
+                    lapin::options::QueueBindOptions::default(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    bind(keeper.name().as_str().to_string(), "elsewhere").await;
+    app.channel
+        .queue_unbind(
+            app.topology.runs_queue().as_str().into(),
+            app.topology.runs_exchange().as_str().into(),
+            kongflow_events::amqp::topology::RUNS_BINDING.into(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    hand_off_again(&app, &[run]).await;
+    for _ in 0..3 {
+        assert_eq!(relay.publish_handoffs(&channel).await.unwrap(), 0);
+        assert_eq!(
+            waiting_hand_offs(&app).await,
+            1,
+            "a returned hand-off stays in the outbox"
+        );
+    }
+    // The queue bound again: the hand-off goes out, once.
+    bind(
+        app.topology.runs_queue(),
+        kongflow_events::amqp::topology::RUNS_BINDING,
+    )
+    .await;
+    wait_until(
+        "the hand-off published",
+        Duration::from_secs(20),
+        || async {
+            relay.publish_handoffs(&channel).await.unwrap();
+            waiting_hand_offs(&app).await == 0
+        },
+    )
+    .await;
+    let got = app.take_hand_offs().await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3["runId"], run.to_string());
+    let _ = channel.close(200, "done".into()).await;
+    app.finish().await;
+}

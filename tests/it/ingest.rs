@@ -8,6 +8,8 @@ use futures_util::StreamExt;
 use kongflow_events::app::Roles;
 use kongflow_events::ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
 use kongflow_events::ingest::{ERROR_HEADER, REASON_HEADER, STATUS_HEADER};
+
+use kongflow_events::ingest::{ORIGINAL_SIZE_HEADER, TRUNCATED_BODY_BYTES, TRUNCATED_HEADER};
 use kongflow_events::ledger::JobKind;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -325,6 +327,43 @@ async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer
             "invalid",
             400,
         ),
+        // Cut short: not JSON at all, whatever shape it began.
+        (
+            "truncated-list",
+            native(Some(key)),
+            b"[1, 2".to_vec(),
+            "bad_json",
+            400,
+        ),
+        (
+            "truncated-object",
+            native(Some(key)),
+            br#"{"event": "x""#.to_vec(),
+            "bad_json",
+            400,
+        ),
+        // A NUL in text data is refused when read, like one in JSON.
+        (
+            "text-nul",
+            {
+                let mut h = FieldTable::default();
+                h.insert(API_KEY_HEADER.into(), AMQPValue::LongString(key.into()));
+                for (k, v) in [
+                    ("ce-specversion", "1.0"),
+                    ("ce-id", "text-nul"),
+                    ("ce-type", "t"),
+                    ("ce-source", "/s"),
+                ] {
+                    h.insert(k.into(), AMQPValue::LongString(v.into()));
+                }
+                BasicProperties::default()
+                    .with_content_type("text/plain".into())
+                    .with_headers(h)
+            },
+            b"a\0b".to_vec(),
+            "invalid",
+            400,
+        ),
     ];
     for (id, props, body, _, _) in &cases {
         let props = props
@@ -358,6 +397,12 @@ async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer
             body["error"].as_str().is_some_and(|e| !e.is_empty()),
             "{body}"
         );
+        if correlation == "text-nul" {
+            assert!(
+                body["error"].as_str().unwrap().contains("NUL"),
+                "refused when read, not by the database: {body}"
+            );
+        }
     }
 
     let mut rejected = rejected_consumer(&app).await;
@@ -385,7 +430,27 @@ async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer
             "{id}: the body carries the key"
         );
         let original = &cases.iter().find(|c| c.0 == id).unwrap().2;
-        assert_eq!(&d.data, original, "{id}: the copy keeps the body");
+        if reason == "too_large" {
+            // Only the beginning of a message too large is kept, and the copy says so.
+            assert_eq!(
+                d.data[..],
+                original[..TRUNCATED_BODY_BYTES],
+                "{id}: the copy keeps the body's beginning"
+            );
+            assert_eq!(
+                header(&d, TRUNCATED_HEADER),
+                Some(&AMQPValue::Boolean(true)),
+                "{id}"
+            );
+            assert_eq!(
+                header(&d, ORIGINAL_SIZE_HEADER),
+                Some(&AMQPValue::LongLongInt(original.len() as i64)),
+                "{id}"
+            );
+        } else {
+            assert_eq!(&d.data, original, "{id}: the copy keeps the body");
+            assert!(header(&d, TRUNCATED_HEADER).is_none(), "{id}");
+        }
     }
     assert_eq!(count(&app, "SELECT count(*) FROM event_records").await, 1);
     assert_eq!(app.depth_of(&app.topology.ingest_queue()).await, 0);
@@ -674,5 +739,364 @@ async fn a_burst_from_several_publishers_stores_each_good_message_once_and_rejec
         .await;
     // Nothing more was rejected than the bad ones.
     assert_eq!(app.depth_of(&app.topology.rejected_queue()).await, 0);
+    app.finish().await;
+}
+
+/// `{"a": {"a": ... 1}}`, `depth` objects deep.
+fn nest(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!({ "a": inner }))
+}
+
+/// The depth limit of payloads and contexts (`events::MAX_JSON_DEPTH`), written out so this
+/// test fails, rather than not compiling, on a build without it.
+const DEPTH_LIMIT: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_depth_limit_holds_on_every_ingest_path() {
+    assert_eq!(kongflow_events::events::MAX_JSON_DEPTH, DEPTH_LIMIT);
+    let app = TestApp::spawn_with(Roles {
+        http: true,
+        ingest: true,
+        ..Roles::NONE
+    })
+    .await;
+    let key = app.api_key.clone();
+    let names_the_limit = |v: &Value| {
+        v.to_string().contains(&format!("{DEPTH_LIMIT}")) && v.to_string().contains("deep")
+    };
+    // HTTP, one event: payload, and context.
+    // One past the limit, and past what a JSON parser takes (serde_json stops at 128): each
+    // refused with the limit named.
+    for (depth, status) in [
+        (DEPTH_LIMIT, reqwest::StatusCode::OK),
+        (DEPTH_LIMIT + 1, reqwest::StatusCode::BAD_REQUEST),
+        (200, reqwest::StatusCode::BAD_REQUEST),
+    ] {
+        for field in ["payload", "context"] {
+            let (s, v) = app
+                .request(
+                    reqwest::Method::POST,
+                    "/api/v1/events",
+                    Some(&key),
+                    Some(
+                        json!({"event": {"name": "deep", "id": format!("h-{field}-{depth}"),
+                                          field: nest(depth)}}),
+                    ),
+                )
+                .await;
+            assert_eq!(s, status, "HTTP {field} {depth}: {v}");
+            if s != reqwest::StatusCode::OK {
+                assert!(names_the_limit(&v), "{v}");
+            }
+        }
+        // HTTP bulk.
+        let (s, v) = app
+            .request(
+                reqwest::Method::POST,
+                "/api/v1/events/bulk",
+                Some(&key),
+                Some(
+                    json!({"events": [{"name": "deep", "id": format!("b-{depth}"),
+                                        "payload": nest(depth)}]}),
+                ),
+            )
+            .await;
+        assert_eq!(s, status, "bulk {depth}: {v}");
+        if s != reqwest::StatusCode::OK {
+            assert!(names_the_limit(&v), "{v}");
+        }
+    }
+
+    // AMQP: native, CloudEvents binary, CloudEvents structured; each at the limit and one past.
+    let channel = producer(&app).await;
+    let (replies, mut consumer) = app.reply_queue().await;
+    let keyed = || {
+        let mut h = FieldTable::default();
+        h.insert(
+            API_KEY_HEADER.into(),
+            AMQPValue::LongString(key.as_str().into()),
+        );
+        h
+    };
+    let mut sent = 0;
+    for depth in [DEPTH_LIMIT, DEPTH_LIMIT + 1, 200] {
+        let native_body = json!({"event": {"name": "deep", "id": format!("n-{depth}"),
+                                           "payload": nest(depth)}});
+        let mut binary = keyed();
+        for (k, v) in [
+            ("ce-specversion", "1.0".to_string()),
+            ("ce-id", format!("ceb-{depth}")),
+            ("ce-type", "deep".to_string()),
+            ("ce-source", "/deep".to_string()),
+        ] {
+            binary.insert(k.into(), AMQPValue::LongString(v.as_str().into()));
+        }
+        let structured = json!({"specversion": "1.0", "id": format!("ces-{depth}"),
+                                "type": "deep", "source": "/deep", "data": nest(depth)});
+        let messages = [
+            (
+                format!("native-{depth}"),
+                native(Some(&key)),
+                native_body.to_string(),
+            ),
+            (
+                format!("binary-{depth}"),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_headers(binary),
+                nest(depth).to_string(),
+            ),
+            (
+                format!("structured-{depth}"),
+                BasicProperties::default()
+                    .with_content_type("application/cloudevents+json".into())
+                    .with_headers(keyed()),
+                structured.to_string(),
+            ),
+        ];
+        for (c, props, body) in messages {
+            let props = props
+                .with_reply_to(replies.as_str().into())
+                .with_correlation_id(c.as_str().into());
+            publish(&app, &channel, "send", props, body.as_bytes()).await;
+            sent += 1;
+        }
+    }
+    let mut rejected = 0;
+    for d in take(&mut consumer, sent).await {
+        let (c, status, body) = read_reply(&d);
+        if c.ends_with(&format!("-{DEPTH_LIMIT}")) {
+            assert_eq!(status, 200, "{c}: {body}");
+        } else {
+            assert_eq!(status, 400, "{c}: {body}");
+            assert!(names_the_limit(&body), "{c}: {body}");
+            rejected += 1;
+        }
+    }
+    assert_eq!(rejected, 6);
+    let mut copies = rejected_consumer(&app).await;
+    for d in take(&mut copies, 6).await {
+        assert_eq!(header_text(&d, REASON_HEADER).as_deref(), Some("invalid"));
+    }
+    // Stored: two HTTP events and one bulk at the limit, and the three AMQP ones.
+    assert_eq!(count(&app, "SELECT count(*) FROM event_records").await, 6);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_only_to_reply_queues() {
+    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let channel = producer(&app).await;
+    let key = app.api_key.clone();
+    // A queue anyone could name: the service's runs queue, and some other queue.
+    let victim = format!("kft-victim-{}", uuid::Uuid::new_v4().simple());
+    app.channel
+        .queue_declare(
+            victim.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let good = |id: &str| json!({"event": {"name": "reply", "id": id}}).to_string();
+    for (i, target) in [app.topology.runs_queue(), victim.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        for (who, props) in [
+            ("wrong", native(Some("tr_dev_not_a_key"))),
+            ("none", native(None)),
+            ("good", native(Some(&key))),
+        ] {
+            let id = format!("{who}-{i}");
+            let props = props
+                .with_reply_to(target.as_str().into())
+                .with_message_id(id.as_str().into());
+            publish(&app, &channel, "send", props, good(&id).as_bytes()).await;
+        }
+    }
+    // Direct reply-to is answered, on the channel that asked.
+    let direct = app.amqp.create_channel().await.unwrap();
+    let mut answers = direct
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    direct
+        .basic_publish(
+            app.topology.ingest_exchange().as_str().into(),
+            "send".into(),
+            BasicPublishOptions::default(),
+            json!({"event": {"name": "reply", "id": "direct"}})
+                .to_string()
+                .as_bytes(),
+            native(Some(&key))
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id("direct".into()),
+        )
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), answers.next())
+        .await
+        .expect("a direct reply")
+        .unwrap()
+        .unwrap();
+    let (c, status, body) = read_reply(&answer);
+    assert_eq!((c.as_str(), status), ("direct", 200), "{body}");
+    // And a queue under the reply prefix (`<AMQP_PREFIX>.reply.` by default) is answered.
+    let named = format!(
+        "{}.reply.{}",
+        app.topology.prefix(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let reply_channel = app.amqp.create_channel().await.unwrap();
+    reply_channel
+        .queue_declare(
+            named.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut named_consumer = reply_channel
+        .basic_consume(
+            named.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let props = native(Some(&key))
+        .with_reply_to(named.as_str().into())
+        .with_correlation_id("named".into());
+    publish(&app, &channel, "send", props, good("named").as_bytes()).await;
+    let (c, status, _) = read_reply(&take(&mut named_consumer, 1).await[0]);
+    assert_eq!((c.as_str(), status), ("named", 200));
+    // Every message before them was handled: none was answered.
+    wait_until("the rejected copies", Duration::from_secs(20), || async {
+        app.depth_of(&app.topology.rejected_queue()).await == 4
+            && count(&app, "SELECT count(*) FROM event_records").await == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.depth_of(&app.topology.runs_queue()).await, 0);
+    assert_eq!(app.depth_of(&victim).await, 0);
+    app.finish().await;
+}
+
+#[test]
+fn the_shipped_broker_refuses_messages_far_larger_than_the_service_takes() {
+    let conf = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/rabbitmq/rabbitmq.conf"
+    ))
+    .unwrap();
+    let max: usize = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("max_message_size"))
+        .filter_map(|v| v.trim().strip_prefix('=')?.trim().parse().ok())
+        .next()
+        .expect("rabbitmq.conf sets max_message_size");
+    let largest = kongflow_events::ingest::decode::MAX_MESSAGE_BYTES;
+    assert!(
+        max > largest && max <= 8 * 1024 * 1024,
+        "max_message_size {max}: above the largest message the service takes ({largest}) \
+         and at most 8 MiB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_over_its_rate_waits_over_amqp_and_the_others_flow() {
+    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let (slow, slow_key) = app.new_env("slow").await;
+    sqlx::query("UPDATE runtime_environments SET max_events_per_second = 1 WHERE id = $1")
+        .bind(slow.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let stored = |env: uuid::Uuid| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM event_records WHERE environment_id = $1",
+            )
+            .bind(env)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let channel = producer(&app).await;
+    let started = std::time::Instant::now();
+    // 300 messages of the 1/s environment, and among them 30 of another one.
+    let mut confirms = Vec::new();
+    for i in 0..300 {
+        let (key, id) = if i % 10 == 5 {
+            (&app.api_key, format!("fast-{i}"))
+        } else {
+            (&slow_key, format!("slow-{i}"))
+        };
+        let body = json!({"event": {"name": "tick", "id": id}}).to_string();
+        confirms.push(
+            channel
+                .basic_publish(
+                    app.topology.ingest_exchange().as_str().into(),
+                    "send".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body.as_bytes(),
+                    native(Some(key)),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(matches!(c.await.unwrap(), Confirmation::Ack(None)));
+    }
+    wait_until(
+        "the other environment's events",
+        Duration::from_secs(10),
+        || async { stored(app.env.id).await == 30 },
+    )
+    .await;
+    let slow_stored = stored(slow.id).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    // A second's worth at once, then one a second (and the second the batch took).
+    assert!(
+        (slow_stored as f64) <= 2.0 + elapsed,
+        "{slow_stored} events of a 1/s environment stored in {elapsed:.2} s"
+    );
+    // The others wait, not lost: they come back and are stored at the rate.
+    wait_until(
+        "more of the 1/s environment's events",
+        Duration::from_secs(10),
+        || async { stored(slow.id).await >= slow_stored + 2 },
+    )
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!((stored(slow.id).await as f64) <= 2.0 + elapsed);
+    assert_eq!(
+        app.depth_of(&app.topology.rejected_queue()).await,
+        0,
+        "nothing rejected"
+    );
     app.finish().await;
 }

@@ -1,7 +1,8 @@
 //! Ingest rate limits per environment (`max_events_per_second`), in this process: a token
 //! bucket per environment holding at most a second's worth. A call may take more events
 //! than the bucket holds when it is full (a bulk call larger than the rate), leaving it in
-//! debt, so the rate still holds on average. Several API processes each allow the rate.
+//! debt, so the rate still holds on average. The HTTP API answers `429` past it; AMQP ingest
+//! sends the message round the delay tiers. Several processes each allow the rate.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
