@@ -87,7 +87,7 @@ impl Publisher {
             inner: Arc::new(Inner {
                 pool,
                 // Random, so no round trip is needed to pick it; 63 bits do not collide.
-                id: rand::random::<i64>().abs(),
+                id: (rand::random::<u64>() >> 1) as i64,
                 book: Mutex::default(),
                 registered: OnceCell::new(),
             }),
