@@ -431,16 +431,25 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
     app.finish().await;
 }
 
-/// A child `kongflow-events worker` (one consumer per kind), killed on drop.
-fn spawn_worker(app: &TestApp, failpoints: &str) -> tokio::process::Child {
+/// A child `kongflow-events <role>` with this environment and failpoints (one consumer per
+/// kind), killed on drop.
+fn spawn_role(
+    env: &[(&'static str, String)],
+    role: &str,
+    failpoints: &str,
+) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-        .arg("worker")
-        .envs(app.child_env())
+        .arg(role)
+        .envs(env.iter().cloned())
         .env("KONGFLOW_FAILPOINTS", failpoints)
         .env("WORKER_CONCURRENCY", "1")
         .kill_on_drop(true)
         .spawn()
         .expect("spawn kongflow-events")
+}
+
+fn spawn_worker(app: &TestApp, failpoints: &str) -> tokio::process::Child {
+    spawn_role(&app.child_env(), "worker", failpoints)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,16 +571,6 @@ async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_pu
     app.finish().await;
 }
 
-/// A child `kongflow-events <role>` on this test's stores, killed on drop.
-fn spawn_role(app: &TestApp, role: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-        .arg(role)
-        .envs(app.child_env())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn kongflow-events")
-}
-
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -590,13 +589,16 @@ async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_
     })
     .await;
     app.register_job("job", "chaos").await;
-    let mut relay = spawn_role(&app, "relay");
-    let mut workers = [spawn_role(&app, "worker"), spawn_role(&app, "worker")];
+    let env = app.child_env();
+    let mut relay = spawn_role(&env, "relay", "");
+    let mut workers = [
+        spawn_role(&env, "worker", ""),
+        spawn_role(&env, "worker", ""),
+    ];
     let sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
 
     let chaos = {
         let sending = sending.clone();
-        let app_env = app.child_env();
         tokio::spawn(async move {
             let (mut kills, mut relay_killed) = (0, false);
             while sending.load(std::sync::atomic::Ordering::Relaxed) {
@@ -604,22 +606,12 @@ async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_
                 let w = &mut workers[kills % 2];
                 w.start_kill().unwrap();
                 w.wait().await.unwrap();
-                *w = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-                    .arg("worker")
-                    .envs(app_env.clone())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .unwrap();
+                *w = spawn_role(&env, "worker", "");
                 kills += 1;
                 if kills == 3 && !relay_killed {
                     relay.start_kill().unwrap();
                     relay.wait().await.unwrap();
-                    relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-                        .arg("relay")
-                        .envs(app_env.clone())
-                        .kill_on_drop(true)
-                        .spawn()
-                        .unwrap();
+                    relay = spawn_role(&env, "relay", "");
                     relay_killed = true;
                 }
             }

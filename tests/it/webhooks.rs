@@ -819,6 +819,28 @@ async fn an_attempt_that_cannot_be_recorded_still_counts_against_its_job() {
     app.finish().await;
 }
 
+/// An EPHEMERAL dispatcher `name` at a receiver answering 200, an event for it, and its
+/// delivery and invocation run by hand: the webhook job's message is out. Returns the
+/// receiver, the dispatcher's id and the worker.
+async fn up_to_the_webhook(app: &TestApp, name: &str) -> (Receiver, String, Worker) {
+    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
+    let (_, created) = create(app, json!({"url": url, "name": name})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    app.send_event(&app.api_key, json!({"event": {"name": name, "id": name}}))
+        .await;
+    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
+    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
+        app.relay_all().await;
+        wait_until("the job's message", Duration::from_secs(10), || async {
+            app.queue_depth(kind).await == 1
+        })
+        .await;
+        app.drain_with(&worker, kind).await;
+    }
+    app.relay_all().await;
+    (rx, id, worker)
+}
+
 /// Backends of the test's database waiting for a lock.
 async fn lock_waiters(app: &TestApp) -> i64 {
     sqlx::query_scalar(
@@ -833,21 +855,7 @@ async fn lock_waiters(app: &TestApp) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_message_that_arrives_while_the_relay_holds_its_row_is_sent_once() {
     let app = http_only().await;
-    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
-    let (_, created) = create(&app, json!({"url": url, "name": "held"})).await;
-    let id = created["id"].as_str().unwrap().to_string();
-    app.send_event(&app.api_key, json!({"event": {"name": "held", "id": "h"}}))
-        .await;
-    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
-    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
-        app.relay_all().await;
-        wait_until("the job's message", Duration::from_secs(10), || async {
-            app.queue_depth(kind).await == 1
-        })
-        .await;
-        app.drain_with(&worker, kind).await;
-    }
-    app.relay_all().await;
+    let (rx, id, worker) = up_to_the_webhook(&app, "held").await;
     let webhook = take_messages(&app, JobKind::DeliverWebhook).await;
     assert_eq!(webhook.len(), 1);
     // A relay (the reconciler's republish) holds the job's row locked until its confirms
@@ -885,21 +893,7 @@ async fn a_webhook_message_that_arrives_while_the_relay_holds_its_row_is_sent_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_whose_row_stays_locked_past_the_lease_wait_is_sent_later() {
     let app = http_only().await;
-    let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
-    let (_, created) = create(&app, json!({"url": url, "name": "stuck"})).await;
-    let id = created["id"].as_str().unwrap().to_string();
-    app.send_event(&app.api_key, json!({"event": {"name": "stuck", "id": "s"}}))
-        .await;
-    let worker = Worker::new(app.pool.clone(), app.topology.clone(), test_worker_config());
-    for kind in [JobKind::DeliverEvent, JobKind::InvokeDispatcher] {
-        app.relay_all().await;
-        wait_until("the job's message", Duration::from_secs(10), || async {
-            app.queue_depth(kind).await == 1
-        })
-        .await;
-        app.drain_with(&worker, kind).await;
-    }
-    app.relay_all().await;
+    let (rx, id, worker) = up_to_the_webhook(&app, "stuck").await;
     // The webhook's row held locked longer than the lease waits for it.
     let job: i64 =
         sqlx::query_scalar("SELECT id FROM queue_jobs WHERE kind = 'events.deliverWebhook'")
