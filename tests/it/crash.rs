@@ -61,6 +61,28 @@ async fn invoke_by_hand(app: &TestApp, worker: &Worker) {
     app.drain_with(worker, JobKind::InvokeDispatcher).await;
 }
 
+/// How many of these events (by the producer's id) have no run.
+async fn without_a_run(app: &TestApp, ids: &[String]) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM UNNEST($1::text[]) AS a(eid)
+             WHERE NOT EXISTS (SELECT 1 FROM event_records e JOIN job_runs r ON r.event_record_id = e.id
+                               WHERE e.event_id = a.eid)",
+    )
+    .bind(ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// How many events have more than one run.
+async fn run_twice(app: &TestApp) -> i64 {
+    count(
+        app,
+        "SELECT count(*) FROM (SELECT event_record_id FROM job_runs GROUP BY event_record_id HAVING count(*) > 1) d",
+    )
+    .await
+}
+
 async fn count(app: &TestApp, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pool).await.unwrap()
 }
@@ -288,26 +310,13 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait_until("a run for every acknowledged event", Duration::from_secs(60), || async {
-        let missing: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM UNNEST($1::text[]) AS a(eid)
-             WHERE NOT EXISTS (SELECT 1 FROM event_records e JOIN job_runs r ON r.event_record_id = e.id
-                               WHERE e.event_id = a.eid)",
-        )
-        .bind(&acked)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        missing == 0
-    })
-    .await;
-    let extra: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT event_record_id FROM job_runs GROUP BY event_record_id HAVING count(*) > 1) d",
+    wait_until(
+        "a run for every acknowledged event",
+        Duration::from_secs(60),
+        || async { without_a_run(&app, &acked).await == 0 },
     )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(extra, 0, "no event ran twice");
+    .await;
+    assert_eq!(run_twice(&app).await, 0, "no event ran twice");
     // Every run was handed to the runs service, none twice under another id.
     app.assert_handed_off_once().await;
     next.kill().await.unwrap();
@@ -660,34 +669,17 @@ async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), events, "every send acknowledged");
 
-    let missing = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM UNNEST($1::text[]) AS a(eid)
-             WHERE NOT EXISTS (SELECT 1 FROM event_records e JOIN job_runs r ON r.event_record_id = e.id
-                               WHERE e.event_id = a.eid)",
-        )
-        .bind(&acked)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-    };
     wait_until(
         "a run for every acknowledged event within 15 s of the last send",
         Duration::from_secs(15),
-        || async { missing().await == 0 },
+        || async { without_a_run(&app, &acked).await == 0 },
     )
     .await;
     eprintln!(
         "{events} events at {rate}/s, {kills} worker kills and the relay once: settled {:?} after the last send",
         last_send.elapsed()
     );
-    let twice: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT event_record_id FROM job_runs GROUP BY event_record_id HAVING count(*) > 1) d",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(twice, 0, "no event ran twice");
+    assert_eq!(run_twice(&app).await, 0, "no event ran twice");
     app.settle().await;
     app.assert_completed_once(JobKind::DeliverEvent, events)
         .await;
