@@ -319,6 +319,7 @@ async fn admit(
             Ok(key) => key,
             Err(e) => return e.into_response(),
         };
+        let started = std::time::Instant::now();
         let env = match state.keys.cached(key) {
             Cached::Fresh(env) => env,
             looked => {
@@ -335,15 +336,13 @@ async fn admit(
                         None => return admission.busy_looking_up(),
                     },
                 };
-                let started = std::time::Instant::now();
-                let found = state.keys.find(&state.pool, key).await;
-                crate::metrics::metrics().stage(crate::metrics::Stage::Auth, started);
-                match found {
+                match state.keys.find(&state.pool, key).await {
                     Ok(env) => env,
                     Err(e) => return ApiError::from(e).into_response(),
                 }
             }
         };
+        crate::metrics::metrics().stage(crate::metrics::Stage::Auth, started);
         let Some(env) = env else {
             return ApiError::unauthorized("invalid API key").into_response();
         };
