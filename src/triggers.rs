@@ -56,6 +56,11 @@ pub const MAX_RULE_EVENT_NAMES: usize = 100;
 pub const MAX_RULE_FILTER_BYTES: usize = 16 * 1024;
 /// Most dispatchers one environment may have (jobs and dynamic-trigger registrations).
 pub const MAX_DISPATCHERS_PER_ENV: i64 = 1_000;
+/// Most versions of one job kept: registering a new one past it removes the oldest (by
+/// when they were last registered; the latest is never removed).
+pub const MAX_VERSIONS_PER_JOB: i64 = 100;
+/// Most dynamic triggers one environment may have.
+pub const MAX_DYNAMIC_TRIGGERS_PER_ENV: i64 = 1_000;
 /// Most jobs one dynamic trigger may run.
 pub const MAX_JOBS_PER_DYNAMIC_TRIGGER: usize = 100;
 /// Longest id, key, version, event name or source a registration stores, in characters.
@@ -162,6 +167,17 @@ pub async fn register_job(
     )
     .execute(&mut *tx)
     .await?;
+    sqlx::query!(
+        r#"DELETE FROM job_versions WHERE id IN (
+               SELECT id FROM job_versions WHERE job_id = $1 AND id <> $2
+               ORDER BY updated_at DESC, id DESC
+               OFFSET $3)"#,
+        job_id,
+        version_id,
+        MAX_VERSIONS_PER_JOB - 1
+    )
+    .execute(&mut *tx)
+    .await?;
     let dispatcher_id = upsert_dispatcher(
         &mut tx,
         env,
@@ -204,6 +220,27 @@ pub async fn register_dynamic_trigger(
         check_text("each id in jobs", job)?;
     }
     let mut tx = pool.begin().await?;
+    // Under the environment's registration lock, so two at once cannot both pass the count.
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
+        env.id
+    )
+    .execute(&mut *tx)
+    .await?;
+    let others = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "others!" FROM dynamic_triggers
+           WHERE environment_id = $1 AND slug <> $2"#,
+        env.id,
+        slug
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if others >= MAX_DYNAMIC_TRIGGERS_PER_ENV {
+        return Err(RegisterError::Invalid(format!(
+            "the environment has {others} dynamic triggers already, the most it may have \
+             ({MAX_DYNAMIC_TRIGGERS_PER_ENV})"
+        )));
+    }
     let trigger_id = sqlx::query_scalar!(
         r#"INSERT INTO dynamic_triggers (id, environment_id, slug) VALUES ($1, $2, $3)
            ON CONFLICT (environment_id, slug) DO UPDATE SET updated_at = now()

@@ -962,3 +962,90 @@ async fn ephemeral_dispatchers_are_capped_live_and_spent() {
     );
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_versions_dynamic_triggers_and_delivery_times_are_capped() {
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let key = app.api_key.clone();
+    // deliverAt at most ten years ahead, as deliverAfter.
+    let ahead = |years: i64| {
+        (chrono::Utc::now() + chrono::Duration::days(365 * years))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    for (at, ok) in [
+        ("9999-01-01T00:00:00.000Z".to_string(), false),
+        (ahead(11), false),
+        (ahead(9), true),
+    ] {
+        let (status, body) = app
+            .request(
+                Method::POST,
+                "/api/v1/events",
+                Some(&key),
+                Some(json!({"event": {"name": "far", "id": format!("far-{at}")},
+                            "options": {"deliverAt": at}})),
+            )
+            .await;
+        if ok {
+            assert_eq!(status, StatusCode::OK, "{at}: {body}");
+        } else {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{at}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains("deliverAt"),
+                "{body}"
+            );
+        }
+    }
+
+    // The newest 100 versions of a job are kept.
+    app.put_job(&key, "many", job_body("v", json!({}))).await;
+    sqlx::query(
+        "INSERT INTO job_versions (id, job_id, environment_id, version, trigger, updated_at)
+         SELECT gen_random_uuid(), j.id, j.environment_id, 'old-' || i, '{}',
+                now() - make_interval(secs => i)
+         FROM jobs j, generate_series(1, 150) AS i WHERE j.slug = 'many'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut latest = job_body("v", json!({}));
+    latest["version"] = json!("newest");
+    app.put_job(&key, "many", latest).await;
+    let versions: Vec<String> =
+        sqlx::query_scalar("SELECT version FROM job_versions ORDER BY updated_at DESC")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(versions.len(), 100);
+    assert_eq!(versions[0], "newest");
+    assert!(versions.contains(&"1.0.0".to_string()));
+    assert!(!versions.contains(&"old-150".to_string()));
+
+    // At most 1,000 dynamic triggers; the ones there are can still change.
+    sqlx::query(
+        "INSERT INTO dynamic_triggers (id, environment_id, slug)
+         SELECT gen_random_uuid(), $1, 'dt-' || i FROM generate_series(1, 1000) AS i",
+    )
+    .bind(app.env.id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let put = |id: &'static str| {
+        let (app, key) = (&app, key.clone());
+        async move {
+            app.request(
+                Method::PUT,
+                &format!("/api/v1/dynamic-triggers/{id}"),
+                Some(&key),
+                Some(json!({"jobs": ["many"]})),
+            )
+            .await
+        }
+    };
+    let (status, body) = put("one-too-many").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("(1000)"), "{body}");
+    let (status, body) = put("dt-7").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.finish().await;
+}
