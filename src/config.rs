@@ -469,8 +469,8 @@ pub struct HttpConfig {
 
     /// Most of those places one environment (or the operator token) may hold at once;
     /// beyond it its requests get 429 with `Retry-After`. Unset: a quarter of
-    /// `HTTP_MAX_IN_FLIGHT`. Callers not yet authenticated (a key not looked up yet) and
-    /// public routes hold at most an eighth together.
+    /// `HTTP_MAX_IN_FLIGHT`. Public routes hold at most an eighth together, and keys not
+    /// yet known are looked up an eighth at a time.
     #[arg(long, env = "HTTP_MAX_IN_FLIGHT_PER_ENVIRONMENT")]
     pub http_max_in_flight_per_environment: Option<usize>,
 
