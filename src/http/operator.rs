@@ -233,3 +233,49 @@ pub fn admit(
     }
     checked
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_past_its_failures_waits_until_its_window_ends_and_others_do_not() {
+        let throttle = Throttle::default();
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let t0 = Instant::now();
+        for _ in 0..OPERATOR_FAILURES_PER_CLIENT {
+            assert_eq!(throttle.refused(Some(a), t0), None);
+            throttle.failed(Some(a), t0);
+        }
+        let later = t0 + Duration::from_secs(15);
+        assert_eq!(
+            throttle.refused(Some(a), later),
+            Some(OPERATOR_FAILURE_WINDOW - Duration::from_secs(15))
+        );
+        assert_eq!(throttle.refused(Some(b), later), None);
+        assert_eq!(
+            throttle.refused(Some(a), t0 + OPERATOR_FAILURE_WINDOW),
+            None
+        );
+    }
+
+    #[test]
+    fn failures_in_all_hold_back_every_client() {
+        let throttle = Throttle::default();
+        let t0 = Instant::now();
+        for i in 0..OPERATOR_FAILURES_IN_ALL {
+            throttle.failed(Some(IpAddr::from([10, 0, (i / 256) as u8, i as u8])), t0);
+        }
+        assert!(
+            throttle
+                .refused(Some(IpAddr::from([10, 9, 9, 9])), t0)
+                .is_some()
+        );
+        assert!(throttle.refused(None, t0).is_some());
+        // A new window starts with the first failure after the last one ended.
+        let next = t0 + OPERATOR_FAILURE_WINDOW;
+        assert_eq!(throttle.refused(None, next), None);
+        throttle.failed(None, next);
+        assert_eq!(throttle.refused(None, next), None);
+    }
+}
