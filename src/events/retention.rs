@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::ledger::{DeliverEventArgs, JobArgs, unique_key};
+use crate::ledger::{self, DeliverEventArgs, JobArgs};
 
 /// The advisory lock held by the process deleting old events.
 pub const EVENTS_RETENTION_LOCK: i64 = 0x6b66_6576_7265_746e;
@@ -152,23 +152,15 @@ async fn retain_abandoned(
             return Ok(total);
         };
         after = Some(*last);
-        let keys: Vec<Vec<u8>> = candidates
+        let jobs: Vec<JobArgs> = candidates
             .iter()
-            .map(|id| unique_key(&JobArgs::DeliverEvent(DeliverEventArgs { id: *id })))
+            .map(|id| JobArgs::DeliverEvent(DeliverEventArgs { id: *id }))
             .collect();
-        let live: std::collections::HashSet<Vec<u8>> = sqlx::query_scalar!(
-            r#"SELECT unique_key AS "unique_key!" FROM queue_jobs
-               WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded', 'completed')"#,
-            &keys
-        )
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
+        let live = ledger::live(&mut *conn, &jobs).await?;
         let doomed: Vec<Uuid> = candidates
             .iter()
-            .zip(&keys)
-            .filter(|(_, key)| !live.contains(*key))
+            .zip(live)
+            .filter(|(_, live)| !live)
             .map(|(id, _)| *id)
             .collect();
         if !doomed.is_empty() {
