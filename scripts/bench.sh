@@ -32,6 +32,8 @@ psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WIT
 psql -h 127.0.0.1 -U postgres -d postgres -qAtc "CREATE DATABASE $db"
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
 export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=${BENCH_LOG:-warn}
+# Metrics are served on METRICS_ADDR, never on the API's address.
+export METRICS_ADDR=127.0.0.1:3032 METRICS_URL=http://127.0.0.1:3032
 # Retention looks for old events every 5 s in the retention bench (the default is a minute).
 [[ $which == retention ]] && export RETENTION_INTERVAL_MS=5000
 target/release/kongflow-events all &
@@ -99,7 +101,7 @@ fi
 if [[ $which == retention ]]; then
   pgbench_baseline
   deleted() {
-    curl -sf http://$HTTP_ADDR/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
+    curl -sf $METRICS_URL/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
   }
   plant() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
     psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'

@@ -183,7 +183,8 @@ pub struct Process {
     pub http: Option<tokio::net::TcpListener>,
     /// Timeouts and the in-flight bound of the HTTP API.
     pub http_config: HttpConfig,
-    /// Where a process without the HTTP API serves `/metrics`, `/healthz` and `/readyz`.
+    /// Where the process serves `/metrics`, `/healthz` and `/readyz` (`None`: no metrics
+    /// served; an HTTP API serves the probes beside it anyway).
     pub metrics: Option<tokio::net::TcpListener>,
 }
 
@@ -218,14 +219,12 @@ impl Process {
             roles,
             shutdown.clone(),
         );
-        // Operator routes on a listener of their own when there is one, else beside the API.
-        let operator_routes = match self.metrics {
-            Some(listener) => {
-                tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
-                axum::Router::new()
-            }
-            None => ops::router(ops_state.clone()),
-        };
+        // Metrics (and probes) on a listener of their own, never on the API's port; the
+        // probes also beside the API.
+        if let Some(listener) = self.metrics {
+            tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
+        }
+        let operator_routes = ops::health_router(ops_state.clone());
         tracker.spawn(ops::probe_readiness(ops_state.clone()));
         // Whatever commits jobs (ingest over HTTP or AMQP, workers) publishes them right
         // after its commit, on one connection per process; the relay takes what it cannot.
@@ -301,6 +300,7 @@ pub async fn start(
     http: Option<&HttpConfig>,
     metrics: Option<&MetricsConfig>,
 ) -> anyhow::Result<Process> {
+    let open_files = raise_open_files_limit();
     let pool = open_database(store).await?;
     check_broker(store).await?;
     let topology = store
@@ -313,7 +313,23 @@ pub async fn start(
     };
     let metrics_addr = metrics
         .map(|m| m.metrics_addr)
-        .or_else(|| http.and_then(|h| h.metrics_addr));
+        .or_else(|| http.map(|h| h.metrics_addr));
+    let mut http_config = http.cloned().unwrap_or_default();
+    if let Some(limit) = open_files {
+        // Room beside the API's connections: the database pool, the broker, the metrics
+        // listener's connections, webhooks of a worker in the same process, files.
+        let reserve =
+            128 + store.database_max_connections as u64 + tuning.worker.webhook_concurrency as u64;
+        let most = usize::try_from(limit.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX);
+        if http.is_some() && http_config.http_max_connections > most {
+            tracing::warn!(
+                open_files = limit,
+                http_max_connections = most,
+                "HTTP_MAX_CONNECTIONS lowered to stay below the open-files limit"
+            );
+            http_config.http_max_connections = most;
+        }
+    }
     let metrics = match metrics_addr {
         Some(addr) => Some(bind(addr, "METRICS_ADDR", "--metrics").await?),
         None => None,
@@ -326,9 +342,27 @@ pub async fn start(
         worker: tuning.worker,
         ingest: tuning.ingest,
         http: http_listener,
-        http_config: http.cloned().unwrap_or_default(),
+        http_config,
         metrics,
     })
+}
+
+/// Raise the soft limit of open files to the hard limit, so connections do not run the
+/// process out of descriptors before its caps do; the limit now in force (`None` where it
+/// cannot be read).
+pub fn raise_open_files_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(open_files = limit, "open-files limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        }
+    }
 }
 
 /// Listen on `addr`, or say which address failed and how to choose another.

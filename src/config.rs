@@ -38,6 +38,9 @@ pub mod defaults {
     pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
     pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
     pub const HTTP_MAX_IN_FLIGHT: usize = 256;
+    pub const HTTP_BODY_TIMEOUT_MS: u64 = 5_000;
+    pub const HTTP_MAX_CONNECTIONS: usize = 1024;
+    pub const METRICS_ADDR: &str = "127.0.0.1:9464";
     pub const SHUTDOWN_DEADLINE_MS: u64 = 20_000;
     pub const HTTP_ADDR: &str = "127.0.0.1:3030";
 }
@@ -446,7 +449,7 @@ pub struct MetricsConfig {
     #[arg(
         long = "metrics",
         env = "METRICS_ADDR",
-        default_value = "127.0.0.1:9464"
+        default_value = defaults::METRICS_ADDR
     )]
     pub metrics_addr: SocketAddr,
 }
@@ -469,16 +472,37 @@ pub struct HttpConfig {
     #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = defaults::HTTP_REQUEST_TIMEOUT_MS)]
     pub http_request_timeout_ms: u64,
 
+    /// Longest a request's body may take to arrive, in milliseconds, counted from when the
+    /// handler starts reading it (after the caller is authenticated); past it the API
+    /// answers 408.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT_MS", default_value_t = defaults::HTTP_BODY_TIMEOUT_MS)]
+    pub http_body_timeout_ms: u64,
+
     /// Most API requests served at once; beyond it the API answers 503 with `Retry-After`
-    /// (the v2 SDK retries). `/metrics`, `/healthz` and `/readyz` are not counted.
+    /// (the v2 SDK retries). `/healthz` and `/readyz` are not counted.
     #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = defaults::HTTP_MAX_IN_FLIGHT)]
     pub http_max_in_flight: usize,
 
-    /// Serve `/metrics`, `/healthz` and `/readyz` on this address of their own instead of
-    /// the API's, so a public API Service exposes no traffic figures (`0` as port: any free
-    /// one). Unset: on the API's address.
-    #[arg(long = "metrics", env = "METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
+    /// Most of those places one environment (or the operator token) may hold at once;
+    /// beyond it its requests get 429 with `Retry-After`. Unset: a quarter of
+    /// `HTTP_MAX_IN_FLIGHT`. Public routes hold at most an eighth together, and keys not
+    /// yet known are looked up an eighth at a time.
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT_PER_ENVIRONMENT")]
+    pub http_max_in_flight_per_environment: Option<usize>,
+
+    /// Most connections the API holds open at once. At the cap the oldest connections are
+    /// closed to make room (first those that never sent a request, at once; then others
+    /// after their answer), and a new one waits in the listen backlog until then. Also
+    /// kept below the open-files limit (raised to its hard limit at start), with room for
+    /// the process's database and broker connections.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = defaults::HTTP_MAX_CONNECTIONS)]
+    pub http_max_connections: usize,
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, apart from the API, so the
+    /// API's port shows no traffic figures or tenant names (`0` as port: any free one).
+    /// `/healthz` and `/readyz` are also served on the API's port.
+    #[arg(long = "metrics", env = "METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
 
     /// The bearer token of the operator endpoints (`/api/v1/operator/...`: environment
     /// limits). Unset: those endpoints answer 403.
@@ -514,6 +538,22 @@ impl HttpConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.http_request_timeout_ms)
     }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_body_timeout_ms)
+    }
+    /// The places one environment may hold: `HTTP_MAX_IN_FLIGHT_PER_ENVIRONMENT`, or a
+    /// quarter of `HTTP_MAX_IN_FLIGHT`; at least one, at most all.
+    pub fn in_flight_per_environment(&self) -> usize {
+        let all = self.http_max_in_flight.max(1);
+        self.http_max_in_flight_per_environment
+            .unwrap_or(all / 4)
+            .clamp(1, all)
+    }
+    /// The places callers not yet authenticated and public routes hold together: an
+    /// eighth of `HTTP_MAX_IN_FLIGHT`, at least one.
+    pub fn in_flight_unauthenticated(&self) -> usize {
+        (self.http_max_in_flight / 8).max(1)
+    }
 }
 
 impl Default for HttpConfig {
@@ -524,8 +564,13 @@ impl Default for HttpConfig {
                 .expect("the default address parses"),
             http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
             http_request_timeout_ms: defaults::HTTP_REQUEST_TIMEOUT_MS,
+            http_body_timeout_ms: defaults::HTTP_BODY_TIMEOUT_MS,
             http_max_in_flight: defaults::HTTP_MAX_IN_FLIGHT,
-            metrics_addr: None,
+            http_max_in_flight_per_environment: None,
+            http_max_connections: defaults::HTTP_MAX_CONNECTIONS,
+            metrics_addr: defaults::METRICS_ADDR
+                .parse()
+                .expect("the default address parses"),
             operator_token: None,
         }
     }

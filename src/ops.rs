@@ -1,7 +1,7 @@
 //! What every long-running process serves for its operators: `/metrics` (Prometheus text),
 //! `/healthz` (the process lives) and `/readyz` (it reaches Postgres and RabbitMQ and is
-//! not shutting down). The HTTP API serves these routes itself; a relay or worker process
-//! serves them on `METRICS_ADDR`.
+//! not shutting down), on `METRICS_ADDR`. The HTTP API serves `/healthz` and `/readyz`
+//! beside it too, never `/metrics` (its labels name tenants).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,9 +44,16 @@ impl OpsState {
 /// How often readiness is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Every operator route, for the metrics listener.
 pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
+        .merge(health_router(state))
+}
+
+/// The probes alone, for the API's port.
+pub fn health_router(state: OpsState) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -175,8 +182,19 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-    crate::serve::serve(listener, router(state), OPS_HEADER_TIMEOUT, shutdown).await
+    crate::serve::serve(
+        listener,
+        router(state),
+        crate::serve::Limits {
+            header_timeout: OPS_HEADER_TIMEOUT,
+            max_connections: OPS_MAX_CONNECTIONS,
+        },
+        shutdown,
+    )
+    .await
 }
 
 /// Scrapers and probes send their headers at once.
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapers and probes need few connections.
+const OPS_MAX_CONNECTIONS: usize = 64;

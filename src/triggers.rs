@@ -56,6 +56,11 @@ pub const MAX_RULE_EVENT_NAMES: usize = 100;
 pub const MAX_RULE_FILTER_BYTES: usize = 16 * 1024;
 /// Most dispatchers one environment may have (jobs and dynamic-trigger registrations).
 pub const MAX_DISPATCHERS_PER_ENV: i64 = 1_000;
+/// Most versions of one job kept: registering a new one past it removes the oldest (by
+/// when they were last registered; the latest is never removed).
+pub const MAX_VERSIONS_PER_JOB: i64 = 100;
+/// Most dynamic triggers one environment may have.
+pub const MAX_DYNAMIC_TRIGGERS_PER_ENV: i64 = 1_000;
 /// Most jobs one dynamic trigger may run.
 pub const MAX_JOBS_PER_DYNAMIC_TRIGGER: usize = 100;
 /// Longest id, key, version, event name or source a registration stores, in characters.
@@ -162,6 +167,17 @@ pub async fn register_job(
     )
     .execute(&mut *tx)
     .await?;
+    sqlx::query!(
+        r#"DELETE FROM job_versions WHERE id IN (
+               SELECT id FROM job_versions WHERE job_id = $1 AND id <> $2
+               ORDER BY updated_at DESC, id DESC
+               OFFSET $3)"#,
+        job_id,
+        version_id,
+        MAX_VERSIONS_PER_JOB - 1
+    )
+    .execute(&mut *tx)
+    .await?;
     let dispatcher_id = upsert_dispatcher(
         &mut tx,
         env,
@@ -204,6 +220,27 @@ pub async fn register_dynamic_trigger(
         check_text("each id in jobs", job)?;
     }
     let mut tx = pool.begin().await?;
+    // Under the environment's registration lock, so two at once cannot both pass the count.
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('dispatchers:' || $1::uuid::text, 0))",
+        env.id
+    )
+    .execute(&mut *tx)
+    .await?;
+    let others = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "others!" FROM dynamic_triggers
+           WHERE environment_id = $1 AND slug <> $2"#,
+        env.id,
+        slug
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if others >= MAX_DYNAMIC_TRIGGERS_PER_ENV {
+        return Err(RegisterError::Invalid(format!(
+            "the environment has {others} dynamic triggers already, the most it may have \
+             ({MAX_DYNAMIC_TRIGGERS_PER_ENV})"
+        )));
+    }
     let trigger_id = sqlx::query_scalar!(
         r#"INSERT INTO dynamic_triggers (id, environment_id, slug) VALUES ($1, $2, $3)
            ON CONFLICT (environment_id, slug) DO UPDATE SET updated_at = now()
@@ -384,6 +421,12 @@ pub async fn delete_dynamic_registration(
     Ok(deleted > 0)
 }
 
+/// Most live EPHEMERAL dispatchers (not fired, not expired) one environment may have.
+pub const MAX_LIVE_EPHEMERAL_PER_ENV: i64 = 100;
+/// Most spent EPHEMERAL dispatchers (delivered, failed, or expired unfired) one
+/// environment keeps for their attempts; past it the oldest go as new ones are made.
+pub const MAX_SPENT_EPHEMERAL_KEPT: i64 = 1_000;
+
 /// Shortest and longest life of an EPHEMERAL dispatcher, and the default (trigger.dev's).
 pub const EPHEMERAL_MIN_SECS: i64 = 10;
 pub const EPHEMERAL_MAX_SECS: i64 = 60 * 60 * 24 * 365;
@@ -459,6 +502,21 @@ pub async fn register_ephemeral(
         .execute(&mut *tx)
         .await?;
     }
+    let live = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "live!" FROM event_dispatchers
+           WHERE environment_id = $1 AND dispatchable_type = 'EPHEMERAL'
+             AND fired_at IS NULL AND expires_at > now()"#,
+        env.id
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= MAX_LIVE_EPHEMERAL_PER_ENV {
+        return Err(RegisterError::Invalid(format!(
+            "the environment has {live} live ephemeral dispatchers, the most it may have \
+             ({MAX_LIVE_EPHEMERAL_PER_ENV} live ephemeral dispatchers); wait for one to fire \
+             or expire"
+        )));
+    }
     let account_id = match account {
         Some(identifier) => Some(
             sqlx::query_scalar!(
@@ -501,6 +559,21 @@ pub async fn register_ephemeral(
         account_id
     )
     .fetch_one(&mut *tx)
+    .await?;
+    // Spent ones past the most kept go, oldest first (with their attempts); one whose
+    // webhook is still being sent stays.
+    sqlx::query!(
+        r#"DELETE FROM event_dispatchers WHERE id IN (
+               SELECT id FROM event_dispatchers
+               WHERE environment_id = $1 AND dispatchable_type = 'EPHEMERAL'
+                 AND (delivered_at IS NOT NULL OR failed_at IS NOT NULL
+                      OR (fired_at IS NULL AND expires_at <= now()))
+               ORDER BY created_at DESC, id DESC
+               OFFSET $2)"#,
+        env.id,
+        MAX_SPENT_EPHEMERAL_KEPT
+    )
+    .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(Ephemeral {
@@ -687,6 +760,78 @@ pub async fn list_dispatchers(
     };
     Ok((page, next))
 }
+
+/// The dispatchers of the environment a dry run of an event named `name` looks at, oldest
+/// first: those whose rule lists the name and that could take an event (what delivery
+/// reads), the disabled and manual ones among them (to say why not), and the newest
+/// [`MAX_EXPIRED_SHOWN`] EPHEMERAL ones of the name that expired unfired. Spent EPHEMERAL
+/// ones and those of other names are not read.
+pub async fn dispatchers_for_event(
+    pool: &PgPool,
+    env: &Environment,
+    name: &str,
+) -> Result<Vec<DispatcherView>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT d.id AS "id!", d.dispatchable_type AS "dispatchable_type!",
+                  d.dispatchable_id AS "dispatchable_id!", d.event_names AS "event_names!",
+                  d.source AS "source!", d.payload_filter, d.context_filter,
+                  d.enabled AS "enabled!", d.manual AS "manual!", d.external_account_id,
+                  d.url, d.expires_at, j.job_slug AS "job_slug?", t.trigger_slug AS "trigger_slug?"
+           FROM (
+               (SELECT d.*, 0 AS part FROM event_dispatchers d
+                WHERE d.environment_id = $1 AND d.event_names @> ARRAY[$2::text]
+                  AND (d.dispatchable_type <> 'EPHEMERAL'
+                       OR (d.fired_at IS NULL AND d.expires_at > now())))
+               UNION ALL
+               (SELECT d.*, 1 AS part FROM event_dispatchers d
+                WHERE d.environment_id = $1 AND d.event_names @> ARRAY[$2::text]
+                  AND d.dispatchable_type = 'EPHEMERAL'
+                  AND d.fired_at IS NULL AND d.expires_at <= now()
+                ORDER BY d.expires_at DESC
+                LIMIT $3)
+           ) d
+           LEFT JOIN LATERAL (
+               SELECT j.slug AS job_slug FROM job_versions v JOIN jobs j ON j.id = v.job_id
+               WHERE d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id) j ON true
+           LEFT JOIN LATERAL (
+               SELECT t.slug AS trigger_slug FROM dynamic_triggers t
+               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id) t ON true
+           ORDER BY d.id"#,
+        env.id,
+        name,
+        MAX_EXPIRED_SHOWN
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DispatcherView {
+            id: r.id,
+            key: (r.dispatchable_type == "DYNAMIC_TRIGGER")
+                .then(|| {
+                    r.dispatchable_id
+                        .split_once(':')
+                        .map(|(_, k)| k.to_string())
+                })
+                .flatten(),
+            dispatchable_type: r.dispatchable_type,
+            job: r.job_slug,
+            dynamic_trigger: r.trigger_slug,
+            event_names: r.event_names,
+            source: r.source,
+            payload: r.payload_filter,
+            context: r.context_filter,
+            enabled: r.enabled,
+            manual: r.manual,
+            url: r.url,
+            expires_at: r.expires_at,
+            external_account_id: r.external_account_id,
+        })
+        .collect())
+}
+
+/// Most EPHEMERAL dispatchers that expired unfired a dry run shows (the newest).
+pub const MAX_EXPIRED_SHOWN: i64 = 100;
 
 /// What enabling or disabling a dispatcher came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

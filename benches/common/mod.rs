@@ -157,8 +157,10 @@ impl Bench {
 pub struct Stages(BTreeMap<String, (Vec<(f64, f64)>, f64)>);
 
 impl Stages {
-    /// Read them from the service's `/metrics` at `url`.
+    /// Read them from the service's `/metrics`: at `METRICS_URL` when set (where the
+    /// service's `METRICS_ADDR` is), else at `url`.
     pub async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<Self> {
+        let url = std::env::var("METRICS_URL").unwrap_or_else(|_| url.to_string());
         let text = http
             .get(format!("{url}/metrics"))
             .send()

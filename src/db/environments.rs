@@ -292,6 +292,18 @@ pub struct KeyCache {
     entries: Arc<Mutex<HashMap<Vec<u8>, Looked>>>,
 }
 
+/// What [`KeyCache::cached`] knows of a key.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    /// Looked up within [`KEY_CACHE_TTL`]: its environment, or `None` for a key no
+    /// environment has.
+    Fresh(Option<Environment>),
+    /// Looked up longer ago, when it was the key of this environment.
+    Stale(Uuid),
+    /// Not looked up lately.
+    Unknown,
+}
+
 /// When a key hash was looked up, and its environment (`None`: no environment has it).
 type Looked = (Instant, Option<Environment>);
 
@@ -333,6 +345,20 @@ impl KeyCache {
             }
         }
         Ok(answer)
+    }
+
+    /// What the cache knows of `key`, without asking the database.
+    pub fn cached(&self, key: &str) -> Cached {
+        let hash = hash_api_key(key);
+        let entries = self
+            .entries
+            .lock()
+            .expect("the key cache lock is never poisoned");
+        match entries.get(&hash) {
+            Some((at, env)) if at.elapsed() < KEY_CACHE_TTL => Cached::Fresh(env.clone()),
+            Some((_, Some(env))) => Cached::Stale(env.id),
+            _ => Cached::Unknown,
+        }
     }
 
     /// What the cache knows of a key hash, if it is still fresh.

@@ -881,6 +881,13 @@ fn validate(request: &SendEvent, options: &SendEventOptions) -> Result<(), Inges
             "options.deliverAfter must be at most {MAX_DELIVER_AFTER_SECS} seconds (ten years)"
         )));
     }
+    if options.deliver_at.is_some_and(|at| {
+        at > Utc::now() + chrono::Duration::seconds(MAX_DELIVER_AFTER_SECS as i64)
+    }) {
+        return Err(IngestError::Invalid(format!(
+            "options.deliverAt must be at most {MAX_DELIVER_AFTER_SECS} seconds (ten years) ahead"
+        )));
+    }
     Ok(())
 }
 

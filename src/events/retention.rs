@@ -8,6 +8,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::ledger::{self, DeliverEventArgs, JobArgs};
+
 /// The advisory lock held by the process deleting old events.
 pub const EVENTS_RETENTION_LOCK: i64 = 0x6b66_6576_7265_746e;
 
@@ -32,7 +34,8 @@ impl std::ops::AddAssign for Deleted {
 /// One pass: events created more than `keep` ago that are delivered or cancelled, and their
 /// runs, deleted `batch` events per statement (each its own short transaction, rows locked
 /// by others skipped), until a batch comes back short. An event still due (not yet
-/// delivered, however old) is kept. Only the process holding the lock does it; the others
+/// delivered, however old) is kept; one delivery gave up on (its `deliverEvent` job
+/// discarded or cancelled, due more than `keep` ago) goes too, in a last entry. Only the process holding the lock does it; the others
 /// skip the pass. Then EPHEMERAL dispatchers spent longer ago than `keep` go, with their
 /// attempts. Returns what each statement on events deleted, and a last entry for the
 /// dispatchers when there were any.
@@ -87,6 +90,18 @@ pub async fn retain(
         }
     };
     let result = match result {
+        Ok(mut batches) => match retain_abandoned(&mut conn, keep, batch).await {
+            Ok(d) => {
+                if d.events > 0 {
+                    batches.push(d);
+                }
+                Ok(batches)
+            }
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let result = match result {
         Ok(mut batches) => retain_dispatchers(&mut conn, keep, batch)
             .await
             .map(|dispatchers| {
@@ -104,6 +119,75 @@ pub async fn retain(
         .fetch_one(&mut *conn)
         .await?;
     result
+}
+
+/// Delete events created and due more than `keep` ago that were never delivered nor
+/// cancelled and whose `deliverEvent` job is no longer live (discarded, cancelled, or
+/// already removed by the ledger's retention): delivery gave up on them. `batch` events
+/// are looked at per statement; an event whose job is still live (due, running, retried)
+/// stays. Returns what went, in one entry.
+async fn retain_abandoned(
+    conn: &mut sqlx::PgConnection,
+    keep: Duration,
+    batch: i64,
+) -> Result<Deleted, sqlx::Error> {
+    let mut total = Deleted::default();
+    let mut after: Option<Uuid> = None;
+    loop {
+        let candidates = sqlx::query_scalar!(
+            r#"SELECT id FROM event_records
+               WHERE delivered_at IS NULL AND cancelled_at IS NULL
+                 AND created_at < now() - make_interval(secs => $1)
+                 AND deliver_at < now() - make_interval(secs => $1)
+                 AND ($3::uuid IS NULL OR id > $3)
+               ORDER BY id
+               LIMIT $2"#,
+            keep.as_secs_f64(),
+            batch,
+            after
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(last) = candidates.last() else {
+            return Ok(total);
+        };
+        after = Some(*last);
+        let jobs: Vec<JobArgs> = candidates
+            .iter()
+            .map(|id| JobArgs::DeliverEvent(DeliverEventArgs { id: *id }))
+            .collect();
+        let live = ledger::live(&mut *conn, &jobs).await?;
+        let doomed: Vec<Uuid> = candidates
+            .iter()
+            .zip(live)
+            .filter(|(_, live)| !live)
+            .map(|(id, _)| *id)
+            .collect();
+        if !doomed.is_empty() {
+            let d = sqlx::query!(
+                r#"WITH doomed AS (
+                       SELECT id FROM event_records
+                       WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
+                       FOR UPDATE SKIP LOCKED),
+                   runs AS (
+                       DELETE FROM job_runs WHERE event_record_id IN (SELECT id FROM doomed)
+                       RETURNING 1),
+                   events AS (
+                       DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+                       RETURNING 1)
+                   SELECT (SELECT count(*) FROM events) AS "events!",
+                          (SELECT count(*) FROM runs) AS "runs!""#,
+                &doomed
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            total.events += d.events as u64;
+            total.runs += d.runs as u64;
+        }
+        if (candidates.len() as i64) < batch {
+            return Ok(total);
+        }
+    }
 }
 
 /// Delete EPHEMERAL dispatchers spent (fired, or expired) more than `keep` ago, with their

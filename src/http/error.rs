@@ -89,8 +89,21 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(is_json_type);
-        let bytes = axum::body::Bytes::from_request(req, state)
+        let timeout = req
+            .extensions()
+            .get::<super::BodyTimeout>()
+            .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
+        let bytes = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request's body took longer than {} ms to arrive (HTTP_BODY_TIMEOUT_MS)",
+                        timeout.as_millis()
+                    ),
+                )
+            })?
             .map_err(|r| ApiError::new(r.status(), r.body_text()))?;
         // Postgres stores no NUL character, in text or in jsonb: refuse it up front.
         if has_escaped_nul(&bytes) {
@@ -105,6 +118,10 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
         Ok(JsonText(bytes))
     }
 }
+
+/// The body timeout of a request that did not come through admission.
+const DEFAULT_BODY_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_millis(crate::config::defaults::HTTP_BODY_TIMEOUT_MS);
 
 /// `application/json`, or any `application/…+json`, with or without parameters: what
 /// axum's `Json` accepts.

@@ -151,6 +151,8 @@ pub const MAX_DRY_RUN_LISTED: usize = 100;
 
 /// `POST /api/v1/events/match`: which dispatchers an event would reach, and for each that
 /// it would not, why (the first check that fails; for a filter, its path). Stores nothing.
+/// Only dispatchers whose rule lists the event's name are looked at: those delivery would
+/// read, the disabled and manual ones, and the newest expired EPHEMERAL ones.
 /// Lists at most [`MAX_DRY_RUN_LISTED`] of each, with their counts; the filters run with the
 /// step budget delivery would give the event, off the async threads.
 pub async fn match_event(
@@ -170,18 +172,8 @@ pub async fn match_event(
             .await?,
             None => None,
         };
-    let mut dispatchers = Vec::new();
-    let mut after = None;
-    loop {
-        let (page, next) =
-            triggers::list_dispatchers(&state.pool, &env, after, triggers::MAX_DISPATCHER_PAGE)
-                .await?;
-        dispatchers.extend(page);
-        match next {
-            Some(n) => after = Some(n),
-            None => break,
-        }
-    }
+    // What delivery would read for this name, and the expired ones of it to say why not.
+    let dispatchers = triggers::dispatchers_for_event(&state.pool, &env, &e.name).await?;
     let answer = tokio::task::spawn_blocking(move || {
         let source = e.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
         let context = e.context.unwrap_or(Value::Null);

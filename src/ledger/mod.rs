@@ -373,6 +373,25 @@ pub fn unique_key(args: &JobArgs) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
+/// Whether each of `jobs` (named by its arguments) has a job in the ledger that is not
+/// final (neither completed, discarded nor cancelled), found by its unique key.
+pub async fn live(
+    conn: &mut sqlx::PgConnection,
+    jobs: &[JobArgs],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let keys: Vec<Vec<u8>> = jobs.iter().map(unique_key).collect();
+    let live: std::collections::HashSet<Vec<u8>> = sqlx::query_scalar!(
+        r#"SELECT unique_key AS "unique_key!" FROM queue_jobs
+           WHERE unique_key = ANY($1) AND state NOT IN ('cancelled', 'discarded', 'completed')"#,
+        &keys
+    )
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(keys.iter().map(|k| live.contains(k)).collect())
+}
+
 /// A ledger row as selected: `state` comes out as text, kind and args as stored.
 pub(crate) struct JobRow {
     pub id: i64,

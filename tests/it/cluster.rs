@@ -109,9 +109,8 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         };
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
             .args(["all", "--http", &format!("127.0.0.1:{port}")])
+            // `/readyz` is also beside the API, where this test looks for it.
             .envs(app.child_env())
-            // `/readyz` beside the API, where this test looks for it.
-            .env_remove("METRICS_ADDR")
             .env(
                 "RUST_LOG",
                 std::env::var("CLUSTER_CHILD_LOG").unwrap_or("warn".into()),

@@ -244,7 +244,6 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .args(["all", "--http", &format!("127.0.0.1:{port}")])
         .envs(app.child_env())
-        .env_remove("METRICS_ADDR")
         .kill_on_drop(true)
         .spawn()
         .unwrap();

@@ -633,9 +633,9 @@ impl TestApp {
         let base = format!("http://127.0.0.1:{port}");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
             .args([role, "--http", &format!("127.0.0.1:{port}")])
+            // Probes beside the API, where this helper looks for them; metrics on a port
+            // of their own (child_env's).
             .envs(self.child_env())
-            // Health and metrics beside the API, where this helper looks for them.
-            .env_remove("METRICS_ADDR")
             .envs(extra_env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)

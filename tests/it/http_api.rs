@@ -279,3 +279,41 @@ async fn processes_that_cannot_start_say_why_and_what_to_set() {
     drop(taken);
     app.finish().await;
 }
+
+/// `serve` and `all` take METRICS_ADDR like the other roles.
+#[derive(clap::Parser)]
+struct ServeFlags {
+    #[command(flatten)]
+    http: kongflow_events::config::HttpConfig,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_off_the_api_port_by_default() {
+    // Unset, METRICS_ADDR is a loopback address of its own, not the API's.
+    let flags = <ServeFlags as clap::Parser>::try_parse_from(["serve"]).unwrap();
+    let shown = format!("{:?}", flags.http.metrics_addr);
+    assert!(
+        shown.contains("127.0.0.1:9464"),
+        "METRICS_ADDR unset: {shown}"
+    );
+    // A process given no metrics listener serves no metrics on the API's port; its
+    // probes stay where the chart's probes look.
+    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), reqwest::StatusCode::NOT_FOUND);
+    for probe in ["/healthz", "/readyz"] {
+        let r = app
+            .http
+            .get(format!("{}{probe}", app.base_url))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status(), reqwest::StatusCode::NOT_FOUND, "{probe}");
+    }
+    app.finish().await;
+}

@@ -18,11 +18,24 @@ use crate::helpers::{NO_ROLES, TestApp, job_body, wait_until};
 struct Child {
     process: tokio::process::Child,
     base: String,
+    /// Where it serves `/metrics` (never on the API's port).
+    metrics: String,
 }
 
 async fn spawn_all(app: &TestApp, extra_env: &[(&str, &str)]) -> Child {
-    let (process, base) = app.spawn_ready("all", extra_env).await;
-    Child { process, base }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let mut env = extra_env.to_vec();
+    env.push(("METRICS_ADDR", &metrics_addr));
+    let (process, base) = app.spawn_ready("all", &env).await;
+    Child {
+        process,
+        base,
+        metrics: format!("http://{metrics_addr}"),
+    }
 }
 
 /// `name{labels} value` lines of a scrape, by series.
@@ -82,6 +95,7 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
     let key = app.api_key.clone();
     let mut child = spawn_all(&app, &[("RUST_LOG", "warn")]).await;
     let base = child.base.clone();
+    let metrics = child.metrics.clone();
     let post = |body: Value, key: Option<String>| {
         let (http, base) = (app.http.clone(), base.clone());
         async move {
@@ -101,7 +115,7 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
         .await
         .unwrap();
     assert_eq!(put.status(), StatusCode::OK);
-    let before = scrape(&app, &base).await;
+    let before = scrape(&app, &metrics).await;
 
     const N: usize = 12;
     for i in 0..N {
@@ -150,12 +164,12 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
     // The sampler runs every 5 s.
     wait_until("the dead-letter gauge", Duration::from_secs(15), || async {
         value(
-            &scrape(&app, &base).await,
+            &scrape(&app, &metrics).await,
             "kongflow_dead_letter_queue_depth",
         ) == 1.0
     })
     .await;
-    let after = scrape(&app, &base).await;
+    let after = scrape(&app, &metrics).await;
     let moved = |series: &str| value(&after, series) - before.get(series).copied().unwrap_or(0.0);
     let n = N as f64;
     assert_eq!(moved("kongflow_events_ingested_total{source=\"api\"}"), n);

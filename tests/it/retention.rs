@@ -226,3 +226,52 @@ async fn deleting_an_environment_takes_its_data_and_nobody_elses() {
     app.settle().await;
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undelivered_events_whose_delivery_gave_up_go_after_the_retention() {
+    // No worker: the delivery jobs stay where the test puts them.
+    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let env = app.env.id;
+    for id in ["gave-up", "job-gone", "still-trying", "gave-up-lately"] {
+        app.send_event(&app.api_key, json!({"event": {"name": "n", "id": id}}))
+            .await;
+    }
+    let job_of = "SELECT j.id FROM queue_jobs j JOIN event_records e ON j.args->>'id' = e.id::text
+                  WHERE j.kind = 'deliverEvent' AND e.event_id = ANY($1)";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE queue_jobs SET state = 'discarded', finalized_at = now() WHERE id IN ({job_of})"
+    )))
+    .bind(&["gave-up", "gave-up-lately"][..])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The ledger's own retention removed this one's job already.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM queue_jobs WHERE id IN ({job_of})"
+    )))
+    .bind(&["job-gone"][..])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE event_records SET created_at = now() - interval '31 days',
+                deliver_at = now() - interval '31 days'
+         WHERE event_id <> 'gave-up-lately'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let batches = app.relay().retain_events().await.unwrap();
+    let events: u64 = batches.iter().map(|b| b.events).sum();
+    assert_eq!(events, 2, "{batches:?}");
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT event_id FROM event_records WHERE environment_id = $1 ORDER BY event_id",
+    )
+    .bind(env)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    // Delivery still trying, or gave up within the retention: kept.
+    assert_eq!(left, ["gave-up-lately", "still-trying"]);
+    app.finish().await;
+}

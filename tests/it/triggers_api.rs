@@ -194,6 +194,25 @@ async fn another_environment_gets_404_on_every_endpoint() {
     let dispatcher = reg["id"].as_str().unwrap().to_string();
     app.send_event(&key, json!({"event": {"name": "mine", "id": "secret", "payload": {"pin": 1234}}, "options": {"deliverAfter": 3600}}))
         .await;
+    let (status, ephemeral) = app
+        .request(
+            Method::POST,
+            "/api/v1/event-dispatchers/ephemeral",
+            Some(&key),
+            Some(json!({"url": "https://receiver.example/hook-1234", "name": "mine"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ephemeral}");
+    let ephemeral = ephemeral["id"].as_str().unwrap().to_string();
+    let (status, mine) = app
+        .request(
+            Method::GET,
+            &format!("/api/v1/event-dispatchers/{ephemeral}"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "the owner reads it: {mine}");
 
     let (_, other) = app.new_env("intruder").await;
     let probes: Vec<(Method, String, Option<Value>)> = vec![
@@ -224,6 +243,11 @@ async fn another_environment_gets_404_on_every_endpoint() {
             Method::POST,
             "/api/v1/dynamic-triggers/dt/registrations".into(),
             Some(json!({"key": "k2", "rule": {"event": "mine"}})),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/event-dispatchers/{ephemeral}"),
+            None,
         ),
     ];
     for (method, path, body) in probes {
