@@ -698,38 +698,27 @@ pub struct DispatcherView {
 /// Most dispatchers one page of a listing holds.
 pub const MAX_DISPATCHER_PAGE: i64 = 500;
 
-/// A page of the environment's dispatchers, oldest first: at most `limit` (1 to
-/// [`MAX_DISPATCHER_PAGE`]) after the dispatcher `after`, and the id to pass as `after` for
-/// the next page when there is one.
-pub async fn list_dispatchers(
-    pool: &PgPool,
-    env: &Environment,
-    after: Option<Uuid>,
-    limit: i64,
-) -> Result<(Vec<DispatcherView>, Option<Uuid>), sqlx::Error> {
-    let limit = limit.clamp(1, MAX_DISPATCHER_PAGE);
-    // Ids are UUIDv7: their order is their creation order.
-    let rows = sqlx::query!(
-        r#"SELECT d.id, d.dispatchable_type, d.dispatchable_id, d.event_names, d.source,
-                  d.payload_filter, d.context_filter, d.enabled, d.manual, d.external_account_id,
-                  d.url, d.expires_at,
-                  j.slug AS "job_slug?", t.slug AS "trigger_slug?"
-           FROM event_dispatchers d
-           LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
-           LEFT JOIN jobs j ON j.id = v.job_id
-           LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id
-           WHERE d.environment_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
-           ORDER BY d.id
-           LIMIT $3"#,
-        env.id,
-        after,
-        limit + 1
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut page: Vec<DispatcherView> = rows
-        .into_iter()
-        .map(|r| DispatcherView {
+/// A dispatcher's row as the listing and the dry run read it.
+struct DispatcherRow {
+    id: Uuid,
+    dispatchable_type: String,
+    dispatchable_id: String,
+    event_names: Vec<String>,
+    source: String,
+    payload_filter: Option<Value>,
+    context_filter: Option<Value>,
+    enabled: bool,
+    manual: bool,
+    external_account_id: Option<Uuid>,
+    url: Option<String>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    job_slug: Option<String>,
+    trigger_slug: Option<String>,
+}
+
+impl From<DispatcherRow> for DispatcherView {
+    fn from(r: DispatcherRow) -> Self {
+        DispatcherView {
             id: r.id,
             key: (r.dispatchable_type == "DYNAMIC_TRIGGER")
                 .then(|| {
@@ -750,8 +739,41 @@ pub async fn list_dispatchers(
             url: r.url,
             expires_at: r.expires_at,
             external_account_id: r.external_account_id,
-        })
-        .collect();
+        }
+    }
+}
+
+/// A page of the environment's dispatchers, oldest first: at most `limit` (1 to
+/// [`MAX_DISPATCHER_PAGE`]) after the dispatcher `after`, and the id to pass as `after` for
+/// the next page when there is one.
+pub async fn list_dispatchers(
+    pool: &PgPool,
+    env: &Environment,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<(Vec<DispatcherView>, Option<Uuid>), sqlx::Error> {
+    let limit = limit.clamp(1, MAX_DISPATCHER_PAGE);
+    // Ids are UUIDv7: their order is their creation order.
+    let rows = sqlx::query_as!(
+        DispatcherRow,
+        r#"SELECT d.id, d.dispatchable_type, d.dispatchable_id, d.event_names, d.source,
+                  d.payload_filter, d.context_filter, d.enabled, d.manual, d.external_account_id,
+                  d.url, d.expires_at,
+                  j.slug AS "job_slug?", t.slug AS "trigger_slug?"
+           FROM event_dispatchers d
+           LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
+           LEFT JOIN jobs j ON j.id = v.job_id
+           LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id
+           WHERE d.environment_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
+           ORDER BY d.id
+           LIMIT $3"#,
+        env.id,
+        after,
+        limit + 1
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut page: Vec<DispatcherView> = rows.into_iter().map(DispatcherView::from).collect();
     let next = if page.len() as i64 > limit {
         page.truncate(limit as usize);
         page.last().map(|d| d.id)
@@ -771,7 +793,8 @@ pub async fn dispatchers_for_event(
     env: &Environment,
     name: &str,
 ) -> Result<Vec<DispatcherView>, sqlx::Error> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        DispatcherRow,
         r#"SELECT d.id AS "id!", d.dispatchable_type AS "dispatchable_type!",
                   d.dispatchable_id AS "dispatchable_id!", d.event_names AS "event_names!",
                   d.source AS "source!", d.payload_filter, d.context_filter,
@@ -803,31 +826,7 @@ pub async fn dispatchers_for_event(
     )
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DispatcherView {
-            id: r.id,
-            key: (r.dispatchable_type == "DYNAMIC_TRIGGER")
-                .then(|| {
-                    r.dispatchable_id
-                        .split_once(':')
-                        .map(|(_, k)| k.to_string())
-                })
-                .flatten(),
-            dispatchable_type: r.dispatchable_type,
-            job: r.job_slug,
-            dynamic_trigger: r.trigger_slug,
-            event_names: r.event_names,
-            source: r.source,
-            payload: r.payload_filter,
-            context: r.context_filter,
-            enabled: r.enabled,
-            manual: r.manual,
-            url: r.url,
-            expires_at: r.expires_at,
-            external_account_id: r.external_account_id,
-        })
-        .collect())
+    Ok(rows.into_iter().map(DispatcherView::from).collect())
 }
 
 /// Most EPHEMERAL dispatchers that expired unfired a dry run shows (the newest).

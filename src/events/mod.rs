@@ -439,13 +439,12 @@ impl EventsService {
                     (p.env.clone(), p.request.clone(), p.options.clone())
                 })
                 .collect();
-            let stored = match self.ticket().await {
-                Ok(ticket) => {
-                    let stamp = ticket.as_ref().map(Ticket::stamp);
-                    self.store_each(items, stamp).await.map(|r| (r, ticket))
-                }
-                Err(e) => Err(e),
-            };
+            let stored = async {
+                let ticket = self.ticket().await?;
+                let stamp = ticket.as_ref().map(Ticket::stamp);
+                Ok::<_, IngestError>((self.store_each(items, stamp).await?, ticket))
+            }
+            .await;
             match stored {
                 Ok((results, ticket)) => {
                     // The publish starts before the callers are answered (so a stopping
