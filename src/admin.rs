@@ -71,9 +71,18 @@ pub enum AdminError {
     Amqp(#[from] lapin::Error),
 }
 
+impl From<operator::OperatorError> for AdminError {
+    fn from(e: operator::OperatorError) -> Self {
+        match e {
+            operator::OperatorError::Refused(r) => Self::Refused(r),
+            operator::OperatorError::Db(e) => Self::Db(e),
+        }
+    }
+}
+
 /// The ledger's answer, its refusals as errors.
 fn done<T>(outcome: operator::Outcome<T>) -> Result<T, AdminError> {
-    Ok(outcome??)
+    Ok(outcome?)
 }
 
 /// A page of jobs in id order, and the cursor of the next page if there may be one.

@@ -324,7 +324,7 @@ impl Evaluator {
             self.step(1)?;
             // Non-object members of a mixed list are skipped, as in the reference.
             if let Value::Object(op) = f
-                && !self.content_filter_matches(actual, op)?
+                && !self.operator_within_budget(actual, op)?
             {
                 return Ok(false);
             }
@@ -332,7 +332,9 @@ impl Evaluator {
         Ok(true)
     }
 
-    fn content_filter_matches(
+    /// An operator object (`$endsWith`, `$includes`, ...) against a value, its scans charged
+    /// to the budget first.
+    fn operator_within_budget(
         &mut self,
         actual: Option<&Value>,
         op: &Map<String, Value>,
@@ -349,7 +351,7 @@ impl Evaluator {
             Some(Value::String(s)) if op.contains_key("$ignoreCaseEquals") => self.step(s.len())?,
             _ => {}
         }
-        Ok(content_filter_matches(actual, op))
+        Ok(operator_matches(actual, op))
     }
 }
 
@@ -419,7 +421,7 @@ fn as_number(v: Option<&Value>) -> Option<f64> {
     v.and_then(Value::as_f64)
 }
 
-fn content_filter_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bool {
+fn operator_matches(actual: Option<&Value>, op: &Map<String, Value>) -> bool {
     let actual_str = actual.and_then(Value::as_str);
     if let Some(suffix) = op.get("$endsWith") {
         return match (actual_str, suffix.as_str()) {

@@ -30,8 +30,24 @@ pub enum Refusal {
     Unreadable(#[from] UnreadableJob),
 }
 
-/// What an operator's call ends with: the database failed, the change was refused, or done.
-pub type Outcome<T> = Result<Result<T, Refusal>, sqlx::Error>;
+/// Why an operator's call did not end with its answer: the ledger refused the change, or the
+/// database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<UnreadableJob> for OperatorError {
+    fn from(e: UnreadableJob) -> Self {
+        Self::Refused(e.into())
+    }
+}
+
+/// What an operator's call ends with.
+pub type Outcome<T> = Result<T, OperatorError>;
 
 fn names(states: &[JobState]) -> Vec<String> {
     states.iter().map(|s| s.as_str().to_string()).collect()
@@ -57,12 +73,11 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Outcome<(Vec<Job>, Option<i64>)
     )
     .fetch_all(pool)
     .await?;
-    Ok(decode_all(rows).map_err(Refusal::from).map(|jobs| {
-        let next = (jobs.len() as i64 == l.limit)
-            .then(|| jobs.last().map(|j| j.id))
-            .flatten();
-        (jobs, next)
-    }))
+    let jobs = decode_all(rows)?;
+    let next = (jobs.len() as i64 == l.limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
+    Ok((jobs, next))
 }
 
 /// One job.
@@ -70,10 +85,10 @@ pub async fn get(pool: &PgPool, id: i64) -> Outcome<Job> {
     let row = query_jobs!("SELECT ", " FROM queue_jobs WHERE id = $1", id)
         .fetch_optional(pool)
         .await?;
-    Ok(match row {
-        Some(r) => Job::try_from(r).map_err(Refusal::from),
-        None => Err(Refusal::NotFound(id)),
-    })
+    match row {
+        Some(r) => Ok(Job::try_from(r)?),
+        None => Err(Refusal::NotFound(id).into()),
+    }
 }
 
 /// Make a job available to run now, as River's `job retry` does: its attempt count and its
@@ -88,13 +103,14 @@ pub async fn retry(pool: &PgPool, id: i64) -> Outcome<Job> {
     .fetch_optional(&mut *tx)
     .await?
     else {
-        return Ok(Err(Refusal::NotFound(id)));
+        return Err(Refusal::NotFound(id).into());
     };
     if current.state == JobState::Available.as_str() {
-        return Ok(Err(Refusal::Unchanged {
+        return Err(Refusal::Unchanged {
             id,
             state: JobState::Available.as_str(),
-        }));
+        }
+        .into());
     }
     if let Some(key) = &current.unique_key {
         let other = sqlx::query_scalar!(
@@ -106,7 +122,7 @@ pub async fn retry(pool: &PgPool, id: i64) -> Outcome<Job> {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(other) = other {
-            return Ok(Err(Refusal::Duplicate { id, other }));
+            return Err(Refusal::Duplicate { id, other }.into());
         }
     }
     let row = query_jobs!(
@@ -121,7 +137,7 @@ pub async fn retry(pool: &PgPool, id: i64) -> Outcome<Job> {
     .await?;
     back_to_outbox(&mut tx, &[id]).await?;
     tx.commit().await?;
-    Ok(Job::try_from(row).map_err(Refusal::from))
+    Ok(Job::try_from(row)?)
 }
 
 /// Retry every job in `states` (of `kind`, if given), as [`retry`] does one; jobs whose
@@ -169,13 +185,15 @@ pub async fn cancel(pool: &PgPool, id: i64) -> Outcome<Job> {
     .fetch_optional(pool)
     .await?;
     match row {
-        Some(r) => Ok(Job::try_from(r).map_err(Refusal::from)),
-        None => Ok(get(pool, id).await?.and_then(|job| {
+        Some(r) => Ok(Job::try_from(r)?),
+        None => {
+            let job = get(pool, id).await?;
             Err(Refusal::Unchanged {
                 id,
                 state: job.state.as_str(),
-            })
-        })),
+            }
+            .into())
+        }
     }
 }
 
