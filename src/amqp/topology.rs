@@ -1,27 +1,35 @@
 //! The exchanges and queues, declared idempotently at start-up and by `kongflow-events topology`.
 //!
-//! For every job kind `K` (`deliverEvent`, `events.invokeDispatcher`) and prefix `P`:
+//! For every job kind `K` (`deliverEvent`, `events.invokeDispatcher`, `deliverWebhook`) and
+//! prefix `P`:
 //!
-//! - exchange `P.K`: direct, durable. The relay publishes here with the job's shard key
-//!   as routing key (see [`Topology::work_key`]).
+//! - exchange `P.K`: direct, durable. Job messages are published here (by the committing
+//!   process's direct publisher or by the relay) with the job's shard key as routing key
+//!   (see [`Topology::work_key`]).
 //! - the work queues of `K`, one per shard: `P.K` when there is one shard (the default),
-//!   `P.K.s0` … `P.K.s<N-1>` when there are `N`. Each is durable, a priority queue
-//!   (`x-max-priority` 4), bound to `P.K` with its shard key (`events`, or `events.s<i>`)
-//!   and to the delay exit exchange with `#.K.<shard key>`. A job's shard is a stable hash
-//!   of its environment ([`shard_of`]); workers consume every shard or the set they are
-//!   given.
+//!   `P.K.s0` … `P.K.s<N-1>` when there are `N`. Classic queues are priority queues
+//!   (`x-max-priority` [`MAX_PRIORITY`]); quorum queues have none, so a quorum shard is one
+//!   queue per level (`.p<level>`, [`Topology::shard_queues`]). Each is bound to `P.K` with
+//!   its shard key (`events`, `events.s<i>`, then `.p<level>` with quorum queues) and to the
+//!   delay exit exchange with `#.K.<shard key>`. A job's shard is a stable hash of its
+//!   environment ([`shard_of`]); workers consume every shard or the set they are given.
 //! - exchange `P.dead` (fanout) and queue `P.events.dead`: dead letters, with their reason
 //!   in the `x-kongflow-reason` header.
 //! - exchange `P.ingest` (direct) and queue `P.ingest`, bound with key `send`: send-event
-//!   requests that producers publish straight to the broker (the `ingest` role reads them).
+//!   requests that producers publish straight to the broker (the `ingest` role reads them);
+//!   requests over their environment's rate go round the delay tiers and come back to it
+//!   (routing key [`INGEST_DEFERRED`]).
 //! - exchange `P.ingest.rejected` (fanout) and queue `P.ingest.rejected`: copies of the
 //!   requests ingest could not store, with their reason in headers; the oldest go first
 //!   past [`REJECTED_MAX_BYTES`].
+//! - exchange `P.runs` (topic) and queue `P.runs`, bound with [`RUNS_BINDING`]: the run
+//!   hand-off (`run.created`, `run.cancelled`) for the runs service.
 //! - the delay tiers (see [`super::tiers`]): for every level `n`, a topic exchange
 //!   `P.delay.NN` and a queue `P.delay.NN.<ttl>ms` per digit, with that TTL and the next
 //!   level down (or `P.delay.out`) as dead-letter exchange; `P.delay.out` is a topic
 //!   exchange that hands due messages to the work queues.
-
+//! - queue `P.install` is not declared here: it is the prefix's claim by one installation
+//!   (`super::owner`).
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
