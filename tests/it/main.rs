@@ -7,6 +7,7 @@ mod cluster;
 mod crash;
 mod delays;
 mod deploy;
+mod docs;
 mod events_api;
 mod examples;
 mod fairness;
