@@ -5,13 +5,12 @@
 //! hold a database connection), it loads the dispatcher and the event, makes the request
 //! ([`crate::webhooks::Sender`]) and records the attempt; then, for a 2xx answer, the job
 //! is taken and completed in a transaction of its own, which marks the dispatcher
-//! delivered. Each attempt runs within the consumer's places ([`Places`]:
-//! `WEBHOOK_CONCURRENCY`, and one environment's share of them,
-//! `WEBHOOK_CONCURRENCY_PER_ENVIRONMENT`). Any other answer, or none, is the job's failure: retried with
-//! backoff, and dead-lettered after its last attempt. A refused address fails it at once
-//! (no later attempt can do better). A worker that dies between the answer and the commit
-//! sends it again: every attempt carries the same `webhook-id`, for the receiver to drop
-//! the repeat.
+//! delivered. Any other answer, or none, is the job's failure: retried with backoff, and
+//! dead-lettered after its last attempt. A refused address fails it at once (no later
+//! attempt can do better). A worker that dies between the answer and the commit sends it
+//! again: every attempt carries the same `webhook-id`, for the receiver to drop the
+//! repeat. Attempts run within a consumer's places ([`Places`]: `WEBHOOK_CONCURRENCY`,
+//! and one environment's share of them, `WEBHOOK_CONCURRENCY_PER_ENVIRONMENT`).
 
 use std::time::Duration;
 
