@@ -913,6 +913,64 @@ mod tests {
         assert!(m.contains("WEBHOOK_ALLOW_NETS can allow it"), "{m}");
     }
 
+    #[tokio::test]
+    async fn an_attempt_that_can_make_no_request_is_refused_for_good() {
+        let sender = Sender {
+            guard: Guard::default(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            resolver: Resolver::default(),
+        };
+        for url in ["ftp://example.com/", "http://127.0.0.1:9/hook"] {
+            let sent = sender
+                .send(Request {
+                    url,
+                    msg_id: "msg_x",
+                    secret: &new_secret(),
+                    body: b"{}".to_vec(),
+                })
+                .await;
+            assert!(
+                matches!(sent.outcome, Outcome::Refused { .. }),
+                "{url}: {sent:?}"
+            );
+            assert!(!sent.succeeded());
+            assert_eq!(sent.outcome.label(), "refused");
+            assert_eq!(sent.outcome.status(), None);
+        }
+    }
+
+    #[test]
+    fn outcomes_say_their_status_error_and_label() {
+        let delivered = Outcome::Delivered { status: 204 };
+        assert_eq!(
+            (delivered.status(), delivered.error(), delivered.label()),
+            (Some(204), None, "delivered")
+        );
+        let answered = Outcome::Answered {
+            status: 500,
+            error: "answered 500".into(),
+        };
+        assert_eq!(
+            (answered.status(), answered.error(), answered.label()),
+            (Some(500), Some("answered 500"), "failed")
+        );
+        let timed_out = Outcome::TimedOut {
+            error: "no answer".into(),
+        };
+        assert_eq!(
+            (timed_out.status(), timed_out.error(), timed_out.label()),
+            (None, Some("no answer"), "failed")
+        );
+        let refused = Outcome::Refused {
+            reason: "refused: loopback".into(),
+        };
+        assert_eq!(
+            (refused.status(), refused.error(), refused.label()),
+            (None, Some("refused: loopback"), "refused")
+        );
+    }
+
     #[test]
     fn urls_must_be_http_with_a_host_and_no_credentials() {
         assert!(check_url("https://example.com/hook").is_ok());
