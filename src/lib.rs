@@ -19,8 +19,9 @@
 //! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
 //! - [`amqp`]: connections, topology, the message format and publishing; the only module
 //!   that builds messages.
-//! - [`worker`]: consumes messages and runs the job handlers (`handlers`), one transaction
-//!   per batch.
+//! - [`worker`]: consumes messages and runs each kind's jobs as its handler says
+//!   (`handlers`): a transactional kind one transaction per batch, an external-effect kind
+//!   (webhooks) a task per job, its effect made holding no transaction.
 //! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
 //! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
 //! - [`admin`]: the operator's commands (`jobs ...`).

@@ -459,7 +459,7 @@ pub async fn register_ephemeral(
     account: Option<&str>,
     timeout_secs: i64,
 ) -> Result<Ephemeral, RegisterError> {
-    crate::webhooks::check_url(url).map_err(RegisterError::Invalid)?;
+    crate::webhooks::check_url(url).map_err(|e| RegisterError::Invalid(e.to_string()))?;
     if !(EPHEMERAL_MIN_SECS..=EPHEMERAL_MAX_SECS).contains(&timeout_secs) {
         return Err(RegisterError::Invalid(format!(
             "timeoutInSeconds must be {EPHEMERAL_MIN_SECS} to {EPHEMERAL_MAX_SECS}"

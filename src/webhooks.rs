@@ -53,36 +53,60 @@ pub fn new_secret() -> String {
     format!("{SECRET_PREFIX}{}", B64.encode(key))
 }
 
+/// A signing secret that is not base64 after its prefix.
+#[derive(Debug, thiserror::Error)]
+#[error("the signing secret is not base64: {0}")]
+pub struct SecretError(#[from] base64::DecodeError);
+
 /// The `webhook-signature` header's value for a message.
-pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
-    let key = B64
-        .decode(secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret))
-        .map_err(|e| format!("the signing secret is not base64: {e}"))?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|e| e.to_string())?;
+pub fn sign(
+    secret: &str,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> Result<String, SecretError> {
+    let key = B64.decode(secret.strip_prefix(SECRET_PREFIX).unwrap_or(secret))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes a key of any length");
     mac.update(format!("{msg_id}.{timestamp}.").as_bytes());
     mac.update(body);
     Ok(format!("v1,{}", B64.encode(mac.finalize().into_bytes())))
 }
 
+/// Why a URL is not one a dispatcher may have.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("url is longer than {MAX_URL_CHARS} characters")]
+    TooLong,
+    #[error("url {url:?} does not parse: {source}")]
+    Unparseable {
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("url must be http or https, not {0:?}")]
+    Scheme(String),
+    #[error("url has no host")]
+    NoHost,
+    #[error("url must not carry credentials (sign requests with the secret instead)")]
+    Credentials,
+}
+
 /// A URL a dispatcher may be created with: http or https, a host, no credentials.
-pub fn check_url(url: &str) -> Result<Url, String> {
+pub fn check_url(url: &str) -> Result<Url, UrlError> {
     if url.chars().count() > MAX_URL_CHARS {
-        return Err(format!("url is longer than {MAX_URL_CHARS} characters"));
+        return Err(UrlError::TooLong);
     }
-    let parsed = Url::parse(url).map_err(|e| format!("url {url:?} does not parse: {e}"))?;
+    let parsed = Url::parse(url).map_err(|source| UrlError::Unparseable {
+        url: url.to_string(),
+        source,
+    })?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!(
-            "url must be http or https, not {:?}",
-            parsed.scheme()
-        ));
+        return Err(UrlError::Scheme(parsed.scheme().to_string()));
     }
     if parsed.host().is_none() {
-        return Err("url has no host".into());
+        return Err(UrlError::NoHost);
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(
-            "url must not carry credentials (sign requests with the secret instead)".into(),
-        );
+        return Err(UrlError::Credentials);
     }
     Ok(parsed)
 }
@@ -269,15 +293,20 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
+/// An entry of `WEBHOOK_ALLOW_NETS` that is neither a network nor an address.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a network (10.0.0.0/8) or an address")]
+pub struct NetError(pub String);
+
 /// Parse `WEBHOOK_ALLOW_NETS`: networks or single addresses, comma-separated.
-pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, String> {
+pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, NetError> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
             p.parse::<IpNet>()
                 .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{p:?} is not a network (10.0.0.0/8) or an address"))
+                .map_err(|_| NetError(p.to_string()))
         })
         .collect()
 }
@@ -287,7 +316,7 @@ pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, String> {
 pub struct NetList(pub Vec<IpNet>);
 
 /// [`parse_nets`] for the command line.
-pub fn parse_nets_arg(s: &str) -> Result<NetList, String> {
+pub fn parse_nets_arg(s: &str) -> Result<NetList, NetError> {
     parse_nets(s).map(NetList)
 }
 
@@ -302,21 +331,62 @@ pub struct Request<'a> {
 }
 
 /// How an attempt went.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// The answer's status; `None` when none came.
-    pub status: Option<u16>,
-    pub duration: Duration,
-    /// Why it failed; `None` for a 2xx answer.
-    pub error: Option<String>,
-    /// Refused before any request was made (the address, or the URL): no later attempt
-    /// can do better.
-    pub refused: bool,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver answered 2xx.
+    Delivered { status: u16 },
+    /// The receiver answered another status; `error` says which, with the start of its
+    /// answer.
+    Answered { status: u16, error: String },
+    /// No answer in time: the request, or the host's lookup, took longer than allowed.
+    TimedOut { error: String },
+    /// No answer: the host does not resolve, or the connection or the request failed.
+    Failed { error: String },
+    /// No request was made, and none can be: the URL, its address or the secret is
+    /// refused, so no later attempt can do better.
+    Refused { reason: String },
 }
 
 impl Outcome {
+    /// The answer's status; `None` when none came.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Delivered { status } | Self::Answered { status, .. } => Some(*status),
+            Self::TimedOut { .. } | Self::Failed { .. } | Self::Refused { .. } => None,
+        }
+    }
+
+    /// Why it failed; `None` when delivered.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Self::Delivered { .. } => None,
+            Self::Answered { error, .. }
+            | Self::TimedOut { error }
+            | Self::Failed { error }
+            | Self::Refused { reason: error } => Some(error),
+        }
+    }
+
+    /// `delivered`, `refused` or `failed`: the `result` label of the webhook metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Delivered { .. } => "delivered",
+            Self::Refused { .. } => "refused",
+            Self::Answered { .. } | Self::TimedOut { .. } | Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// One attempt: how it went, and how long it took.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub outcome: Outcome,
+    pub duration: Duration,
+}
+
+impl Attempt {
     pub fn succeeded(&self) -> bool {
-        self.error.is_none()
+        matches!(self.outcome, Outcome::Delivered { .. })
     }
 }
 
@@ -378,21 +448,27 @@ pub struct Sender {
 
 impl Sender {
     /// Make one attempt. Never fails: what went wrong is in the outcome.
-    pub async fn send(&self, req: Request<'_>) -> Outcome {
+    pub async fn send(&self, req: Request<'_>) -> Attempt {
         let started = Instant::now();
-        let outcome = |status, error: Option<String>, refused| Outcome {
-            status,
+        let outcome = self.outcome_of(req).await;
+        Attempt {
+            outcome,
             duration: started.elapsed(),
-            error,
-            refused,
-        };
+        }
+    }
+
+    async fn outcome_of(&self, req: Request<'_>) -> Outcome {
         let url = match check_url(req.url) {
             Ok(u) => u,
-            Err(e) => return outcome(None, Some(e), true),
+            Err(e) => {
+                return Outcome::Refused {
+                    reason: e.to_string(),
+                };
+            }
         };
         let addr = match self.resolve(&url).await {
             Ok(a) => a,
-            Err(Refused(e, refused)) => return outcome(None, Some(e), refused),
+            Err(not_sent) => return not_sent,
         };
         let mut client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -407,12 +483,20 @@ impl Sender {
         }
         let client = match client.build() {
             Ok(c) => c,
-            Err(e) => return outcome(None, Some(format!("http client: {e}")), false),
+            Err(e) => {
+                return Outcome::Failed {
+                    error: format!("http client: {e}"),
+                };
+            }
         };
         let timestamp = chrono::Utc::now().timestamp();
         let signature = match sign(req.secret, req.msg_id, timestamp, &req.body) {
             Ok(s) => s,
-            Err(e) => return outcome(None, Some(e), true),
+            Err(e) => {
+                return Outcome::Refused {
+                    reason: e.to_string(),
+                };
+            }
         };
         let sent = client
             .post(url)
@@ -425,14 +509,15 @@ impl Sender {
             .await;
         let mut response = match sent {
             Ok(r) => r,
-            Err(e) => return outcome(None, Some(self.describe(&e, addr)), false),
+            Err(e) => return self.no_answer(&e, addr),
         };
         let status = response.status();
-        let code = Some(status.as_u16());
         if status.is_success() {
             // Delivered: what follows the status is not read (a receiver that took the
             // event and then streams slowly, or resets, must not get it again).
-            return outcome(code, None, false);
+            return Outcome::Delivered {
+                status: status.as_u16(),
+            };
         }
         // The answer, up to the cap (a receiver cannot make the worker read without end).
         let mut answer = Vec::new();
@@ -446,7 +531,7 @@ impl Sender {
                     }
                 }
                 Ok(None) => break None,
-                Err(e) => break Some(self.describe(&e, addr)),
+                Err(e) => break self.no_answer(&e, addr).error().map(str::to_string),
             }
         };
         let text = clean_text(&answer, BODY_CAP);
@@ -462,58 +547,73 @@ impl Sender {
         if let Some(e) = read_error {
             error.push_str(&format!(" (reading the answer: {e})"));
         }
-        outcome(code, Some(error), false)
+        Outcome::Answered {
+            status: status.as_u16(),
+            error,
+        }
     }
 
     /// The one address the request goes to: the URL's own, or the host's first, once every
     /// address the host has passed the guard.
-    async fn resolve(&self, url: &Url) -> Result<SocketAddr, Refused> {
+    /// `Err`: why no request is made.
+    async fn resolve(&self, url: &Url) -> Result<SocketAddr, Outcome> {
+        let refused = |reason: String| Outcome::Refused { reason };
         let port = url
             .port_or_known_default()
-            .ok_or_else(|| Refused("url has no port".into(), true))?;
+            .ok_or_else(|| refused("url has no port".into()))?;
         let host = url
             .host()
-            .ok_or_else(|| Refused("url has no host".into(), true))?;
+            .ok_or_else(|| refused("url has no host".into()))?;
         let addrs: Vec<SocketAddr> = match host {
             url::Host::Ipv4(ip) => vec![SocketAddr::new(ip.into(), port)],
             url::Host::Ipv6(ip) => vec![SocketAddr::new(ip.into(), port)],
             url::Host::Domain(name) => {
                 let lookup = match name.parse::<reqwest::dns::Name>() {
                     Ok(n) => reqwest::dns::Resolve::resolve(&self.resolver, n),
-                    Err(e) => return Err(Refused(format!("{name:?} is no host name: {e}"), true)),
+                    Err(e) => return Err(refused(format!("{name:?} is no host name: {e}"))),
                 };
                 match tokio::time::timeout(self.connect_timeout, lookup).await {
                     Ok(Ok(found)) => found.map(|a| SocketAddr::new(a.ip(), port)).collect(),
                     Ok(Err(e)) => {
-                        return Err(Refused(format!("{name} does not resolve: {e}"), false));
+                        return Err(Outcome::Failed {
+                            error: format!("{name} does not resolve: {e}"),
+                        });
                     }
                     Err(_) => {
-                        return Err(Refused(
-                            format!("resolving {name} took more than {:?}", self.connect_timeout),
-                            false,
-                        ));
+                        return Err(Outcome::TimedOut {
+                            error: format!(
+                                "resolving {name} took more than {:?}",
+                                self.connect_timeout
+                            ),
+                        });
                     }
                 }
             }
         };
         for a in &addrs {
             if let Some(why) = self.guard.refusal(a.ip()) {
-                return Err(Refused(refusal_message(&host, a.ip(), why), true));
+                return Err(refused(refusal_message(&host, a.ip(), why)));
             }
         }
-        addrs
-            .first()
-            .copied()
-            .ok_or_else(|| Refused(format!("{host} resolves to no address"), false))
+        addrs.first().copied().ok_or_else(|| Outcome::Failed {
+            error: format!("{host} resolves to no address"),
+        })
     }
 
-    fn describe(&self, e: &reqwest::Error, addr: SocketAddr) -> String {
+    /// What a request that got no (whole) answer from `addr` came to.
+    fn no_answer(&self, e: &reqwest::Error, addr: SocketAddr) -> Outcome {
         if e.is_timeout() {
-            format!("no answer within {:?} (from {addr})", self.timeout)
+            Outcome::TimedOut {
+                error: format!("no answer within {:?} (from {addr})", self.timeout),
+            }
         } else if e.is_connect() {
-            format!("could not connect to {addr}: {}", root_cause(e))
+            Outcome::Failed {
+                error: format!("could not connect to {addr}: {}", root_cause(e)),
+            }
         } else {
-            format!("request to {addr} failed: {}", root_cause(e))
+            Outcome::Failed {
+                error: format!("request to {addr} failed: {}", root_cause(e)),
+            }
         }
     }
 }
@@ -527,9 +627,6 @@ fn refusal_message(host: &url::Host<&str>, ip: IpAddr, why: &str) -> String {
     };
     format!("refused: {host} is {ip} ({why}); no request was made; {remedy}")
 }
-
-/// Why no request was made, and whether that is final.
-struct Refused(String, bool);
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
@@ -814,6 +911,64 @@ mod tests {
         let ip = "10.0.0.1".parse().unwrap();
         let m = refusal_message(&host, ip, Guard::default().refusal(ip).unwrap());
         assert!(m.contains("WEBHOOK_ALLOW_NETS can allow it"), "{m}");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_can_make_no_request_is_refused_for_good() {
+        let sender = Sender {
+            guard: Guard::default(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            resolver: Resolver::default(),
+        };
+        for url in ["ftp://example.com/", "http://127.0.0.1:9/hook"] {
+            let sent = sender
+                .send(Request {
+                    url,
+                    msg_id: "msg_x",
+                    secret: &new_secret(),
+                    body: b"{}".to_vec(),
+                })
+                .await;
+            assert!(
+                matches!(sent.outcome, Outcome::Refused { .. }),
+                "{url}: {sent:?}"
+            );
+            assert!(!sent.succeeded());
+            assert_eq!(sent.outcome.label(), "refused");
+            assert_eq!(sent.outcome.status(), None);
+        }
+    }
+
+    #[test]
+    fn outcomes_say_their_status_error_and_label() {
+        let delivered = Outcome::Delivered { status: 204 };
+        assert_eq!(
+            (delivered.status(), delivered.error(), delivered.label()),
+            (Some(204), None, "delivered")
+        );
+        let answered = Outcome::Answered {
+            status: 500,
+            error: "answered 500".into(),
+        };
+        assert_eq!(
+            (answered.status(), answered.error(), answered.label()),
+            (Some(500), Some("answered 500"), "failed")
+        );
+        let timed_out = Outcome::TimedOut {
+            error: "no answer".into(),
+        };
+        assert_eq!(
+            (timed_out.status(), timed_out.error(), timed_out.label()),
+            (None, Some("no answer"), "failed")
+        );
+        let refused = Outcome::Refused {
+            reason: "refused: loopback".into(),
+        };
+        assert_eq!(
+            (refused.status(), refused.error(), refused.label()),
+            (None, Some("refused: loopback"), "refused")
+        );
     }
 
     #[test]

@@ -7,12 +7,42 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::JobError;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
+use super::{JobError, Transactional};
 use crate::events::filter::Evaluator;
 use crate::ledger::publishers::PublishedBy;
-use crate::ledger::{DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority};
+use crate::ledger::{
+    DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert, JobPriority,
+};
 use crate::trace::TraceParent;
 use crate::triggers::{EventFacts, RuleRef, rule_miss};
+
+/// The kind `deliverEvent`: transactional (its effects are rows).
+pub struct DeliverEvent;
+
+impl Transactional for DeliverEvent {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        jobs: &'a [Job],
+        caller_publishes: Option<PublishedBy>,
+    ) -> BoxFuture<'a, Result<Vec<Job>, JobError>> {
+        let batch: Vec<ToDeliver> = jobs
+            .iter()
+            .filter_map(|job| match job.args {
+                JobArgs::DeliverEvent(args) => Some(ToDeliver {
+                    args,
+                    priority: job.priority,
+                    trace: job.trace_parent.as_deref().and_then(TraceParent::parse),
+                }),
+                _ => None,
+            })
+            .collect();
+        async move { run(tx, &batch, caller_publishes).await }.boxed()
+    }
+}
 
 /// One event to deliver: its id, and what its invocations inherit from its job.
 #[derive(Debug, Clone)]
@@ -47,12 +77,12 @@ struct Candidate {
 
 /// Deliver a batch of events: stamp them delivered, find the dispatchers that take each,
 /// enqueue one `events.invokeDispatcher` job per match. Returns the jobs inserted (see
-/// [`super::run_batch`] for `caller_publishes`).
+/// [`Transactional::handle`] for `caller_publishes`).
 pub async fn run(
     tx: &mut PgConnection,
     batch: &[ToDeliver],
     caller_publishes: Option<PublishedBy>,
-) -> Result<Vec<crate::ledger::Job>, JobError> {
+) -> Result<Vec<Job>, JobError> {
     let events = stamp_delivered(tx, batch).await?;
     if events.is_empty() {
         return Ok(Vec::new());

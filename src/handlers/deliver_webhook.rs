@@ -1,23 +1,122 @@
 //! `events.deliverWebhook`: POST an event to the URL of the EPHEMERAL dispatcher it fired.
 //!
-//! This kind's effect is outside the database, so it runs in two steps. First, holding no
-//! transaction (a slow receiver must not hold a database connection), the worker loads the
-//! dispatcher and the event, makes the request ([`crate::webhooks::Sender`]) and records
-//! the attempt; then, for a 2xx answer, the job is taken and completed in a transaction of
-//! its own with [`delivered`]. Any other answer, or none, is the job's failure: retried with
-//! backoff, and dead-lettered after its last attempt. A refused address fails it at once
-//! (no later attempt can do better). A worker that dies between the answer and the commit
-//! sends it again: every attempt carries the same `webhook-id`, for the receiver to drop
-//! the repeat.
+//! This kind's effect is outside the database ([`super::ExternalEffect`]), so it runs in
+//! two steps. First, its job leased and holding no transaction (a slow receiver must not
+//! hold a database connection), it loads the dispatcher and the event, makes the request
+//! ([`crate::webhooks::Sender`]) and records the attempt; then, for a 2xx answer, the job
+//! is taken and completed in a transaction of its own, which marks the dispatcher
+//! delivered. Any other answer, or none, is the job's failure: retried with backoff, and
+//! dead-lettered after its last attempt. A refused address fails it at once (no later
+//! attempt can do better). A worker that dies between the answer and the commit sends it
+//! again: every attempt carries the same `webhook-id`, for the receiver to drop the
+//! repeat. Attempts run within a consumer's places ([`Places`]: `WEBHOOK_CONCURRENCY`,
+//! and one environment's share of them, `WEBHOOK_CONCURRENCY_PER_ENVIRONMENT`).
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::JobError;
-use crate::ledger::{DeliverWebhookArgs, Job};
-use crate::webhooks::{Request, Sender};
+use super::{Deferral, ErrorAt, ExternalEffect, JobError, Places};
+use crate::config::WorkerConfig;
+use crate::ledger::{DeliverWebhookArgs, Job, JobArgs};
+use crate::metrics::metrics;
+use crate::webhooks::{Outcome, Request, Sender};
+
+/// How much longer than its longest attempt a webhook job stays leased to its worker.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long a webhook message waits in the delay tiers when its environment holds its share
+/// of the places, or when the ledger could not take it (a database error of its own).
+pub const DEFER: Duration = Duration::from_secs(1);
+
+/// The kind `events.deliverWebhook`: an external effect (see the module's documentation).
+pub struct DeliverWebhook {
+    sender: Sender,
+    /// `WEBHOOK_CONCURRENCY`: a consumer's places.
+    concurrency: usize,
+    /// `WEBHOOK_CONCURRENCY_PER_ENVIRONMENT`: one environment's share of them.
+    share: usize,
+}
+
+impl DeliverWebhook {
+    pub fn new(config: &WorkerConfig) -> Self {
+        Self {
+            sender: config.webhook_sender(),
+            concurrency: config.webhook_concurrency,
+            share: config.webhook_concurrency_per_environment,
+        }
+    }
+}
+
+impl ExternalEffect for DeliverWebhook {
+    fn lease(&self) -> Duration {
+        self.sender.connect_timeout + self.sender.timeout + LEASE_MARGIN
+    }
+
+    fn defer(&self) -> Duration {
+        DEFER
+    }
+
+    fn places(&self) -> Places {
+        Places::new(self.concurrency, self.share)
+    }
+
+    fn attempt<'a>(
+        &'a self,
+        pool: &'a PgPool,
+        job: &'a Job,
+    ) -> BoxFuture<'a, Result<(), JobError>> {
+        async move {
+            let JobArgs::DeliverWebhook(args) = job.args else {
+                return Err(JobError::Permanent(format!("job {} is no webhook", job.id)));
+            };
+            attempt(pool, &self.sender, job, args).await
+        }
+        .boxed()
+    }
+
+    fn complete<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        jobs: &'a [Job],
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        delivered(tx, jobs).boxed()
+    }
+
+    fn discarded<'a>(
+        &'a self,
+        pool: &'a PgPool,
+        job: &'a Job,
+    ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        async move {
+            match job.args {
+                JobArgs::DeliverWebhook(args) => failed(pool, args.id).await,
+                _ => Ok(()),
+            }
+        }
+        .boxed()
+    }
+
+    fn count_error(&self, at: ErrorAt) {
+        let step = match at {
+            ErrorAt::Job => "job",
+            ErrorAt::Message => "message",
+        };
+        metrics().webhook_errors.with_label_values(&[step]).inc();
+    }
+
+    fn count_deferred(&self, why: Deferral, messages: usize) {
+        metrics()
+            .webhooks_deferred
+            .with_label_values(&[why.as_str()])
+            .inc_by(messages as u64);
+    }
+}
 
 /// What a webhook needs: where, with which secret, and the event.
 struct Target {
@@ -37,13 +136,14 @@ pub fn message_id(dispatcher: Uuid) -> String {
     format!("msg_{}", dispatcher.simple())
 }
 
-/// Make one attempt of the job and record it. `Ok(Ok(()))`: the receiver answered 2xx.
-pub async fn attempt(
+/// Make one attempt of the job and record it. `Ok`: the receiver answered 2xx; a refused
+/// address fails the job for good, any other failure is retryable.
+async fn attempt(
     pool: &PgPool,
     sender: &Sender,
     job: &Job,
     args: DeliverWebhookArgs,
-) -> Result<Result<(), JobError>, sqlx::Error> {
+) -> Result<(), JobError> {
     let Some(t) = sqlx::query_as!(
         Target,
         r#"SELECT d.url AS "url!", d.secret AS "secret!", e.event_id, e.source, e.name,
@@ -58,10 +158,10 @@ pub async fn attempt(
     .fetch_optional(pool)
     .await?
     else {
-        return Ok(Err(JobError::Permanent(format!(
+        return Err(JobError::Permanent(format!(
             "dispatcher {} or event {} is gone",
             args.id, args.event_record_id
-        ))));
+        )));
     };
     // trigger.dev's body for an ephemeral dispatcher.
     let body = json!({
@@ -74,7 +174,7 @@ pub async fn attempt(
         "accountId": t.account_id,
     });
     let msg_id = message_id(args.id);
-    let outcome = sender
+    let sent = sender
         .send(Request {
             url: &t.url,
             msg_id: &msg_id,
@@ -82,11 +182,12 @@ pub async fn attempt(
             body: serde_json::to_vec(&body).expect("a webhook body serializes"),
         })
         .await;
-    let duration_ms = i32::try_from(outcome.duration.as_millis()).unwrap_or(i32::MAX);
+    let status = sent.outcome.status();
+    let duration_ms = i32::try_from(sent.duration.as_millis()).unwrap_or(i32::MAX);
     // Only clean text is stored: the error carries the receiver's answer.
-    let error = outcome
-        .error
-        .as_deref()
+    let error = sent
+        .outcome
+        .error()
         .map(|e| crate::webhooks::clean_text(e.as_bytes(), crate::webhooks::MAX_ERROR_CHARS));
     let recorded = sqlx::query!(
         r#"INSERT INTO webhook_attempts
@@ -96,13 +197,13 @@ pub async fn attempt(
         args.event_record_id,
         job.id,
         job.attempt + 1,
-        outcome.status.map(i32::from),
+        status.map(i32::from),
         duration_ms,
         error
     )
     .execute(pool)
     .await;
-    let m = crate::metrics::metrics();
+    let m = metrics();
     // An attempt that cannot be recorded is still the attempt it was: its job completes,
     // or fails (retried, then discarded) as its answer says.
     let unrecorded = recorded.err().map(|e| {
@@ -110,32 +211,25 @@ pub async fn attempt(
         tracing::error!(job_id = job.id, dispatcher = %args.id, error = %e, "webhook attempt not recorded");
         format!(" (the attempt could not be recorded: {e})")
     });
-    let result = match (&outcome.error, outcome.refused) {
-        (None, _) => "delivered",
-        (Some(_), true) => "refused",
-        (Some(_), false) => "failed",
-    };
+    let result = sent.outcome.label();
     m.webhook_attempts.with_label_values(&[result]).inc();
     m.webhook_duration
         .with_label_values(&[result])
-        .observe(outcome.duration.as_secs_f64());
+        .observe(sent.duration.as_secs_f64());
     tracing::info!(job_id = job.id, dispatcher = %args.id, attempt = job.attempt + 1,
-        status = ?outcome.status, took = ?outcome.duration, error = ?error, "webhook attempt");
-    Ok(match error {
-        None => Ok(()),
-        Some(e) => {
-            let e = e + unrecorded.as_deref().unwrap_or_default();
-            if outcome.refused {
-                Err(JobError::Permanent(e))
-            } else {
-                Err(JobError::Retryable(e))
-            }
+        status = ?status, took = ?sent.duration, error = ?error, "webhook attempt");
+    let error = || error.unwrap_or_default() + unrecorded.as_deref().unwrap_or_default();
+    match sent.outcome {
+        Outcome::Delivered { .. } => Ok(()),
+        Outcome::Refused { .. } => Err(JobError::Permanent(error())),
+        Outcome::Answered { .. } | Outcome::TimedOut { .. } | Outcome::Failed { .. } => {
+            Err(JobError::Retryable(error()))
         }
-    })
+    }
 }
 
 /// Mark the dispatchers of answered webhooks delivered, in the jobs' transaction.
-pub async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
+async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.args.id()).collect();
     sqlx::query!(
         "UPDATE event_dispatchers SET delivered_at = now(), updated_at = now() WHERE id = ANY($1)",
@@ -148,7 +242,7 @@ pub async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::
 
 /// Mark a dispatcher whose webhook job was discarded (its last attempt failed, or its
 /// address was refused).
-pub async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
+async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "UPDATE event_dispatchers SET failed_at = now(), updated_at = now() WHERE id = $1",
         dispatcher

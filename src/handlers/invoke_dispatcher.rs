@@ -1,13 +1,30 @@
 //! `events.invokeDispatcher`: create the job runs of dispatchers for events (and hand each
 //! to the runs service), or fire an EPHEMERAL dispatcher's webhook.
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::JobError;
+use super::{JobError, Transactional};
 use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert};
 use crate::trace::TraceParent;
+
+/// The kind `events.invokeDispatcher`: transactional (its effects are rows).
+pub struct InvokeDispatcher;
+
+impl Transactional for InvokeDispatcher {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        jobs: &'a [Job],
+        caller_publishes: Option<PublishedBy>,
+    ) -> BoxFuture<'a, Result<Vec<Job>, JobError>> {
+        let group: Vec<&Job> = jobs.iter().collect();
+        async move { run(tx, &group, caller_publishes).await }.boxed()
+    }
+}
 
 /// Invoke a batch of (dispatcher, event) pairs. A dispatcher or event that is gone, a
 /// disabled dispatcher, or a pair from two environments does nothing.
@@ -20,7 +37,7 @@ use crate::trace::TraceParent;
 ///   expired) disables it and inserts its `events.deliverWebhook` job; any other finds it
 ///   fired and does nothing.
 ///
-/// Returns the jobs inserted (see [`super::run_batch`] for `caller_publishes`).
+/// Returns the jobs inserted (see [`Transactional::handle`] for `caller_publishes`).
 pub async fn run(
     tx: &mut PgConnection,
     batch: &[&Job],

@@ -1,5 +1,6 @@
 //! The structural rules of ARCHITECTURE.md, checked on the source: the modules import
-//! each other without a cycle, and only the ledger writes the job table.
+//! each other without a cycle, only the ledger writes the job table, and the worker names
+//! no job kind.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -165,4 +166,40 @@ fn only_the_ledger_names_the_job_table() {
         outside.is_empty(),
         "queue_jobs named outside the ledger: {outside:?}"
     );
+}
+
+#[test]
+fn the_worker_names_no_job_kind() {
+    // It asks `handlers::Handlers::execution` how a kind runs (its unit tests aside).
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src.join("worker"), &mut files);
+    assert!(!files.is_empty(), "src/worker/ has no file");
+    let kinds = kongflow_events::ledger::JobKind::ALL;
+    let mut named = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for kind in kinds {
+            let variant = format!("JobKind::{kind:?}");
+            let string = format!("\"{}\"", kind.as_str());
+            for name in [variant, string] {
+                if code.contains(&name) {
+                    named.push(format!(
+                        "{}: {name}",
+                        f.strip_prefix(&src).unwrap().display()
+                    ));
+                }
+            }
+        }
+        for args in ["JobArgs::", "webhook"] {
+            if code.to_lowercase().contains(&args.to_lowercase()) {
+                named.push(format!(
+                    "{}: {args}",
+                    f.strip_prefix(&src).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(named.is_empty(), "the worker names job kinds: {named:?}");
 }
