@@ -276,6 +276,40 @@ async fn find_by_hashes(
         .collect())
 }
 
+/// The id of the environment's external account `identifier`, made on first use: the
+/// account an event (or an EPHEMERAL dispatcher) names by its producer's identifier.
+pub async fn external_account(
+    conn: &mut PgConnection,
+    environment_id: Uuid,
+    identifier: &str,
+) -> Result<Uuid, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"INSERT INTO external_accounts (id, environment_id, identifier) VALUES ($1, $2, $3)
+           ON CONFLICT (environment_id, identifier) DO UPDATE SET identifier = EXCLUDED.identifier
+           RETURNING id"#,
+        Uuid::now_v7(),
+        environment_id,
+        identifier
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// The id of the environment's external account `identifier`, if it exists (reading only).
+pub async fn find_external_account(
+    pool: &PgPool,
+    environment_id: Uuid,
+    identifier: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "SELECT id FROM external_accounts WHERE environment_id = $1 AND identifier = $2",
+        environment_id,
+        identifier
+    )
+    .fetch_optional(pool)
+    .await
+}
+
 /// How long [`KeyCache`] trusts what it looked up: a key replaced (an environment created
 /// again) stops working within this time.
 pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);

@@ -1,14 +1,26 @@
-//! Registering what events can reach: jobs with an event trigger, and dynamic triggers.
+//! Dispatchers: what events reach. Registering jobs with an event trigger, dynamic
+//! triggers and EPHEMERAL webhooks (here), and every later change of a dispatcher's state
+//! ([`state`]: matched, fired, its webhook attempted, delivered or failed, deleted once
+//! spent). The only module that names `event_dispatchers`, `webhook_attempts`, `jobs`,
+//! `job_versions`, `dynamic_triggers` and `dynamic_trigger_jobs` (checked by
+//! `tests/it/structure.rs`).
 //!
 //! Every registration upserts one dispatcher per owner (a job, or a dynamic trigger's
 //! registration key) in the environment, so registering again updates it in place.
+
+pub mod state;
+
+pub use state::{
+    Attempt, Candidate, Fired, WebhookTarget, candidates, delete_spent, delivered, failed, fire,
+    record_attempt, webhook_target,
+};
 
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::db::environments::Environment;
 use crate::events::filter::{Evaluator, OverBudget};
+use crate::tenants::Environment;
 
 /// Which events a dispatcher takes: names, source and filters.
 #[derive(Debug, Clone, PartialEq)]
@@ -518,23 +530,9 @@ pub async fn register_ephemeral(
         )));
     }
     let account_id = match account {
-        Some(identifier) => Some(
-            sqlx::query_scalar!(
-                r#"WITH new AS (
-                       INSERT INTO external_accounts (id, environment_id, identifier)
-                       VALUES ($1, $2, $3) ON CONFLICT (environment_id, identifier) DO NOTHING
-                       RETURNING id)
-                   SELECT id AS "id!" FROM new
-                   UNION ALL
-                   SELECT id FROM external_accounts WHERE environment_id = $2 AND identifier = $3
-                   LIMIT 1"#,
-                Uuid::now_v7(),
-                env.id,
-                identifier
-            )
-            .fetch_one(&mut *tx)
-            .await?,
-        ),
+        Some(identifier) => {
+            Some(crate::tenants::external_account(&mut tx, env.id, identifier).await?)
+        }
         None => None,
     };
     let id = Uuid::now_v7();
