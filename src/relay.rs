@@ -201,12 +201,19 @@ impl Relay {
             m.table_bytes.with_label_values(&[&table]).set(bytes);
         }
         let (top, total) = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
+        let ids: Vec<Uuid> = top.iter().map(|(id, _)| *id).collect();
+        let paths = crate::tenants::paths(&self.pool, &ids).await?;
         m.environment_backlog.reset();
         let mut others = total;
         for (environment, waiting) in top {
             others -= waiting;
+            // An environment deleted since is named by its id.
+            let label = paths
+                .get(&environment)
+                .cloned()
+                .unwrap_or_else(|| environment.to_string());
             m.environment_backlog
-                .with_label_values(&[&environment])
+                .with_label_values(&[&label])
                 .set(waiting);
         }
         m.environment_backlog

@@ -132,6 +132,21 @@ pub async fn id_of(pool: &PgPool, path: &str) -> Result<Option<Uuid>, Environmen
     .await?)
 }
 
+/// The `org/project/env` path of each of these environments that exists.
+pub async fn paths(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT e.id, o.slug || '/' || p.slug || '/' || e.slug AS "path!"
+           FROM runtime_environments e
+           JOIN projects p ON p.id = e.project_id
+           JOIN organizations o ON o.id = p.organization_id
+           WHERE e.id = ANY($1)"#,
+        ids
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.path)).collect())
+}
+
 /// Delete the environment `id`'s row, with what cascades from it (jobs, versions,
 /// dispatchers, dynamic triggers, external accounts; its API key is in the row). Its events,
 /// runs and queued jobs carry no foreign key: see `admin::delete_environment`.

@@ -254,22 +254,6 @@ const READS_ELSEWHERE: &[(&str, &str, &str)] = &[
         "dispatchers/state.rs",
         "the event's account in a webhook",
     ),
-    // The operator's listing of the largest backlogs names environments by their path.
-    (
-        "runtime_environments",
-        "ledger/outbox.rs",
-        "environment paths in top_backlogs",
-    ),
-    (
-        "projects",
-        "ledger/outbox.rs",
-        "environment paths in top_backlogs",
-    ),
-    (
-        "organizations",
-        "ledger/outbox.rs",
-        "environment paths in top_backlogs",
-    ),
 ];
 
 /// The tables `migrations/` creates.
