@@ -11,8 +11,8 @@
 pub mod state;
 
 pub use state::{
-    Attempt, Candidate, Fired, WebhookTarget, candidates, delete_spent, delivered, failed, fire,
-    record_attempt, webhook_target,
+    Attempt, Candidate, Fired, Toggled, WebhookTarget, candidates, delete_spent, delivered, failed,
+    fire, record_attempt, set_dispatcher_enabled, webhook_target,
 };
 
 use serde_json::{Value, json};
@@ -829,57 +829,6 @@ pub async fn dispatchers_for_event(
 
 /// Most EPHEMERAL dispatchers that expired unfired a dry run shows (the newest).
 pub const MAX_EXPIRED_SHOWN: i64 = 100;
-
-/// What enabling or disabling a dispatcher came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Toggled {
-    Done,
-    /// The environment has no dispatcher by that id.
-    NotFound,
-    /// An EPHEMERAL dispatcher that has fired or expired (the word says which): spent, it
-    /// cannot be enabled again.
-    Spent(&'static str),
-}
-
-/// Enable or disable a dispatcher of the environment. A spent EPHEMERAL dispatcher (fired or
-/// expired) may be disabled, not enabled: it fires once.
-pub async fn set_dispatcher_enabled(
-    pool: &PgPool,
-    env: &Environment,
-    id: Uuid,
-    enabled: bool,
-) -> Result<Toggled, sqlx::Error> {
-    let n = sqlx::query!(
-        r#"UPDATE event_dispatchers SET enabled = $3, updated_at = now()
-           WHERE id = $1 AND environment_id = $2
-             AND NOT ($3 AND dispatchable_type = 'EPHEMERAL'
-                      AND (fired_at IS NOT NULL OR COALESCE(expires_at <= now(), false)))"#,
-        id,
-        env.id,
-        enabled
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if n > 0 {
-        return Ok(Toggled::Done);
-    }
-    let spent = sqlx::query!(
-        r#"SELECT fired_at IS NOT NULL AS "fired!", COALESCE(expires_at <= now(), false) AS "expired!"
-           FROM event_dispatchers WHERE id = $1 AND environment_id = $2"#,
-        id,
-        env.id
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(match spent {
-        None => Toggled::NotFound,
-        Some(s) if s.fired => Toggled::Spent("fired"),
-        Some(s) if s.expired => Toggled::Spent("expired"),
-        // Changed meanwhile (deleted and made again, or no longer spent): as not found.
-        Some(_) => Toggled::NotFound,
-    })
-}
 
 /// What delivery knows of an event when it picks dispatchers.
 #[derive(Debug, Clone, Copy)]

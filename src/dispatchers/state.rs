@@ -1,7 +1,7 @@
-//! A dispatcher's life after registration: matched by delivery ([`candidates`]), fired
-//! (EPHEMERAL, once: [`fire`]), its webhook attempted ([`webhook_target`],
-//! [`record_attempt`]), delivered or failed, and deleted once spent ([`delete_spent`]).
-//! Registering, enabling and disabling are in the module's root.
+//! A dispatcher's life after registration: matched by delivery ([`candidates`]), enabled
+//! or disabled ([`set_dispatcher_enabled`]), fired (EPHEMERAL, once: [`fire`]), its webhook
+//! attempted ([`webhook_target`], [`record_attempt`]), delivered or failed, and deleted
+//! once spent ([`delete_spent`]). Registering is in the module's root.
 
 use std::time::Duration;
 
@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
+
+use crate::tenants::Environment;
 
 /// A dispatcher that may take some event of a delivery batch.
 #[derive(Debug, Clone)]
@@ -42,6 +44,57 @@ pub async fn candidates(
     )
     .fetch_all(&mut *tx)
     .await
+}
+
+/// What enabling or disabling a dispatcher came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toggled {
+    Done,
+    /// The environment has no dispatcher by that id.
+    NotFound,
+    /// An EPHEMERAL dispatcher that has fired or expired (the word says which): spent, it
+    /// cannot be enabled again.
+    Spent(&'static str),
+}
+
+/// Enable or disable a dispatcher of the environment. A spent EPHEMERAL dispatcher (fired or
+/// expired) may be disabled, not enabled: it fires once.
+pub async fn set_dispatcher_enabled(
+    pool: &PgPool,
+    env: &Environment,
+    id: Uuid,
+    enabled: bool,
+) -> Result<Toggled, sqlx::Error> {
+    let n = sqlx::query!(
+        r#"UPDATE event_dispatchers SET enabled = $3, updated_at = now()
+           WHERE id = $1 AND environment_id = $2
+             AND NOT ($3 AND dispatchable_type = 'EPHEMERAL'
+                      AND (fired_at IS NOT NULL OR COALESCE(expires_at <= now(), false)))"#,
+        id,
+        env.id,
+        enabled
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if n > 0 {
+        return Ok(Toggled::Done);
+    }
+    let spent = sqlx::query!(
+        r#"SELECT fired_at IS NOT NULL AS "fired!", COALESCE(expires_at <= now(), false) AS "expired!"
+           FROM event_dispatchers WHERE id = $1 AND environment_id = $2"#,
+        id,
+        env.id
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(match spent {
+        None => Toggled::NotFound,
+        Some(s) if s.fired => Toggled::Spent("fired"),
+        Some(s) if s.expired => Toggled::Spent("expired"),
+        // Changed meanwhile (deleted and made again, or no longer spent): as not found.
+        Some(_) => Toggled::NotFound,
+    })
 }
 
 /// An EPHEMERAL dispatcher [`fire`] fired, for the event that fired it.
