@@ -4,11 +4,11 @@
 use chrono::{DateTime, Utc};
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::AMQPValue;
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
+use crate::amqp::message::{header_int, header_text};
 use crate::amqp::publish::{
     ATTEMPTS_HEADER, DEAD_AT_HEADER, JOB_ID_HEADER, KIND_HEADER, REASON_HEADER,
 };
@@ -144,24 +144,6 @@ pub struct DeadLetter {
     pub body: Value,
 }
 
-fn header_str(h: Option<&AMQPValue>) -> Option<String> {
-    match h? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-fn header_int(h: Option<&AMQPValue>) -> Option<i64> {
-    match h? {
-        AMQPValue::LongLongInt(i) => Some(*i),
-        AMQPValue::LongInt(i) => Some(*i as i64),
-        AMQPValue::LongUInt(i) => Some(*i as i64),
-        AMQPValue::ShortInt(i) => Some(*i as i64),
-        _ => None,
-    }
-}
-
 /// Take up to `limit` dead letters off the queue without acknowledging them. The caller
 /// acknowledges what it is done with; closing the channel puts the rest back.
 async fn take_dead(
@@ -185,7 +167,10 @@ async fn take_dead(
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let h = headers.inner();
         let parsed = JobMessage::parse(&delivery.data).ok();
-        let job_id = header_int(h.get(JOB_ID_HEADER)).or(parsed.as_ref().map(|m| m.id));
+        let job_id = h
+            .get(JOB_ID_HEADER)
+            .and_then(header_int)
+            .or(parsed.as_ref().map(|m| m.id));
         let ledger_state = match job_id {
             Some(id) => operator::states_of(pool, &[id])
                 .await?
@@ -198,15 +183,25 @@ async fn take_dead(
         let letter = DeadLetter {
             // The worker says why; a message the broker dead-lettered (a quorum queue's
             // delivery limit) carries the broker's reason instead.
-            reason: header_str(h.get(REASON_HEADER))
+            reason: h
+                .get(REASON_HEADER)
+                .and_then(header_text)
                 .or_else(|| {
-                    header_str(h.get("x-first-death-reason")).map(|r| format!("broker: {r}"))
+                    h.get("x-first-death-reason")
+                        .and_then(header_text)
+                        .map(|r| format!("broker: {r}"))
                 })
                 .unwrap_or_else(|| "(no reason)".into()),
-            dead_at: header_str(h.get(DEAD_AT_HEADER)),
+            dead_at: h.get(DEAD_AT_HEADER).and_then(header_text),
             job_id,
-            kind: header_str(h.get(KIND_HEADER)).or(parsed.as_ref().map(|m| m.kind.clone())),
-            attempts: header_int(h.get(ATTEMPTS_HEADER)).map(|a| a as i32),
+            kind: h
+                .get(KIND_HEADER)
+                .and_then(header_text)
+                .or(parsed.as_ref().map(|m| m.kind.clone())),
+            attempts: h
+                .get(ATTEMPTS_HEADER)
+                .and_then(header_int)
+                .map(|a| a as i32),
             ledger_state,
             body,
         };
@@ -396,13 +391,13 @@ pub async fn delete_environment(
     path: &str,
     batch: i64,
 ) -> anyhow::Result<Option<EnvironmentDeleted>> {
-    use crate::db::environments;
-    let Some(id) = environments::id_of(pool, path).await? else {
+    use crate::tenants;
+    let Some(id) = tenants::id_of(pool, path).await? else {
         return Ok(None);
     };
     let mut deleted = purge(pool, id, batch).await?;
-    environments::delete(pool, id).await?;
-    tokio::time::sleep(environments::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
+    tenants::delete(pool, id).await?;
+    tokio::time::sleep(tenants::KEY_CACHE_TTL + std::time::Duration::from_millis(100)).await;
     let late = purge(pool, id, batch).await?;
     deleted.events += late.events;
     deleted.runs += late.runs;

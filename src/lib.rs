@@ -22,8 +22,14 @@
 //! - [`worker`]: consumes messages and runs each kind's jobs as its handler says
 //!   (`handlers`): a transactional kind one transaction per batch, an external-effect kind
 //!   (webhooks) a task per job, its effect made holding no transaction.
-//! - [`db`]: tenants (organizations, projects, environments, API keys) and pool set-up.
-//! - [`triggers`]: registering jobs, their dispatchers, and dynamic triggers.
+//! - [`tenants`]: organizations, projects, environments, API keys and external accounts.
+//! - [`db`]: pool set-up, migrations and the installation's identity.
+//! - [`dispatchers`]: what events reach: jobs, their versions, dynamic triggers and the
+//!   dispatchers that route events to them, with every change of a dispatcher's state
+//!   (registered, fired, delivered, failed, enabled or disabled, deleted) and its webhook
+//!   attempts.
+//! - [`runs`]: the job runs an invocation creates, and their hand-offs to the runs service
+//!   (`runs::handoff`, published by the relay).
 //! - [`admin`]: the operator's commands (`jobs ...`).
 //! - [`config`], [`app`]: configuration and the long-running processes, which compose the
 //!   rest (`ops` serves health and metrics, `serve` runs listeners with timeouts,
@@ -36,6 +42,7 @@ pub mod app;
 pub mod config;
 pub mod dates;
 pub mod db;
+pub mod dispatchers;
 pub mod events;
 pub mod failpoint;
 mod handlers;
@@ -48,8 +55,8 @@ pub mod relay;
 pub mod runs;
 mod serve;
 mod supervise;
+pub mod tenants;
 mod trace;
-pub mod triggers;
 pub mod webhooks;
 pub mod worker;
 

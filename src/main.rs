@@ -6,7 +6,7 @@ use kongflow_events::app::{self, Roles, Tuning};
 use kongflow_events::config::{
     HttpConfig, IngestConfig, MetricsConfig, RelayConfig, ShutdownConfig, StoreConfig, WorkerConfig,
 };
-use kongflow_events::db::environments::{self, EnvironmentType};
+use kongflow_events::tenants::{self, EnvironmentType};
 
 #[derive(Parser)]
 #[command(name = "kongflow-events", version, about = "An events queue service")]
@@ -296,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
             command: EnvCommand::Create { path, env_type },
         } => {
             let pool = app::open_database(&store).await?;
-            let created = environments::create_environment(&pool, &path, env_type).await?;
+            let created = tenants::create_environment(&pool, &path, env_type).await?;
             println!(
                 "environment {path} ({}) id {}",
                 env_type.as_str(),
@@ -316,11 +316,11 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let pool = app::open_database(&store).await?;
             let change = |lift: bool, n: Option<i32>| if lift { Some(None) } else { n.map(Some) };
-            let set = environments::SetLimits {
+            let set = tenants::SetLimits {
                 max_jobs_in_flight: change(no_max_jobs_in_flight, max_jobs_in_flight),
                 max_events_per_second: change(no_max_events_per_second, max_events_per_second),
             };
-            let Some(limits) = environments::limits(&pool, &path, set).await? else {
+            let Some(limits) = tenants::limits(&pool, &path, set).await? else {
                 anyhow::bail!("no environment {path}");
             };
             let shown = |n: Option<i32>| n.map_or("none".to_string(), |n| n.to_string());

@@ -193,7 +193,7 @@ impl Relay {
         m.outbox_backlog.set(stats.backlog);
         m.outbox_oldest_age.set(stats.oldest_age_secs);
         m.delayed_jobs_waiting.set(stats.delayed);
-        let (handoffs, oldest, aside) = crate::runs::backlog(&self.pool).await?;
+        let (handoffs, oldest, aside) = crate::runs::handoff::backlog(&self.pool).await?;
         m.handoff_backlog.set(handoffs);
         m.handoff_oldest_age.set(oldest);
         m.handoffs_set_aside_waiting.set(aside);
@@ -201,12 +201,19 @@ impl Relay {
             m.table_bytes.with_label_values(&[&table]).set(bytes);
         }
         let (top, total) = outbox::top_backlogs(&self.pool, crate::metrics::TOP_BACKLOGS).await?;
+        let ids: Vec<Uuid> = top.iter().map(|(id, _)| *id).collect();
+        let paths = crate::tenants::paths(&self.pool, &ids).await?;
         m.environment_backlog.reset();
         let mut others = total;
         for (environment, waiting) in top {
             others -= waiting;
+            // An environment deleted since is named by its id.
+            let label = paths
+                .get(&environment)
+                .cloned()
+                .unwrap_or_else(|| environment.to_string());
             m.environment_backlog
-                .with_label_values(&[&environment])
+                .with_label_values(&[&label])
                 .set(waiting);
         }
         m.environment_backlog
@@ -298,12 +305,22 @@ impl Relay {
         .await
     }
 
-    /// One event retention pass (see [`retention::retain`]); nothing when
+    /// One event retention pass (see [`retention::retain`]), then spent EPHEMERAL
+    /// dispatchers ([`crate::dispatchers::delete_spent`]); nothing when
     /// `RETENTION_EVENTS_MS` is 0.
     pub async fn retain_events(&self) -> Result<Vec<retention::Deleted>, sqlx::Error> {
         match self.config.retention_events() {
             Some(keep) => {
-                retention::retain(&self.pool, keep, self.config.retention_batch_size).await
+                let batch = self.config.retention_batch_size;
+                let mut batches = retention::retain(&self.pool, keep, batch).await?;
+                let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
+                if dispatchers > 0 {
+                    batches.push(retention::Deleted {
+                        dispatchers,
+                        ..retention::Deleted::default()
+                    });
+                }
+                Ok(batches)
             }
             None => Ok(Vec::new()),
         }
@@ -351,7 +368,7 @@ impl Relay {
         let channel = self.open_channel(&conn).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener
-            .listen_all([NOTIFY_CHANNEL, crate::runs::NOTIFY_CHANNEL])
+            .listen_all([NOTIFY_CHANNEL, crate::runs::handoff::NOTIFY_CHANNEL])
             .await?;
         let _connected = ConnectedGuard::new("relay");
         tracing::info!("relay connected");
@@ -376,7 +393,7 @@ impl Relay {
                         let mut jobs = false;
                         let mut next = Some(n?);
                         while let Some(n) = next {
-                            if n.channel() == crate::runs::NOTIFY_CHANNEL {
+                            if n.channel() == crate::runs::handoff::NOTIFY_CHANNEL {
                                 self.handoffs_written.notify_one();
                             } else {
                                 jobs = true;
@@ -396,7 +413,7 @@ impl Relay {
     }
 
     /// Publish the runs hand-off until `shutdown`: a batch whenever the job loops hear a
-    /// notification on [`crate::runs::NOTIFY_CHANNEL`] (their listeners serve this loop:
+    /// notification on [`crate::runs::handoff::NOTIFY_CHANNEL`] (their listeners serve this loop:
     /// a listener holds a pool connection for good), or every `RELAY_POLL_INTERVAL_MS`.
     async fn run_handoffs_connected(
         &self,
@@ -492,13 +509,13 @@ impl Relay {
         Ok((published, waiting))
     }
 
-    /// Publish one batch of the runs hand-off (see [`crate::runs`]) and delete the
+    /// Publish one batch of the runs hand-off (see [`crate::runs::handoff`]) and delete the
     /// hand-offs the broker confirmed, in the claiming transaction; set aside those whose
     /// message cannot be read or published (the others go out). Returns how many were
     /// confirmed.
     pub async fn publish_handoffs(&self, channel: &Channel) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let rows = crate::runs::claim(&mut tx, self.config.relay_batch_size).await?;
+        let rows = crate::runs::handoff::claim(&mut tx, self.config.relay_batch_size).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -515,12 +532,12 @@ impl Relay {
                 }
             }
         }
-        crate::runs::set_aside(&mut tx, &aside).await?;
+        crate::runs::handoff::set_aside(&mut tx, &aside).await?;
         let mut done = Vec::with_capacity(claimed.len());
         let mut pending = Vec::with_capacity(claimed.len());
         for h in &claimed {
             let Some(body) = &h.body else {
-                tracing::warn!(run = %h.run_id, kind = %h.kind,
+                tracing::warn!(run = %h.run_id, kind = h.kind.as_str(),
                     "run gone before its hand-off was published (retention, or its environment deleted): dropped");
                 done.push(h.id);
                 continue;
@@ -532,7 +549,7 @@ impl Relay {
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
-        let mut confirmed = 0;
+        let mut confirmed = Vec::with_capacity(claimed.len());
         for (h, confirm) in confirms {
             let confirm = confirm?;
             let acked = confirm.is_ack();
@@ -543,7 +560,7 @@ impl Relay {
                         .with_label_values(&[&h.routing_key()])
                         .inc();
                     done.push(h.id);
-                    confirmed += 1;
+                    confirmed.push(h);
                 }
                 Some(returned) => {
                     tracing::error!(message_id = %h.message_id(), reply = %returned.reply_text,
@@ -555,15 +572,19 @@ impl Relay {
             }
         }
         failpoint::hit(failpoint::RELAY_AFTER_MESSAGE_CONFIRM);
-        crate::runs::published(&mut tx, &done).await?;
+        crate::runs::handoff::published(&mut tx, &done).await?;
         tx.commit().await?;
         metrics().handoffs_set_aside.inc_by(aside.len() as u64);
+        for h in &confirmed {
+            tracing::info!(run = %h.run_id, kind = h.kind.as_str(), handoff_id = h.id,
+                "run hand-off published");
+        }
         tracing::debug!(
-            published = confirmed,
+            published = confirmed.len(),
             claimed = claimed.len(),
             "run hand-offs published"
         );
-        Ok(confirmed)
+        Ok(confirmed.len())
     }
 
     /// Publish every claimed job (a discarded one to the dead letters) and wait for all

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kongflow_events::db::environments::{self, EnvironmentType};
+use kongflow_events::tenants::{self, EnvironmentType};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -84,7 +84,7 @@ impl Bench {
             .connect(database_url)
             .await?;
         let run = Uuid::new_v4().simple().to_string();
-        let env = environments::create_environment(
+        let env = tenants::create_environment(
             &pool,
             &format!("bench/bench/run-{}", &run[..12]),
             EnvironmentType::Development,

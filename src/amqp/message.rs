@@ -2,8 +2,11 @@
 //!
 //! The ledger row is the truth; the message names the row and carries a copy of what a
 //! reader of the queue wants to see without a database (kind, args, attempt, due time).
+//! With it, the one reading of header values ([`header_text`], [`header_int`]) for the
+//! headers of any message this service consumes or inspects.
 
 use chrono::{DateTime, Utc};
+use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -44,5 +47,30 @@ impl JobMessage {
 
     pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// A header's text (a long or short string of UTF-8).
+pub fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_string),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// A header as a whole number, whichever integer type (or text) the client chose.
+pub fn header_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(i) => Some(*i as i64),
+        AMQPValue::ShortShortUInt(i) => Some(*i as i64),
+        AMQPValue::ShortInt(i) => Some(*i as i64),
+        AMQPValue::ShortUInt(i) => Some(*i as i64),
+        AMQPValue::LongInt(i) => Some(*i as i64),
+        AMQPValue::LongUInt(i) => Some(*i as i64),
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::Double(d) if d.fract() == 0.0 => Some(*d as i64),
+        AMQPValue::Float(f) if f.fract() == 0.0 => Some(*f as i64),
+        other => header_text(other).and_then(|t| t.trim().parse().ok()),
     }
 }

@@ -247,7 +247,7 @@ fn json_properties(message_id: &str, kind: &str, trace_parent: Option<&str>) -> 
 pub async fn publish_handoff(
     channel: &Channel,
     topology: &Topology,
-    handoff: &crate::runs::HandOff,
+    handoff: &crate::runs::handoff::HandOff,
     body: &serde_json::Value,
 ) -> lapin::Result<PublisherConfirm> {
     let properties = json_properties(

@@ -1,6 +1,4 @@
-//! Postgres: pool set-up, migrations, and the tenant tables.
-
-pub mod environments;
+//! Postgres: pool set-up, migrations, and the installation's identity.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -15,10 +15,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::amqp::DirectPublisher;
-use crate::db::environments::Environment;
 use crate::ledger::publishers::{PublishedBy, Ticket};
 use crate::ledger::{self, DeliverEventArgs, InsertOpts, JobArgs, JobInsert, JobInsertResult, run};
 use crate::metrics::{Stage, metrics};
+use crate::tenants::Environment;
 
 /// Source given to events that name none.
 pub const DEFAULT_SOURCE: &str = "trigger.dev";
@@ -80,14 +80,7 @@ pub struct IngestResult {
     pub job: Option<JobInsertResult>,
 }
 
-/// A run created for an event, as the event lookup shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunSummary {
-    pub id: Uuid,
-    pub status: String,
-    pub started_at: Option<DateTime<Utc>>,
-    pub completed_at: Option<DateTime<Utc>>,
-}
+pub use crate::runs::RunSummary;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -151,7 +144,9 @@ impl NewEvents {
         let mut rows = NewEvents::default();
         for (env, request, options) in items {
             let account = match &options.account_id {
-                Some(identifier) => Some(upsert_external_account(tx, env.id, identifier).await?),
+                Some(identifier) => {
+                    Some(crate::tenants::external_account(tx, env.id, identifier).await?)
+                }
                 None => None,
             };
             rows.ids.push(Uuid::now_v7());
@@ -674,44 +669,24 @@ impl EventsService {
         let Some(record) = find_event(&mut conn, env.id, event_id).await? else {
             return Ok(None);
         };
-        let runs = sqlx::query_as!(
-            RunSummary,
-            r#"SELECT id, status, started_at, completed_at FROM job_runs
-               WHERE event_record_id = $1 AND environment_id = $2
-               ORDER BY created_at, id"#,
-            record.id,
-            env.id
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+        let runs = crate::runs::of_event(&mut conn, env.id, record.id).await?;
         Ok(Some((record, runs)))
     }
 
-    /// Cancel the runs of an event that are still QUEUED. Returns the ids cancelled and
-    /// those that could not be (none today: a run either is QUEUED or has moved on), `None`
-    /// if the environment has no such event.
+    /// Cancel the runs of an event that are still QUEUED ([`crate::runs::cancel_queued`]).
+    /// Returns the ids cancelled, `None` if the environment has no such event.
     pub async fn cancel_runs(
         &self,
         env: &Environment,
         event_id: &str,
-    ) -> Result<Option<(Vec<Uuid>, Vec<Uuid>)>, sqlx::Error> {
+    ) -> Result<Option<Vec<Uuid>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let Some(record) = find_event(&mut tx, env.id, event_id).await? else {
             return Ok(None);
         };
-        let cancelled = sqlx::query_scalar!(
-            r#"UPDATE job_runs SET status = 'CANCELED', completed_at = now(), updated_at = now()
-               WHERE event_record_id = $1 AND environment_id = $2 AND status = 'QUEUED'
-               RETURNING id"#,
-            record.id,
-            env.id
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        // The runs service hears of each cancelled run, through the outbox.
-        crate::runs::hand_off_cancelled(&mut tx, &cancelled).await?;
+        let cancelled = crate::runs::cancel_queued(&mut tx, env.id, record.id).await?;
         tx.commit().await?;
-        Ok(Some((cancelled, Vec::new())))
+        Ok(Some(cancelled))
     }
 
     /// Cancel an event that is not yet delivered: it gets `cancelled_at` and its
@@ -987,20 +962,37 @@ pub async fn find_event(
     .await
 }
 
-async fn upsert_external_account(
-    conn: &mut PgConnection,
-    environment_id: Uuid,
-    identifier: &str,
-) -> Result<Uuid, sqlx::Error> {
-    sqlx::query_scalar!(
-        r#"INSERT INTO external_accounts (id, environment_id, identifier) VALUES ($1, $2, $3)
-           ON CONFLICT (environment_id, identifier) DO UPDATE SET identifier = EXCLUDED.identifier
-           RETURNING id"#,
-        Uuid::now_v7(),
-        environment_id,
-        identifier
+/// An event being delivered, as stamped and read back.
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    pub id: Uuid,
+    pub environment_id: Uuid,
+    pub name: String,
+    pub source: String,
+    pub payload: Value,
+    pub payload_type: String,
+    pub context: Value,
+    pub external_account_id: Option<Uuid>,
+}
+
+/// Stamp the events delivered and read them back in one statement. The row locks (taken in
+/// id order) serialize delivery against a concurrent cancel; cancelled, delivered and
+/// vanished events drop out here, so delivering them is a no-op.
+pub async fn stamp_delivered(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<Stamped>, sqlx::Error> {
+    sqlx::query_as!(
+        Stamped,
+        r#"UPDATE event_records SET delivered_at = now(), updated_at = now()
+           WHERE id IN (
+               SELECT id FROM event_records
+               WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
+               ORDER BY id FOR UPDATE)
+           RETURNING id, environment_id, name, source, payload, payload_type, context, external_account_id"#,
+        ids
     )
-    .fetch_one(conn)
+    .fetch_all(&mut *tx)
     .await
 }
 

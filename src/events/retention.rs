@@ -1,11 +1,12 @@
 //! Keeping `event_records` and `job_runs` bounded: settled events (delivered or cancelled)
-//! older than the retention are deleted with their runs, in batches, and deleting an
+//! older than the retention are deleted with their runs ([`crate::runs::delete_of_events`],
+//! in the same transaction), in batches, and deleting an
 //! environment deletes its events and runs (rows written per event carry no foreign keys:
 //! see the initial migration).
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::ledger::{self, DeliverEventArgs, JobArgs};
@@ -19,7 +20,7 @@ pub struct Deleted {
     pub events: u64,
     pub runs: u64,
     /// EPHEMERAL dispatchers spent (fired or expired) longer ago than the retention, with
-    /// their webhook attempts.
+    /// their webhook attempts (counted by the relay's pass, not by [`retain`]).
     pub dispatchers: u64,
 }
 
@@ -36,9 +37,8 @@ impl std::ops::AddAssign for Deleted {
 /// by others skipped), until a batch comes back short. An event still due (not yet
 /// delivered, however old) is kept; one delivery gave up on (its `deliverEvent` job
 /// discarded or cancelled, due more than `keep` ago) goes too, in a last entry. Only the process holding the lock does it; the others
-/// skip the pass. Then EPHEMERAL dispatchers spent longer ago than `keep` go, with their
-/// attempts. Returns what each statement on events deleted, and a last entry for the
-/// dispatchers when there were any.
+/// skip the pass. Returns what each statement on events deleted. (Spent EPHEMERAL
+/// dispatchers go in the same pass of the relay: `dispatchers::delete_spent`.)
 pub async fn retain(
     pool: &PgPool,
     keep: Duration,
@@ -54,33 +54,9 @@ pub async fn retain(
     let batch = batch.max(1);
     let mut batches = Vec::new();
     let result = loop {
-        let deleted = sqlx::query!(
-            r#"WITH doomed AS (
-                   SELECT id FROM event_records
-                   WHERE created_at < now() - make_interval(secs => $1)
-                     AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
-                   LIMIT $2
-                   FOR UPDATE SKIP LOCKED),
-               runs AS (
-                   DELETE FROM job_runs WHERE event_record_id IN (SELECT id FROM doomed)
-                   RETURNING 1),
-               events AS (
-                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-                   RETURNING 1)
-               SELECT (SELECT count(*) FROM events) AS "events!",
-                      (SELECT count(*) FROM runs) AS "runs!""#,
-            keep.as_secs_f64(),
-            batch
-        )
-        .fetch_one(&mut *conn)
-        .await;
+        let deleted = delete_settled(&mut conn, keep, batch).await;
         match deleted {
             Ok(d) => {
-                let d = Deleted {
-                    events: d.events as u64,
-                    runs: d.runs as u64,
-                    dispatchers: 0,
-                };
                 batches.push(d);
                 if d.events < batch as u64 {
                     break Ok(batches);
@@ -101,24 +77,41 @@ pub async fn retain(
         },
         Err(e) => Err(e),
     };
-    let result = match result {
-        Ok(mut batches) => retain_dispatchers(&mut conn, keep, batch)
-            .await
-            .map(|dispatchers| {
-                if dispatchers > 0 {
-                    batches.push(Deleted {
-                        dispatchers,
-                        ..Deleted::default()
-                    });
-                }
-                batches
-            }),
-        Err(e) => Err(e),
-    };
     sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", EVENTS_RETENTION_LOCK)
         .fetch_one(&mut *conn)
         .await?;
     result
+}
+
+/// Delete up to `batch` events created more than `keep` ago that are delivered or
+/// cancelled (rows locked by others skipped), and their runs, in one transaction.
+async fn delete_settled(
+    conn: &mut PgConnection,
+    keep: Duration,
+    batch: i64,
+) -> Result<Deleted, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let events = sqlx::query_scalar!(
+        r#"WITH doomed AS (
+               SELECT id FROM event_records
+               WHERE created_at < now() - make_interval(secs => $1)
+                 AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED)
+           DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+           RETURNING id"#,
+        keep.as_secs_f64(),
+        batch
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(Deleted {
+        events: events.len() as u64,
+        runs,
+        dispatchers: 0,
+    })
 }
 
 /// Delete events created and due more than `keep` ago that were never delivered nor
@@ -127,7 +120,7 @@ pub async fn retain(
 /// are looked at per statement; an event whose job is still live (due, running, retried)
 /// stays. Returns what went, in one entry.
 async fn retain_abandoned(
-    conn: &mut sqlx::PgConnection,
+    conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
 ) -> Result<Deleted, sqlx::Error> {
@@ -164,56 +157,24 @@ async fn retain_abandoned(
             .map(|(id, _)| *id)
             .collect();
         if !doomed.is_empty() {
-            let d = sqlx::query!(
+            let mut tx = conn.begin().await?;
+            let events = sqlx::query_scalar!(
                 r#"WITH doomed AS (
                        SELECT id FROM event_records
                        WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
-                       FOR UPDATE SKIP LOCKED),
-                   runs AS (
-                       DELETE FROM job_runs WHERE event_record_id IN (SELECT id FROM doomed)
-                       RETURNING 1),
-                   events AS (
-                       DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-                       RETURNING 1)
-                   SELECT (SELECT count(*) FROM events) AS "events!",
-                          (SELECT count(*) FROM runs) AS "runs!""#,
+                       FOR UPDATE SKIP LOCKED)
+                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+                   RETURNING id"#,
                 &doomed
             )
-            .fetch_one(&mut *conn)
+            .fetch_all(&mut *tx)
             .await?;
-            total.events += d.events as u64;
-            total.runs += d.runs as u64;
+            let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
+            tx.commit().await?;
+            total.events += events.len() as u64;
+            total.runs += runs;
         }
         if (candidates.len() as i64) < batch {
-            return Ok(total);
-        }
-    }
-}
-
-/// Delete EPHEMERAL dispatchers spent (fired, or expired) more than `keep` ago, with their
-/// attempts, `batch` per statement. Returns how many.
-async fn retain_dispatchers(
-    conn: &mut sqlx::PgConnection,
-    keep: Duration,
-    batch: i64,
-) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        let n = sqlx::query!(
-            r#"DELETE FROM event_dispatchers WHERE id IN (
-                   SELECT id FROM event_dispatchers
-                   WHERE dispatchable_type = 'EPHEMERAL'
-                     AND COALESCE(fired_at, expires_at)
-                         < now() - make_interval(secs => $1)
-                   LIMIT $2 FOR UPDATE SKIP LOCKED)"#,
-            keep.as_secs_f64(),
-            batch
-        )
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        total += n;
-        if n < batch as u64 {
             return Ok(total);
         }
     }
@@ -245,21 +206,7 @@ pub async fn delete_environment_events(
             break;
         }
     }
-    // Runs by environment (an index of their own): those of events already gone too.
-    loop {
-        let runs = sqlx::query!(
-            r#"DELETE FROM job_runs WHERE id IN (
-                   SELECT id FROM job_runs WHERE environment_id = $1 LIMIT $2)"#,
-            environment,
-            batch
-        )
-        .execute(pool)
-        .await?
-        .rows_affected();
-        total.runs += runs;
-        if runs < batch as u64 {
-            break;
-        }
-    }
+    // Runs by environment: those of events already gone too.
+    total.runs += crate::runs::delete_of_environment(pool, environment, batch).await?;
     Ok(total)
 }

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -11,13 +10,13 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::{JobError, Transactional};
+use crate::dispatchers::{self, Candidate, EventFacts, RuleRef, rule_miss};
 use crate::events::filter::Evaluator;
 use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{
     DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert, JobPriority,
 };
 use crate::trace::TraceParent;
-use crate::triggers::{EventFacts, RuleRef, rule_miss};
 
 /// The kind `deliverEvent`: transactional (its effects are rows).
 pub struct DeliverEvent;
@@ -52,29 +51,6 @@ pub struct ToDeliver {
     pub trace: Option<TraceParent>,
 }
 
-/// An event being delivered, as stamped and read back.
-struct Stamped {
-    id: Uuid,
-    environment_id: Uuid,
-    name: String,
-    source: String,
-    payload: Value,
-    payload_type: String,
-    context: Value,
-    external_account_id: Option<Uuid>,
-}
-
-/// A dispatcher that may take some event of the batch.
-struct Candidate {
-    id: Uuid,
-    environment_id: Uuid,
-    event_names: Vec<String>,
-    source: String,
-    external_account_id: Option<Uuid>,
-    payload_filter: Option<Value>,
-    context_filter: Option<Value>,
-}
-
 /// Deliver a batch of events: stamp them delivered, find the dispatchers that take each,
 /// enqueue one `events.invokeDispatcher` job per match. Returns the jobs inserted (see
 /// [`Transactional::handle`] for `caller_publishes`).
@@ -83,11 +59,14 @@ pub async fn run(
     batch: &[ToDeliver],
     caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<Job>, JobError> {
-    let events = stamp_delivered(tx, batch).await?;
+    let ids: Vec<Uuid> = batch.iter().map(|d| d.args.id).collect();
+    let events = crate::events::stamp_delivered(tx, &ids).await?;
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let candidates = candidates(tx, &events).await?;
+    let envs: Vec<Uuid> = events.iter().map(|e| e.environment_id).collect();
+    let names: Vec<String> = events.iter().map(|e| e.name.clone()).collect();
+    let candidates = dispatchers::candidates(tx, &envs, &names).await?;
     // What the invocations inherit: the job's priority, and its trace continued.
     let inherited: HashMap<Uuid, (JobPriority, Option<TraceParent>)> = batch
         .iter()
@@ -113,55 +92,10 @@ pub async fn run(
         .collect())
 }
 
-/// Stamp the events delivered and read them back in one statement. The row locks (taken in
-/// id order) serialize delivery against a concurrent cancel; cancelled, delivered and
-/// vanished events drop out here, so delivering them is a no-op.
-async fn stamp_delivered(
-    tx: &mut PgConnection,
-    batch: &[ToDeliver],
-) -> Result<Vec<Stamped>, sqlx::Error> {
-    let ids: Vec<Uuid> = batch.iter().map(|d| d.args.id).collect();
-    sqlx::query_as!(
-        Stamped,
-        r#"UPDATE event_records SET delivered_at = now(), updated_at = now()
-           WHERE id IN (
-               SELECT id FROM event_records
-               WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
-               ORDER BY id FOR UPDATE)
-           RETURNING id, environment_id, name, source, payload, payload_type, context, external_account_id"#,
-        &ids
-    )
-    .fetch_all(&mut *tx)
-    .await
-}
-
-/// The enabled, non-manual dispatchers of the events' environments that list one of their
-/// names, in one statement.
-async fn candidates(
-    tx: &mut PgConnection,
-    events: &[Stamped],
-) -> Result<Vec<Candidate>, sqlx::Error> {
-    let envs: Vec<Uuid> = events.iter().map(|e| e.environment_id).collect();
-    let names: Vec<String> = events.iter().map(|e| e.name.clone()).collect();
-    sqlx::query_as!(
-        Candidate,
-        r#"SELECT id, environment_id, event_names, source, external_account_id,
-                  payload_filter, context_filter
-           FROM event_dispatchers
-           WHERE enabled AND NOT manual AND environment_id = ANY($1) AND event_names && $2
-             AND (expires_at IS NULL OR expires_at > now())
-           ORDER BY id"#,
-        &envs,
-        &names
-    )
-    .fetch_all(&mut *tx)
-    .await
-}
-
 /// The invocation of every candidate whose rule takes an event of its environment (one
 /// step budget per event; past it, the batch fails permanently).
 fn invocations(
-    events: &[Stamped],
+    events: &[crate::events::Stamped],
     candidates: &[Candidate],
     inherited: &HashMap<Uuid, (JobPriority, Option<TraceParent>)>,
 ) -> Result<Vec<JobInsert>, JobError> {

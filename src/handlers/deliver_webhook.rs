@@ -14,15 +14,15 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{Deferral, ErrorAt, ExternalEffect, JobError, Places};
 use crate::config::WorkerConfig;
+use crate::dispatchers;
 use crate::ledger::{DeliverWebhookArgs, Job, JobArgs};
 use crate::metrics::metrics;
 use crate::webhooks::{Outcome, Request, Sender};
@@ -118,19 +118,6 @@ impl ExternalEffect for DeliverWebhook {
     }
 }
 
-/// What a webhook needs: where, with which secret, and the event.
-struct Target {
-    url: String,
-    secret: String,
-    event_id: String,
-    source: String,
-    name: String,
-    payload: Value,
-    context: Value,
-    timestamp: DateTime<Utc>,
-    account_id: Option<String>,
-}
-
 /// The `webhook-id` of a dispatcher's one message.
 pub fn message_id(dispatcher: Uuid) -> String {
     format!("msg_{}", dispatcher.simple())
@@ -144,20 +131,7 @@ async fn attempt(
     job: &Job,
     args: DeliverWebhookArgs,
 ) -> Result<(), JobError> {
-    let Some(t) = sqlx::query_as!(
-        Target,
-        r#"SELECT d.url AS "url!", d.secret AS "secret!", e.event_id, e.source, e.name,
-                  e.payload, e.context, e.timestamp, a.identifier AS "account_id?"
-           FROM event_dispatchers d
-           JOIN event_records e ON e.id = $2 AND e.environment_id = d.environment_id
-           LEFT JOIN external_accounts a ON a.id = e.external_account_id
-           WHERE d.id = $1 AND d.dispatchable_type = 'EPHEMERAL'"#,
-        args.id,
-        args.event_record_id
-    )
-    .fetch_optional(pool)
-    .await?
-    else {
+    let Some(t) = dispatchers::webhook_target(pool, args.id, args.event_record_id).await? else {
         return Err(JobError::Permanent(format!(
             "dispatcher {} or event {} is gone",
             args.id, args.event_record_id
@@ -189,19 +163,18 @@ async fn attempt(
         .outcome
         .error()
         .map(|e| crate::webhooks::clean_text(e.as_bytes(), crate::webhooks::MAX_ERROR_CHARS));
-    let recorded = sqlx::query!(
-        r#"INSERT INTO webhook_attempts
-               (dispatcher_id, event_record_id, job_id, attempt, status, duration_ms, error)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
-        args.id,
-        args.event_record_id,
-        job.id,
-        job.attempt + 1,
-        status.map(i32::from),
-        duration_ms,
-        error
+    let recorded = dispatchers::record_attempt(
+        pool,
+        &dispatchers::Attempt {
+            dispatcher: args.id,
+            event_record_id: args.event_record_id,
+            job_id: job.id,
+            attempt: job.attempt + 1,
+            status: status.map(i32::from),
+            duration_ms,
+            error: error.as_deref(),
+        },
     )
-    .execute(pool)
     .await;
     let m = metrics();
     // An attempt that cannot be recorded is still the attempt it was: its job completes,
@@ -231,23 +204,11 @@ async fn attempt(
 /// Mark the dispatchers of answered webhooks delivered, in the jobs' transaction.
 async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.args.id()).collect();
-    sqlx::query!(
-        "UPDATE event_dispatchers SET delivered_at = now(), updated_at = now() WHERE id = ANY($1)",
-        &ids
-    )
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+    dispatchers::delivered(tx, &ids).await
 }
 
 /// Mark a dispatcher whose webhook job was discarded (its last attempt failed, or its
 /// address was refused).
-async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE event_dispatchers SET failed_at = now(), updated_at = now() WHERE id = $1",
-        dispatcher
-    )
-    .execute(pool)
-    .await?;
-    Ok(())
+pub async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
+    dispatchers::failed(pool, dispatcher).await
 }

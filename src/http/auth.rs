@@ -6,8 +6,8 @@ use axum::http::request::Parts;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::db::environments::Environment;
 use crate::metrics::{Stage, metrics};
+use crate::tenants::Environment;
 
 /// The caller's environment.
 pub struct AuthEnv(pub Environment);

@@ -11,11 +11,11 @@ use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, JsonText};
 use crate::dates::iso;
-use crate::db::environments::Environment;
 use crate::events::wire::{
     EventBody, OptionsBody, SendEventBody, WRONG_SHAPE, event_log, too_deep,
 };
 use crate::events::{IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
+use crate::tenants::Environment;
 use crate::trace::TraceParent;
 
 /// `POST /api/v1/events`
@@ -193,13 +193,15 @@ pub async fn cancel_runs(
     AuthEnv(env): AuthEnv,
     Path(event_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let (cancelled, failed) = state
+    let cancelled = state
         .events
         .cancel_runs(&env, &event_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("event {event_id:?} not found")))?;
+    // trigger.dev's shape: a run here is either QUEUED (and cancelled) or has moved on, so
+    // none fails to cancel.
     Ok(Json(
-        json!({"cancelledRunIds": cancelled, "failedToCancelRunIds": failed}),
+        json!({"cancelledRunIds": cancelled, "failedToCancelRunIds": []}),
     ))
 }
 

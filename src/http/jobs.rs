@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson};
+use crate::dispatchers::{self, EventRule, JobRegistration, RegisterError};
 use crate::events::DEFAULT_SOURCE;
-use crate::triggers::{self, EventRule, JobRegistration, RegisterError};
 
 #[derive(Debug, Deserialize)]
 pub struct RegisterJobBody {
@@ -73,7 +73,7 @@ pub async fn register_job(
         enabled: body.enabled.unwrap_or(true),
         manual: false,
     };
-    let job = triggers::register_job(&state.pool, &env, &job_id, &reg)
+    let job = dispatchers::register_job(&state.pool, &env, &job_id, &reg)
         .await
         .map_err(register_error)?;
     Ok(Json(json!({

@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use crate::EventsService;
 use crate::config::HttpConfig;
-use crate::db::environments::{Cached, KeyCache};
 use crate::metrics::metrics;
+use crate::tenants::{Cached, KeyCache};
 use error::ApiError;
 
 /// What every handler can reach.
@@ -45,12 +45,29 @@ pub struct AppState {
     pub operator_throttle: operator::Throttle,
 }
 
+/// Ingest through the API is group-committed by this many committers...
+pub const INGEST_COMMITTERS: usize = 2;
+/// ...each storing up to this many events per transaction.
+pub const INGEST_MAX_BATCH: usize = 200;
+
+/// The API's events service: group-committed ([`INGEST_COMMITTERS`],
+/// [`INGEST_MAX_BATCH`]), publishing the delivery jobs right after each commit when given a
+/// publisher (the fast path), else leaving them to the relay.
+fn ingest_service(pool: PgPool, publisher: Option<crate::amqp::DirectPublisher>) -> EventsService {
+    let service = EventsService::new(pool);
+    match publisher {
+        Some(p) => service.publishing(p),
+        None => service,
+    }
+    .batching(INGEST_COMMITTERS, INGEST_MAX_BATCH)
+}
+
 impl AppState {
-    /// Ingest is group-committed: two committers, up to 200 events per transaction; the
-    /// relay publishes the delivery jobs.
+    /// Ingest is group-committed (see [`ingest_service`]); the relay publishes the delivery
+    /// jobs.
     pub fn new(pool: PgPool) -> Self {
         Self {
-            events: EventsService::with_batching(pool.clone(), 2, 200),
+            events: ingest_service(pool.clone(), None),
             pool,
             keys: KeyCache::default(),
             limiter: ratelimit::RateLimiter::default(),
@@ -62,7 +79,7 @@ impl AppState {
     /// Open the operator endpoints to callers bearing `token`.
     pub fn with_operator_token(self, token: Option<&crate::config::OperatorToken>) -> Self {
         Self {
-            operator_token: token.map(|t| crate::db::environments::hash_api_key(&t.0).into()),
+            operator_token: token.map(|t| crate::tenants::hash_api_key(&t.0).into()),
             ..self
         }
     }
@@ -70,9 +87,7 @@ impl AppState {
     /// The same, publishing the delivery jobs right after each commit (the fast path).
     pub fn publishing(self, publisher: crate::amqp::DirectPublisher) -> Self {
         Self {
-            events: EventsService::new(self.pool.clone())
-                .publishing(publisher)
-                .batching(2, 200),
+            events: ingest_service(self.pool.clone(), Some(publisher)),
             ..self
         }
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::AppState;
 use super::error::{ApiError, ApiJson};
-use crate::db::environments::{self, EnvironmentError, Limits, SetLimits};
+use crate::tenants::{self, EnvironmentError, Limits, SetLimits};
 
 /// An environment's limits, as the API shows them (`null`: no limit).
 #[derive(Debug, Serialize)]
@@ -78,7 +78,7 @@ async fn apply(
     path: String,
     set: SetLimits,
 ) -> Result<Json<LimitsBody>, ApiError> {
-    match environments::limits(&state.pool, &path, set).await {
+    match tenants::limits(&state.pool, &path, set).await {
         Ok(Some(Limits {
             max_jobs_in_flight,
             max_events_per_second,
@@ -110,7 +110,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .map(str::trim);
     // Digests compared, so the time taken says nothing about the token's prefix.
     match given {
-        Some(token) if environments::hash_api_key(token).as_slice() == &expected[..] => Ok(()),
+        Some(token) if tenants::hash_api_key(token).as_slice() == &expected[..] => Ok(()),
         _ => Err(ApiError::unauthorized(
             "an operator endpoint: send Authorization: Bearer <OPERATOR_TOKEN>",
         )),

@@ -12,10 +12,10 @@ use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson};
 use super::jobs::{TriggerBody, register_error};
+use crate::dispatchers;
 use crate::events::DEFAULT_SOURCE;
 use crate::events::filter::Evaluator;
 use crate::events::wire::SendEventBody;
-use crate::triggers;
 
 #[derive(Debug, Deserialize)]
 pub struct DynamicTriggerBody {
@@ -31,7 +31,7 @@ pub async fn put_dynamic_trigger(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<DynamicTriggerBody>,
 ) -> Result<Json<Value>, ApiError> {
-    triggers::register_dynamic_trigger(&state.pool, &env, &id, &body.jobs)
+    dispatchers::register_dynamic_trigger(&state.pool, &env, &id, &body.jobs)
         .await
         .map_err(register_error)?;
     Ok(Json(json!({"id": id, "jobs": body.jobs})))
@@ -52,7 +52,7 @@ pub async fn post_registration(
 ) -> Result<Json<Value>, ApiError> {
     let rule = body.rule.into_rule();
     let dispatcher =
-        triggers::register_dynamic_registration(&state.pool, &env, &id, &body.key, &rule)
+        dispatchers::register_dynamic_registration(&state.pool, &env, &id, &body.key, &rule)
             .await
             .map_err(register_error)?;
     Ok(Json(
@@ -66,7 +66,7 @@ pub async fn delete_registration(
     AuthEnv(env): AuthEnv,
     Path((id, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    if triggers::delete_dynamic_registration(&state.pool, &env, &id, &key).await? {
+    if dispatchers::delete_dynamic_registration(&state.pool, &env, &id, &key).await? {
         Ok(Json(
             json!({"deleted": true, "dynamicTrigger": id, "key": key}),
         ))
@@ -94,7 +94,7 @@ pub async fn list_dispatchers(
     page: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(page) = page.map_err(|r| ApiError::bad_request(r.body_text()))?;
-    let (list, next) = triggers::list_dispatchers(
+    let (list, next) = dispatchers::list_dispatchers(
         &state.pool,
         &env,
         page.after,
@@ -115,10 +115,10 @@ async fn set_enabled(
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::not_found(format!("dispatcher {id:?} not found"));
     let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
-    match triggers::set_dispatcher_enabled(&state.pool, &env_id.0, uuid, on).await? {
-        triggers::Toggled::Done => Ok(Json(json!({"id": uuid, "enabled": on}))),
-        triggers::Toggled::NotFound => Err(not_found()),
-        triggers::Toggled::Spent(why) => Err(ApiError::new(
+    match dispatchers::set_dispatcher_enabled(&state.pool, &env_id.0, uuid, on).await? {
+        dispatchers::Toggled::Done => Ok(Json(json!({"id": uuid, "enabled": on}))),
+        dispatchers::Toggled::NotFound => Err(not_found()),
+        dispatchers::Toggled::Spent(why) => Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
             format!(
                 "dispatcher {id:?} is an EPHEMERAL dispatcher that has {why}: it fires once and \
@@ -161,23 +161,18 @@ pub async fn match_event(
     ApiJson(body): ApiJson<SendEventBody>,
 ) -> Result<Json<Value>, ApiError> {
     let e = body.event;
-    let account =
-        match body.options.and_then(|o| o.account_id) {
-            Some(identifier) => sqlx::query_scalar!(
-                "SELECT id FROM external_accounts WHERE environment_id = $1 AND identifier = $2",
-                env.id,
-                identifier
-            )
-            .fetch_optional(&state.pool)
-            .await?,
-            None => None,
-        };
+    let account = match body.options.and_then(|o| o.account_id) {
+        Some(identifier) => {
+            crate::tenants::find_external_account(&state.pool, env.id, &identifier).await?
+        }
+        None => None,
+    };
     // What delivery would read for this name, and the expired ones of it to say why not.
-    let dispatchers = triggers::dispatchers_for_event(&state.pool, &env, &e.name).await?;
+    let dispatchers = dispatchers::dispatchers_for_event(&state.pool, &env, &e.name).await?;
     let answer = tokio::task::spawn_blocking(move || {
         let source = e.source.unwrap_or_else(|| DEFAULT_SOURCE.to_string());
         let context = e.context.unwrap_or(Value::Null);
-        let facts = triggers::EventFacts {
+        let facts = dispatchers::EventFacts {
             name: &e.name,
             source: &source,
             account,
@@ -189,7 +184,7 @@ pub async fn match_event(
         let (mut matches, mut misses) = (Vec::new(), Vec::new());
         let (mut match_count, mut miss_count) = (0, 0);
         for d in dispatchers {
-            match triggers::why_not(&mut eval, &d, facts) {
+            match dispatchers::why_not(&mut eval, &d, facts) {
                 None => {
                     match_count += 1;
                     if matches.len() < MAX_DRY_RUN_LISTED {
@@ -252,8 +247,8 @@ pub async fn post_ephemeral(
     .into_rule();
     let timeout = body
         .timeout_in_seconds
-        .unwrap_or(triggers::EPHEMERAL_DEFAULT_SECS);
-    let created = triggers::register_ephemeral(
+        .unwrap_or(dispatchers::EPHEMERAL_DEFAULT_SECS);
+    let created = dispatchers::register_ephemeral(
         &state.pool,
         &env,
         &body.url,
@@ -274,7 +269,7 @@ pub async fn get_ephemeral(
 ) -> Result<Json<Value>, ApiError> {
     let not_found = || ApiError::not_found(format!("event dispatcher {id:?} not found"));
     let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let view = triggers::ephemeral(&state.pool, &env, uuid)
+    let view = dispatchers::ephemeral(&state.pool, &env, uuid)
         .await?
         .ok_or_else(not_found)?;
     Ok(Json(serde_json::to_value(view).expect("serializes")))

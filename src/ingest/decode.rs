@@ -13,6 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::amqp::message::{header_int as int, header_text as text};
 use crate::events::wire::{NUL_REFUSED, SendEventBody, WRONG_SHAPE, has_escaped_nul, too_deep};
 use crate::events::{SendEvent, SendEventOptions};
 use crate::trace::TraceParent;
@@ -527,30 +528,6 @@ fn header<'a>(headers: &'a FieldTable, name: &str) -> Option<&'a AMQPValue> {
         .iter()
         .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
         .map(|(_, v)| v)
-}
-
-fn text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_string),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
-    }
-}
-
-/// A header as a whole number, whichever integer type (or text) the client chose.
-fn int(value: &AMQPValue) -> Option<i64> {
-    match value {
-        AMQPValue::ShortShortInt(i) => Some(*i as i64),
-        AMQPValue::ShortShortUInt(i) => Some(*i as i64),
-        AMQPValue::ShortInt(i) => Some(*i as i64),
-        AMQPValue::ShortUInt(i) => Some(*i as i64),
-        AMQPValue::LongInt(i) => Some(*i as i64),
-        AMQPValue::LongUInt(i) => Some(*i as i64),
-        AMQPValue::LongLongInt(i) => Some(*i),
-        AMQPValue::Double(d) if d.fract() == 0.0 => Some(*d as i64),
-        AMQPValue::Float(f) if f.fract() == 0.0 => Some(*f as i64),
-        other => text(other).and_then(|t| t.trim().parse().ok()),
-    }
 }
 
 /// A header value as JSON: text as a string, numbers as numbers, an AMQP timestamp as an

@@ -45,18 +45,19 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::topology::INGEST_DEFERRED;
 use crate::amqp::{self, Topology, tiers};
 use crate::config::IngestConfig;
-use crate::db::environments::{Environment, KeyCache};
 use crate::events::ratelimit::RateLimiter;
 use crate::events::wire::event_log;
 use crate::events::{EventsService, IngestError, IngestResult, SendEvent, SendEventOptions};
 use crate::failpoint;
 use crate::metrics::{ConnectedGuard, Stage, metrics};
+use crate::tenants::{Environment, KeyCache};
 use decode::{Reason, Rejection, Request};
 
 /// The header of a reply that carries the HTTP status the API would have answered.
 pub const STATUS_HEADER: &str = "x-kongflow-status";
-/// Headers of a rejected copy: the reason (a [`Reason`] label) and the message.
-pub const REASON_HEADER: &str = "x-kongflow-reason";
+/// Headers of a rejected copy: the reason (a [`Reason`] label) and the message. The reason
+/// header is the one a dead-lettered job carries.
+pub use crate::amqp::publish::REASON_HEADER;
 pub const ERROR_HEADER: &str = "x-kongflow-error";
 pub const REJECTED_AT_HEADER: &str = "x-kongflow-rejected-at";
 /// Headers of the rejected copy of a message too large: only its first

@@ -303,21 +303,16 @@ pub async fn stats(pool: &PgPool) -> Result<OutboxStats, sqlx::Error> {
 }
 
 /// The `n` environments with the most due jobs waiting in the outbox (for room in flight,
-/// or for a relay), most first: `org/project/env` (the id if it names no environment) and
-/// how many; and how many due jobs wait in all, every environment's.
-pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<(Vec<(String, i64)>, i64), sqlx::Error> {
+/// or for a relay), most first, with how many (`tenants::paths` names them); and how many
+/// due jobs wait in all, every environment's.
+pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<(Vec<(Uuid, i64)>, i64), sqlx::Error> {
     let rows = sqlx::query!(
-        r#"SELECT COALESCE(o.slug || '/' || p.slug || '/' || e.slug, b.environment_id::text) AS "environment!",
-                  b.waiting AS "waiting!", b.total::int8 AS "total!"
-           FROM (SELECT environment_id, count(*) AS waiting, sum(count(*)) OVER () AS total
-                 FROM queue_jobs
-                 WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')
-                   AND run_at <= now()
-                 GROUP BY environment_id ORDER BY count(*) DESC LIMIT $1) b
-           LEFT JOIN runtime_environments e ON e.id = b.environment_id
-           LEFT JOIN projects p ON p.id = e.project_id
-           LEFT JOIN organizations o ON o.id = p.organization_id
-           ORDER BY b.waiting DESC"#,
+        r#"SELECT environment_id AS "environment_id!", count(*) AS "waiting!",
+                  (sum(count(*)) OVER ())::int8 AS "total!"
+           FROM queue_jobs
+           WHERE published_at IS NULL AND state IN ('scheduled', 'available', 'retryable')
+             AND run_at <= now()
+           GROUP BY environment_id ORDER BY count(*) DESC LIMIT $1"#,
         n
     )
     .fetch_all(pool)
@@ -325,7 +320,7 @@ pub async fn top_backlogs(pool: &PgPool, n: i64) -> Result<(Vec<(String, i64)>, 
     let total = rows.first().map_or(0, |r| r.total);
     Ok((
         rows.into_iter()
-            .map(|r| (r.environment, r.waiting))
+            .map(|r| (r.environment_id, r.waiting))
             .collect(),
         total,
     ))

@@ -9,9 +9,9 @@ use kongflow_events::app::{Process, Roles};
 use kongflow_events::config::{
     HttpConfig, IngestConfig, QueueType, RelayConfig, StoreConfig, WorkerConfig,
 };
-use kongflow_events::db::environments::{self, Environment, EnvironmentType};
 use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
+use kongflow_events::tenants::{self, Environment, EnvironmentType};
 use kongflow_events::worker::{Disposition, Worker};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -144,7 +144,7 @@ impl TestApp {
         let channel = amqp.create_channel().await.unwrap();
         topology.declare(&channel).await.unwrap();
 
-        let created = environments::create_environment(
+        let created = tenants::create_environment(
             &pool,
             &format!("org-{db_name}/proj/dev"),
             EnvironmentType::Development,
@@ -227,7 +227,7 @@ impl TestApp {
 
     /// Another environment of this test, with its key.
     pub async fn new_env(&self, path: &str) -> (Environment, String) {
-        let created = environments::create_environment(
+        let created = tenants::create_environment(
             &self.pool,
             &format!("{}-{path}/proj/env", self.db_name),
             EnvironmentType::Production,
@@ -517,13 +517,13 @@ impl TestApp {
 
     /// Register job `slug` (version 1) for events named `event` from `source`.
     pub async fn register_job_from(&self, slug: &str, event: &str, source: &str) {
-        kongflow_events::triggers::register_job(
+        kongflow_events::dispatchers::register_job(
             &self.pool,
             &self.env,
             slug,
-            &kongflow_events::triggers::JobRegistration {
+            &kongflow_events::dispatchers::JobRegistration {
                 version: "1".into(),
-                rule: kongflow_events::triggers::EventRule {
+                rule: kongflow_events::dispatchers::EventRule {
                     event_names: vec![event.into()],
                     source: source.into(),
                     payload_filter: None,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kongflow_events::db::environments;
+use kongflow_events::tenants;
 use serde_json::json;
 
 use crate::helpers::HTTP_ONLY;
@@ -106,7 +106,7 @@ async fn a_replaced_key_stops_working_within_the_key_cache_ttl() {
         .request(get.clone(), "/api/v1/events/none", Some(&new), None)
         .await;
     assert_eq!(s, 404);
-    tokio::time::sleep(environments::KEY_CACHE_TTL + Duration::from_millis(100)).await;
+    tokio::time::sleep(tenants::KEY_CACHE_TTL + Duration::from_millis(100)).await;
     let (s, v) = app
         .request(get.clone(), "/api/v1/events/none", Some(&old), None)
         .await;

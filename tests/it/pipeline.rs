@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use kongflow_events::app::Roles;
+use kongflow_events::dispatchers::{self, EventRule, JobRegistration};
 use kongflow_events::ledger::JobKind;
-use kongflow_events::triggers::{self, EventRule, JobRegistration};
 use kongflow_events::worker::Disposition;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -55,7 +55,7 @@ async fn an_event_runs_each_matching_dispatcher_once_and_no_other() {
         json!({"version": "1", "trigger": {"event": "order.paid"}, "enabled": false}),
     )
     .await;
-    triggers::register_job(
+    dispatchers::register_job(
         &app.pool,
         &app.env,
         "manual",
@@ -172,10 +172,15 @@ async fn a_dynamic_trigger_runs_the_latest_version_of_each_attached_job() {
             json!({"version": "2.0.0", "trigger": {"event": "unrelated"}}),
         )
         .await;
-    triggers::register_dynamic_trigger(&app.pool, &app.env, "on-push", &["a".into(), "b".into()])
-        .await
-        .unwrap();
-    triggers::register_dynamic_registration(
+    dispatchers::register_dynamic_trigger(
+        &app.pool,
+        &app.env,
+        "on-push",
+        &["a".into(), "b".into()],
+    )
+    .await
+    .unwrap();
+    dispatchers::register_dynamic_registration(
         &app.pool,
         &app.env,
         "on-push",

@@ -1,6 +1,6 @@
 //! The structural rules of ARCHITECTURE.md, checked on the source: the modules import
-//! each other without a cycle, only the ledger writes the job table, and the worker names
-//! no job kind.
+//! each other without a cycle, only the ledger writes the job table, every table has one
+//! owning module, the only one whose SQL writes it, and the worker names no job kind.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -202,4 +202,199 @@ fn the_worker_names_no_job_kind() {
         }
     }
     assert!(named.is_empty(), "the worker names job kinds: {named:?}");
+}
+
+/// Each table of `migrations/` and the one top-level module of `src/` whose SQL names it:
+/// the module that writes it and answers for its rows (ARCHITECTURE.md, "Tables and their
+/// owners").
+const OWNERS: &[(&str, &str)] = &[
+    ("queue_jobs", "ledger"),
+    ("job_publishers", "ledger"),
+    ("installation", "db"),
+    ("organizations", "tenants"),
+    ("projects", "tenants"),
+    ("runtime_environments", "tenants"),
+    ("external_accounts", "tenants"),
+    ("event_records", "events"),
+    ("job_runs", "runs"),
+    ("run_handoffs", "runs"),
+    ("jobs", "dispatchers"),
+    ("job_versions", "dispatchers"),
+    ("dynamic_triggers", "dispatchers"),
+    ("dynamic_trigger_jobs", "dispatchers"),
+    ("event_dispatchers", "dispatchers"),
+    ("webhook_attempts", "dispatchers"),
+];
+
+/// Reads of a table outside its owner, each a join in a statement that needs the rows it
+/// reads in the same round trip (table, reading file under `src/`, why). No other module
+/// writes a table, nor reads one outside this list.
+const READS_ELSEWHERE: &[(&str, &str, &str)] = &[
+    // Creating runs: which job versions an invocation's dispatcher targets, and that its
+    // event is of the dispatcher's environment, in the statement that inserts the runs.
+    (
+        "event_dispatchers",
+        "runs/mod.rs",
+        "the dispatchers an invocation names",
+    ),
+    (
+        "event_records",
+        "runs/mod.rs",
+        "the events an invocation names",
+    ),
+    (
+        "job_versions",
+        "runs/mod.rs",
+        "a JOB_VERSION dispatcher's version",
+    ),
+    (
+        "jobs",
+        "runs/mod.rs",
+        "a DYNAMIC_TRIGGER's jobs' latest versions",
+    ),
+    (
+        "dynamic_trigger_jobs",
+        "runs/mod.rs",
+        "a DYNAMIC_TRIGGER's jobs",
+    ),
+    // The hand-off message, built from the run, its event and job as they stand.
+    (
+        "event_records",
+        "runs/handoff.rs",
+        "the run's event in its message",
+    ),
+    (
+        "job_versions",
+        "runs/handoff.rs",
+        "the run's version in its message",
+    ),
+    (
+        "jobs",
+        "runs/handoff.rs",
+        "the run's job slug in its message",
+    ),
+    (
+        "external_accounts",
+        "runs/handoff.rs",
+        "the event's account in its message",
+    ),
+    // Firing an EPHEMERAL dispatcher (its event must be of its environment) and its
+    // webhook's body.
+    (
+        "event_records",
+        "dispatchers/state.rs",
+        "the event a dispatcher fires for",
+    ),
+    (
+        "external_accounts",
+        "dispatchers/state.rs",
+        "the event's account in a webhook",
+    ),
+];
+
+/// The tables `migrations/` creates.
+fn migration_tables() -> BTreeSet<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for (keyword, name) in sql_references(&text) {
+            // Tables are named in lower case (`RETURNS TABLE AS` is not one).
+            if keyword == "TABLE" && name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+/// Each `KEYWORD table` of a text: the SQL keywords that name a table (`FROM`, `JOIN`,
+/// `INTO`, `UPDATE`, `TABLE`, `TRUNCATE`) in upper case, as this code base writes its SQL,
+/// and the word after them. `DELETE FROM` is reported as `DELETE`.
+fn sql_references(text: &str) -> Vec<(String, String)> {
+    let words: Vec<&str> = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut out = Vec::new();
+    for (i, pair) in words.windows(2).enumerate() {
+        let keyword = match pair[0] {
+            "FROM" if i > 0 && words[i - 1] == "DELETE" => "DELETE",
+            k @ ("FROM" | "JOIN" | "INTO" | "UPDATE" | "TABLE" | "TRUNCATE") => k,
+            _ => continue,
+        };
+        out.push((keyword.to_string(), pair[1].to_string()));
+    }
+    out
+}
+
+#[test]
+fn every_table_has_one_owner_and_only_it_writes_the_table() {
+    let owners: BTreeMap<&str, &str> = OWNERS.iter().copied().collect();
+    let tables = migration_tables();
+    let mapped: BTreeSet<String> = owners.keys().map(|t| t.to_string()).collect();
+    assert_eq!(
+        tables, mapped,
+        "the map covers exactly the tables of migrations/"
+    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut wrong = Vec::new();
+    let mut reads_seen = BTreeSet::new();
+    for file in &files {
+        let module = module_of(&src, file);
+        let rel = file.strip_prefix(&src).unwrap().display().to_string();
+        let text = std::fs::read_to_string(file).unwrap();
+        for (keyword, table) in sql_references(&text) {
+            let Some(owner) = owners.get(table.as_str()) else {
+                continue;
+            };
+            if module.as_deref() == Some(*owner) {
+                continue;
+            }
+            let read = keyword == "FROM" || keyword == "JOIN";
+            let allowed = READS_ELSEWHERE
+                .iter()
+                .any(|(t, f, _)| *t == table && *f == rel);
+            if read && allowed {
+                reads_seen.insert((table.clone(), rel.clone()));
+            } else {
+                wrong.push(format!("{rel}: {keyword} {table} (owned by {owner})"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "tables named outside their owner: {wrong:#?}"
+    );
+    // The list stays true: every exception is still needed.
+    for (table, file, _) in READS_ELSEWHERE {
+        assert!(
+            reads_seen.contains(&(table.to_string(), file.to_string())),
+            "{file} no longer reads {table}: drop it from READS_ELSEWHERE"
+        );
+    }
+}
+
+#[test]
+fn the_sql_scan_finds_writes_and_reads() {
+    let found = sql_references(
+        "r#\"DELETE FROM job_runs WHERE id IN (SELECT id FROM job_runs)\"#; from prose; \
+         INSERT INTO run_handoffs ... UPDATE event_dispatchers d ... JOIN jobs j",
+    );
+    let found: Vec<(&str, &str)> = found
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("DELETE", "job_runs"),
+            ("FROM", "job_runs"),
+            ("INTO", "run_handoffs"),
+            ("UPDATE", "event_dispatchers"),
+            ("JOIN", "jobs")
+        ]
+    );
 }

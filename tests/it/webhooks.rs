@@ -465,8 +465,8 @@ async fn an_expired_dispatcher_delivers_nothing() {
     assert_eq!(renewed["created"], true);
     // Retention deletes a dispatcher spent longer ago than it keeps events, not a live one.
     let keep = Duration::from_secs(30 * 86_400);
-    let retain = || kongflow_events::events::retention::retain(&app.pool, keep, 100);
-    let deleted: u64 = retain().await.unwrap().iter().map(|d| d.dispatchers).sum();
+    let retain = || kongflow_events::dispatchers::delete_spent(&app.pool, keep, 100);
+    let deleted: u64 = retain().await.unwrap();
     assert_eq!(deleted, 0);
     sqlx::query(
         "UPDATE event_dispatchers SET expires_at = now() - interval '31 days' WHERE id = $1::uuid",
@@ -475,7 +475,7 @@ async fn an_expired_dispatcher_delivers_nothing() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let deleted: u64 = retain().await.unwrap().iter().map(|d| d.dispatchers).sum();
+    let deleted: u64 = retain().await.unwrap();
     assert_eq!(deleted, 1);
     assert_eq!(get_dispatcher(&app, &id).await.0, StatusCode::NOT_FOUND);
     assert_eq!(

@@ -132,6 +132,21 @@ pub async fn id_of(pool: &PgPool, path: &str) -> Result<Option<Uuid>, Environmen
     .await?)
 }
 
+/// The `org/project/env` path of each of these environments that exists.
+pub async fn paths(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT e.id, o.slug || '/' || p.slug || '/' || e.slug AS "path!"
+           FROM runtime_environments e
+           JOIN projects p ON p.id = e.project_id
+           JOIN organizations o ON o.id = p.organization_id
+           WHERE e.id = ANY($1)"#,
+        ids
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.path)).collect())
+}
+
 /// Delete the environment `id`'s row, with what cascades from it (jobs, versions,
 /// dispatchers, dynamic triggers, external accounts; its API key is in the row). Its events,
 /// runs and queued jobs carry no foreign key: see `admin::delete_environment`.
@@ -274,6 +289,40 @@ async fn find_by_hashes(
             ))
         })
         .collect())
+}
+
+/// The id of the environment's external account `identifier`, made on first use: the
+/// account an event (or an EPHEMERAL dispatcher) names by its producer's identifier.
+pub async fn external_account(
+    conn: &mut PgConnection,
+    environment_id: Uuid,
+    identifier: &str,
+) -> Result<Uuid, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"INSERT INTO external_accounts (id, environment_id, identifier) VALUES ($1, $2, $3)
+           ON CONFLICT (environment_id, identifier) DO UPDATE SET identifier = EXCLUDED.identifier
+           RETURNING id"#,
+        Uuid::now_v7(),
+        environment_id,
+        identifier
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// The id of the environment's external account `identifier`, if it exists (reading only).
+pub async fn find_external_account(
+    pool: &PgPool,
+    environment_id: Uuid,
+    identifier: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        "SELECT id FROM external_accounts WHERE environment_id = $1 AND identifier = $2",
+        environment_id,
+        identifier
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// How long [`KeyCache`] trusts what it looked up: a key replaced (an environment created

@@ -1,8 +1,8 @@
 //! The run hand-off: what the runs service learns of the runs this service creates.
 //!
-//! Each run created by `events.invokeDispatcher`, and each run `cancel-runs` cancels, gets a
-//! row of `run_handoffs` in the transaction that creates or cancels it (the invocation
-//! writes its rows in the statement that creates the runs). The relay claims rows
+//! Each run created by `events.invokeDispatcher` ([`super::create`]), and each run
+//! `cancel-runs` cancels ([`super::cancel_queued`]), gets a row of `run_handoffs` in the
+//! statement that creates or cancels it. The relay claims rows
 //! ([`claim`]), builds each message from the run and its event, publishes it to the runs
 //! exchange (`{prefix}.runs`, topic, routing keys `run.created` and `run.cancelled`) and
 //! deletes the rows the broker confirmed ([`published`]) in the claiming transaction. The
@@ -23,9 +23,30 @@ use uuid::Uuid;
 
 /// The channel a statement that writes hand-offs notifies (by a trigger, once).
 pub const NOTIFY_CHANNEL: &str = "kongflow_handoffs";
-/// `run_handoffs.kind` of a run created, and of a run cancelled.
-pub const CREATED: &str = "created";
-pub const CANCELLED: &str = "cancelled";
+/// What a hand-off tells of its run: `run_handoffs.kind`, and the last word of its routing
+/// key and AMQP type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOffKind {
+    Created,
+    Cancelled,
+}
+
+impl HandOffKind {
+    /// The column's text; the one place it is spelled.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandOffKind::Created => "created",
+            HandOffKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// The kind a column's text names (`None` for text this version does not write).
+    pub fn parse(text: &str) -> Option<HandOffKind> {
+        [HandOffKind::Created, HandOffKind::Cancelled]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+}
 
 /// Largest hand-off message published: 1 MiB, twice an event's payload and context, and
 /// below the broker's `max_message_size` (which would close the channel).
@@ -45,6 +66,9 @@ pub struct Claimed {
 impl Claimed {
     /// The hand-off with its message read, or why it cannot be published.
     pub fn read(self) -> Result<HandOff, (i64, String)> {
+        let Some(kind) = HandOffKind::parse(&self.kind) else {
+            return Err((self.id, format!("its kind {:?} is unknown", self.kind)));
+        };
         let body = match self.body {
             None => None,
             Some(text) if text.len() > MAX_HANDOFF_BYTES => {
@@ -64,7 +88,7 @@ impl Claimed {
         Ok(HandOff {
             id: self.id,
             run_id: self.run_id,
-            kind: self.kind,
+            kind,
             trace_parent: self.trace_parent,
             body,
             created_at: self.created_at,
@@ -77,8 +101,7 @@ impl Claimed {
 pub struct HandOff {
     pub id: i64,
     pub run_id: Uuid,
-    /// [`CREATED`] or [`CANCELLED`].
-    pub kind: String,
+    pub kind: HandOffKind,
     pub trace_parent: Option<String>,
     /// The message; `None` when the run is gone (its event deleted by retention, or its
     /// environment), which leaves nothing to hand off.
@@ -89,29 +112,32 @@ pub struct HandOff {
 impl HandOff {
     /// `run.created` or `run.cancelled`.
     pub fn routing_key(&self) -> String {
-        format!("run.{}", self.kind)
+        format!("run.{}", self.kind.as_str())
     }
 
     /// The AMQP `type`: `run.created.v1`, `run.cancelled.v1`.
     pub fn amqp_type(&self) -> String {
-        format!("run.{}.v1", self.kind)
+        format!("run.{}.v1", self.kind.as_str())
     }
 
     /// The AMQP `message-id`: the same for every copy of one hand-off.
     pub fn message_id(&self) -> String {
-        format!("{}:{}", self.run_id, self.kind)
+        format!("{}:{}", self.run_id, self.kind.as_str())
     }
 }
 
 /// Write the `run.cancelled` hand-off of each run, in the transaction that cancelled them.
-pub async fn hand_off_cancelled(tx: &mut PgConnection, runs: &[Uuid]) -> Result<(), sqlx::Error> {
+pub(super) async fn hand_off_cancelled(
+    tx: &mut PgConnection,
+    runs: &[Uuid],
+) -> Result<(), sqlx::Error> {
     if runs.is_empty() {
         return Ok(());
     }
     sqlx::query!(
         "INSERT INTO run_handoffs (run_id, kind) SELECT UNNEST($1::uuid[]), $2",
         runs,
-        CANCELLED
+        HandOffKind::Cancelled.as_str()
     )
     .execute(&mut *tx)
     .await?;
@@ -127,7 +153,7 @@ pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<Claimed>, sq
         r#"SELECT h.id AS "id!", h.run_id AS "run_id!", h.kind AS "kind!",
                   h.trace_parent, h.created_at AS "created_at!",
                   CASE WHEN r.id IS NULL THEN NULL
-                       WHEN h.kind = 'created' THEN jsonb_build_object(
+                       WHEN h.kind = $2 THEN jsonb_build_object(
                            'type', 'run.created', 'version', 1,
                            'runId', r.id, 'createdAt', iso_time(r.created_at),
                            'environmentId', r.environment_id,
@@ -154,7 +180,8 @@ pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<Claimed>, sq
            LEFT JOIN jobs j ON j.id = r.job_id
            LEFT JOIN external_accounts a ON a.id = e.external_account_id
            ORDER BY h.id"#,
-        limit
+        limit,
+        HandOffKind::Created.as_str()
     )
     .fetch_all(&mut *tx)
     .await

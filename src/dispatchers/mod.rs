@@ -1,14 +1,26 @@
-//! Registering what events can reach: jobs with an event trigger, and dynamic triggers.
+//! Dispatchers: what events reach. Registering jobs with an event trigger, dynamic
+//! triggers and EPHEMERAL webhooks (here), and every later change of a dispatcher's state
+//! ([`state`]: matched, fired, its webhook attempted, delivered or failed, deleted once
+//! spent). The only module that names `event_dispatchers`, `webhook_attempts`, `jobs`,
+//! `job_versions`, `dynamic_triggers` and `dynamic_trigger_jobs` (checked by
+//! `tests/it/structure.rs`).
 //!
 //! Every registration upserts one dispatcher per owner (a job, or a dynamic trigger's
 //! registration key) in the environment, so registering again updates it in place.
+
+pub mod state;
+
+pub use state::{
+    Attempt, Candidate, Fired, Toggled, WebhookTarget, candidates, delete_spent, delivered, failed,
+    fire, record_attempt, set_dispatcher_enabled, webhook_target,
+};
 
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::db::environments::Environment;
 use crate::events::filter::{Evaluator, OverBudget};
+use crate::tenants::Environment;
 
 /// Which events a dispatcher takes: names, source and filters.
 #[derive(Debug, Clone, PartialEq)]
@@ -518,23 +530,9 @@ pub async fn register_ephemeral(
         )));
     }
     let account_id = match account {
-        Some(identifier) => Some(
-            sqlx::query_scalar!(
-                r#"WITH new AS (
-                       INSERT INTO external_accounts (id, environment_id, identifier)
-                       VALUES ($1, $2, $3) ON CONFLICT (environment_id, identifier) DO NOTHING
-                       RETURNING id)
-                   SELECT id AS "id!" FROM new
-                   UNION ALL
-                   SELECT id FROM external_accounts WHERE environment_id = $2 AND identifier = $3
-                   LIMIT 1"#,
-                Uuid::now_v7(),
-                env.id,
-                identifier
-            )
-            .fetch_one(&mut *tx)
-            .await?,
-        ),
+        Some(identifier) => {
+            Some(crate::tenants::external_account(&mut tx, env.id, identifier).await?)
+        }
         None => None,
     };
     let id = Uuid::now_v7();
@@ -831,57 +829,6 @@ pub async fn dispatchers_for_event(
 
 /// Most EPHEMERAL dispatchers that expired unfired a dry run shows (the newest).
 pub const MAX_EXPIRED_SHOWN: i64 = 100;
-
-/// What enabling or disabling a dispatcher came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Toggled {
-    Done,
-    /// The environment has no dispatcher by that id.
-    NotFound,
-    /// An EPHEMERAL dispatcher that has fired or expired (the word says which): spent, it
-    /// cannot be enabled again.
-    Spent(&'static str),
-}
-
-/// Enable or disable a dispatcher of the environment. A spent EPHEMERAL dispatcher (fired or
-/// expired) may be disabled, not enabled: it fires once.
-pub async fn set_dispatcher_enabled(
-    pool: &PgPool,
-    env: &Environment,
-    id: Uuid,
-    enabled: bool,
-) -> Result<Toggled, sqlx::Error> {
-    let n = sqlx::query!(
-        r#"UPDATE event_dispatchers SET enabled = $3, updated_at = now()
-           WHERE id = $1 AND environment_id = $2
-             AND NOT ($3 AND dispatchable_type = 'EPHEMERAL'
-                      AND (fired_at IS NOT NULL OR COALESCE(expires_at <= now(), false)))"#,
-        id,
-        env.id,
-        enabled
-    )
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if n > 0 {
-        return Ok(Toggled::Done);
-    }
-    let spent = sqlx::query!(
-        r#"SELECT fired_at IS NOT NULL AS "fired!", COALESCE(expires_at <= now(), false) AS "expired!"
-           FROM event_dispatchers WHERE id = $1 AND environment_id = $2"#,
-        id,
-        env.id
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(match spent {
-        None => Toggled::NotFound,
-        Some(s) if s.fired => Toggled::Spent("fired"),
-        Some(s) if s.expired => Toggled::Spent("expired"),
-        // Changed meanwhile (deleted and made again, or no longer spent): as not found.
-        Some(_) => Toggled::NotFound,
-    })
-}
 
 /// What delivery knows of an event when it picks dispatchers.
 #[derive(Debug, Clone, Copy)]
