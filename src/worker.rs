@@ -216,7 +216,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(pool: PgPool, topology: Topology, config: WorkerConfig) -> Self {
         Self {
-            webhooks: std::sync::Arc::new(config.webhook_sender()),
+            webhooks: std::sync::Arc::new(crate::webhooks::Sender::new(&config.webhook)),
             pool,
             topology,
             config,
@@ -330,8 +330,8 @@ impl Worker {
         let (to_timer, from_loop) = tokio::sync::mpsc::unbounded_channel();
         let holding = AtomicUsize::new(0);
         let inflight = Inflight::new(
-            self.config.webhook_concurrency,
-            self.config.webhook_concurrency_per_environment,
+            self.config.webhook.webhook_concurrency,
+            self.config.webhook.webhook_concurrency_per_environment,
         );
         let arrivals = async {
             loop {
@@ -948,7 +948,7 @@ impl Worker {
     /// copy it to the dead-letter queue. Returns whether it was discarded.
     async fn record_failure(&self, id: i64, error: &JobError) -> Result<bool, sqlx::Error> {
         let jitter: f64 = rand::rng().random_range(0.9..1.1);
-        let (base, max) = (self.config.retry_base(), self.config.retry_max());
+        let (base, max) = (self.config.retry_base, self.config.retry_max);
         let message = error.to_string();
         let failure = Failure {
             error: &message,
