@@ -206,79 +206,47 @@ struct RunConfig {
     stop: ShutdownConfig,
 }
 
-/// A long-running process: the roles it plays and their settings.
-struct ProcessSpec {
-    roles: Roles,
-    tuning: Tuning,
-    http: Option<HttpConfig>,
-    run: RunConfig,
-}
-
-impl ProcessCommand {
-    /// The roles this command plays, with their settings.
-    fn spec(self) -> ProcessSpec {
-        let only = |set: fn(&mut Roles)| {
-            let mut roles = Roles::NONE;
-            set(&mut roles);
-            roles
-        };
-        let tuning = Tuning::default();
-        match self {
-            ProcessCommand::Serve { http, run } => ProcessSpec {
-                roles: only(|r| r.http = true),
-                tuning,
-                http: Some(http),
-                run,
-            },
-            ProcessCommand::Ingest { ingest, run } => ProcessSpec {
-                roles: only(|r| r.ingest = true),
-                tuning: Tuning { ingest, ..tuning },
-                http: None,
-                run,
-            },
-            ProcessCommand::Relay { relay, run } => ProcessSpec {
-                roles: only(|r| r.relay = true),
-                tuning: Tuning { relay, ..tuning },
-                http: None,
-                run,
-            },
-            ProcessCommand::Worker { worker, run } => ProcessSpec {
-                roles: only(|r| r.worker = true),
-                tuning: Tuning { worker, ..tuning },
-                http: None,
-                run,
-            },
-            ProcessCommand::All {
-                http,
-                ingest,
+/// Start the process a long-running command describes (its roles, their tuning, its
+/// listeners) and run it until a signal stops it.
+async fn run_process(store: &StoreConfig, command: ProcessCommand) -> anyhow::Result<()> {
+    use ProcessCommand::*;
+    let (mut roles, mut tuning) = (Roles::NONE, Tuning::default());
+    let (http, run) = match command {
+        Serve { http, run } => {
+            roles.http = true;
+            (Some(http), run)
+        }
+        Ingest { ingest, run } => {
+            (roles.ingest, tuning.ingest) = (true, ingest);
+            (None, run)
+        }
+        Relay { relay, run } => {
+            (roles.relay, tuning.relay) = (true, relay);
+            (None, run)
+        }
+        Worker { worker, run } => {
+            (roles.worker, tuning.worker) = (true, worker);
+            (None, run)
+        }
+        All {
+            http,
+            ingest,
+            relay,
+            worker,
+            run,
+        } => {
+            roles = Roles::ALL;
+            tuning = Tuning {
                 relay,
                 worker,
-                run,
-            } => ProcessSpec {
-                roles: Roles::ALL,
-                tuning: Tuning {
-                    relay,
-                    worker,
-                    ingest,
-                },
-                http: Some(http),
-                run,
-            },
+                ingest,
+            };
+            (Some(http), run)
         }
-    }
-}
-
-/// Start the process `spec` describes and run it until a signal stops it.
-async fn run_process(store: &StoreConfig, spec: ProcessSpec) -> anyhow::Result<()> {
-    let shutdown = app::shutdown_on_signal(spec.run.stop.shutdown_deadline);
-    let process = app::start(
-        store,
-        spec.tuning,
-        spec.http.as_ref(),
-        Some(&spec.run.metrics),
-    )
-    .await?;
-    process.run(spec.roles, shutdown).await
+    };
+    let shutdown = app::shutdown_on_signal(run.stop.shutdown_deadline);
+    let process = app::start(store, tuning, http.as_ref(), Some(&run.metrics)).await?;
+    process.run(roles, shutdown).await
 }
 
 fn init_tracing(log: &LogConfig) {
@@ -309,7 +277,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = cli.store;
     match cli.command {
-        Command::Process(command) => run_process(&store, command.spec()).await,
+        Command::Process(command) => run_process(&store, command).await,
         Command::Migrate => {
             let pool = app::open_database_now(&StoreConfig {
                 no_migrate: true,
