@@ -40,7 +40,8 @@ pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
-            "{s:?} is not a duration: write it like 1500ms, 5s, 2m, 1h or 7d (a bare number is milliseconds)"
+            "{s:?} is not a duration: write it like 1500ms, 5s, 2m, 1h or 7d (a bare number \
+             is milliseconds)"
         )
     };
     let text = s.trim();
