@@ -23,28 +23,54 @@ use crate::worker::Worker;
 pub use crate::config::Roles;
 
 /// Connect to Postgres, waiting up to a minute for a server that is not up yet, and migrate
-/// unless told not to. A refusal that waiting cannot fix (a wrong password, a role or a
-/// database that does not exist, a URL that does not parse) fails at once, saying which
-/// setting to change.
+/// unless told not to: how the long-running processes start. A refusal that waiting cannot
+/// fix (a wrong password, a role or a database that does not exist, a URL that does not
+/// parse) fails at once, saying which setting to change.
 pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    open_database_within(store, Duration::from_secs(60)).await
+}
+
+/// Connect to Postgres once, and migrate unless told not to: how a command (`migrate`,
+/// `env`, `jobs`) starts. A server that does not answer fails it within seconds, with the
+/// reason as the connection saw it ("connection refused"), the address and the setting.
+pub async fn open_database_now(store: &StoreConfig) -> anyhow::Result<PgPool> {
+    open_database_within(store, Duration::ZERO).await
+}
+
+async fn open_database_within(store: &StoreConfig, patience: Duration) -> anyhow::Result<PgPool> {
+    let deadline = Instant::now() + patience;
     let mut backoff = crate::supervise::reconnect_backoff();
+    let url = &store.database_url;
     let pool = loop {
-        match db::connect(&store.database_url, store.database_max_connections).await {
+        // One connection first, so a failure is reported as it is rather than as the
+        // pool's timeout.
+        let attempt = match first_connection(url).await {
+            Ok(()) => db::connect(url, store.database_max_connections).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
             Ok(pool) => break pool,
             Err(e) if db::is_permanent(&e) => anyhow::bail!(
-                "postgres refused {}: {e}. Set DATABASE_URL (or --database-url) to a role, \
-                 password and database that exist",
-                redact_url(&store.database_url)
+                "postgres refused {}: {}. Set DATABASE_URL (or --database-url) to a role, \
+                 password and database that exist: postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                redact_url(url),
+                reason(&e)
             ),
             Err(e) if Instant::now() < deadline => {
-                tracing::warn!(error = %e, "postgres not reachable yet");
+                tracing::warn!(at = %address(url), error = %reason(&e), "postgres not reachable yet");
                 tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
             }
             Err(e) => anyhow::bail!(
-                "cannot connect to postgres at {} after a minute: {e}. Is it running? \
-                 DATABASE_URL (or --database-url) says where it is",
-                redact_url(&store.database_url)
+                "cannot connect to postgres at {} ({}){}: {}. Is it running? DATABASE_URL \
+                 (or --database-url) says where it is",
+                address(url),
+                redact_url(url),
+                if patience.is_zero() {
+                    String::new()
+                } else {
+                    " after a minute".into()
+                },
+                reason(&e)
             ),
         }
     };
@@ -52,6 +78,41 @@ pub async fn open_database(store: &StoreConfig) -> anyhow::Result<PgPool> {
         db::migrate(&pool).await?;
     }
     Ok(pool)
+}
+
+/// Open and close one connection to `url`, giving up after 5 s.
+async fn first_connection(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let connect = sqlx::PgConnection::connect(url);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within 5 s",
+        ))),
+    }
+}
+
+/// The `host:port` a Postgres URL names.
+fn address(url: &str) -> String {
+    use std::str::FromStr;
+    match sqlx::postgres::PgConnectOptions::from_str(url) {
+        Ok(o) => format!("{}:{}", o.get_host(), o.get_port()),
+        Err(_) => "an address that does not parse".into(),
+    }
+}
+
+/// Why a connection failed, as the server or the socket said it: a server's message
+/// without the line of its source file that sqlx appends.
+fn reason(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_string(),
+        e => e.to_string(),
+    }
 }
 
 /// Check that RabbitMQ takes this process's credentials. A refusal that waiting cannot fix
@@ -232,7 +293,7 @@ impl Process {
             self.amqp_url.clone(),
             self.topology.clone(),
             self.pool.clone(),
-            self.relay.confirm_timeout(),
+            self.relay.relay_confirm_timeout,
         );
         if roles.relay {
             let relay = Relay::new(self.pool.clone(), self.topology.clone(), self.relay);
@@ -311,15 +372,14 @@ pub async fn start(
         Some(h) => Some(bind(h.http_addr, "HTTP_ADDR", "--http").await?),
         None => None,
     };
-    let metrics_addr = metrics
-        .map(|m| m.metrics_addr)
-        .or_else(|| http.map(|h| h.metrics_addr));
+    let metrics_addr = metrics.map(|m| m.metrics_addr);
     let mut http_config = http.cloned().unwrap_or_default();
     if let Some(limit) = open_files {
         // Room beside the API's connections: the database pool, the broker, the metrics
         // listener's connections, webhooks of a worker in the same process, files.
-        let reserve =
-            128 + store.database_max_connections as u64 + tuning.worker.webhook_concurrency as u64;
+        let reserve = 128
+            + store.database_max_connections as u64
+            + tuning.worker.webhook.webhook_concurrency as u64;
         let most = usize::try_from(limit.saturating_sub(reserve).max(16)).unwrap_or(usize::MAX);
         if http.is_some() && http_config.http_max_connections > most {
             tracing::warn!(

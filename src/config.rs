@@ -1,49 +1,17 @@
 //! Configuration: one typed struct per concern, read from flags and the environment.
+//!
+//! Every setting is declared once, here, as a flag with its environment variable; its
+//! default is written in its `#[arg]` attribute and nowhere else (the `Default`
+//! implementations read those attributes, [`defaults`]). Every environment variable the
+//! process reads is read in this module. Durations are [`Duration`]s, written `1500ms`,
+//! `5s`, `2m`, `1h`, `7d` (or a bare number of milliseconds, what the `_MS` variables have
+//! always taken). `docs/configuration.md`'s table is [`reference`]'s output, and a test keeps
+//! it so. This module depends on no other module of the crate.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-/// Every default of the configuration, defined once: the flags' defaults and the
-/// `Default` implementations both read them.
-pub mod defaults {
-    pub const DELAY_LEAD_MS: u64 = 250;
-    pub const SHARD_COUNT: u16 = 1;
-    pub const DATABASE_MAX_CONNECTIONS: u32 = 16;
-    pub const KONGFLOW_NO_MIGRATE: bool = false;
-    pub const RELAY_BATCH_SIZE: i64 = 200;
-    pub const RELAY_CONCURRENCY: usize = 2;
-    pub const RELAY_POLL_INTERVAL_MS: u64 = 1000;
-    pub const RELAY_CONFIRM_TIMEOUT_MS: u64 = 10_000;
-    pub const RECONCILE_INTERVAL_MS: u64 = 60_000;
-    pub const RECONCILE_MARGIN_MS: u64 = 300_000;
-    pub const RETENTION_INTERVAL_MS: u64 = 60_000;
-    pub const RETENTION_COMPLETED_MS: u64 = 86_400_000;
-    pub const RETENTION_DISCARDED_MS: u64 = 604_800_000;
-    pub const RETENTION_BATCH_SIZE: i64 = 1_000;
-    /// 30 days.
-    pub const RETENTION_EVENTS_MS: u64 = 2_592_000_000;
-    pub const VACUUM_INTERVAL_MS: u64 = 60_000;
-    pub const INGEST_CONCURRENCY: usize = 2;
-    pub const INGEST_PREFETCH: u16 = 1000;
-    pub const INGEST_BATCH_SIZE: usize = 500;
-    pub const WORKER_CONCURRENCY: usize = 1;
-    pub const WORKER_PREFETCH: u16 = 200;
-    pub const WORKER_BATCH_SIZE: usize = 100;
-    pub const RETRY_BASE_MS: u64 = 1000;
-    pub const RETRY_MAX_MS: u64 = 3_600_000;
-    pub const WEBHOOK_TIMEOUT_MS: u64 = 10_000;
-    pub const WEBHOOK_CONNECT_TIMEOUT_MS: u64 = 3_000;
-    pub const WEBHOOK_CONCURRENCY: usize = 64;
-    pub const WEBHOOK_CONCURRENCY_PER_ENVIRONMENT: usize = 16;
-    pub const HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
-    pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
-    pub const HTTP_MAX_IN_FLIGHT: usize = 256;
-    pub const HTTP_BODY_TIMEOUT_MS: u64 = 5_000;
-    pub const HTTP_MAX_CONNECTIONS: usize = 1024;
-    pub const METRICS_ADDR: &str = "127.0.0.1:9464";
-    pub const SHUTDOWN_DEADLINE_MS: u64 = 20_000;
-    pub const HTTP_ADDR: &str = "127.0.0.1:3030";
-}
+use ipnet::IpNet;
 
 /// RabbitMQ's queue types this service can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -56,11 +24,66 @@ pub enum QueueType {
 /// Most shards a deployment may have.
 pub const MAX_SHARDS: u16 = 256;
 
+/// A configuration group with every setting at its default, as the flags declare it (the
+/// environment is not read): what the `Default` implementations return.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None::<&str>));
+    let matches = command
+        .try_get_matches_from(["defaults"])
+        .expect("every setting has a default or is optional");
+    T::from_arg_matches(&matches).expect("the defaults parse")
+}
+
+/// Parse a duration: numbers with units (`ms`, `s`, `m`, `h`, `d`), one or several
+/// (`1500ms`, `5s`, `1m30s`), or a bare number of milliseconds, the unit every duration
+/// variable (`…_MS`) took before units were accepted.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a duration: write it like 1500ms, 5s, 2m, 1h or 7d (a bare number \
+             is milliseconds)"
+        )
+    };
+    let text = s.trim();
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(Duration::from_millis(ms));
+    }
+    if text.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let millis_per: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let part = n.checked_mul(millis_per).ok_or_else(bad)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .ok_or_else(bad)?;
+        rest = rest[unit_len..].trim_start();
+    }
+    Ok(total)
+}
+
 /// Where the stores are. Shared by every command. Its `Debug` hides the passwords of the
 /// URLs, and `--help` does not print their values from the environment.
 #[derive(Clone, clap::Args)]
 pub struct StoreConfig {
-    /// Postgres connection string.
+    /// Postgres, as a connection URL: `postgres://USER:PASSWORD@HOST:5432/DATABASE`.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -69,7 +92,10 @@ pub struct StoreConfig {
     )]
     pub database_url: String,
 
-    /// RabbitMQ connection string.
+    /// RabbitMQ; the nodes of a cluster as several URLs separated by commas: each
+    /// connection starts from the next node in turn and skips one that refuses or does not
+    /// answer within 10 s, and a role whose connection drops reconnects (with backoff) to
+    /// the next; jobs whose confirms were lost are published again from the ledger.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -79,39 +105,42 @@ pub struct StoreConfig {
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name, so several deployments (or tests) can share
-    /// one RabbitMQ virtual host.
+    /// one RabbitMQ virtual host. A prefix belongs to one installation (one database): a
+    /// process of another refuses to start on it.
     #[arg(long, env = "AMQP_PREFIX", default_value = "kongflow")]
     pub amqp_prefix: String,
 
-    /// If set, queues are declared with this `x-expires` (milliseconds) and exchanges as
+    /// If set, queues expire after this long unused and exchanges are declared
     /// auto-delete, so a short-lived deployment (a test, a preview) leaves nothing behind.
-    #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS")]
-    pub amqp_queue_expires_ms: Option<u32>,
+    #[arg(long, env = "AMQP_QUEUE_EXPIRES_MS", value_parser = parse_duration)]
+    pub amqp_queue_expires: Option<Duration>,
 
-    /// The type of every queue this service declares: `classic` (the default: one node
-    /// holds each queue) or `quorum` (replicated over a cluster's nodes; see the README for
-    /// which to pick). Every process must agree, and a queue's type cannot change in place.
-    #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value_t = QueueType::Classic)]
+    /// The type of every queue this service declares: `classic` (one node holds each
+    /// queue) or `quorum` (replicated over a cluster's nodes; which to pick:
+    /// docs/configuration.md, Which queue type).
+    /// Every process must agree, and a queue's type cannot change in place (a new
+    /// `AMQP_PREFIX` is the way over).
+    #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "classic")]
     pub amqp_queue_type: QueueType,
 
-    /// How many shards the work queues are split into, by a stable hash of the environment
-    /// (1 to 256). Every process of a deployment must agree; see the README before changing
-    /// it on a running deployment.
-    #[arg(long, env = "SHARD_COUNT", default_value_t = defaults::SHARD_COUNT,
+    /// Work queues per job kind, by a stable hash of the environment (1 to 256). Every
+    /// process of a deployment must agree (before changing it on a running deployment, see
+    /// docs/operations.md, Shards).
+    #[arg(long, env = "SHARD_COUNT", default_value = "1",
         value_parser = clap::value_parser!(u16).range(1..=MAX_SHARDS as i64))]
     pub shard_count: u16,
 
-    /// How long before its due time a delayed job's message leaves the delay tiers; the
-    /// worker holds it for the rest, in milliseconds. Relays and workers must agree.
-    #[arg(long, env = "DELAY_LEAD_MS", default_value_t = defaults::DELAY_LEAD_MS)]
-    pub delay_lead_ms: u64,
+    /// A delayed job's message leaves the delay tiers this long before it is due, and the
+    /// worker holds it until then. Relays and workers must agree.
+    #[arg(long, env = "DELAY_LEAD_MS", default_value = "250ms", value_parser = parse_duration)]
+    pub delay_lead: Duration,
 
-    /// Largest number of Postgres connections this process opens.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = defaults::DATABASE_MAX_CONNECTIONS)]
+    /// Most Postgres connections this process opens (its pool's size).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value = "16")]
     pub database_max_connections: u32,
 
     /// Do not apply migrations at start-up (run `kongflow-events migrate` instead).
-    #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value_t = defaults::KONGFLOW_NO_MIGRATE)]
+    #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value = "false")]
     pub no_migrate: bool,
 }
 
@@ -141,181 +170,199 @@ impl Roles {
     };
 }
 
-/// Relay tuning.
+/// Relay tuning: publishing the outbox. The relay also runs the maintenance loops, tuned
+/// apart in [`MaintenanceConfig`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
-    /// Most jobs claimed and published per batch. Smaller batches hold their row locks for
-    /// less time (a worker that receives a message waits for its batch to commit).
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = defaults::RELAY_BATCH_SIZE)]
+    /// Most jobs claimed and published per relay batch. Smaller batches hold their row
+    /// locks for less time (a worker that receives a message waits for its batch to
+    /// commit).
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value = "200")]
     pub relay_batch_size: i64,
 
     /// Publishing loops per relay process.
-    #[arg(long, env = "RELAY_CONCURRENCY", default_value_t = defaults::RELAY_CONCURRENCY)]
+    #[arg(long, env = "RELAY_CONCURRENCY", default_value = "2")]
     pub relay_concurrency: usize,
 
-    /// How often the relay looks for work when no notification arrives, in milliseconds.
-    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = defaults::RELAY_POLL_INTERVAL_MS)]
-    pub relay_poll_interval_ms: u64,
+    /// How often the relay looks for work when no notification arrives.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value = "1s", value_parser = parse_duration)]
+    pub relay_poll_interval: Duration,
 
-    /// How long the relay waits for publisher confirms before it gives a batch up, in milliseconds.
-    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = defaults::RELAY_CONFIRM_TIMEOUT_MS)]
-    pub relay_confirm_timeout_ms: u64,
+    /// How long the relay waits for a batch's publisher confirms; a batch whose confirms
+    /// take longer is given up and retried.
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value = "10s", value_parser = parse_duration)]
+    pub relay_confirm_timeout: Duration,
 
-    /// How often the reconciler looks for jobs whose message went missing, in milliseconds.
-    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value_t = defaults::RECONCILE_INTERVAL_MS)]
-    pub reconcile_interval_ms: u64,
-
-    /// How far past its due time (or its publication, if later) a job that is not final
-    /// must be before the reconciler publishes it again, in milliseconds.
-    #[arg(long, env = "RECONCILE_MARGIN_MS", default_value_t = defaults::RECONCILE_MARGIN_MS)]
-    pub reconcile_margin_ms: u64,
-
-    /// How often retention deletes old final jobs, in milliseconds.
-    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value_t = defaults::RETENTION_INTERVAL_MS)]
-    pub retention_interval_ms: u64,
-
-    /// Completed jobs are deleted this long after they completed, in milliseconds.
-    /// Unique-by-args holds as long as the job is kept.
-    #[arg(long, env = "RETENTION_COMPLETED_MS", default_value_t = defaults::RETENTION_COMPLETED_MS)]
-    pub retention_completed_ms: u64,
-
-    /// Discarded and cancelled jobs are deleted this long after they ended, in milliseconds.
-    #[arg(long, env = "RETENTION_DISCARDED_MS", default_value_t = defaults::RETENTION_DISCARDED_MS)]
-    pub retention_discarded_ms: u64,
-
-    /// Delivered and cancelled events, with their runs, are deleted this long after they
-    /// were stored, in milliseconds; 0: kept forever. Keep it above RETENTION_DISCARDED_MS,
-    /// so a dead-lettered job's event is still there to replay.
-    #[arg(long, env = "RETENTION_EVENTS_MS", default_value_t = defaults::RETENTION_EVENTS_MS)]
-    pub retention_events_ms: u64,
-
-    /// Most jobs one retention statement deletes; each batch is its own short statement.
-    #[arg(long, env = "RETENTION_BATCH_SIZE", default_value_t = defaults::RETENTION_BATCH_SIZE)]
-    pub retention_batch_size: i64,
-
-    /// How often the relay looks at the ledger's busiest tables and vacuums (and analyzes)
-    /// those autovacuum has left behind, in milliseconds; 0: never.
-    #[arg(long, env = "VACUUM_INTERVAL_MS", default_value_t = defaults::VACUUM_INTERVAL_MS)]
-    pub vacuum_interval_ms: u64,
-}
-
-impl RelayConfig {
-    pub fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.relay_poll_interval_ms)
-    }
-    pub fn confirm_timeout(&self) -> Duration {
-        Duration::from_millis(self.relay_confirm_timeout_ms)
-    }
-    pub fn reconcile_interval(&self) -> Duration {
-        Duration::from_millis(self.reconcile_interval_ms)
-    }
-    pub fn reconcile_margin(&self) -> Duration {
-        Duration::from_millis(self.reconcile_margin_ms)
-    }
-    pub fn retention_interval(&self) -> Duration {
-        Duration::from_millis(self.retention_interval_ms)
-    }
-    pub fn retention_completed(&self) -> Duration {
-        Duration::from_millis(self.retention_completed_ms)
-    }
-    pub fn retention_discarded(&self) -> Duration {
-        Duration::from_millis(self.retention_discarded_ms)
-    }
-    /// `None`: events are kept forever.
-    pub fn retention_events(&self) -> Option<Duration> {
-        (self.retention_events_ms > 0).then(|| Duration::from_millis(self.retention_events_ms))
-    }
-    /// `None`: the relay never vacuums.
-    pub fn vacuum_interval(&self) -> Option<Duration> {
-        (self.vacuum_interval_ms > 0).then(|| Duration::from_millis(self.vacuum_interval_ms))
-    }
+    #[command(flatten)]
+    pub maintenance: MaintenanceConfig,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        Self {
-            relay_batch_size: defaults::RELAY_BATCH_SIZE,
-            relay_concurrency: defaults::RELAY_CONCURRENCY,
-            relay_poll_interval_ms: defaults::RELAY_POLL_INTERVAL_MS,
-            relay_confirm_timeout_ms: defaults::RELAY_CONFIRM_TIMEOUT_MS,
-            reconcile_interval_ms: defaults::RECONCILE_INTERVAL_MS,
-            reconcile_margin_ms: defaults::RECONCILE_MARGIN_MS,
-            retention_interval_ms: defaults::RETENTION_INTERVAL_MS,
-            retention_completed_ms: defaults::RETENTION_COMPLETED_MS,
-            retention_discarded_ms: defaults::RETENTION_DISCARDED_MS,
-            retention_events_ms: defaults::RETENTION_EVENTS_MS,
-            retention_batch_size: defaults::RETENTION_BATCH_SIZE,
-            vacuum_interval_ms: defaults::VACUUM_INTERVAL_MS,
-        }
+        defaults()
     }
 }
 
-/// Worker tuning.
+/// What relay processes do beside publishing: the reconciler, retention and vacuum.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MaintenanceConfig {
+    /// How often the reconciler looks for jobs whose message went missing.
+    #[arg(long, env = "RECONCILE_INTERVAL_MS", default_value = "1m", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// How far overdue (from its due time or its publication, whichever is later) a job not
+    /// yet final must be before the reconciler publishes it again.
+    #[arg(long, env = "RECONCILE_MARGIN_MS", default_value = "5m", value_parser = parse_duration)]
+    pub reconcile_margin: Duration,
+
+    /// How often retention runs.
+    #[arg(long, env = "RETENTION_INTERVAL_MS", default_value = "1m", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+
+    /// Completed jobs are deleted this long after they completed. Unique-by-args holds as
+    /// long as the job is kept.
+    #[arg(long, env = "RETENTION_COMPLETED_MS", default_value = "1d", value_parser = parse_duration)]
+    pub retention_completed: Duration,
+
+    /// Discarded and cancelled jobs are deleted this long after they ended.
+    #[arg(long, env = "RETENTION_DISCARDED_MS", default_value = "7d", value_parser = parse_duration)]
+    pub retention_discarded: Duration,
+
+    /// Delivered and cancelled events are deleted this long after they were stored, with
+    /// their runs, and EPHEMERAL dispatchers this long after they fired or expired, with
+    /// their attempts; `0`: kept forever. An event not yet delivered is kept however old
+    /// while its delivery job lives (once that job is discarded or cancelled, the event goes
+    /// this long after it was due). Keep it above `RETENTION_DISCARDED_MS`, so a
+    /// dead-lettered job's event is still there to replay.
+    #[arg(long, env = "RETENTION_EVENTS_MS", default_value = "30d", value_parser = parse_duration)]
+    pub retention_events: Duration,
+
+    /// Most jobs, or events, one retention statement deletes; each batch is its own short
+    /// statement.
+    #[arg(long, env = "RETENTION_BATCH_SIZE", default_value = "1000")]
+    pub retention_batch_size: i64,
+
+    /// How often relay processes look for ledger tables autovacuum has left behind and
+    /// vacuum (and analyze) them; `0`: never.
+    #[arg(long, env = "VACUUM_INTERVAL_MS", default_value = "1m", value_parser = parse_duration)]
+    pub vacuum_interval: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+/// Worker tuning. Webhooks, which workers send, are tuned apart in [`WebhookConfig`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerConfig {
-    /// Consumers per job kind; each has its own channel and runs one batch at a time.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = defaults::WORKER_CONCURRENCY)]
+    /// Consumers (channels) per job kind in each worker process; each runs one batch at a
+    /// time. Fewer consumers make bigger batches and fewer commits. With one, a batch that
+    /// waits (on a row lock, say) holds its kind back in that process: run several worker
+    /// processes, or raise it where handlers may wait.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value = "1")]
     pub worker_concurrency: usize,
 
     /// Unacknowledged messages RabbitMQ hands each consumer ahead of time.
-    #[arg(long, env = "WORKER_PREFETCH", default_value_t = defaults::WORKER_PREFETCH)]
+    #[arg(long, env = "WORKER_PREFETCH", default_value = "200")]
     pub worker_prefetch: u16,
 
     /// Most messages whose work commits in one transaction.
-    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = defaults::WORKER_BATCH_SIZE)]
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value = "100")]
     pub worker_batch_size: usize,
 
-    /// Wait before the second attempt of a failed job, in milliseconds; it doubles with
-    /// every attempt after that (see `handlers::backoff`).
-    #[arg(long, env = "RETRY_BASE_MS", default_value_t = defaults::RETRY_BASE_MS)]
-    pub retry_base_ms: u64,
+    /// Wait before a failed job's second attempt; it doubles with every attempt after that.
+    #[arg(long, env = "RETRY_BASE_MS", default_value = "1s", value_parser = parse_duration)]
+    pub retry_base: Duration,
 
-    /// Longest wait between two attempts, in milliseconds.
-    #[arg(long, env = "RETRY_MAX_MS", default_value_t = defaults::RETRY_MAX_MS)]
-    pub retry_max_ms: u64,
+    /// Longest wait between two attempts.
+    #[arg(long, env = "RETRY_MAX_MS", default_value = "1h", value_parser = parse_duration)]
+    pub retry_max: Duration,
 
-    /// The shards this worker consumes, as a list of numbers and ranges (`0,2,4-7`);
-    /// unset: every shard. Lets a deployment run separate worker groups.
+    /// The shards this worker consumes, as a list of numbers and ranges (`0,2,4-7`); unset:
+    /// every shard. Lets a deployment run separate worker groups; a shard at or past
+    /// `SHARD_COUNT` stops the worker at start with the reason.
     #[arg(long = "shards", env = "WORKER_SHARDS")]
     pub shards: Option<ShardSet>,
 
-    /// Longest a webhook request may take, connect to last byte, in milliseconds; past it
-    /// the attempt fails and is retried like any job.
-    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_TIMEOUT_MS)]
-    pub webhook_timeout_ms: u64,
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
+}
 
-    /// Webhook requests one consumer has in flight at once (each settles its own message,
-    /// so a slow receiver holds up only its own).
-    #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value_t = defaults::WEBHOOK_CONCURRENCY)]
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+/// How workers send EPHEMERAL dispatchers' webhooks.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookConfig {
+    /// Longest a webhook request may take, connect to last byte; past it the attempt fails
+    /// and is retried like any job.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// Longest a webhook's host may take to resolve, and to connect.
+    #[arg(long, env = "WEBHOOK_CONNECT_TIMEOUT_MS", default_value = "3s", value_parser = parse_duration)]
+    pub webhook_connect_timeout: Duration,
+
+    /// Webhook requests one worker consumer has in flight at once; each settles its own
+    /// message, so a slow receiver holds up only its own.
+    #[arg(long, env = "WEBHOOK_CONCURRENCY", default_value = "64")]
     pub webhook_concurrency: usize,
 
     /// Of a consumer's `WEBHOOK_CONCURRENCY` places, the most one environment holds (its
-    /// share): its other webhooks wait in the delay tiers while it has that many out, so a
-    /// tenant whose receivers hang leaves the other places to the others.
-    #[arg(long, env = "WEBHOOK_CONCURRENCY_PER_ENVIRONMENT", default_value_t = defaults::WEBHOOK_CONCURRENCY_PER_ENVIRONMENT)]
+    /// share, counting those waiting for a place): its other webhooks wait in the delay
+    /// tiers and come back after 1 s, so a tenant whose receivers hang leaves the other
+    /// places to the others.
+    #[arg(
+        long,
+        env = "WEBHOOK_CONCURRENCY_PER_ENVIRONMENT",
+        default_value = "16"
+    )]
     pub webhook_concurrency_per_environment: usize,
 
-    /// Longest a webhook's host may take to resolve and to connect, in milliseconds.
-    #[arg(long, env = "WEBHOOK_CONNECT_TIMEOUT_MS", default_value_t = defaults::WEBHOOK_CONNECT_TIMEOUT_MS)]
-    pub webhook_connect_timeout_ms: u64,
-
-    /// Networks webhooks may reach although they are loopback, private, link-local or
-    /// otherwise inside (comma-separated, `10.0.0.0/8,::1`). Unset: none.
-    #[arg(long, env = "WEBHOOK_ALLOW_NETS", value_parser = crate::webhooks::parse_nets_arg)]
-    pub webhook_allow_nets: Option<crate::webhooks::NetList>,
+    /// Networks webhooks may reach although they are inside, comma-separated
+    /// (`10.20.0.0/16,127.0.0.1`). Unset, every entry of the IANA IPv4 and IPv6
+    /// special-purpose address registries that is not globally reachable is refused
+    /// (loopback, private, shared, link-local, unspecified, documentation, benchmarking,
+    /// IETF protocol assignments, 6to4 relay anycast, discard-only, SRv6, overlay
+    /// identifiers, ...), and multicast, reserved, IPv6 outside `2000::/3`, IPv4-translated
+    /// addresses and the IPv6 forms that embed a refused IPv4 address (IPv4-mapped and
+    /// -compatible, 6to4, NAT64), whatever name resolves to them; Teredo is refused
+    /// outright. Cloud metadata addresses (`169.254.169.254`, `fd00:ec2::254`) are refused
+    /// whatever it says.
+    #[arg(long, env = "WEBHOOK_ALLOW_NETS")]
+    pub webhook_allow_nets: Option<NetList>,
 }
 
-impl WorkerConfig {
-    /// How this worker sends webhooks.
-    pub fn webhook_sender(&self) -> crate::webhooks::Sender {
-        crate::webhooks::Sender {
-            guard: crate::webhooks::Guard {
-                allow: self.webhook_allow_nets.clone().unwrap_or_default().0,
-            },
-            connect_timeout: Duration::from_millis(self.webhook_connect_timeout_ms),
-            timeout: Duration::from_millis(self.webhook_timeout_ms),
-            resolver: crate::webhooks::Resolver::default(),
-        }
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+/// Networks, written `10.0.0.0/8,::1`: networks or single addresses, comma-separated
+/// (`WEBHOOK_ALLOW_NETS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetList(pub Vec<IpNet>);
+
+impl std::str::FromStr for NetList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<IpNet>()
+                    .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("{p:?} is not a network (10.0.0.0/8) or an address"))
+            })
+            .collect::<Result<_, _>>()
+            .map(NetList)
     }
 }
 
@@ -381,51 +428,24 @@ impl WorkerConfig {
     }
 }
 
-impl WorkerConfig {
-    pub fn retry_base(&self) -> Duration {
-        Duration::from_millis(self.retry_base_ms)
-    }
-    pub fn retry_max(&self) -> Duration {
-        Duration::from_millis(self.retry_max_ms)
-    }
-}
-
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        Self {
-            worker_concurrency: defaults::WORKER_CONCURRENCY,
-            worker_prefetch: defaults::WORKER_PREFETCH,
-            worker_batch_size: defaults::WORKER_BATCH_SIZE,
-            retry_base_ms: defaults::RETRY_BASE_MS,
-            retry_max_ms: defaults::RETRY_MAX_MS,
-            shards: None,
-            webhook_timeout_ms: defaults::WEBHOOK_TIMEOUT_MS,
-            webhook_connect_timeout_ms: defaults::WEBHOOK_CONNECT_TIMEOUT_MS,
-            webhook_concurrency: defaults::WEBHOOK_CONCURRENCY,
-            webhook_concurrency_per_environment: defaults::WEBHOOK_CONCURRENCY_PER_ENVIRONMENT,
-            webhook_allow_nets: None,
-        }
-    }
-}
-
 /// Ingest consumer tuning (the AMQP ingest exchange).
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestConfig {
-    /// Consumers of the ingest queue per process; each has its own channel and commits one
-    /// batch at a time.
-    #[arg(long, env = "INGEST_CONCURRENCY", default_value_t = defaults::INGEST_CONCURRENCY)]
+    /// Consumers (channels) of the ingest queue per process; each commits one batch at a
+    /// time.
+    #[arg(long, env = "INGEST_CONCURRENCY", default_value = "2")]
     pub ingest_concurrency: usize,
 
     /// Unacknowledged requests RabbitMQ hands each ingest consumer ahead of time.
-    #[arg(long, env = "INGEST_PREFETCH", default_value_t = defaults::INGEST_PREFETCH)]
+    #[arg(long, env = "INGEST_PREFETCH", default_value = "1000")]
     pub ingest_prefetch: u16,
 
-    /// Most requests stored in one transaction.
-    #[arg(long, env = "INGEST_BATCH_SIZE", default_value_t = defaults::INGEST_BATCH_SIZE)]
+    /// Most ingest requests stored in one transaction.
+    #[arg(long, env = "INGEST_BATCH_SIZE", default_value = "500")]
     pub ingest_batch_size: usize,
 
     /// Queues a request's `reply_to` may name, by the start of their names, besides direct
-    /// reply-to (`amq.rabbitmq.reply-to`) and server-named queues (`amq.gen-`); default
+    /// reply-to (`amq.rabbitmq.reply-to`) and server-named queues (`amq.gen-`); unset:
     /// `<AMQP_PREFIX>.reply.`. A request naming any other queue gets no reply.
     #[arg(long, env = "INGEST_REPLY_PREFIX")]
     pub ingest_reply_prefix: Option<String>,
@@ -433,81 +453,86 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self {
-            ingest_concurrency: defaults::INGEST_CONCURRENCY,
-            ingest_prefetch: defaults::INGEST_PREFETCH,
-            ingest_batch_size: defaults::INGEST_BATCH_SIZE,
-            ingest_reply_prefix: None,
-        }
+        defaults()
     }
 }
 
-/// Where a relay or worker process serves `/metrics`, `/healthz` and `/readyz`.
+/// Where a long-running process serves `/metrics`, `/healthz` and `/readyz`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsConfig {
-    /// Address of the metrics and health listener (`0` as port: any free one).
+    /// Where the process serves `/metrics`, `/healthz` and `/readyz` (`0` as port: any free
+    /// one). Every long-running command serves them there; `serve` and `all` never serve
+    /// `/metrics` on `HTTP_ADDR` (its labels name tenants), and serve `/healthz` and
+    /// `/readyz` there too. Several processes on one host each need their own.
     #[arg(
         long = "metrics",
         env = "METRICS_ADDR",
-        default_value = defaults::METRICS_ADDR
+        default_value = "127.0.0.1:9464"
     )]
     pub metrics_addr: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 /// HTTP listener and the bounds on what one client can hold of it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {
     /// Address the HTTP API listens on (`0` as port: any free one).
-    #[arg(long = "http", env = "HTTP_ADDR", default_value = defaults::HTTP_ADDR)]
+    #[arg(long = "http", env = "HTTP_ADDR", default_value = "127.0.0.1:3030")]
     pub http_addr: SocketAddr,
 
-    /// How long a client may take to send a request's headers, in milliseconds, counted
-    /// from the connection's start or the end of the previous response: it is also how
-    /// long an idle keep-alive connection stays open.
-    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value_t = defaults::HTTP_HEADER_TIMEOUT_MS)]
-    pub http_header_timeout_ms: u64,
+    /// How long a client may take to send a request's headers, counted from the
+    /// connection's start or the end of the previous response: also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_MS", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
 
-    /// Longest a request may take, body upload included, in milliseconds; past it the API
-    /// answers 408.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = defaults::HTTP_REQUEST_TIMEOUT_MS)]
-    pub http_request_timeout_ms: u64,
+    /// Longest a request may take, body upload included; past it the API answers `408`.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value = "30s", value_parser = parse_duration)]
+    pub http_request_timeout: Duration,
 
-    /// Longest a request's body may take to arrive, in milliseconds, counted from when the
-    /// handler starts reading it (after the caller is authenticated); past it the API
-    /// answers 408.
-    #[arg(long, env = "HTTP_BODY_TIMEOUT_MS", default_value_t = defaults::HTTP_BODY_TIMEOUT_MS)]
-    pub http_body_timeout_ms: u64,
+    /// Longest a request's body may take to arrive, counted from when the handler starts
+    /// reading it (after the caller is authenticated); past it the API answers `408`.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT_MS", default_value = "5s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
 
-    /// Most API requests served at once; beyond it the API answers 503 with `Retry-After`
-    /// (the v2 SDK retries). `/healthz` and `/readyz` are not counted.
-    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value_t = defaults::HTTP_MAX_IN_FLIGHT)]
+    /// Most API requests served at once; beyond it the API answers `503` with
+    /// `Retry-After: 1` (the v2 SDK retries). `/healthz` and `/readyz` are not counted.
+    #[arg(long, env = "HTTP_MAX_IN_FLIGHT", default_value = "256")]
     pub http_max_in_flight: usize,
 
-    /// Most of those places one environment (or the operator token) may hold at once;
-    /// beyond it its requests get 429 with `Retry-After`. Unset: a quarter of
-    /// `HTTP_MAX_IN_FLIGHT`. Public routes hold at most an eighth together, and keys not
-    /// yet known are looked up an eighth at a time.
+    /// Of those places, the most one environment (or the operator token) may hold at once;
+    /// beyond it its requests get `429` with `Retry-After: 1`. Unset: a quarter of
+    /// `HTTP_MAX_IN_FLIGHT`. Public routes hold at most an eighth together, and keys not yet
+    /// known are looked up an eighth at a time (`503` if none frees within 250 ms).
     #[arg(long, env = "HTTP_MAX_IN_FLIGHT_PER_ENVIRONMENT")]
     pub http_max_in_flight_per_environment: Option<usize>,
 
-    /// Most connections the API holds open at once. At the cap the oldest connections are
-    /// closed to make room (first those that never sent a request, at once; then others
-    /// after their answer), and a new one waits in the listen backlog until then. Also
-    /// kept below the open-files limit (raised to its hard limit at start), with room for
-    /// the process's database and broker connections.
-    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = defaults::HTTP_MAX_CONNECTIONS)]
+    /// Most connections the API holds open at once. At the cap it accepts no more until one
+    /// closes, and asks the oldest to close, every 50 ms: first those that never sent a
+    /// request (closed at once), then others (after their answer). Kept below the
+    /// open-files limit, which every process raises to its hard limit at start, with room
+    /// for its database, broker and webhook sockets.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value = "1024")]
     pub http_max_connections: usize,
 
-    /// Where `/metrics`, `/healthz` and `/readyz` are served, apart from the API, so the
-    /// API's port shows no traffic figures or tenant names (`0` as port: any free one).
-    /// `/healthz` and `/readyz` are also served on the API's port.
-    #[arg(long = "metrics", env = "METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
-
-    /// The bearer token of the operator endpoints (`/api/v1/operator/...`: environment
-    /// limits). Unset: those endpoints answer 403.
+    /// The bearer token of the operator endpoints (`/api/v1/operator/...`), at least 16
+    /// characters; unset, those endpoints answer `403`. Not an environment's API key: it
+    /// changes any environment. After 10 wrong tokens from one client address in a minute,
+    /// or 100 from all, attempts are refused with `429` and `Retry-After`, the token not
+    /// checked, until the minute ends.
     #[arg(long, env = "OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<OperatorToken>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 /// The operator endpoints' bearer token; printed as `***`.
@@ -532,15 +557,6 @@ impl std::fmt::Debug for OperatorToken {
 }
 
 impl HttpConfig {
-    pub fn header_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_header_timeout_ms)
-    }
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_request_timeout_ms)
-    }
-    pub fn body_timeout(&self) -> Duration {
-        Duration::from_millis(self.http_body_timeout_ms)
-    }
     /// The places one environment may hold: `HTTP_MAX_IN_FLIGHT_PER_ENVIRONMENT`, or a
     /// quarter of `HTTP_MAX_IN_FLIGHT`; at least one, at most all.
     pub fn in_flight_per_environment(&self) -> usize {
@@ -556,40 +572,63 @@ impl HttpConfig {
     }
 }
 
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            http_addr: defaults::HTTP_ADDR
-                .parse()
-                .expect("the default address parses"),
-            http_header_timeout_ms: defaults::HTTP_HEADER_TIMEOUT_MS,
-            http_request_timeout_ms: defaults::HTTP_REQUEST_TIMEOUT_MS,
-            http_body_timeout_ms: defaults::HTTP_BODY_TIMEOUT_MS,
-            http_max_in_flight: defaults::HTTP_MAX_IN_FLIGHT,
-            http_max_in_flight_per_environment: None,
-            http_max_connections: defaults::HTTP_MAX_CONNECTIONS,
-            metrics_addr: defaults::METRICS_ADDR
-                .parse()
-                .expect("the default address parses"),
-            operator_token: None,
-        }
-    }
-}
-
 /// How a long-running process stops.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ShutdownConfig {
-    /// After SIGTERM, how long the process may take to finish what it holds, in
-    /// milliseconds; past it the process exits anyway (status 1), and the messages it held
-    /// unacknowledged go back to RabbitMQ. Keep it below the pod's grace period.
-    #[arg(long, env = "SHUTDOWN_DEADLINE_MS", default_value_t = defaults::SHUTDOWN_DEADLINE_MS)]
-    pub shutdown_deadline_ms: u64,
+    /// After SIGTERM, how long the process may take to finish what it holds; past it the
+    /// process exits anyway (status 1), and RabbitMQ hands the messages it held to other
+    /// consumers. Keep it below the pod's grace period.
+    #[arg(long, env = "SHUTDOWN_DEADLINE_MS", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_deadline: Duration,
 }
 
-impl ShutdownConfig {
-    pub fn deadline(&self) -> Duration {
-        Duration::from_millis(self.shutdown_deadline_ms)
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        defaults()
     }
+}
+
+/// How a process logs. Every command reads it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogConfig {
+    /// Log filter (`tracing`'s `EnvFilter` syntax): `kongflow_events=debug` adds a line per
+    /// job with its trace id.
+    #[arg(
+        long = "log",
+        env = "RUST_LOG",
+        default_value = "info,sqlx::postgres::notice=warn",
+        global = true
+    )]
+    pub log_filter: String,
+
+    /// `human`, or `json` for one JSON object per line.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The crash and fault points a test switched on (`KONGFLOW_FAILPOINTS`, names separated
+/// by commas; see `failpoint`). Unset in production: none.
+pub fn failpoints() -> Vec<String> {
+    std::env::var("KONGFLOW_FAILPOINTS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -598,14 +637,138 @@ impl std::fmt::Debug for StoreConfig {
             .field("database_url", &redact_url(&self.database_url))
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
-            .field("amqp_queue_expires_ms", &self.amqp_queue_expires_ms)
+            .field("amqp_queue_expires", &self.amqp_queue_expires)
             .field("amqp_queue_type", &self.amqp_queue_type)
             .field("shard_count", &self.shard_count)
-            .field("delay_lead_ms", &self.delay_lead_ms)
+            .field("delay_lead", &self.delay_lead)
             .field("database_max_connections", &self.database_max_connections)
             .field("no_migrate", &self.no_migrate)
             .finish()
     }
+}
+
+/// One setting of the command line, as the reference shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub variable: String,
+    pub flag: Option<String>,
+    /// `None`: unset unless given.
+    pub default: Option<String>,
+    /// The values it takes, when they are a fixed list (not `true`/`false`).
+    pub values: Vec<String>,
+    /// The top-level commands that read it; empty: every command.
+    pub commands: Vec<String>,
+    pub meaning: String,
+}
+
+/// Every setting `cli` reads from the environment, in the order of first declaration, each
+/// once with the commands that read it.
+pub fn reference(cli: &clap::Command) -> Vec<Setting> {
+    let mut settings: Vec<Setting> = Vec::new();
+    let mut add = |arg: &clap::Arg, command: Option<&str>| {
+        let Some(variable) = arg.get_env().and_then(|v| v.to_str()) else {
+            return;
+        };
+        if let Some(known) = settings.iter_mut().find(|s| s.variable == variable) {
+            if let Some(c) = command.filter(|c| !known.commands.iter().any(|k| k == c)) {
+                known.commands.push(c.to_string());
+            }
+            return;
+        }
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let mut meaning = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !meaning.ends_with('.') {
+            meaning.push('.');
+        }
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let mut values: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        if values == ["true", "false"] {
+            values.clear();
+        }
+        settings.push(Setting {
+            variable: variable.to_string(),
+            flag: arg.get_long().map(|l| format!("--{l}")),
+            default: (!default.is_empty()).then(|| default.join(",")),
+            values,
+            commands: command.map(String::from).into_iter().collect(),
+            meaning,
+        });
+    };
+    for arg in cli.get_arguments() {
+        add(arg, None);
+    }
+    fn under(command: &clap::Command, top: &str, add: &mut dyn FnMut(&clap::Arg, Option<&str>)) {
+        for arg in command.get_arguments() {
+            add(arg, Some(top));
+        }
+        for sub in command.get_subcommands() {
+            under(sub, top, add);
+        }
+    }
+    for sub in cli.get_subcommands() {
+        under(sub, sub.get_name(), &mut add);
+    }
+    settings
+}
+
+/// The reference as a Markdown table (`docs/configuration.md` holds it).
+pub fn markdown(settings: &[Setting]) -> String {
+    let cell = |s: &str| s.replace('|', "\\|");
+    let mut out = String::from(
+        "| variable | flag | default | read by | meaning |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for s in settings {
+        let mut default = match &s.default {
+            Some(d) => format!("`{d}`"),
+            None => "unset".to_string(),
+        };
+        if !s.values.is_empty() {
+            let values: Vec<String> = s.values.iter().map(|v| format!("`{v}`")).collect();
+            default.push_str(&format!(" (one of {})", values.join(", ")));
+        }
+        let commands = if s.commands.is_empty() {
+            "every command".to_string()
+        } else {
+            s.commands
+                .iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            s.variable,
+            s.flag.as_deref().map_or("".into(), |f| format!("`{f}`")),
+            cell(&default),
+            commands,
+            cell(&s.meaning),
+        ));
+    }
+    out
+}
+
+/// The reference as an environment file: each variable at its default, those unset by
+/// default commented out.
+pub fn env_file(settings: &[Setting]) -> String {
+    settings
+        .iter()
+        .map(|s| match &s.default {
+            Some(d) => format!("{}={d}\n", s.variable),
+            None => format!("# {}=\n", s.variable),
+        })
+        .collect()
 }
 
 /// A connection URL with its password (the part between `user:` and `@`) replaced by
@@ -655,7 +818,157 @@ fn redact_one(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{ShardSet, WorkerConfig, redact_url, url_list};
+    use std::time::Duration;
+
+    use super::{
+        HttpConfig, MaintenanceConfig, RelayConfig, ShardSet, WebhookConfig, WorkerConfig,
+        parse_duration, redact_url, url_list,
+    };
+
+    #[test]
+    fn durations_take_units_and_bare_milliseconds() {
+        let ms = Duration::from_millis;
+        assert_eq!(parse_duration("1500ms"), Ok(ms(1500)));
+        assert_eq!(parse_duration("5s"), Ok(ms(5_000)));
+        assert_eq!(parse_duration("2m"), Ok(ms(120_000)));
+        assert_eq!(parse_duration("2min"), Ok(ms(120_000)));
+        assert_eq!(parse_duration("1h"), Ok(ms(3_600_000)));
+        assert_eq!(parse_duration("30d"), Ok(ms(2_592_000_000)));
+        assert_eq!(parse_duration("1m30s"), Ok(ms(90_000)));
+        assert_eq!(parse_duration(" 1m 30s "), Ok(ms(90_000)));
+        // What the `_MS` variables always took, and still take: milliseconds.
+        assert_eq!(parse_duration("250"), Ok(ms(250)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "s",
+            "5x",
+            "1.5s",
+            "-1s",
+            "5 seconds",
+            "99999999999999999999d",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("1500ms, 5s"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_flags() {
+        let relay = RelayConfig::default();
+        assert_eq!(relay.relay_batch_size, 200);
+        assert_eq!(relay.relay_poll_interval, Duration::from_secs(1));
+        assert_eq!(
+            relay.maintenance.retention_events,
+            Duration::from_secs(30 * 86_400)
+        );
+        let worker = WorkerConfig::default();
+        assert_eq!(worker.retry_max, Duration::from_secs(3_600));
+        assert_eq!(worker.webhook.webhook_timeout, Duration::from_secs(10));
+        assert_eq!(worker.webhook.webhook_allow_nets, None);
+        assert_eq!(
+            HttpConfig::default().http_addr,
+            "127.0.0.1:3030".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn settings_are_grouped_by_concern() {
+        // Maintenance is the relay's, webhooks the worker's, each in its own group and its
+        // own flags, read from the same variables as before.
+        #[derive(clap::Parser)]
+        struct Relay {
+            #[command(flatten)]
+            relay: RelayConfig,
+        }
+        #[derive(clap::Parser)]
+        struct Worker {
+            #[command(flatten)]
+            worker: WorkerConfig,
+        }
+        let relay = <Relay as clap::Parser>::try_parse_from([
+            "relay",
+            "--retention-completed",
+            "2h",
+            "--vacuum-interval",
+            "0",
+            "--relay-poll-interval",
+            "1500",
+        ])
+        .unwrap()
+        .relay;
+        assert_eq!(
+            relay.maintenance.retention_completed,
+            Duration::from_secs(7_200)
+        );
+        assert!(relay.maintenance.vacuum_interval.is_zero());
+        assert_eq!(relay.relay_poll_interval, Duration::from_millis(1500));
+        let worker = <Worker as clap::Parser>::try_parse_from([
+            "worker",
+            "--webhook-connect-timeout",
+            "1s",
+            "--webhook-allow-nets",
+            "10.0.0.0/8, ::1",
+            "--retry-base",
+            "100ms",
+        ])
+        .unwrap()
+        .worker;
+        let webhook: &WebhookConfig = &worker.webhook;
+        assert_eq!(webhook.webhook_connect_timeout, Duration::from_secs(1));
+        assert_eq!(webhook.webhook_allow_nets.as_ref().unwrap().0.len(), 2);
+        assert_eq!(worker.retry_base, Duration::from_millis(100));
+        let _: MaintenanceConfig = relay.maintenance;
+        assert!(
+            <Worker as clap::Parser>::try_parse_from(["w", "--webhook-allow-nets", "nope"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_reference_names_each_variable_once_with_its_default() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            store: super::StoreConfig,
+            #[command(subcommand)]
+            command: Command,
+        }
+        #[derive(clap::Subcommand)]
+        enum Command {
+            Relay {
+                #[command(flatten)]
+                relay: RelayConfig,
+                #[command(flatten)]
+                metrics: super::MetricsConfig,
+            },
+            Worker {
+                #[command(flatten)]
+                metrics: super::MetricsConfig,
+            },
+        }
+        let settings = super::reference(&<Cli as clap::CommandFactory>::command());
+        let find = |v: &str| settings.iter().find(|s| s.variable == v).unwrap();
+        assert_eq!(
+            settings
+                .iter()
+                .filter(|s| s.variable == "METRICS_ADDR")
+                .count(),
+            1
+        );
+        assert_eq!(find("METRICS_ADDR").commands, ["relay", "worker"]);
+        assert!(find("DATABASE_URL").commands.is_empty());
+        assert_eq!(find("RETENTION_EVENTS_MS").default.as_deref(), Some("30d"));
+        assert_eq!(find("AMQP_QUEUE_TYPE").values, ["classic", "quorum"]);
+        assert_eq!(find("AMQP_QUEUE_EXPIRES_MS").default, None);
+        let table = super::markdown(&settings);
+        assert!(
+            table.contains(
+                "| `RELAY_POLL_INTERVAL_MS` | `--relay-poll-interval` | `1s` | `relay` |"
+            ),
+            "{table}"
+        );
+    }
 
     #[test]
     fn url_lists_split_where_a_url_starts() {
@@ -693,11 +1006,11 @@ mod tests {
             database_url: "postgres://app:hunter2@db/kongflow".into(),
             amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
             amqp_prefix: "kongflow".into(),
-            amqp_queue_expires_ms: None,
+            amqp_queue_expires: None,
             amqp_queue_type: super::QueueType::Classic,
-            shard_count: super::defaults::SHARD_COUNT,
-            delay_lead_ms: super::defaults::DELAY_LEAD_MS,
-            database_max_connections: super::defaults::DATABASE_MAX_CONNECTIONS,
+            shard_count: 1,
+            delay_lead: Duration::from_millis(250),
+            database_max_connections: 16,
             no_migrate: false,
         };
         let printed = format!("{store:?}");

@@ -31,15 +31,7 @@ pub const WORKER_STALL: &str = "worker-stall";
 
 fn active() -> &'static [String] {
     static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
-    ACTIVE.get_or_init(|| {
-        std::env::var("KONGFLOW_FAILPOINTS")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    })
+    ACTIVE.get_or_init(crate::config::failpoints)
 }
 
 /// If the failpoint `name` is active, say so on stderr and wait forever: the process stays

@@ -1,10 +1,11 @@
 //! `kongflow-events`: the command line. Parses flags and hands over to the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kongflow_events::admin::{self, StateFilter};
 use kongflow_events::app::{self, Roles, Tuning};
 use kongflow_events::config::{
-    HttpConfig, IngestConfig, MetricsConfig, RelayConfig, ShutdownConfig, StoreConfig, WorkerConfig,
+    self, HttpConfig, IngestConfig, LogConfig, LogFormat, MetricsConfig, RelayConfig,
+    ShutdownConfig, StoreConfig, WorkerConfig,
 };
 use kongflow_events::tenants::{self, EnvironmentType};
 
@@ -13,6 +14,8 @@ use kongflow_events::tenants::{self, EnvironmentType};
 struct Cli {
     #[command(flatten)]
     store: StoreConfig,
+    #[command(flatten)]
+    log: LogConfig,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,52 +36,13 @@ enum Command {
         #[arg(long, default_value = "/")]
         vhost: String,
     },
-    /// Serve the HTTP API.
-    Serve {
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        stop: ShutdownConfig,
-    },
-    /// Consume send-event requests from the ingest exchange and store them.
-    Ingest {
-        #[command(flatten)]
-        ingest: IngestConfig,
-        #[command(flatten)]
-        metrics: MetricsConfig,
-        #[command(flatten)]
-        stop: ShutdownConfig,
-    },
-    /// Publish jobs from the outbox to RabbitMQ.
-    Relay {
-        #[command(flatten)]
-        relay: RelayConfig,
-        #[command(flatten)]
-        metrics: MetricsConfig,
-        #[command(flatten)]
-        stop: ShutdownConfig,
-    },
-    /// Consume and run jobs.
-    Worker {
-        #[command(flatten)]
-        worker: WorkerConfig,
-        #[command(flatten)]
-        metrics: MetricsConfig,
-        #[command(flatten)]
-        stop: ShutdownConfig,
-    },
-    /// HTTP API, AMQP ingest, relay and worker in one process.
-    All {
-        #[command(flatten)]
-        http: HttpConfig,
-        #[command(flatten)]
-        ingest: IngestConfig,
-        #[command(flatten)]
-        relay: RelayConfig,
-        #[command(flatten)]
-        worker: WorkerConfig,
-        #[command(flatten)]
-        stop: ShutdownConfig,
+    #[command(flatten)]
+    Process(ProcessCommand),
+    /// Print every setting with its default: as an environment file, or as the Markdown
+    /// table of docs/configuration.md.
+    Config {
+        #[arg(long)]
+        markdown: bool,
     },
     /// Manage environments and their API keys.
     Env {
@@ -92,6 +56,54 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         command: JobsCommand,
+    },
+}
+
+/// The long-running commands: each starts a process playing some roles.
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum ProcessCommand {
+    /// Serve the HTTP API.
+    Serve {
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        run: RunConfig,
+    },
+    /// Consume send-event requests from the ingest exchange and store them.
+    Ingest {
+        #[command(flatten)]
+        ingest: IngestConfig,
+        #[command(flatten)]
+        run: RunConfig,
+    },
+    /// Publish jobs from the outbox to RabbitMQ; reconcile, retain and vacuum.
+    Relay {
+        #[command(flatten)]
+        relay: RelayConfig,
+        #[command(flatten)]
+        run: RunConfig,
+    },
+    /// Consume and run jobs.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerConfig,
+        #[command(flatten)]
+        run: RunConfig,
+    },
+    /// HTTP API, AMQP ingest, relay and worker in one process.
+    All {
+        #[command(flatten)]
+        http: HttpConfig,
+        #[command(flatten)]
+        ingest: IngestConfig,
+        #[command(flatten)]
+        relay: RelayConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+        #[command(flatten)]
+        run: RunConfig,
     },
 }
 
@@ -178,34 +190,103 @@ enum EnvCommand {
     },
 }
 
-fn init_tracing() {
+/// The markers around the generated table in docs/configuration.md.
+#[cfg(test)]
+const TABLE_BEGIN: &str =
+    "<!-- The table is `kongflow-events config --markdown`; a test keeps it so. -->";
+#[cfg(test)]
+const TABLE_END: &str = "<!-- End of the generated table. -->";
+
+/// What every long-running command takes besides its roles' tuning.
+#[derive(clap::Args)]
+struct RunConfig {
+    #[command(flatten)]
+    metrics: MetricsConfig,
+    #[command(flatten)]
+    stop: ShutdownConfig,
+}
+
+/// Start the process a long-running command describes (its roles, their tuning, its
+/// listeners) and run it until a signal stops it.
+async fn run_process(store: &StoreConfig, command: ProcessCommand) -> anyhow::Result<()> {
+    use ProcessCommand::*;
+    let (mut roles, mut tuning) = (Roles::NONE, Tuning::default());
+    let (http, run) = match command {
+        Serve { http, run } => {
+            roles.http = true;
+            (Some(http), run)
+        }
+        Ingest { ingest, run } => {
+            (roles.ingest, tuning.ingest) = (true, ingest);
+            (None, run)
+        }
+        Relay { relay, run } => {
+            (roles.relay, tuning.relay) = (true, relay);
+            (None, run)
+        }
+        Worker { worker, run } => {
+            (roles.worker, tuning.worker) = (true, worker);
+            (None, run)
+        }
+        All {
+            http,
+            ingest,
+            relay,
+            worker,
+            run,
+        } => {
+            roles = Roles::ALL;
+            tuning = Tuning {
+                relay,
+                worker,
+                ingest,
+            };
+            (Some(http), run)
+        }
+    };
+    let shutdown = app::shutdown_on_signal(run.stop.shutdown_deadline);
+    let process = app::start(store, tuning, http.as_ref(), Some(&run.metrics)).await?;
+    process.run(roles, shutdown).await
+}
+
+fn init_tracing(log: &LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
+    let filter = EnvFilter::try_new(&log.log_filter)
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
+    match log.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
     }
 }
 
+/// Runs the command; an error is printed as its chain of reasons on one line (no backtrace,
+/// no source location) and the process exits with status 1.
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    init_tracing();
+async fn main() {
     let cli = Cli::parse();
+    init_tracing(&cli.log);
+    if let Err(e) = run(cli).await {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let store = cli.store;
     match cli.command {
+        Command::Process(command) => run_process(&store, command).await,
         Command::Migrate => {
-            let pool = app::open_database(&StoreConfig {
+            let pool = app::open_database_now(&StoreConfig {
                 no_migrate: true,
                 ..store
             })
             .await?;
             kongflow_events::db::migrate(&pool).await?;
             println!("migrations applied");
+            Ok(())
         }
         Command::Topology { definitions, vhost } => {
             if definitions {
@@ -215,87 +296,30 @@ async fn main() -> anyhow::Result<()> {
                 app::declare_topology(&store).await?;
                 println!("topology declared (prefix {:?})", store.amqp_prefix);
             }
+            Ok(())
         }
-        Command::Serve { http, stop } => {
-            let shutdown = app::shutdown_on_signal(stop.deadline());
-            let p = app::start(&store, Tuning::default(), Some(&http), None).await?;
-            let roles = Roles {
-                http: true,
-                ..Roles::NONE
-            };
-            p.run(roles, shutdown).await?;
+        Command::Config { markdown } => {
+            let settings = config::reference(&Cli::command());
+            if markdown {
+                print!("{}", config::markdown(&settings));
+            } else {
+                print!("{}", config::env_file(&settings));
+            }
+            Ok(())
         }
-        Command::Ingest {
-            ingest,
-            metrics,
-            stop,
-        } => {
-            let shutdown = app::shutdown_on_signal(stop.deadline());
-            let tuning = Tuning {
-                ingest,
-                ..Tuning::default()
-            };
-            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
-            let roles = Roles {
-                ingest: true,
-                ..Roles::NONE
-            };
-            p.run(roles, shutdown).await?;
-        }
-        Command::Relay {
-            relay,
-            metrics,
-            stop,
-        } => {
-            let shutdown = app::shutdown_on_signal(stop.deadline());
-            let tuning = Tuning {
-                relay,
-                ..Tuning::default()
-            };
-            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
-            let roles = Roles {
-                relay: true,
-                ..Roles::NONE
-            };
-            p.run(roles, shutdown).await?;
-        }
-        Command::Worker {
-            worker,
-            metrics,
-            stop,
-        } => {
-            let shutdown = app::shutdown_on_signal(stop.deadline());
-            let tuning = Tuning {
-                worker,
-                ..Tuning::default()
-            };
-            let p = app::start(&store, tuning, None, Some(&metrics)).await?;
-            let roles = Roles {
-                worker: true,
-                ..Roles::NONE
-            };
-            p.run(roles, shutdown).await?;
-        }
-        Command::All {
-            http,
-            ingest,
-            relay,
-            worker,
-            stop,
-        } => {
-            let shutdown = app::shutdown_on_signal(stop.deadline());
-            let tuning = Tuning {
-                relay,
-                worker,
-                ingest,
-            };
-            let p = app::start(&store, tuning, Some(&http), None).await?;
-            p.run(Roles::ALL, shutdown).await?;
-        }
-        Command::Env {
-            command: EnvCommand::Create { path, env_type },
-        } => {
-            let pool = app::open_database(&store).await?;
+        Command::Env { command } => env(&store, command).await,
+        Command::Jobs { json, command } => jobs(&store, json, command).await,
+    }
+}
+
+/// `env create`, `env limits`, `env delete`.
+async fn env(store: &StoreConfig, command: EnvCommand) -> anyhow::Result<()> {
+    if let EnvCommand::Delete { path, yes: false } = &command {
+        anyhow::bail!("deleting {path} cannot be undone: add --yes");
+    }
+    let pool = app::open_database_now(store).await?;
+    match command {
+        EnvCommand::Create { path, env_type } => {
             let created = tenants::create_environment(&pool, &path, env_type).await?;
             println!(
                 "environment {path} ({}) id {}",
@@ -304,17 +328,13 @@ async fn main() -> anyhow::Result<()> {
             );
             println!("{}", created.api_key);
         }
-        Command::Env {
-            command:
-                EnvCommand::Limits {
-                    path,
-                    max_jobs_in_flight,
-                    no_max_jobs_in_flight,
-                    max_events_per_second,
-                    no_max_events_per_second,
-                },
+        EnvCommand::Limits {
+            path,
+            max_jobs_in_flight,
+            no_max_jobs_in_flight,
+            max_events_per_second,
+            no_max_events_per_second,
         } => {
-            let pool = app::open_database(&store).await?;
             let change = |lift: bool, n: Option<i32>| if lift { Some(None) } else { n.map(Some) };
             let set = tenants::SetLimits {
                 max_jobs_in_flight: change(no_max_jobs_in_flight, max_jobs_in_flight),
@@ -330,14 +350,8 @@ async fn main() -> anyhow::Result<()> {
                 shown(limits.max_events_per_second)
             );
         }
-        Command::Env {
-            command: EnvCommand::Delete { path, yes },
-        } => {
-            if !yes {
-                anyhow::bail!("deleting {path} cannot be undone: add --yes");
-            }
-            let pool = app::open_database(&store).await?;
-            let batch = kongflow_events::config::defaults::RETENTION_BATCH_SIZE;
+        EnvCommand::Delete { path, .. } => {
+            let batch = config::MaintenanceConfig::default().retention_batch_size;
             let deleted = admin::delete_environment(&pool, &path, batch)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no environment {path}"))?;
@@ -346,7 +360,6 @@ async fn main() -> anyhow::Result<()> {
                 deleted.id, deleted.events, deleted.runs, deleted.jobs_cancelled
             );
         }
-        Command::Jobs { json, command } => jobs(&store, json, command).await?,
     }
     Ok(())
 }
@@ -357,7 +370,7 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::Result<()> {
-    let pool = app::open_database(store).await?;
+    let pool = app::open_database_now(store).await?;
     match command {
         JobsCommand::List {
             queue,
@@ -446,4 +459,35 @@ async fn dead(
     };
     let _ = conn.close(200, "bye".into()).await;
     shown
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+
+    /// docs/configuration.md's table of variables is `kongflow-events config --markdown`.
+    #[test]
+    fn the_documented_configuration_is_the_command_lines() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ))
+        .unwrap();
+        let (begin, end) = (super::TABLE_BEGIN, super::TABLE_END);
+        let start = doc.find(begin).expect("the table's opening marker") + begin.len();
+        let len = doc[start..].find(end).expect("the table's closing marker");
+        let documented = doc[start..start + len].trim();
+        let settings = kongflow_events::config::reference(&super::Cli::command());
+        let generated = kongflow_events::config::markdown(&settings);
+        assert!(
+            documented == generated.trim(),
+            "docs/configuration.md's table differs from the command line's settings: replace \
+             it with the output of `kongflow-events config --markdown`:\n{generated}"
+        );
+    }
 }

@@ -121,7 +121,9 @@ impl Relay {
         loops.spawn(async move { this.run_reaper(stop).await });
         let (this, stop) = (self.clone(), shutdown.clone());
         loops.spawn(async move { this.run_retention(stop).await });
-        if let Some(interval) = self.config.vacuum_interval() {
+        if let Some(interval) =
+            Some(self.config.maintenance.vacuum_interval).filter(|i| !i.is_zero())
+        {
             let (this, stop) = (self.clone(), shutdown.clone());
             loops.spawn(async move { this.run_vacuum(interval, stop).await });
         }
@@ -132,7 +134,8 @@ impl Relay {
 
     /// Reconcile every `reconcile_interval` until `shutdown`.
     async fn run_reconciler(&self, shutdown: CancellationToken) {
-        every(self.config.reconcile_interval(), &shutdown, || async {
+        let interval = self.config.maintenance.reconcile_interval;
+        every(interval, &shutdown, || async {
             match self.reconcile().await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
@@ -264,7 +267,8 @@ impl Relay {
     /// Delete old final jobs, and old settled events with their runs, every
     /// `retention_interval` until `shutdown`.
     async fn run_retention(&self, shutdown: CancellationToken) {
-        every(self.config.retention_interval(), &shutdown, || async {
+        let interval = self.config.maintenance.retention_interval;
+        every(interval, &shutdown, || async {
             let deleted = metrics().retention_deleted.clone();
             match self.retain().await {
                 Ok(batches) if batches.iter().sum::<u64>() == 0 => {}
@@ -309,9 +313,10 @@ impl Relay {
     /// dispatchers ([`crate::dispatchers::delete_spent`]); nothing when
     /// `RETENTION_EVENTS_MS` is 0.
     pub async fn retain_events(&self) -> Result<Vec<retention::Deleted>, sqlx::Error> {
-        match self.config.retention_events() {
+        let c = &self.config.maintenance;
+        match Some(c.retention_events).filter(|d| !d.is_zero()) {
             Some(keep) => {
-                let batch = self.config.retention_batch_size;
+                let batch = c.retention_batch_size;
                 let mut batches = retention::retain(&self.pool, keep, batch).await?;
                 let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
                 if dispatchers > 0 {
@@ -344,10 +349,10 @@ impl Relay {
 
     /// One retention pass (see [`upkeep::retain`]): what each statement deleted.
     pub async fn retain(&self) -> Result<Vec<u64>, sqlx::Error> {
-        let c = &self.config;
+        let c = &self.config.maintenance;
         let retention = Retention {
-            completed: c.retention_completed(),
-            discarded: c.retention_discarded(),
+            completed: c.retention_completed,
+            discarded: c.retention_discarded,
             batch: c.retention_batch_size,
         };
         upkeep::retain(&self.pool, retention).await
@@ -355,7 +360,7 @@ impl Relay {
 
     /// One reconciler pass (see [`upkeep::reconcile`]): how many jobs went back.
     pub async fn reconcile(&self) -> Result<u64, sqlx::Error> {
-        upkeep::reconcile(&self.pool, self.config.reconcile_margin()).await
+        upkeep::reconcile(&self.pool, self.config.maintenance.reconcile_margin).await
     }
 
     async fn run_connected(
@@ -381,7 +386,7 @@ impl Relay {
             let wait = if waiting {
                 FAIR_POLL_INTERVAL
             } else {
-                self.config.poll_interval()
+                self.config.relay_poll_interval
             };
             let until = tokio::time::Instant::now() + wait;
             loop {
@@ -433,7 +438,7 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = self.handoffs_written.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval()) => {}
+                _ = tokio::time::sleep(self.config.relay_poll_interval) => {}
             }
         }
         let _ = conn.close(200, "shutdown".into()).await;
@@ -545,7 +550,7 @@ impl Relay {
             let confirm = publish_handoff(channel, &self.topology, h, body).await?;
             pending.push(async move { (h, confirm.await) });
         }
-        let timeout = self.config.confirm_timeout();
+        let timeout = self.config.relay_confirm_timeout;
         let confirms = tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))?;
@@ -627,7 +632,7 @@ impl Relay {
             };
             pending.push(async move { (job, confirm.await) });
         }
-        let timeout = self.config.confirm_timeout();
+        let timeout = self.config.relay_confirm_timeout;
         tokio::time::timeout(timeout, join_all(pending))
             .await
             .map_err(|_| RelayError::ConfirmTimeout(timeout))

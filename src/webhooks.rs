@@ -293,31 +293,9 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
-/// An entry of `WEBHOOK_ALLOW_NETS` that is neither a network nor an address.
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not a network (10.0.0.0/8) or an address")]
-pub struct NetError(pub String);
-
-/// Parse `WEBHOOK_ALLOW_NETS`: networks or single addresses, comma-separated.
-pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, NetError> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            p.parse::<IpNet>()
-                .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| NetError(p.to_string()))
-        })
-        .collect()
-}
-
-/// Networks, written `10.0.0.0/8,::1` (`WEBHOOK_ALLOW_NETS`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NetList(pub Vec<IpNet>);
-
-/// [`parse_nets`] for the command line.
-pub fn parse_nets_arg(s: &str) -> Result<NetList, NetError> {
-    parse_nets(s).map(NetList)
+/// Parse networks or single addresses, comma-separated, as `WEBHOOK_ALLOW_NETS` is.
+pub fn parse_nets(s: &str) -> Result<Vec<IpNet>, String> {
+    s.parse::<crate::config::NetList>().map(|n| n.0)
 }
 
 /// One request to make.
@@ -447,6 +425,18 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// How a worker configured so sends webhooks.
+    pub fn new(config: &crate::config::WebhookConfig) -> Self {
+        Self {
+            guard: Guard {
+                allow: config.webhook_allow_nets.clone().unwrap_or_default().0,
+            },
+            connect_timeout: config.webhook_connect_timeout,
+            timeout: config.webhook_timeout,
+            resolver: Resolver::default(),
+        }
+    }
+
     /// Make one attempt. Never fails: what went wrong is in the outcome.
     pub async fn send(&self, req: Request<'_>) -> Attempt {
         let started = Instant::now();

@@ -626,9 +626,9 @@ impl crate::config::StoreConfig {
         let t = Topology::new(&self.amqp_prefix)
             .with_shards(self.shard_count)
             .with_queue_type(self.amqp_queue_type)
-            .with_delay_lead(Duration::from_millis(self.delay_lead_ms));
-        match self.amqp_queue_expires_ms {
-            Some(ms) => t.with_queue_expiry(ms),
+            .with_delay_lead(self.delay_lead);
+        match self.amqp_queue_expires {
+            Some(d) => t.with_queue_expiry(u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
             None => t,
         }
     }

@@ -46,9 +46,9 @@ pub struct DeliverWebhook {
 impl DeliverWebhook {
     pub fn new(config: &WorkerConfig) -> Self {
         Self {
-            sender: config.webhook_sender(),
-            concurrency: config.webhook_concurrency,
-            share: config.webhook_concurrency_per_environment,
+            sender: crate::webhooks::Sender::new(&config.webhook),
+            concurrency: config.webhook.webhook_concurrency,
+            share: config.webhook.webhook_concurrency_per_environment,
         }
     }
 }

@@ -92,7 +92,11 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
         let timeout = req
             .extensions()
             .get::<super::BodyTimeout>()
-            .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
+            // A request that did not come through admission: the default body timeout.
+            .map_or_else(
+                || crate::config::HttpConfig::default().http_body_timeout,
+                |t| t.0,
+            );
         let bytes = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
             .map_err(|_| {
@@ -118,10 +122,6 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
         Ok(JsonText(bytes))
     }
 }
-
-/// The body timeout of a request that did not come through admission.
-const DEFAULT_BODY_TIMEOUT: std::time::Duration =
-    std::time::Duration::from_millis(crate::config::defaults::HTTP_BODY_TIMEOUT_MS);
 
 /// `application/json`, or any `application/…+json`, with or without parameters: what
 /// axum's `Json` accepts.

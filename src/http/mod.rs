@@ -242,8 +242,8 @@ impl Admission {
             per_holder: config.in_flight_per_environment(),
             unauthenticated: config.in_flight_unauthenticated(),
             held: Arc::default(),
-            request_timeout: config.request_timeout(),
-            body_timeout: config.body_timeout(),
+            request_timeout: config.http_request_timeout,
+            body_timeout: config.http_body_timeout,
         }
     }
 
@@ -471,7 +471,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let limits = crate::serve::Limits {
-        header_timeout: config.header_timeout(),
+        header_timeout: config.http_header_timeout,
         max_connections: config.http_max_connections,
     };
     crate::serve::serve(listener, router, limits, shutdown).await

@@ -293,7 +293,7 @@ impl Worker {
         error: &JobError,
     ) -> Result<bool, sqlx::Error> {
         let jitter: f64 = rand::rng().random_range(0.9..1.1);
-        let (base, max) = (self.config.retry_base(), self.config.retry_max());
+        let (base, max) = (self.config.retry_base, self.config.retry_max);
         let message = error.to_string();
         let failure = Failure {
             error: &message,

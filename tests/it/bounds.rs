@@ -397,8 +397,8 @@ async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
     let config = HttpConfig {
         http_max_in_flight: 1,
         // The stalled request must outlast the wait below.
-        http_request_timeout_ms: 120_000,
-        http_body_timeout_ms: 120_000,
+        http_request_timeout: std::time::Duration::from_millis(120_000),
+        http_body_timeout: std::time::Duration::from_millis(120_000),
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
@@ -452,7 +452,7 @@ async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_timeout_gets_408() {
     let config = HttpConfig {
-        http_request_timeout_ms: 500,
+        http_request_timeout: std::time::Duration::from_millis(500),
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
@@ -498,7 +498,7 @@ async fn read_to_close_or_response(stream: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_and_idle_connections_are_closed() {
     let config = HttpConfig {
-        http_header_timeout_ms: 300,
+        http_header_timeout: std::time::Duration::from_millis(300),
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
@@ -698,7 +698,7 @@ async fn send_within(app: &TestApp, key: &str, id: &str, within: Duration) -> St
 async fn slow_bodies_without_credentials_are_never_read_and_hold_no_place() {
     let config = HttpConfig {
         http_max_in_flight: 8,
-        http_request_timeout_ms: 120_000,
+        http_request_timeout: std::time::Duration::from_millis(120_000),
         operator_token: Some("an-operator-token-of-length".parse().unwrap()),
         ..HttpConfig::default()
     };
@@ -748,7 +748,7 @@ async fn slow_bodies_without_credentials_are_never_read_and_hold_no_place() {
 async fn one_environments_slow_bodies_hold_only_its_share_of_the_places() {
     let config = HttpConfig {
         http_max_in_flight: 8,
-        http_request_timeout_ms: 120_000,
+        http_request_timeout: std::time::Duration::from_millis(120_000),
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
@@ -792,8 +792,8 @@ async fn one_environments_slow_bodies_hold_only_its_share_of_the_places() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_does_not_come_gets_408_after_the_body_timeout() {
     let config = HttpConfig {
-        http_request_timeout_ms: 120_000,
-        http_body_timeout_ms: 1_000,
+        http_request_timeout: std::time::Duration::from_millis(120_000),
+        http_body_timeout: std::time::Duration::from_millis(1_000),
         ..HttpConfig::default()
     };
     let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;

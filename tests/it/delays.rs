@@ -347,8 +347,11 @@ async fn a_cancelled_event_is_never_delivered_and_cancel_after_delivery_changes_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_purged_from_the_tiers_are_delivered_by_the_reconciler() {
     let relay = RelayConfig {
-        reconcile_interval_ms: 200,
-        reconcile_margin_ms: 500,
+        maintenance: kongflow_events::config::MaintenanceConfig {
+            reconcile_interval: std::time::Duration::from_millis(200),
+            reconcile_margin: std::time::Duration::from_millis(500),
+            ..Default::default()
+        },
         ..RelayConfig::default()
     };
     let app = TestApp::spawn_configured(Roles::ALL, relay).await;

@@ -83,8 +83,11 @@ async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() 
 async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
     // Relay (reconciling every 200 ms, a job overdue by 500 ms) and worker in this process.
     let relay = RelayConfig {
-        reconcile_interval_ms: 200,
-        reconcile_margin_ms: 500,
+        maintenance: kongflow_events::config::MaintenanceConfig {
+            reconcile_interval: std::time::Duration::from_millis(200),
+            reconcile_margin: std::time::Duration::from_millis(500),
+            ..Default::default()
+        },
         ..RelayConfig::default()
     };
     let app = TestApp::spawn_configured(

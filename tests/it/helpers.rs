@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kongflow_events::amqp::{self, JobMessage, Topology};
 use kongflow_events::app::{Process, Roles};
 use kongflow_events::config::{
-    HttpConfig, IngestConfig, QueueType, RelayConfig, StoreConfig, WorkerConfig,
+    HttpConfig, IngestConfig, QueueType, RelayConfig, StoreConfig, WebhookConfig, WorkerConfig,
 };
 use kongflow_events::ledger::JobKind;
 use kongflow_events::relay::Relay;
@@ -127,10 +127,10 @@ impl TestApp {
             database_url: database_url.clone(),
             amqp_url: amqp_url(),
             amqp_prefix: prefix,
-            amqp_queue_expires_ms: Some(600_000),
+            amqp_queue_expires: Some(Duration::from_secs(600)),
             shard_count: shard_count(),
             amqp_queue_type: queue_type(),
-            delay_lead_ms: 100,
+            delay_lead: Duration::from_millis(100),
             database_max_connections: 6,
             no_migrate: false,
         };
@@ -677,11 +677,12 @@ impl TestApp {
 pub fn test_worker_config() -> WorkerConfig {
     WorkerConfig {
         worker_concurrency: 2,
-        retry_base_ms: 100,
-        webhook_timeout_ms: 2_000,
-        webhook_allow_nets: Some(
-            kongflow_events::webhooks::parse_nets_arg("127.0.0.0/8,::1").unwrap(),
-        ),
+        retry_base: Duration::from_millis(100),
+        webhook: WebhookConfig {
+            webhook_timeout: Duration::from_secs(2),
+            webhook_allow_nets: Some("127.0.0.0/8,::1".parse().unwrap()),
+            ..WebhookConfig::default()
+        },
         ..WorkerConfig::default()
     }
 }

@@ -284,14 +284,14 @@ async fn processes_that_cannot_start_say_why_and_what_to_set() {
 #[derive(clap::Parser)]
 struct ServeFlags {
     #[command(flatten)]
-    http: kongflow_events::config::HttpConfig,
+    metrics: kongflow_events::config::MetricsConfig,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_stay_off_the_api_port_by_default() {
     // Unset, METRICS_ADDR is a loopback address of its own, not the API's.
     let flags = <ServeFlags as clap::Parser>::try_parse_from(["serve"]).unwrap();
-    let shown = format!("{:?}", flags.http.metrics_addr);
+    let shown = format!("{:?}", flags.metrics.metrics_addr);
     assert!(
         shown.contains("127.0.0.1:9464"),
         "METRICS_ADDR unset: {shown}"

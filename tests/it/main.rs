@@ -4,6 +4,7 @@
 mod bounds;
 mod brokers;
 mod cluster;
+mod config;
 mod crash;
 mod delays;
 mod deploy;

@@ -97,7 +97,10 @@ async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
         app.pool.clone(),
         app.topology.clone(),
         RelayConfig {
-            retention_batch_size: 3,
+            maintenance: kongflow_events::config::MaintenanceConfig {
+                retention_batch_size: 3,
+                ..Default::default()
+            },
             ..RelayConfig::default()
         },
     );
@@ -124,7 +127,10 @@ async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
         app.pool.clone(),
         app.topology.clone(),
         RelayConfig {
-            retention_events_ms: 0,
+            maintenance: kongflow_events::config::MaintenanceConfig {
+                retention_events: std::time::Duration::ZERO,
+                ..Default::default()
+            },
             ..RelayConfig::default()
         },
     );

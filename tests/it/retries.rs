@@ -532,7 +532,10 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
         app.pool.clone(),
         app.topology.clone(),
         RelayConfig {
-            retention_batch_size: 400,
+            maintenance: kongflow_events::config::MaintenanceConfig {
+                retention_batch_size: 400,
+                ..Default::default()
+            },
             ..RelayConfig::default()
         },
     );

@@ -15,7 +15,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, KeyInit, Mac};
 use kongflow_events::amqp::JobMessage;
 use kongflow_events::app::Roles;
-use kongflow_events::config::WorkerConfig;
 use kongflow_events::ledger::JobKind;
 use kongflow_events::worker::{Disposition, Worker};
 use reqwest::Method;
@@ -256,11 +255,9 @@ async fn a_failing_receiver_gets_signed_retries_until_it_answers_2xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_never_answers_times_out_each_attempt_and_is_dead_lettered() {
-    let app = TestApp::spawn_worker(WorkerConfig {
-        webhook_timeout_ms: 300,
-        ..test_worker_config()
-    })
-    .await;
+    let mut config = test_worker_config();
+    config.webhook.webhook_timeout = Duration::from_millis(300);
+    let app = TestApp::spawn_worker(config).await;
     let (rx, url) = Receiver::start(vec![Answer::Hang]).await;
     let (_, created) = create(&app, json!({"url": url, "name": "ping"})).await;
     let id = created["id"].as_str().unwrap().to_string();
@@ -299,11 +296,9 @@ async fn a_receiver_that_never_answers_times_out_each_attempt_and_is_dead_letter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inner_addresses_are_refused_without_a_request_when_the_allow_list_is_off() {
-    let app = TestApp::spawn_worker(WorkerConfig {
-        webhook_allow_nets: None,
-        ..test_worker_config()
-    })
-    .await;
+    let mut config = test_worker_config();
+    config.webhook.webhook_allow_nets = None;
+    let app = TestApp::spawn_worker(config).await;
     let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
     // By name (resolved to loopback), and by the metadata address itself.
     let by_name = url.replace("127.0.0.1", "localhost");
@@ -945,14 +940,12 @@ async fn a_webhook_whose_row_stays_locked_past_the_lease_wait_is_sent_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_environments_hanging_webhooks_leave_room_for_anothers() {
     let timeout = Duration::from_secs(6);
-    let config = WorkerConfig {
-        webhook_concurrency: 4,
-        webhook_concurrency_per_environment: 2,
-        webhook_timeout_ms: timeout.as_millis() as u64,
-        ..test_worker_config()
-    };
+    let mut config = test_worker_config();
+    config.webhook.webhook_concurrency = 4;
+    config.webhook.webhook_concurrency_per_environment = 2;
+    config.webhook.webhook_timeout = timeout;
     // Each consumer of the shard gives the flooding environment its share.
-    let share = config.worker_concurrency * config.webhook_concurrency_per_environment;
+    let share = config.worker_concurrency * config.webhook.webhook_concurrency_per_environment;
     let app = TestApp::spawn_worker(config).await;
     let other = neighbour(&app).await;
     let (hanging, hang_url) = Receiver::start(vec![Answer::Hang]).await;
