@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod openapi;
 pub mod operator;
 pub use crate::events::ratelimit;
 pub mod triggers;
@@ -90,12 +91,15 @@ pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> 
     let admission = Admission::new(config);
     let admitting = state.clone();
     Router::new()
-        .route("/api/v1/events", post(events::send_event))
+        .route(
+            "/api/v1/events",
+            post(events::send_event).get(events::list_events),
+        )
         .route(
             "/api/v1/events/bulk",
             post(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)),
         )
-        .route("/api/v1/events/{event_id}", get(events::get_event_v2))
+        .route("/api/v1/events/{event_id}", get(events::get_event_v1))
         .route("/api/v2/events/{event_id}", get(events::get_event_v2))
         .route(
             "/api/v1/events/{event_id}/cancel-runs",
@@ -128,7 +132,7 @@ pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> 
             "/api/v1/event-dispatchers/{id}",
             get(triggers::get_ephemeral),
         )
-        .route("/api/openapi.json", get(openapi))
+        .route("/api/openapi.json", get(openapi::openapi))
         .route(
             "/api/v1/dispatchers/{id}/enable",
             post(triggers::enable_dispatcher),
@@ -141,6 +145,13 @@ pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> 
             "/api/v1/operator/environments/{org}/{project}/{env}/limits",
             get(operator::get_limits).put(operator::put_limits),
         )
+        .method_not_allowed_fallback(|method: Method| async move {
+            // axum adds the `Allow` header.
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on this route (see the Allow header)"),
+            )
+        })
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -380,16 +391,6 @@ async fn refuse_nul_in_path(request: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(request).await
-}
-
-/// The OpenAPI document of this API (`api/openapi.json`).
-pub const OPENAPI: &str = include_str!("../../api/openapi.json");
-
-async fn openapi() -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
-    )
 }
 
 /// Count and time every request by its route pattern; count events stored and refused.

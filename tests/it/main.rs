@@ -8,6 +8,7 @@ mod crash;
 mod delays;
 mod deploy;
 mod events_api;
+mod events_list;
 mod examples;
 mod fairness;
 mod fast_path;

@@ -1,5 +1,6 @@
-//! The OpenAPI document (`api/openapi.json`, served at `/api/openapi.json`) against the
-//! routes, and the API fuzzed from it by schemathesis.
+//! The OpenAPI document (generated from the handlers' types, committed as
+//! `api/openapi.json`, served at `/api/openapi.json`) against the routes and the committed
+//! file, and the API fuzzed from it by schemathesis.
 
 use std::collections::BTreeSet;
 
@@ -65,7 +66,7 @@ fn shape(path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_describes_every_route_and_is_served() {
-    let doc: Value = serde_json::from_str(kongflow_events::http::OPENAPI).unwrap();
+    let doc: Value = serde_json::from_str(&kongflow_events::http::openapi::document()).unwrap();
     let code: BTreeSet<(String, String)> = routes_in_code()
         .into_iter()
         .map(|(m, p)| (m, shape(&p)))
@@ -110,6 +111,38 @@ async fn the_document_describes_every_route_and_is_served() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(served, doc);
+    app.finish().await;
+}
+
+const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.json");
+
+/// The committed document is the generated one, byte for byte, and so is the served one.
+/// `UPDATE_OPENAPI=1 cargo test --test it -- openapi::the_committed` rewrites the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committed_document_is_the_generated_one_and_is_served() {
+    let generated = kongflow_events::http::openapi::document();
+    if std::env::var_os("UPDATE_OPENAPI").is_some_and(|v| v == "1") {
+        std::fs::write(COMMITTED, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(COMMITTED).unwrap();
+    assert!(
+        committed == generated,
+        "api/openapi.json is not the document the code generates: run \
+         UPDATE_OPENAPI=1 cargo test --test it -- openapi::the_committed and commit the file"
+    );
+    let app = TestApp::spawn().await;
+    let served = app
+        .http
+        .get(format!("{}/api/openapi.json", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.headers()["content-type"], "application/json");
+    assert!(
+        served.text().await.unwrap() == committed,
+        "the served document is the committed one"
+    );
     app.finish().await;
 }
 
