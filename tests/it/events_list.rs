@@ -247,3 +247,74 @@ async fn a_method_a_route_does_not_take_answers_405_in_json_with_allow() {
     }
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_an_environments_events_a_page_at_a_time() {
+    let app = TestApp::spawn().await;
+    let (env, key) = app.new_env("cli").await;
+    for i in 0..3 {
+        app.send_event(
+            &key,
+            json!({"event": {"name": "cli.listed", "id": format!("c-{i}"),
+            "timestamp": kongflow_events::dates::iso(Utc::now() + Duration::seconds(i))}}),
+        )
+        .await;
+    }
+    let cli = |args: Vec<String>| {
+        let envs = app.child_env();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+                .args(&args)
+                .envs(envs)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let path = format!("{}-cli/proj/env", app.db_name);
+    let args = |extra: &[&str]| {
+        let mut args: Vec<String> = ["events", "list", "--environment", path.as_str()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let out = cli(args(&["--limit", "2"])).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATE"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("c-2") && lines[1].contains("cli.listed"),
+        "{out}"
+    );
+    assert!(lines[2].starts_with("c-1"), "{out}");
+    let cursor = lines[3]
+        .strip_prefix("more: --cursor ")
+        .expect(&out)
+        .to_string();
+    let out = cli(args(&["--limit", "2", "--cursor", &cursor])).await;
+    assert!(out.lines().nth(1).unwrap().starts_with("c-0"), "{out}");
+    assert_eq!(out.lines().count(), 2, "the last page: {out}");
+    // By id, as JSON.
+    let out = cli(vec![
+        "events".into(),
+        "list".into(),
+        "--environment".into(),
+        env.id.to_string(),
+        "--json".into(),
+    ])
+    .await;
+    let page: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ids(&page), vec!["c-2", "c-1", "c-0"]);
+    assert_eq!(page["next"], Value::Null);
+    app.finish().await;
+}
