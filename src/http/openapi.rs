@@ -204,6 +204,8 @@ impl Modify for Common {
             .into_iter()
             .flatten()
             {
+                // No tags: the document groups nothing.
+                operation.tags = None;
                 // The public routes (this document, the probes) name no security.
                 if operation.security.is_none() {
                     continue;
