@@ -18,11 +18,12 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::EventsService;
@@ -85,66 +86,37 @@ pub const MAX_BULK_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Largest body of any other request (axum's default).
 pub const MAX_BODY_BYTES: usize = crate::events::wire::MAX_SEND_BODY_BYTES;
 
+/// The API's routes, each with its documentation (`#[utoipa::path]` on its handler): the
+/// router and the OpenAPI document (`openapi::document`) are both made from this list.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(events::send_event, events::list_events))
+        .routes(routes!(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)))
+        .routes(routes!(triggers::match_event))
+        .routes(routes!(events::get_event_v1))
+        .routes(routes!(events::get_event_v2))
+        .routes(routes!(events::cancel_event))
+        .routes(routes!(events::cancel_runs))
+        .routes(routes!(jobs::register_job))
+        .routes(routes!(triggers::put_dynamic_trigger))
+        .routes(routes!(triggers::post_registration))
+        .routes(routes!(triggers::delete_registration))
+        .routes(routes!(triggers::list_dispatchers))
+        .routes(routes!(triggers::enable_dispatcher))
+        .routes(routes!(triggers::disable_dispatcher))
+        .routes(routes!(triggers::post_ephemeral))
+        .routes(routes!(triggers::get_ephemeral))
+        .routes(routes!(operator::get_limits, operator::put_limits))
+        .routes(routes!(openapi::openapi))
+}
+
 /// The API's routes, bounded as `config` says, with `operator_routes` (the probes) beside
 /// them outside the in-flight bound; every request is counted and timed.
 pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> Router {
     let admission = Admission::new(config);
     let admitting = state.clone();
-    Router::new()
-        .route(
-            "/api/v1/events",
-            post(events::send_event).get(events::list_events),
-        )
-        .route(
-            "/api/v1/events/bulk",
-            post(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)),
-        )
-        .route("/api/v1/events/{event_id}", get(events::get_event_v1))
-        .route("/api/v2/events/{event_id}", get(events::get_event_v2))
-        .route(
-            "/api/v1/events/{event_id}/cancel-runs",
-            post(events::cancel_runs),
-        )
-        .route(
-            "/api/v1/events/{event_id}/cancel",
-            post(events::cancel_event),
-        )
-        .route("/api/v1/jobs/{job_id}", put(jobs::register_job))
-        .route("/api/v1/events/match", post(triggers::match_event))
-        .route(
-            "/api/v1/dynamic-triggers/{id}",
-            put(triggers::put_dynamic_trigger),
-        )
-        .route(
-            "/api/v1/dynamic-triggers/{id}/registrations",
-            post(triggers::post_registration),
-        )
-        .route(
-            "/api/v1/dynamic-triggers/{id}/registrations/{key}",
-            delete(triggers::delete_registration),
-        )
-        .route("/api/v1/dispatchers", get(triggers::list_dispatchers))
-        .route(
-            "/api/v1/event-dispatchers/ephemeral",
-            post(triggers::post_ephemeral),
-        )
-        .route(
-            "/api/v1/event-dispatchers/{id}",
-            get(triggers::get_ephemeral),
-        )
-        .route("/api/openapi.json", get(openapi::openapi))
-        .route(
-            "/api/v1/dispatchers/{id}/enable",
-            post(triggers::enable_dispatcher),
-        )
-        .route(
-            "/api/v1/dispatchers/{id}/disable",
-            post(triggers::disable_dispatcher),
-        )
-        .route(
-            "/api/v1/operator/environments/{org}/{project}/{env}/limits",
-            get(operator::get_limits).put(operator::put_limits),
-        )
+    let (routes, _) = routes().split_for_parts();
+    routes
         .method_not_allowed_fallback(|method: Method| async move {
             // axum adds the `Allow` header.
             ApiError::new(

@@ -18,8 +18,6 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use super::{events, jobs, operator, triggers};
-
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -27,39 +25,25 @@ use super::{events, jobs, operator, triggers};
         version = env!("CARGO_PKG_VERSION"),
         description = "An events queue service with trigger.dev v2's event API. Every /api/v1 and /api/v2 call takes `Authorization: Bearer <api key>` and is scoped to that key's environment; another environment's ids answer 404. Every 4xx has a body `{\"error\": \"...\"}`; so has a 405, with an `Allow` header. A call is authenticated before its body is read: without a valid key (or, on operator routes, token) it is answered 401 at once. `/metrics` is served on METRICS_ADDR, never on the API's port.",
     ),
-    paths(
-        events::send_event,
-        events::list_events,
-        events::send_events,
-        triggers::match_event,
-        events::get_event_v1,
-        events::get_event_v2,
-        events::cancel_event,
-        events::cancel_runs,
-        jobs::register_job,
-        triggers::put_dynamic_trigger,
-        triggers::post_registration,
-        triggers::delete_registration,
-        triggers::list_dispatchers,
-        triggers::enable_dispatcher,
-        triggers::disable_dispatcher,
-        triggers::post_ephemeral,
-        triggers::get_ephemeral,
-        operator::get_limits,
-        operator::put_limits,
-        openapi,
-        healthz,
-        readyz,
-    ),
-    modifiers(&Common)
+    paths(healthz, readyz)
 )]
 struct ApiDoc;
 
-/// The document as served and committed: pretty JSON and a final newline.
+/// The document as served and committed: the routes of [`super::routes`] with their
+/// types, the probes, and what every authenticated call can be answered; pretty JSON and a
+/// final newline.
 pub fn document() -> String {
-    let mut text = ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the document serializes");
+    let mut doc = ApiDoc::openapi();
+    let routes = super::routes().into_openapi();
+    let probes = std::mem::take(&mut doc.paths.paths);
+    doc.paths.paths = routes.paths.paths;
+    doc.paths.paths.extend(probes);
+    doc.components
+        .get_or_insert_with(Default::default)
+        .schemas
+        .extend(routes.components.unwrap_or_default().schemas);
+    Common.modify(&mut doc);
+    let mut text = doc.to_pretty_json().expect("the document serializes");
     text.push('\n');
     text
 }
