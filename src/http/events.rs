@@ -423,6 +423,7 @@ pub struct EventPage {
     /// Newest first: by timestamp, then by id.
     pub events: Vec<ListedEvent>,
     /// Pass as `cursor` for the next page; null on the last.
+    #[schema(required)]
     pub next: Option<String>,
 }
 

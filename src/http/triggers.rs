@@ -189,6 +189,7 @@ pub struct PageQuery {
 pub struct Dispatchers {
     pub dispatchers: Vec<triggers::DispatcherView>,
     /// pass as `after` for the next page; null on the last
+    #[schema(required)]
     pub next: Option<Uuid>,
 }
 
