@@ -1,5 +1,6 @@
 //! The operator's view of the job ledger and the dead-letter queue, behind
-//! `kongflow-events jobs ...`: list, get, retry, cancel, dead letters and their replay.
+//! `kongflow-events jobs ...`: list, get, retry, cancel, dead letters and their replay; and
+//! the table `kongflow-events events list` prints.
 
 use chrono::{DateTime, Utc};
 use lapin::Channel;
@@ -313,6 +314,27 @@ pub fn jobs_table(jobs: &[Job]) -> String {
             format!("{}/{}", j.attempt, j.max_attempts),
             iso(j.run_at),
             last_error.chars().take(60).collect::<String>()
+        ));
+    }
+    out
+}
+
+/// An environment's events as a table, one line each.
+pub fn events_table(events: &[crate::events::list::ListedEvent]) -> String {
+    let mut out = format!(
+        "{:<36}  {:<32}  {:<10}  {:<24}  {:<24}  {}\n",
+        "ID", "NAME", "STATE", "TIMESTAMP", "DELIVER AT", "SOURCE"
+    );
+    let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+    for e in events {
+        out.push_str(&format!(
+            "{:<36}  {:<32}  {:<10}  {:<24}  {:<24}  {}\n",
+            cut(&e.id, 36),
+            cut(&e.name, 32),
+            e.state.as_str(),
+            e.timestamp,
+            e.deliver_at,
+            cut(&e.source, 40)
         ));
     }
     out

@@ -57,6 +57,35 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// See an environment's events.
+    Events {
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// An environment's events, newest first, a page at a time.
+    List {
+        /// The environment: <org>/<project>/<env>, or its id.
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// delayed, pending, delivered or cancelled.
+        #[arg(long)]
+        state: Option<kongflow_events::events::list::EventState>,
+        /// At most 500.
+        #[arg(long, default_value_t = kongflow_events::events::list::DEFAULT_LIMIT)]
+        limit: i64,
+        /// The cursor a previous page printed: only events after it.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 /// The long-running commands: each starts a process playing some roles.
@@ -309,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Env { command } => env(&store, command).await,
         Command::Jobs { json, command } => jobs(&store, json, command).await,
+        Command::Events { json, command } => events(&store, json, command).await,
     }
 }
 
@@ -360,6 +390,55 @@ async fn env(store: &StoreConfig, command: EnvCommand) -> anyhow::Result<()> {
                 deleted.id, deleted.events, deleted.runs, deleted.jobs_cancelled
             );
         }
+    }
+    Ok(())
+}
+
+/// `events list`: a page of an environment's events, newest first.
+async fn events(store: &StoreConfig, json: bool, command: EventsCommand) -> anyhow::Result<()> {
+    use kongflow_events::events::list::{self, Cursor, EventFilter, ListedEvent};
+    let EventsCommand::List {
+        environment,
+        name,
+        state,
+        limit,
+        cursor,
+    } = command;
+    let pool = app::open_database_now(store).await?;
+    let environment_id = match uuid::Uuid::parse_str(&environment) {
+        Ok(id) => id,
+        Err(_) => tenants::id_of(&pool, &environment)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no environment {environment}"))?,
+    };
+    let cursor = match cursor {
+        Some(text) => Some(
+            Cursor::decode(&text)
+                .ok_or_else(|| anyhow::anyhow!("--cursor: not one a page printed"))?,
+        ),
+        None => None,
+    };
+    let filter = EventFilter {
+        name,
+        state,
+        limit: limit.clamp(1, list::MAX_LIMIT),
+        cursor,
+        ..EventFilter::default()
+    };
+    let page = list::list_events(&pool, environment_id, &filter).await?;
+    let now = page.now;
+    let events: Vec<ListedEvent> = page
+        .events
+        .into_iter()
+        .map(|e| ListedEvent::new(e, now))
+        .collect();
+    let next = page.next.map(|c| c.encode());
+    if json {
+        return print_json(&serde_json::json!({ "events": events, "next": next }));
+    }
+    print!("{}", admin::events_table(&events));
+    if let Some(next) = next {
+        println!("more: --cursor {next}");
     }
     Ok(())
 }

@@ -445,8 +445,9 @@ pub const EPHEMERAL_MAX_SECS: i64 = 60 * 60 * 24 * 365;
 pub const EPHEMERAL_DEFAULT_SECS: i64 = 3_600;
 
 /// An EPHEMERAL dispatcher as its creator sees it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = EphemeralDispatcher)]
 pub struct Ephemeral {
     pub id: Uuid,
     pub url: String,
@@ -584,8 +585,9 @@ pub async fn register_ephemeral(
 }
 
 /// An EPHEMERAL dispatcher's state, and every attempt of its webhook.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = EphemeralDispatcherState)]
 pub struct EphemeralView {
     pub id: Uuid,
     pub url: String,
@@ -597,12 +599,13 @@ pub struct EphemeralView {
     pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// `waiting`, `expired`, `firing` (fired, not yet answered 2xx), `delivered`, or
     /// `failed` (its webhook job discarded: see the attempts).
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub attempts: Vec<WebhookAttempt>,
 }
 
 /// One request made (or refused) for an EPHEMERAL dispatcher.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookAttempt {
     pub attempt: i32,
@@ -668,8 +671,9 @@ pub async fn ephemeral(
 }
 
 /// A dispatcher as operators and the dry run see it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Dispatcher)]
 pub struct DispatcherView {
     pub id: Uuid,
     /// `JOB_VERSION` or `DYNAMIC_TRIGGER`.

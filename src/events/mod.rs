@@ -1,6 +1,7 @@
 //! Events: ingest, lookup, and the filters that decide which dispatchers an event reaches.
 
 pub mod filter;
+pub mod list;
 pub mod ratelimit;
 pub mod retention;
 pub mod wire;

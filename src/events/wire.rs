@@ -3,46 +3,75 @@
 //! `ApiEventLog`).
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::{EventRecord, SendEvent, SendEventOptions};
 use crate::dates::iso;
 
 /// `{"event": {...}, "options": {...}}`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct SendEventBody {
     pub event: EventBody,
     #[serde(default)]
     pub options: Option<OptionsBody>,
 }
 
-#[derive(Debug, Deserialize)]
+/// An event as a producer sends it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = Event)]
 pub struct EventBody {
+    #[schema(min_length = 1, max_length = 255)]
     pub name: String,
+    /// Any JSON; payload and context together at most 512 KiB.
     #[serde(default)]
     pub payload: Value,
+    /// Any JSON.
     #[serde(default)]
+    #[schema(value_type = Value)]
     pub context: Option<Value>,
+    /// Idempotency key within the environment; generated when absent.
     #[serde(default)]
+    #[schema(value_type = String, min_length = 1, max_length = 255)]
     pub id: Option<String>,
     #[serde(default)]
+    #[schema(value_type = DateTime<Utc>)]
     pub timestamp: Option<DateTime<Utc>>,
     #[serde(default)]
+    #[schema(value_type = String, min_length = 1, max_length = 255, default = "trigger.dev")]
     pub source: Option<String>,
-    /// `JSON` (the default) or `REQUEST` (a payload of url, method, headers, rawBody).
+    /// REQUEST: the payload is {url, method, headers, rawBody}; filters see the parsed body
+    /// when the content-type is JSON.
     #[serde(default, rename = "payloadType")]
+    #[schema(value_type = PayloadType, inline, default = "JSON")]
     pub payload_type: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How an event's payload is read: `JSON` (the default) or `REQUEST`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+enum PayloadType {
+    #[schema(rename = "JSON")]
+    Json,
+    #[schema(rename = "REQUEST")]
+    Request,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = SendEventOptions)]
 pub struct OptionsBody {
+    /// Wins over deliverAfter; in the past means now.
     #[serde(default)]
+    #[schema(value_type = DateTime<Utc>)]
     pub deliver_at: Option<DateTime<Utc>>,
+    /// Whole seconds.
     #[serde(default)]
+    #[schema(value_type = u64, minimum = 0, maximum = 315360000)]
     pub deliver_after: Option<u64>,
     #[serde(default)]
+    #[schema(value_type = String, min_length = 1, max_length = 255)]
     pub account_id: Option<String>,
 }
 
@@ -81,17 +110,42 @@ pub const MAX_SEND_BODY_BYTES: usize = 2 * 1024 * 1024;
 pub const WRONG_SHAPE: &str = "Failed to deserialize the JSON body into the target type";
 
 /// trigger.dev's ApiEventLog: the answer to a send.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiEventLog {
+    /// The producer's id.
+    pub id: String,
+    pub name: String,
+    pub payload: Value,
+    pub context: Value,
+    #[schema(value_type = DateTime<Utc>)]
+    pub timestamp: String,
+    #[schema(value_type = DateTime<Utc>)]
+    pub deliver_at: String,
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub delivered_at: Option<String>,
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub cancelled_at: Option<String>,
+}
+
+impl From<&EventRecord> for ApiEventLog {
+    fn from(r: &EventRecord) -> Self {
+        Self {
+            id: r.event_id.clone(),
+            name: r.name.clone(),
+            payload: r.payload.clone(),
+            context: r.context.clone(),
+            timestamp: iso(r.timestamp),
+            deliver_at: iso(r.deliver_at),
+            delivered_at: r.delivered_at.map(iso),
+            cancelled_at: r.cancelled_at.map(iso),
+        }
+    }
+}
+
+/// trigger.dev's ApiEventLog as JSON (the AMQP ingest's replies carry it).
 pub fn event_log(r: &EventRecord) -> Value {
-    json!({
-        "id": r.event_id,
-        "name": r.name,
-        "payload": r.payload,
-        "context": r.context,
-        "timestamp": iso(r.timestamp),
-        "deliverAt": iso(r.deliver_at),
-        "deliveredAt": r.delivered_at.map(iso),
-        "cancelledAt": r.cancelled_at.map(iso),
-    })
+    serde_json::to_value(ApiEventLog::from(r)).expect("serializes")
 }
 
 /// The message of a JSON text nested past what the parser takes (serde_json stops at 128

@@ -5,9 +5,15 @@ use axum::Json;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::events::wire::{NUL_REFUSED, has_escaped_nul};
+
+/// The body of every error answer: `{"error": "<message>"}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: String,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -62,7 +68,10 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let body = ErrorBody {
+            error: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             // Whole seconds, rounded up: never earlier than the allowance returns.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod openapi;
 pub mod operator;
 pub use crate::events::ratelimit;
 pub mod triggers;
@@ -17,11 +18,12 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::EventsService;
@@ -99,63 +101,44 @@ pub const MAX_BULK_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Largest body of any other request (axum's default).
 pub const MAX_BODY_BYTES: usize = crate::events::wire::MAX_SEND_BODY_BYTES;
 
+/// The API's routes, each with its documentation (`#[utoipa::path]` on its handler): the
+/// router and the OpenAPI document (`openapi::document`) are both made from this list.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(events::send_event, events::list_events))
+        .routes(routes!(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)))
+        .routes(routes!(triggers::match_event))
+        .routes(routes!(events::get_event_v1))
+        .routes(routes!(events::get_event_v2))
+        .routes(routes!(events::cancel_event))
+        .routes(routes!(events::cancel_runs))
+        .routes(routes!(jobs::register_job))
+        .routes(routes!(triggers::put_dynamic_trigger))
+        .routes(routes!(triggers::post_registration))
+        .routes(routes!(triggers::delete_registration))
+        .routes(routes!(triggers::list_dispatchers))
+        .routes(routes!(triggers::enable_dispatcher))
+        .routes(routes!(triggers::disable_dispatcher))
+        .routes(routes!(triggers::post_ephemeral))
+        .routes(routes!(triggers::get_ephemeral))
+        .routes(routes!(operator::get_limits, operator::put_limits))
+        .routes(routes!(openapi::openapi))
+}
+
 /// The API's routes, bounded as `config` says, with `operator_routes` (the probes) beside
 /// them outside the in-flight bound; every request is counted and timed.
 pub fn router(state: AppState, config: &HttpConfig, operator_routes: Router) -> Router {
     let admission = Admission::new(config);
     let admitting = state.clone();
-    Router::new()
-        .route("/api/v1/events", post(events::send_event))
-        .route(
-            "/api/v1/events/bulk",
-            post(events::send_events).layer(DefaultBodyLimit::max(MAX_BULK_BODY_BYTES)),
-        )
-        .route("/api/v1/events/{event_id}", get(events::get_event_v2))
-        .route("/api/v2/events/{event_id}", get(events::get_event_v2))
-        .route(
-            "/api/v1/events/{event_id}/cancel-runs",
-            post(events::cancel_runs),
-        )
-        .route(
-            "/api/v1/events/{event_id}/cancel",
-            post(events::cancel_event),
-        )
-        .route("/api/v1/jobs/{job_id}", put(jobs::register_job))
-        .route("/api/v1/events/match", post(triggers::match_event))
-        .route(
-            "/api/v1/dynamic-triggers/{id}",
-            put(triggers::put_dynamic_trigger),
-        )
-        .route(
-            "/api/v1/dynamic-triggers/{id}/registrations",
-            post(triggers::post_registration),
-        )
-        .route(
-            "/api/v1/dynamic-triggers/{id}/registrations/{key}",
-            delete(triggers::delete_registration),
-        )
-        .route("/api/v1/dispatchers", get(triggers::list_dispatchers))
-        .route(
-            "/api/v1/event-dispatchers/ephemeral",
-            post(triggers::post_ephemeral),
-        )
-        .route(
-            "/api/v1/event-dispatchers/{id}",
-            get(triggers::get_ephemeral),
-        )
-        .route("/api/openapi.json", get(openapi))
-        .route(
-            "/api/v1/dispatchers/{id}/enable",
-            post(triggers::enable_dispatcher),
-        )
-        .route(
-            "/api/v1/dispatchers/{id}/disable",
-            post(triggers::disable_dispatcher),
-        )
-        .route(
-            "/api/v1/operator/environments/{org}/{project}/{env}/limits",
-            get(operator::get_limits).put(operator::put_limits),
-        )
+    let (routes, _) = routes().split_for_parts();
+    routes
+        .method_not_allowed_fallback(|method: Method| async move {
+            // axum adds the `Allow` header.
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on this route (see the Allow header)"),
+            )
+        })
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -395,16 +378,6 @@ async fn refuse_nul_in_path(request: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(request).await
-}
-
-/// The OpenAPI document of this API (`api/openapi.json`).
-pub const OPENAPI: &str = include_str!("../../api/openapi.json");
-
-async fn openapi() -> impl axum::response::IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
-    )
 }
 
 /// Count and time every request by its route pattern; count events stored and refused.

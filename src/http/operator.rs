@@ -10,29 +10,59 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, ErrorBody};
 use crate::tenants::{self, EnvironmentError, Limits, SetLimits};
 
 /// An environment's limits, as the API shows them (`null`: no limit).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = EnvironmentLimits)]
 pub struct LimitsBody {
+    /// org/project/env
     pub environment: String,
+    /// due jobs of each kind published and not yet final; null: no limit
+    #[schema(required, minimum = 1)]
     pub max_jobs_in_flight: Option<i32>,
+    /// events accepted per second over HTTP (429 with Retry-After beyond); null: no limit
+    #[schema(required, minimum = 1)]
     pub max_events_per_second: Option<i32>,
 }
 
 /// A change of limits: a field left out stays as it is, `null` lifts the limit.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = SetEnvironmentLimits)]
 pub struct PutLimitsBody {
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i32>, minimum = 1)]
     pub max_jobs_in_flight: Option<Option<i32>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i32>, minimum = 1)]
     pub max_events_per_second: Option<Option<i32>>,
 }
+
+/// The environment an operator route names.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct EnvironmentPath {
+    /// organization slug
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub org: String,
+    /// project slug
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub project: String,
+    /// environment slug
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub env: String,
+}
+
+/// The 429 of the operator routes.
+const OPERATOR_THROTTLED: &str = "too many failed attempts at the operator token from this \
+     client (10 a minute) or from all (100 a minute): refused without checking the token until \
+     `Retry-After`";
 
 /// A field that is present, `null` or not: `Some(None)` for `null`.
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i32>>, D::Error> {
@@ -40,6 +70,22 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<i32>>, D::Er
 }
 
 /// `GET /api/v1/operator/environments/{org}/{project}/{env}/limits`
+#[utoipa::path(
+    get,
+    path = "/api/v1/operator/environments/{org}/{project}/{env}/limits",
+    operation_id = "getEnvironmentLimits",
+    summary = "An environment's limits (operators)",
+    params(EnvironmentPath),
+    responses(
+        (status = 200, description = "the environment's limits", body = LimitsBody),
+        (status = 400, description = "a slug that is not valid", body = ErrorBody),
+        (status = 401, description = "no operator token, or not the one configured", body = ErrorBody),
+        (status = 403, description = "the operator endpoints are off (OPERATOR_TOKEN is not set)", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 429, description = OPERATOR_THROTTLED, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
+    ),
+    security(("operatorToken" = []))
+)]
 pub async fn get_limits(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -55,6 +101,23 @@ pub async fn get_limits(
 }
 
 /// `PUT /api/v1/operator/environments/{org}/{project}/{env}/limits`
+#[utoipa::path(
+    put,
+    path = "/api/v1/operator/environments/{org}/{project}/{env}/limits",
+    operation_id = "putEnvironmentLimits",
+    summary = "Set an environment's limits (operators): a field left out stays, null lifts the limit",
+    params(EnvironmentPath),
+    request_body = PutLimitsBody,
+    responses(
+        (status = 200, description = "the environment's limits after the change", body = LimitsBody),
+        (status = 400, description = "a slug or a limit that is not valid (a limit is at least 1, or null for none)", body = ErrorBody),
+        (status = 401, description = "no operator token, or not the one configured", body = ErrorBody),
+        (status = 403, description = "the operator endpoints are off (OPERATOR_TOKEN is not set)", body = ErrorBody),
+        (status = 404, description = "no such environment", body = ErrorBody),
+        (status = 429, description = OPERATOR_THROTTLED, body = ErrorBody, headers(("Retry-After" = u64, description = "seconds to wait before retrying"))),
+    ),
+    security(("operatorToken" = []))
+)]
 pub async fn put_limits(
     State(state): State<AppState>,
     headers: HeaderMap,

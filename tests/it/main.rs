@@ -10,6 +10,7 @@ mod delays;
 mod deploy;
 mod docs;
 mod events_api;
+mod events_list;
 mod examples;
 mod fairness;
 mod fast_path;
