@@ -259,7 +259,10 @@ async fn probes_answer(app: &TestApp, port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
     // The default render, pointed at this test's stores and name prefix.
     let values = json!({
         "database": {"url": app.database_url},
@@ -344,7 +347,6 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
         child.kill().await.unwrap();
         let _ = child.wait().await;
     }
-    app.finish().await;
 }
 
 /// KEDA scales the workers on the queues the service declares, whatever the shards and the

@@ -38,7 +38,7 @@ fn send(id: &str) -> SendEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let publisher = DirectPublisher::new(
         app.store.amqp_url.clone(),
         app.topology.clone(),
@@ -76,7 +76,6 @@ async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() 
         app.queue_depth(JobKind::DeliverEvent).await == 1
     })
     .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,15 +86,15 @@ async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
         reconcile_margin_ms: 500,
         ..RelayConfig::default()
     };
-    let app = TestApp::spawn_configured(
-        Roles {
+    let app = TestApp::builder()
+        .roles(Roles {
             relay: true,
             worker: true,
             ..Roles::NONE
-        },
-        relay,
-    )
-    .await;
+        })
+        .relay(relay)
+        .start()
+        .await;
     app.register_job("job", "fast").await;
     let (mut child, base) = app
         .spawn_ready("serve", &[("KONGFLOW_FAILPOINTS", "publish-after-commit")])
@@ -133,5 +132,4 @@ async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
-    app.finish().await;
 }

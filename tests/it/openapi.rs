@@ -87,7 +87,7 @@ async fn the_document_describes_every_route_and_is_served() {
     );
     // Every documented operation answers (not the fallback, not 405), and the served
     // document is the one in the repository.
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     for (method, path) in routes_in_doc(&doc) {
         let concrete = path
             .split('/')
@@ -110,12 +110,11 @@ async fn the_document_describes_every_route_and_is_served() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(served, doc);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     // Something to find: a job, an event, a dynamic trigger.
     app.put_job(
         &app.api_key,
@@ -154,5 +153,4 @@ async fn schemathesis_finds_no_server_error() {
     .await
     .unwrap();
     assert_eq!(orphans, 0);
-    app.finish().await;
 }
