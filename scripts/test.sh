@@ -7,55 +7,55 @@
 #
 # Every phase runs even when an earlier one failed; the end is a table of the phases, their
 # results and times, and the exit status is non-zero if any phase failed.
-set -uo pipefail
+set -eEuo pipefail
 cd "$(dirname "$0")/.."
 
-# --- What the phases need. Without it nothing can run: stop at the first failure. ---
-(
-  set -euo pipefail
-  ./scripts/services.sh
-  # promtool (Debian's prometheus package) validates the alert rules.
-  if ! command -v promtool >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+# What the phases need. Without it nothing can run: stop at the first failure.
+trap 'echo "test.sh: setting up the services and tools failed; no phase ran" >&2' ERR
+./scripts/services.sh
+# promtool (Debian's prometheus package) validates the alert rules.
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+# trigger.dev's v2 SDK, for the test that drives the API with it.
+if ! command -v npm >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
+# Python tools each in a venv of their own under target/, nothing installed machine-wide.
+venv() { # venv <name> <import check> <pip arguments...>
+  local dir=target/$1 check=$2
+  shift 2
+  if ! "$dir/bin/python" -c "$check" 2>/dev/null; then
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check "$@"
   fi
-  # trigger.dev's v2 SDK, for the test that drives the API with it.
-  if ! command -v npm >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
-  fi
-  npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
-  # Python tools each in a venv of their own under target/, nothing installed machine-wide.
-  venv() { # venv <name> <import check> <pip arguments...>
-    local dir=target/$1 check=$2
-    shift 2
-    if ! "$dir/bin/python" -c "$check" 2>/dev/null; then
-      python3 -m venv "$dir"
-      "$dir/bin/pip" install --quiet --disable-pip-version-check "$@"
-    fi
-  }
-  # schemathesis fuzzes the HTTP API from its OpenAPI document.
-  venv schemathesis-venv 'import schemathesis' "schemathesis>=4,<5"
-  # The Helm SDK (Helm's own library), kubernetes-validate and PyYAML render and check the
-  # chart without a helm binary or a cluster (scripts/chart.py).
-  venv chart-venv 'import helm_python, kubernetes_validate, yaml' \
-    "helm-python-sdk>=0.2,<0.3" "kubernetes-validate>=1.33" pyyaml
-  # The AMQP producer examples (examples/) run in the tests: pika and the CloudEvents SDK,
-  # amqplib from the lock file. jsonschema checks the contract's schemas.
-  venv examples-venv 'import pika, cloudevents, jsonschema' -r examples/python/requirements.txt
-  npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
-  # Test databases left by interrupted runs: a test database is named kf_test_<unix
-  # seconds>_<random> and removed by its test when it ends, so only those over 6 hours old
-  # are left-overs; younger ones may belong to a run going on beside this one.
-  psql -h 127.0.0.1 -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 -c "
-    SELECT datname FROM pg_database
-    WHERE datname ~ '^kf_test_[0-9]+_[0-9a-f]+\$'
-      AND split_part(datname, '_', 3)::bigint < extract(epoch FROM now()) - 6 * 3600" |
-    while read -r db; do
-      echo "dropping $db, left by a run over 6 hours ago"
-      psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
-    done
-) || { echo "test.sh: setting up the services and tools failed; no phase ran" >&2; exit 1; }
+}
+# schemathesis fuzzes the HTTP API from its OpenAPI document.
+venv schemathesis-venv 'import schemathesis' "schemathesis>=4,<5"
+# The Helm SDK (Helm's own library), kubernetes-validate and PyYAML render and check the
+# chart without a helm binary or a cluster (scripts/chart.py).
+venv chart-venv 'import helm_python, kubernetes_validate, yaml' \
+  "helm-python-sdk>=0.2,<0.3" "kubernetes-validate>=1.33" pyyaml
+# The AMQP producer examples (examples/) run in the tests: pika and the CloudEvents SDK,
+# amqplib from the lock file. jsonschema checks the contract's schemas.
+venv examples-venv 'import pika, cloudevents, jsonschema' -r examples/python/requirements.txt
+npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
+# Test databases left by interrupted runs: a test database is named kf_test_<unix
+# seconds>_<random> and removed by its test when it ends, so only those over 6 hours old
+# are left-overs; younger ones may belong to a run going on beside this one.
+psql -h 127.0.0.1 -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 -c "
+  SELECT datname FROM pg_database
+  WHERE datname ~ '^kf_test_[0-9]+_[0-9a-f]+\$'
+    AND split_part(datname, '_', 3)::bigint < extract(epoch FROM now()) - 6 * 3600" |
+  while read -r db; do
+    echo "dropping $db, left by a run over 6 hours ago"
+    psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+  done
+trap - ERR
+set +e
 
 # Build from the committed .sqlx/ query data, never from a live database.
 export SQLX_OFFLINE=true
