@@ -601,7 +601,7 @@ async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs
         .roles(crate::helpers::NO_ROLES)
         .start()
         .await;
-    let (child, base) = app.spawn_ready("serve", &[("RUST_LOG", "info")]).await;
+    let (child, base) = app.start_child("serve", &[("RUST_LOG", "info")]).await;
     // Many probes, one broker connection: the answer is the last probe's.
     for _ in 0..50 {
         let r = app.http.get(format!("{base}/readyz")).send().await.unwrap();

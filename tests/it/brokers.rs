@@ -14,7 +14,7 @@ async fn a_process_given_a_dead_node_first_connects_to_the_next_and_delivers() {
     let dead = "amqp://guest:guest@127.0.0.1:1/%2f";
     let nodes = format!("{dead},{},{dead}", amqp_url());
     let (mut child, base) = app
-        .spawn_ready("all", &[("AMQP_URL", nodes.as_str())])
+        .start_child("all", &[("AMQP_URL", nodes.as_str())])
         .await;
     // Read its log as it goes (a full pipe would stop the process).
     let mut stderr = child.stderr.take().unwrap();

@@ -516,7 +516,7 @@ async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_pu
         .start()
         .await;
     app.register_job("job", "deep").await;
-    let (mut child, base) = app.spawn_ready("serve", &[]).await;
+    let (mut child, base) = app.start_child("serve", &[]).await;
     for i in 0..20 {
         let sent = app
             .http

@@ -97,7 +97,7 @@ async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
         .await;
     app.register_job("job", "fast").await;
     let (mut child, base) = app
-        .spawn_ready("serve", &[("KONGFLOW_FAILPOINTS", "publish-after-commit")])
+        .start_child("serve", &[("KONGFLOW_FAILPOINTS", "publish-after-commit")])
         .await;
     // The answer may or may not get out before the process dies: the event is committed
     // before either.

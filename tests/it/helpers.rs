@@ -794,9 +794,10 @@ impl TestApp {
         seen.values().map(|n| n - 1).sum()
     }
 
-    /// A child `kongflow-events <role>` serving HTTP on a free port, its stderr piped, once
-    /// its `/readyz` answers 200. Returns it and its base URL.
-    pub async fn spawn_ready(
+    /// A child process `kongflow-events <role>` on this test's stores (the roles of a
+    /// `TestApp` run in the test's own process), serving HTTP on a free port, its stderr
+    /// piped, once its `/readyz` answers 200. Returns it and its base URL.
+    pub async fn start_child(
         &self,
         role: &str,
         extra_env: &[(&str, &str)],

@@ -30,7 +30,7 @@ async fn spawn_all(app: &TestApp, extra_env: &[(&str, &str)]) -> Child {
     let metrics_addr = format!("127.0.0.1:{port}");
     let mut env = extra_env.to_vec();
     env.push(("METRICS_ADDR", &metrics_addr));
-    let (process, base) = app.spawn_ready("all", &env).await;
+    let (process, base) = app.start_child("all", &env).await;
     Child {
         process,
         base,
