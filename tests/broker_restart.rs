@@ -29,7 +29,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_survive_a_broker_restart() {
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("restart", json!({})))
         .await;
@@ -106,7 +106,6 @@ async fn delayed_messages_survive_a_broker_restart() {
         .await
         .unwrap();
     app.channel = app.amqp.create_channel().await.unwrap();
-    app.finish().await;
 }
 
 async fn delivered_at(app: &TestApp, event_id: &str) -> Option<DateTime<Utc>> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kongflow_events::config::{HttpConfig, RelayConfig};
+use kongflow_events::config::HttpConfig;
 use kongflow_events::events::filter::EVAL_BUDGET;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -26,7 +26,7 @@ async fn dispatchers(app: &TestApp) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_past_a_limit_get_400_naming_it_and_store_nothing() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     let many_keys: serde_json::Map<String, Value> =
         (0..501).map(|i| (format!("k{i}"), json!([i]))).collect();
@@ -184,12 +184,11 @@ async fn registrations_past_a_limit_get_400_naming_it_and_store_nothing() {
         (Some(999), Some(0))
     );
     assert_eq!(dry["matches"].as_array().unwrap().len(), 100);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_costs_one_walk_and_a_costly_event_is_given_up_alone() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
 
     // The shape that once took 2^depth walks, at the deepest a filter may be.
@@ -276,12 +275,11 @@ async fn a_filter_costs_one_walk_and_a_costly_event_is_given_up_alone() {
     assert_eq!(attempt, 1, "a permanent failure is not retried");
     assert!(error.contains("budget"), "{error}");
     assert!(app.runs_by_job("costly-1").await.is_empty());
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_events_dispatchers_share_one_step_budget() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     // Two dispatchers of 400 `$not` checks over a 2,000-element array: 800,000 steps each,
     // within the budget alone, past it together.
@@ -320,12 +318,11 @@ async fn one_events_dispatchers_share_one_step_budget() {
     .unwrap();
     assert!(error.contains("budget"), "{error}");
     assert!(app.runs_by_job("halves-1").await.is_empty());
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_call_is_sized_event_by_event_before_it_is_parsed() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     let big = "a".repeat(700 * 1024);
     let (status, body) = app
@@ -365,7 +362,6 @@ async fn a_bulk_call_is_sized_event_by_event_before_it_is_parsed() {
         .await
         .unwrap();
     assert_eq!(stored, 0);
-    app.finish().await;
 }
 
 /// Open a connection and send the head of a `POST /api/v1/events` whose body never
@@ -401,7 +397,11 @@ async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
         http_body_timeout: std::time::Duration::from_millis(120_000),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let probe = || async {
         app.http
             .get(format!("{}/api/v1/events/nope", app.base_url))
@@ -446,7 +446,6 @@ async fn past_the_in_flight_bound_the_api_answers_503_with_retry_after() {
     let answer = read_to_close_or_response(&mut stalled).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_eq!(probe().await.status(), StatusCode::NOT_FOUND);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,12 +454,15 @@ async fn a_request_past_its_timeout_gets_408() {
         http_request_timeout: std::time::Duration::from_millis(500),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let mut stalled = stalled_send(&app).await;
     let answer = read_to_close_or_response(&mut stalled).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("HTTP_REQUEST_TIMEOUT_MS"), "{answer}");
-    app.finish().await;
 }
 
 /// The response the server sends, whether or not it then closes the connection.
@@ -501,7 +503,11 @@ async fn slow_headers_and_idle_connections_are_closed() {
         http_header_timeout: std::time::Duration::from_millis(300),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let addr = app.base_url.trim_start_matches("http://").to_string();
 
     // Headers that never end.
@@ -522,12 +528,11 @@ async fn slow_headers_and_idle_connections_are_closed() {
     assert!(!first.to_ascii_lowercase().contains("connection: close"));
     let rest = read_to_close(&mut idle).await;
     assert_eq!(rest, "", "closed with nothing more said");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_add_no_metric_series() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     for method in ["BREW", "WHEN", "FOO1"] {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let _ = app
@@ -545,7 +550,6 @@ async fn invented_methods_add_no_metric_series() {
         text.contains("method=\"other\""),
         "invented methods count as other"
     );
-    app.finish().await;
 }
 
 /// The TCP connections process `pid` holds open to port `port`, read from `/proc`.
@@ -593,8 +597,11 @@ fn connections_to(pid: u32, port: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
-    let (child, base) = app.spawn_ready("serve", &[("RUST_LOG", "info")]).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    let (child, base) = app.start_child("serve", &[("RUST_LOG", "info")]).await;
     // Many probes, one broker connection: the answer is the last probe's.
     for _ in 0..50 {
         let r = app.http.get(format!("{base}/readyz")).send().await.unwrap();
@@ -633,7 +640,6 @@ async fn serve_answers_readiness_from_its_probe_and_escapes_callers_text_in_logs
         !stderr.lines().any(|l| l.starts_with("INFO forged line")),
         "{stderr}"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,7 +708,11 @@ async fn slow_bodies_without_credentials_are_never_read_and_hold_no_place() {
         operator_token: Some("an-operator-token-of-length".parse().unwrap()),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let operator = "/api/v1/operator/environments/a/b/c/limits";
     let mut held = Vec::new();
     for i in 0..12 {
@@ -741,7 +751,6 @@ async fn slow_bodies_without_credentials_are_never_read_and_hold_no_place() {
         assert_eq!(status, StatusCode::OK);
     }
     drop(held);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -751,7 +760,11 @@ async fn one_environments_slow_bodies_hold_only_its_share_of_the_places() {
         http_request_timeout: std::time::Duration::from_millis(120_000),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let (_, other) = app.new_env("neighbour").await;
     let auth = format!("Authorization: Bearer {}", app.api_key);
     let mut held = Vec::new();
@@ -786,7 +799,6 @@ async fn one_environments_slow_bodies_hold_only_its_share_of_the_places() {
         assert_eq!(status, StatusCode::OK);
     }
     drop(held);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -796,19 +808,25 @@ async fn a_body_that_does_not_come_gets_408_after_the_body_timeout() {
         http_body_timeout: std::time::Duration::from_millis(1_000),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let started = std::time::Instant::now();
     let mut stalled = stalled_send(&app).await;
     let answer = read_to_close_or_response(&mut stalled).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert!(answer.contains("HTTP_BODY_TIMEOUT_MS"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_past_the_cap_do_not_keep_a_client_waiting() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -864,7 +882,6 @@ async fn idle_connections_past_the_cap_do_not_keep_a_client_waiting() {
     drop(idle);
     child.kill().await.unwrap();
     let _ = child.wait().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -874,7 +891,11 @@ async fn failed_operator_tokens_are_throttled_per_client_and_in_all() {
         operator_token: Some(TOKEN.parse().unwrap()),
         ..HttpConfig::default()
     };
-    let app = TestApp::spawn_full(HTTP_ONLY, RelayConfig::default(), config).await;
+    let app = TestApp::builder()
+        .roles(HTTP_ONLY)
+        .http(config)
+        .start()
+        .await;
     let path = format!(
         "{}/api/v1/operator/environments/org-{}/proj/dev/limits",
         app.base_url, app.db_name
@@ -918,7 +939,6 @@ async fn failed_operator_tokens_are_throttled_per_client_and_in_all() {
     let (status, retry, body) = attempt(from(30), TOKEN).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert!(retry.is_some());
-    app.finish().await;
 }
 
 /// `n` EPHEMERAL dispatchers of `name` in the test's environment, each `state`: `fired`
@@ -951,7 +971,7 @@ async fn ephemerals(app: &TestApp, name: &str, n: i32, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dry_run_reads_only_the_live_dispatchers_of_the_events_name() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "takes-x", job_body("x", json!({}))).await;
     app.put_job(&key, "takes-y", job_body("y", json!({}))).await;
@@ -975,12 +995,11 @@ async fn the_dry_run_reads_only_the_live_dispatchers_of_the_events_name() {
     assert_eq!(dry["missCount"], 100, "{}", dry["missCount"]);
     let misses = dry["misses"].as_array().unwrap();
     assert!(misses.iter().all(|m| m["reason"] == "expired"));
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_dispatchers_are_capped_live_and_spent() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     let create = |i: usize| {
         app.request(
@@ -1013,12 +1032,11 @@ async fn ephemeral_dispatchers_are_capped_live_and_spent() {
             .contains("100 live ephemeral"),
         "{body}"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_versions_dynamic_triggers_and_delivery_times_are_capped() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     // deliverAt at most ten years ahead, as deliverAfter.
     let ahead = |years: i64| {
@@ -1100,5 +1118,4 @@ async fn a_tenants_versions_dynamic_triggers_and_delivery_times_are_capped() {
     assert!(body["error"].as_str().unwrap().contains("(1000)"), "{body}");
     let (status, body) = put("dt-7").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    app.finish().await;
 }

@@ -8,13 +8,13 @@ use crate::helpers::{NO_ROLES, TestApp, amqp_url, job_body, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_given_a_dead_node_first_connects_to_the_next_and_delivers() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     // Port 1 refuses at once: a node that is down. Listed first and last, so whichever node
     // a connection starts from, it meets the dead one.
     let dead = "amqp://guest:guest@127.0.0.1:1/%2f";
     let nodes = format!("{dead},{},{dead}", amqp_url());
     let (mut child, base) = app
-        .spawn_ready("all", &[("AMQP_URL", nodes.as_str())])
+        .start_child("all", &[("AMQP_URL", nodes.as_str())])
         .await;
     // Read its log as it goes (a full pipe would stop the process).
     let mut stderr = child.stderr.take().unwrap();
@@ -50,12 +50,11 @@ async fn a_process_given_a_dead_node_first_connects_to_the_next_and_delivers() {
     let stderr = log.await.unwrap();
     assert!(stderr.contains("trying the next"), "{stderr}");
     assert!(!stderr.contains("guest:guest"), "{stderr}");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_gone_is_said_with_the_nodes_redacted() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let nodes = "amqp://guest:hunter2@127.0.0.1:1/%2f,amqp://guest:hunter3@127.0.0.1:2/%2f";
     let out = tokio::time::timeout(
         Duration::from_secs(60),
@@ -72,7 +71,6 @@ async fn every_node_gone_is_said_with_the_nodes_redacted() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("hunter"), "{stderr}");
     assert!(stderr.contains("127.0.0.1:2"), "{stderr}");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +82,7 @@ async fn a_second_installation_on_a_prefix_refuses_to_start_and_its_messages_are
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     use lapin::types::{AMQPValue, FieldTable};
 
-    let first = TestApp::spawn_with(NO_ROLES).await;
+    let first = TestApp::builder().roles(NO_ROLES).start().await;
     // The first installation's worker claims the prefix as it starts.
     let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .arg("worker")
@@ -111,7 +109,7 @@ async fn a_second_installation_on_a_prefix_refuses_to_start_and_its_messages_are
     .await;
 
     // A second installation (its own database) given the first one's prefix.
-    let second = TestApp::spawn_with(NO_ROLES).await;
+    let second = TestApp::builder().roles(NO_ROLES).start().await;
     let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .arg("relay")
         .envs(second.child_env())
@@ -184,6 +182,4 @@ async fn a_second_installation_on_a_prefix_refuses_to_start_and_its_messages_are
         },
     )
     .await;
-    second.finish().await;
-    first.finish().await;
 }

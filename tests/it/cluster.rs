@@ -91,7 +91,7 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
         QueueType::Quorum,
         "run through scripts/cluster-test.sh (TEST_QUEUE_TYPE=quorum)"
     );
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     assert!(
         app.store.amqp_url.contains(":5681/") && app.store.amqp_url.contains(":5683/"),
         "run through scripts/cluster-test.sh (AMQP_URL must list the cluster's nodes)"
@@ -384,5 +384,4 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
     for mut c in children {
         c.kill().await.unwrap();
     }
-    app.finish().await;
 }

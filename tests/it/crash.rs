@@ -89,7 +89,7 @@ async fn count(app: &TestApp, sql: &'static str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_after_publishing_before_marking_causes_no_double_effect() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     job_and_event(&app, "r-1").await;
 
     run_until_abort(&app, "relay", "relay-after-confirm").await;
@@ -134,12 +134,11 @@ async fn a_relay_killed_after_publishing_before_marking_causes_no_double_effect(
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
     assert_eq!(app.assert_handed_off_once().await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     job_and_event(&app, "w-1").await;
     assert_eq!(app.relay_all().await, 1);
 
@@ -201,12 +200,11 @@ async fn a_worker_killed_between_commit_and_ack_causes_no_double_effect() {
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
     assert_eq!(app.assert_handed_off_once().await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_step_dead_letters_garbage_and_ghosts() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let worker = app.worker();
     let out = worker
         .process(vec![Err("unparseable job message: junk".into())])
@@ -229,12 +227,11 @@ async fn a_worker_step_dead_letters_garbage_and_ghosts() {
             "the ledger has no job 987654".into()
         )]
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     job_and_event(&app, "seed").await;
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -319,12 +316,11 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
     // Every run was handed to the runs service, none twice under another id.
     app.assert_handed_off_once().await;
     next.kill().await.unwrap();
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_process_exits_at_its_drain_deadline_and_loses_nothing() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     job_and_event(&app, "stuck").await;
     // The worker blocks its thread inside a batch, as a runaway computation would.
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
@@ -404,12 +400,11 @@ async fn a_stuck_process_exits_at_its_drain_deadline_and_loses_nothing() {
         .await;
     assert_eq!(app.assert_handed_off_once().await, 0);
     next.kill().await.unwrap();
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_with_its_id() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     job_and_event(&app, "h-1").await;
     app.relay_all().await;
     let worker = app.worker();
@@ -436,7 +431,6 @@ async fn a_relay_killed_after_handing_a_run_off_before_deleting_it_repeats_it_wi
     assert_eq!(app.relay_handoffs().await, 1);
     assert_eq!(count(&app, "SELECT count(*) FROM run_handoffs").await, 0);
     assert_eq!(app.assert_handed_off_once().await, 1);
-    app.finish().await;
 }
 
 /// A child `kongflow-events <role>` with this environment and failpoints (one consumer per
@@ -464,12 +458,14 @@ fn spawn_worker(app: &TestApp, failpoints: &str) -> tokio::process::Child {
 async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_within_seconds() {
     // HTTP and the relay here. The reconciler's margin is its default (minutes), so only
     // the publishers' heartbeats can bring the job back within the test's wait.
-    let app = TestApp::spawn_with(kongflow_events::config::Roles {
-        http: true,
-        relay: true,
-        ..NO_ROLES
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(kongflow_events::config::Roles {
+            http: true,
+            relay: true,
+            ..NO_ROLES
+        })
+        .start()
+        .await;
     app.register_job("job", "crash").await;
     app.send_event(
         &app.api_key,
@@ -507,19 +503,20 @@ async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_wit
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_published_again() {
     // The relay here, no worker anywhere: every message stays in its queue.
-    let app = TestApp::spawn_with(kongflow_events::config::Roles {
-        relay: true,
-        ..NO_ROLES
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(kongflow_events::config::Roles {
+            relay: true,
+            ..NO_ROLES
+        })
+        .start()
+        .await;
     app.register_job("job", "deep").await;
-    let (mut child, base) = app.spawn_ready("serve", &[]).await;
+    let (mut child, base) = app.start_child("serve", &[]).await;
     for i in 0..20 {
         let sent = app
             .http
@@ -576,7 +573,6 @@ async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_pu
         "nothing went back to the outbox"
     );
     assert_eq!(depth().await, 20, "no message published twice");
-    app.finish().await;
 }
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -591,11 +587,13 @@ async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_
  {
     // `CHAOS_EVENTS` at `CHAOS_RATE` a second (the full run: 10,000 at 400).
     let (events, rate) = (env_or("CHAOS_EVENTS", 2_000), env_or("CHAOS_RATE", 300));
-    let app = TestApp::spawn_with(kongflow_events::config::Roles {
-        http: true,
-        ..NO_ROLES
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(kongflow_events::config::Roles {
+            http: true,
+            ..NO_ROLES
+        })
+        .start()
+        .await;
     app.register_job("job", "chaos").await;
     let env = app.child_env();
     let mut relay = spawn_role(&env, "relay", "");
@@ -684,5 +682,4 @@ async fn chaos_workers_killed_every_two_seconds_and_the_relay_once_lose_nothing_
         .await;
     app.assert_completed_once(JobKind::InvokeDispatcher, events)
         .await;
-    app.finish().await;
 }

@@ -102,7 +102,7 @@ fn at(ms_from_now: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_delays_sent_longest_first_arrive_in_due_order_on_time() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("later", json!({}))).await;
     // The longest first: a shared queue with per-message TTLs would hold the others
@@ -142,12 +142,11 @@ async fn mixed_delays_sent_longest_first_arrive_in_due_order_on_time() {
             vec![("job".to_string(), 1)]
         );
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_past_deliver_at_and_a_zero_deliver_after_deliver_now() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("now", json!({}))).await;
     let past = app
@@ -186,12 +185,11 @@ async fn a_past_deliver_at_and_a_zero_deliver_after_deliver_now() {
     app.settle().await;
     assert_eq!(app.runs_by_job("past").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.runs_by_job("zero").await, vec![("job".to_string(), 1)]);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_job_waits_in_its_tier_not_in_postgres() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("later", json!({}))).await;
     let log = app
@@ -219,12 +217,11 @@ async fn a_scheduled_job_waits_in_its_tier_not_in_postgres() {
     .await;
     assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
     assert!(app.runs_by_job("h-1").await.is_empty());
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_of_a_year_is_routed_through_the_top_tier() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.send_event(
         &key,
@@ -265,12 +262,11 @@ async fn a_delay_of_a_year_is_routed_through_the_top_tier() {
         }
     }
     assert_eq!(elsewhere, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_event_is_never_delivered_and_cancel_after_delivery_changes_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("c", json!({}))).await;
     app.send_event(
@@ -341,7 +337,6 @@ async fn a_cancelled_event_is_never_delivered_and_cancel_after_delivery_changes_
     assert_eq!(app.runs_by_job("done").await, vec![("job".to_string(), 1)]);
     let (status, _) = cancel("nope", key.clone()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +349,11 @@ async fn messages_purged_from_the_tiers_are_delivered_by_the_reconciler() {
         },
         ..RelayConfig::default()
     };
-    let app = TestApp::spawn_configured(Roles::ALL, relay).await;
+    let app = TestApp::builder()
+        .roles(Roles::ALL)
+        .relay(relay)
+        .start()
+        .await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("lost", json!({}))).await;
     for i in 0..3 {
@@ -408,7 +407,6 @@ async fn messages_purged_from_the_tiers_are_delivered_by_the_reconciler() {
             vec![("job".to_string(), 1)]
         );
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +418,7 @@ async fn a_message_that_arrives_early_is_sent_back_until_due() {
         worker: true,
         ..Roles::NONE
     };
-    let app = TestApp::spawn_with(roles).await;
+    let app = TestApp::builder().roles(roles).start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("early", json!({}))).await;
     app.send_event(
@@ -450,7 +448,6 @@ async fn a_message_that_arrives_early_is_sent_back_until_due() {
     app.relay_all().await;
     app.settle().await;
     assert_eq!(app.runs_by_job("e-1").await, vec![("job".to_string(), 1)]);
-    app.finish().await;
 }
 
 /// Messages waiting in the delay tiers, all of them.
@@ -490,7 +487,7 @@ fn tiers_passed(properties: &BasicProperties) -> (Vec<String>, Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_messages_leave_the_tiers_a_lead_early_for_the_worker_to_hold() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("lead", json!({}))).await;
     // Through the library, which leaves publishing to the relay (the API publishes its
@@ -579,7 +576,6 @@ async fn delayed_messages_leave_the_tiers_a_lead_early_for_the_worker_to_hold() 
         arrived.push(message.id);
     }
     let _ = channel.close(200, "done".into()).await;
-    app.finish().await;
 }
 
 /// A worker process that consumes jobs with a long delay lead.
@@ -596,7 +592,7 @@ fn spawn_worker(app: &TestApp) -> tokio::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_holding_a_message_loses_nothing() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("held", json!({}))).await;
     // The API publishes its job into the tiers too: that copy comes out about 8 s from now,
@@ -678,13 +674,12 @@ async fn a_worker_killed_while_holding_a_message_loses_nothing() {
     assert_eq!(app.runs_by_job("h-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.runs_by_job("n-1").await, vec![("job".to_string(), 1)]);
     second.kill().await.unwrap();
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
     // The API publishes into the tiers; no worker, so the messages stay where they land.
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let topology = &app.topology;
     let mut n = 0;
     let (other, other_key) = loop {
@@ -712,7 +707,7 @@ async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
     .await;
     if topology.shard_count() == 1 {
         // One queue holds both: nothing to tell apart.
-        return app.finish().await;
+        return;
     }
     for (env, id) in [(app.env.id, "mine"), (other.id, "theirs")] {
         let got = app
@@ -728,5 +723,4 @@ async fn a_delayed_job_comes_out_of_the_tiers_on_its_environments_shard() {
         assert_eq!(message.id, deliver_job(&app, id).await.id, "{id}");
     }
     assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
-    app.finish().await;
 }

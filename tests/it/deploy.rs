@@ -243,6 +243,16 @@ fn start(c: &Container, overrides: &[(&str, String)]) -> tokio::process::Child {
         .unwrap()
 }
 
+/// Two ports nothing listens on now, picked by the system.
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
 async fn probes_answer(app: &TestApp, port: u16) {
     for path in ["healthz", "readyz"] {
         let url = format!("http://127.0.0.1:{port}/{path}");
@@ -259,9 +269,15 @@ async fn probes_answer(app: &TestApp, port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
-    // The default render, pointed at this test's stores and name prefix.
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    // The default render, pointed at this test's stores and name prefix, on ports the
+    // system picks (the chart's own, 3030 and 9464, may be taken by a service running here).
+    let (http_port, metrics_port) = free_ports();
     let values = json!({
+        "ports": {"http": http_port, "metrics": metrics_port},
         "database": {"url": app.database_url},
         "amqp": {"url": app.store.amqp_url},
         "config": {
@@ -344,7 +360,6 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
         child.kill().await.unwrap();
         let _ = child.wait().await;
     }
-    app.finish().await;
 }
 
 /// KEDA scales the workers on the queues the service declares, whatever the shards and the

@@ -28,7 +28,7 @@ async fn events_stored(app: &TestApp) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_sends_store_all_or_nothing_and_answer_event_logs() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("bulk", json!({}))).await;
     let (status, logs) = app
@@ -107,12 +107,11 @@ async fn bulk_sends_store_all_or_nothing_and_answer_event_logs() {
         assert_eq!(got["runs"].as_array().unwrap().len(), 1, "{got}");
         assert_eq!(got["runs"][0]["status"], "QUEUED");
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_runs_cancels_queued_runs_once_and_only_in_the_environment() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "one", job_body("cr", json!({}))).await;
     app.put_job(&key, "two", job_body("cr", json!({}))).await;
@@ -161,12 +160,11 @@ async fn cancel_runs_cancels_queued_runs_once_and_only_in_the_environment() {
         )
         .await;
     assert_eq!(again["cancelledRunIds"], json!([]));
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resending_an_id_follows_trigger_dev_rules() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("re", json!({}))).await;
 
@@ -254,12 +252,11 @@ async fn resending_an_id_follows_trigger_dev_rules() {
             .await
             .unwrap();
     assert_eq!(delivered, None);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_answer_400_or_413_and_store_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     let long = "n".repeat(256);
     for (body, status, needle) in [
@@ -304,12 +301,11 @@ async fn limits_answer_400_or_413_and_store_nothing() {
         .request(Method::POST, "/api/v1/events", Some(&key), Some(fits))
         .await;
     assert_eq!(got, StatusCode::OK);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_events_are_matched_on_their_parsed_json_body() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(
         &key,
@@ -367,12 +363,11 @@ async fn request_events_are_matched_on_their_parsed_json_body() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_call_failing_in_the_database_on_its_second_event_stores_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     // Valid to the API, refused by the database: a trigger of this test's own.
     sqlx::raw_sql(
@@ -422,12 +417,11 @@ async fn a_bulk_call_failing_in_the_database_on_its_second_event_stores_nothing(
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(events_stored(&app).await, 2);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_racing_deliveries_leave_each_event_cancelled_or_delivered_never_both() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("race", json!({}))).await;
     // 60 events due at the same instant; their cancels land from 300 ms before it to
@@ -506,5 +500,4 @@ async fn cancels_racing_deliveries_leave_each_event_cancelled_or_delivered_never
         cancelled > 0 && delivered > 0,
         "both sides of the race were reached"
     );
-    app.finish().await;
 }

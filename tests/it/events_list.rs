@@ -34,7 +34,7 @@ async fn list(app: &TestApp, key: &str, query: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_walk_every_event_newest_first_and_only_the_keys_environment() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     let base = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
     // 120 events a second apart, in two names; two share a timestamp (ids break the tie).
@@ -125,7 +125,6 @@ async fn pages_walk_every_event_newest_first_and_only_the_keys_environment() {
     // The other environment sees only its own.
     let page = list(&app, &other_key, "").await;
     assert_eq!(ids(&page), vec!["theirs"]);
-    app.finish().await;
 }
 
 fn urlencode(s: &str) -> String {
@@ -134,7 +133,7 @@ fn urlencode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn states_filter_and_bad_queries_are_refused() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     let later = kongflow_events::dates::iso(Utc::now() + Duration::hours(1));
     app.send_event(
@@ -208,12 +207,11 @@ async fn states_filter_and_bad_queries_are_refused() {
     }
     let (status, _) = app.request(Method::GET, "/api/v1/events", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_a_route_does_not_take_answers_405_in_json_with_allow() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     for (method, path, allowed) in [
         (
             Method::DELETE,
@@ -245,12 +243,11 @@ async fn a_method_a_route_does_not_take_answers_405_in_json_with_allow() {
             "{body}"
         );
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_lists_an_environments_events_a_page_at_a_time() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (env, key) = app.new_env("cli").await;
     for i in 0..3 {
         app.send_event(
@@ -316,5 +313,4 @@ async fn the_cli_lists_an_environments_events_a_page_at_a_time() {
     let page: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(ids(&page), vec!["c-2", "c-1", "c-0"]);
     assert_eq!(page["next"], Value::Null);
-    app.finish().await;
 }

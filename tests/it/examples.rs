@@ -64,7 +64,7 @@ async fn run_example(app: &TestApp, program: &Path, args: &[&str], env: &[(&str,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_and_node_examples_publish_and_read_their_events_back() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.register_job("order-paid", "order.paid").await;
     let python = python();
     let node_modules = root().join("examples/node/node_modules/amqplib");
@@ -135,12 +135,11 @@ async fn the_python_and_node_examples_publish_and_read_their_events_back() {
         vec![("order-paid".to_string(), 1)]
     );
     app.settle().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_runs_service_starts_each_run_once_and_hears_of_cancels() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     for job in ["ship", "bill"] {
         app.register_job(job, "order.paid").await;
     }
@@ -258,7 +257,6 @@ async fn the_python_runs_service_starts_each_run_once_and_hears_of_cancels() {
         assert!(started.contains(&run), "{run} not started: {result}");
     }
     assert_eq!(app.depth_of(&queue).await, 0);
-    app.finish().await;
 }
 
 /// The verdicts of a JSON Schema of `rabbitmq/schemas/` on `cases`.
@@ -282,11 +280,13 @@ pub(crate) async fn schema_verdicts(schema: &str, cases: &[Value]) -> Vec<bool> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_contract_schema_accepts_what_the_service_stores_and_refuses_what_it_rejects() {
-    let app = TestApp::spawn_with(kongflow_events::app::Roles {
-        ingest: true,
-        ..kongflow_events::app::Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(kongflow_events::app::Roles {
+            ingest: true,
+            ..kongflow_events::app::Roles::NONE
+        })
+        .start()
+        .await;
     // Bodies whose verdict a JSON Schema can state (not sizes, which the schema describes
     // in words).
     let long = "n".repeat(256);
@@ -381,5 +381,4 @@ async fn the_contract_schema_accepts_what_the_service_stores_and_refuses_what_it
             service[i]
         );
     }
-    app.finish().await;
 }

@@ -65,12 +65,14 @@ fn spawn_worker(app: &TestApp) -> tokio::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     // The API and the relay; the worker comes later.
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        relay: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            http: true,
+            relay: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     let (a, a_key) = (app.env.id, app.api_key.clone());
     // B hashes to A's shard on purpose: it shares A's work queue, so shards alone would
     // leave it behind A's whole backlog.
@@ -165,7 +167,6 @@ async fn a_flooding_environment_waits_in_the_outbox_while_the_others_run() {
     app.assert_completed_once(JobKind::DeliverEvent, FLOOD + 5)
         .await;
     worker.kill().await.unwrap();
-    app.finish().await;
 }
 
 /// `kongflow-events env limits …` against the test's database; its status and output.
@@ -185,7 +186,10 @@ async fn env_limits(app: &TestApp, args: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environments_share_is_set_by_command_and_the_api_publishes_no_more() {
-    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
     let (env, key) = app.new_env("limited").await;
     let path: String = sqlx::query_scalar(
         "SELECT o.slug || '/' || p.slug || '/' || e.slug FROM runtime_environments e
@@ -229,7 +233,6 @@ async fn an_environments_share_is_set_by_command_and_the_api_publishes_no_more()
         app.queue_depth(JobKind::DeliverEvent).await == 13
     })
     .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,7 +240,10 @@ async fn priorities_order_the_work_inside_an_environments_share() {
     use kongflow_events::ledger::{
         InsertOpts, InvokeDispatcherArgs, JobInsert, JobPriority, QueueService,
     };
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
     sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 3 WHERE id = $1")
         .bind(app.env.id)
         .execute(&app.pool)
@@ -279,12 +285,14 @@ async fn priorities_order_the_work_inside_an_environments_share() {
             .await
             .unwrap();
     assert_eq!(published, vec![ids[0], ids[1], ids[10]]);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environment_over_its_ingest_rate_gets_429_with_retry_after() {
-    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
     let (env, key) = app.new_env("rated").await;
     let path = format!("{}-rated/proj/env", app.db_name);
     let (ok, out) = env_limits(&app, &[&path, "--max-events-per-second", "5"]).await;
@@ -362,7 +370,6 @@ async fn an_environment_over_its_ingest_rate_gets_429_with_retry_after() {
             StatusCode::OK
         );
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,12 +379,11 @@ async fn operators_read_and_set_limits_over_http_with_their_token_only() {
         operator_token: Some(TOKEN.parse().unwrap()),
         ..Default::default()
     };
-    let app = TestApp::spawn_full(
-        crate::helpers::HTTP_ONLY,
-        kongflow_events::config::RelayConfig::default(),
-        http,
-    )
-    .await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .http(http)
+        .start()
+        .await;
     let (_env, key) = app.new_env("limited").await;
     let url = format!(
         "{}/api/v1/operator/environments/{}-limited/proj/env/limits",
@@ -479,12 +485,14 @@ async fn operators_read_and_set_limits_over_http_with_their_token_only() {
         statuses[2..].contains(&StatusCode::TOO_MANY_REQUESTS),
         "{statuses:?}"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_endpoints_are_off_without_a_token() {
-    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
     let url = format!(
         "{}/api/v1/operator/environments/org-{}/proj/dev/limits",
         app.base_url, app.db_name
@@ -502,7 +510,6 @@ async fn operator_endpoints_are_off_without_a_token() {
         body["error"].as_str().unwrap().contains("OPERATOR_TOKEN"),
         "{body}"
     );
-    app.finish().await;
 }
 
 /// The room in flight counts the jobs published when due (in a work queue until final).
@@ -511,7 +518,10 @@ async fn operator_endpoints_are_off_without_a_token() {
 /// tier's hop caught by a lost cluster node), the jobs due now are not kept waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_jobs_take_no_room_in_flight() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
     let env = app.env.id;
     sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
         .bind(env)
@@ -565,5 +575,4 @@ async fn delayed_jobs_take_no_room_in_flight() {
         .await
         .unwrap();
     assert_eq!(room().await, Some(9), "final jobs take no room");
-    app.finish().await;
 }

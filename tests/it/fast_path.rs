@@ -38,7 +38,7 @@ fn send(id: &str) -> SendEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let publisher = DirectPublisher::new(
         app.store.amqp_url.clone(),
         app.topology.clone(),
@@ -76,7 +76,6 @@ async fn a_job_the_broker_does_not_take_goes_back_to_the_outbox_for_the_relay() 
         app.queue_depth(JobKind::DeliverEvent).await == 1
     })
     .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,18 +89,18 @@ async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
         },
         ..RelayConfig::default()
     };
-    let app = TestApp::spawn_configured(
-        Roles {
+    let app = TestApp::builder()
+        .roles(Roles {
             relay: true,
             worker: true,
             ..Roles::NONE
-        },
-        relay,
-    )
-    .await;
+        })
+        .relay(relay)
+        .start()
+        .await;
     app.register_job("job", "fast").await;
     let (mut child, base) = app
-        .spawn_ready("serve", &[("KONGFLOW_FAILPOINTS", "publish-after-commit")])
+        .start_child("serve", &[("KONGFLOW_FAILPOINTS", "publish-after-commit")])
         .await;
     // The answer may or may not get out before the process dies: the event is committed
     // before either.
@@ -136,5 +135,4 @@ async fn a_process_killed_between_its_commit_and_its_publish_loses_nothing() {
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
-    app.finish().await;
 }

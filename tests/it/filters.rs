@@ -289,7 +289,7 @@ async fn filters_match_exactly_as_the_reference_implementation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_filter_is_refused_at_registration_with_its_path() {
-    let app = crate::helpers::TestApp::spawn().await;
+    let app = crate::helpers::TestApp::builder().start().await;
     let key = app.api_key.clone();
     for (trigger, needle) in [
         (
@@ -326,5 +326,4 @@ async fn a_malformed_filter_is_refused_at_registration_with_its_path() {
         .await
         .unwrap();
     assert_eq!(jobs, 0, "nothing registered");
-    app.finish().await;
 }

@@ -21,7 +21,7 @@ async fn cancel_runs(app: &TestApp, event: &str) -> (StatusCode, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     for job in ["ship", "bill"] {
         app.put_job(&app.api_key, job, job_body("order.paid", json!({})))
             .await;
@@ -132,14 +132,13 @@ async fn each_run_created_is_handed_off_with_its_event_and_each_cancel_too() {
     assert_eq!(again["cancelledRunIds"], json!([]));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(app.take_hand_offs().await.is_empty());
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dynamic_triggers_run_is_handed_off_with_its_trace_and_no_match_hands_off_nothing() {
     // A dynamic trigger's runs are handed off like a job's; an event matching nothing
     // hands nothing off; and the hand-off carries the delivery's trace.
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.put_job(&app.api_key, "dyn-job", job_body("other", json!({})))
         .await;
     let (status, v) = app
@@ -191,7 +190,6 @@ async fn a_dynamic_triggers_run_is_handed_off_with_its_trace_and_no_match_hands_
         tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
         "the trace goes on: {tp}"
     );
-    app.finish().await;
 }
 
 /// A run in this test's environment (event `a-1`) and one in another environment (event
@@ -259,7 +257,7 @@ fn metric(name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_off_that_cannot_be_read_is_set_aside_and_the_other_tenants_go_out() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (deep, other) = a_run_in_each_of_two_environments(&app).await;
     // Nested deeper than a JSON reader's recursion limit, written past ingest (which refuses
     // it), as an old build or a hand in the database could have.
@@ -317,12 +315,11 @@ async fn a_hand_off_that_cannot_be_read_is_set_aside_and_the_other_tenants_go_ou
         "only the set-aside row stays"
     );
     let _ = channel.close(200, "done".into()).await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (run, _) = a_run_in_each_of_two_environments(&app).await;
     // The relay step's channel first: opening it declares the topology, binding included.
     let relay = app.relay();
@@ -383,5 +380,4 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].3["runId"], run.to_string());
     let _ = channel.close(200, "done".into()).await;
-    app.finish().await;
 }

@@ -69,58 +69,50 @@ pub struct TestApp {
     pub env: Environment,
     pub api_key: String,
     pub http: reqwest::Client,
-    shutdown: CancellationToken,
-    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Stops the roles and removes the database and the broker names when the test ends,
+    /// however it ends (its drop does it).
+    _cleanup: Cleanup,
 }
 
-impl TestApp {
-    /// Everything running: HTTP, relay, worker.
-    pub async fn spawn() -> Self {
-        Self::spawn_with(Roles::ALL).await
+/// What a test runs: `TestApp::builder()`, then any of the settings, then `start()`. By
+/// default every role runs (HTTP, relay, worker), with the default relay and HTTP
+/// configurations and [`test_worker_config`].
+pub struct TestAppBuilder {
+    roles: Roles,
+    relay: RelayConfig,
+    http: HttpConfig,
+    worker: WorkerConfig,
+}
+
+impl TestAppBuilder {
+    /// Which roles run in the background ([`NO_ROLES`]: the test drives every step).
+    pub fn roles(mut self, roles: Roles) -> Self {
+        self.roles = roles;
+        self
     }
 
-    pub async fn spawn_with(roles: Roles) -> Self {
-        Self::spawn_configured(roles, RelayConfig::default()).await
+    pub fn relay(mut self, relay: RelayConfig) -> Self {
+        self.relay = relay;
+        self
     }
 
-    /// Whichever roles, with this relay configuration.
-    pub async fn spawn_configured(roles: Roles, relay: RelayConfig) -> Self {
-        Self::spawn_full(roles, relay, HttpConfig::default()).await
+    pub fn http(mut self, http: HttpConfig) -> Self {
+        self.http = http;
+        self
     }
 
-    /// Whichever roles, with these relay and HTTP configurations.
-    pub async fn spawn_full(roles: Roles, relay: RelayConfig, http_config: HttpConfig) -> Self {
-        Self::spawn_all(roles, relay, http_config, test_worker_config()).await
+    /// The whole worker configuration (start from [`test_worker_config`] to keep the
+    /// tests' quick retries and loopback webhooks).
+    pub fn worker(mut self, worker: WorkerConfig) -> Self {
+        self.worker = worker;
+        self
     }
 
-    /// Every role, with this worker configuration.
-    pub async fn spawn_worker(worker: WorkerConfig) -> Self {
-        Self::spawn_all(
-            Roles::ALL,
-            RelayConfig::default(),
-            HttpConfig::default(),
-            worker,
-        )
-        .await
-    }
-
-    /// Whichever roles, with these relay, HTTP and worker configurations.
-    pub async fn spawn_all(
-        roles: Roles,
-        relay: RelayConfig,
-        http_config: HttpConfig,
-        worker: WorkerConfig,
-    ) -> Self {
-        let db_name = format!("kf_test_{}", Uuid::new_v4().simple());
-        let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
-            .await
-            .expect("connect to postgres");
-        // The name is ours: a fixed prefix and a UUID.
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&admin)
-            .await
-            .expect("create test database");
-        admin.close().await;
+    /// A database of its own (a copy of the migrated template), a name prefix of its own on
+    /// the broker, its topology declared, an environment with its key, and the roles running.
+    pub async fn start(self) -> TestApp {
+        let db_name = test_database_name();
+        create_test_database(&db_name).await;
         let database_url = format!("{}/{db_name}", pg_base());
         let prefix = format!("kft.{}", &Uuid::new_v4().simple().to_string()[..12]);
         let store = StoreConfig {
@@ -134,10 +126,28 @@ impl TestApp {
             database_max_connections: 6,
             no_migrate: false,
         };
-        let pool = kongflow_events::app::open_database(&store)
-            .await
-            .expect("open test database");
         let topology = store.topology();
+        // From here on the database and the broker names are removed however the test ends.
+        let mut cleanup = Cleanup {
+            db_name: db_name.clone(),
+            amqp_url: store.amqp_url.clone(),
+            queues: topology.all_queues(),
+            exchanges: topology.all_exchanges(),
+            shutdown: CancellationToken::new(),
+            running: None,
+        };
+        // The template is migrated already.
+        let pool = kongflow_events::app::open_database(&StoreConfig {
+            no_migrate: true,
+            ..store.clone()
+        })
+        .await
+        .expect("open test database");
+        // Each database is an installation of its own: not the template's identity.
+        sqlx::query("UPDATE installation SET id = gen_random_uuid(), created_at = now()")
+            .execute(&pool)
+            .await
+            .expect("a new installation id");
         let amqp = amqp::connect(&store.amqp_url, "kongflow-test")
             .await
             .expect("connect to rabbitmq");
@@ -154,20 +164,21 @@ impl TestApp {
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
+        let roles = self.roles;
         let process = Process {
             pool: pool.clone(),
             topology: topology.clone(),
             amqp_url: store.amqp_url.clone(),
-            relay,
-            worker,
+            relay: self.relay,
+            worker: self.worker,
             ingest: IngestConfig::default(),
             http: roles.http.then_some(listener),
-            http_config,
+            http_config: self.http,
             metrics: None,
         };
-        let any_role = roles != Roles::NONE;
-        let running = any_role.then(|| tokio::spawn(process.run(roles, shutdown.clone())));
+        if roles != Roles::NONE {
+            cleanup.running = Some(tokio::spawn(process.run(roles, cleanup.shutdown.clone())));
+        }
 
         TestApp {
             pool,
@@ -181,48 +192,212 @@ impl TestApp {
             env: created.environment,
             api_key: created.api_key,
             http: reqwest::Client::new(),
-            shutdown,
-            running,
+            _cleanup: cleanup,
         }
     }
+}
 
-    /// Stop the roles and drop the database.
-    pub async fn finish(mut self) {
-        self.shutdown.cancel();
-        if let Some(r) = self.running.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(20), r).await;
+/// A test database's name: `kf_test_<unix seconds>_<random>`, so that `scripts/test.sh` can
+/// tell a database left by an interrupted run (hours old) from one a concurrent run is using.
+fn test_database_name() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!(
+        "kf_test_{secs}_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The migrated template of this test binary's migrations, made once per run of the
+/// binary (and reused by later runs while the migrations are the same).
+static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+/// The advisory lock that makes one process at a time build a template (any test binary,
+/// any concurrent run on the machine).
+const TEMPLATE_LOCK: i64 = 0x6b66_7465_6d70; // "kftemp"
+
+/// `kf_template_<hash>`: the hash is of the migrations embedded in the binary (versions and
+/// checksums), so a template made from other migrations is never used.
+fn template_name() -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for m in kongflow_events::db::MIGRATOR.iter() {
+        hash.update(m.version.to_be_bytes());
+        hash.update(&m.checksum[..]);
+    }
+    let hex: String = hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("kf_template_{hex}")
+}
+
+/// Create the template if it does not exist yet: under the advisory lock, migrate a
+/// database under a temporary name, close every connection to it, then rename it, so the
+/// template's name only ever names a complete one. Connections to it are then refused, so
+/// nothing can keep `CREATE DATABASE ... TEMPLATE` from copying it.
+async fn build_template() -> String {
+    use sqlx::Connection;
+    let name = template_name();
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base()))
+        .await
+        .expect("connect to postgres");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(TEMPLATE_LOCK)
+        .execute(&mut admin)
+        .await
+        .expect("take the template lock");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    if !exists {
+        // The names are ours: a fixed prefix and a hex hash.
+        let building = format!("{name}_building");
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await
+                .expect("create the template database");
         }
-        // Leave nothing on the broker (the queues would expire anyway, later).
-        for queue in self.topology.all_queues() {
-            let _ = self
-                .channel
+        let pool = kongflow_events::db::connect(&format!("{}/{building}", pg_base()), 1)
+            .await
+            .expect("connect to the template database");
+        kongflow_events::db::migrate(&pool)
+            .await
+            .expect("migrate the template database");
+        pool.close().await;
+        for statement in [
+            format!("ALTER DATABASE {building} RENAME TO {name}"),
+            format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"),
+        ] {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await
+                .expect("name the template database");
+        }
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(TEMPLATE_LOCK)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    name
+}
+
+/// A test's database: a copy of the migrated template.
+async fn create_test_database(db_name: &str) {
+    use sqlx::Connection;
+    let template = TEMPLATE.get_or_init(build_template).await;
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base()))
+        .await
+        .expect("connect to postgres");
+    // The names are ours: fixed prefixes, a timestamp, a UUID and a hash.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE DATABASE {db_name} TEMPLATE {template}"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create test database");
+    let _ = admin.close().await;
+}
+
+/// What a test leaves behind, removed when its `TestApp` is dropped: at the end of the test,
+/// or while a failed assertion unwinds. Drop cannot wait on the test's runtime, so the work
+/// runs on a thread of its own with a runtime of its own, and the drop waits for it.
+struct Cleanup {
+    db_name: String,
+    amqp_url: String,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+    shutdown: CancellationToken,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+        let db_name = std::mem::take(&mut self.db_name);
+        let amqp_url = std::mem::take(&mut self.amqp_url);
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        let remove = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    remove_leftovers(&db_name, &amqp_url, &queues, &exchanges),
+                )
+                .await;
+            });
+        });
+        let _ = remove.join();
+    }
+}
+
+/// Drop the test's database (its connections closed by force) and delete its queues and
+/// exchanges. Errors are ignored: this also runs while a failed test unwinds.
+async fn remove_leftovers(db_name: &str, amqp_url: &str, queues: &[String], exchanges: &[String]) {
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base())).await {
+        // The name is ours: a fixed prefix, a timestamp and a UUID.
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+        let _ = admin.close().await;
+    }
+    let Ok(conn) = amqp::connect(amqp_url, "kongflow-test-cleanup").await else {
+        return;
+    };
+    if let Ok(channel) = conn.create_channel().await {
+        for queue in queues {
+            let _ = channel
                 .queue_delete(
                     queue.as_str().into(),
                     lapin::options::QueueDeleteOptions::default(),
                 )
                 .await;
         }
-        for exchange in self.topology.all_exchanges() {
-            let _ = self
-                .channel
+        for exchange in exchanges {
+            let _ = channel
                 .exchange_delete(
                     exchange.as_str().into(),
                     lapin::options::ExchangeDeleteOptions::default(),
                 )
                 .await;
         }
-        let _ = self.amqp.close(200, "bye".into()).await;
-        self.pool.close().await;
-        let admin = PgPool::connect(&format!("{}/postgres", pg_base()))
-            .await
-            .unwrap();
-        let _ = sqlx::query(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.db_name
-        )))
-        .execute(&admin)
-        .await;
-        admin.close().await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+impl TestApp {
+    /// A test deployment, configured and started: `TestApp::builder().start().await` runs
+    /// every role.
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder {
+            roles: Roles::ALL,
+            relay: RelayConfig::default(),
+            http: HttpConfig::default(),
+            worker: test_worker_config(),
+        }
     }
 
     /// Another environment of this test, with its key.
@@ -619,9 +794,10 @@ impl TestApp {
         seen.values().map(|n| n - 1).sum()
     }
 
-    /// A child `kongflow-events <role>` serving HTTP on a free port, its stderr piped, once
-    /// its `/readyz` answers 200. Returns it and its base URL.
-    pub async fn spawn_ready(
+    /// A child process `kongflow-events <role>` on this test's stores (the roles of a
+    /// `TestApp` run in the test's own process), serving HTTP on a free port, its stderr
+    /// piped, once its `/readyz` answers 200. Returns it and its base URL.
+    pub async fn start_child(
         &self,
         role: &str,
         extra_env: &[(&str, &str)],

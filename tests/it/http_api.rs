@@ -10,7 +10,7 @@ use crate::helpers::{TestApp, job_body};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let body = json!({"event": {"name": "x", "payload": {}}});
     let post = reqwest::Method::POST;
 
@@ -85,12 +85,11 @@ async fn bad_keys_and_bad_bodies_get_clear_errors_and_store_nothing() {
         .request(reqwest::Method::GET, "/nope", Some(&key), None)
         .await;
     assert_eq!(s, 404);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_key_stops_working_within_the_key_cache_ttl() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let get = reqwest::Method::GET;
     let (_, old) = app.new_env("rotated").await;
     // Known key, unknown event: 404, and the key is now cached.
@@ -127,7 +126,7 @@ async fn a_replaced_key_stops_working_within_the_key_cache_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_environments_events_are_not_found() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let key = app.api_key.clone();
     let (_, other) = app.new_env("other").await;
     app.put_job(&key, "job", job_body("e", json!({}))).await;
@@ -164,12 +163,11 @@ async fn another_environments_events_are_not_found() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(v["id"], "mine");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_create_prints_a_working_key_last() {
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .args([
             "env",
@@ -214,7 +212,6 @@ async fn env_create_prints_a_working_key_last() {
     .await
     .unwrap();
     assert!(hashes_hold_no_key);
-    app.finish().await;
 }
 
 /// Run the binary to its end (at most 30 s) and return its status and stderr.
@@ -239,7 +236,10 @@ async fn run_to_end(args: &[&str], env: &[(&str, String)]) -> (std::process::Exi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_that_cannot_start_say_why_and_what_to_set() {
-    let app = TestApp::spawn_with(crate::helpers::NO_ROLES).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
     let base = crate::helpers::pg_base();
     // A database that does not exist, a role that does not exist: no retrying.
     for url in [
@@ -277,7 +277,6 @@ async fn processes_that_cannot_start_say_why_and_what_to_set() {
         "{stderr}"
     );
     drop(taken);
-    app.finish().await;
 }
 
 /// `serve` and `all` take METRICS_ADDR like the other roles.
@@ -298,7 +297,7 @@ async fn metrics_stay_off_the_api_port_by_default() {
     );
     // A process given no metrics listener serves no metrics on the API's port; its
     // probes stay where the chart's probes look.
-    let app = TestApp::spawn_with(HTTP_ONLY).await;
+    let app = TestApp::builder().roles(HTTP_ONLY).start().await;
     let metrics = app
         .http
         .get(format!("{}/metrics", app.base_url))
@@ -315,5 +314,4 @@ async fn metrics_stay_off_the_api_port_by_default() {
             .unwrap();
         assert_ne!(r.status(), reqwest::StatusCode::NOT_FOUND, "{probe}");
     }
-    app.finish().await;
 }

@@ -144,7 +144,7 @@ async fn rejected_consumer(app: &TestApp) -> lapin::Consumer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_form_is_stored_answered_and_run() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.register_job("native", "order.paid").await;
     app.register_job_from("cloud", "order.shipped", "/shop")
         .await;
@@ -252,12 +252,11 @@ async fn every_form_is_stored_answered_and_run() {
     .unwrap();
     assert_eq!(account.as_deref(), Some("acct-1"));
     app.settle().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer() {
-    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let app = TestApp::builder().roles(INGEST_ONLY).start().await;
     let channel = producer(&app).await;
     let (replies, mut reply_consumer) = app.reply_queue().await;
     let key = app.api_key.as_str();
@@ -454,17 +453,18 @@ async fn bad_messages_are_rejected_with_their_reason_and_never_stop_the_consumer
     }
     assert_eq!(count(&app, "SELECT count(*) FROM event_records").await, 1);
     assert_eq!(app.depth_of(&app.topology.ingest_queue()).await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_event_per_id_however_often_and_however_it_comes() {
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        ingest: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            http: true,
+            ingest: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     let channel = producer(&app).await;
     let (replies, mut consumer) = app.reply_queue().await;
     let key = app.api_key.clone();
@@ -523,12 +523,11 @@ async fn one_event_per_id_however_often_and_however_it_comes() {
         .await,
         3
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_publish_comes_back_to_a_mandatory_producer() {
-    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let app = TestApp::builder().roles(INGEST_ONLY).start().await;
     let channel = producer(&app).await;
     let body = json!({"event": {"name": "lost"}}).to_string();
     match publish(
@@ -545,18 +544,19 @@ async fn an_unroutable_publish_comes_back_to_a_mandatory_producer() {
         }
         other => panic!("expected the message back, got {other:?}"),
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ingest_consumer_killed_between_commit_and_ack_stores_and_runs_once() {
     // Relay and worker in this process; ingest in a child we kill.
-    let app = TestApp::spawn_with(Roles {
-        relay: true,
-        worker: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            relay: true,
+            worker: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     app.register_job("job", "killed").await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .arg("ingest")
@@ -630,14 +630,13 @@ async fn an_ingest_consumer_killed_between_commit_and_ack_stores_and_runs_once()
         vec![("job".to_string(), 1)]
     );
     next.kill().await.unwrap();
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_from_several_publishers_stores_each_good_message_once_and_rejects_each_bad_one() {
     const MESSAGES: usize = 10_000;
     const PUBLISHERS: usize = 4;
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.register_job("burst", "burst").await;
     // Every tenth message is bad, in one of five ways.
     let bad = |i: usize| i.is_multiple_of(10).then_some((i / 10) % 5);
@@ -739,7 +738,6 @@ async fn a_burst_from_several_publishers_stores_each_good_message_once_and_rejec
         .await;
     // Nothing more was rejected than the bad ones.
     assert_eq!(app.depth_of(&app.topology.rejected_queue()).await, 0);
-    app.finish().await;
 }
 
 /// `{"a": {"a": ... 1}}`, `depth` objects deep.
@@ -754,12 +752,14 @@ const DEPTH_LIMIT: usize = 64;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_depth_limit_holds_on_every_ingest_path() {
     assert_eq!(kongflow_events::events::MAX_JSON_DEPTH, DEPTH_LIMIT);
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        ingest: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            http: true,
+            ingest: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     let key = app.api_key.clone();
     let names_the_limit = |v: &Value| {
         v.to_string().contains(&format!("{DEPTH_LIMIT}")) && v.to_string().contains("deep")
@@ -880,12 +880,11 @@ async fn one_depth_limit_holds_on_every_ingest_path() {
     }
     // Stored: two HTTP events and one bulk at the limit, and the three AMQP ones.
     assert_eq!(count(&app, "SELECT count(*) FROM event_records").await, 6);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_go_only_to_reply_queues() {
-    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let app = TestApp::builder().roles(INGEST_ONLY).start().await;
     let channel = producer(&app).await;
     let key = app.api_key.clone();
     // A queue anyone could name: the service's runs queue, and some other queue.
@@ -996,7 +995,6 @@ async fn replies_go_only_to_reply_queues() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app.depth_of(&app.topology.runs_queue()).await, 0);
     assert_eq!(app.depth_of(&victim).await, 0);
-    app.finish().await;
 }
 
 #[test]
@@ -1022,7 +1020,7 @@ fn the_shipped_broker_refuses_messages_far_larger_than_the_service_takes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environment_over_its_rate_waits_over_amqp_and_the_others_flow() {
-    let app = TestApp::spawn_with(INGEST_ONLY).await;
+    let app = TestApp::builder().roles(INGEST_ONLY).start().await;
     let (slow, slow_key) = app.new_env("slow").await;
     sqlx::query("UPDATE runtime_environments SET max_events_per_second = 1 WHERE id = $1")
         .bind(slow.id)
@@ -1098,5 +1096,4 @@ async fn an_environment_over_its_rate_waits_over_amqp_and_the_others_flow() {
         0,
         "nothing rejected"
     );
-    app.finish().await;
 }

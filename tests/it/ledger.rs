@@ -10,7 +10,7 @@ use crate::helpers::{NO_ROLES, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_take_the_defaults_and_are_unique_by_args() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let q = QueueService::new();
     let args = DeliverEventArgs { id: Uuid::new_v4() };
     let mut tx = app.pool.begin().await.unwrap();
@@ -74,12 +74,11 @@ async fn inserts_take_the_defaults_and_are_unique_by_args() {
         .await
         .unwrap();
     assert_eq!(rows, 2);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_enqueue_leaves_no_job_and_publishes_nothing() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let q = QueueService::new();
     let mut tx = app.pool.begin().await.unwrap();
     let res = q
@@ -118,12 +117,11 @@ async fn a_rolled_back_enqueue_leaves_no_job_and_publishes_nothing() {
         || async { app.queue_depth(JobKind::DeliverEvent).await == 1 },
     )
     .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_never_publish_the_same_rows() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let q = QueueService::new();
     let mut tx = app.pool.begin().await.unwrap();
     let jobs = (0..1200)
@@ -151,12 +149,11 @@ async fn two_relays_never_publish_the_same_rows() {
             .await
             .unwrap();
     assert_eq!(unpublished, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_broker_returns_keeps_its_job_in_the_outbox() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let mut tx = app.pool.begin().await.unwrap();
     let job = QueueService::new()
         .enqueue_deliver_event(
@@ -203,12 +200,11 @@ async fn a_message_the_broker_returns_keeps_its_job_in_the_outbox() {
     )
     .await;
     let _ = channel.close(200, "done".into()).await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_relay_publishes() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     app.register_job("job", "quiet").await;
     // Ingest, then a worker step on the deliverEvent job, handed to it directly.
     let ingested = kongflow_events::EventsService::new(app.pool.clone())
@@ -250,5 +246,4 @@ async fn only_the_relay_publishes() {
         || async { app.queue_depth(JobKind::InvokeDispatcher).await == 1 },
     )
     .await;
-    app.finish().await;
 }

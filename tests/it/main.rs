@@ -26,6 +26,7 @@ mod pipeline;
 mod retention;
 mod retries;
 mod sdk;
+mod setup_timing;
 mod shards;
 mod structure;
 mod triggers_api;

@@ -30,7 +30,7 @@ async fn spawn_all(app: &TestApp, extra_env: &[(&str, &str)]) -> Child {
     let metrics_addr = format!("127.0.0.1:{port}");
     let mut env = extra_env.to_vec();
     env.push(("METRICS_ADDR", &metrics_addr));
-    let (process, base) = app.spawn_ready("all", &env).await;
+    let (process, base) = app.start_child("all", &env).await;
     Child {
         process,
         base,
@@ -91,7 +91,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let key = app.api_key.clone();
     let mut child = spawn_all(&app, &[("RUST_LOG", "warn")]).await;
     let base = child.base.clone();
@@ -346,7 +346,6 @@ async fn metrics_move_by_the_right_amounts_and_the_dashboard_uses_only_real_ones
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    app.finish().await;
 }
 
 #[test]
@@ -369,7 +368,7 @@ fn the_alert_rules_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_id_follows_an_event_through_api_relay_and_workers() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let key = app.api_key.clone();
     let mut child = spawn_all(
         &app,
@@ -458,5 +457,4 @@ async fn one_trace_id_follows_an_event_through_api_relay_and_workers() {
         "{seen:?}"
     );
     assert!(has("kongflow_events::worker", "job completed"), "{seen:?}");
-    app.finish().await;
 }

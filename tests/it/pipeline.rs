@@ -33,7 +33,7 @@ async fn wait_delivered(app: &TestApp, event_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_runs_each_matching_dispatcher_once_and_no_other() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "match", job_body("order.paid", json!({})))
         .await;
@@ -114,12 +114,11 @@ async fn an_event_runs_each_matching_dispatcher_once_and_no_other() {
     let runs = got["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| r["status"] == "QUEUED"));
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_event_id_twice_stores_and_runs_once() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("signup", json!({})))
         .await;
@@ -154,12 +153,11 @@ async fn the_same_event_id_twice_stores_and_runs_once() {
     app.assert_completed_once(JobKind::DeliverEvent, 1).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dynamic_trigger_runs_the_latest_version_of_each_attached_job() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "a", job_body("unrelated", json!({})))
         .await;
@@ -222,18 +220,19 @@ async fn a_dynamic_trigger_runs_the_latest_version_of_each_attached_job() {
         a_version.to_string(),
         a2["latestVersion"]["id"].as_str().unwrap()
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_message_published_twice_creates_one_run() {
     // The relay runs; the worker is driven by hand so the duplicate is certain to be seen.
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        relay: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            http: true,
+            relay: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("ping", json!({}))).await;
     app.send_event(
@@ -295,12 +294,11 @@ async fn a_job_message_published_twice_creates_one_run() {
     app.assert_completed_once(JobKind::InvokeDispatcher, 1)
         .await;
     assert_eq!(app.queue_depth(JobKind::InvokeDispatcher).await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_recovers_when_its_connections_are_cut() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("cut", json!({}))).await;
     app.send_event(
@@ -329,7 +327,6 @@ async fn the_pipeline_recovers_when_its_connections_are_cut() {
     .await;
     wait_delivered(&app, "c-2").await;
     assert_eq!(app.runs_by_job("c-2").await, vec![("job".to_string(), 1)]);
-    app.finish().await;
 }
 
 /// Close the broker connections whose name carries `prefix`; returns how many.
@@ -360,7 +357,7 @@ fn close_amqp_connections(prefix: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sends_of_the_same_ids_store_each_id_once() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("burst", json!({}))).await;
     // 10 ids, each sent 5 times at once: the group commit sees duplicates in one batch.
@@ -391,5 +388,4 @@ async fn concurrent_sends_of_the_same_ids_store_each_id_once() {
     app.assert_completed_once(JobKind::DeliverEvent, 10).await;
     app.assert_completed_once(JobKind::InvokeDispatcher, 10)
         .await;
-    app.finish().await;
 }

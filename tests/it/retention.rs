@@ -39,7 +39,7 @@ async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
-    let app = TestApp::spawn_with(Roles::ALL).await;
+    let app = TestApp::builder().roles(Roles::ALL).start().await;
     let env = app.env.id;
     app.put_job(&app.api_key, "job", job_body("kept", json!({})))
         .await;
@@ -140,12 +140,11 @@ async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
         .unwrap();
     assert!(forever.retain_events().await.unwrap().is_empty());
     assert_eq!(events_of(&app, env).await, 2);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_environment_takes_its_data_and_nobody_elses() {
-    let app = TestApp::spawn_with(Roles::ALL).await;
+    let app = TestApp::builder().roles(Roles::ALL).start().await;
     let (gone, gone_key) = app.new_env("doomed").await;
     let (kept, kept_key) = (app.env.id, app.api_key.clone());
     for key in [&gone_key, &kept_key] {
@@ -230,13 +229,15 @@ async fn deleting_an_environment_takes_its_data_and_nobody_elses() {
     let again = run(vec!["env".into(), "delete".into(), path, "--yes".into()]).await;
     assert!(String::from_utf8_lossy(&again.stderr).contains("no environment"));
     app.settle().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undelivered_events_whose_delivery_gave_up_go_after_the_retention() {
     // No worker: the delivery jobs stay where the test puts them.
-    let app = TestApp::spawn_with(crate::helpers::HTTP_ONLY).await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
     let env = app.env.id;
     for id in ["gave-up", "job-gone", "still-trying", "gave-up-lately"] {
         app.send_event(&app.api_key, json!({"event": {"name": "n", "id": id}}))
@@ -279,5 +280,4 @@ async fn undelivered_events_whose_delivery_gave_up_go_after_the_retention() {
     .unwrap();
     // Delivery still trying, or gave up within the retention: kept.
     assert_eq!(left, ["gave-up-lately", "still-trying"]);
-    app.finish().await;
 }

@@ -91,7 +91,7 @@ async fn jobs_cli(app: &TestApp, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_always_fails_is_tried_five_times_then_dead_lettered() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("flaky", json!({}))).await;
     let (record, job) = delayed_event(&app, "flaky", "bad").await;
@@ -180,12 +180,11 @@ async fn a_job_that_always_fails_is_tried_five_times_then_dead_lettered() {
         *slowest < Duration::from_secs(2),
         "good events slowed to {slowest:?}"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_fails_twice_completes_on_its_third_attempt_once() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.put_job(&app.api_key, "job", job_body("twice", json!({})))
         .await;
     let (record, job) = delayed_event(&app, "twice", "t-1").await;
@@ -197,12 +196,11 @@ async fn a_job_that_fails_twice_completes_on_its_third_attempt_once() {
     app.settle_with_errors().await;
     assert_eq!(app.runs_by_job("t-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(app.depth_of(&app.topology.dead_queue()).await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_a_failure_and_the_worker_survives() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("boom", json!({}))).await;
     let (record, job) = delayed_event(&app, "boom", "p-1").await;
@@ -231,12 +229,11 @@ async fn a_panicking_handler_is_a_failure_and_the_worker_survives() {
     .await;
     app.settle_with_errors().await;
     assert_eq!(app.runs_by_job("p-1").await, vec![("job".to_string(), 1)]);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_unknown_kinds_are_dead_lettered_with_a_reason() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("after", json!({}))).await;
     let channel = app.amqp.create_channel().await.unwrap();
@@ -302,12 +299,11 @@ async fn garbage_and_unknown_kinds_are_dead_lettered_with_a_reason() {
     })
     .await;
     assert_eq!(app.queue_depth(JobKind::DeliverEvent).await, 0);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jobs_commands_list_retry_and_replay_a_discarded_job() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     app.put_job(&app.api_key, "job", job_body("fixme", json!({})))
         .await;
     let (first_record, first) = delayed_event(&app, "fixme", "f-1").await;
@@ -384,7 +380,6 @@ async fn the_jobs_commands_list_retry_and_replay_a_discarded_job() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("completed"));
-    app.finish().await;
 }
 
 /// Invocation jobs for dispatchers that do not exist: they complete and do nothing.
@@ -407,7 +402,7 @@ fn idle_jobs(n: usize, priority: JobPriority) -> Vec<JobInsert> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_job_overtakes_a_backlog_of_ten_thousand() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let queue = QueueService::new();
     let mut tx = app.pool.begin().await.unwrap();
     queue
@@ -448,12 +443,11 @@ async fn a_critical_job_overtakes_a_backlog_of_ten_thousand() {
         done_before < 2_000,
         "{done_before} of the backlog ran before the critical job"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_critical_job_is_still_critical() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let mut jobs = idle_jobs(1, JobPriority::Critical);
     let key = jobs[0].args.id().to_string();
     let mut tx = app.pool.begin().await.unwrap();
@@ -494,12 +488,11 @@ async fn a_retried_critical_job_is_still_critical() {
         (done.state, done.attempt, done.priority),
         (JobState::Completed, 2, JobPriority::Critical)
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let queue = QueueService::new();
     let mut tx = app.pool.begin().await.unwrap();
     let jobs: Vec<Job> = queue
@@ -580,12 +573,11 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
     assert!(results[0].unique_skipped_as_duplicate);
     assert_eq!(results[0].job.id, ids[2_500]);
     assert!(!results[1].unique_skipped_as_duplicate);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_vacuums_ledger_tables_autovacuum_left_behind() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     // Whatever this machine's autovacuum does, it leaves this test's table alone.
     sqlx::query("ALTER TABLE queue_jobs SET (autovacuum_enabled = false)")
         .execute(&app.pool)
@@ -661,12 +653,11 @@ async fn the_relay_vacuums_ledger_tables_autovacuum_left_behind() {
             .unwrap();
         assert_eq!(delay, "0");
     }
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let queue = QueueService::new();
     let args = kongflow_events::ledger::DeliverEventArgs { id: Uuid::new_v4() };
     let insert = |app: &TestApp| {
@@ -735,7 +726,6 @@ async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
     let job = admin::retry_job(&app.pool, first.id).await.unwrap();
     assert_eq!(job.state, JobState::Available);
     assert_eq!(state_of(first.id).await, "available");
-    app.finish().await;
 }
 
 /// With quorum queues, a work message that keeps coming back unacknowledged (each worker
@@ -746,7 +736,7 @@ async fn a_quorum_work_message_returned_past_its_delivery_limit_is_dead_lettered
     use kongflow_events::amqp::{Topology, topology::WORK_DELIVERY_LIMIT};
     use kongflow_events::config::QueueType;
     use lapin::options::{BasicGetOptions, BasicNackOptions};
-    let app = TestApp::spawn_with(NO_ROLES).await;
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
     let quorum = Topology::new(format!("{}.q", app.topology.prefix()))
         .with_queue_type(QueueType::Quorum)
         .with_queue_expiry(600_000);
@@ -815,5 +805,4 @@ async fn a_quorum_work_message_returned_past_its_delivery_limit_is_dead_lettered
             .queue_delete(q.as_str().into(), Default::default())
             .await;
     }
-    app.finish().await;
 }

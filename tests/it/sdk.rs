@@ -16,7 +16,7 @@ async fn the_v2_sdk_sends_gets_and_cancels_events() {
         std::path::Path::new(&format!("{dir}/node_modules/@trigger.dev/sdk")).exists(),
         "run `npm ci` in tests/sdk (scripts/test.sh does)"
     );
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(
         &key,
@@ -71,5 +71,4 @@ async fn the_v2_sdk_sends_gets_and_cancels_events() {
     assert!(cancelled_at.is_some());
     assert_eq!((delivered, job_state.as_str()), (None, "cancelled"));
     assert!(app.runs_by_job("sdk-later").await.is_empty());
-    app.finish().await;
 }

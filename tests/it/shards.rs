@@ -23,16 +23,18 @@ fn worker(app: &TestApp, extra: &[(&str, &str)]) -> tokio::process::Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_given_shards_runs_those_shards_jobs_and_no_others() {
-    let app = TestApp::spawn_with(Roles {
-        http: true,
-        relay: true,
-        ..Roles::NONE
-    })
-    .await;
+    let app = TestApp::builder()
+        .roles(Roles {
+            http: true,
+            relay: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await;
     let topology = app.topology.clone();
     if topology.shard_count() < 2 {
         // TEST_SHARD_COUNT=1: one shard, nothing to split.
-        return app.finish().await;
+        return;
     }
     let mine = topology.shard_of(app.env.id);
     let mut n = 0;
@@ -92,12 +94,11 @@ async fn a_worker_given_shards_runs_those_shards_jobs_and_no_others() {
     )
     .await;
     app.settle().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_given_a_shard_past_the_count_stops_and_says_why() {
-    let app = TestApp::spawn_with(Roles::NONE).await;
+    let app = TestApp::builder().roles(Roles::NONE).start().await;
     let past = app.topology.shard_count().to_string();
     for (shards, says) in [
         (past.as_str(), "SHARD_COUNT is"),
@@ -115,5 +116,4 @@ async fn a_worker_given_a_shard_past_the_count_stops_and_says_why() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{shards}: {stderr}");
     }
-    app.finish().await;
 }

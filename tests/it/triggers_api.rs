@@ -10,7 +10,7 @@ use crate::helpers::{TestApp, job_body, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_triggers_dispatchers_and_the_dry_run() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "a", job_body("other", json!({}))).await;
     app.put_job(&key, "b", job_body("other", json!({}))).await;
@@ -168,12 +168,11 @@ async fn dynamic_triggers_dispatchers_and_the_dry_run() {
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_environment_gets_404_on_every_endpoint() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let key = app.api_key.clone();
     app.put_job(&key, "job", job_body("mine", json!({}))).await;
     app.request(
@@ -309,5 +308,4 @@ async fn another_environment_gets_404_on_every_endpoint() {
     .await
     .unwrap();
     assert_eq!(cancelled, None);
-    app.finish().await;
 }

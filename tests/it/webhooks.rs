@@ -162,7 +162,7 @@ fn assert_signed(r: &Received, secret: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_receiver_gets_signed_retries_until_it_answers_2xx() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (rx, url) = Receiver::start(vec![
         Answer::Status(500),
         Answer::Status(500),
@@ -250,14 +250,13 @@ async fn a_failing_receiver_gets_signed_retries_until_it_answers_2xx() {
     assert_ne!(renewed["id"], created["id"]);
     assert_eq!(renewed["created"], true);
     assert_ne!(renewed["secret"].as_str(), Some(secret));
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_never_answers_times_out_each_attempt_and_is_dead_lettered() {
     let mut config = test_worker_config();
     config.webhook.webhook_timeout = Duration::from_millis(300);
-    let app = TestApp::spawn_worker(config).await;
+    let app = TestApp::builder().worker(config).start().await;
     let (rx, url) = Receiver::start(vec![Answer::Hang]).await;
     let (_, created) = create(&app, json!({"url": url, "name": "ping"})).await;
     let id = created["id"].as_str().unwrap().to_string();
@@ -291,14 +290,13 @@ async fn a_receiver_that_never_answers_times_out_each_attempt_and_is_dead_letter
         app.depth_of(&app.topology.dead_queue()).await == 1
     })
     .await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inner_addresses_are_refused_without_a_request_when_the_allow_list_is_off() {
     let mut config = test_worker_config();
     config.webhook.webhook_allow_nets = None;
-    let app = TestApp::spawn_worker(config).await;
+    let app = TestApp::builder().worker(config).start().await;
     let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
     // By name (resolved to loopback), and by the metadata address itself.
     let by_name = url.replace("127.0.0.1", "localhost");
@@ -351,12 +349,11 @@ async fn inner_addresses_are_refused_without_a_request_when_the_allow_list_is_of
     .unwrap();
     assert_eq!(jobs, vec![("discarded".to_string(), 1); 2]);
     assert_eq!(rx.count(), 0, "no request was made");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_is_not_followed() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (inner, inner_url) = Receiver::start(vec![Answer::Status(200)]).await;
     let (rx, url) = Receiver::start(vec![Answer::Redirect(inner_url)]).await;
     let (_, created) = create(&app, json!({"url": url, "name": "moved"})).await;
@@ -381,12 +378,11 @@ async fn a_redirect_is_not_followed() {
     );
     assert!(rx.count() >= 2);
     assert_eq!(inner.count(), 0, "the redirect's target got nothing");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_dispatcher_delivers_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (rx, url) = Receiver::start(vec![Answer::Status(200)]).await;
     for bad in [9, 60 * 60 * 24 * 366] {
         let (status, v) = create(
@@ -477,12 +473,11 @@ async fn an_expired_dispatcher_delivers_nothing() {
         view(&app, renewed["id"].as_str().unwrap()).await["status"],
         "waiting"
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_events_matching_one_dispatcher_deliver_once() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     let (rx, url) = Receiver::start(vec![Answer::Status(204)]).await;
     let (_, created) = create(&app, json!({"url": url, "name": ["a", "b"]})).await;
     let id = created["id"].as_str().unwrap().to_string();
@@ -531,16 +526,17 @@ async fn many_events_matching_one_dispatcher_deliver_once() {
     .unwrap();
     assert!((1..=20).contains(&invocations), "{invocations}");
     assert_eq!(settled, invocations);
-    app.finish().await;
 }
 
 /// The API alone: no relay or worker, the test publishes and runs each step.
 async fn http_only() -> TestApp {
-    TestApp::spawn_with(Roles {
-        http: true,
-        ..Roles::NONE
-    })
-    .await
+    TestApp::builder()
+        .roles(Roles {
+            http: true,
+            ..Roles::NONE
+        })
+        .start()
+        .await
 }
 
 /// Every message of `kind` waiting, parsed (acknowledged: the test runs them by hand).
@@ -613,7 +609,6 @@ async fn racing_invocations_fire_once_and_one_expired_by_then_fires_not() {
     assert_eq!(completed, 11);
     assert_eq!(view(&app, &late).await["status"], "expired");
     assert_eq!(view(&app, &racing).await["status"], "firing");
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,7 +658,6 @@ async fn a_webhook_message_run_again_while_it_is_sent_sends_once() {
         vec![Disposition::Ack]
     );
     assert_eq!(rx.count(), 1);
-    app.finish().await;
 }
 
 /// A second environment of the test, on the same shard as its first (the same queues and
@@ -695,7 +689,7 @@ async fn create_with(app: &TestApp, key: &str, body: Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receivers_nul_and_control_bytes_are_stored_clean_and_its_job_retried() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     // A NUL (Postgres text refuses it), other control characters, an escape sequence and
     // bytes that are not UTF-8.
     let nasty = b"bad\0news\x01\x1b[31m red\xff\xfe end\n\tline".to_vec();
@@ -744,12 +738,11 @@ async fn a_receivers_nul_and_control_bytes_are_stored_clean_and_its_job_retried(
     )
     .await;
     app.settle_with_errors().await;
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_cannot_be_recorded_still_counts_against_its_job() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::builder().start().await;
     // The database refuses to record a failed attempt (as it refused one with a NUL in it):
     // a trigger of this test's own.
     sqlx::raw_sql(
@@ -811,7 +804,6 @@ async fn an_attempt_that_cannot_be_recorded_still_counts_against_its_job() {
         || async { rx2.count() == 1 },
     )
     .await;
-    app.finish().await;
 }
 
 /// An EPHEMERAL dispatcher `name` at a receiver answering 200, an event for it, and its
@@ -882,7 +874,6 @@ async fn a_webhook_message_that_arrives_while_the_relay_holds_its_row_is_sent_on
         vec![Disposition::Ack]
     );
     assert_eq!(rx.count(), 1);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -934,7 +925,6 @@ async fn a_webhook_whose_row_stays_locked_past_the_lease_wait_is_sent_later() {
     shutdown.cancel();
     running.await.unwrap();
     assert_eq!(rx.count(), 1);
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,7 +936,7 @@ async fn one_environments_hanging_webhooks_leave_room_for_anothers() {
     config.webhook.webhook_timeout = timeout;
     // Each consumer of the shard gives the flooding environment its share.
     let share = config.worker_concurrency * config.webhook.webhook_concurrency_per_environment;
-    let app = TestApp::spawn_worker(config).await;
+    let app = TestApp::builder().worker(config).start().await;
     let other = neighbour(&app).await;
     let (hanging, hang_url) = Receiver::start(vec![Answer::Hang]).await;
     let key = app.api_key.clone();
@@ -982,7 +972,6 @@ async fn one_environments_hanging_webhooks_leave_room_for_anothers() {
         "the flooding environment has {} requests out, more than its share of {share}",
         hanging.count()
     );
-    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1089,7 +1078,6 @@ async fn a_fired_ephemeral_dispatcher_cannot_be_enabled_and_a_second_event_sends
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    app.finish().await;
 }
 
 /// A resolver that answers one address the first time it is asked and another after: a
