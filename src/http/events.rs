@@ -14,12 +14,12 @@ use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson, ErrorBody, JsonText};
 use crate::dates::iso;
-use crate::tenants::Environment;
 use crate::events::list::{self, Cursor, EventFilter, EventState, ListedEvent};
 use crate::events::wire::{
     ApiEventLog, EventBody, NUL_REFUSED, OptionsBody, SendEventBody, WRONG_SHAPE, too_deep,
 };
 use crate::events::{IngestError, MAX_BULK_EVENTS, MAX_PAYLOAD_BYTES};
+use crate::tenants::Environment;
 use crate::trace::TraceParent;
 
 /// `POST /api/v1/events`

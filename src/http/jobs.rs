@@ -10,8 +10,8 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::AuthEnv;
 use super::error::{ApiError, ApiJson};
-use crate::dispatchers::{self, EventRule, JobRegistration, RegisterError};
 use super::openapi::EventFilterSchema;
+use crate::dispatchers::{self, EventRule, JobRegistration, RegisterError};
 use crate::events::DEFAULT_SOURCE;
 
 #[derive(Debug, Deserialize, ToSchema)]
