@@ -15,8 +15,8 @@ use crate::amqp::publish::{
 };
 use crate::amqp::{JobMessage, Topology};
 use crate::dates::iso;
-pub use crate::ledger::operator::Refusal;
-use crate::ledger::operator::{self, Listing};
+pub use crate::ledger::manage::Refusal;
+use crate::ledger::manage::{self, Listing};
 use crate::ledger::{Job, JobState};
 
 /// Which jobs `jobs list` shows.
@@ -72,18 +72,13 @@ pub enum AdminError {
     Amqp(#[from] lapin::Error),
 }
 
-impl From<operator::OperatorError> for AdminError {
-    fn from(e: operator::OperatorError) -> Self {
+impl From<manage::ManageError> for AdminError {
+    fn from(e: manage::ManageError) -> Self {
         match e {
-            operator::OperatorError::Refused(r) => Self::Refused(r),
-            operator::OperatorError::Db(e) => Self::Db(e),
+            manage::ManageError::Refused(r) => Self::Refused(r),
+            manage::ManageError::Db(e) => Self::Db(e),
         }
     }
-}
-
-/// The ledger's answer, its refusals as errors.
-fn done<T>(outcome: operator::Outcome<T>) -> Result<T, AdminError> {
-    Ok(outcome?)
 }
 
 /// A page of jobs in id order, and the cursor of the next page if there may be one.
@@ -98,20 +93,20 @@ pub async fn list_jobs(
         limit: filter.limit,
         after: filter.after,
     };
-    done(operator::list(pool, &listing).await)
+    Ok(manage::list(pool, &listing).await?)
 }
 
 /// One job with its attempts and errors, `None` if the ledger has no such job.
 pub async fn get_job(pool: &PgPool, id: i64) -> Result<Option<Job>, AdminError> {
-    match done(operator::get(pool, id).await) {
-        Err(AdminError::Refused(Refusal::NotFound(_))) => Ok(None),
-        other => other.map(Some),
+    match manage::get(pool, id).await {
+        Err(manage::ManageError::Refused(Refusal::NotFound(_))) => Ok(None),
+        other => Ok(Some(other?)),
     }
 }
 
-/// Make a job available to run now (see [`operator::retry`]).
+/// Make a job available to run now (see [`manage::retry`]).
 pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
-    done(operator::retry(pool, id).await)
+    Ok(manage::retry(pool, id).await?)
 }
 
 /// Retry every job in `state` (of `kind`, if given); jobs whose unique key a live job
@@ -121,12 +116,12 @@ pub async fn retry_jobs(
     state: StateFilter,
     kind: Option<&str>,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    operator::retry_matching(pool, &state.states(), kind).await
+    manage::retry_matching(pool, &state.states(), kind).await
 }
 
-/// Cancel a job that is not final (see [`operator::cancel`]).
+/// Cancel a job that is not final (see [`manage::cancel`]).
 pub async fn cancel_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
-    done(operator::cancel(pool, id).await)
+    Ok(manage::cancel(pool, id).await?)
 }
 
 /// One message of the dead-letter queue.
@@ -173,7 +168,7 @@ async fn take_dead(
             .and_then(header_int)
             .or(parsed.as_ref().map(|m| m.id));
         let ledger_state = match job_id {
-            Some(id) => operator::states_of(pool, &[id])
+            Some(id) => manage::states_of(pool, &[id])
                 .await?
                 .pop()
                 .map(|(_, state)| state),
@@ -428,7 +423,7 @@ pub async fn delete_environment(
 }
 
 async fn purge(pool: &PgPool, id: uuid::Uuid, batch: i64) -> anyhow::Result<EnvironmentDeleted> {
-    let jobs_cancelled = operator::cancel_environment(pool, id).await?;
+    let jobs_cancelled = manage::cancel_environment(pool, id).await?;
     let gone = crate::events::retention::delete_environment_events(pool, id, batch).await?;
     Ok(EnvironmentDeleted {
         id,

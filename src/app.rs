@@ -8,15 +8,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::{self, DirectPublisher, Topology};
+use crate::amqp_ingest::Ingest;
 use crate::config::{
     HttpConfig, IngestConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
 };
 use crate::db;
 use crate::http::{self, AppState};
-use crate::ingest::Ingest;
 use crate::ledger::{EVENTS_QUEUE, JobKind};
 use crate::metrics::metrics;
-use crate::ops::{self, OpsState};
+use crate::probes::{self, ProbesState};
 use crate::relay::Relay;
 use crate::worker::Worker;
 
@@ -274,7 +274,7 @@ impl Process {
             }
         }
         let tracker = TaskTracker::new();
-        let ops_state = OpsState::new(
+        let probes_state = ProbesState::new(
             self.pool.clone(),
             self.amqp_url.clone(),
             roles,
@@ -283,10 +283,14 @@ impl Process {
         // Metrics (and probes) on a listener of their own, never on the API's port; the
         // probes also beside the API.
         if let Some(listener) = self.metrics {
-            tracker.spawn(ops::serve(listener, ops_state.clone(), shutdown.clone()));
+            tracker.spawn(probes::serve(
+                listener,
+                probes_state.clone(),
+                shutdown.clone(),
+            ));
         }
-        let operator_routes = ops::health_router(ops_state.clone());
-        tracker.spawn(ops::probe_readiness(ops_state.clone()));
+        let probe_routes = probes::health_router(probes_state.clone());
+        tracker.spawn(probes::probe_readiness(probes_state.clone()));
         // Whatever commits jobs (ingest over HTTP or AMQP, workers) publishes them right
         // after its commit, on one connection per process; the relay takes what it cannot.
         let direct = DirectPublisher::new(
@@ -316,7 +320,7 @@ impl Process {
                         .publishing(direct.clone())
                         .with_operator_token(self.http_config.operator_token.as_ref()),
                     &self.http_config,
-                    operator_routes,
+                    probe_routes,
                 );
                 Some(tracker.spawn(http::serve(
                     listener,

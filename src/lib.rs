@@ -10,13 +10,17 @@
 //! The folders follow the path of an event:
 //!
 //! - [`http`]: the API (routes, request and response shapes, errors to status codes).
-//! - [`ingest`]: send-event requests published straight to RabbitMQ (native or
-//!   CloudEvents), stored through the same path as the API's; the AMQP twin of `http`.
-//! - [`events`]: ingest ([`EventsService`]), the JSON of a send (`events::wire`, shared by
-//!   `http` and `ingest`) and event filters.
+//! - [`amqp_ingest`]: send-event requests published straight to RabbitMQ (native or
+//!   CloudEvents), stored through the same path as the API's; the AMQP twin of `http`,
+//!   run by the `ingest` role.
+//! - [`events`]: ingest, the storing of a sent event from either transport
+//!   ([`EventsService`]), the JSON of a send (`events::wire`, shared by `http` and
+//!   `amqp_ingest`), listing and event filters.
 //! - [`ledger`]: the job ledger that is also the outbox; the only module that writes jobs
-//!   ([`QueueService`] is its face for library callers).
+//!   ([`QueueService`], the one way jobs enter it, for the service and library callers).
 //! - [`relay`]: moves unpublished jobs from the ledger to RabbitMQ, with publisher confirms.
+//! - [`maintenance`]: the passes a relay process runs beside it: the reconciler, the
+//!   publisher reaper, retention, vacuum and the gauges.
 //! - [`amqp`]: connections, topology, the message format and publishing; the only module
 //!   that builds messages.
 //! - [`worker`]: consumes messages and runs each kind's jobs as its handler says
@@ -32,12 +36,13 @@
 //!   (`runs::handoff`, published by the relay).
 //! - [`admin`]: the operator's commands (`jobs ...`).
 //! - [`config`], [`app`]: configuration and the long-running processes, which compose the
-//!   rest (`ops` serves health and metrics, `serve` runs listeners with timeouts,
+//!   rest (`probes` serves health and metrics, `serve` runs listeners with timeouts,
 //!   `supervise` restarts what fails).
 //! - [`metrics`], [`dates`], [`failpoint`]: leaves every layer may use.
 
 pub mod admin;
 pub mod amqp;
+pub mod amqp_ingest;
 pub mod app;
 pub mod config;
 pub mod dates;
@@ -47,10 +52,10 @@ pub mod events;
 pub mod failpoint;
 mod handlers;
 pub mod http;
-pub mod ingest;
 pub mod ledger;
+pub mod maintenance;
 pub mod metrics;
-mod ops;
+mod probes;
 pub mod relay;
 pub mod runs;
 mod serve;

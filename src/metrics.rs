@@ -111,7 +111,7 @@ pub struct Metrics {
     /// Events refused, by reason (`invalid`, `unauthorized`, `too_large`, `unavailable`).
     pub events_rejected: IntCounterVec,
     /// AMQP ingest requests copied to the rejected queue, by reason (see
-    /// `ingest::decode::Reason`; the ingest role creates every series at start).
+    /// `amqp_ingest::decode::Reason`; the ingest role creates every series at start).
     pub ingest_rejected: IntCounterVec,
     pub jobs_inserted: IntCounterVec,
     pub jobs_published: IntCounterVec,

@@ -6,8 +6,8 @@
 //! `PROPTEST_CASES=N cargo test --test fuzz` runs longer (256 cases per property by default).
 
 use kongflow_events::amqp::JobMessage;
+use kongflow_events::amqp_ingest::decode::{self, MAX_MESSAGE_BYTES};
 use kongflow_events::events::filter::{self, Evaluator, MAX_FILTER_DEPTH};
-use kongflow_events::ingest::decode::{self, MAX_MESSAGE_BYTES};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use proptest::prelude::*;

@@ -255,7 +255,7 @@ async fn enqueue_deliveries(
             )
         })
         .collect();
-    let jobs = ledger::insert_many(tx, jobs).await?;
+    let jobs = ledger::QueueService::new().enqueue_many(tx, jobs).await?;
     Ok(inserted
         .into_iter()
         .zip(jobs)
@@ -641,6 +641,11 @@ impl EventsService {
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::Commit, committing);
+        for r in results.iter().filter(|r| r.created) {
+            let e = &r.record;
+            tracing::info!(event = %e.id, event_id = ?e.event_id, environment = %e.environment_id,
+                name = ?e.name, deliver_at = %crate::dates::iso(e.deliver_at), "event stored");
+        }
         Ok(results)
     }
 
@@ -731,6 +736,8 @@ impl EventsService {
                 .expect("the event was just read"),
         };
         tx.commit().await?;
+        tracing::info!(event = %current.id, event_id = ?current.event_id,
+            cancelled = current.cancelled_at.is_some(), "event cancel asked");
         Ok(Some(current))
     }
 }

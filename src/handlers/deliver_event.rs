@@ -83,7 +83,9 @@ pub async fn run(
         job.opts.caller_publishes = caller_publishes;
     }
     let matched = jobs.len();
-    let inserted = crate::ledger::insert_many(tx, jobs).await?;
+    let inserted = crate::ledger::QueueService::new()
+        .enqueue_many(tx, jobs)
+        .await?;
     tracing::debug!(events = delivered, matched, "events delivered");
     Ok(inserted
         .into_iter()
@@ -142,7 +144,7 @@ fn invocations(
                 ));
             }
         }
-        tracing::debug!(event = %e.id, environment = %e.environment_id, name = ?e.name,
+        tracing::info!(event = %e.id, environment = %e.environment_id, name = ?e.name,
             matched = jobs.len() - before, steps = eval.steps(),
             trace_id = trace.map(|t| t.trace_id.as_str()).unwrap_or_default(),
             "event delivered");

@@ -71,7 +71,9 @@ pub async fn run(
         .iter()
         .map(|f| webhook_job(f, &jobs, &invocations, caller_publishes))
         .collect();
-    let inserted = crate::ledger::insert_many(tx, webhooks).await?;
+    let inserted = crate::ledger::QueueService::new()
+        .enqueue_many(tx, webhooks)
+        .await?;
     tracing::debug!(
         invocations = batch.len(),
         created = created.len(),
@@ -92,7 +94,7 @@ fn observe_created(created: &[CreatedRun]) {
         .with_label_values(&[crate::ledger::JobKind::InvokeDispatcher.as_str()]);
     for run in created {
         latency.observe(run.late.unwrap_or(0.0).max(0.0));
-        tracing::info!(run = %run.id, event_id = %run.event_id, event = %run.event_record_id,
+        tracing::info!(run = %run.id, event_id = ?run.event_id, event = %run.event_record_id,
             dispatcher = %run.dispatcher_id, "run created");
     }
 }

@@ -4,8 +4,8 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod limits;
 pub mod openapi;
-pub mod operator;
 pub use crate::events::ratelimit;
 pub mod triggers;
 
@@ -44,7 +44,7 @@ pub struct AppState {
     /// SHA-256 of the operator endpoints' token; `None`: they answer 403.
     pub operator_token: Option<Arc<[u8]>>,
     /// Failed attempts at the operator token.
-    pub operator_throttle: operator::Throttle,
+    pub operator_throttle: limits::Throttle,
 }
 
 /// Ingest through the API is group-committed by this many committers...
@@ -74,7 +74,7 @@ impl AppState {
             keys: KeyCache::default(),
             limiter: ratelimit::RateLimiter::default(),
             operator_token: None,
-            operator_throttle: operator::Throttle::default(),
+            operator_throttle: limits::Throttle::default(),
         }
     }
 
@@ -121,7 +121,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(triggers::disable_dispatcher))
         .routes(routes!(triggers::post_ephemeral))
         .routes(routes!(triggers::get_ephemeral))
-        .routes(routes!(operator::get_limits, operator::put_limits))
+        .routes(routes!(limits::get_limits, limits::put_limits))
         .routes(routes!(openapi::openapi))
 }
 
@@ -308,7 +308,7 @@ async fn admit(
     let path = request.uri().path();
     let holder = if path.starts_with("/api/v1/operator/") {
         let client = crate::serve::peer(&request).map(|a| a.ip());
-        if let Err(e) = operator::admit(&state, request.headers(), client) {
+        if let Err(e) = limits::admit(&state, request.headers(), client) {
             return e.into_response();
         }
         Holder::Operator

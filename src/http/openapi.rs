@@ -69,7 +69,7 @@ pub async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// The probes, served by `ops` beside the API: documented here, where the document is made.
+/// The probes, served by `probes` beside the API: documented here, where the document is made.
 #[utoipa::path(
     get,
     path = "/healthz",

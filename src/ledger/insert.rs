@@ -7,12 +7,15 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    DeliverEventArgs, InsertOpts, Job, JobInsert, JobInsertResult, UnreadableJob, decode_all,
-    query_jobs, unique_key,
+    DeliverEventArgs, InsertOpts, InvokeDispatcherArgs, Job, JobInsert, JobInsertResult,
+    UnreadableJob, decode_all, query_jobs, unique_key,
 };
 
-/// Insert jobs into the ledger, always inside the caller's transaction: the library's face
-/// of [`insert_many`] (the seed's `QueueService` with its `WithinTx` calls).
+/// Insert jobs into the ledger, always inside the caller's transaction (the seed's
+/// `QueueService` with its `WithinTx` calls): the one way jobs enter the ledger, for the
+/// service's own code (ingest, the handlers) and for library callers alike. Each insert is
+/// unique by its kind and arguments: a job that is live, or completed within retention,
+/// comes back with `unique_skipped_as_duplicate` and nothing is inserted.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueService;
 
@@ -32,7 +35,19 @@ impl QueueService {
         Ok(res.remove(0))
     }
 
-    /// Enqueue several jobs with one statement. Results come in the order of `jobs`.
+    /// Enqueue `events.invokeDispatcher` for a (dispatcher, event) pair.
+    pub async fn enqueue_invoke_dispatcher(
+        &self,
+        tx: &mut PgConnection,
+        args: InvokeDispatcherArgs,
+        opts: InsertOpts,
+    ) -> Result<JobInsertResult, sqlx::Error> {
+        let mut res = insert_many(tx, vec![JobInsert::invoke_dispatcher(args, opts)]).await?;
+        Ok(res.remove(0))
+    }
+
+    /// Enqueue jobs of any kinds with one statement (the batch form). Results come in the
+    /// order of `jobs`.
     pub async fn enqueue_many(
         &self,
         tx: &mut PgConnection,
@@ -85,7 +100,7 @@ impl Columns {
 /// order of `jobs`. A job whose kind and arguments equal those of a job that is live or
 /// completed (and kept) is not inserted: its result is that job, marked a duplicate; so is
 /// the second of two equal jobs in one call.
-pub async fn insert_many(
+pub(super) async fn insert_many(
     tx: &mut PgConnection,
     jobs: Vec<JobInsert>,
 ) -> Result<Vec<JobInsertResult>, sqlx::Error> {

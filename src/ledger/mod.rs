@@ -4,19 +4,19 @@
 //! if the change that caused it commits. Every change of a job's state is a function here,
 //! and no other module writes (or names) the table:
 //!
-//! - [`insert`]: insert, unique by args ([`insert_many`], and [`QueueService`] for callers
-//!   of the library);
+//! - [`insert`]: insert, unique by args ([`QueueService`], the one way in, for the service and
+//!   library callers alike);
 //! - [`outbox`]: claim for publishing, take a mark back, put a job back in the outbox and
 //!   wake the relays, sample the backlog;
 //! - [`run`]: take jobs to run (marked completed in the handler's transaction), record a
 //!   failure (retry or discard), cancel or move a job by its arguments;
-//! - [`operator`]: list, get, retry and cancel for `kongflow-events jobs`;
+//! - [`manage`]: list, get, retry and cancel for `kongflow-events jobs`;
 //! - [`upkeep`]: the reconciler and retention.
 //!
 //! The relay publishes rows to RabbitMQ later; nothing here talks to the broker.
 
 pub mod insert;
-pub mod operator;
+pub mod manage;
 pub mod outbox;
 pub mod publishers;
 pub mod run;
@@ -28,7 +28,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-pub use insert::{QueueService, insert_many};
+pub use insert::QueueService;
 pub use outbox::NOTIFY_CHANNEL;
 
 /// The River queue every event job goes to (the ledger's `queue` column; RabbitMQ queues

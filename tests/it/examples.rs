@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kongflow_events::ingest::STATUS_HEADER;
-use kongflow_events::ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
+use kongflow_events::amqp_ingest::STATUS_HEADER;
+use kongflow_events::amqp_ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
 use lapin::options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};

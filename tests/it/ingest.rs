@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use kongflow_events::amqp_ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
+use kongflow_events::amqp_ingest::{ERROR_HEADER, REASON_HEADER, STATUS_HEADER};
 use kongflow_events::app::Roles;
-use kongflow_events::ingest::decode::{API_KEY_HEADER, VERSION_HEADER};
-use kongflow_events::ingest::{ERROR_HEADER, REASON_HEADER, STATUS_HEADER};
 
-use kongflow_events::ingest::{ORIGINAL_SIZE_HEADER, TRUNCATED_BODY_BYTES, TRUNCATED_HEADER};
+use kongflow_events::amqp_ingest::{ORIGINAL_SIZE_HEADER, TRUNCATED_BODY_BYTES, TRUNCATED_HEADER};
 use kongflow_events::ledger::JobKind;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -1010,7 +1010,7 @@ fn the_shipped_broker_refuses_messages_far_larger_than_the_service_takes() {
         .filter_map(|v| v.trim().strip_prefix('=')?.trim().parse().ok())
         .next()
         .expect("rabbitmq.conf sets max_message_size");
-    let largest = kongflow_events::ingest::decode::MAX_MESSAGE_BYTES;
+    let largest = kongflow_events::amqp_ingest::decode::MAX_MESSAGE_BYTES;
     assert!(
         max > largest && max <= 8 * 1024 * 1024,
         "max_message_size {max}: above the largest message the service takes ({largest}) \

@@ -27,9 +27,10 @@ async fn the_document_describes_every_route_and_is_served() {
     let doc: Value = serde_json::from_str(&kongflow_events::http::openapi::document()).unwrap();
     let documented = routes_in_doc(&doc);
     assert!(documented.len() >= 22, "{documented:?}");
-    // The probes come from ops.rs and are served beside the API too; `/metrics` only on
+    // The probes come from probes.rs and are served beside the API too; `/metrics` only on
     // METRICS_ADDR, so it is not part of the API's document.
-    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/ops.rs")).unwrap();
+    let ops =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/probes.rs")).unwrap();
     assert!(ops.contains(".route(\"/metrics\", get("));
     for path in ["/healthz", "/readyz"] {
         assert!(ops.contains(&format!(".route(\"{path}\", get(")));

@@ -104,7 +104,7 @@ async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
             ..RelayConfig::default()
         },
     );
-    let batches = relay.retain_events().await.unwrap();
+    let batches = relay.maintenance().retain_events().await.unwrap();
     let events: u64 = batches.iter().map(|b| b.events).sum();
     let runs: u64 = batches.iter().map(|b| b.runs).sum();
     assert_eq!((events, runs), (8, 7), "{batches:?}");
@@ -138,7 +138,14 @@ async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
         .execute(&app.pool)
         .await
         .unwrap();
-    assert!(forever.retain_events().await.unwrap().is_empty());
+    assert!(
+        forever
+            .maintenance()
+            .retain_events()
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(events_of(&app, env).await, 2);
 }
 
@@ -268,7 +275,7 @@ async fn undelivered_events_whose_delivery_gave_up_go_after_the_retention() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let batches = app.relay().retain_events().await.unwrap();
+    let batches = app.relay().maintenance().retain_events().await.unwrap();
     let events: u64 = batches.iter().map(|b| b.events).sum();
     assert_eq!(events, 2, "{batches:?}");
     let left: Vec<String> = sqlx::query_scalar(

@@ -11,7 +11,8 @@ use kongflow_events::ledger::upkeep;
 use kongflow_events::ledger::{
     InsertOpts, InvokeDispatcherArgs, Job, JobInsert, JobKind, JobPriority, JobState, QueueService,
 };
-use kongflow_events::relay::{RETENTION_LOCK, Relay};
+use kongflow_events::maintenance::RETENTION_LOCK;
+use kongflow_events::relay::Relay;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use serde_json::{Value, json};
@@ -539,7 +540,10 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
         .execute(&mut *other)
         .await
         .unwrap();
-    assert_eq!(relay.retain().await.unwrap(), Vec::<u64>::new());
+    assert_eq!(
+        relay.maintenance().retain().await.unwrap(),
+        Vec::<u64>::new()
+    );
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(RETENTION_LOCK)
         .execute(&mut *other)
@@ -549,7 +553,7 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
 
     // 2,502 rows in statements of at most 400.
     assert_eq!(
-        relay.retain().await.unwrap(),
+        relay.maintenance().retain().await.unwrap(),
         vec![400, 400, 400, 400, 400, 400, 102]
     );
     let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM queue_jobs ORDER BY id")
@@ -557,7 +561,7 @@ async fn retention_deletes_old_final_jobs_in_batches_under_a_lock() {
         .await
         .unwrap();
     assert_eq!(left, vec![ids[2_500], ids[2_502], ids[2_503], ids[2_505]]);
-    assert_eq!(relay.retain().await.unwrap(), vec![0]);
+    assert_eq!(relay.maintenance().retain().await.unwrap(), vec![0]);
 
     // Unique by args holds while the job is kept, and ends with it.
     let again = |job: &Job| JobInsert {

@@ -19,7 +19,7 @@ use crate::metrics::metrics;
 
 /// What the readiness check looks at, and its last result.
 #[derive(Clone)]
-pub struct OpsState {
+pub struct ProbesState {
     pub pool: PgPool,
     pub amqp_url: String,
     pub roles: Roles,
@@ -29,7 +29,7 @@ pub struct OpsState {
     pub last_probe: Arc<Mutex<Option<Vec<String>>>>,
 }
 
-impl OpsState {
+impl ProbesState {
     pub fn new(pool: PgPool, amqp_url: String, roles: Roles, shutdown: CancellationToken) -> Self {
         Self {
             pool,
@@ -45,14 +45,14 @@ impl OpsState {
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Every operator route, for the metrics listener.
-pub fn router(state: OpsState) -> Router {
+pub fn router(state: ProbesState) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .merge(health_router(state))
 }
 
 /// The probes alone, for the API's port.
-pub fn health_router(state: OpsState) -> Router {
+pub fn health_router(state: ProbesState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -69,7 +69,7 @@ async fn render_metrics() -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+async fn readyz(State(state): State<ProbesState>) -> (StatusCode, String) {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
     }
@@ -85,7 +85,7 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
 /// connection of its own: `probe_conn` keeps one open for this check, opened again only
 /// when it has dropped.
 async fn readiness_problems(
-    state: &OpsState,
+    state: &ProbesState,
     probe_conn: &mut Option<lapin::Connection>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
@@ -158,7 +158,7 @@ async fn migrations_missing(pool: &PgPool) -> Option<String> {
 
 /// Probe readiness every [`PROBE_INTERVAL`] until shutdown, keeping `kongflow_ready`,
 /// `kongflow_postgres_up` and the answer of `/readyz` current; then not ready.
-pub async fn probe_readiness(state: OpsState) {
+pub async fn probe_readiness(state: ProbesState) {
     let mut probe_conn = None;
     loop {
         let problems = readiness_problems(&state, &mut probe_conn).await;
@@ -178,7 +178,7 @@ pub async fn probe_readiness(state: OpsState) {
 /// Serve the operator routes on `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: OpsState,
+    state: ProbesState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");

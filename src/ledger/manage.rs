@@ -33,28 +33,25 @@ pub enum Refusal {
 /// Why an operator's call did not end with its answer: the ledger refused the change, or the
 /// database failed.
 #[derive(Debug, thiserror::Error)]
-pub enum OperatorError {
+pub enum ManageError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error("postgres: {0}")]
     Db(#[from] sqlx::Error),
 }
 
-impl From<UnreadableJob> for OperatorError {
+impl From<UnreadableJob> for ManageError {
     fn from(e: UnreadableJob) -> Self {
         Self::Refused(e.into())
     }
 }
-
-/// What an operator's call ends with.
-pub type Outcome<T> = Result<T, OperatorError>;
 
 fn names(states: &[JobState]) -> Vec<String> {
     states.iter().map(|s| s.as_str().to_string()).collect()
 }
 
 /// A page of jobs in id order, and the cursor of the next page if there may be one.
-pub async fn list(pool: &PgPool, l: &Listing) -> Outcome<(Vec<Job>, Option<i64>)> {
+pub async fn list(pool: &PgPool, l: &Listing) -> Result<(Vec<Job>, Option<i64>), ManageError> {
     let states = l.states.as_deref().map(names);
     let rows = query_jobs!(
         "SELECT ",
@@ -81,7 +78,7 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Outcome<(Vec<Job>, Option<i64>)
 }
 
 /// One job.
-pub async fn get(pool: &PgPool, id: i64) -> Outcome<Job> {
+pub async fn get(pool: &PgPool, id: i64) -> Result<Job, ManageError> {
     let row = query_jobs!("SELECT ", " FROM queue_jobs WHERE id = $1", id)
         .fetch_optional(pool)
         .await?;
@@ -94,7 +91,7 @@ pub async fn get(pool: &PgPool, id: i64) -> Outcome<Job> {
 /// Make a job available to run now, as River's `job retry` does: its attempt count and its
 /// errors stay; a job that used its last attempt gets one more. A job already available is
 /// left alone. Refused while a live job has the same unique key.
-pub async fn retry(pool: &PgPool, id: i64) -> Outcome<Job> {
+pub async fn retry(pool: &PgPool, id: i64) -> Result<Job, ManageError> {
     let mut tx = pool.begin().await?;
     let Some(current) = sqlx::query!(
         r#"SELECT state::text AS "state!", unique_key FROM queue_jobs WHERE id = $1 FOR UPDATE"#,
@@ -173,7 +170,7 @@ pub async fn retry_matching(
 
 /// Cancel a job that is not final: it will not run (a message already on its way is
 /// acknowledged with no effect).
-pub async fn cancel(pool: &PgPool, id: i64) -> Outcome<Job> {
+pub async fn cancel(pool: &PgPool, id: i64) -> Result<Job, ManageError> {
     let row = query_jobs!(
         r#"UPDATE queue_jobs SET state = 'cancelled', finalized_at = now()
            WHERE id = $1 AND NOT (state::text = ANY($2))

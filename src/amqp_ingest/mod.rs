@@ -97,7 +97,7 @@ pub enum IngestRoleError {
 
 /// What became of one message of a batch.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Fate {
     Stored(Box<IngestResult>),
     Rejected(Rejection),
     /// Over its environment's rate: sent round the delay tiers for this long.
@@ -291,7 +291,7 @@ impl Ingest {
         publisher: &Channel,
         replies: &Channel,
         batch: &[Delivery],
-    ) -> Result<(Vec<Outcome>, Created), IngestRoleError> {
+    ) -> Result<(Vec<Fate>, Created), IngestRoleError> {
         let started = Instant::now();
         let requests: Vec<Request> = batch
             .iter()
@@ -307,14 +307,14 @@ impl Ingest {
         let mut confirms = Vec::new();
         for (delivery, outcome) in batch.iter().zip(&outcomes) {
             match outcome {
-                Outcome::Rejected(rejection) => confirms.push(
+                Fate::Rejected(rejection) => confirms.push(
                     self.publish_rejected(publisher, delivery, rejection)
                         .await?,
                 ),
-                Outcome::Deferred(wait) => {
+                Fate::Deferred(wait) => {
                     confirms.push(self.publish_deferred(publisher, delivery, *wait).await?)
                 }
-                Outcome::Stored(_) => {}
+                Fate::Stored(_) => {}
             }
         }
         let allowed = self.reply_prefix();
@@ -363,15 +363,15 @@ impl Ingest {
         &self,
         requests: Vec<Request>,
         envs: &HashMap<String, Environment>,
-    ) -> Result<(Vec<Outcome>, Created), IngestRoleError> {
-        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(requests.len());
+    ) -> Result<(Vec<Fate>, Created), IngestRoleError> {
+        let mut outcomes: Vec<Option<Fate>> = Vec::with_capacity(requests.len());
         let mut items: Vec<(Environment, SendEvent, SendEventOptions)> = Vec::new();
         let mut at = Vec::new();
         let mut deferred = HashMap::new();
         let now = Instant::now();
         for request in requests {
             let refused =
-                |reason, message: &str| Some(Outcome::Rejected(Rejection::new(reason, message)));
+                |reason, message: &str| Some(Fate::Rejected(Rejection::new(reason, message)));
             let Some(key) = request.api_key else {
                 outcomes.push(refused(
                     Reason::MissingKey,
@@ -386,7 +386,7 @@ impl Ingest {
             if request.send.is_ok()
                 && let Some(wait) = self.over_rate(env, &mut deferred, now)
             {
-                outcomes.push(Some(Outcome::Deferred(wait)));
+                outcomes.push(Some(Fate::Deferred(wait)));
                 continue;
             }
             match request.send {
@@ -395,7 +395,7 @@ impl Ingest {
                     outcomes.push(None);
                     items.push((env.clone(), event, options));
                 }
-                Err(rejection) => outcomes.push(Some(Outcome::Rejected(rejection))),
+                Err(rejection) => outcomes.push(Some(Fate::Rejected(rejection))),
             }
         }
         let mut jobs = (Vec::new(), None);
@@ -413,12 +413,12 @@ impl Ingest {
             };
             for (i, result) in at.into_iter().zip(results) {
                 outcomes[i] = Some(match result {
-                    Ok(stored) => Outcome::Stored(Box::new(stored)),
+                    Ok(stored) => Fate::Stored(Box::new(stored)),
                     Err(IngestError::Invalid(m)) => {
-                        Outcome::Rejected(Rejection::new(Reason::Invalid, m))
+                        Fate::Rejected(Rejection::new(Reason::Invalid, m))
                     }
                     Err(IngestError::TooLarge(m)) => {
-                        Outcome::Rejected(Rejection::new(Reason::TooLarge, m))
+                        Fate::Rejected(Rejection::new(Reason::TooLarge, m))
                     }
                     // Not the request's fault: the batch is tried again.
                     Err(e) => return Err(e.into()),
@@ -559,14 +559,14 @@ pub fn reply_allowed(reply_to: &str, allowed: &str) -> bool {
 async fn reply(
     publisher: &Channel,
     delivery: &Delivery,
-    outcome: &Outcome,
+    outcome: &Fate,
     allowed: &str,
 ) -> Result<(), IngestRoleError> {
     let Some(reply_to) = delivery.properties.reply_to() else {
         return Ok(());
     };
     // A deferred request is answered when it comes back and is stored.
-    if matches!(outcome, Outcome::Deferred(_)) {
+    if matches!(outcome, Fate::Deferred(_)) {
         return Ok(());
     }
     if !reply_allowed(reply_to.as_str(), allowed) {
@@ -575,9 +575,9 @@ async fn reply(
         return Ok(());
     }
     let (status, body): (u16, Value) = match outcome {
-        Outcome::Stored(stored) => (200, event_log(&stored.record)),
-        Outcome::Rejected(r) => (r.reason.status(), json!({ "error": r.message })),
-        Outcome::Deferred(_) => return Ok(()),
+        Fate::Stored(stored) => (200, event_log(&stored.record)),
+        Fate::Rejected(r) => (r.reason.status(), json!({ "error": r.message })),
+        Fate::Deferred(_) => return Ok(()),
     };
     let mut headers = FieldTable::default();
     headers.insert(STATUS_HEADER.into(), AMQPValue::LongInt(status as i32));
@@ -602,23 +602,23 @@ async fn reply(
 }
 
 /// Count what a batch became.
-fn record(outcomes: &[Outcome]) {
+fn record(outcomes: &[Fate]) {
     let m = metrics();
     let stored = outcomes
         .iter()
-        .filter(|o| matches!(o, Outcome::Stored(_)))
+        .filter(|o| matches!(o, Fate::Stored(_)))
         .count();
     m.events_ingested
         .with_label_values(&["amqp"])
         .inc_by(stored as u64);
     for o in outcomes {
         match o {
-            Outcome::Rejected(r) => m
+            Fate::Rejected(r) => m
                 .ingest_rejected
                 .with_label_values(&[r.reason.as_str()])
                 .inc(),
-            Outcome::Deferred(_) => m.events_rate_limited.with_label_values(&["amqp"]).inc(),
-            Outcome::Stored(_) => {}
+            Fate::Deferred(_) => m.events_rate_limited.with_label_values(&["amqp"]).inc(),
+            Fate::Stored(_) => {}
         }
     }
 }
