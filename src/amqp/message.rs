@@ -45,6 +45,11 @@ impl JobMessage {
         serde_json::to_vec(self).expect("a job message serializes")
     }
 
+    /// [`JobMessage::parse`] for a worker: what cannot be read is [`Unrunnable`].
+    pub fn read(bytes: &[u8]) -> Result<Self, Unrunnable> {
+        Self::parse(bytes).map_err(|e| Unrunnable::Unparseable(e.to_string()))
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
@@ -73,4 +78,13 @@ pub fn header_int(value: &AMQPValue) -> Option<i64> {
         AMQPValue::Float(f) if f.fract() == 0.0 => Some(*f as i64),
         other => header_text(other).and_then(|t| t.trim().parse().ok()),
     }
+}
+
+/// Why a message on a work queue cannot be run: it is dead-lettered, this its reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unrunnable {
+    #[error("unparseable job message: {0}")]
+    Unparseable(String),
+    #[error("a message of kind {found:?} on the queue of {queue:?}")]
+    WrongQueue { found: String, queue: &'static str },
 }

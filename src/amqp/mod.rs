@@ -8,7 +8,7 @@ pub mod tiers;
 pub mod topology;
 
 pub use direct::DirectPublisher;
-pub use message::JobMessage;
+pub use message::{JobMessage, Unrunnable};
 pub use publish::publish_job;
 pub use topology::Topology;
 
@@ -77,6 +77,19 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
         failure = Some(e);
     }
     Err(failure.expect("at least one node was tried"))
+}
+
+/// Connect for a role's loop, named for the role and the prefix (`kongflow-worker:P`, as
+/// the broker's connection list shows it), and declare the topology.
+pub async fn connect_declared(
+    url: &str,
+    role: &str,
+    topology: &Topology,
+) -> lapin::Result<Connection> {
+    let conn = connect(url, &format!("kongflow-{role}:{}", topology.prefix())).await?;
+    let setup = conn.create_channel().await?;
+    topology.declare(&setup).await?;
+    Ok(conn)
 }
 
 /// Whether connecting failed for a reason that waiting will not fix: the broker refused the

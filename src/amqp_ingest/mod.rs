@@ -178,10 +178,7 @@ impl Ingest {
         url: &str,
         shutdown: CancellationToken,
     ) -> Result<(), IngestRoleError> {
-        let conn: Connection =
-            amqp::connect(url, &format!("kongflow-ingest:{}", self.topology.prefix())).await?;
-        let setup = conn.create_channel().await?;
-        self.topology.declare(&setup).await?;
+        let conn: Connection = amqp::connect_declared(url, "ingest", &self.topology).await?;
         let publisher = self.publisher(&conn).await?;
         // Replies go out unconfirmed, on a channel of their own: a lost reply loses no
         // event, and confirms nobody waits for would pile up on a confirm-mode channel.

@@ -15,7 +15,7 @@ use sqlx::PgConnection;
 use super::consume::Due;
 use super::{Disposition, Worker, WorkerError};
 use crate::amqp::publish::publish_dead;
-use crate::amqp::{JobMessage, Topology};
+use crate::amqp::{JobMessage, Topology, Unrunnable};
 use crate::failpoint;
 use crate::handlers::{self, Execution, JobError};
 use crate::ledger::publishers::{PublishedBy, Ticket};
@@ -46,7 +46,7 @@ impl Worker {
     /// `Ok`, everything the batch did is committed. Public so tests can drive one step.
     pub async fn process(
         &self,
-        messages: Vec<Result<JobMessage, String>>,
+        messages: Vec<Result<JobMessage, Unrunnable>>,
     ) -> Result<Vec<Disposition>, sqlx::Error> {
         // A queue holds one kind: a batch with a message of an external-effect kind is all
         // of that kind.
@@ -69,7 +69,7 @@ impl Worker {
                 }
                 Err(reason) => {
                     message_ids.push(None);
-                    Disposition::DeadLetter(reason)
+                    Disposition::DeadLetter(reason.to_string())
                 }
             })
             .collect();

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::external::Running;
 use super::timer::Held;
 use super::{Shard, Worker, WorkerError};
-use crate::amqp::{self, JobMessage, publish_job};
+use crate::amqp::{self, JobMessage, Unrunnable, publish_job};
 use crate::handlers::Execution;
 use crate::ledger::JobKind;
 use crate::metrics::{Stage, metrics};
@@ -36,7 +36,7 @@ fn highest_first(consumers: Vec<lapin::Consumer>) -> Deliveries {
 }
 
 /// Due messages: to run now, or (`Err`, with the reason) to dead-letter.
-pub(super) type Due = Vec<(Delivery, Result<JobMessage, String>)>;
+pub(super) type Due = Vec<(Delivery, Result<JobMessage, Unrunnable>)>;
 
 /// A batch of deliveries sorted by [`Worker::sort_arrivals`].
 #[derive(Default)]
@@ -199,13 +199,12 @@ impl Worker {
                 arrived.foreign.push(delivery);
                 continue;
             }
-            match JobMessage::parse(&delivery.data) {
+            match JobMessage::read(&delivery.data) {
                 Ok(m) if m.kind != kind.as_str() => {
-                    let reason = format!(
-                        "a message of kind {:?} on the queue of {:?}",
-                        m.kind,
-                        kind.as_str()
-                    );
+                    let reason = Unrunnable::WrongQueue {
+                        found: m.kind,
+                        queue: kind.as_str(),
+                    };
                     arrived.due.push((delivery, Err(reason)));
                 }
                 Ok(m) => {
@@ -216,9 +215,7 @@ impl Worker {
                         Arrival::SendBack => arrived.early.push((delivery, m)),
                     }
                 }
-                Err(e) => arrived
-                    .due
-                    .push((delivery, Err(format!("unparseable job message: {e}")))),
+                Err(e) => arrived.due.push((delivery, Err(e))),
             }
         }
         arrived

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Ran, Take};
 use super::consume::Due;
 use super::{Shard, Worker, WorkerError};
-use crate::amqp::JobMessage;
+use crate::amqp::{JobMessage, Unrunnable};
 use crate::handlers::{Deferral, ErrorAt, ExternalEffect, JobError, Places};
 use crate::ledger::Job;
 use crate::ledger::run;
@@ -128,7 +128,7 @@ impl Worker {
         effect: &dyn ExternalEffect,
         publisher: &Channel,
         queue: Shard,
-        (delivery, message): (Delivery, Result<JobMessage, String>),
+        (delivery, message): (Delivery, Result<JobMessage, Unrunnable>),
         now: DateTime<Utc>,
     ) -> Result<(), WorkerError> {
         let again = message.as_ref().ok().cloned();

@@ -117,10 +117,7 @@ impl Worker {
         url: &str,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
-        let conn: Connection =
-            amqp::connect(url, &format!("kongflow-worker:{}", self.topology.prefix())).await?;
-        let setup = conn.create_channel().await?;
-        self.topology.declare(&setup).await?;
+        let conn: Connection = amqp::connect_declared(url, "worker", &self.topology).await?;
         // Messages that arrive early go back into the tiers through this channel.
         let publisher = conn.create_channel().await?;
         publisher

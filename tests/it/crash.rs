@@ -207,7 +207,7 @@ async fn a_worker_step_dead_letters_garbage_and_ghosts() {
     let app = TestApp::builder().roles(NO_ROLES).start().await;
     let worker = app.worker();
     let out = worker
-        .process(vec![Err("unparseable job message: junk".into())])
+        .process(vec![kongflow_events::amqp::JobMessage::read(b"junk")])
         .await
         .unwrap();
     assert!(matches!(&out[0], Disposition::DeadLetter(r) if r.contains("unparseable")));

@@ -603,7 +603,7 @@ impl TestApp {
     pub async fn drain_with(&self, worker: &Worker, kind: JobKind) -> Vec<Disposition> {
         let mut out = Vec::new();
         while let Some(m) = self.get_message(kind).await {
-            let parsed = JobMessage::parse(&m.delivery.data).map_err(|e| e.to_string());
+            let parsed = JobMessage::read(&m.delivery.data);
             let d = worker.process(vec![parsed]).await.expect("worker step");
             m.delivery.ack(BasicAckOptions::default()).await.unwrap();
             out.extend(d);
