@@ -17,13 +17,66 @@
 #             connections) with nothing to delete, then again right after 1,000,000 old
 #             settled events (and a run each) are planted, so retention's batches (every
 #             5 s here) run beside it; prints what retention deleted during each run.
+#   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
+#             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
+#             present) once, then alternates the two builds ROUNDS times (default 2) on the
+#             pipeline bench: flat out at 16 and 64 connections (10,000 events) and paced at
+#             200 events/s (16 connections) and 500 (32), a fresh database per run.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
-# (default all).
+# (default all), or `scripts/bench.sh compare REV [ROUNDS]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
 shift || true
 ./scripts/services.sh
+if [[ $which == compare ]]; then
+  rev=$(git rev-parse --short "${1:?compare needs a commit: scripts/bench.sh compare REV}")
+  rounds=${2:-2}
+  export SQLX_OFFLINE=true
+  unset DATABASE_URL
+  tree=target/compare/$rev
+  [ -d "$tree" ] || git worktree add --detach -q "$tree" "$rev"
+  echo "== building $rev (in $tree) and the working tree"
+  (cd "$tree" && cargo build --release --quiet --bin kongflow-events --bench pipeline)
+  cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
+  client_of() { ls -t "$1"/target/release/deps/pipeline-* | grep -v '\.d$' | head -1; }
+  declare -A bin client
+  bin[$rev]=$tree/target/release/kongflow-events client[$rev]=$(client_of "$tree")
+  bin[work]=target/release/kongflow-events client[work]=$(client_of .)
+  anchors=../shared/bench/anchors.sh
+  [ -x "$anchors" ] && { echo "== anchors"; "$anchors" all; }
+  one() { # one <build> <events> <connections> [client arguments]: a run on a fresh database
+    local b=$1 n=$2 c=$3 db=kongflow_compare
+    shift 3
+    PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
+      -c "CREATE DATABASE $db" >/dev/null
+    (
+      export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db AMQP_PREFIX=kongflow-compare-$RANDOM
+      export HTTP_ADDR=127.0.0.1:3031 METRICS_ADDR=127.0.0.1:3032 METRICS_URL=http://127.0.0.1:3032 RUST_LOG=warn
+      "${bin[$b]}" migrate >/dev/null
+      "${bin[$b]}" all >/dev/null 2>&1 &
+      pid=$!
+      for _ in $(seq 1 100); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
+      "${client[$b]}" --url http://$HTTP_ADDR --events "$n" --concurrency "$c" "$@" 2>&1 |
+        grep -E "^(end to end|ingest-to-run|request)" | sed "s/^/  /"
+      kill $pid; wait $pid 2>/dev/null || true
+      rabbitmqctl -q list_queues name 2>/dev/null | grep "^$AMQP_PREFIX\." |
+        while read -r q; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+    )
+  }
+  for round in $(seq 1 "$rounds"); do
+    # Alternate which build goes first, round by round.
+    order=("$rev" work)
+    (( round % 2 == 0 )) && order=(work "$rev")
+    for setting in "10000 16" "10000 64" "3000 16 --rate 200" "7500 32 --rate 500"; do
+      for b in "${order[@]}"; do
+        echo "== round $round, $b: ${setting} ($(date -u +%H:%M:%S))"
+        one "$b" $setting
+      done
+    done
+  done
+  exit 0
+fi
 export SQLX_OFFLINE=true
 cargo build --release --locked --quiet
 cargo bench --locked --no-run --quiet --bench pipeline --bench delays --bench tiers --bench ingest --bench fairness 2>/dev/null
