@@ -324,11 +324,11 @@ pub fn events_table(events: &[crate::events::list::ListedEvent]) -> String {
     for e in events {
         out.push_str(&format!(
             "{:<36}  {:<32}  {:<10}  {:<24}  {:<24}  {}\n",
-            cut(&e.id, 36),
-            cut(&e.name, 32),
+            cut(&e.log.id, 36),
+            cut(&e.log.name, 32),
             e.state.as_str(),
-            e.timestamp,
-            e.deliver_at,
+            e.log.timestamp,
+            e.log.deliver_at,
             cut(&e.source, 40)
         ));
     }

@@ -105,13 +105,14 @@ pub fn disarm_handler_fault(key: &str) {
 
 /// The fault armed for a job with `args.id` `key` on attempt `attempt`, if any. With
 /// nothing armed (production) this is one atomic load.
-pub fn handler_fault(key: &str, attempt: i32) -> Option<Fault> {
+pub fn handler_fault(key: impl std::fmt::Display, attempt: i32) -> Option<Fault> {
+    // Unarmed (always, outside the tests), the key is not even written out.
     if !ANY_ARMED.load(Ordering::Acquire) {
         return None;
     }
     let faults = faults().lock().expect("faults lock");
     faults
-        .get(key)
+        .get(&key.to_string())
         .filter(|f| attempt <= f.through_attempt)
         .map(|f| f.fault)
 }

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::EventRecord;
-use crate::dates::iso;
+use super::wire::ApiEventLog;
 
 /// Events in a page when the caller names no limit.
 pub const DEFAULT_LIMIT: i64 = 50;
@@ -109,40 +109,22 @@ impl Cursor {
     }
 }
 
-/// An event as the listing shows it: the ApiEventLog, its source and its state.
+/// An event as the listing shows it: trigger.dev's ApiEventLog, its source and its state.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ListedEvent {
-    /// The producer's id.
-    pub id: String,
-    pub name: String,
+    #[serde(flatten)]
+    pub log: ApiEventLog,
     pub source: String,
     pub state: EventState,
-    pub payload: serde_json::Value,
-    pub context: serde_json::Value,
-    #[schema(value_type = DateTime<Utc>)]
-    pub timestamp: String,
-    #[schema(value_type = DateTime<Utc>)]
-    pub deliver_at: String,
-    #[schema(value_type = Option<DateTime<Utc>>)]
-    pub delivered_at: Option<String>,
-    #[schema(value_type = Option<DateTime<Utc>>)]
-    pub cancelled_at: Option<String>,
 }
 
 impl ListedEvent {
     pub fn new(r: EventRecord, now: DateTime<Utc>) -> Self {
         Self {
             state: EventState::of(&r, now),
-            timestamp: iso(r.timestamp),
-            deliver_at: iso(r.deliver_at),
-            delivered_at: r.delivered_at.map(iso),
-            cancelled_at: r.cancelled_at.map(iso),
-            id: r.event_id,
-            name: r.name,
+            log: ApiEventLog::from(&r),
             source: r.source,
-            payload: r.payload,
-            context: r.context,
         }
     }
 }

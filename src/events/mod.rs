@@ -641,11 +641,6 @@ impl EventsService {
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::Commit, committing);
-        for r in results.iter().filter(|r| r.created) {
-            let e = &r.record;
-            tracing::info!(event = %e.id, event_id = ?e.event_id, environment = %e.environment_id,
-                name = ?e.name, deliver_at = %crate::dates::iso(e.deliver_at), "event stored");
-        }
         Ok(results)
     }
 

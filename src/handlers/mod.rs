@@ -168,7 +168,7 @@ impl Handlers {
         caller_publishes: Option<PublishedBy>,
     ) -> Result<Vec<Job>, JobError> {
         for job in jobs {
-            match failpoint::handler_fault(&job.args.id().to_string(), job.attempt) {
+            match failpoint::handler_fault(job.args.id(), job.attempt) {
                 Some(Fault::Error) => {
                     return Err(JobError::Injected {
                         attempt: job.attempt,

@@ -89,6 +89,11 @@ impl IntoResponse for ApiError {
 /// the API's error shape. For handlers that look at the text before parsing it.
 pub struct JsonText(pub axum::body::Bytes);
 
+/// The body timeout of a request that did not come through admission (the setting's
+/// default), read once.
+static DEFAULT_BODY_TIMEOUT: std::sync::LazyLock<std::time::Duration> =
+    std::sync::LazyLock::new(|| crate::config::HttpConfig::default().http_body_timeout);
+
 impl<S: Send + Sync> FromRequest<S> for JsonText {
     type Rejection = ApiError;
 
@@ -102,10 +107,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonText {
             .extensions()
             .get::<super::BodyTimeout>()
             // A request that did not come through admission: the default body timeout.
-            .map_or_else(
-                || crate::config::HttpConfig::default().http_body_timeout,
-                |t| t.0,
-            );
+            .map_or(*DEFAULT_BODY_TIMEOUT, |t| t.0);
         let bytes = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
             .map_err(|_| {

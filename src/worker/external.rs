@@ -207,10 +207,7 @@ impl Worker {
             effect.count_error(ErrorAt::Job);
             tracing::error!(job_id = job.id, kind = job.kind.as_str(), error = %e,
                 "job failed in the database");
-            if self.record_failure(job.id, &JobError::from(e)).await? {
-                effect.discarded(&self.pool, job).await?;
-            }
-            Ok::<(), sqlx::Error>(())
+            self.fail(effect, job, &JobError::from(e)).await
         });
         for done in join_all(attempts).await {
             done?;
@@ -236,7 +233,17 @@ impl Worker {
             Err(JobError::Database(e)) => return Err(e),
             Err(error) => error,
         };
-        if self.record_failure(job.id, &error).await? {
+        self.fail(effect, job, &error).await
+    }
+
+    /// Record a job's failure; when that was its last attempt, the kind hears of it.
+    async fn fail(
+        &self,
+        effect: &dyn ExternalEffect,
+        job: &Job,
+        error: &JobError,
+    ) -> Result<(), sqlx::Error> {
+        if self.record_failure(job.id, error).await? {
             effect.discarded(&self.pool, job).await?;
         }
         Ok(())
