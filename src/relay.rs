@@ -42,6 +42,7 @@ use crate::metrics::ConnectedGuard;
 use crate::metrics::{Stage, metrics};
 
 use crate::maintenance::Maintenance;
+use crate::supervise::supervise_connected;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -87,29 +88,25 @@ impl Relay {
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
         let mut loops = tokio::task::JoinSet::new();
         for _ in 0..self.config.relay_concurrency.max(1) {
-            let this = self.clone();
-            let amqp_url = amqp_url.clone();
-            let shutdown = shutdown.clone();
-            loops.spawn(async move {
-                crate::supervise::supervise("relay", shutdown.clone(), || {
-                    let this = this.clone();
-                    let url = amqp_url.clone();
-                    let shutdown = shutdown.clone();
-                    async move { this.run_connected(&url, shutdown).await }
-                })
-                .await
-            });
+            let (this, url, stop) = (self.clone(), amqp_url.clone(), shutdown.clone());
+            loops.spawn(supervise_connected(
+                "relay",
+                this,
+                url,
+                stop,
+                |this, url, stop| async move { this.run_connected(&url, stop).await },
+            ));
         }
         // The outbox's messages (the runs hand-off) have a loop of their own, woken by their
         // own notifications, so a message written never makes the job loops claim.
         let (this, url, stop) = (self.clone(), amqp_url.clone(), shutdown.clone());
-        loops.spawn(async move {
-            crate::supervise::supervise("relay", stop.clone(), || {
-                let (this, url, stop) = (this.clone(), url.clone(), stop.clone());
-                async move { this.run_handoffs_connected(&url, stop).await }
-            })
-            .await
-        });
+        loops.spawn(supervise_connected(
+            "relay",
+            this,
+            url,
+            stop,
+            |this, url, stop| async move { this.run_handoffs_connected(&url, stop).await },
+        ));
         // The relay process also keeps the tables: the maintenance passes run beside it.
         let maintenance = self.maintenance();
         loops.spawn(async move { maintenance.run(amqp_url, shutdown).await });

@@ -50,6 +50,26 @@ where
     }
 }
 
+/// [`supervise`] a role's connected loop: each attempt gets its own copy of the role, the
+/// broker's URL and the shutdown token (`connected(role, url, shutdown)`).
+pub async fn supervise_connected<T, F, Fut, E>(
+    name: &str,
+    role: T,
+    url: String,
+    shutdown: CancellationToken,
+    connected: F,
+) where
+    T: Clone,
+    F: Fn(T, String, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    supervise(name, shutdown.clone(), || {
+        connected(role.clone(), url.clone(), shutdown.clone())
+    })
+    .await
+}
+
 /// Wait for a connection's consumer tasks. One failing means the connection is suspect:
 /// the others are aborted (the messages they held unacknowledged come back from the
 /// broker) and the first error is returned; `lost` describes a task that panicked or was

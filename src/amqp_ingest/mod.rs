@@ -164,12 +164,13 @@ impl Ingest {
                 .ingest_rejected
                 .with_label_values(&[reason.as_str()]);
         }
-        crate::supervise::supervise("ingest", shutdown.clone(), || {
-            let this = self.clone();
-            let url = amqp_url.clone();
-            let shutdown = shutdown.clone();
-            async move { this.run_connected(&url, shutdown).await }
-        })
+        crate::supervise::supervise_connected(
+            "ingest",
+            self,
+            amqp_url,
+            shutdown,
+            |this, url, stop| async move { this.run_connected(&url, stop).await },
+        )
         .await
     }
 

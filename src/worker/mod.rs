@@ -103,12 +103,13 @@ impl Worker {
 
     /// Run until `shutdown`, reconnecting with backoff.
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
-        crate::supervise::supervise("worker", shutdown.clone(), || {
-            let this = self.clone();
-            let url = amqp_url.clone();
-            let shutdown = shutdown.clone();
-            async move { this.run_connected(&url, shutdown).await }
-        })
+        crate::supervise::supervise_connected(
+            "worker",
+            self,
+            amqp_url,
+            shutdown,
+            |this, url, stop| async move { this.run_connected(&url, stop).await },
+        )
         .await
     }
 
