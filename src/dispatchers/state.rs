@@ -217,12 +217,12 @@ pub async fn delivered(tx: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::
 
 /// Mark a dispatcher whose webhook job was discarded (its last attempt failed, or its
 /// address was refused).
-pub async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
+pub async fn failed(tx: &mut PgConnection, dispatcher: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "UPDATE event_dispatchers SET failed_at = now(), updated_at = now() WHERE id = $1",
         dispatcher
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }

@@ -90,12 +90,13 @@ impl ExternalEffect for DeliverWebhook {
 
     fn discarded<'a>(
         &'a self,
-        pool: &'a PgPool,
+        tx: &'a mut PgConnection,
         job: &'a Job,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         async move {
+            // Its dispatcher failed, in the transaction that discards the job.
             match job.args {
-                JobArgs::DeliverWebhook(args) => failed(pool, args.id).await,
+                JobArgs::DeliverWebhook(args) => dispatchers::failed(tx, args.id).await,
                 _ => Ok(()),
             }
         }
@@ -205,10 +206,4 @@ async fn attempt(
 async fn delivered(tx: &mut PgConnection, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.args.id()).collect();
     dispatchers::delivered(tx, &ids).await
-}
-
-/// Mark a dispatcher whose webhook job was discarded (its last attempt failed, or its
-/// address was refused).
-pub async fn failed(pool: &PgPool, dispatcher: Uuid) -> Result<(), sqlx::Error> {
-    dispatchers::failed(pool, dispatcher).await
 }

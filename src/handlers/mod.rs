@@ -89,10 +89,11 @@ pub trait ExternalEffect: Send + Sync + 'static {
         jobs: &'a [Job],
     ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
 
-    /// Record what a job discarded after its last attempt (or a permanent failure) leaves.
+    /// Record what a job discarded after its last attempt (or a permanent failure) leaves,
+    /// in the transaction that discards it.
     fn discarded<'a>(
         &'a self,
-        pool: &'a PgPool,
+        tx: &'a mut PgConnection,
         job: &'a Job,
     ) -> BoxFuture<'a, Result<(), sqlx::Error>>;
 

@@ -182,12 +182,11 @@ pub struct FailureRecorded {
 /// letters). A job of a kind this build does not know is discarded. `None` if the job is
 /// final or gone.
 pub async fn record_failure(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     id: i64,
     failure: &Failure<'_>,
     wait: impl Fn(JobKind, i32) -> Duration,
 ) -> Result<Option<FailureRecorded>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let Some(row) = sqlx::query!(
         r#"SELECT kind, queue, attempt, trace_parent FROM queue_jobs
            WHERE id = $1 AND NOT (state::text = ANY($2))
@@ -228,8 +227,7 @@ pub async fn record_failure(
     )
     .fetch_one(&mut *tx)
     .await?;
-    back_to_outbox(&mut tx, &[id]).await?;
-    tx.commit().await?;
+    back_to_outbox(tx, &[id]).await?;
     Ok(Some(FailureRecorded {
         kind,
         queue: row.queue,

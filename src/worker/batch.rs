@@ -17,7 +17,7 @@ use super::{Disposition, Worker, WorkerError};
 use crate::amqp::publish::publish_dead;
 use crate::amqp::{JobMessage, Topology, Unrunnable};
 use crate::failpoint;
-use crate::handlers::{self, Execution, JobError};
+use crate::handlers::{self, Execution, ExternalEffect, JobError};
 use crate::ledger::publishers::{PublishedBy, Ticket};
 use crate::ledger::run::{self, Failure};
 use crate::ledger::{Job, JobKind, outbox};
@@ -292,6 +292,17 @@ impl Worker {
         id: i64,
         error: &JobError,
     ) -> Result<bool, sqlx::Error> {
+        self.record_failure_of(id, error, None).await
+    }
+
+    /// [`Worker::record_failure`]; when the job is discarded, `effect` records what that
+    /// leaves ([`ExternalEffect::discarded`]) in the same transaction.
+    pub(super) async fn record_failure_of(
+        &self,
+        id: i64,
+        error: &JobError,
+        effect: Option<(&dyn ExternalEffect, &Job)>,
+    ) -> Result<bool, sqlx::Error> {
         let jitter: f64 = rand::rng().random_range(0.9..1.1);
         let (base, max) = (self.config.retry_base, self.config.retry_max);
         let message = error.to_string();
@@ -301,9 +312,14 @@ impl Worker {
             permanent: error.is_permanent(),
         };
         let wait = |kind, attempt| handlers::backoff(kind, attempt, base, max).mul_f64(jitter);
-        let Some(done) = run::record_failure(&self.pool, id, &failure, wait).await? else {
+        let mut tx = self.pool.begin().await?;
+        let Some(done) = run::record_failure(&mut tx, id, &failure, wait).await? else {
             return Ok(false);
         };
+        if let (true, Some((effect, job))) = (done.discarded, effect) {
+            effect.discarded(&mut tx, job).await?;
+        }
+        tx.commit().await?;
         let kind = done.kind.map_or("unknown", JobKind::as_str);
         let kq = [kind, done.queue.as_str()];
         let trace_id = crate::trace::trace_id_of(done.trace_parent.as_deref()).unwrap_or_default();

@@ -236,16 +236,16 @@ impl Worker {
         self.fail(effect, job, &error).await
     }
 
-    /// Record a job's failure; when that was its last attempt, the kind hears of it.
+    /// Record a job's failure; when that was its last attempt, the kind records what that
+    /// leaves in the same transaction.
     async fn fail(
         &self,
         effect: &dyn ExternalEffect,
         job: &Job,
         error: &JobError,
     ) -> Result<(), sqlx::Error> {
-        if self.record_failure(job.id, error).await? {
-            effect.discarded(&self.pool, job).await?;
-        }
-        Ok(())
+        self.record_failure_of(job.id, error, Some((effect, job)))
+            .await
+            .map(drop)
     }
 }
