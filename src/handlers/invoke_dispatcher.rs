@@ -29,11 +29,11 @@ impl Transactional for InvokeDispatcher {
     }
 }
 
-/// Invoke a batch of (dispatcher, event) pairs, in the batch's transaction, in two
+/// Invoke a batch of (dispatcher, event) pairs, in the batch's transaction, in at most two
 /// statements whatever the batch's size: the runs and their hand-offs
-/// ([`crate::runs::create`]), then the EPHEMERAL dispatchers fired
-/// ([`crate::dispatchers::fire`]), each followed by its `events.deliverWebhook` job (one
-/// insert for all). A dispatcher or event that is gone, a disabled dispatcher, or a pair
+/// ([`crate::runs::create`]), then, for the pairs that created no run, the EPHEMERAL
+/// dispatchers fired ([`crate::dispatchers::fire`]), each followed by its
+/// `events.deliverWebhook` job (one insert for all). A dispatcher or event that is gone, a disabled dispatcher, or a pair
 /// from two environments does nothing.
 ///
 /// Returns the jobs inserted (see [`Transactional::handle`] for `caller_publishes`).
@@ -64,9 +64,22 @@ pub async fn run(
         .collect();
     let created = crate::runs::create(tx, &invocations).await?;
     observe_created(&created);
-    let dispatchers: Vec<Uuid> = invocations.iter().map(|i| i.dispatcher).collect();
-    let events: Vec<Uuid> = invocations.iter().map(|i| i.event_record_id).collect();
-    let fired = crate::dispatchers::fire(tx, &dispatchers, &events).await?;
+    // Only an invocation that created no run may be of an EPHEMERAL dispatcher (one that
+    // created a run is of a job's): most batches have none, and skip the second statement.
+    let (dispatchers, events): (Vec<Uuid>, Vec<Uuid>) = invocations
+        .iter()
+        .filter(|i| {
+            !created
+                .iter()
+                .any(|r| r.dispatcher_id == i.dispatcher && r.event_record_id == i.event_record_id)
+        })
+        .map(|i| (i.dispatcher, i.event_record_id))
+        .unzip();
+    let fired = if dispatchers.is_empty() {
+        Vec::new()
+    } else {
+        crate::dispatchers::fire(tx, &dispatchers, &events).await?
+    };
     let webhooks: Vec<JobInsert> = fired
         .iter()
         .map(|f| webhook_job(f, &jobs, &invocations, caller_publishes))

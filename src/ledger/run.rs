@@ -19,6 +19,59 @@ pub struct Taken {
     pub unreadable: Vec<UnreadableJob>,
     /// Ids the ledger has no row for.
     pub missing: Vec<i64>,
+    /// An environment of the jobs taken has jobs of their kind waiting in the outbox for
+    /// room in flight (as the statement saw it): only then is the room these jobs leave
+    /// worth handing on ([`super::outbox::refill`]). Most batches have none, and skip that
+    /// statement.
+    pub others_wait: bool,
+}
+
+/// A row [`take`] returned: the job as [`super::JobRow`] has it, and whether its
+/// environment has jobs of its kind waiting for room.
+struct TakenRow {
+    id: i64,
+    kind: String,
+    args: serde_json::Value,
+    queue: String,
+    priority: i16,
+    state: String,
+    attempt: i32,
+    max_attempts: i32,
+    run_at: DateTime<Utc>,
+    errors: serde_json::Value,
+    created_at: DateTime<Utc>,
+    attempted_at: Option<DateTime<Utc>>,
+    finalized_at: Option<DateTime<Utc>>,
+    published_at: Option<DateTime<Utc>>,
+    unique_key: Option<Vec<u8>>,
+    trace_parent: Option<String>,
+    environment_id: uuid::Uuid,
+    waiting: bool,
+}
+
+impl TakenRow {
+    fn split(self) -> (super::JobRow, bool) {
+        let row = super::JobRow {
+            id: self.id,
+            kind: self.kind,
+            args: self.args,
+            queue: self.queue,
+            priority: self.priority,
+            state: self.state,
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            errors: self.errors,
+            created_at: self.created_at,
+            attempted_at: self.attempted_at,
+            finalized_at: self.finalized_at,
+            published_at: self.published_at,
+            unique_key: self.unique_key,
+            trace_parent: self.trace_parent,
+            environment_id: self.environment_id,
+        };
+        (row, self.waiting)
+    }
 }
 
 /// Lock the live jobs among `ids` in id order and mark them completed (attempt + 1), in the
@@ -39,7 +92,11 @@ async fn take_where(
     ids: &[i64],
     leased: bool,
 ) -> Result<Taken, sqlx::Error> {
-    let rows = query_jobs!(
+    // `waiting`: the job's environment has due jobs of its kind in the outbox (the jobs
+    // marked here were published, so they are not among them); a function, so the check
+    // adds nothing to this statement's plan.
+    let rows = sqlx::query_as!(
+        TakenRow,
         r#"UPDATE queue_jobs
            SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
            WHERE id IN (
@@ -47,15 +104,28 @@ async fn take_where(
                WHERE id = ANY($1) AND NOT (state::text = ANY($2))
                  AND ($3 OR run_at <= now() + interval '1 second')
                ORDER BY id FOR UPDATE)
-           RETURNING "#,
-        "",
+           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt,
+                     max_attempts, run_at, errors, created_at, attempted_at, finalized_at,
+                     published_at, unique_key, trace_parent, environment_id,
+                     queue_jobs_waiting(environment_id, kind) AS "waiting!""#,
         ids,
         &JobState::final_names(),
         leased
     )
     .fetch_all(&mut *tx)
     .await?;
-    sort_out(&mut *tx, ids, rows).await
+    let mut others_wait = false;
+    let rows = rows
+        .into_iter()
+        .map(|r| {
+            let (row, waiting) = r.split();
+            others_wait |= waiting;
+            row
+        })
+        .collect();
+    let mut taken = sort_out(&mut *tx, ids, rows).await?;
+    taken.others_wait = others_wait;
+    Ok(taken)
 }
 
 /// The rows a statement returned for `ids`, decoded, and which of the others have no row

@@ -232,8 +232,11 @@ impl Worker {
                 });
             }
         };
-        if let Some(stamp) = stamp {
-            // The room these jobs leave in flight goes to their environments' next jobs.
+        if let Some(stamp) = stamp
+            && taken.others_wait
+        {
+            // The room these jobs leave in flight goes to their environments' next jobs
+            // (when any wait: most batches skip the statement).
             inserted.extend(outbox::refill(&mut tx, &freed_by(&taken.jobs), stamp).await?);
         }
         let committing = std::time::Instant::now();
