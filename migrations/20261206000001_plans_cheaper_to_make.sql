@@ -43,7 +43,7 @@ END
 $$;
 
 -- The wake-up triggers fire per row, and only for a row that needs one, instead of once per
--- statement over a transition table: a statement-level trigger with `REFERENCING NEW TABLE`
+-- statement over a transition table: a statement-level trigger with a transition table
 -- keeps a copy of every inserted row for its function to scan, paid by every insert; a
 -- row-level trigger whose `WHEN` is false costs next to nothing, and the fast path's rows
 -- (published by their inserter) and the rows awaiting room never wake a relay. A
