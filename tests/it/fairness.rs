@@ -576,3 +576,100 @@ async fn delayed_jobs_take_no_room_in_flight() {
         .unwrap();
     assert_eq!(room().await, Some(9), "final jobs take no room");
 }
+
+/// The job of an event, by the producer's id: its id, when it was published and by whom.
+async fn delivery_job(
+    app: &TestApp,
+    event_id: &str,
+) -> (i64, Option<chrono::DateTime<chrono::Utc>>, Option<i64>) {
+    sqlx::query_as(
+        "SELECT j.id, j.published_at, j.published_by FROM queue_jobs j
+         JOIN event_records e ON e.id = (j.args->>'id')::uuid
+         WHERE j.kind = 'deliverEvent' AND e.event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Whether the take of `id` (rolled back) saw jobs of its environment waiting for room.
+async fn take_sees_waiting(app: &TestApp, id: i64) -> bool {
+    let mut tx = app.pool.begin().await.unwrap();
+    let taken = kongflow_events::ledger::run::take(&mut tx, &[id])
+        .await
+        .unwrap();
+    assert_eq!(taken.jobs.len(), 1, "the job is live");
+    tx.rollback().await.unwrap();
+    taken.others_wait
+}
+
+/// A worker's batch hands the room it leaves to its environment's job waiting for room, in
+/// its own transaction and with no relay running; the take tells it whether any job waits,
+/// so a batch with none skips that statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
+    use kongflow_events::EventsService;
+    use kongflow_events::amqp::{DirectPublisher, JobMessage};
+    use kongflow_events::events::{SendEvent, SendEventOptions};
+
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 1 WHERE id = $1")
+        .bind(app.env.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let publisher = || {
+        DirectPublisher::new(
+            app.store.amqp_url.clone(),
+            app.topology.clone(),
+            app.pool.clone(),
+            Duration::from_secs(10),
+        )
+    };
+    let events = EventsService::new(app.pool.clone()).publishing(publisher());
+    for id in ["first", "second"] {
+        let send = SendEvent {
+            id: Some(id.into()),
+            name: "tick".into(),
+            payload: json!({}),
+            ..Default::default()
+        };
+        events
+            .ingest_send_event(&app.env, send, SendEventOptions::default())
+            .await
+            .unwrap();
+    }
+    let (first, first_published, _) = delivery_job(&app, "first").await;
+    let (second, second_published, _) = delivery_job(&app, "second").await;
+    assert!(
+        first_published.is_some(),
+        "a share of one publishes the first"
+    );
+    assert_eq!(second_published, None, "the second waits for room");
+    assert!(
+        take_sees_waiting(&app, first).await,
+        "the first's take sees the second waiting"
+    );
+
+    // The first's batch runs on a worker that publishes what it commits: the second gets
+    // the room in that batch's transaction, stamped by the worker's own publisher.
+    let message = app.get_message(JobKind::DeliverEvent).await.unwrap();
+    let message = JobMessage::parse(&message.delivery.data).unwrap();
+    assert_eq!(message.id, first);
+    let worker = app.worker().publishing(publisher());
+    worker.process(vec![Ok(message)]).await.unwrap();
+    let (_, second_published, stamped_by) = delivery_job(&app, "second").await;
+    assert!(second_published.is_some(), "the room went to the second");
+    assert!(stamped_by.is_some(), "under the worker's ticket");
+    wait_until("the second's message", Duration::from_secs(5), || async {
+        app.queue_depth(JobKind::DeliverEvent).await == 1
+    })
+    .await;
+
+    // Nothing waits now: the second's take says so, and its batch skips the refill.
+    assert!(!take_sees_waiting(&app, second).await);
+}
