@@ -61,7 +61,7 @@ pub struct Relay {
     config: RelayConfig,
     /// The last environment and kind a claim served: the next one starts after it.
     turn: Arc<Mutex<Option<(Uuid, String)>>>,
-    /// Hand-offs were written: the job loops' listeners tell the hand-off loop.
+    /// Hand-offs were written: the first job loop's listener tells the hand-off loop.
     handoffs_written: Arc<tokio::sync::Notify>,
 }
 
@@ -87,14 +87,19 @@ impl Relay {
     /// them (and the loops of other relay processes) off each other's rows.
     pub async fn run(self, amqp_url: String, shutdown: CancellationToken) {
         let mut loops = tokio::task::JoinSet::new();
-        for _ in 0..self.config.relay_concurrency.max(1) {
+        for i in 0..self.config.relay_concurrency.max(1) {
             let (this, url, stop) = (self.clone(), amqp_url.clone(), shutdown.clone());
+            // One job loop's listener serves the hand-off loop: with every loop's, each
+            // hand-off written woke it as many times, and all but the first found nothing.
+            let tells_handoffs = i == 0;
             loops.spawn(supervise_connected(
                 "relay",
                 this,
                 url,
                 stop,
-                |this, url, stop| async move { this.run_connected(&url, stop).await },
+                move |this, url, stop| async move {
+                    this.run_connected(&url, stop, tells_handoffs).await
+                },
             ));
         }
         // The outbox's messages (the runs hand-off) have a loop of their own, woken by their
@@ -126,14 +131,18 @@ impl Relay {
         &self,
         url: &str,
         shutdown: CancellationToken,
+        tells_handoffs: bool,
     ) -> Result<(), RelayError> {
         let conn =
             amqp::connect(url, &format!("kongflow-relay:{}", self.topology.prefix())).await?;
         let channel = self.open_channel(&conn).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener
-            .listen_all([NOTIFY_CHANNEL, crate::runs::handoff::NOTIFY_CHANNEL])
-            .await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        if tells_handoffs {
+            listener
+                .listen(crate::runs::handoff::NOTIFY_CHANNEL)
+                .await?;
+        }
         let _connected = ConnectedGuard::new("relay");
         tracing::info!("relay connected");
 
@@ -176,9 +185,9 @@ impl Relay {
         Ok(())
     }
 
-    /// Publish the runs hand-off until `shutdown`: a batch whenever the job loops hear a
-    /// notification on [`crate::runs::handoff::NOTIFY_CHANNEL`] (their listeners serve this loop:
-    /// a listener holds a pool connection for good), or every `RELAY_POLL_INTERVAL_MS`.
+    /// Publish the runs hand-off until `shutdown`: a batch whenever the first job loop hears
+    /// a notification on [`crate::runs::handoff::NOTIFY_CHANNEL`] (its listener serves this
+    /// loop: a listener holds a pool connection for good), or every `RELAY_POLL_INTERVAL_MS`.
     async fn run_handoffs_connected(
         &self,
         url: &str,
