@@ -42,12 +42,14 @@ BEGIN
 END
 $$;
 
--- The wake-up triggers fire per row, and only for a row that needs one, instead of once per
--- statement over a transition table: a statement-level trigger with a transition table
--- keeps a copy of every inserted row for its function to scan, paid by every insert; a
--- row-level trigger whose `WHEN` is false costs next to nothing, and the fast path's rows
--- (published by their inserter) and the rows awaiting room never wake a relay. A
--- transaction's repeated notifications on one channel are delivered once, as before.
+-- The wake-up triggers no longer read a transition table: a statement-level trigger with one
+-- keeps a copy of every inserted row for its function to scan, paid by every insert. The
+-- outbox's fires per row, only for a row that needs a relay (`WHEN` false costs next to
+-- nothing: the fast path's rows, published by their inserter, and the rows awaiting room
+-- never wake one). The hand-off's fires once per statement that inserts into
+-- `run_handoffs` (every row written there is the relay's; a statement that wrote none wakes
+-- the hand-off loop for nothing, which finds nothing). A transaction's repeated
+-- notifications on one channel are delivered once, as before.
 CREATE FUNCTION wake_channel() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify(TG_ARGV[0], '');
@@ -65,5 +67,5 @@ CREATE TRIGGER queue_jobs_notify_insert
 DROP TRIGGER run_handoffs_notify ON run_handoffs;
 DROP FUNCTION run_handoffs_notify();
 CREATE TRIGGER run_handoffs_notify
-    AFTER INSERT ON run_handoffs FOR EACH ROW
+    AFTER INSERT ON run_handoffs FOR EACH STATEMENT
     EXECUTE FUNCTION wake_channel('kongflow_handoffs');

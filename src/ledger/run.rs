@@ -93,21 +93,32 @@ async fn take_where(
     leased: bool,
 ) -> Result<Taken, sqlx::Error> {
     // `waiting`: the job's environment has due jobs of its kind in the outbox (the jobs
-    // marked here were published, so they are not among them); a function, so the check
-    // adds nothing to this statement's plan.
+    // marked here were published, so they are not among them). A group with a job that
+    // waited for room itself is at its share: taken as waiting without asking (in a flood,
+    // asking costs a walk over the outbox index's entries of jobs already published). The
+    // others are asked once per environment and kind, by a function, so the check adds
+    // little to this statement's plan.
     let rows = sqlx::query_as!(
         TakenRow,
-        r#"UPDATE queue_jobs
-           SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
-           WHERE id IN (
-               SELECT id FROM queue_jobs
-               WHERE id = ANY($1) AND NOT (state::text = ANY($2))
-                 AND ($3 OR run_at <= now() + interval '1 second')
-               ORDER BY id FOR UPDATE)
-           RETURNING id, kind, args, queue, priority, state::text AS "state!", attempt,
-                     max_attempts, run_at, errors, created_at, attempted_at, finalized_at,
-                     published_at, unique_key, trace_parent, environment_id,
-                     queue_jobs_waiting(environment_id, kind) AS "waiting!""#,
+        r#"WITH taken AS (
+               UPDATE queue_jobs
+               SET state = 'completed', attempt = attempt + 1, attempted_at = now(), finalized_at = now()
+               WHERE id IN (
+                   SELECT id FROM queue_jobs
+                   WHERE id = ANY($1) AND NOT (state::text = ANY($2))
+                     AND ($3 OR run_at <= now() + interval '1 second')
+                   ORDER BY id FOR UPDATE)
+               RETURNING *),
+           groups AS (
+               SELECT environment_id, kind,
+                      CASE WHEN bool_or(awaits_room) THEN true
+                           ELSE queue_jobs_waiting(environment_id, kind) END AS waiting
+               FROM taken GROUP BY environment_id, kind)
+           SELECT t.id, t.kind, t.args, t.queue, t.priority, t.state::text AS "state!",
+                  t.attempt, t.max_attempts, t.run_at, t.errors, t.created_at, t.attempted_at,
+                  t.finalized_at, t.published_at, t.unique_key, t.trace_parent, t.environment_id,
+                  g.waiting AS "waiting!"
+           FROM taken t JOIN groups g ON g.environment_id = t.environment_id AND g.kind = t.kind"#,
         ids,
         &JobState::final_names(),
         leased
