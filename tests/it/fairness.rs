@@ -605,8 +605,8 @@ async fn take_sees_waiting(app: &TestApp, id: i64) -> bool {
 }
 
 /// A worker's batch hands the room it leaves to its environment's job waiting for room, in
-/// its own transaction and with no relay running; the take tells it whether any job waits,
-/// so a batch with none skips that statement.
+/// its own transaction and with no relay running; the take tells it whether any job waits
+/// (a job that waited for room itself says yes), so a batch with none skips that statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
     use kongflow_events::EventsService;
@@ -670,6 +670,26 @@ async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
     })
     .await;
 
-    // Nothing waits now: the second's take says so, and its batch skips the refill.
-    assert!(!take_sees_waiting(&app, second).await);
+    // The second waited for room itself: its environment is at its share, and its take
+    // says so without asking. A job published straight away, with nothing waiting, says
+    // no: its batch skips the refill.
+    assert!(take_sees_waiting(&app, second).await);
+    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
+        .bind(app.env.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let send = SendEvent {
+        id: Some("third".into()),
+        name: "tick".into(),
+        payload: json!({}),
+        ..Default::default()
+    };
+    events
+        .ingest_send_event(&app.env, send, SendEventOptions::default())
+        .await
+        .unwrap();
+    let (third, third_published, _) = delivery_job(&app, "third").await;
+    assert!(third_published.is_some(), "the third had room");
+    assert!(!take_sees_waiting(&app, third).await, "nothing waits");
 }
