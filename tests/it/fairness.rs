@@ -631,18 +631,24 @@ async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
         )
     };
     let events = EventsService::new(app.pool.clone()).publishing(publisher());
-    for id in ["first", "second"] {
-        let send = SendEvent {
+    let send = |id: &'static str| {
+        let event = SendEvent {
             id: Some(id.into()),
             name: "tick".into(),
             payload: json!({}),
             ..Default::default()
         };
-        events
-            .ingest_send_event(&app.env, send, SendEventOptions::default())
-            .await
-            .unwrap();
-    }
+        let events = events.clone();
+        let env = app.env.clone();
+        async move {
+            events
+                .ingest_send_event(&env, event, SendEventOptions::default())
+                .await
+                .unwrap();
+        }
+    };
+    send("first").await;
+    send("second").await;
     let (first, first_published, _) = delivery_job(&app, "first").await;
     let (second, second_published, _) = delivery_job(&app, "second").await;
     assert!(
@@ -679,16 +685,7 @@ async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let send = SendEvent {
-        id: Some("third".into()),
-        name: "tick".into(),
-        payload: json!({}),
-        ..Default::default()
-    };
-    events
-        .ingest_send_event(&app.env, send, SendEventOptions::default())
-        .await
-        .unwrap();
+    send("third").await;
     let (third, third_published, _) = delivery_job(&app, "third").await;
     assert!(third_published.is_some(), "the third had room");
     assert!(!take_sees_waiting(&app, third).await, "nothing waits");
