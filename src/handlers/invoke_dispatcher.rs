@@ -33,8 +33,8 @@ impl Transactional for InvokeDispatcher {
 /// statements whatever the batch's size: the runs and their hand-offs
 /// ([`crate::runs::create`]), then, for the pairs that created no run, the EPHEMERAL
 /// dispatchers fired ([`crate::dispatchers::fire`]), each followed by its
-/// `events.deliverWebhook` job (one insert for all). A dispatcher or event that is gone, a disabled dispatcher, or a pair
-/// from two environments does nothing.
+/// `events.deliverWebhook` job (one insert for all). A dispatcher or event that is gone, a
+/// disabled dispatcher, or a pair from two environments does nothing.
 ///
 /// Returns the jobs inserted (see [`Transactional::handle`] for `caller_publishes`).
 pub async fn run(

@@ -53,6 +53,16 @@ async fn in_outbox(app: &TestApp, env: Uuid) -> i64 {
     .unwrap()
 }
 
+/// Set the test environment's share of the workers (`max_jobs_in_flight`).
+async fn set_share(app: &TestApp, jobs: i32) {
+    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = $2 WHERE id = $1")
+        .bind(app.env.id)
+        .bind(jobs)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
 fn spawn_worker(app: &TestApp) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
         .arg("worker")
@@ -244,11 +254,7 @@ async fn priorities_order_the_work_inside_an_environments_share() {
         .roles(crate::helpers::NO_ROLES)
         .start()
         .await;
-    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 3 WHERE id = $1")
-        .bind(app.env.id)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    set_share(&app, 3).await;
     let job = |priority| {
         JobInsert::invoke_dispatcher(
             InvokeDispatcherArgs {
@@ -523,11 +529,7 @@ async fn delayed_jobs_take_no_room_in_flight() {
         .start()
         .await;
     let env = app.env.id;
-    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
-        .bind(env)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    set_share(&app, 10).await;
     // `n` jobs published `published_s` seconds ago, due `due_s` seconds ago.
     let plant = |published_s: f64, due_s: f64, n: i32| {
         let pool = app.pool.clone();
@@ -617,11 +619,7 @@ async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
         .roles(crate::helpers::NO_ROLES)
         .start()
         .await;
-    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 1 WHERE id = $1")
-        .bind(app.env.id)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    set_share(&app, 1).await;
     let publisher = || {
         DirectPublisher::new(
             app.store.amqp_url.clone(),
@@ -680,11 +678,7 @@ async fn the_room_a_batch_leaves_goes_to_the_waiting_job_without_a_relay() {
     // says so without asking. A job published straight away, with nothing waiting, says
     // no: its batch skips the refill.
     assert!(take_sees_waiting(&app, second).await);
-    sqlx::query("UPDATE runtime_environments SET max_jobs_in_flight = 10 WHERE id = $1")
-        .bind(app.env.id)
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    set_share(&app, 10).await;
     send("third").await;
     let (third, third_published, _) = delivery_job(&app, "third").await;
     assert!(third_published.is_some(), "the third had room");
