@@ -24,6 +24,9 @@ pub const INGEST_AFTER_COMMIT: &str = "ingest-after-commit";
 /// A process has committed jobs it publishes itself (the fast path) and not yet published
 /// them.
 pub const PUBLISH_AFTER_COMMIT: &str = "publish-after-commit";
+/// A worker has committed runs whose hand-offs it publishes itself and not yet published
+/// them.
+pub const HANDOFF_PUBLISH_AFTER_COMMIT: &str = "handoff-publish-after-commit";
 
 /// The worker has locked a batch's jobs and blocks its thread, as a runaway computation
 /// would: for the test of the drain deadline.

@@ -86,7 +86,7 @@ impl Maintenance {
     /// processes that stopped beating (they died between a commit and its confirms).
     async fn run_reaper(&self, shutdown: CancellationToken) {
         every(publishers::HEARTBEAT, &shutdown, || async {
-            match publishers::reap(&self.pool, publishers::STALE_AFTER).await {
+            match publishers::reap(&self.pool, publishers::STALE_AFTER, crate::amqp::STAMPED).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
                     jobs = n,

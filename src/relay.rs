@@ -328,10 +328,7 @@ impl Relay {
             let acked = confirm.is_ack();
             match confirm.take_message() {
                 None if acked => {
-                    metrics()
-                        .handoffs_published
-                        .with_label_values(&[&h.routing_key()])
-                        .inc();
+                    crate::runs::handoff::count_published(h);
                     done.push(h.id);
                     confirmed.push(h);
                 }
@@ -348,10 +345,6 @@ impl Relay {
         crate::runs::handoff::published(&mut tx, &done).await?;
         tx.commit().await?;
         metrics().handoffs_set_aside.inc_by(aside.len() as u64);
-        for h in &confirmed {
-            tracing::info!(run = %h.run_id, kind = h.kind.as_str(), handoff_id = h.id,
-                "run hand-off published");
-        }
         tracing::debug!(
             published = confirmed.len(),
             claimed = claimed.len(),

@@ -24,12 +24,17 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use super::publish::{count_published, log_published, properties, publish_job};
+use super::publish::{count_published, log_published, properties, publish_handoff, publish_job};
 use super::{JobMessage, Topology};
 use crate::failpoint;
-use crate::ledger::publishers::{Publisher, Ticket};
+use crate::ledger::publishers::{Publisher, Stamped, Ticket};
 use crate::ledger::{Job, outbox};
 use crate::metrics::{Stage, metrics};
+use crate::runs::handoff::{self, HandOff, StampedHandOffs};
+
+/// The tables whose rows a ticket stamps besides jobs: the runs' hand-offs. Their reaper
+/// (`maintenance`) is given the same list.
+pub static STAMPED: &[&dyn Stamped] = &[&StampedHandOffs];
 
 /// Publishes committed jobs on one connection of its own, opened (and the topology
 /// declared) on first use and again after it drops. Clones share it.
@@ -55,6 +60,13 @@ struct Inner {
     in_flight: Arc<Semaphore>,
 }
 
+/// What the broker did not confirm: the ids of jobs and hand-offs.
+#[derive(Debug, Default)]
+struct Unconfirmed {
+    jobs: Vec<i64>,
+    handoffs: Vec<i64>,
+}
+
 /// How many [`DirectPublisher::publish_soon`] publishes may be under way at once.
 pub const MAX_PUBLISHES_IN_FLIGHT: usize = 64;
 
@@ -64,7 +76,7 @@ impl DirectPublisher {
             inner: Arc::new(Inner {
                 url,
                 topology,
-                publisher: Publisher::new(pool.clone()),
+                publisher: Publisher::new(pool.clone(), STAMPED.to_vec()),
                 pool,
                 confirm_timeout,
                 link: Mutex::new(None),
@@ -111,22 +123,31 @@ impl DirectPublisher {
         self.inner.publisher.end().await;
     }
 
-    /// Publish jobs whose transaction has committed (inserted with `caller_publishes`,
-    /// stamped with `ticket`), and settle the ticket. Never fails: what the broker does not
-    /// confirm goes back to the outbox (if that fails too, the ticket is dropped unsettled
-    /// and the heartbeat tries again). Jobs the insert left unmarked (their environment had
-    /// no room in flight) are the relay's.
+    /// Publish jobs whose transaction has committed ([`DirectPublisher::publish_all`], with
+    /// no hand-offs).
     pub async fn publish(&self, jobs: &[Job], ticket: Ticket) {
+        self.publish_all(jobs, &[], ticket).await
+    }
+
+    /// Publish the jobs and run hand-offs whose transaction has committed (inserted with
+    /// `caller_publishes`, stamped with `ticket`), and settle the ticket. Never fails: what
+    /// the broker does not confirm goes back to its outbox (if that fails too, the ticket
+    /// is dropped unsettled and the heartbeat tries again). Jobs the insert left unmarked
+    /// (their environment had no room in flight) are the relay's.
+    pub async fn publish_all(&self, jobs: &[Job], handoffs: &[HandOff], ticket: Ticket) {
         let jobs: Vec<&Job> = jobs.iter().filter(|j| j.published_at.is_some()).collect();
-        if jobs.is_empty() {
+        if jobs.is_empty() && handoffs.is_empty() {
             ticket.settle();
             return;
         }
         failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
+        if !handoffs.is_empty() {
+            failpoint::hit(failpoint::HANDOFF_PUBLISH_AFTER_COMMIT);
+        }
         let started = std::time::Instant::now();
         let unconfirmed = match tokio::time::timeout(
             self.inner.confirm_timeout,
-            self.try_publish(&jobs),
+            self.try_publish(&jobs, handoffs),
         )
         .await
         {
@@ -136,31 +157,38 @@ impl DirectPublisher {
                     Ok(Err(e)) => e.to_string(),
                     _ => "confirms timed out".to_string(),
                 };
-                tracing::warn!(%error, jobs = jobs.len(), "direct publish failed; the relay takes the jobs");
+                tracing::warn!(%error, jobs = jobs.len(), handoffs = handoffs.len(),
+                    "direct publish failed; the relay takes the jobs and hand-offs");
                 *self.inner.link.lock().await = None;
-                jobs.iter().map(|j| j.id).collect()
+                Unconfirmed {
+                    jobs: jobs.iter().map(|j| j.id).collect(),
+                    handoffs: handoffs.iter().map(|h| h.id).collect(),
+                }
             }
         };
         metrics().stage(Stage::Publish, started);
-        if unconfirmed.is_empty() {
+        if unconfirmed.jobs.is_empty() && unconfirmed.handoffs.is_empty() {
             ticket.settle();
             return;
         }
         let back = async {
             let mut conn = self.inner.pool.acquire().await?;
-            outbox::back_to_outbox(&mut conn, &unconfirmed).await
+            outbox::back_to_outbox(&mut conn, &unconfirmed.jobs).await?;
+            handoff::hand_back(&mut conn, &unconfirmed.handoffs).await
         };
         match back.await {
             Ok(_) => ticket.settle(),
             // The ticket, dropped unsettled, has the heartbeat try again.
             Err(e) => {
-                tracing::error!(error = %e, jobs = ?unconfirmed, "could not hand unconfirmed jobs back to the outbox; the heartbeat will")
+                tracing::error!(error = %e, jobs = ?unconfirmed.jobs, handoffs = ?unconfirmed.handoffs,
+                    "could not hand unconfirmed jobs and hand-offs back to the relay; the heartbeat will")
             }
         }
     }
 
-    /// Publish every job, then wait for every confirm. Returns the ids not confirmed.
-    async fn try_publish(&self, jobs: &[&Job]) -> lapin::Result<Vec<i64>> {
+    /// Publish every job and hand-off, then wait for every confirm. Returns those not
+    /// confirmed.
+    async fn try_publish(&self, jobs: &[&Job], handoffs: &[HandOff]) -> lapin::Result<Unconfirmed> {
         let channel = self.channel().await?;
         let now = Utc::now();
         let mut confirms = Vec::with_capacity(jobs.len());
@@ -178,14 +206,29 @@ impl DirectPublisher {
             .await?;
             confirms.push((job, confirm));
         }
-        let mut unconfirmed = Vec::new();
+        let mut handed = Vec::with_capacity(handoffs.len());
+        for h in handoffs {
+            // The fast path builds only run.created messages, each with its body.
+            let Some(body) = &h.body else { continue };
+            handed.push((
+                h,
+                publish_handoff(&channel, &self.inner.topology, h, body).await?,
+            ));
+        }
+        let mut unconfirmed = Unconfirmed::default();
         for (job, confirm) in confirms {
             match confirm.await? {
                 Confirmation::Ack(None) => {
                     count_published(job);
                     log_published!(job);
                 }
-                _ => unconfirmed.push(job.id),
+                _ => unconfirmed.jobs.push(job.id),
+            }
+        }
+        for (h, confirm) in handed {
+            match confirm.await? {
+                Confirmation::Ack(None) => handoff::count_published(h),
+                _ => unconfirmed.handoffs.push(h.id),
             }
         }
         Ok(unconfirmed)

@@ -7,7 +7,7 @@ pub mod publish;
 pub mod tiers;
 pub mod topology;
 
-pub use direct::DirectPublisher;
+pub use direct::{DirectPublisher, STAMPED};
 pub use message::{JobMessage, Unrunnable};
 pub use publish::publish_job;
 pub use topology::Topology;

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
-use super::{JobError, Transactional};
+use super::{JobError, Transactional, Written};
 use crate::dispatchers::{self, Candidate, EventFacts, RuleRef, rule_miss};
 use crate::events::filter::Evaluator;
 use crate::ledger::publishers::PublishedBy;
@@ -27,7 +27,7 @@ impl Transactional for DeliverEvent {
         tx: &'a mut PgConnection,
         jobs: &'a [Job],
         caller_publishes: Option<PublishedBy>,
-    ) -> BoxFuture<'a, Result<Vec<Job>, JobError>> {
+    ) -> BoxFuture<'a, Result<Written, JobError>> {
         let batch: Vec<ToDeliver> = jobs
             .iter()
             .filter_map(|job| match job.args {
@@ -39,7 +39,13 @@ impl Transactional for DeliverEvent {
                 _ => None,
             })
             .collect();
-        async move { run(tx, &batch, caller_publishes).await }.boxed()
+        async move {
+            Ok(Written {
+                jobs: run(tx, &batch, caller_publishes).await?,
+                handoffs: Vec::new(),
+            })
+        }
+        .boxed()
     }
 }
 

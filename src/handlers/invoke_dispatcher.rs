@@ -7,10 +7,11 @@ use futures_util::future::BoxFuture;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{JobError, Transactional};
+use super::{JobError, Transactional, Written};
 use crate::dispatchers::Fired;
 use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{InsertOpts, InvokeDispatcherArgs, Job, JobArgs, JobInsert};
+use crate::runs::handoff::HandOff;
 use crate::runs::{CreatedRun, Invocation};
 use crate::trace::TraceParent;
 
@@ -23,7 +24,7 @@ impl Transactional for InvokeDispatcher {
         tx: &'a mut PgConnection,
         jobs: &'a [Job],
         caller_publishes: Option<PublishedBy>,
-    ) -> BoxFuture<'a, Result<Vec<Job>, JobError>> {
+    ) -> BoxFuture<'a, Result<Written, JobError>> {
         let group: Vec<&Job> = jobs.iter().collect();
         async move { run(tx, &group, caller_publishes).await }.boxed()
     }
@@ -36,12 +37,13 @@ impl Transactional for InvokeDispatcher {
 /// `events.deliverWebhook` job (one insert for all). A dispatcher or event that is gone, a
 /// disabled dispatcher, or a pair from two environments does nothing.
 ///
-/// Returns the jobs inserted (see [`Transactional::handle`] for `caller_publishes`).
+/// Returns the jobs inserted and, with `caller_publishes`, the runs' hand-offs for the
+/// caller to publish (see [`Transactional::handle`]).
 pub async fn run(
     tx: &mut PgConnection,
     batch: &[&Job],
     caller_publishes: Option<PublishedBy>,
-) -> Result<Vec<Job>, JobError> {
+) -> Result<Written, JobError> {
     let jobs: Vec<(&Job, InvokeDispatcherArgs)> = batch
         .iter()
         .filter_map(|job| match job.args {
@@ -62,8 +64,9 @@ pub async fn run(
                 .map(|t| t.child().to_string()),
         })
         .collect();
-    let created = crate::runs::create(tx, &invocations).await?;
+    let created = crate::runs::create(tx, &invocations, caller_publishes).await?;
     observe_created(&created);
+    let handoffs = readable_handoffs(tx, &created).await?;
     // Only an invocation that created no run may be of an EPHEMERAL dispatcher (one that
     // created a run is of a job's): most batches have none, and skip the second statement.
     let (dispatchers, events): (Vec<Uuid>, Vec<Uuid>) = invocations
@@ -93,11 +96,38 @@ pub async fn run(
         webhooks = fired.len(),
         "dispatchers invoked"
     );
-    Ok(inserted
-        .into_iter()
-        .filter(|r| !r.unique_skipped_as_duplicate)
-        .map(|r| r.job)
-        .collect())
+    Ok(Written {
+        jobs: inserted
+            .into_iter()
+            .filter(|r| !r.unique_skipped_as_duplicate)
+            .map(|r| r.job)
+            .collect(),
+        handoffs,
+    })
+}
+
+/// The hand-offs of the runs created for the caller to publish, their messages read. One
+/// whose message cannot be read or is too large goes to the relay instead, which sets it
+/// aside with its reason (`runs::handoff::Claimed::read`).
+async fn readable_handoffs(
+    tx: &mut PgConnection,
+    created: &[CreatedRun],
+) -> Result<Vec<HandOff>, sqlx::Error> {
+    let mut handoffs = Vec::new();
+    let mut unreadable = Vec::new();
+    for claimed in created.iter().filter_map(|r| r.handoff.clone()) {
+        match claimed.read() {
+            Ok(h) => handoffs.push(h),
+            Err((id, reason)) => {
+                tracing::warn!(handoff_id = id, %reason, "run hand-off left to the relay");
+                unreadable.push(id);
+            }
+        }
+    }
+    if !unreadable.is_empty() {
+        crate::runs::handoff::hand_back(tx, &unreadable).await?;
+    }
+    Ok(handoffs)
 }
 
 /// Count each run created (its lateness, in `kongflow_event_latency_seconds`) and log it.

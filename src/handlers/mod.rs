@@ -33,6 +33,7 @@ use crate::config::WorkerConfig;
 use crate::failpoint::{self, Fault};
 use crate::ledger::publishers::PublishedBy;
 use crate::ledger::{Job, JobKind};
+use crate::runs::handoff::HandOff;
 
 pub use places::Places;
 
@@ -49,15 +50,25 @@ pub enum Execution {
 /// A kind whose effects are rows, made in the worker's transaction.
 pub trait Transactional: Send + Sync {
     /// Handle `jobs` (all of this kind, their arguments decoded) in `tx`. On error nothing
-    /// of the batch may be kept: the caller rolls back. Returns the jobs inserted;
-    /// `caller_publishes`: inserted for the caller to publish after its commit (the fast
+    /// of the batch may be kept: the caller rolls back. Returns what it wrote;
+    /// `caller_publishes`: written for the caller to publish after its commit (the fast
     /// path), else for the relay.
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
         jobs: &'a [Job],
         caller_publishes: Option<PublishedBy>,
-    ) -> BoxFuture<'a, Result<Vec<Job>, JobError>>;
+    ) -> BoxFuture<'a, Result<Written, JobError>>;
+}
+
+/// What a transactional kind's batch wrote for its caller to publish after the commit
+/// (`caller_publishes`): jobs, and the runs' hand-offs with their messages. Without
+/// `caller_publishes` the jobs are listed all the same (the relay publishes them) and no
+/// hand-off is.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub jobs: Vec<Job>,
+    pub handoffs: Vec<HandOff>,
 }
 
 /// A kind whose effect is outside the database: each job is leased, its attempt made
@@ -159,15 +170,15 @@ impl Handlers {
     /// The part of a batch of `kind` (`jobs`, all of that kind) that runs in the worker's
     /// transaction `tx`: a transactional kind's handling, an external-effect kind's record
     /// of its effect. Injected faults (see [`failpoint::handler_fault`]) fire here first. On
-    /// error nothing of the batch may be kept: the caller rolls back. Returns the jobs
-    /// inserted (see [`Transactional::handle`] for `caller_publishes`).
+    /// error nothing of the batch may be kept: the caller rolls back. Returns what it wrote
+    /// (see [`Transactional::handle`] for `caller_publishes`).
     pub async fn run_batch(
         &self,
         tx: &mut PgConnection,
         kind: JobKind,
         jobs: &[Job],
         caller_publishes: Option<PublishedBy>,
-    ) -> Result<Vec<Job>, JobError> {
+    ) -> Result<Written, JobError> {
         for job in jobs {
             match failpoint::handler_fault(job.args.id(), job.attempt) {
                 Some(Fault::Error) => {
@@ -183,7 +194,7 @@ impl Handlers {
             Execution::Transactional(kind) => kind.handle(tx, jobs, caller_publishes).await,
             Execution::ExternalEffect(kind) => {
                 kind.complete(tx, jobs).await?;
-                Ok(Vec::new())
+                Ok(Written::default())
             }
         }
     }

@@ -19,7 +19,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use futures_util::future::BoxFuture;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
 use super::outbox::back_to_outbox;
@@ -35,6 +36,37 @@ pub const STALE_AFTER: Duration = Duration::from_secs(5);
 pub struct PublishedBy {
     pub publisher: i64,
     pub seq: i64,
+}
+
+/// Rows of another owner's table that tickets stamp as well as jobs (the runs' hand-offs,
+/// `runs::handoff::StampedHandOffs`): what settling, dropping or dying does to them. The
+/// owner implements it, so this module names no table but its own and the ledger's.
+pub trait Stamped: Send + Sync {
+    /// The rows of these tickets go back to their relay: a ticket dropped unsettled.
+    fn hand_back<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        publisher: i64,
+        seqs: &'a [i64],
+    ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
+
+    /// Every ticket up to `through` is settled: the rows still stamped with one were
+    /// confirmed by the broker.
+    fn settled<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        publisher: i64,
+        through: i64,
+    ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
+
+    /// A dead publisher: the rows it stamped past what it said was settled go back to
+    /// their relay.
+    fn hand_back_after<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        publisher: i64,
+        through: i64,
+    ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
 }
 
 /// The tickets of one process: which are out, which were dropped unsettled. Pure
@@ -79,10 +111,13 @@ struct Inner {
     book: Mutex<Book>,
     /// Registered (the first ticket waits for it), with the heartbeat started.
     registered: OnceCell<()>,
+    /// The other tables its tickets stamp.
+    stamped: Vec<&'static dyn Stamped>,
 }
 
 impl Publisher {
-    pub fn new(pool: PgPool) -> Self {
+    /// A publisher whose tickets stamp jobs and the rows of `stamped`.
+    pub fn new(pool: PgPool, stamped: Vec<&'static dyn Stamped>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -90,6 +125,7 @@ impl Publisher {
                 id: (rand::random::<u64>() >> 1) as i64,
                 book: Mutex::default(),
                 registered: OnceCell::new(),
+                stamped,
             }),
         }
     }
@@ -129,11 +165,7 @@ impl Publisher {
             return;
         }
         let settled = self.inner.book.lock().expect("book lock").out.is_empty();
-        if settled
-            && let Err(e) = sqlx::query!("DELETE FROM job_publishers WHERE id = $1", self.inner.id)
-                .execute(&self.inner.pool)
-                .await
-        {
+        if settled && let Err(e) = remove(&self.inner).await {
             tracing::warn!(error = %e, "could not remove the publisher's record");
         }
     }
@@ -190,11 +222,26 @@ async fn heartbeat(inner: Weak<Inner>) {
     }
 }
 
-/// Hand abandoned tickets' jobs back to the outbox, then write the heartbeat.
+/// Every ticket settled: the other tables' rows are settled, then the record goes (one
+/// transaction, so no stamped row outlives its publisher's record).
+async fn remove(inner: &Inner) -> Result<(), sqlx::Error> {
+    let through = inner.book.lock().expect("book lock").settled_through();
+    let mut tx = inner.pool.begin().await?;
+    for table in &inner.stamped {
+        table.settled(&mut tx, inner.id, through).await?;
+    }
+    sqlx::query!("DELETE FROM job_publishers WHERE id = $1", inner.id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Hand abandoned tickets' rows back to their relays, write the heartbeat, then settle the
+/// other tables' rows of the tickets it says are settled.
 async fn tick(inner: &Inner) -> Result<(), sqlx::Error> {
     let abandoned = std::mem::take(&mut inner.book.lock().expect("book lock").abandoned);
     if !abandoned.is_empty() {
-        if let Err(e) = hand_back(&inner.pool, inner.id, &abandoned).await {
+        if let Err(e) = hand_back(&inner.pool, inner.id, &abandoned, &inner.stamped).await {
             inner
                 .book
                 .lock()
@@ -209,7 +256,14 @@ async fn tick(inner: &Inner) -> Result<(), sqlx::Error> {
         }
     }
     let through = inner.book.lock().expect("book lock").settled_through();
-    beat(&inner.pool, inner.id, through).await
+    beat(&inner.pool, inner.id, through).await?;
+    if !inner.stamped.is_empty() {
+        let mut conn = inner.pool.acquire().await?;
+        for table in &inner.stamped {
+            table.settled(&mut conn, inner.id, through).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn beat(pool: &PgPool, id: i64, settled_through: i64) -> Result<(), sqlx::Error> {
@@ -226,9 +280,18 @@ async fn beat(pool: &PgPool, id: i64, settled_through: i64) -> Result<(), sqlx::
     Ok(())
 }
 
-/// The jobs of `seqs` stamped by `publisher` and not final go back to the outbox.
-async fn hand_back(pool: &PgPool, publisher: i64, seqs: &[i64]) -> Result<u64, sqlx::Error> {
+/// The jobs of `seqs` stamped by `publisher` and not final go back to the outbox, and the
+/// other tables' rows of `seqs` to their relays.
+async fn hand_back(
+    pool: &PgPool,
+    publisher: i64,
+    seqs: &[i64],
+    stamped: &[&'static dyn Stamped],
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    for table in stamped {
+        table.hand_back(&mut tx, publisher, seqs).await?;
+    }
     let ids = sqlx::query_scalar!(
         r#"SELECT id FROM queue_jobs
            WHERE published_by = $1 AND publish_seq = ANY($2)
@@ -255,9 +318,14 @@ async fn hand_back(pool: &PgPool, publisher: i64, seqs: &[i64]) -> Result<u64, s
 }
 
 /// The publishers whose heartbeat is older than `stale`: their jobs stamped past what they
-/// said was settled, and not final, go back to the outbox, and their records go. Returns
-/// how many jobs went back.
-pub async fn reap(pool: &PgPool, stale: Duration) -> Result<u64, sqlx::Error> {
+/// said was settled, and not final, go back to the outbox, the rows of `stamped` as
+/// [`Stamped::hand_back_after`] and [`Stamped::settled`] say, and their records go.
+/// Returns how many jobs went back.
+pub async fn reap(
+    pool: &PgPool,
+    stale: Duration,
+    stamped: &[&'static dyn Stamped],
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let dead = sqlx::query!(
         r#"SELECT id, settled_through FROM job_publishers
@@ -284,6 +352,14 @@ pub async fn reap(pool: &PgPool, stale: Duration) -> Result<u64, sqlx::Error> {
     .fetch_all(&mut *tx)
     .await?;
     let n = back_to_outbox(&mut tx, &jobs).await?;
+    for table in stamped {
+        for d in &dead {
+            table
+                .hand_back_after(&mut tx, d.id, d.settled_through)
+                .await?;
+            table.settled(&mut tx, d.id, d.settled_through).await?;
+        }
+    }
     sqlx::query!("DELETE FROM job_publishers WHERE id = ANY($1)", &ids)
         .execute(&mut *tx)
         .await?;

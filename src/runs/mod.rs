@@ -13,6 +13,8 @@ use uuid::Uuid;
 
 pub use handoff::HandOffKind;
 
+use crate::ledger::publishers::PublishedBy;
+
 /// A run created for an event, as the event lookup shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
@@ -41,6 +43,22 @@ pub struct CreatedRun {
     pub dispatcher_id: Uuid,
     /// Seconds from when the event was due to when its run was created.
     pub late: Option<f64>,
+    /// Its `run.created` hand-off with the message built, when the caller publishes it
+    /// (see [`create`]).
+    pub handoff: Option<handoff::Claimed>,
+}
+
+/// A row of [`create`]'s statement.
+struct CreatedRow {
+    id: Uuid,
+    event_record_id: Uuid,
+    event_id: String,
+    dispatcher_id: Uuid,
+    late: Option<f64>,
+    handoff_id: i64,
+    handoff_created_at: DateTime<Utc>,
+    trace_parent: Option<String>,
+    message: Option<String>,
 }
 
 /// Create the runs of a batch of invocations and the `run.created` hand-off of each, in one
@@ -52,15 +70,21 @@ pub struct CreatedRun {
 /// of each attached job. Runs are unique per (event, dispatcher, job version), so a second
 /// invocation creates nothing, and each run created gets exactly one hand-off (one per run
 /// even when a batch names a pair twice).
+///
+/// `caller_publishes`: the hand-offs are stamped with the caller's ticket, no relay claims
+/// them, and each [`CreatedRun::handoff`] carries its message for the caller to publish
+/// after its commit (the fast path, as for jobs: `amqp::DirectPublisher`). Without it they
+/// are the relay's.
 pub async fn create(
     tx: &mut PgConnection,
     invocations: &[Invocation],
+    caller_publishes: Option<PublishedBy>,
 ) -> Result<Vec<CreatedRun>, sqlx::Error> {
     let dispatchers: Vec<Uuid> = invocations.iter().map(|i| i.dispatcher).collect();
     let events: Vec<Uuid> = invocations.iter().map(|i| i.event_record_id).collect();
     let traces: Vec<Option<String>> = invocations.iter().map(|i| i.trace_parent.clone()).collect();
-    sqlx::query_as!(
-        CreatedRun,
+    let rows = sqlx::query_as!(
+        CreatedRow,
         r#"WITH created AS (
            INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
            SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
@@ -78,23 +102,50 @@ pub async fn create(
                  AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
            ) t ON true
            ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING
-           RETURNING id, event_record_id, dispatcher_id, created_at),
+           RETURNING id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id,
+                     created_at),
            handed AS (
-           INSERT INTO run_handoffs (run_id, kind, trace_parent)
-           SELECT DISTINCT ON (c.id) c.id, $4, t.trace FROM created c
+           INSERT INTO run_handoffs (run_id, kind, trace_parent, published_by, publish_seq)
+           SELECT DISTINCT ON (c.id) c.id, $4, t.trace, $5, $6 FROM created c
            JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS t(dispatcher_id, event_id, trace)
-             ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id)
+             ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id
+           RETURNING id, run_id, trace_parent, created_at)
            SELECT c.id AS "id!", c.event_record_id AS "event_record_id!", e.event_id,
                   c.dispatcher_id AS "dispatcher_id!",
-                  EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS late
-           FROM created c JOIN event_records e ON e.id = c.event_record_id"#,
+                  EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS late,
+                  h.id AS "handoff_id!", h.created_at AS "handoff_created_at!", h.trace_parent,
+                  CASE WHEN $5::bigint IS NOT NULL THEN run_created_message(
+                      c.id, c.created_at, c.environment_id, c.job_id, c.job_version_id,
+                      c.dispatcher_id, c.event_record_id, h.trace_parent) END AS message
+           FROM created c JOIN handed h ON h.run_id = c.id
+           JOIN event_records e ON e.id = c.event_record_id"#,
         &dispatchers,
         &events,
         &traces as &[Option<String>],
-        HandOffKind::Created.as_str()
+        HandOffKind::Created.as_str(),
+        caller_publishes.map(|p| p.publisher),
+        caller_publishes.map(|p| p.seq),
     )
     .fetch_all(&mut *tx)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| CreatedRun {
+            handoff: caller_publishes.map(|_| handoff::Claimed {
+                id: r.handoff_id,
+                run_id: r.id,
+                kind: HandOffKind::Created.as_str().to_string(),
+                trace_parent: r.trace_parent,
+                body: r.message,
+                created_at: r.handoff_created_at,
+            }),
+            id: r.id,
+            event_record_id: r.event_record_id,
+            event_id: r.event_id,
+            dispatcher_id: r.dispatcher_id,
+            late: r.late,
+        })
+        .collect())
 }
 
 /// The runs of an event of the environment, oldest first.

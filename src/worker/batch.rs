@@ -17,7 +17,7 @@ use super::{Disposition, Worker, WorkerError};
 use crate::amqp::publish::publish_dead;
 use crate::amqp::{JobMessage, Topology, Unrunnable};
 use crate::failpoint;
-use crate::handlers::{self, Execution, ExternalEffect, JobError};
+use crate::handlers::{self, Execution, ExternalEffect, JobError, Written};
 use crate::ledger::publishers::{PublishedBy, Ticket};
 use crate::ledger::run::{self, Failure};
 use crate::ledger::{Job, JobKind, outbox};
@@ -223,8 +223,8 @@ impl Worker {
             tracing::debug!(job_id = job.id, kind = job.kind.as_str(), attempt = job.attempt,
                 event = %job.args.event_record_id(), trace_id = job.trace_id().unwrap_or_default(), "job started");
         }
-        let mut inserted = match self.run_by_kind(&mut tx, &taken.jobs, stamp).await {
-            Ok(inserted) => inserted,
+        let mut written = match self.run_by_kind(&mut tx, &taken.jobs, stamp).await {
+            Ok(written) => written,
             Err(e) => {
                 return Ok(Ran {
                     failed: Some(e),
@@ -237,14 +237,17 @@ impl Worker {
         {
             // The room these jobs leave in flight goes to their environments' next jobs
             // (when any wait: most batches skip the statement).
-            inserted.extend(outbox::refill(&mut tx, &freed_by(&taken.jobs), stamp).await?);
+            written
+                .jobs
+                .extend(outbox::refill(&mut tx, &freed_by(&taken.jobs), stamp).await?);
         }
         let committing = std::time::Instant::now();
         tx.commit().await?;
         metrics().stage(Stage::WorkerCommit, committing);
         count_completed(&self.topology, &taken.jobs, started_at);
         if let (Some(p), Some(ticket)) = (&self.publisher, ticket) {
-            p.publish(&inserted, ticket).await;
+            p.publish_all(&written.jobs, &written.handoffs, ticket)
+                .await;
         }
         Ok(Ran {
             failed: None,
@@ -253,14 +256,14 @@ impl Worker {
     }
 
     /// Each kind's part of the transaction on its jobs ([`handlers::Handlers::run_batch`]),
-    /// timed; the first error stops the batch. Returns the jobs the handlers inserted.
+    /// timed; the first error stops the batch. Returns what the handlers wrote.
     async fn run_by_kind(
         &self,
         tx: &mut PgConnection,
         jobs: &[Job],
         caller_publishes: Option<PublishedBy>,
-    ) -> Result<Vec<Job>, JobError> {
-        let mut inserted = Vec::new();
+    ) -> Result<Written, JobError> {
+        let mut written = Written::default();
         let mut kinds: Vec<JobKind> = jobs.iter().map(|j| j.kind).collect();
         kinds.sort_unstable();
         kinds.dedup();
@@ -281,9 +284,11 @@ impl Worker {
                 .with_label_values(&[kind.as_str(), outcome_label])
                 .observe(timer.elapsed().as_secs_f64());
             metrics().stage(Stage::Handler, timer);
-            inserted.extend(outcome?);
+            let outcome = outcome?;
+            written.jobs.extend(outcome.jobs);
+            written.handoffs.extend(outcome.handoffs);
         }
-        Ok(inserted)
+        Ok(written)
     }
 
     /// Record a failed attempt (see [`run::record_failure`]): retried after

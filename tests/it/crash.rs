@@ -506,6 +506,59 @@ async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_wit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_creating_a_run_and_handing_it_off_has_it_handed_off_within_seconds()
+ {
+    // HTTP and the relay here, no worker: the one spawned commits the run, its hand-off
+    // stamped for it to publish, and dies before publishing. Only the reaper (the
+    // publisher's heartbeat stopped) can give the hand-off to the relay within the wait.
+    let app = TestApp::builder()
+        .roles(kongflow_events::config::Roles {
+            http: true,
+            relay: true,
+            ..NO_ROLES
+        })
+        .start()
+        .await;
+    app.register_job("job", "handed").await;
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "handed", "id": "ho-1"}}),
+    )
+    .await;
+    let mut dying = spawn_worker(&app, "handoff-publish-after-commit");
+    let status = tokio::time::timeout(Duration::from_secs(30), dying.wait())
+        .await
+        .expect("the worker reaches its failpoint")
+        .unwrap();
+    assert_eq!(status.signal(), Some(6), "the worker should abort");
+    assert_eq!(app.runs_by_job("ho-1").await, vec![("job".to_string(), 1)]);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM run_handoffs WHERE published_by IS NOT NULL"
+        )
+        .await,
+        1,
+        "the run's hand-off is committed, stamped for the dead worker to publish"
+    );
+    assert_eq!(
+        app.depth_of(&app.topology.runs_queue()).await,
+        0,
+        "and was never sent"
+    );
+    let died = std::time::Instant::now();
+    wait_until(
+        "the hand-off published (within 10 s of the death)",
+        Duration::from_secs(10),
+        || async { app.depth_of(&app.topology.runs_queue()).await == 1 },
+    )
+    .await;
+    eprintln!("handed off {:?} after the worker died", died.elapsed());
+    assert_eq!(app.assert_handed_off_once().await, 0, "exactly once");
+    assert_eq!(count(&app, "SELECT count(*) FROM run_handoffs").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_publishers_confirmed_messages_waiting_in_a_deep_queue_are_not_published_again() {
     // The relay here, no worker anywhere: every message stays in its queue.
     let app = TestApp::builder()

@@ -361,6 +361,29 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
             "a returned hand-off stays in the outbox"
         );
     }
+    // A run created now: the worker's own publish of its hand-off comes back too, and the
+    // hand-off goes to the relay (its stamp cleared), where it waits with the other.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "order.paid", "id": "a-2"}}),
+    )
+    .await;
+    wait_until(
+        "the new run's hand-off left to the relay",
+        Duration::from_secs(20),
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM run_handoffs WHERE published_by IS NULL",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+                == 2
+        },
+    )
+    .await;
+    assert_eq!(relay.publish_handoffs(&channel).await.unwrap(), 0);
+    assert_eq!(waiting_hand_offs(&app).await, 2);
     // The queue bound again: the hand-off goes out, once.
     bind(
         app.topology.runs_queue(),
@@ -377,7 +400,8 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
     )
     .await;
     let got = app.take_hand_offs().await;
-    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got[0].3["runId"], run.to_string());
+    assert_eq!(got[1].3["event"]["id"], "a-2");
     let _ = channel.close(200, "done".into()).await;
 }

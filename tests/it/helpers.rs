@@ -729,17 +729,26 @@ impl TestApp {
     }
 
     /// Take every message of the runs queue (acknowledged): (routing key, AMQP type,
-    /// message id, body), in queue order. The outbox is emptied first, by whichever relay
-    /// runs, or by a relay step here.
+    /// message id, body), in queue order. The outbox is emptied first: the rows left to the
+    /// relay by whichever relay runs or by a relay step here, those their creator publishes
+    /// by its heartbeat once confirmed (within seconds).
     pub async fn take_hand_offs(&self) -> Vec<(String, String, String, Value)> {
         let waiting = || async {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
-                .fetch_one(&self.pool)
-                .await
-                .unwrap()
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM run_handoffs WHERE set_aside_at IS NULL",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
         };
-        if waiting().await > 0 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while waiting().await > 0 {
             self.relay_handoffs().await;
+            assert!(
+                Instant::now() < deadline,
+                "hand-offs still in the outbox after 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut got = Vec::new();
         while let Some(m) = self

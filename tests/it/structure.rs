@@ -257,26 +257,13 @@ const READS_ELSEWHERE: &[(&str, &str, &str)] = &[
         "runs/mod.rs",
         "a DYNAMIC_TRIGGER's jobs",
     ),
-    // The hand-off message, built from the run, its event and job as they stand.
+    // A run.cancelled hand-off's message names its event. (A run.created message is built
+    // by the SQL function `run_created_message`, from its run's event, job, version and
+    // account: migrations/20261206000002_handoffs_published_by_their_creator.sql.)
     (
         "event_records",
         "runs/handoff.rs",
-        "the run's event in its message",
-    ),
-    (
-        "job_versions",
-        "runs/handoff.rs",
-        "the run's version in its message",
-    ),
-    (
-        "jobs",
-        "runs/handoff.rs",
-        "the run's job slug in its message",
-    ),
-    (
-        "external_accounts",
-        "runs/handoff.rs",
-        "the event's account in its message",
+        "the event's id in a cancelled run's message",
     ),
     // Firing an EPHEMERAL dispatcher (its event must be of its environment) and its
     // webhook's body.
