@@ -21,7 +21,8 @@
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
 #             pipeline bench: flat out at 16 and 64 connections (10,000 events) and paced at
-#             200 events/s (16 connections) and 500 (32), a fresh database per run.
+#             200 events/s (16 connections) and 500 (32), a fresh database per run,
+#             each run after a warm-up of 400 events in the same process.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
 # (default all), or `scripts/bench.sh compare REV [ROUNDS]`.
 set -euo pipefail
@@ -37,12 +38,18 @@ if [[ $which == compare ]]; then
   tree=target/compare/$rev
   [ -d "$tree" ] || git worktree add --detach -q "$tree" "$rev"
   echo "== building $rev (in $tree) and the working tree"
-  (cd "$tree" && cargo build --release --quiet --bin kongflow-events --bench pipeline)
+  # Every REV builds in one target directory (the dependencies compile once), its two
+  # programs then copied beside its tree.
+  shared=$PWD/target/compare/target
+  (cd "$tree" && CARGO_TARGET_DIR=$shared cargo build --release --quiet --bin kongflow-events --bench pipeline)
+  client_of() { ls -t "$1"/release/deps/pipeline-* | grep -v '\.d$' | head -1; }
+  mkdir -p "$tree/bin"
+  cp "$shared/release/kongflow-events" "$tree/bin/kongflow-events"
+  cp "$(client_of "$shared")" "$tree/bin/pipeline"
   cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
-  client_of() { ls -t "$1"/target/release/deps/pipeline-* | grep -v '\.d$' | head -1; }
   declare -A bin client
-  bin[$rev]=$tree/target/release/kongflow-events client[$rev]=$(client_of "$tree")
-  bin[work]=target/release/kongflow-events client[work]=$(client_of .)
+  bin[$rev]=$tree/bin/kongflow-events client[$rev]=$tree/bin/pipeline
+  bin[work]=target/release/kongflow-events client[work]=$(client_of target)
   anchors=../shared/bench/anchors.sh
   [ -x "$anchors" ] && { echo "== anchors"; "$anchors" all; }
   one() { # one <build> <events> <connections> [client arguments]: a run on a fresh database
@@ -57,11 +64,18 @@ if [[ $which == compare ]]; then
       "${bin[$b]}" all >/dev/null 2>&1 &
       pid=$!
       for _ in $(seq 1 100); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
+      # A warm-up run first (its own environment; 2 s at 200 events/s): a process's first
+      # second pays its connections, topology declarations and first plans (ingest-to-run
+      # up to 0.5 s), which is not the steady state either build is compared on.
+      "${client[$b]}" --url http://$HTTP_ADDR --events 400 --concurrency 16 --rate 200 >/dev/null 2>&1
       "${client[$b]}" --url http://$HTTP_ADDR --events "$n" --concurrency "$c" "$@" 2>&1 |
         grep -E "^(end to end|ingest-to-run|request)" | sed "s/^/  /"
       kill $pid; wait $pid 2>/dev/null || true
-      rabbitmqctl -q list_queues name 2>/dev/null | grep "^$AMQP_PREFIX\." |
-        while read -r q; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+      # The run's queues go, in one call (one rabbitmqctl per queue took half a minute).
+      rabbitmqctl -q eval "P = <<\"$AMQP_PREFIX.\">>, lists:foreach(fun(Q) ->
+          {resource, _, queue, N} = amqqueue:get_name(Q),
+          case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
+        end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
     )
   }
   for round in $(seq 1 "$rounds"); do

@@ -297,12 +297,15 @@ pub async fn set_aside(tx: &mut PgConnection, rows: &[(i64, String)]) -> Result<
     Ok(())
 }
 
-/// How many hand-offs wait, the age of the oldest in seconds, and how many are set aside.
+/// How many hand-offs wait for the relay, the age of the oldest in seconds, and how many
+/// are set aside. A row its creator publishes itself (stamped) is not counted: it is
+/// published within milliseconds, or handed to the relay (the reaper) within seconds.
 pub async fn backlog(pool: &PgPool) -> Result<(i64, f64, i64), sqlx::Error> {
     let r = sqlx::query!(
-        r#"SELECT count(*) FILTER (WHERE set_aside_at IS NULL) AS "n!",
+        r#"SELECT count(*) FILTER (WHERE set_aside_at IS NULL AND published_by IS NULL) AS "n!",
                   COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)
-                                    FILTER (WHERE set_aside_at IS NULL)), 0)::float8 AS "age!",
+                                    FILTER (WHERE set_aside_at IS NULL AND published_by IS NULL)),
+                           0)::float8 AS "age!",
                   count(*) FILTER (WHERE set_aside_at IS NOT NULL) AS "aside!"
            FROM run_handoffs"#
     )

@@ -71,6 +71,11 @@ struct CreatedRow {
 /// invocation creates nothing, and each run created gets exactly one hand-off (one per run
 /// even when a batch names a pair twice).
 ///
+/// The events and dispatchers named are read first, by primary key (`MATERIALIZED`): joined
+/// directly, the planner could reach them through an index on the environment (both
+/// tables have one) and walk every event of the environment for each invocation (measured:
+/// 2,800 buffers a call at 3,000 events, growing with the table).
+///
 /// `caller_publishes`: the hand-offs are stamped with the caller's ticket, no relay claims
 /// them, and each [`CreatedRun::handoff`] carries its message for the caller to publish
 /// after its commit (the fast path, as for jobs: `amqp::DirectPublisher`). Without it they
@@ -85,12 +90,18 @@ pub async fn create(
     let traces: Vec<Option<String>> = invocations.iter().map(|i| i.trace_parent.clone()).collect();
     let rows = sqlx::query_as!(
         CreatedRow,
-        r#"WITH created AS (
+        r#"WITH ev AS MATERIALIZED (
+               SELECT id, environment_id, event_id, deliver_at FROM event_records
+               WHERE id = ANY($2::uuid[])),
+           ds AS MATERIALIZED (
+               SELECT id, environment_id, dispatchable_type, target_id FROM event_dispatchers
+               WHERE id = ANY($1::uuid[]) AND enabled),
+           created AS (
            INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
            SELECT gen_random_uuid(), d.environment_id, t.job_id, t.version_id, e.id, d.id
            FROM UNNEST($1::uuid[], $2::uuid[]) AS a(dispatcher_id, event_id)
-           JOIN event_dispatchers d ON d.id = a.dispatcher_id AND d.enabled
-           JOIN event_records e ON e.id = a.event_id AND e.environment_id = d.environment_id
+           JOIN ds d ON d.id = a.dispatcher_id
+           JOIN ev e ON e.id = a.event_id AND e.environment_id = d.environment_id
            JOIN LATERAL (
                SELECT v.job_id, v.id AS version_id FROM job_versions v
                WHERE d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
@@ -110,7 +121,7 @@ pub async fn create(
            JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS t(dispatcher_id, event_id, trace)
              ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id
            RETURNING id, run_id, trace_parent, created_at)
-           SELECT c.id AS "id!", c.event_record_id AS "event_record_id!", e.event_id,
+           SELECT c.id AS "id!", c.event_record_id AS "event_record_id!", e.event_id AS "event_id!",
                   c.dispatcher_id AS "dispatcher_id!",
                   EXTRACT(EPOCH FROM c.created_at - e.deliver_at)::float8 AS late,
                   h.id AS "handoff_id!", h.created_at AS "handoff_created_at!", h.trace_parent,
@@ -118,7 +129,7 @@ pub async fn create(
                       c.id, c.created_at, c.environment_id, c.job_id, c.job_version_id,
                       c.dispatcher_id, c.event_record_id, h.trace_parent) END AS message
            FROM created c JOIN handed h ON h.run_id = c.id
-           JOIN event_records e ON e.id = c.event_record_id"#,
+           JOIN ev e ON e.id = c.event_record_id"#,
         &dispatchers,
         &events,
         &traces as &[Option<String>],
