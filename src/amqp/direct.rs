@@ -126,7 +126,7 @@ impl DirectPublisher {
     /// Publish jobs whose transaction has committed ([`DirectPublisher::publish_all`], with
     /// no hand-offs).
     pub async fn publish(&self, jobs: &[Job], ticket: Ticket) {
-        self.publish_all(jobs, &[], ticket).await
+        self.publish_all(jobs, Vec::new(), ticket).await
     }
 
     /// Publish the jobs and run hand-offs whose transaction has committed (inserted with
@@ -134,20 +134,49 @@ impl DirectPublisher {
     /// the broker does not confirm goes back to its outbox (if that fails too, the ticket
     /// is dropped unsettled and the heartbeat tries again). Jobs the insert left unmarked
     /// (their environment had no room in flight) are the relay's.
-    pub async fn publish_all(&self, jobs: &[Job], handoffs: &[HandOff], ticket: Ticket) {
+    ///
+    /// The jobs are published and confirmed before it returns: the next stage waits for
+    /// them, and a worker that waits takes bigger batches. The hand-offs, which nothing in
+    /// this service waits for, go out in a task of their own (bounded and drained as
+    /// [`DirectPublisher::publish_soon`]'s), so the worker's next batch does not wait for
+    /// the runs queue's confirms; the ticket settles once both parts have.
+    pub async fn publish_all(&self, jobs: &[Job], handoffs: Vec<HandOff>, ticket: Ticket) {
         let jobs: Vec<&Job> = jobs.iter().filter(|j| j.published_at.is_some()).collect();
-        if jobs.is_empty() && handoffs.is_empty() {
-            ticket.settle();
+        let jobs_settled = jobs.is_empty() || {
+            failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
+            self.publish_part(&jobs, &[]).await
+        };
+        if handoffs.is_empty() {
+            if jobs_settled {
+                ticket.settle();
+            }
             return;
         }
-        failpoint::hit(failpoint::PUBLISH_AFTER_COMMIT);
-        if !handoffs.is_empty() {
-            failpoint::hit(failpoint::HANDOFF_PUBLISH_AFTER_COMMIT);
-        }
+        failpoint::hit(failpoint::HANDOFF_PUBLISH_AFTER_COMMIT);
+        let permit = self
+            .inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let this = self.clone();
+        self.inner.running.spawn(async move {
+            if this.publish_part(&[], &handoffs).await && jobs_settled {
+                ticket.settle();
+            }
+            drop(permit);
+        });
+    }
+
+    /// Publish jobs and hand-offs and wait for their confirms; what the broker did not
+    /// confirm goes back to its outbox. Returns whether all of it is settled (confirmed or
+    /// back); if not, the caller drops its ticket unsettled.
+    async fn publish_part(&self, jobs: &[&Job], handoffs: &[HandOff]) -> bool {
         let started = std::time::Instant::now();
         let unconfirmed = match tokio::time::timeout(
             self.inner.confirm_timeout,
-            self.try_publish(&jobs, handoffs),
+            self.try_publish(jobs, handoffs),
         )
         .await
         {
@@ -168,8 +197,7 @@ impl DirectPublisher {
         };
         metrics().stage(Stage::Publish, started);
         if unconfirmed.jobs.is_empty() && unconfirmed.handoffs.is_empty() {
-            ticket.settle();
-            return;
+            return true;
         }
         let back = async {
             let mut conn = self.inner.pool.acquire().await?;
@@ -177,11 +205,12 @@ impl DirectPublisher {
             handoff::hand_back(&mut conn, &unconfirmed.handoffs).await
         };
         match back.await {
-            Ok(_) => ticket.settle(),
+            Ok(_) => true,
             // The ticket, dropped unsettled, has the heartbeat try again.
             Err(e) => {
                 tracing::error!(error = %e, jobs = ?unconfirmed.jobs, handoffs = ?unconfirmed.handoffs,
-                    "could not hand unconfirmed jobs and hand-offs back to the relay; the heartbeat will")
+                    "could not hand unconfirmed jobs and hand-offs back to the relay; the heartbeat will");
+                false
             }
         }
     }

@@ -246,8 +246,7 @@ impl Worker {
         metrics().stage(Stage::WorkerCommit, committing);
         count_completed(&self.topology, &taken.jobs, started_at);
         if let (Some(p), Some(ticket)) = (&self.publisher, ticket) {
-            p.publish_all(&written.jobs, &written.handoffs, ticket)
-                .await;
+            p.publish_all(&written.jobs, written.handoffs, ticket).await;
         }
         Ok(Ran {
             failed: None,
