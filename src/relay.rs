@@ -239,7 +239,7 @@ impl Relay {
     /// flight (see [`outbox::claim`]).
     async fn publish_fair(&self, channel: &Channel) -> Result<(usize, bool), RelayError> {
         let started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_pipeline(&self.pool).await?;
         let after = self.turn.lock().expect("turn lock").clone();
         let (
             Claimed {
@@ -287,7 +287,7 @@ impl Relay {
     /// message cannot be read or published (the others go out). Returns how many were
     /// confirmed.
     pub async fn publish_handoffs(&self, channel: &Channel) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_pipeline(&self.pool).await?;
         let rows = crate::runs::handoff::claim(&mut tx, self.config.relay_batch_size).await?;
         if rows.is_empty() {
             return Ok(0);

@@ -635,7 +635,7 @@ impl EventsService {
         claim: Option<PublishedBy>,
     ) -> Result<Vec<IngestResult>, IngestError> {
         let started = std::time::Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_pipeline(&self.pool).await?;
         let results = ingest_in_tx(&mut tx, items, claim).await?;
         metrics().stage(Stage::Insert, started);
         let committing = std::time::Instant::now();

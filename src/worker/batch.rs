@@ -199,7 +199,7 @@ impl Worker {
             None => None,
         };
         let stamp = ticket.as_ref().map(Ticket::stamp);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = crate::db::begin_pipeline(&self.pool).await?;
         let taken = match take {
             Take::Due => run::take(&mut tx, ids).await?,
             Take::Leased => run::take_leased(&mut tx, ids).await?,
