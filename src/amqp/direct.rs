@@ -48,7 +48,9 @@ struct Inner {
     topology: Topology,
     pool: PgPool,
     confirm_timeout: Duration,
-    link: Mutex<Option<(Connection, Channel)>>,
+    /// A connection and channel for jobs, another for hand-offs: a flood's hand-offs must
+    /// not queue the other environments' jobs behind them on one channel.
+    links: [Mutex<Option<(Connection, Channel)>>; 2],
     /// This process's record of the jobs it marked published and has not settled.
     publisher: Publisher,
     /// Publishes started with [`DirectPublisher::publish_soon`], for
@@ -58,6 +60,11 @@ struct Inner {
     /// end before it starts another (a slow broker slows the committers down instead of
     /// filling memory).
     in_flight: Arc<Semaphore>,
+}
+
+/// Which of [`Inner::links`] a publish goes by: hand-offs by their own.
+fn link_of(handoffs: &[HandOff]) -> usize {
+    usize::from(!handoffs.is_empty())
 }
 
 /// What the broker did not confirm: the ids of jobs and hand-offs.
@@ -79,7 +86,7 @@ impl DirectPublisher {
                 publisher: Publisher::new(pool.clone(), STAMPED.to_vec()),
                 pool,
                 confirm_timeout,
-                link: Mutex::new(None),
+                links: [Mutex::new(None), Mutex::new(None)],
                 running: TaskTracker::new(),
                 in_flight: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
             }),
@@ -188,7 +195,7 @@ impl DirectPublisher {
                 };
                 tracing::warn!(%error, jobs = jobs.len(), handoffs = handoffs.len(),
                     "direct publish failed; the relay takes the jobs and hand-offs");
-                *self.inner.link.lock().await = None;
+                *self.inner.links[link_of(handoffs)].lock().await = None;
                 Unconfirmed {
                     jobs: jobs.iter().map(|j| j.id).collect(),
                     handoffs: handoffs.iter().map(|h| h.id).collect(),
@@ -218,7 +225,7 @@ impl DirectPublisher {
     /// Publish every job and hand-off, then wait for every confirm. Returns those not
     /// confirmed.
     async fn try_publish(&self, jobs: &[&Job], handoffs: &[HandOff]) -> lapin::Result<Unconfirmed> {
-        let channel = self.channel().await?;
+        let channel = self.channel(link_of(handoffs)).await?;
         let now = Utc::now();
         let mut confirms = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -263,9 +270,10 @@ impl DirectPublisher {
         Ok(unconfirmed)
     }
 
-    /// The channel, connecting first if there is none or it has closed.
-    async fn channel(&self) -> lapin::Result<Channel> {
-        let mut link = self.inner.link.lock().await;
+    /// The channel of link `which` (see [`link_of`]), connecting first if there is none or
+    /// it has closed.
+    async fn channel(&self, which: usize) -> lapin::Result<Channel> {
+        let mut link = self.inner.links[which].lock().await;
         if let Some((conn, channel)) = link.as_ref()
             && conn.status().connected()
             && channel.status().connected()
