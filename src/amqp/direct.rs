@@ -1,5 +1,6 @@
 //! The fast path: the process that commits jobs publishes them right after its commit,
-//! instead of leaving them for a relay to find.
+//! instead of leaving them for a relay to find; a worker does the same with the run
+//! hand-offs its batch wrote (on a connection of their own, in a task of their own).
 //!
 //! Such jobs are inserted already marked published (`InsertOpts::caller_publishes`), so no
 //! relay claims them and their insert wakes no relay. After the commit, [`DirectPublisher`]
