@@ -108,6 +108,14 @@ impl DirectPublisher {
             ticket.settle();
             return;
         }
+        let this = self.clone();
+        self.spawn_bounded(async move { this.publish(&jobs, ticket).await })
+            .await;
+    }
+
+    /// Run `task` as a publish of its own: tracked for [`DirectPublisher::drain`], and
+    /// started only while fewer than [`MAX_PUBLISHES_IN_FLIGHT`] are under way.
+    async fn spawn_bounded(&self, task: impl Future<Output = ()> + Send + 'static) {
         let permit = self
             .inner
             .in_flight
@@ -115,9 +123,8 @@ impl DirectPublisher {
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let this = self.clone();
         self.inner.running.spawn(async move {
-            this.publish(&jobs, ticket).await;
+            task.await;
             drop(permit);
         });
     }
@@ -161,20 +168,13 @@ impl DirectPublisher {
             return;
         }
         failpoint::hit(failpoint::HANDOFF_PUBLISH_AFTER_COMMIT);
-        let permit = self
-            .inner
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         let this = self.clone();
-        self.inner.running.spawn(async move {
+        self.spawn_bounded(async move {
             if this.publish_part(&[], &handoffs).await && jobs_settled {
                 ticket.settle();
             }
-            drop(permit);
-        });
+        })
+        .await;
     }
 
     /// Publish jobs and hand-offs and wait for their confirms; what the broker did not

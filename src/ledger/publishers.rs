@@ -42,12 +42,12 @@ pub struct PublishedBy {
 /// `runs::handoff::StampedHandOffs`): what settling, dropping or dying does to them. The
 /// owner implements it, so this module names no table but its own and the ledger's.
 pub trait Stamped: Send + Sync {
-    /// The rows of these tickets go back to their relay: a ticket dropped unsettled.
+    /// The rows of `unsettled` tickets of `publisher` go back to their relay.
     fn hand_back<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         publisher: i64,
-        seqs: &'a [i64],
+        unsettled: Unsettled<'a>,
     ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
 
     /// Every ticket up to `through` is settled: the rows still stamped with one were
@@ -58,15 +58,15 @@ pub trait Stamped: Send + Sync {
         publisher: i64,
         through: i64,
     ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
+}
 
-    /// A dead publisher: the rows it stamped past what it said was settled go back to
-    /// their relay.
-    fn hand_back_after<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        publisher: i64,
-        through: i64,
-    ) -> BoxFuture<'a, Result<u64, sqlx::Error>>;
+/// Which of a publisher's tickets [`Stamped::hand_back`] is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Unsettled<'a> {
+    /// These, dropped unsettled by a live publisher.
+    Tickets(&'a [i64]),
+    /// Every one past this number: a dead publisher's, past what it said was settled.
+    After(i64),
 }
 
 /// The tickets of one process: which are out, which were dropped unsettled. Pure
@@ -290,7 +290,9 @@ async fn hand_back(
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     for table in stamped {
-        table.hand_back(&mut tx, publisher, seqs).await?;
+        table
+            .hand_back(&mut tx, publisher, Unsettled::Tickets(seqs))
+            .await?;
     }
     let ids = sqlx::query_scalar!(
         r#"SELECT id FROM queue_jobs
@@ -319,7 +321,8 @@ async fn hand_back(
 
 /// The publishers whose heartbeat is older than `stale`: their jobs stamped past what they
 /// said was settled, and not final, go back to the outbox, the rows of `stamped` as
-/// [`Stamped::hand_back_after`] and [`Stamped::settled`] say, and their records go.
+/// [`Stamped::hand_back`] (`Unsettled::After`) and [`Stamped::settled`] say, and their
+/// records go.
 /// Returns how many jobs went back.
 pub async fn reap(
     pool: &PgPool,
@@ -355,7 +358,7 @@ pub async fn reap(
     for table in stamped {
         for d in &dead {
             table
-                .hand_back_after(&mut tx, d.id, d.settled_through)
+                .hand_back(&mut tx, d.id, Unsettled::After(d.settled_through))
                 .await?;
             table.settled(&mut tx, d.id, d.settled_through).await?;
         }

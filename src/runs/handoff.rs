@@ -23,7 +23,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::ledger::publishers::Stamped;
+use crate::ledger::publishers::{Stamped, Unsettled};
 
 /// The channel a statement that writes hand-offs notifies (by a trigger, once).
 pub const NOTIFY_CHANNEL: &str = "kongflow_handoffs";
@@ -204,6 +204,9 @@ pub async fn published(tx: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::E
 /// Hand-offs their creator publishes itself (the fast path) go back to the relay: the
 /// broker did not confirm them. Clearing the stamp wakes the relay (the trigger).
 pub async fn hand_back(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
     Ok(sqlx::query!(
         "UPDATE run_handoffs SET published_by = NULL, publish_seq = NULL
              WHERE id = ANY($1) AND published_by IS NOT NULL",
@@ -223,14 +226,20 @@ impl Stamped for StampedHandOffs {
         &'a self,
         conn: &'a mut PgConnection,
         publisher: i64,
-        seqs: &'a [i64],
+        unsettled: Unsettled<'a>,
     ) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
+        // One statement for both: the tickets named, or every one past a number.
+        let (tickets, after) = match unsettled {
+            Unsettled::Tickets(seqs) => (seqs, i64::MAX),
+            Unsettled::After(through) => (&[][..], through),
+        };
         async move {
             Ok(sqlx::query!(
                 "UPDATE run_handoffs SET published_by = NULL, publish_seq = NULL
-                     WHERE published_by = $1 AND publish_seq = ANY($2)",
+                     WHERE published_by = $1 AND (publish_seq = ANY($2) OR publish_seq > $3)",
                 publisher,
-                seqs
+                tickets,
+                after
             )
             .execute(&mut *conn)
             .await?
@@ -248,26 +257,6 @@ impl Stamped for StampedHandOffs {
         async move {
             Ok(sqlx::query!(
                 "DELETE FROM run_handoffs WHERE published_by = $1 AND publish_seq <= $2",
-                publisher,
-                through
-            )
-            .execute(&mut *conn)
-            .await?
-            .rows_affected())
-        }
-        .boxed()
-    }
-
-    fn hand_back_after<'a>(
-        &'a self,
-        conn: &'a mut PgConnection,
-        publisher: i64,
-        through: i64,
-    ) -> BoxFuture<'a, Result<u64, sqlx::Error>> {
-        async move {
-            Ok(sqlx::query!(
-                "UPDATE run_handoffs SET published_by = NULL, publish_seq = NULL
-                     WHERE published_by = $1 AND publish_seq > $2",
                 publisher,
                 through
             )

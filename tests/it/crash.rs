@@ -454,10 +454,9 @@ fn spawn_worker(app: &TestApp, failpoints: &str) -> tokio::process::Child {
     spawn_role(&app.child_env(), "worker", failpoints)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_within_seconds() {
-    // HTTP and the relay here. The reconciler's margin is its default (minutes), so only
-    // the publishers' heartbeats can bring the job back within the test's wait.
+/// HTTP and the relay in the test, no worker: a job on `event`, one event `id` sent, then a
+/// worker child run until it aborts at `failpoint`.
+async fn an_event_and_a_worker_dying_at(event: &str, id: &str, failpoint: &str) -> TestApp {
     let app = TestApp::builder()
         .roles(kongflow_events::config::Roles {
             http: true,
@@ -466,20 +465,24 @@ async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_wit
         })
         .start()
         .await;
-    app.register_job("job", "crash").await;
-    app.send_event(
-        &app.api_key,
-        json!({"event": {"name": "crash", "id": "k-1"}}),
-    )
-    .await;
-    // The worker commits the delivery (and the invocation job it inserts, marked for it to
-    // publish), then dies before publishing.
-    let mut dying = spawn_worker(&app, "publish-after-commit");
+    app.register_job("job", event).await;
+    app.send_event(&app.api_key, json!({"event": {"name": event, "id": id}}))
+        .await;
+    let mut dying = spawn_worker(&app, failpoint);
     let status = tokio::time::timeout(Duration::from_secs(30), dying.wait())
         .await
         .expect("the worker reaches its failpoint")
         .unwrap();
     assert_eq!(status.signal(), Some(6), "the worker should abort");
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_within_seconds() {
+    // The reconciler's margin is its default (minutes), so only the publishers' heartbeats
+    // can bring the job back within the test's wait. The worker commits the delivery (and
+    // the invocation job it inserts, marked for it to publish), then dies before publishing.
+    let app = an_event_and_a_worker_dying_at("crash", "k-1", "publish-after-commit").await;
     assert_eq!(
         count(
             &app,
@@ -508,29 +511,11 @@ async fn a_worker_killed_between_its_commit_and_its_publish_has_its_jobs_run_wit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_between_creating_a_run_and_handing_it_off_has_it_handed_off_within_seconds()
  {
-    // HTTP and the relay here, no worker: the one spawned commits the run, its hand-off
-    // stamped for it to publish, and dies before publishing. Only the reaper (the
-    // publisher's heartbeat stopped) can give the hand-off to the relay within the wait.
-    let app = TestApp::builder()
-        .roles(kongflow_events::config::Roles {
-            http: true,
-            relay: true,
-            ..NO_ROLES
-        })
-        .start()
-        .await;
-    app.register_job("job", "handed").await;
-    app.send_event(
-        &app.api_key,
-        json!({"event": {"name": "handed", "id": "ho-1"}}),
-    )
-    .await;
-    let mut dying = spawn_worker(&app, "handoff-publish-after-commit");
-    let status = tokio::time::timeout(Duration::from_secs(30), dying.wait())
-        .await
-        .expect("the worker reaches its failpoint")
-        .unwrap();
-    assert_eq!(status.signal(), Some(6), "the worker should abort");
+    // The worker commits the run, its hand-off stamped for it to publish, and dies before
+    // publishing. Only the reaper (the publisher's heartbeat stopped) can give the hand-off
+    // to the relay within the wait.
+    let app =
+        an_event_and_a_worker_dying_at("handed", "ho-1", "handoff-publish-after-commit").await;
     assert_eq!(app.runs_by_job("ho-1").await, vec![("job".to_string(), 1)]);
     assert_eq!(
         count(
