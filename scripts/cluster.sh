@@ -11,6 +11,9 @@
 #   scripts/cluster.sh urls      the AMQP_URL that lists the three nodes
 #   scripts/cluster.sh solo up|down  a fourth node, kfc4@localhost on 5684, alone (not
 #                                 clustered): the one-node broker of the quorum suite
+#   scripts/cluster.sh tls up|down   a fifth node, kfc5@localhost, alone, that speaks only
+#                                 TLS (amqps) on 5685, with the certificate and key in
+#                                 target/tls/ (server.crt, server.key; scripts/tls-test.sh)
 #
 # Each node may open as many files as the hard limit allows: Debian's wrapper starts a
 # node through su, which leaves it 1024, and quorum queues (a Raft log each) exhaust that
@@ -25,7 +28,16 @@ start_node() {
   local n=$1 dir=$base/kfc$1
   mkdir -p "$dir/mnesia" "$dir/log"
   # guest may connect from loopback only by default; these nodes listen on loopback anyway.
-  printf 'loopback_users = none\nlisteners.tcp.1 = 127.0.0.1:%s\n' "$(port "$n")" >"$dir/rabbitmq.conf"
+  if [ "$n" = 5 ]; then
+    # TLS only: no plain listener, the server's certificate from target/tls/.
+    cp target/tls/server.crt target/tls/server.key target/tls/ca.crt "$dir/"
+    printf '%s\n' 'loopback_users = none' 'listeners.tcp = none' \
+      "listeners.ssl.1 = 127.0.0.1:$(port "$n")" "ssl_options.cacertfile = $dir/ca.crt" \
+      "ssl_options.certfile = $dir/server.crt" "ssl_options.keyfile = $dir/server.key" \
+      'ssl_options.verify = verify_none' 'ssl_options.fail_if_no_peer_cert = false' >"$dir/rabbitmq.conf"
+  else
+    printf 'loopback_users = none\nlisteners.tcp.1 = 127.0.0.1:%s\n' "$(port "$n")" >"$dir/rabbitmq.conf"
+  fi
   # The largest message the shipped configuration lets in.
   grep '^max_message_size' rabbitmq/rabbitmq.conf >>"$dir/rabbitmq.conf"
   echo '[].' >"$dir/enabled_plugins"
@@ -123,11 +135,25 @@ solo)
     ;;
   esac
   ;;
+tls)
+  case "${2:-}" in
+  up)
+    stop_node 5 && remove_node 5
+    start_node 5
+    wait_node 5
+    ;;
+  down) stop_node 5 && remove_node 5 ;;
+  *)
+    echo "usage: scripts/cluster.sh tls up|down" >&2
+    exit 2
+    ;;
+  esac
+  ;;
 urls)
   echo "amqp://guest:guest@127.0.0.1:5681/%2f,amqp://guest:guest@127.0.0.1:5682/%2f,amqp://guest:guest@127.0.0.1:5683/%2f"
   ;;
 *)
-  sed -n '2,17p' "$0" >&2
+  sed -n '2,20p' "$0" >&2
   exit 2
   ;;
 esac

@@ -50,6 +50,15 @@ async fn open_database_within(store: &StoreConfig, patience: Duration) -> anyhow
         };
         match attempt {
             Ok(pool) => break pool,
+            Err(e) if db::is_tls_failure(&e) => anyhow::bail!(
+                "cannot connect to postgres at {} ({}) over TLS: {}. With sslmode=verify-full \
+                 or verify-ca the server's certificate must be signed by the CA of sslrootcert \
+                 in DATABASE_URL (or PGSSLROOTCERT), and with verify-full be for the host \
+                 DATABASE_URL names; sslmode=require encrypts without checking",
+                address(url),
+                redact_url(url),
+                reason(&e)
+            ),
             Err(e) if db::is_permanent(&e) => anyhow::bail!(
                 "postgres refused {}: {}. Set DATABASE_URL (or --database-url) to a role, \
                  password and database that exist: postgres://USER:PASSWORD@HOST:PORT/DATABASE",
@@ -129,6 +138,13 @@ pub async fn check_broker(store: &StoreConfig) -> anyhow::Result<()> {
             let _ = conn.close(200, "checked".into()).await;
             Ok(())
         }
+        Ok(Err(e)) if e.to_string().contains("the CA file") => anyhow::bail!("{e}"),
+        Ok(Err(e)) if amqp::is_untrusted(&e) => anyhow::bail!(
+            "rabbitmq at {} showed a TLS certificate this process does not trust: {e}. Set \
+             AMQP_TLS_CA_FILE (or cacertfile in AMQP_URL) to the PEM file of the CA that \
+             signed it, and name the host its certificate is for in AMQP_URL",
+            redact_url(&store.amqp_url)
+        ),
         Ok(Err(e)) if amqp::is_permanent(&e) => anyhow::bail!(
             "rabbitmq refused {}: {e}. Set AMQP_URL (or --amqp-url) to a user, password and \
              virtual host that exist",

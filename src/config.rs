@@ -104,6 +104,14 @@ pub struct StoreConfig {
     )]
     pub amqp_url: String,
 
+    /// A PEM file of the CA certificates that signed the certificates of the `amqps://`
+    /// nodes (beside the public roots built in), for each node whose URL names none in its
+    /// `cacertfile` parameter. The broker's certificate is always checked, for the host its
+    /// URL names. (Postgres's TLS is set as libpq's: `sslmode` and `sslrootcert` in
+    /// DATABASE_URL, or PGSSLMODE and PGSSLROOTCERT; see docs/configuration.md, TLS.)
+    #[arg(long, env = "AMQP_TLS_CA_FILE")]
+    pub amqp_tls_ca_file: Option<String>,
+
     /// Prefix of every exchange and queue name, so several deployments (or tests) can share
     /// one RabbitMQ virtual host. A prefix belongs to one installation (one database): a
     /// process of another refuses to start on it.
@@ -142,6 +150,40 @@ pub struct StoreConfig {
     /// Do not apply migrations at start-up (run `kongflow-events migrate` instead).
     #[arg(long, env = "KONGFLOW_NO_MIGRATE", default_value = "false")]
     pub no_migrate: bool,
+}
+
+impl StoreConfig {
+    /// The configuration with `AMQP_TLS_CA_FILE` applied: `cacertfile=FILE` added to every
+    /// `amqps://` node of `AMQP_URL` that names no CA file of its own.
+    pub fn with_amqp_ca_file(mut self) -> Self {
+        if let Some(file) = self.amqp_tls_ca_file.as_deref() {
+            self.amqp_url = amqp_url_with_ca_file(&self.amqp_url, file);
+        }
+        self
+    }
+}
+
+/// The nodes of an `AMQP_URL`, each `amqps://` one that names no CA file given
+/// `cacertfile=file`.
+pub fn amqp_url_with_ca_file(urls: &str, file: &str) -> String {
+    url_list(urls)
+        .into_iter()
+        .map(|node| with_ca_file(node, file))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `node` with `cacertfile=file` when it is an `amqps://` URL that names no CA file.
+fn with_ca_file(node: &str, file: &str) -> String {
+    match url::Url::parse(node) {
+        Ok(mut url)
+            if url.scheme() == "amqps" && !url.query_pairs().any(|(k, _)| k == "cacertfile") =>
+        {
+            url.query_pairs_mut().append_pair("cacertfile", file);
+            url.to_string()
+        }
+        _ => node.to_string(),
+    }
 }
 
 /// Which roles one process plays.
@@ -971,6 +1013,25 @@ mod tests {
     }
 
     #[test]
+    fn the_amqp_ca_file_goes_to_each_amqps_node_that_names_none() {
+        let store = |url: &str, ca: Option<&str>| super::StoreConfig {
+            amqp_url: url.into(),
+            amqp_tls_ca_file: ca.map(String::from),
+            ..test_store()
+        };
+        let urls =
+            "amqps://u:p@a:5671/%2f,amqp://u:p@b/%2f,amqps://c/v?cacertfile=/own.pem&heartbeat=5";
+        assert_eq!(
+            store(urls, Some("/etc/ca dir/ca.pem"))
+                .with_amqp_ca_file()
+                .amqp_url,
+            "amqps://u:p@a:5671/%2f?cacertfile=%2Fetc%2Fca+dir%2Fca.pem,amqp://u:p@b/%2f,\
+             amqps://c/v?cacertfile=/own.pem&heartbeat=5"
+        );
+        assert_eq!(store(urls, None).with_amqp_ca_file().amqp_url, urls);
+    }
+
+    #[test]
     fn url_lists_split_where_a_url_starts() {
         assert_eq!(
             url_list("amqp://u:p@a/%2f, amqp://u:p,q@b/%2f,"),
@@ -1000,11 +1061,11 @@ mod tests {
         assert_eq!(WorkerConfig::default().shards_of(3).unwrap(), [0, 1, 2]);
     }
 
-    #[test]
-    fn the_store_configuration_prints_without_passwords() {
-        let store = super::StoreConfig {
+    fn test_store() -> super::StoreConfig {
+        super::StoreConfig {
             database_url: "postgres://app:hunter2@db/kongflow".into(),
             amqp_url: "amqp://app:hunter3@rabbit/%2f".into(),
+            amqp_tls_ca_file: None,
             amqp_prefix: "kongflow".into(),
             amqp_queue_expires: None,
             amqp_queue_type: super::QueueType::Classic,
@@ -1012,7 +1073,12 @@ mod tests {
             delay_lead: Duration::from_millis(250),
             database_max_connections: 16,
             no_migrate: false,
-        };
+        }
+    }
+
+    #[test]
+    fn the_store_configuration_prints_without_passwords() {
+        let store = test_store();
         let printed = format!("{store:?}");
         assert!(!printed.contains("hunter"), "{printed}");
         assert!(

@@ -304,7 +304,7 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let store = cli.store;
+    let store = cli.store.with_amqp_ca_file();
     match cli.command {
         Command::Process(command) => run_process(&store, command).await,
         Command::Migrate => {

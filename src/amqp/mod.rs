@@ -15,6 +15,7 @@ pub use topology::Topology;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 
 /// The node addresses of an `AMQP_URL`: one URL, or several separated by commas (the nodes
@@ -59,7 +60,19 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
         } else {
             SOLE_NODE_CONNECT_TIMEOUT
         };
-        let attempt = tokio::time::timeout(wait, Connection::connect(node, properties));
+        let tls = match tls_of(node) {
+            Ok(tls) => tls,
+            Err(e) => return Err(e.into()),
+        };
+        let attempt = tokio::time::timeout(
+            wait,
+            Connection::connect_with_config(
+                node,
+                properties,
+                tls,
+                lapin::runtime::default_runtime()?,
+            ),
+        );
         let e = match attempt.await {
             Ok(Ok(conn)) => return Ok(conn),
             Ok(Err(e)) if is_permanent(&e) => return Err(e),
@@ -79,6 +92,41 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     Err(failure.expect("at least one node was tried"))
 }
 
+/// The URL parameter naming the PEM file of the CA certificates that signed an `amqps://`
+/// node's certificate (RabbitMQ's own name for it; `AMQP_TLS_CA_FILE` adds it to every
+/// `amqps://` URL that names none).
+pub const CA_FILE_PARAM: &str = "cacertfile";
+
+/// The TLS settings of one node's URL: for `amqps://`, the certificates of the CA file its
+/// `cacertfile` names, trusted beside the public roots built in. The broker's certificate
+/// is always checked, against the host the URL names. A file that cannot be read or holds
+/// no certificate is an error that waiting does not fix ([`is_permanent`]).
+fn tls_of(node: &str) -> std::io::Result<OwnedTLSConfig> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    let Ok(url) = url::Url::parse(node) else {
+        return Ok(OwnedTLSConfig::default());
+    };
+    let Some((_, path)) = url.query_pairs().find(|(k, _)| k == CA_FILE_PARAM) else {
+        return Ok(OwnedTLSConfig::default());
+    };
+    let pem = std::fs::read_to_string(&*path).map_err(|e| {
+        invalid(format!(
+            "cannot read the CA file {path} ({CA_FILE_PARAM} of AMQP_URL, or \
+             AMQP_TLS_CA_FILE): {e}"
+        ))
+    })?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(format!(
+            "the CA file {path} ({CA_FILE_PARAM} of AMQP_URL, or \
+             AMQP_TLS_CA_FILE) holds no PEM certificate"
+        )));
+    }
+    Ok(OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    })
+}
+
 /// Connect for a role's loop, named for the role and the prefix (`kongflow-worker:P`, as
 /// the broker's connection list shows it), and declare the topology.
 pub async fn connect_declared(
@@ -93,7 +141,8 @@ pub async fn connect_declared(
 }
 
 /// Whether connecting failed for a reason that waiting will not fix: the broker refused the
-/// credentials or the virtual host.
+/// credentials or the virtual host, its TLS certificate is not trusted ([`is_untrusted`]),
+/// or the CA file to check it with cannot be used.
 pub fn is_permanent(e: &lapin::Error) -> bool {
     let text = e.to_string();
     [
@@ -104,4 +153,13 @@ pub fn is_permanent(e: &lapin::Error) -> bool {
     ]
     .iter()
     .any(|refusal| text.contains(refusal))
+        || is_untrusted(e)
+        || text.contains("the CA file")
+}
+
+/// Whether the broker's TLS certificate was refused: signed by no CA this process trusts,
+/// for another host, or expired.
+pub fn is_untrusted(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    !text.contains("the CA file") && (text.contains("certificate") || text.contains("Certificate"))
 }

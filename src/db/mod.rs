@@ -57,9 +57,24 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub fn is_permanent(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Configuration(_) => true,
+        e if is_tls_failure(e) => true,
         sqlx::Error::Database(db) => db
             .code()
             .is_some_and(|code| code.starts_with("28") || code.starts_with("3D")),
+        _ => false,
+    }
+}
+
+/// Whether the TLS handshake failed: the server's certificate is not trusted (signed by
+/// no CA of `sslrootcert`, for another host, expired), or the server speaks no TLS where
+/// `sslmode` requires it. Waiting does not fix either.
+pub fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            let text = io.to_string();
+            text.contains("certificate") || text.contains("CertificateUnknown")
+        }
         _ => false,
     }
 }

@@ -53,8 +53,15 @@ pub fn queue_type() -> QueueType {
     }
 }
 
+/// The broker of the tests: `AMQP_URL`, with `AMQP_TLS_CA_FILE` applied as the service
+/// applies it (scripts/tls-test.sh runs tests on an amqps-only node).
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    match std::env::var("AMQP_TLS_CA_FILE") {
+        Ok(file) => kongflow_events::config::amqp_url_with_ca_file(&url, &file),
+        Err(_) => url,
+    }
 }
 
 pub struct TestApp {
@@ -118,6 +125,7 @@ impl TestAppBuilder {
         let store = StoreConfig {
             database_url: database_url.clone(),
             amqp_url: amqp_url(),
+            amqp_tls_ca_file: None,
             amqp_prefix: prefix,
             amqp_queue_expires: Some(Duration::from_secs(600)),
             shard_count: shard_count(),

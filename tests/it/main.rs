@@ -29,5 +29,6 @@ mod sdk;
 mod setup_timing;
 mod shards;
 mod structure;
+mod tls;
 mod triggers_api;
 mod webhooks;
