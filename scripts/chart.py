@@ -51,6 +51,11 @@ VALUE_SETS = {
             "dashboard": {"enabled": True},
         },
     },
+    "tls-verify-full": {
+        "database": {**URLS["database"], "sslMode": "verify-full", "caCert": {"secret": "pg-ca"}},
+        "amqp": {"url": "amqps://kongflow:secret@rabbitmq:5671/kongflow",
+                 "caCert": {"configMap": "rabbitmq-ca", "key": "ca.pem"}},
+    },
     "hooks-no-autoscaling": {
         "existingSecret": "kongflow-stores",
         "migrations": {"hook": True},
@@ -72,6 +77,8 @@ BAD_VALUES = [
     ({**URLS, "config": {"SHARD_COUNT": "2"}, "worker": {"shardGroups": [[0, 2]]}}, "shard 2"),
     ({**URLS, "config": {"SHARD_COUNT": "3"}, "worker": {"shardGroups": [[0], [2]]}}, "shard 1 without"),
     ({"existingSecret": "", "database": {"url": "mysql://x"}, "amqp": URLS["amqp"]}, "url"),
+    ({**URLS, "database": {**URLS["database"], "sslMode": "verify"}}, "sslMode"),
+    ({**URLS, "amqp": {**URLS["amqp"], "caCert": {"secret": "a", "configMap": "b"}}}, "amqp.caCert"),
 ]
 
 # Custom resources: the fields their CRDs require.

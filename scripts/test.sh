@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests against the real
 # Postgres and RabbitMQ (started, or installed, when missing), the suite again on quorum
-# queues, and the three-node cluster test. Each test makes its own database (a copy of a
+# queues, the three-node cluster test, the stores over TLS, and the container image built
+# and run as the Helm chart runs it. Each test makes its own database (a copy of a
 # migrated template) and its own RabbitMQ name prefix, and removes them when it ends, so
 # tests run in parallel, beside another run or a running service.
 #
@@ -82,6 +83,11 @@ phase quorum ./scripts/quorum-test.sh
 # The three-node cluster test (quorum queues, a node lost mid-traffic): its own cluster
 # beside the machine's broker, removed after.
 phase cluster ./scripts/cluster-test.sh
+# TLS to both stores (verify-full, amqps with a CA made for the run), on servers of its own.
+phase tls ./scripts/tls-test.sh
+# The image built from the Dockerfile (buildah; local bases from Debian's packages), and the
+# chart's containers run in its read-only root filesystem as its user.
+phase image ./scripts/image.sh test
 
 failed=0
 echo

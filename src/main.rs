@@ -315,6 +315,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             kongflow_events::db::migrate(&pool).await?;
             println!("migrations applied");
+            let newer = kongflow_events::db::newer_migrations(&pool).await?;
+            if let (Some(first), Some(last)) = (newer.first(), newer.last()) {
+                println!(
+                    "the database also holds {} migration(s) of a later release ({first} to \
+                     {last}), which this build does not need: it runs on them",
+                    newer.len()
+                );
+            }
             Ok(())
         }
         Command::Topology { definitions, vhost } => {

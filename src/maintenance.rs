@@ -165,7 +165,8 @@ impl Maintenance {
             *conn = Some(amqp::connect(amqp_url, "kongflow-sampler").await?);
         }
         let channel = conn.as_ref().expect("connected").create_channel().await?;
-        let depth = |queue: String| {
+        // A queue's messages and consumers, asked without declaring it.
+        let ask = |queue: String| {
             let channel = channel.clone();
             async move {
                 let q = channel
@@ -178,11 +179,18 @@ impl Maintenance {
                         lapin::types::FieldTable::default(),
                     )
                     .await?;
-                Ok::<i64, lapin::Error>(q.message_count() as i64)
+                Ok::<(i64, i64), lapin::Error>((
+                    q.message_count() as i64,
+                    q.consumer_count() as i64,
+                ))
             }
         };
+        let depth = |queue: String| async { Ok::<i64, lapin::Error>(ask(queue).await?.0) };
         m.dead_letter_queue_depth
             .set(depth(self.topology.dead_queue()).await?);
+        let (runs, consumers) = ask(self.topology.runs_queue()).await?;
+        m.runs_queue_depth.set(runs);
+        m.runs_queue_consumers.set(consumers);
         for kind in JobKind::ALL {
             for shard in 0..self.topology.shard_count() {
                 let mut ready = 0;

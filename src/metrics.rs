@@ -167,6 +167,10 @@ pub struct Metrics {
     pub environment_backlog: IntGaugeVec,
     /// Messages in the dead-letter queue.
     pub dead_letter_queue_depth: IntGauge,
+    /// Messages in the runs queue (`P.runs`), waiting for a runs service.
+    pub runs_queue_depth: IntGauge,
+    /// Consumers of the runs queue: 0 while no runs service takes hand-offs.
+    pub runs_queue_consumers: IntGauge,
     /// Rows deleted by retention, by what (`jobs`, `events`, `runs`).
     pub retention_deleted: IntCounterVec,
     /// Bytes on disk of the tables that grow with traffic, by table.
@@ -444,6 +448,16 @@ impl Metrics {
                 &r,
                 "kongflow_dead_letter_queue_depth",
                 "Messages in the dead-letter queue",
+            ),
+            runs_queue_depth: gauge(
+                &r,
+                "kongflow_runs_queue_depth",
+                "Messages in the runs queue, waiting for a runs service",
+            ),
+            runs_queue_consumers: gauge(
+                &r,
+                "kongflow_runs_queue_consumers",
+                "Consumers of the runs queue (0: no runs service takes hand-offs)",
             ),
             amqp_connected,
             postgres_up: gauge(&r, "kongflow_postgres_up", "1 while Postgres answers"),

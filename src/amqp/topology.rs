@@ -51,6 +51,23 @@ pub const INGEST_DEFERRED: (&str, &str) = ("ingest", "deferred");
 /// What the runs queue takes from the runs exchange.
 pub const RUNS_BINDING: &str = "run.#";
 
+/// The most messages the runs queue holds under the policy the definitions carry
+/// ([`Topology::runs_policy`]): a million hand-offs of about 1 KiB, a GiB of the broker's
+/// disk, while no runs service consumes them.
+pub const RUNS_QUEUE_BOUND: u64 = 1_000_000;
+
+/// `text` with the characters a regular expression gives meaning to escaped.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Most bytes the rejected queue keeps (1 GiB); past it, the oldest copies are dropped.
 pub const REJECTED_MAX_BYTES: i64 = 1 << 30;
 
@@ -313,6 +330,22 @@ impl Topology {
         format!("{}.runs", self.prefix)
     }
 
+    /// The policy that bounds the runs queue ([`RUNS_QUEUE_BOUND`] messages; past it the
+    /// broker refuses hand-offs, which wait in `run_handoffs` until there is room again),
+    /// as the definitions file carries it. The runs queue is declared without a length
+    /// argument, so the bound (or, for an installation with no runs service, a
+    /// `message-ttl`) is the operator's to change on a running broker; docs/amqp.md.
+    pub fn runs_policy(&self, vhost: &str) -> serde_json::Value {
+        serde_json::json!({
+            "vhost": vhost,
+            "name": format!("{}-runs-bound", self.prefix),
+            "pattern": format!("^{}$", regex_escape(&self.runs_queue())),
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"max-length": RUNS_QUEUE_BOUND, "overflow": "reject-publish"},
+        })
+    }
+
     /// Every queue, work queues first.
     pub fn all_queues(&self) -> Vec<String> {
         let mut names: Vec<String> = JobKind::ALL.iter().flat_map(|k| self.queues(*k)).collect();
@@ -519,8 +552,9 @@ impl Topology {
                 "destination_type": if b.to_exchange { "exchange" } else { "queue" },
                 "routing_key": b.routing_key, "arguments": {},
             })).collect::<Vec<_>>(),
-            // Every queue argument is declared on the queue itself: no policy is needed.
-            "policies": [],
+            // The runs queue's bound is a policy, not a queue argument: it can be changed on
+            // a running broker, and a queue declared before it keeps working.
+            "policies": [self.runs_policy(vhost)],
         })
     }
 }

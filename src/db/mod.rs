@@ -47,9 +47,26 @@ pub async fn begin_pipeline(
 }
 
 /// Apply pending migrations. Safe to run from several processes at once: sqlx takes an
-/// advisory lock.
+/// advisory lock. A database ahead of this build (migrations of a later release applied:
+/// this build rolled back to) is accepted when every migration this build knows is applied
+/// unchanged: each release's migrations keep the release before it working (ARCHITECTURE.md,
+/// Migrations); [`newer_migrations`] tells which. An applied migration whose text differs
+/// from this build's is still refused.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await
+}
+
+/// Migrations applied to the database that this build does not know: a later release's.
+pub async fn newer_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    sqlx::query_scalar(
+        "SELECT version FROM _sqlx_migrations WHERE NOT version = ANY($1) ORDER BY version",
+    )
+    .bind(&known)
+    .fetch_all(pool)
+    .await
 }
 
 /// Whether connecting failed for a reason that waiting will not fix: the server refused the

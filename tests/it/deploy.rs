@@ -14,7 +14,7 @@ use crate::helpers::{TestApp, job_body, wait_until};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The Python of `target/chart-venv`, where `scripts/test.sh` installs the Helm SDK.
-fn chart_python() -> String {
+pub(crate) fn chart_python() -> String {
     let python = format!("{ROOT}/target/chart-venv/bin/python");
     assert!(
         Path::new(&python).exists(),
@@ -24,7 +24,7 @@ fn chart_python() -> String {
 }
 
 /// The chart's manifests rendered with these values (`scripts/chart.py render`).
-fn render(values: &Value) -> Vec<Value> {
+pub(crate) fn render(values: &Value) -> Vec<Value> {
     let out = std::process::Command::new(chart_python())
         .args([
             &format!("{ROOT}/scripts/chart.py"),
@@ -92,9 +92,23 @@ fn the_dockerfile_builds_what_ci_builds_from_files_that_exist() {
         }
     }
     assert!(copied >= 6, "{copied}");
+    // Every target Cargo.toml declares gets a stub in the dependency layer (a bench
+    // declared and not stubbed stops the build: the manifest names a missing file).
+    let manifest = std::fs::read_to_string(format!("{ROOT}/Cargo.toml")).unwrap();
+    assert!(
+        dockerfile.contains(
+            r#"sed -n '/^\[\[bench\]\]/,/^$/s/^name = "\(.*\)"/benches\/\1.rs/p' Cargo.toml"#
+        ),
+        "the dependency layer stubs the benches Cargo.toml names"
+    );
+    assert!(!manifest.contains("[[example]]") && !manifest.contains("[[test]]"));
+    // The bases are build arguments defaulting to the public images (scripts/image.sh
+    // passes local ones).
+    assert!(dockerfile.contains("\nFROM ${BUILD_IMAGE} AS build\n"));
+    assert!(dockerfile.contains("ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot\n"));
     // The runtime stage: the binary and the migrations, no shell, not root.
     let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
-    assert!(runtime.starts_with("gcr.io/distroless/"), "{runtime}");
+    assert!(runtime.starts_with("${RUNTIME_IMAGE}\n"), "{runtime}");
     assert!(runtime.contains("/src/target/release/kongflow-events"));
     assert!(runtime.contains("/src/migrations"));
     assert!(
@@ -160,13 +174,15 @@ fn the_chart_lints_renders_and_validates_and_refuses_nonsense() {
 
 /// One container of a rendered workload: its args and its environment as Kubernetes would
 /// assemble it (ConfigMap, then Secret, then the container's own `env`).
-struct Container {
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-    ports: BTreeMap<String, u16>,
+pub(crate) struct Container {
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ports: BTreeMap<String, u16>,
+    /// The container's `securityContext`, as rendered.
+    pub security: Value,
 }
 
-fn containers(manifests: &[Value], kind: &str, name_suffix: &str) -> Vec<Container> {
+pub(crate) fn containers(manifests: &[Value], kind: &str, name_suffix: &str) -> Vec<Container> {
     let data_of = |kind: &str, field: &str| -> BTreeMap<String, String> {
         manifests
             .iter()
@@ -222,14 +238,25 @@ fn containers(manifests: &[Value], kind: &str, name_suffix: &str) -> Vec<Contain
                         )
                     })
                     .collect(),
+                security: c["securityContext"].clone(),
             }
         })
         .collect()
 }
 
+/// Where the chart mounts the stores' CA certificates (`database.caCert`, `amqp.caCert`).
+const TLS_MOUNTS: &str = "/etc/kongflow/tls/";
+
 /// Start a container's process here, with only its rendered environment (and overrides).
+/// A CA file the chart mounts is, here, the CA of scripts/tls-test.sh's servers.
 fn start(c: &Container, overrides: &[(&str, String)]) -> tokio::process::Child {
     let mut env = c.env.clone();
+    for value in env.values_mut() {
+        if value.starts_with(TLS_MOUNTS) {
+            let dir = std::env::var("KONGFLOW_TLS_DIR").expect("a CA mounted only under TLS");
+            *value = format!("{dir}/ca.crt");
+        }
+    }
     for (k, v) in overrides {
         env.insert(k.to_string(), v.clone());
     }
@@ -244,7 +271,7 @@ fn start(c: &Container, overrides: &[(&str, String)]) -> tokio::process::Child {
 }
 
 /// Two ports nothing listens on now, picked by the system.
-fn free_ports() -> (u16, u16) {
+pub(crate) fn free_ports() -> (u16, u16) {
     let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     (
@@ -253,7 +280,7 @@ fn free_ports() -> (u16, u16) {
     )
 }
 
-async fn probes_answer(app: &TestApp, port: u16) {
+pub(crate) async fn probes_answer(app: &TestApp, port: u16) {
     for path in ["healthz", "readyz"] {
         let url = format!("http://127.0.0.1:{port}/{path}");
         wait_until(
@@ -267,16 +294,11 @@ async fn probes_answer(app: &TestApp, port: u16) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
-    let app = TestApp::builder()
-        .roles(crate::helpers::NO_ROLES)
-        .start()
-        .await;
-    // The default render, pointed at this test's stores and name prefix, on ports the
-    // system picks (the chart's own, 3030 and 9464, may be taken by a service running here).
+/// The default render, pointed at this test's stores and name prefix, on ports the system
+/// picks (the chart's own, 3030 and 9464, may be taken by a service running here).
+pub(crate) fn values_for(app: &TestApp) -> Value {
     let (http_port, metrics_port) = free_ports();
-    let values = json!({
+    json!({
         "ports": {"http": http_port, "metrics": metrics_port},
         "database": {"url": app.database_url},
         "amqp": {"url": app.store.amqp_url},
@@ -287,8 +309,39 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
             "AMQP_QUEUE_TYPE": app.child_env().into_iter()
                 .find(|(k, _)| *k == "AMQP_QUEUE_TYPE").unwrap().1,
         },
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    let mut values = values_for(&app);
+    // On the TLS servers of scripts/tls-test.sh, the chart's TLS settings: verify-full
+    // with the CA from a Secret, amqps with the CA from another (the URL naming none).
+    let tls = std::env::var("KONGFLOW_TLS_DIR").is_ok();
+    if tls {
+        values["database"]["sslMode"] = json!("verify-full");
+        values["database"]["caCert"] = json!({"secret": "postgres-ca"});
+        let amqps = app.store.amqp_url.split('?').next().unwrap();
+        values["amqp"] = json!({"url": amqps, "caCert": {"secret": "rabbitmq-ca"}});
+    }
     let manifests = render(&values);
+    if tls {
+        for c in containers(&manifests, "Deployment", "-worker") {
+            assert_eq!(c.env["PGSSLMODE"], "verify-full");
+            assert_eq!(
+                c.env["PGSSLROOTCERT"],
+                format!("{TLS_MOUNTS}postgres/ca.crt")
+            );
+            assert_eq!(
+                c.env["AMQP_TLS_CA_FILE"],
+                format!("{TLS_MOUNTS}amqp/ca.crt")
+            );
+        }
+    }
 
     // The Job: migrations, then the topology; each exits 0.
     for c in containers(&manifests, "Job", "-migrate-1") {
@@ -399,4 +452,58 @@ fn keda_watches_the_work_queues_the_service_declares() {
         declared.sort();
         assert_eq!(watched, declared, "{shards} shards, {name}");
     }
+}
+
+/// A rollback: this build's migration Job and processes on a database a release ahead
+/// (migrations this build does not know applied on top of all of its own). The Job applies
+/// nothing and says so; a process is ready. An applied migration whose text differs from
+/// this build's is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_build_runs_on_a_database_one_release_ahead() {
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'a later release', true, '\\x00', 1)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let migrate = || async {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
+            .arg("migrate")
+            .env("DATABASE_URL", &app.database_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap()
+    };
+    let out = migrate().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("1 migration(s) of a later release (29991231000001 to 29991231000001)"),
+        "{stdout}"
+    );
+    let (mut child, _) = app
+        .start_child("serve", &[("KONGFLOW_NO_MIGRATE", "true")])
+        .await;
+    child.kill().await.unwrap();
+    // One of this build's own migrations changed under it: refused, not skipped.
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = '\\x01'
+         WHERE version = (SELECT min(version) FROM _sqlx_migrations)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let out = migrate().await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -408,3 +408,134 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
     assert_eq!(got[1].3["event"]["id"], "a-2");
     let _ = channel.close(200, "done".into()).await;
 }
+
+/// `rabbitmqctl` on the tests' broker (RABBITMQ_NODENAME names a suite's own node).
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The runs queue at its bound (the definitions' policy, with 3 messages here): the broker
+/// refuses the hand-offs past it, which wait in `run_handoffs`; none is lost, and each goes
+/// out as a runs service drains the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_drains() {
+    let app = TestApp::builder().start().await;
+    let policy = app.topology.runs_policy("/");
+    let name = policy["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        policy["definition"],
+        json!({"max-length": kongflow_events::amqp::topology::RUNS_QUEUE_BOUND, "overflow": "reject-publish"})
+    );
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &name,
+        policy["pattern"].as_str().unwrap(),
+        r#"{"max-length": 3, "overflow": "reject-publish"}"#,
+    ]);
+    struct Clear(String);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            rabbitmqctl(&["clear_policy", &self.0]);
+        }
+    }
+    let _clear = Clear(name);
+    // The policy reaches the queue (the broker applies it in the background).
+    let queue = app.topology.runs_queue();
+    wait_until(
+        "the policy on the runs queue",
+        Duration::from_secs(10),
+        || async {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "list_queues", "name", "policy", "--no-table-headers"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with(&queue) && l.contains("-runs-bound"))
+        },
+    )
+    .await;
+    app.put_job(&app.api_key, "ship", job_body("order.paid", json!({})))
+        .await;
+    for i in 0..10 {
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": "order.paid", "id": format!("b-{i}")}}),
+        )
+        .await;
+    }
+    let depth = || async {
+        app.channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    };
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    wait_until(
+        "3 hand-offs in the queue, 7 refused and waiting in Postgres",
+        Duration::from_secs(30),
+        || async { depth().await == 3 && rows().await == 7 },
+    )
+    .await;
+    // The relay keeps offering them; the broker keeps refusing; nothing changes or is lost.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!((depth().await, rows().await), (3, 7));
+    // A runs service drains the queue: every run comes out, at least once, and the
+    // outbox empties.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 10 || rows().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} runs handed off, {} rows left",
+            seen.len(),
+            rows().await
+        );
+        while let Some(m) = app
+            .channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+            seen.insert(body["runId"].as_str().unwrap().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let runs: std::collections::BTreeSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM job_runs")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
+    assert_eq!(seen, runs);
+}

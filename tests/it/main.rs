@@ -18,6 +18,7 @@ mod filters;
 mod handoff;
 mod helpers;
 mod http_api;
+mod image;
 mod ingest;
 mod ledger;
 mod observability;

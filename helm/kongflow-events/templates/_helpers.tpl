@@ -76,6 +76,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- range $store := list "database" "amqp" -}}
+{{- $ca := (index $.Values $store).caCert | default dict -}}
+{{- if and $ca.secret $ca.configMap -}}
+{{- fail (printf "%s.caCert names a Secret and a ConfigMap: name one" $store) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.migrations.hook (not .Values.existingSecret) -}}
 {{- fail "migrations.hook runs before the release's own Secret exists: use existingSecret, or migrations.hook=false" -}}
 {{- end -}}
@@ -135,6 +141,10 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with include "kf.tlsVolumes" $root }}
+volumes:
+  {{- . | nindent 2 }}
+{{- end }}
 containers:
   - name: {{ .component }}
     image: {{ include "kf.image" $root }}
@@ -155,6 +165,11 @@ containers:
       - name: {{ $k }}
         value: {{ $v | quote }}
       {{- end }}
+      {{- include "kf.tlsEnv" $root | nindent 6 }}
+    {{- with include "kf.tlsMounts" $root }}
+    volumeMounts:
+      {{- . | nindent 6 }}
+    {{- end }}
     ports:
       {{- if .http }}
       - name: http
@@ -182,4 +197,56 @@ containers:
       {{- toYaml .resources | nindent 6 }}
     securityContext:
       {{- toYaml $root.Values.securityContext | nindent 6 }}
+{{- end -}}
+
+
+{{/* TLS to the stores: each CA certificate named by database.caCert or amqp.caCert, from
+a Secret or a ConfigMap, mounted read-only under /etc/kongflow/tls/<store>/ca.crt, and the
+variables that point the process at it (PGSSLROOTCERT as libpq's, AMQP_TLS_CA_FILE);
+database.sslMode as PGSSLMODE. Each takes the chart's root. */}}
+{{- define "kf.tlsCAs" -}}
+{{- $cas := list -}}
+{{- range $store := list "database" "amqp" -}}
+{{- $ca := (index $.Values $store).caCert | default dict -}}
+{{- if or $ca.secret $ca.configMap -}}
+{{- $dir := ternary "postgres" "amqp" (eq $store "database") -}}
+{{- $env := ternary "PGSSLROOTCERT" "AMQP_TLS_CA_FILE" (eq $store "database") -}}
+{{- $cas = append $cas (dict "name" (printf "%s-ca" $dir) "dir" (printf "/etc/kongflow/tls/%s" $dir) "env" $env "secret" $ca.secret "configMap" $ca.configMap "key" ($ca.key | default "ca.crt")) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $cas -}}
+{{- end -}}
+
+{{- define "kf.tlsEnv" -}}
+{{- with .Values.database.sslMode }}
+- name: PGSSLMODE
+  value: {{ . | quote }}
+{{- end }}
+{{- range $ca := fromJsonArray (include "kf.tlsCAs" .) }}
+- name: {{ $ca.env }}
+  value: {{ printf "%s/ca.crt" $ca.dir | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "kf.tlsMounts" -}}
+{{- range $ca := fromJsonArray (include "kf.tlsCAs" .) }}
+- name: {{ $ca.name }}
+  mountPath: {{ $ca.dir }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "kf.tlsVolumes" -}}
+{{- range $ca := fromJsonArray (include "kf.tlsCAs" .) }}
+- name: {{ $ca.name }}
+  {{- if $ca.secret }}
+  secret:
+    secretName: {{ $ca.secret }}
+  {{- else }}
+  configMap:
+    name: {{ $ca.configMap }}
+  {{- end }}
+    items:
+      - {key: {{ $ca.key | quote }}, path: ca.crt}
+{{- end }}
 {{- end -}}
