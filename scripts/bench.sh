@@ -23,8 +23,11 @@
 #             pipeline bench: flat out at 16 and 64 connections (10,000 events) and paced at
 #             200 events/s (16 connections) and 500 (32), a fresh database per run,
 #             each run after a warm-up of 400 events in the same process.
+#   sizing [RATE...]: CPU and memory per role (serve, relay, worker as separate processes,
+#             Postgres, RabbitMQ) paced at each rate (default 250 and 500 events/s), as
+#             cores per 1,000 events/s and peak resident memory: the chart's sizing.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
-# (default all), or `scripts/bench.sh compare REV [ROUNDS]`.
+# (default all), `scripts/bench.sh compare REV [ROUNDS]` or `scripts/bench.sh sizing [RATE...]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-all}"
@@ -88,6 +91,75 @@ if [[ $which == compare ]]; then
         one "$b" $setting
       done
     done
+  done
+  exit 0
+fi
+if [[ $which == sizing ]]; then
+  # CPU and memory per role: serve, relay and worker as separate processes (as the chart
+  # runs them), paced at each rate given (default 250 and 500 events/s) for 40 s each, on a
+  # fresh database; each process's CPU time (and Postgres's and RabbitMQ's) over the run,
+  # as cores per 1,000 events/s, and its peak resident memory.
+  rates=("$@")
+  [ ${#rates[@]} -gt 0 ] || rates=(250 500)
+  export SQLX_OFFLINE=true
+  unset DATABASE_URL
+  cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
+  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  hz=$(getconf CLK_TCK)
+  # Cumulative CPU ticks of processes: `ticks PID...`, or of a user's: `ticks -u USER`.
+  ticks() {
+    if [ "$1" = -u ]; then set -- $(pgrep -u "$2"); fi
+    local t=0 p
+    for p in "$@"; do
+      [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
+    done
+    echo $t
+  }
+  for rate in "${rates[@]}"; do
+    db=kongflow_sizing
+    psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+    (
+      export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db AMQP_PREFIX=kongflow-sizing-$RANDOM
+      export RUST_LOG=warn KONGFLOW_NO_MIGRATE=true
+      target/release/kongflow-events migrate >/dev/null
+      declare -A pid port=([serve]=3041 [relay]=3042 [worker]=3043)
+      target/release/kongflow-events serve --http 127.0.0.1:3031 --metrics 127.0.0.1:3041 >/dev/null 2>&1 &
+      pid[serve]=$!
+      for role in relay worker; do
+        METRICS_ADDR=127.0.0.1:${port[$role]} target/release/kongflow-events "$role" >/dev/null 2>&1 &
+        pid[$role]=$!
+      done
+      for role in serve relay worker; do
+        for _ in $(seq 1 100); do curl -sf http://127.0.0.1:${port[$role]}/readyz >/dev/null && break; sleep 0.2; done
+      done
+      "$client" --url http://127.0.0.1:3031 --events 400 --concurrency 16 --rate 200 >/dev/null 2>&1
+      declare -A before
+      for role in serve relay worker; do before[$role]=$(ticks ${pid[$role]}); done
+      # The machine: busy and stolen ticks (/proc/stat), to read the rest against.
+      machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat; }
+      read -r busy0 steal0 < <(machine)
+      pg0=$(ticks -u postgres) mq0=$(ticks -u rabbitmq) start=$(date +%s.%N)
+      "$client" --url http://127.0.0.1:3031 --events $((rate * 40)) --concurrency 16 --rate "$rate" 2>&1 |
+        grep -E "^(end to end|ingest-to-run)" | sed "s/^/  /"
+      secs=$(echo "$(date +%s.%N) - $start" | bc)
+      echo "== $rate events/s for ${secs%.*} s: cores per 1,000 events/s, peak memory"
+      per1000() { echo "scale=3; ($1) / $hz / $secs * 1000 / $rate" | bc; }
+      for role in serve relay worker; do
+        rss=$(awk '/VmHWM/ {print int($2 / 1024)}' /proc/${pid[$role]}/status)
+        printf '  %-9s %s cores  %s MiB\n' "$role" "$(per1000 "$(ticks ${pid[$role]}) - ${before[$role]}")" "$rss"
+      done
+      printf '  %-9s %s cores\n' postgres "$(per1000 "$(ticks -u postgres) - $pg0")"
+      printf '  %-9s %s cores\n' rabbitmq "$(per1000 "$(ticks -u rabbitmq) - $mq0")"
+      read -r busy1 steal1 < <(machine)
+      printf '  %-9s %s cores busy, %s stolen (all processes, the client included)\n' machine \
+        "$(per1000 "$busy1 - $busy0")" "$(per1000 "$steal1 - $steal0")"
+      kill "${pid[@]}"
+      wait 2>/dev/null || true
+      rabbitmqctl -q eval "P = <<\"$AMQP_PREFIX.\">>, lists:foreach(fun(Q) ->
+          {resource, _, queue, N} = amqqueue:get_name(Q),
+          case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
+        end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
+    )
   done
   exit 0
 fi

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests against the real
 # Postgres and RabbitMQ (started, or installed, when missing), the suite again on quorum
-# queues, the three-node cluster test, the stores over TLS, and the container image built
-# and run as the Helm chart runs it. Each test makes its own database (a copy of a
+# queues, the three-node cluster test, the stores over TLS, the container image built and
+# run as the Helm chart runs it, and an older build beside this one on its schema. Each
+# test makes its own database (a copy of a
 # migrated template) and its own RabbitMQ name prefix, and removes them when it ends, so
 # tests run in parallel, beside another run or a running service.
 #
@@ -88,6 +89,8 @@ phase tls ./scripts/tls-test.sh
 # The image built from the Dockerfile (buildah; local bases from Debian's packages), and the
 # chart's containers run in its read-only root filesystem as its user.
 phase image ./scripts/image.sh test
+# The build before the newest migration beside this one, on this build's schema.
+phase upgrade ./scripts/upgrade-test.sh
 
 failed=0
 echo

@@ -482,7 +482,11 @@ async fn this_build_runs_on_a_database_one_release_ahead() {
     };
     let out = migrate().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         stdout.contains("1 migration(s) of a later release (29991231000001 to 29991231000001)"),
         "{stdout}"

@@ -32,4 +32,5 @@ mod shards;
 mod structure;
 mod tls;
 mod triggers_api;
+mod upgrade;
 mod webhooks;

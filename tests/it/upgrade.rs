@@ -1,0 +1,160 @@
+//! A rolling upgrade across the newest migration, and the rollback over it: the build
+//! before that migration (`KONGFLOW_OLD_BINARY`, built by `scripts/upgrade-test.sh`) runs
+//! beside this build on the schema this build migrated, as old pods do while a Deployment
+//! rolls and as they do after `helm rollback` (the schema stays one migration ahead).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+/// `kongflow-events all` of the older build on this test's stores, once its `/readyz`
+/// answers 200 (the schema is ahead of it: it must be ready all the same).
+async fn start_old(app: &TestApp) -> (tokio::process::Child, String) {
+    let binary = std::env::var("KONGFLOW_OLD_BINARY").expect("run scripts/upgrade-test.sh");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = tokio::process::Command::new(binary)
+        .args(["all", "--http", &format!("127.0.0.1:{port}")])
+        .envs(app.child_env())
+        .env("KONGFLOW_NO_MIGRATE", "true")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the older build to be ready",
+        Duration::from_secs(30),
+        || async {
+            matches!(app.http.get(format!("{base}/readyz")).send().await,
+                 Ok(r) if r.status() == StatusCode::OK)
+        },
+    )
+    .await;
+    (child, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the older build of scripts/upgrade-test.sh"]
+async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schema() {
+    let rev = std::env::var("KONGFLOW_OLD_REV").unwrap_or_default();
+    let app = TestApp::builder()
+        .roles(crate::helpers::NO_ROLES)
+        .start()
+        .await;
+    let newest = kongflow_events::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap();
+    // Mid-roll: one process of each build, both serving, relaying and working.
+    let (mut old, old_base) = start_old(&app).await;
+    let (mut new, new_base) = app
+        .start_child("all", &[("KONGFLOW_NO_MIGRATE", "true")])
+        .await;
+    for (base, job) in [(&old_base, "old-job"), (&new_base, "new-job")] {
+        let put = app
+            .http
+            .put(format!("{base}/api/v1/jobs/{job}"))
+            .bearer_auth(&app.api_key)
+            .json(&job_body("rolled.event", json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::OK, "{rev}: {job}");
+    }
+    let mut sent: i64 = 0;
+    let send = |base: String, id: String| {
+        let (http, key) = (app.http.clone(), app.api_key.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/api/v1/events"))
+                .bearer_auth(&key)
+                .json(&json!({"event": {"name": "rolled.event", "id": id}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    };
+    for i in 0..60 {
+        let base = if i % 2 == 0 { &old_base } else { &new_base };
+        send(base.clone(), format!("roll-{i}")).await;
+        sent += 1;
+    }
+    // Every event, whichever build took it, runs each job once.
+    let runs = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), count(DISTINCT (event_record_id, job_id)) FROM job_runs",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    wait_until("two runs per event", Duration::from_secs(60), || async {
+        runs().await == (2 * sent, 2 * sent)
+    })
+    .await;
+    // The roll ends: the older build stops; this build goes on alone (and, rolled back, the
+    // older build alone would go on the same way: it ran on this schema just now).
+    old.kill().await.unwrap();
+    for i in 60..80 {
+        send(new_base.clone(), format!("roll-{i}")).await;
+        sent += 1;
+    }
+    wait_until("two runs per event", Duration::from_secs(60), || async {
+        runs().await == (2 * sent, 2 * sent)
+    })
+    .await;
+    // Each run handed off, at least once, under one message id.
+    wait_until("every hand-off out", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    let mut by_id: BTreeMap<String, String> = BTreeMap::new();
+    while let Some(m) = app
+        .channel
+        .basic_get(
+            app.topology.runs_queue().as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .clone()
+            .unwrap()
+            .to_string();
+        let run = body["runId"].as_str().unwrap().to_string();
+        assert_eq!(
+            by_id.insert(id.clone(), run.clone()).unwrap_or(run.clone()),
+            run
+        );
+    }
+    let handed: BTreeSet<&String> = by_id.values().collect();
+    let all: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM job_runs")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    let all: Vec<String> = all.iter().map(|id| id.to_string()).collect();
+    assert_eq!(handed, all.iter().collect(), "{rev}: one hand-off per run");
+    new.kill().await.unwrap();
+    eprintln!(
+        "upgrade: {rev} beside this build on schema {newest}: {sent} events, {} runs",
+        all.len()
+    );
+}
