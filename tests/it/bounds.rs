@@ -755,9 +755,12 @@ async fn slow_bodies_without_credentials_are_never_read_and_hold_no_place() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_environments_slow_bodies_hold_only_its_share_of_the_places() {
+    // The slow bodies hold their places for the whole test: with the default body timeout
+    // (5 s) they were answered 408 and let go before a loaded machine saw them held.
     let config = HttpConfig {
         http_max_in_flight: 8,
         http_request_timeout: std::time::Duration::from_millis(120_000),
+        http_body_timeout: std::time::Duration::from_millis(120_000),
         ..HttpConfig::default()
     };
     let app = TestApp::builder()

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::examples::schema_verdicts;
 use crate::helpers::{TestApp, job_body, wait_until};
+use kongflow_events::config::QueueType;
 
 async fn cancel_runs(app: &TestApp, event: &str) -> (StatusCode, Value) {
     app.request(
@@ -468,13 +469,18 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
     .await;
     app.put_job(&app.api_key, "ship", job_body("order.paid", json!({})))
         .await;
-    for i in 0..10 {
-        app.send_event(
-            &app.api_key,
-            json!({"event": {"name": "order.paid", "id": format!("b-{i}")}}),
-        )
-        .await;
-    }
+    let send = |from: usize, to: usize| {
+        let app = &app;
+        async move {
+            for i in from..to {
+                app.send_event(
+                    &app.api_key,
+                    json!({"event": {"name": "order.paid", "id": format!("b-{i}")}}),
+                )
+                .await;
+            }
+        }
+    };
     let depth = || async {
         app.channel
             .queue_declare(
@@ -487,7 +493,7 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
             )
             .await
             .unwrap()
-            .message_count()
+            .message_count() as i64
     };
     let rows = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
@@ -495,20 +501,41 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
             .await
             .unwrap()
     };
+    // Each run's hand-off is in the queue or, refused, in Postgres. A classic queue stops
+    // at the bound exactly. A quorum queue refuses once it is over the bound: a burst
+    // already on its way can take it past, by as many as were in flight.
+    let limit = 3;
+    let quorum = app.store.amqp_queue_type == QueueType::Quorum;
+    let settled = |n: i64| async move {
+        let (d, r) = (depth().await, rows().await);
+        d + r == n && (d == limit || (quorum && d > limit))
+    };
+    send(0, 10).await;
     wait_until(
-        "3 hand-offs in the queue, 7 refused and waiting in Postgres",
+        "the first 10 in the queue or Postgres, the queue at its bound",
         Duration::from_secs(30),
-        || async { depth().await == 3 && rows().await == 7 },
+        || settled(10),
     )
     .await;
-    // The relay keeps offering them; the broker keeps refusing; nothing changes or is lost.
+    let over = depth().await;
+    // Past the bound, the broker takes no more: the next ones all wait in Postgres, and
+    // the relay's offers keep being refused. Nothing is lost.
+    send(10, 15).await;
+    wait_until(
+        "the next 5 refused, waiting in Postgres",
+        Duration::from_secs(30),
+        || settled(15),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!((depth().await, rows().await), (3, 7));
+    assert_eq!(depth().await, over);
+    assert_eq!(rows().await, 15 - over);
+    assert!(rows().await >= 5);
     // A runs service drains the queue: every run comes out, at least once, and the
     // outbox empties.
     let mut seen = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < 10 || rows().await > 0 {
+    while seen.len() < 15 || rows().await > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} runs handed off, {} rows left",
@@ -538,4 +565,80 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
             .map(|id| id.to_string())
             .collect();
     assert_eq!(seen, runs);
+}
+
+/// An installation with no runs service gives the runs queue's policy a `message-ttl` of 0
+/// (docs/deploy.md): the broker takes each hand-off (so it leaves Postgres) and keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_runs_service_the_policys_ttl_keeps_nothing_and_postgres_keeps_nothing() {
+    let app = TestApp::builder().start().await;
+    let policy = app.topology.runs_policy("/");
+    let name = policy["name"].as_str().unwrap().to_string();
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &name,
+        policy["pattern"].as_str().unwrap(),
+        r#"{"max-length": 1000000, "overflow": "reject-publish", "message-ttl": 0}"#,
+    ]);
+    struct Clear(String);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            rabbitmqctl(&["clear_policy", &self.0]);
+        }
+    }
+    let _clear = Clear(name);
+    let queue = app.topology.runs_queue();
+    wait_until(
+        "the policy on the runs queue",
+        Duration::from_secs(10),
+        || async {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "list_queues", "name", "policy", "--no-table-headers"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with(&queue) && l.contains("-runs-bound"))
+        },
+    )
+    .await;
+    app.put_job(&app.api_key, "ship", job_body("order.paid", json!({})))
+        .await;
+    for i in 0..5 {
+        app.send_event(
+            &app.api_key,
+            json!({"event": {"name": "order.paid", "id": format!("t-{i}")}}),
+        )
+        .await;
+    }
+    wait_until(
+        "5 runs, their hand-offs out of Postgres",
+        Duration::from_secs(30),
+        || async {
+            let (runs, rows): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM job_runs), (SELECT count(*) FROM run_handoffs)",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            runs == 5 && rows == 0
+        },
+    )
+    .await;
+    let depth = app
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(depth, 0, "the queue keeps nothing");
 }
