@@ -30,6 +30,12 @@
 # (default all), `scripts/bench.sh compare REV [ROUNDS]` or `scripts/bench.sh sizing [RATE...]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Postgres over plain TCP in every run, the anchors' and the baseline's included: since
+# 0.2.0 the service speaks TLS to a server that offers it (libpq's sslmode=prefer, and
+# Debian's Postgres offers it), which costs a fifth of the flat-out rate on loopback here
+# (docs/benchmarks.md) and which builds before 0.2.0 cannot speak. `sizing` keeps the
+# default: production runs over TLS. BENCH_SSLMODE=prefer measures with TLS.
+export PGSSLMODE=${BENCH_SSLMODE:-disable}
 which="${1:-all}"
 shift || true
 ./scripts/services.sh
@@ -101,6 +107,7 @@ if [[ $which == sizing ]]; then
   # as cores per 1,000 events/s, and its peak resident memory.
   rates=("$@")
   [ ${#rates[@]} -gt 0 ] || rates=(250 500)
+  export PGSSLMODE=${BENCH_SSLMODE:-prefer}
   export SQLX_OFFLINE=true
   unset DATABASE_URL
   cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
