@@ -138,7 +138,7 @@ pub async fn check_broker(store: &StoreConfig) -> anyhow::Result<()> {
             let _ = conn.close(200, "checked".into()).await;
             Ok(())
         }
-        Ok(Err(e)) if e.to_string().contains("the CA file") => anyhow::bail!("{e}"),
+        Ok(Err(e)) if amqp::is_ca_file_error(&e) => anyhow::bail!("{e}"),
         Ok(Err(e)) if amqp::is_untrusted(&e) => anyhow::bail!(
             "rabbitmq at {} showed a TLS certificate this process does not trust: {e}. Set \
              AMQP_TLS_CA_FILE (or cacertfile in AMQP_URL) to the PEM file of the CA that \

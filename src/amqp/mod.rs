@@ -102,7 +102,8 @@ pub const CA_FILE_PARAM: &str = "cacertfile";
 /// is always checked, against the host the URL names. A file that cannot be read or holds
 /// no certificate is an error that waiting does not fix ([`is_permanent`]).
 fn tls_of(node: &str) -> std::io::Result<OwnedTLSConfig> {
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    let invalid =
+        |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, CaFileError(why));
     let Ok(url) = url::Url::parse(node) else {
         return Ok(OwnedTLSConfig::default());
     };
@@ -142,7 +143,7 @@ pub async fn connect_declared(
 
 /// Whether connecting failed for a reason that waiting will not fix: the broker refused the
 /// credentials or the virtual host, its TLS certificate is not trusted ([`is_untrusted`]),
-/// or the CA file to check it with cannot be used.
+/// or the CA file to check it with cannot be used ([`is_ca_file_error`]).
 pub fn is_permanent(e: &lapin::Error) -> bool {
     let text = e.to_string();
     [
@@ -154,12 +155,24 @@ pub fn is_permanent(e: &lapin::Error) -> bool {
     .iter()
     .any(|refusal| text.contains(refusal))
         || is_untrusted(e)
-        || text.contains("the CA file")
+        || is_ca_file_error(e)
+}
+
+/// A node's CA file (`cacertfile`, `AMQP_TLS_CA_FILE`) that cannot be read or holds no
+/// certificate; the message names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CaFileError(String);
+
+/// Whether [`connect`] gave up before connecting because of the CA file ([`CaFileError`]).
+pub fn is_ca_file_error(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::IOError(io)
+        if io.get_ref().is_some_and(|inner| inner.is::<CaFileError>()))
 }
 
 /// Whether the broker's TLS certificate was refused: signed by no CA this process trusts,
 /// for another host, or expired.
 pub fn is_untrusted(e: &lapin::Error) -> bool {
     let text = e.to_string();
-    !text.contains("the CA file") && (text.contains("certificate") || text.contains("Certificate"))
+    !is_ca_file_error(e) && (text.contains("certificate") || text.contains("Certificate"))
 }

@@ -6,8 +6,14 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-/// The migrations in `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The migrations in `migrations/`, embedded in the binary. Running them accepts a database
+/// ahead of this build (see [`migrate`]).
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| {
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator
+    });
 
 /// Open a pool. The pool reconnects by itself: a connection that broke is dropped and a new
 /// one is opened on the next acquire.
@@ -53,9 +59,7 @@ pub async fn begin_pipeline(
 /// Migrations); [`newer_migrations`] tells which. An applied migration whose text differs
 /// from this build's is still refused.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut migrator = sqlx::migrate!("./migrations");
-    migrator.set_ignore_missing(true);
-    migrator.run(pool).await
+    MIGRATOR.run(pool).await
 }
 
 /// Migrations applied to the database that this build does not know: a later release's.

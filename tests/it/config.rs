@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 /// Run the binary with `args` and `env` to its end (at most 30 s): its status, how long it
 /// took, and its stdout and stderr.
-async fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, Duration, String, String) {
+pub(crate) async fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, Duration, String, String) {
     let started = Instant::now();
     let out = tokio::time::timeout(
         Duration::from_secs(30),

@@ -278,12 +278,7 @@ async fn sigterm_mid_traffic_loses_no_acknowledged_event() {
                 acked.lock().unwrap().len() >= 100
             })
             .await;
-            let pid = child.id().unwrap().to_string();
-            let killed = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap();
-            assert!(killed.success());
+            crate::helpers::sigterm(&child);
         }
     }
     for s in sends {
@@ -347,14 +342,7 @@ async fn a_stuck_process_exits_at_its_drain_deadline_and_loses_nothing() {
         saw("failpoint worker-stall hit"),
     )
     .await;
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    crate::helpers::sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("the deadline ends the process")

@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, job_body, wait_until};
+use crate::helpers::{TestApp, wait_until};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -387,15 +387,8 @@ async fn the_processes_the_chart_renders_run_and_deliver_an_event() {
         StatusCode::NOT_FOUND,
         "metrics stay off the API port"
     );
-    let put = app
-        .http
-        .put(format!("{base}/api/v1/jobs/chart-job"))
-        .bearer_auth(&app.api_key)
-        .json(&job_body("chart.event", json!({})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), StatusCode::OK);
+    let put = app.put_job_at(&base, "chart-job", "chart.event").await;
+    assert_eq!(put, StatusCode::OK);
     let sent = app
         .http
         .post(format!("{base}/api/v1/events"))

@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::examples::schema_verdicts;
-use crate::helpers::{TestApp, job_body, wait_until};
+use crate::helpers::{TestApp, job_body, rabbitmqctl, wait_until};
 use kongflow_events::config::QueueType;
 
 async fn cancel_runs(app: &TestApp, event: &str) -> (StatusCode, Value) {
@@ -410,18 +410,42 @@ async fn a_hand_off_the_broker_returns_stays_until_the_runs_queue_is_back() {
     let _ = channel.close(200, "done".into()).await;
 }
 
-/// `rabbitmqctl` on the tests' broker (RABBITMQ_NODENAME names a suite's own node).
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The runs queue's policy set to `definition` for the test (cleared when dropped), once
+/// the broker shows it on the queue (it applies policies in the background).
+struct RunsPolicy(String);
+
+impl RunsPolicy {
+    async fn set(app: &TestApp, definition: &str) -> RunsPolicy {
+        let policy = app.topology.runs_policy("/");
+        let name = policy["name"].as_str().unwrap().to_string();
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &name,
+            policy["pattern"].as_str().unwrap(),
+            definition,
+        ]);
+        let set = RunsPolicy(name);
+        let queue = app.topology.runs_queue();
+        wait_until(
+            "the policy on the runs queue",
+            Duration::from_secs(10),
+            || async {
+                rabbitmqctl(&["list_queues", "name", "policy", "--no-table-headers"])
+                    .lines()
+                    .any(|l| l.starts_with(&queue) && l.contains(&set.0))
+            },
+        )
+        .await;
+        set
+    }
+}
+
+impl Drop for RunsPolicy {
+    fn drop(&mut self) {
+        rabbitmqctl(&["clear_policy", &self.0]);
+    }
 }
 
 /// The runs queue at its bound (the definitions' policy, with 3 messages here): the broker
@@ -430,43 +454,12 @@ fn rabbitmqctl(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_drains() {
     let app = TestApp::builder().start().await;
-    let policy = app.topology.runs_policy("/");
-    let name = policy["name"].as_str().unwrap().to_string();
     assert_eq!(
-        policy["definition"],
+        app.topology.runs_policy("/")["definition"],
         json!({"max-length": kongflow_events::amqp::topology::RUNS_QUEUE_BOUND, "overflow": "reject-publish"})
     );
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &name,
-        policy["pattern"].as_str().unwrap(),
-        r#"{"max-length": 3, "overflow": "reject-publish"}"#,
-    ]);
-    struct Clear(String);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            rabbitmqctl(&["clear_policy", &self.0]);
-        }
-    }
-    let _clear = Clear(name);
-    // The policy reaches the queue (the broker applies it in the background).
+    let _policy = RunsPolicy::set(&app, r#"{"max-length": 3, "overflow": "reject-publish"}"#).await;
     let queue = app.topology.runs_queue();
-    wait_until(
-        "the policy on the runs queue",
-        Duration::from_secs(10),
-        || async {
-            let out = std::process::Command::new("rabbitmqctl")
-                .args(["-q", "list_queues", "name", "policy", "--no-table-headers"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.starts_with(&queue) && l.contains("-runs-bound"))
-        },
-    )
-    .await;
     app.put_job(&app.api_key, "ship", job_body("order.paid", json!({})))
         .await;
     let send = |from: usize, to: usize| {
@@ -481,20 +474,7 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
             }
         }
     };
-    let depth = || async {
-        app.channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count() as i64
-    };
+    let depth = || async { app.depth_of(&queue).await as i64 };
     let rows = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
             .fetch_one(&app.pool)
@@ -572,36 +552,9 @@ async fn at_the_runs_queue_bound_hand_offs_wait_in_postgres_and_go_out_as_it_dra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_runs_service_the_policys_ttl_keeps_nothing_and_postgres_keeps_nothing() {
     let app = TestApp::builder().start().await;
-    let policy = app.topology.runs_policy("/");
-    let name = policy["name"].as_str().unwrap().to_string();
-    rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "queues",
-        &name,
-        policy["pattern"].as_str().unwrap(),
+    let _policy = RunsPolicy::set(
+        &app,
         r#"{"max-length": 1000000, "overflow": "reject-publish", "message-ttl": 0}"#,
-    ]);
-    struct Clear(String);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            rabbitmqctl(&["clear_policy", &self.0]);
-        }
-    }
-    let _clear = Clear(name);
-    let queue = app.topology.runs_queue();
-    wait_until(
-        "the policy on the runs queue",
-        Duration::from_secs(10),
-        || async {
-            let out = std::process::Command::new("rabbitmqctl")
-                .args(["-q", "list_queues", "name", "policy", "--no-table-headers"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.starts_with(&queue) && l.contains("-runs-bound"))
-        },
     )
     .await;
     app.put_job(&app.api_key, "ship", job_body("order.paid", json!({})))
@@ -627,18 +580,6 @@ async fn with_no_runs_service_the_policys_ttl_keeps_nothing_and_postgres_keeps_n
         },
     )
     .await;
-    let depth = app
-        .channel
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
+    let depth = app.depth_of(&app.topology.runs_queue()).await;
     assert_eq!(depth, 0, "the queue keeps nothing");
 }

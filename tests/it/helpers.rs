@@ -53,6 +53,32 @@ pub fn queue_type() -> QueueType {
     }
 }
 
+/// `rabbitmqctl -q ARGS` on the tests' broker (`RABBITMQ_NODENAME` names a suite's own
+/// node): its output; a failure fails the test.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Send a child process SIGTERM, as an orchestrator stops it.
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {pid}");
+}
+
 /// The broker of the tests: `AMQP_URL`, with `AMQP_TLS_CA_FILE` applied as the service
 /// applies it (scripts/tls-test.sh runs tests on an amqps-only node).
 pub fn amqp_url() -> String {
@@ -454,6 +480,19 @@ impl TestApp {
             .await;
         assert_eq!(status, StatusCode::OK, "send event: {v}");
         v
+    }
+
+    /// Register job `job` for events named `event` through the API at `base` (a child
+    /// process's, rather than this app's): the answer's status.
+    pub async fn put_job_at(&self, base: &str, job: &str, event: &str) -> StatusCode {
+        self.http
+            .put(format!("{base}/api/v1/jobs/{job}"))
+            .bearer_auth(&self.api_key)
+            .json(&job_body(event, serde_json::json!({})))
+            .send()
+            .await
+            .unwrap()
+            .status()
     }
 
     pub async fn put_job(&self, key: &str, job: &str, body: Value) -> Value {

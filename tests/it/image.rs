@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::deploy::{Container, containers, probes_answer, render, values_for};
-use crate::helpers::{TestApp, job_body, wait_until};
+use crate::helpers::{TestApp, sigterm, wait_until};
 
 /// The built image: its root filesystem (read-only) and its configuration.
 struct Image {
@@ -78,15 +78,8 @@ impl Image {
 /// SIGTERM, as the kubelet sends it after the preStop hook; how long the process took to
 /// exit, and whether it exited 0.
 async fn terminate(child: &mut tokio::process::Child) -> (Duration, bool) {
-    let pid = child.id().expect("running").to_string();
     let started = Instant::now();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(child);
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
         .expect("the process exits after SIGTERM")
@@ -206,15 +199,8 @@ async fn the_charts_containers_run_in_the_image_deliver_and_drain_on_sigterm() {
         running.insert(role, (c, port, child));
     }
     let base = format!("http://127.0.0.1:{}", running["-api"].0.ports["http"]);
-    let put = app
-        .http
-        .put(format!("{base}/api/v1/jobs/image-job"))
-        .bearer_auth(&app.api_key)
-        .json(&job_body("image.event", json!({})))
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
+    let put = app.put_job_at(&base, "image-job", "image.event").await;
+    assert!(put.is_success());
     let send = |from: usize, n: usize| {
         let (http, base, key) = (app.http.clone(), base.clone(), app.api_key.clone());
         async move {

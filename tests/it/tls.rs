@@ -9,32 +9,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, wait_until};
+use crate::config::run;
+use crate::helpers::{TestApp, rabbitmqctl, wait_until};
 
 /// The run's directory of certificates: `ca.crt` (signed the servers'), `other-ca.crt`.
 fn tls_dir() -> String {
     std::env::var("KONGFLOW_TLS_DIR").expect("run scripts/tls-test.sh: it sets up the TLS servers")
-}
-
-/// Run the binary with `args` and `env` over the process's own environment, to its end (at
-/// most 60 s): its status and stderr.
-async fn run(args: &[&str], env: &[(&str, String)]) -> (bool, String) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_kongflow-events"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command ends by itself")
-    .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,12 +55,7 @@ async fn over_verified_tls_an_event_reaches_its_run_and_no_connection_is_plain()
     assert_eq!(plain, 0, "of {all} connections");
     assert!(all >= 2, "{all}");
     // And the broker saw only TLS connections (it has no plain listener to take others).
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "ssl", "--no-table-headers"])
-        .output()
-        .unwrap();
-    let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{listed}");
+    let listed = rabbitmqctl(&["list_connections", "ssl", "--no-table-headers"]);
     assert!(listed.lines().count() >= 2, "{listed}");
     assert!(listed.lines().all(|l| l.trim() == "true"), "{listed}");
     child.kill().await.unwrap();
@@ -95,13 +70,11 @@ async fn a_process_that_cannot_trust_a_server_stops_and_says_what_to_set() {
         .start()
         .await;
     let other = format!("{dir}/other-ca.crt");
+    let url = &app.database_url;
     // Postgres's certificate checked against a CA that did not sign it.
-    let (ok, stderr) = run(
+    let (ok, _, _, stderr) = run(
         &["migrate"],
-        &[
-            ("DATABASE_URL", app.database_url.clone()),
-            ("PGSSLROOTCERT", other.clone()),
-        ],
+        &[("DATABASE_URL", url), ("PGSSLROOTCERT", &other)],
     )
     .await;
     assert!(!ok);
@@ -111,53 +84,45 @@ async fn a_process_that_cannot_trust_a_server_stops_and_says_what_to_set() {
         "{stderr}"
     );
     // The same URL with sslmode=require encrypts without checking: it connects.
-    let (ok, stderr) = run(
+    let require = format!("{url}?sslmode=require");
+    let (ok, _, _, stderr) = run(
         &["migrate"],
-        &[
-            (
-                "DATABASE_URL",
-                format!("{}?sslmode=require", app.database_url),
-            ),
-            ("PGSSLROOTCERT", other.clone()),
-        ],
+        &[("DATABASE_URL", &require), ("PGSSLROOTCERT", &other)],
     )
     .await;
     assert!(ok, "{stderr}");
     // A plain connection is refused by the server, and the process says where to look.
-    let (ok, stderr) = run(
-        &["migrate"],
-        &[(
-            "DATABASE_URL",
-            format!("{}?sslmode=disable", app.database_url),
-        )],
-    )
-    .await;
+    let disable = format!("{url}?sslmode=disable");
+    let (ok, _, _, stderr) = run(&["migrate"], &[("DATABASE_URL", &disable)]).await;
     assert!(!ok);
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
 
     // RabbitMQ's certificate against the other CA: the worker stops at start-up, at once,
     // naming the variable, rather than retrying a connection that can never be trusted.
-    let mut env: Vec<(&str, String)> = app
-        .child_env()
-        .into_iter()
+    let child_env = app.child_env();
+    let plain_url = app.store.amqp_url.split('?').next().unwrap();
+    let mut env: Vec<(&str, &str)> = child_env
+        .iter()
         .filter(|(k, _)| *k != "AMQP_URL")
+        .map(|(k, v)| (*k, v.as_str()))
         .collect();
-    let plain_url = app.store.amqp_url.split('?').next().unwrap().to_string();
-    env.push(("AMQP_URL", plain_url.clone()));
-    env.push(("AMQP_TLS_CA_FILE", other));
-    env.push(("KONGFLOW_NO_MIGRATE", "true".into()));
-    let started = std::time::Instant::now();
-    let (ok, stderr) = run(&["worker"], &env).await;
+    env.extend([
+        ("AMQP_URL", plain_url),
+        ("AMQP_TLS_CA_FILE", other.as_str()),
+        ("KONGFLOW_NO_MIGRATE", "true"),
+    ]);
+    let (ok, took, _, stderr) = run(&["worker"], &env).await;
     assert!(!ok);
-    assert!(started.elapsed() < Duration::from_secs(30), "{stderr}");
+    assert!(took < Duration::from_secs(30), "{stderr}");
     assert!(
         stderr.contains("does not trust") && stderr.contains("AMQP_TLS_CA_FILE"),
         "{stderr}"
     );
     // A CA file that does not exist.
+    let missing = format!("{dir}/no-such.crt");
     env.retain(|(k, _)| *k != "AMQP_TLS_CA_FILE");
-    env.push(("AMQP_TLS_CA_FILE", format!("{dir}/no-such.crt")));
-    let (ok, stderr) = run(&["worker"], &env).await;
+    env.push(("AMQP_TLS_CA_FILE", &missing));
+    let (ok, _, _, stderr) = run(&["worker"], &env).await;
     assert!(!ok);
     assert!(
         stderr.contains("cannot read the CA file") && stderr.contains("no-such.crt"),

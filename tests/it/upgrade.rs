@@ -3,13 +3,12 @@
 //! beside this build on the schema this build migrated, as old pods do while a Deployment
 //! rolls and as they do after `helm rollback` (the schema stays one migration ahead).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::helpers::{TestApp, job_body, wait_until};
+use crate::helpers::{TestApp, wait_until};
 
 /// `kongflow-events all` of the older build on this test's stores, once its `/readyz`
 /// answers 200 (the schema is ahead of it: it must be ready all the same).
@@ -59,15 +58,8 @@ async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schem
         .start_child("all", &[("KONGFLOW_NO_MIGRATE", "true")])
         .await;
     for (base, job) in [(&old_base, "old-job"), (&new_base, "new-job")] {
-        let put = app
-            .http
-            .put(format!("{base}/api/v1/jobs/{job}"))
-            .bearer_auth(&app.api_key)
-            .json(&job_body("rolled.event", json!({})))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(put.status(), StatusCode::OK, "{rev}: {job}");
+        let put = app.put_job_at(base, job, "rolled.event").await;
+        assert_eq!(put, StatusCode::OK, "{rev}: {job}");
     }
     let mut sent: i64 = 0;
     let send = |base: String, id: String| {
@@ -113,48 +105,8 @@ async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schem
     })
     .await;
     // Each run handed off, at least once, under one message id.
-    wait_until("every hand-off out", Duration::from_secs(30), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_handoffs")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
-    let mut by_id: BTreeMap<String, String> = BTreeMap::new();
-    while let Some(m) = app
-        .channel
-        .basic_get(
-            app.topology.runs_queue().as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .clone()
-            .unwrap()
-            .to_string();
-        let run = body["runId"].as_str().unwrap().to_string();
-        assert_eq!(
-            by_id.insert(id.clone(), run.clone()).unwrap_or(run.clone()),
-            run
-        );
-    }
-    let handed: BTreeSet<&String> = by_id.values().collect();
-    let all: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM job_runs")
-        .fetch_all(&app.pool)
-        .await
-        .unwrap();
-    let all: Vec<String> = all.iter().map(|id| id.to_string()).collect();
-    assert_eq!(handed, all.iter().collect(), "{rev}: one hand-off per run");
+    app.assert_handed_off_once().await;
+    let runs = runs().await.0;
     new.kill().await.unwrap();
-    eprintln!(
-        "upgrade: {rev} beside this build on schema {newest}: {sent} events, {} runs",
-        all.len()
-    );
+    eprintln!("upgrade: {rev} beside this build on schema {newest}: {sent} events, {runs} runs");
 }
