@@ -39,6 +39,15 @@ export PGSSLMODE=${BENCH_SSLMODE:-disable}
 which="${1:-all}"
 shift || true
 ./scripts/services.sh
+# drop_queues PREFIX: delete every queue named PREFIX.*, in one call (one rabbitmqctl per
+# queue took half a minute). A run's database is fresh, so its installation is new: the
+# queues of an earlier run under the same prefix would make the service refuse to start.
+drop_queues() {
+  rabbitmqctl -q eval "P = <<\"$1.\">>, lists:foreach(fun(Q) ->
+      {resource, _, queue, N} = amqqueue:get_name(Q),
+      case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
+    end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
+}
 if [[ $which == compare ]]; then
   rev=$(git rev-parse --short "${1:?compare needs a commit: scripts/bench.sh compare REV}")
   rounds=${2:-2}
@@ -80,11 +89,7 @@ if [[ $which == compare ]]; then
       "${client[$b]}" --url http://$HTTP_ADDR --events "$n" --concurrency "$c" "$@" 2>&1 |
         grep -E "^(end to end|ingest-to-run|request)" | sed "s/^/  /"
       kill $pid; wait $pid 2>/dev/null || true
-      # The run's queues go, in one call (one rabbitmqctl per queue took half a minute).
-      rabbitmqctl -q eval "P = <<\"$AMQP_PREFIX.\">>, lists:foreach(fun(Q) ->
-          {resource, _, queue, N} = amqqueue:get_name(Q),
-          case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
-        end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
+      drop_queues "$AMQP_PREFIX"
     )
   }
   for round in $(seq 1 "$rounds"); do
@@ -162,10 +167,7 @@ if [[ $which == sizing ]]; then
         "$(per1000 "$busy1 - $busy0")" "$(per1000 "$steal1 - $steal0")"
       kill "${pid[@]}"
       wait 2>/dev/null || true
-      rabbitmqctl -q eval "P = <<\"$AMQP_PREFIX.\">>, lists:foreach(fun(Q) ->
-          {resource, _, queue, N} = amqqueue:get_name(Q),
-          case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
-        end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
+      drop_queues "$AMQP_PREFIX"
     )
   done
   exit 0
@@ -182,6 +184,7 @@ export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=${BENCH_LOG:
 export METRICS_ADDR=127.0.0.1:3032 METRICS_URL=http://127.0.0.1:3032
 # Retention looks for old events every 5 s in the retention bench (the default is a minute).
 [[ $which == retention ]] && export RETENTION_INTERVAL_MS=5000
+drop_queues "$AMQP_PREFIX"
 target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
