@@ -26,6 +26,8 @@ pub struct JobFilter {
     pub kind: Option<String>,
     /// `failed` means retryable or discarded.
     pub state: Option<StateFilter>,
+    /// Only this environment's jobs.
+    pub environment: Option<uuid::Uuid>,
     pub limit: i64,
     /// Only jobs with a larger id: the cursor the previous page printed.
     pub after: Option<i64>,
@@ -53,7 +55,7 @@ impl std::str::FromStr for StateFilter {
 }
 
 impl StateFilter {
-    fn states(self) -> Vec<JobState> {
+    pub fn states(self) -> Vec<JobState> {
         match self {
             Self::One(s) => vec![s],
             Self::Failed => vec![JobState::Retryable, JobState::Discarded],
@@ -90,6 +92,7 @@ pub async fn list_jobs(
         queue: filter.queue.clone(),
         kind: filter.kind.clone(),
         states: filter.state.map(StateFilter::states),
+        environment: filter.environment,
         limit: filter.limit,
         after: filter.after,
     };
@@ -109,14 +112,28 @@ pub async fn retry_job(pool: &PgPool, id: i64) -> Result<Job, AdminError> {
     Ok(manage::retry(pool, id).await?)
 }
 
-/// Retry every job in `state` (of `kind`, if given); jobs whose unique key a live job
-/// holds are skipped. Returns the ids retried.
-pub async fn retry_jobs(
-    pool: &PgPool,
+/// The jobs a bulk retry of `state` (of `kind` and `environment`, if given) takes.
+pub fn matching(
     state: StateFilter,
     kind: Option<&str>,
-) -> Result<Vec<i64>, sqlx::Error> {
-    manage::retry_matching(pool, &state.states(), kind).await
+    environment: Option<uuid::Uuid>,
+) -> manage::Matching {
+    manage::Matching {
+        states: state.states(),
+        kind: kind.map(str::to_string),
+        environment,
+    }
+}
+
+/// Retry every job of `m`; jobs whose unique key a live job holds are skipped. Returns the
+/// ids retried.
+pub async fn retry_jobs(pool: &PgPool, m: &manage::Matching) -> Result<Vec<i64>, sqlx::Error> {
+    manage::retry_matching(pool, m).await
+}
+
+/// How many jobs [`retry_jobs`] would look at.
+pub async fn count_retryable(pool: &PgPool, m: &manage::Matching) -> Result<i64, sqlx::Error> {
+    manage::count_matching(pool, m).await
 }
 
 /// Cancel a job that is not final (see [`manage::cancel`]).

@@ -12,6 +12,7 @@ use crate::amqp_ingest::Ingest;
 use crate::config::{
     HttpConfig, IngestConfig, MetricsConfig, RelayConfig, StoreConfig, WorkerConfig, redact_url,
 };
+use crate::console::{self, ConsoleState};
 use crate::db;
 use crate::http::{self, AppState};
 use crate::ledger::{EVENTS_QUEUE, JobKind};
@@ -331,13 +332,27 @@ impl Process {
         }
         let http_task = match (roles.http, self.http) {
             (true, Some(listener)) => {
-                let router = http::router(
-                    AppState::new(self.pool.clone())
-                        .publishing(direct.clone())
-                        .with_operator_token(self.http_config.operator_token.as_ref()),
-                    &self.http_config,
-                    probe_routes,
+                let state = AppState::new(self.pool.clone())
+                    .publishing(direct.clone())
+                    .with_operator_token(self.http_config.operator_token.as_ref());
+                // The console signs in with the operator token: its failed sign-ins and the
+                // operator endpoints' failed tokens share one throttle.
+                let console = console::router(
+                    ConsoleState::new(
+                        self.pool.clone(),
+                        self.amqp_url.clone(),
+                        self.topology.clone(),
+                    )
+                    .signing_in_with(
+                        self.http_config.operator_token.as_ref(),
+                        state.operator_throttle.clone(),
+                    )
+                    .sessions(
+                        self.http_config.console_session_ttl,
+                        self.http_config.console_secure_cookies,
+                    ),
                 );
+                let router = http::router(state, &self.http_config, probe_routes.merge(console));
                 Some(tracker.spawn(http::serve(
                     listener,
                     router,

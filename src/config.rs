@@ -569,6 +569,15 @@ pub struct HttpConfig {
     /// checked, until the minute ends.
     #[arg(long, env = "OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<OperatorToken>,
+
+    /// How long a sign-in to the operator console (`/console`, with `OPERATOR_TOKEN`) lasts.
+    #[arg(long, env = "CONSOLE_SESSION_TTL", default_value = "8h", value_parser = parse_duration)]
+    pub console_session_ttl: Duration,
+
+    /// Mark the console's session cookie `Secure` (browsers then send it over HTTPS only):
+    /// set it when the console is reached through HTTPS, as behind a TLS Ingress.
+    #[arg(long, env = "CONSOLE_SECURE_COOKIES", default_value = "false")]
+    pub console_secure_cookies: bool,
 }
 
 impl Default for HttpConfig {

@@ -45,6 +45,7 @@ pub mod amqp;
 pub mod amqp_ingest;
 pub mod app;
 pub mod config;
+pub mod console;
 pub mod dates;
 pub mod db;
 pub mod dispatchers;

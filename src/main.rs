@@ -470,6 +470,7 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
                 queue,
                 kind,
                 state,
+                environment: None,
                 limit: limit.clamp(1, 10_000),
                 after,
             };
@@ -494,7 +495,9 @@ async fn jobs(store: &StoreConfig, json: bool, command: JobsCommand) -> anyhow::
         JobsCommand::Retry { id, state, kind } => {
             let ids = match (id, state) {
                 (Some(id), _) => vec![admin::retry_job(&pool, id).await?.id],
-                (None, Some(state)) => admin::retry_jobs(&pool, state, kind.as_deref()).await?,
+                (None, Some(state)) => {
+                    admin::retry_jobs(&pool, &admin::matching(state, kind.as_deref(), None)).await?
+                }
                 (None, None) => anyhow::bail!("give a job id or --state"),
             };
             if json {

@@ -893,6 +893,42 @@ pub fn rule_miss(
         .map(Miss::Filter))
 }
 
+/// What a dry run found: the dispatchers that would take an event and those that would not,
+/// with why (at most `listed` of each), their counts, and the filter steps it took.
+#[derive(Debug, Default)]
+pub struct DryRun {
+    pub matches: Vec<DispatcherView>,
+    pub misses: Vec<(DispatcherView, String)>,
+    pub match_count: usize,
+    pub miss_count: usize,
+    pub steps: u64,
+}
+
+/// Check an event against `dispatchers` as delivery would ([`why_not`]), with one step
+/// budget for the event. CPU work: call it off the async threads.
+pub fn dry_run(dispatchers: Vec<DispatcherView>, e: EventFacts<'_>, listed: usize) -> DryRun {
+    let mut eval = Evaluator::default();
+    let mut run = DryRun::default();
+    for d in dispatchers {
+        match why_not(&mut eval, &d, e) {
+            None => {
+                run.match_count += 1;
+                if run.matches.len() < listed {
+                    run.matches.push(d);
+                }
+            }
+            Some(reason) => {
+                run.miss_count += 1;
+                if run.misses.len() < listed {
+                    run.misses.push((d, reason));
+                }
+            }
+        }
+    }
+    run.steps = eval.steps();
+    run
+}
+
 /// Why a dispatcher would not take an event: the first reason, in the order delivery
 /// checks. The reasons do not repeat the event or the rule: the dry run shows both.
 pub fn why_not(eval: &mut Evaluator, d: &DispatcherView, e: EventFacts<'_>) -> Option<String> {

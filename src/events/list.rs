@@ -189,6 +189,28 @@ pub async fn list_events(
     Ok(Page { events, next, now })
 }
 
+/// How many events `environment_id` received in each of the last `minutes` minutes (by
+/// their timestamp), oldest first, a zero for a minute without any.
+pub async fn per_minute(
+    pool: &PgPool,
+    environment_id: Uuid,
+    minutes: i32,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(e.id) AS "n!"
+           FROM generate_series(0, $2 - 1) AS m(i)
+           LEFT JOIN event_records e
+             ON e.environment_id = $1
+            AND e.timestamp >= date_trunc('minute', now()) - make_interval(mins => $2 - 1 - m.i)
+            AND e.timestamp < date_trunc('minute', now()) - make_interval(mins => $2 - 2 - m.i)
+           GROUP BY m.i ORDER BY m.i"#,
+        environment_id,
+        minutes
+    )
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

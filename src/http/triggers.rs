@@ -16,7 +16,6 @@ use super::jobs::{TriggerBody, register_error};
 use super::openapi::EventFilterSchema;
 use crate::dispatchers;
 use crate::events::DEFAULT_SOURCE;
-use crate::events::filter::Evaluator;
 use crate::events::wire::SendEventBody;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -384,34 +383,21 @@ pub async fn match_event(
             payload: &e.payload,
             context: &context,
         };
-        let mut eval = Evaluator::default();
-        let (mut matches, mut misses) = (Vec::new(), Vec::new());
-        let (mut match_count, mut miss_count) = (0, 0);
-        for d in dispatchers {
-            match dispatchers::why_not(&mut eval, &d, facts) {
-                None => {
-                    match_count += 1;
-                    if matches.len() < MAX_DRY_RUN_LISTED {
-                        matches.push(Match { dispatcher: d });
-                    }
-                }
-                Some(reason) => {
-                    miss_count += 1;
-                    if misses.len() < MAX_DRY_RUN_LISTED {
-                        misses.push(MatchMiss {
-                            dispatcher: d,
-                            reason,
-                        });
-                    }
-                }
-            }
-        }
+        let run = dispatchers::dry_run(dispatchers, facts, MAX_DRY_RUN_LISTED);
         MatchResult {
-            matches,
-            misses,
-            match_count,
-            miss_count,
-            steps: eval.steps(),
+            matches: run
+                .matches
+                .into_iter()
+                .map(|dispatcher| Match { dispatcher })
+                .collect(),
+            misses: run
+                .misses
+                .into_iter()
+                .map(|(dispatcher, reason)| MatchMiss { dispatcher, reason })
+                .collect(),
+            match_count: run.match_count,
+            miss_count: run.miss_count,
+            steps: run.steps,
         }
     })
     .await

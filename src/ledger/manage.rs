@@ -1,6 +1,7 @@
 //! The ledger as an operator steers it (`kongflow-events jobs`): list, get, retry, cancel.
 
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::outbox::back_to_outbox;
 use super::{Job, JobState, UnreadableJob, decode_all, query_jobs};
@@ -12,6 +13,8 @@ pub struct Listing {
     pub kind: Option<String>,
     /// Any of these states (all when `None`).
     pub states: Option<Vec<JobState>>,
+    /// Only this environment's jobs.
+    pub environment: Option<Uuid>,
     pub limit: i64,
     /// Only jobs with a larger id: the cursor the previous page printed.
     pub after: Option<i64>,
@@ -59,6 +62,7 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Result<(Vec<Job>, Option<i64>),
            WHERE ($1::text IS NULL OR queue = $1)
              AND ($2::text IS NULL OR kind = $2)
              AND ($3::text[] IS NULL OR state::text = ANY($3))
+             AND ($6::uuid IS NULL OR environment_id = $6)
              AND id > $4
            ORDER BY id
            LIMIT $5"#,
@@ -66,7 +70,8 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Result<(Vec<Job>, Option<i64>),
         l.kind,
         states.as_deref(),
         l.after.unwrap_or(0),
-        l.limit
+        l.limit,
+        l.environment
     )
     .fetch_all(pool)
     .await?;
@@ -137,29 +142,55 @@ pub async fn retry(pool: &PgPool, id: i64) -> Result<Job, ManageError> {
     Ok(Job::try_from(row)?)
 }
 
-/// Retry every job in `states` (of `kind`, if given), as [`retry`] does one; jobs whose
-/// unique key a live job holds are skipped. Returns the ids retried.
-pub async fn retry_matching(
-    pool: &PgPool,
-    states: &[JobState],
-    kind: Option<&str>,
-) -> Result<Vec<i64>, sqlx::Error> {
-    let states: Vec<String> = names(states)
-        .into_iter()
-        .filter(|s| s != JobState::Available.as_str())
-        .collect();
+/// Which jobs a bulk retry takes: those in `states` (available ones are left alone), of
+/// `kind` and of `environment` when given.
+#[derive(Debug, Clone, Default)]
+pub struct Matching {
+    pub states: Vec<JobState>,
+    pub kind: Option<String>,
+    pub environment: Option<Uuid>,
+}
+
+impl Matching {
+    fn state_names(&self) -> Vec<String> {
+        names(&self.states)
+            .into_iter()
+            .filter(|s| s != JobState::Available.as_str())
+            .collect()
+    }
+}
+
+/// How many jobs a bulk retry of `m` would look at (the console asks before it retries).
+pub async fn count_matching(pool: &PgPool, m: &Matching) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM queue_jobs
+           WHERE state::text = ANY($1) AND ($2::text IS NULL OR kind = $2)
+             AND ($3::uuid IS NULL OR environment_id = $3)"#,
+        &m.state_names(),
+        m.kind.as_deref(),
+        m.environment
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Retry every job `m` takes, as [`retry`] does one; jobs whose unique key a live job
+/// holds are skipped. Returns the ids retried.
+pub async fn retry_matching(pool: &PgPool, m: &Matching) -> Result<Vec<i64>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let ids = sqlx::query_scalar!(
         r#"UPDATE queue_jobs q SET state = 'available', run_at = now(), finalized_at = NULL,
                   max_attempts = GREATEST(max_attempts, attempt + 1)
            WHERE q.state::text = ANY($1) AND ($2::text IS NULL OR q.kind = $2)
+             AND ($3::uuid IS NULL OR q.environment_id = $3)
              AND NOT EXISTS (
                  SELECT 1 FROM queue_jobs o
                  WHERE o.unique_key = q.unique_key AND o.id <> q.id
                    AND o.state NOT IN ('cancelled', 'discarded'))
            RETURNING q.id"#,
-        &states,
-        kind
+        &m.state_names(),
+        m.kind.as_deref(),
+        m.environment
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -223,4 +254,73 @@ pub async fn cancel_environment(
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+/// An environment's jobs of one kind as the console's overview shows them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KindFigures {
+    pub kind: String,
+    /// Due, not yet published (in the outbox).
+    pub backlog: i64,
+    /// Published, not final (in a work queue or running).
+    pub in_flight: i64,
+    /// Not yet due.
+    pub delayed: i64,
+    /// Jobs that started over the window, and their wait from due to start (seconds).
+    pub started: i64,
+    pub latency_p50: Option<f64>,
+    pub latency_p99: Option<f64>,
+}
+
+/// The figures of each kind of `environment`'s jobs, latencies over the last `window`:
+/// the live jobs through the two partial indexes by environment, the finished ones through
+/// the index of final jobs by their end.
+pub async fn kind_figures(
+    pool: &PgPool,
+    environment: Uuid,
+    window: std::time::Duration,
+) -> Result<Vec<KindFigures>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"WITH live AS (
+               SELECT kind,
+                      count(*) FILTER (WHERE published_at IS NULL AND run_at <= now()) AS backlog,
+                      count(*) FILTER (WHERE published_at IS NOT NULL) AS in_flight,
+                      count(*) FILTER (WHERE published_at IS NULL AND run_at > now()) AS delayed
+               FROM queue_jobs
+               WHERE environment_id = $1 AND state IN ('scheduled', 'available', 'retryable')
+               GROUP BY kind),
+           done AS (
+               SELECT kind, count(*) AS started,
+                      percentile_cont(0.5) WITHIN GROUP (
+                          ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at)) AS p50,
+                      percentile_cont(0.99) WITHIN GROUP (
+                          ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at)) AS p99
+               FROM queue_jobs
+               WHERE state IN ('completed', 'discarded', 'cancelled')
+                 AND finalized_at > now() - make_interval(secs => $2)
+                 AND environment_id = $1 AND attempted_at IS NOT NULL
+               GROUP BY kind)
+           SELECT COALESCE(l.kind, d.kind) AS "kind!",
+                  COALESCE(l.backlog, 0) AS "backlog!", COALESCE(l.in_flight, 0) AS "in_flight!",
+                  COALESCE(l.delayed, 0) AS "delayed!", COALESCE(d.started, 0) AS "started!",
+                  d.p50::float8 AS p50, d.p99::float8 AS p99
+           FROM live l FULL JOIN done d ON d.kind = l.kind
+           ORDER BY 1"#,
+        environment,
+        window.as_secs_f64()
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| KindFigures {
+            kind: r.kind,
+            backlog: r.backlog,
+            in_flight: r.in_flight,
+            delayed: r.delayed,
+            started: r.started,
+            latency_p50: r.p50,
+            latency_p99: r.p99,
+        })
+        .collect())
 }

@@ -159,6 +159,28 @@ pub async fn create(
         .collect())
 }
 
+/// How many runs `environment_id` had created in each of the last `minutes` minutes, oldest
+/// first, a zero for a minute without any.
+pub async fn per_minute(
+    pool: &sqlx::PgPool,
+    environment_id: Uuid,
+    minutes: i32,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT count(r.id) AS "n!"
+           FROM generate_series(0, $2 - 1) AS m(i)
+           LEFT JOIN job_runs r
+             ON r.environment_id = $1
+            AND r.created_at >= date_trunc('minute', now()) - make_interval(mins => $2 - 1 - m.i)
+            AND r.created_at < date_trunc('minute', now()) - make_interval(mins => $2 - 2 - m.i)
+           GROUP BY m.i ORDER BY m.i"#,
+        environment_id,
+        minutes
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// The runs of an event of the environment, oldest first.
 pub async fn of_event(
     conn: &mut PgConnection,

@@ -5,6 +5,7 @@ mod bounds;
 mod brokers;
 mod cluster;
 mod config;
+mod console;
 mod crash;
 mod delays;
 mod deploy;

@@ -719,9 +719,12 @@ async fn an_operator_retry_is_refused_while_a_live_job_holds_the_key() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let retried = admin::retry_jobs(&app.pool, admin::StateFilter::Failed, None)
-        .await
-        .unwrap();
+    let retried = admin::retry_jobs(
+        &app.pool,
+        &admin::matching(admin::StateFilter::Failed, None, None),
+    )
+    .await
+    .unwrap();
     assert_eq!(retried, Vec::<i64>::new(), "skipped as well");
     assert_eq!(state_of(first.id).await, "discarded");
 

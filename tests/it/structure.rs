@@ -224,6 +224,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("dynamic_trigger_jobs", "dispatchers"),
     ("event_dispatchers", "dispatchers"),
     ("webhook_attempts", "dispatchers"),
+    ("console_sessions", "console"),
 ];
 
 /// Reads of a table outside its owner, each a join in a statement that needs the rows it
