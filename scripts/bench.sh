@@ -23,11 +23,14 @@
 #             pipeline bench: flat out at 16 and 64 connections (10,000 events) and paced at
 #             200 events/s (16 connections) and 500 (32), a fresh database per run,
 #             each run after a warm-up of 400 events in the same process.
+#   console:  the operator console's page times on 1,000,000 events and 2,000,000 jobs
+#             (benches/console_pages.py).
 #   sizing [RATE...]: CPU and memory per role (serve, relay, worker as separate processes,
 #             Postgres, RabbitMQ) paced at each rate (default 250 and 500 events/s), as
 #             cores per 1,000 events/s and peak resident memory: the chart's sizing.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
-# (default all), `scripts/bench.sh compare REV [ROUNDS]` or `scripts/bench.sh sizing [RATE...]`.
+# (default all), `scripts/bench.sh compare REV [ROUNDS]`, `scripts/bench.sh sizing [RATE...]` or
+# `scripts/bench.sh console`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Postgres over plain TCP in every run, the anchors' and the baseline's included: since
@@ -170,6 +173,83 @@ if [[ $which == sizing ]]; then
       drop_queues "$AMQP_PREFIX"
     )
   done
+  exit 0
+fi
+if [[ $which == console ]]; then
+  # The console's page times on a database of 1,000,000 events (half of them one
+  # environment's, of ten), 1,000,000 runs and 2,000,000 jobs (2 % discarded), planted by
+  # SQL; `kongflow-events serve` (no relay or worker) with an operator token; then
+  # benches/console_pages.py asks each page ROUNDS times (40).
+  export SQLX_OFFLINE=true
+  cargo build --release --locked --quiet --bin kongflow-events
+  db=kongflow_console_bench
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db AMQP_PREFIX=kongflow-console-bench
+  export HTTP_ADDR=127.0.0.1:3031 METRICS_ADDR=127.0.0.1:3032 RUST_LOG=warn
+  export OPERATOR_TOKEN=console-bench-operator-token
+  drop_queues "$AMQP_PREFIX"
+  target/release/kongflow-events migrate >/dev/null
+  for i in $(seq 0 9); do target/release/kongflow-events env create "bench/console/e$i" >/dev/null; done
+  key=$(target/release/kongflow-events env create bench/console/e0 | tail -1)
+  target/release/kongflow-events serve >/dev/null 2>&1 &
+  pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do curl -sf http://$HTTP_ADDR/readyz >/dev/null && break; sleep 0.2; done
+  for j in $(seq 1 20); do
+    curl -sf -X PUT "http://$HTTP_ADDR/api/v1/jobs/job-$j" -H "Authorization: Bearer $key" \
+      -H 'content-type: application/json' \
+      -d "{\"version\":\"1.0.0\",\"trigger\":{\"event\":\"bench.$((j % 20))\",\"payload\":{\"i\":[$j]}}}" >/dev/null
+  done
+  echo "== planting 1,000,000 events, 1,000,000 runs, 2,000,000 jobs ($(date -u +%H:%M:%S))"
+  start=$(date +%s)
+  psql -h 127.0.0.1 -U postgres -d $db -qAt -v ON_ERROR_STOP=1 <<'SQL'
+CREATE TEMP TABLE envs AS
+  SELECT row_number() OVER (ORDER BY e.slug) - 1 AS n, e.id FROM runtime_environments e;
+-- Event i: half in e0, the rest spread over e1..e9; a second apart back from now, the
+-- last thousand delayed.
+INSERT INTO event_records (id, environment_id, event_id, name, payload, context, timestamp,
+                           deliver_at, delivered_at, created_at, updated_at)
+SELECT gen_random_uuid(), env.id, 'evt-' || i, 'bench.' || (i % 20),
+       jsonb_build_object('i', i, 'note', 'planted'), '{}', t,
+       CASE WHEN i > 999000 THEN now() + interval '1 hour' ELSE t END,
+       CASE WHEN i > 999000 THEN NULL ELSE t + interval '5 ms' END, t, t
+FROM generate_series(1, 1000000) AS i,
+     LATERAL (SELECT now() - make_interval(secs => (1000000 - i) * 0.05) AS t) AS ts,
+     LATERAL (SELECT id FROM envs WHERE n = CASE WHEN i % 2 = 0 THEN 0 ELSE 1 + i % 9 END) AS env;
+INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id,
+                      created_at, updated_at)
+SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
+       gen_random_uuid(), created_at, created_at
+FROM event_records;
+-- Two jobs an event, finished within the last day (retention keeps them), 2 % discarded.
+INSERT INTO queue_jobs (kind, args, state, attempt, max_attempts, run_at, errors, created_at,
+                        attempted_at, finalized_at, published_at, environment_id)
+SELECT CASE WHEN k = 0 THEN 'deliverEvent' ELSE 'events.invokeDispatcher' END,
+       CASE WHEN k = 0 THEN jsonb_build_object('id', e.id)
+            ELSE jsonb_build_object('id', gen_random_uuid(), 'eventRecordId', e.id) END,
+       (CASE WHEN (x % 50) = 0 THEN 'discarded' ELSE 'completed' END)::queue_job_state,
+       CASE WHEN (x % 50) = 0 THEN 5 ELSE 1 END, 5, t,
+       CASE WHEN (x % 50) = 0 THEN '[{"error": "planted failure", "attempt": 5}]'::jsonb
+            ELSE '[]'::jsonb END,
+       t, t + interval '2 ms', t + interval '4 ms', t + interval '1 ms', e.environment_id
+FROM (SELECT e.*, row_number() OVER () AS x FROM event_records e) AS e,
+     generate_series(0, 1) AS k,
+     LATERAL (SELECT now() - make_interval(secs => ((1000000 - e.x) * 0.05) % 80000) AS t) AS ts;
+ANALYZE;
+SQL
+  echo "   planted in $(($(date +%s) - start)) s"
+  q() { psql -h 127.0.0.1 -U postgres -d $db -qAtc "$1"; }
+  e0=$(q "SELECT id FROM runtime_environments WHERE slug = 'e0'")
+  deep=$(q "SELECT floor(extract(epoch FROM timestamp) * 1000000)::bigint || '.' || id FROM event_records
+            WHERE environment_id = '$e0' ORDER BY timestamp DESC, id DESC OFFSET 250000 LIMIT 1")
+  export DEEP_CURSOR=$(printf '%s' "$deep" | base64 -w0 | tr '+/' '-_' | tr -d '=')
+  export DEEP_JOB=$(q "SELECT id FROM queue_jobs WHERE environment_id = '$e0' ORDER BY id OFFSET 500000 LIMIT 1")
+  export JOB=$(q "SELECT id FROM queue_jobs WHERE environment_id = '$e0' AND state = 'discarded' LIMIT 1")
+  export EVENT=$(q "SELECT event_id FROM event_records WHERE environment_id = '$e0' AND name = 'bench.4' OFFSET 1000 LIMIT 1")
+  export SINCE=$(q "SELECT to_char(now() - interval '6 hours', 'YYYY-MM-DD\"T\"HH24:MI')")
+  export UNTIL=$(q "SELECT to_char(now() - interval '5 hours', 'YYYY-MM-DD\"T\"HH24:MI')")
+  echo "== page times ($(date -u +%H:%M:%S))"
+  BASE_URL=http://$HTTP_ADDR ENV_PATH=bench/console/e0 python3 benches/console_pages.py
   exit 0
 fi
 export SQLX_OFFLINE=true

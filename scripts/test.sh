@@ -2,7 +2,8 @@
 # The whole test suite: formatting, lints, unit and integration tests against the real
 # Postgres and RabbitMQ (started, or installed, when missing), the suite again on quorum
 # queues, the three-node cluster test, the stores over TLS, the container image built and
-# run as the Helm chart runs it, and an older build beside this one on its schema. Each
+# run as the Helm chart runs it, an older build beside this one on its schema, and the
+# operator console in a real browser. Each
 # test makes its own database (a copy of a
 # migrated template) and its own RabbitMQ name prefix, and removes them when it ends, so
 # tests run in parallel, beside another run or a running service.
@@ -91,6 +92,8 @@ phase tls ./scripts/tls-test.sh
 phase image ./scripts/image.sh test
 # The build before the newest migration beside this one, on this build's schema.
 phase upgrade ./scripts/upgrade-test.sh
+# The operator console in Chromium (Debian's chromium and chromedriver, Selenium).
+phase browser ./scripts/browser-test.sh
 
 failed=0
 echo

@@ -170,6 +170,14 @@ pub fn is_ca_file_error(e: &lapin::Error) -> bool {
         if io.get_ref().is_some_and(|inner| inner.is::<CaFileError>()))
 }
 
+/// Whether the broker refused an operation because a queue or exchange it names does not
+/// exist (404, a channel-level error): the topology is not declared yet.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
 /// Whether the broker's TLS certificate was refused: signed by no CA this process trusts,
 /// for another host, or expired.
 pub fn is_untrusted(e: &lapin::Error) -> bool {

@@ -217,13 +217,14 @@ async fn live_figures(state: &ConsoleState, scope: &Scope) -> Result<Markup, Res
         None => (Vec::new(), Vec::new(), Vec::new()),
     };
     let ms = |s: Option<f64>| s.map_or("–".to_string(), |s| format!("{:.1} ms", s * 1000.0));
-    let per_s = |v: &[i64]| v.last().map_or(0.0, |n| *n as f64 / 60.0);
+    // The last whole minute's rate (the current one has only begun).
+    let per_s = |v: &[i64]| v.iter().rev().nth(1).map_or(0.0, |n| *n as f64 / 60.0);
     Ok(html! {
         div.cards {
             div.card { h3 { "Events / s" } p.big data-key="events-rate" { (format!("{:.1}", per_s(&events))) }
-                (spark(&events)) small { "per minute, last " (WINDOW_MINUTES) " min" } }
+                (spark(&events)) small { "last whole minute; bars per minute, last " (WINDOW_MINUTES) " min" } }
             div.card { h3 { "Runs / s" } p.big data-key="runs-rate" { (format!("{:.1}", per_s(&runs))) }
-                (spark(&runs)) small { "per minute, last " (WINDOW_MINUTES) " min" } }
+                (spark(&runs)) small { "last whole minute; bars per minute, last " (WINDOW_MINUTES) " min" } }
             div.card { h3 { "Outbox (all environments)" } p.big { (stats.backlog) }
                 small { "oldest " (format!("{:.1}", stats.oldest_age_secs)) " s · delayed " (stats.delayed) } }
             div.card { h3 { "Run hand-offs waiting" } p.big { (handoffs) }
@@ -232,7 +233,7 @@ async fn live_figures(state: &ConsoleState, scope: &Scope) -> Result<Markup, Res
         h2 { "Jobs by kind" }
         table {
             thead { tr { th { "kind" } th { "backlog" } th { "in flight" } th { "delayed" }
-                th { "started (" (WINDOW_MINUTES) " min)" } th { "queue latency p50" } th { "p99" } } }
+                th { "ended (" (WINDOW_MINUTES) " min)" } th { "queue latency p50" } th { "p99" } } }
             tbody {
                 @for KindFigures { kind, backlog, in_flight, delayed, started, latency_p50, latency_p99 } in &kinds {
                     tr { td { (kind) } td { (backlog) } td { (in_flight) } td { (delayed) } td { (started) }
@@ -326,6 +327,10 @@ pub(super) async fn events(
     let found = list::list_events(&state.pool, env.id, &filter)
         .await
         .map_err(db)?;
+    let searched_to = found
+        .next
+        .filter(|_| (found.events.len() as i64) < PAGE_ROWS)
+        .map(|c| c.timestamp);
     let next = found.next.map(|c| {
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in [
@@ -383,6 +388,10 @@ pub(super) async fn events(
                     }
                     @if found.events.is_empty() { tr { td colspan="5" { "no events" } } }
                 }
+            }
+            @if let Some(t) = searched_to {
+                p { small { "Matches among the " (list::MAX_SCANNED) " events looked at, back to "
+                    (when(t)) "; older ones on the next page." } }
             }
             @if let Some(n) = next { p { a.next href=(n) { "Older →" } } }
         },
@@ -629,7 +638,7 @@ pub(super) async fn jobs(
             form.filters method="post" action=(with_env("/console/jobs/retry-matching", env_path)) {
                 (csrf_field(&s))
                 label { "Retry all " select name="state" {
-                    @for st in ["failed", "discarded", "retryable", "cancelled", "completed"] { option value=(st) { (st) } } } }
+                    @for st in ["failed", "discarded", "retryable", "cancelled"] { option value=(st) { (st) } } } }
                 label { " of kind " select name="kind" { option value="" { "any" }
                     @for k in ["deliverEvent", "events.invokeDispatcher", "events.deliverWebhook"] { option value=(k) { (k) } } } }
                 button #retry-matching type="submit" { "Retry matching…" }
@@ -851,7 +860,12 @@ pub(super) async fn dead_letters(
     let conn = broker(&state).await?;
     let letters = admin::dead_letters(&conn, &state.topology, &state.pool, DEAD_SHOWN).await;
     let _ = conn.close(200, "console".into()).await;
-    let letters = letters.map_err(db)?;
+    // No relay has declared the topology yet: no dead-letter queue, so no dead letters.
+    let (letters, undeclared) = match letters {
+        Ok(l) => (l, false),
+        Err(admin::AdminError::Amqp(e)) if crate::amqp::is_not_found(&e) => (Vec::new(), true),
+        Err(e) => return Err(db(e)),
+    };
     Ok(page(
         "Dead letters",
         Nav::DeadLetters,
@@ -861,6 +875,7 @@ pub(super) async fn dead_letters(
             h1 { "Dead letters" }
             (notice(q.done.as_deref()))
             p { small { "The dead-letter queue of every environment (first " (DEAD_SHOWN) ")." } }
+            @if undeclared { p.notice { "The dead-letter queue is not declared yet: no relay has started." } }
             form method="post" action=(with_env("/console/dead-letters/replay", scope.path.as_deref())) data-confirm="Replay the dead letters? Their discarded jobs run again." {
                 (csrf_field(&s)) button #replay type="submit" disabled[letters.is_empty()] { "Replay " (letters.len()) " letter(s)" }
             }

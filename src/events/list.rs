@@ -138,7 +138,14 @@ pub struct Page {
     pub now: DateTime<Utc>,
 }
 
-/// A page of the events of `environment_id`, newest first (by timestamp, then id).
+/// Most events one page looks at when it filters by name or state, which no index serves:
+/// a page then holds the matches among the next this many events (by timestamp), and
+/// `next` goes on from there, so each page costs the same however rare the matches.
+pub const MAX_SCANNED: i64 = 10_000;
+
+/// A page of the events of `environment_id`, newest first (by timestamp, then id). With a
+/// name or state filter a page looks at [`MAX_SCANNED`] events at most: it may hold fewer
+/// than `limit` (even none) and still have a `next`.
 pub async fn list_events(
     pool: &PgPool,
     environment_id: Uuid,
@@ -146,6 +153,37 @@ pub async fn list_events(
 ) -> Result<Page, sqlx::Error> {
     let limit = filter.limit.clamp(1, MAX_LIMIT);
     let now = Utc::now();
+    let cursor = (
+        filter.cursor.map(|c| c.timestamp),
+        filter.cursor.map(|c| c.id),
+    );
+    // The oldest event a filtered page looks at, when there are more than it may look at
+    // (walked on the index alone).
+    let floor = if filter.name.is_some() || filter.state.is_some() {
+        sqlx::query!(
+            r#"SELECT timestamp, id FROM event_records
+               WHERE environment_id = $1
+                 AND ($2::timestamptz IS NULL OR timestamp >= $2)
+                 AND ($3::timestamptz IS NULL OR timestamp < $3)
+                 AND ($4::timestamptz IS NULL OR (timestamp, id) < ($4, $5::uuid))
+               ORDER BY timestamp DESC, id DESC
+               OFFSET $6 LIMIT 1"#,
+            environment_id,
+            filter.since,
+            filter.until,
+            cursor.0,
+            cursor.1,
+            MAX_SCANNED - 1
+        )
+        .fetch_optional(pool)
+        .await?
+        .map(|r| Cursor {
+            timestamp: r.timestamp,
+            id: r.id,
+        })
+    } else {
+        None
+    };
     // One more than asked: whether it comes says whether there is a next page.
     let mut events = sqlx::query_as!(
         EventRecord,
@@ -163,6 +201,7 @@ pub async fn list_events(
                    WHEN deliver_at > $6 THEN 'delayed'
                    ELSE 'pending' END)
              AND ($7::timestamptz IS NULL OR (timestamp, id) < ($7, $8::uuid))
+             AND ($10::timestamptz IS NULL OR (timestamp, id) >= ($10, $11::uuid))
            ORDER BY timestamp DESC, id DESC
            LIMIT $9"#,
         environment_id,
@@ -171,9 +210,11 @@ pub async fn list_events(
         filter.until,
         filter.state.map(EventState::as_str),
         now,
-        filter.cursor.map(|c| c.timestamp),
-        filter.cursor.map(|c| c.id),
-        limit + 1
+        cursor.0,
+        cursor.1,
+        limit + 1,
+        floor.map(|c| c.timestamp),
+        floor.map(|c| c.id)
     )
     .fetch_all(pool)
     .await?;
@@ -184,7 +225,9 @@ pub async fn list_events(
             id: e.id,
         })
     } else {
-        None
+        // Fewer matches than asked among the events looked at: the next page starts
+        // below the oldest of those, if there are older ones.
+        floor
     };
     Ok(Page { events, next, now })
 }

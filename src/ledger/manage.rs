@@ -49,6 +49,19 @@ impl From<UnreadableJob> for ManageError {
     }
 }
 
+/// Whether every one of `states` is one `queue_jobs_failed_idx` holds. A statement given
+/// such states also says so in SQL (`NOT $n OR state IN (...)`, which a custom plan folds
+/// to the index's predicate), so the planner may use that index.
+fn only_failed(states: &[JobState]) -> bool {
+    !states.is_empty()
+        && states.iter().all(|s| {
+            matches!(
+                s,
+                JobState::Retryable | JobState::Discarded | JobState::Cancelled
+            )
+        })
+}
+
 fn names(states: &[JobState]) -> Vec<String> {
     states.iter().map(|s| s.as_str().to_string()).collect()
 }
@@ -62,6 +75,7 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Result<(Vec<Job>, Option<i64>),
            WHERE ($1::text IS NULL OR queue = $1)
              AND ($2::text IS NULL OR kind = $2)
              AND ($3::text[] IS NULL OR state::text = ANY($3))
+             AND (NOT $7 OR state IN ('retryable', 'discarded', 'cancelled'))
              AND ($6::uuid IS NULL OR environment_id = $6)
              AND id > $4
            ORDER BY id
@@ -71,7 +85,8 @@ pub async fn list(pool: &PgPool, l: &Listing) -> Result<(Vec<Job>, Option<i64>),
         states.as_deref(),
         l.after.unwrap_or(0),
         l.limit,
-        l.environment
+        l.environment,
+        l.states.as_deref().is_some_and(only_failed)
     )
     .fetch_all(pool)
     .await?;
@@ -165,10 +180,12 @@ pub async fn count_matching(pool: &PgPool, m: &Matching) -> Result<i64, sqlx::Er
     sqlx::query_scalar!(
         r#"SELECT count(*) AS "n!" FROM queue_jobs
            WHERE state::text = ANY($1) AND ($2::text IS NULL OR kind = $2)
+             AND (NOT $4 OR state IN ('retryable', 'discarded', 'cancelled'))
              AND ($3::uuid IS NULL OR environment_id = $3)"#,
         &m.state_names(),
         m.kind.as_deref(),
-        m.environment
+        m.environment,
+        only_failed(&m.states)
     )
     .fetch_one(pool)
     .await
@@ -182,6 +199,7 @@ pub async fn retry_matching(pool: &PgPool, m: &Matching) -> Result<Vec<i64>, sql
         r#"UPDATE queue_jobs q SET state = 'available', run_at = now(), finalized_at = NULL,
                   max_attempts = GREATEST(max_attempts, attempt + 1)
            WHERE q.state::text = ANY($1) AND ($2::text IS NULL OR q.kind = $2)
+             AND (NOT $4 OR q.state IN ('retryable', 'discarded', 'cancelled'))
              AND ($3::uuid IS NULL OR q.environment_id = $3)
              AND NOT EXISTS (
                  SELECT 1 FROM queue_jobs o
@@ -190,7 +208,8 @@ pub async fn retry_matching(pool: &PgPool, m: &Matching) -> Result<Vec<i64>, sql
            RETURNING q.id"#,
         &m.state_names(),
         m.kind.as_deref(),
-        m.environment
+        m.environment,
+        only_failed(&m.states)
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -264,9 +283,10 @@ pub struct KindFigures {
     pub backlog: i64,
     /// Published, not final (in a work queue or running).
     pub in_flight: i64,
-    /// Not yet due.
+    /// Not yet due (in the outbox or the delay tiers).
     pub delayed: i64,
-    /// Jobs that started over the window, and their wait from due to start (seconds).
+    /// Jobs that ended over the window, and their wait from due to their last start
+    /// (seconds; a job retried by hand after its last start is not counted).
     pub started: i64,
     pub latency_p50: Option<f64>,
     pub latency_p99: Option<f64>,
@@ -281,15 +301,25 @@ pub async fn kind_figures(
     window: std::time::Duration,
 ) -> Result<Vec<KindFigures>, sqlx::Error> {
     let rows = sqlx::query!(
-        r#"WITH live AS (
-               SELECT kind,
-                      count(*) FILTER (WHERE published_at IS NULL AND run_at <= now()) AS backlog,
-                      count(*) FILTER (WHERE published_at IS NOT NULL) AS in_flight,
-                      count(*) FILTER (WHERE published_at IS NULL AND run_at > now()) AS delayed
+        r#"WITH outbox AS (
+               -- queue_jobs_fair_outbox_idx: the environment's unpublished jobs.
+               SELECT kind, count(*) FILTER (WHERE run_at <= now()) AS due,
+                      count(*) FILTER (WHERE run_at > now()) AS later
                FROM queue_jobs
-               WHERE environment_id = $1 AND state IN ('scheduled', 'available', 'retryable')
+               WHERE environment_id = $1 AND published_at IS NULL
+                 AND state IN ('scheduled', 'available', 'retryable')
+               GROUP BY kind),
+           flight AS (
+               -- queue_jobs_in_flight_idx: published, not final (due: in a work queue;
+               -- not yet due: in the delay tiers).
+               SELECT kind, count(*) FILTER (WHERE run_at <= now()) AS due,
+                      count(*) FILTER (WHERE run_at > now()) AS later
+               FROM queue_jobs
+               WHERE environment_id = $1 AND published_at IS NOT NULL
+                 AND state IN ('scheduled', 'available', 'retryable')
                GROUP BY kind),
            done AS (
+               -- queue_jobs_finalized_idx: final jobs by their end.
                SELECT kind, count(*) AS started,
                       percentile_cont(0.5) WITHIN GROUP (
                           ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at)) AS p50,
@@ -298,13 +328,19 @@ pub async fn kind_figures(
                FROM queue_jobs
                WHERE state IN ('completed', 'discarded', 'cancelled')
                  AND finalized_at > now() - make_interval(secs => $2)
-                 AND environment_id = $1 AND attempted_at IS NOT NULL
-               GROUP BY kind)
-           SELECT COALESCE(l.kind, d.kind) AS "kind!",
-                  COALESCE(l.backlog, 0) AS "backlog!", COALESCE(l.in_flight, 0) AS "in_flight!",
-                  COALESCE(l.delayed, 0) AS "delayed!", COALESCE(d.started, 0) AS "started!",
+                 AND environment_id = $1 AND attempted_at >= run_at
+               GROUP BY kind),
+           kinds AS (SELECT kind FROM outbox UNION SELECT kind FROM flight
+                     UNION SELECT kind FROM done)
+           SELECT k.kind AS "kind!",
+                  COALESCE(o.due, 0) AS "backlog!", COALESCE(f.due, 0) AS "in_flight!",
+                  COALESCE(o.later, 0) + COALESCE(f.later, 0) AS "delayed!",
+                  COALESCE(d.started, 0) AS "started!",
                   d.p50::float8 AS p50, d.p99::float8 AS p99
-           FROM live l FULL JOIN done d ON d.kind = l.kind
+           FROM kinds k
+           LEFT JOIN outbox o ON o.kind = k.kind
+           LEFT JOIN flight f ON f.kind = k.kind
+           LEFT JOIN done d ON d.kind = k.kind
            ORDER BY 1"#,
         environment,
         window.as_secs_f64()

@@ -314,3 +314,32 @@ async fn the_cli_lists_an_environments_events_a_page_at_a_time() {
     assert_eq!(ids(&page), vec!["c-2", "c-1", "c-0"]);
     assert_eq!(page["next"], Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_page_looks_at_a_bounded_number_of_events_and_goes_on_from_there() {
+    use kongflow_events::events::list::MAX_SCANNED;
+    let app = TestApp::builder().roles(crate::helpers::HTTP_ONLY).start().await;
+    let key = app.api_key.clone();
+    // More events than a page looks at: the one named `rare` is the oldest.
+    sqlx::query(
+        "INSERT INTO event_records (id, environment_id, event_id, name, timestamp, deliver_at)
+         SELECT gen_random_uuid(), $1, 'e-' || i, CASE WHEN i = 0 THEN 'rare' ELSE 'common' END,
+                now() - make_interval(secs => 100000 - i), now()
+         FROM generate_series(0, $2) AS i",
+    )
+    .bind(app.env.id)
+    .bind(MAX_SCANNED as i32 + 50)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // The first page looks at the newest MAX_SCANNED events: no match, and a next page.
+    let first = list(&app, &key, "?name=rare").await;
+    assert_eq!(ids(&first), Vec::<String>::new());
+    let next = first["next"].as_str().expect("a next page").to_string();
+    let second = list(&app, &key, &format!("?name=rare&cursor={next}")).await;
+    assert_eq!(ids(&second), ["e-0"]);
+    assert_eq!(second["next"], Value::Null, "nothing older");
+    // Unfiltered pages are unaffected: full, newest first.
+    let page = list(&app, &key, "?limit=3").await;
+    assert_eq!(ids(&page).len(), 3);
+}
