@@ -1035,7 +1035,16 @@ pub(super) async fn set_enabled(
     tracing::info!(dispatcher = %id, enabled = form.enabled, "dispatcher changed at the console");
     Ok(back(
         &with_env("/console/dispatchers", scope.path.as_deref()),
-        &format!("Dispatcher {id}: {toggled:?}."),
+        &match toggled {
+            dispatchers::Toggled::Done => format!(
+                "Dispatcher {id} {}.",
+                if form.enabled { "enabled" } else { "disabled" }
+            ),
+            dispatchers::Toggled::NotFound => format!("No dispatcher {id} in this environment."),
+            dispatchers::Toggled::Spent(how) => {
+                format!("Dispatcher {id} has {how}: spent, it cannot be enabled again.")
+            }
+        },
     ))
 }
 

@@ -226,7 +226,7 @@ def main():
         row = [r for r in d.find_elements(By.CSS_SELECTOR, "#dispatcher-list tbody tr")
                if "only-big-orders" in r.text][0]
         row.find_element(By.CSS_SELECTOR, "button").click()
-        assert "Done" in text(".notice")
+        assert "disabled." in text(".notice"), text(".notice")
         row = [r for r in d.find_elements(By.CSS_SELECTOR, "#dispatcher-list tbody tr")
                if "only-big-orders" in r.text][0]
         assert "disabled" in row.text

@@ -318,7 +318,10 @@ async fn the_cli_lists_an_environments_events_a_page_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filtered_page_looks_at_a_bounded_number_of_events_and_goes_on_from_there() {
     use kongflow_events::events::list::MAX_SCANNED;
-    let app = TestApp::builder().roles(crate::helpers::HTTP_ONLY).start().await;
+    let app = TestApp::builder()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
     let key = app.api_key.clone();
     // More events than a page looks at: the one named `rare` is the oldest.
     sqlx::query(
