@@ -350,7 +350,8 @@ impl Process {
                     .sessions(
                         self.http_config.console_session_ttl,
                         self.http_config.console_secure_cookies,
-                    ),
+                    )
+                    .rate_limits_of(state.limiter.clone()),
                 );
                 let router = http::router(state, &self.http_config, probe_routes.merge(console));
                 Some(tracker.spawn(http::serve(

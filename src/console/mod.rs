@@ -49,6 +49,8 @@ pub struct ConsoleState {
     pub session_ttl: Duration,
     /// Cookies marked `Secure` (the console is reached over HTTPS).
     pub secure_cookies: bool,
+    /// The API's rate limiter in this process, for the overview's refused events.
+    pub limiter: Option<crate::events::ratelimit::RateLimiter>,
     /// The broker, for the dead letters.
     pub amqp_url: String,
     pub topology: Topology,
@@ -63,6 +65,7 @@ impl ConsoleState {
             throttle: Throttle::default(),
             session_ttl: DEFAULT_SESSION_TTL,
             secure_cookies: false,
+            limiter: None,
             amqp_url,
             topology,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -79,6 +82,14 @@ impl ConsoleState {
         Self {
             operator_token: token.map(|t| tenants::hash_api_key(&t.0).into()),
             throttle,
+            ..self
+        }
+    }
+
+    /// Show what `limiter` (the API's, in this process) refused.
+    pub fn rate_limits_of(self, limiter: crate::events::ratelimit::RateLimiter) -> Self {
+        Self {
+            limiter: Some(limiter),
             ..self
         }
     }
@@ -269,8 +280,8 @@ pub(crate) struct Scope {
 }
 
 impl Scope {
-    pub(crate) async fn of(pool: &PgPool, env: Option<&str>) -> Result<Self, sqlx::Error> {
-        let all = tenants::listing(pool).await?;
+    pub(crate) async fn of(pool: &PgPool, env: Option<&str>) -> Result<Self, Response> {
+        let all = tenants::listing(pool).await.map_err(failed)?;
         let chosen = match env.filter(|e| !e.is_empty()) {
             Some(e) => all
                 .iter()
@@ -278,10 +289,20 @@ impl Scope {
             None => all.first(),
         };
         let (current, path) = match chosen {
-            Some(l) => (tenants::by_id(pool, l.id).await?, Some(l.path.clone())),
+            Some(l) => (
+                tenants::by_id(pool, l.id).await.map_err(failed)?,
+                Some(l.path.clone()),
+            ),
             None => (None, None),
         };
         Ok(Self { all, current, path })
+    }
+
+    /// The environment shown, for a change that needs one (404 without).
+    pub(crate) fn env(&self) -> Result<&Environment, Response> {
+        self.current
+            .as_ref()
+            .ok_or_else(|| refused(StatusCode::NOT_FOUND, "no such environment"))
     }
 
     /// The path of the environment `id`, or the id itself for one that is gone.

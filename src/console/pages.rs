@@ -163,7 +163,7 @@ pub(super) async fn overview(
     Extension(s): Extension<Session>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let live = live_figures(&state, &scope).await?;
     let live_url = with_env("/console/overview.json", scope.path.as_deref());
     Ok(page(
@@ -185,7 +185,7 @@ pub(super) async fn overview_json(
     State(state): State<ConsoleState>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let live = live_figures(&state, &scope).await?;
     Ok(Html(live.into_string()).into_response())
 }
@@ -216,6 +216,10 @@ async fn live_figures(state: &ConsoleState, scope: &Scope) -> Result<Markup, Res
         ),
         None => (Vec::new(), Vec::new(), Vec::new()),
     };
+    let rate_limited = match (&state.limiter, &scope.current) {
+        (Some(l), Some(env)) => l.refused(env.id),
+        _ => 0,
+    };
     let ms = |s: Option<f64>| s.map_or("–".to_string(), |s| format!("{:.1} ms", s * 1000.0));
     // The last whole minute's rate (the current one has only begun).
     let per_s = |v: &[i64]| v.iter().rev().nth(1).map_or(0.0, |n| *n as f64 / 60.0);
@@ -229,17 +233,20 @@ async fn live_figures(state: &ConsoleState, scope: &Scope) -> Result<Markup, Res
                 small { "oldest " (format!("{:.1}", stats.oldest_age_secs)) " s · delayed " (stats.delayed) } }
             div.card { h3 { "Run hand-offs waiting" } p.big { (handoffs) }
                 small { "oldest " (format!("{:.1}", handoff_age)) " s · set aside " (set_aside) } }
+            div.card { h3 { "Events refused by the rate limit" } p.big data-key="rate-limited" { (rate_limited) }
+                small { "over HTTP, by this API process since it started" } }
         }
         h2 { "Jobs by kind" }
         table {
             thead { tr { th { "kind" } th { "backlog" } th { "in flight" } th { "delayed" }
-                th { "ended (" (WINDOW_MINUTES) " min)" } th { "queue latency p50" } th { "p99" } } }
+                th { "ended (" (WINDOW_MINUTES) " min)" } th { "of which dead-lettered" } th { "queue latency p50" } th { "p99" } th { "p99 per minute" } } }
             tbody {
-                @for KindFigures { kind, backlog, in_flight, delayed, started, latency_p50, latency_p99 } in &kinds {
+                @for KindFigures { kind, backlog, in_flight, delayed, started, discarded, latency_p50, latency_p99, p99_per_minute } in &kinds {
                     tr { td { (kind) } td { (backlog) } td { (in_flight) } td { (delayed) } td { (started) }
-                        td { (ms(*latency_p50)) } td { (ms(*latency_p99)) } }
+                        td { (discarded) } td { (ms(*latency_p50)) } td { (ms(*latency_p99)) }
+                        td.chart { (spark(&p99_per_minute.iter().map(|p| p.map_or(0, |s| (s * 1000.0).ceil() as i64)).collect::<Vec<_>>())) } }
                 }
-                @if kinds.is_empty() { tr { td colspan="7" { "no jobs in the window" } } }
+                @if kinds.is_empty() { tr { td colspan="9" { "no jobs in the window" } } }
             }
         }
         h2 { "Top environments by backlog" }
@@ -304,7 +311,7 @@ pub(super) async fn events(
     Extension(s): Extension<Session>,
     Query(q): Query<EventsQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let Some(env) = &scope.current else {
         return Ok(no_environment(&scope, &s, Nav::Events));
     };
@@ -420,7 +427,7 @@ pub(super) async fn event(
     Path(id): Path<String>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let Some(env) = scope.current.clone() else {
         return Ok(no_environment(&scope, &s, Nav::Events));
     };
@@ -548,10 +555,8 @@ pub(super) async fn cancel_event(
     Form(form): Form<CsrfOnly>,
 ) -> Page {
     check_csrf(&s, form.csrf.as_deref())?;
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
-    let Some(env) = &scope.current else {
-        return Err(refused(StatusCode::NOT_FOUND, "no such environment"));
-    };
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
+    let env = scope.env()?;
     let done = match EventsService::new(state.pool.clone())
         .cancel_event(env, &id)
         .await
@@ -587,7 +592,7 @@ pub(super) async fn jobs(
     Extension(s): Extension<Session>,
     Query(q): Query<JobsQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let env_path = scope.path.as_deref();
     let kind = q.kind.clone().filter(|k| !k.is_empty());
     let filter = admin::JobFilter {
@@ -687,7 +692,7 @@ pub(super) async fn retry_matching(
     Form(form): Form<RetryMatching>,
 ) -> Page {
     check_csrf(&s, form.csrf.as_deref())?;
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let env_path = scope.path.as_deref();
     let st: StateFilter = form
         .state
@@ -733,7 +738,7 @@ pub(super) async fn job(
     Path(id): Path<i64>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let env_path = scope.path.as_deref();
     let Some(j) = admin::get_job(&state.pool, id).await.map_err(db)? else {
         return Ok((
@@ -856,7 +861,7 @@ pub(super) async fn dead_letters(
     Extension(s): Extension<Session>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let conn = broker(&state).await?;
     let letters = admin::dead_letters(&conn, &state.topology, &state.pool, DEAD_SHOWN).await;
     let _ = conn.close(200, "console".into()).await;
@@ -938,7 +943,7 @@ pub(super) async fn dispatchers(
     Extension(s): Extension<Session>,
     Query(q): Query<DispatchersQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let Some(env) = &scope.current else {
         return Ok(no_environment(&scope, &s, Nav::Dispatchers));
     };
@@ -1025,10 +1030,8 @@ pub(super) async fn set_enabled(
     Form(form): Form<Enabled>,
 ) -> Page {
     check_csrf(&s, form.csrf.as_deref())?;
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
-    let Some(env) = &scope.current else {
-        return Err(refused(StatusCode::NOT_FOUND, "no such environment"));
-    };
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
+    let env = scope.env()?;
     let toggled = dispatchers::set_dispatcher_enabled(&state.pool, env, id, form.enabled)
         .await
         .map_err(db)?;
@@ -1055,7 +1058,7 @@ pub(super) async fn environments(
     Extension(s): Extension<Session>,
     Query(q): Query<EnvQuery>,
 ) -> Page {
-    let scope = Scope::of(&state.pool, q.env.as_deref()).await.map_err(db)?;
+    let scope = Scope::of(&state.pool, q.env.as_deref()).await?;
     let (top, _) = crate::ledger::outbox::top_backlogs(&state.pool, 10)
         .await
         .map_err(db)?;

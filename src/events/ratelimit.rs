@@ -23,6 +23,8 @@ pub struct RateLimiter {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Events refused since the bucket was made.
+    refused: u64,
 }
 
 impl RateLimiter {
@@ -37,6 +39,7 @@ impl RateLimiter {
         let bucket = buckets.entry(env).or_insert(Bucket {
             tokens: rate,
             at: now,
+            refused: 0,
         });
         let refilled =
             (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate);
@@ -45,15 +48,26 @@ impl RateLimiter {
             *bucket = Bucket {
                 tokens: refilled - n as f64,
                 at: now,
+                ..*bucket
             };
             Ok(())
         } else {
             *bucket = Bucket {
                 tokens: refilled,
                 at: now,
+                refused: bucket.refused + n as u64,
             };
             Err(Duration::from_secs_f64((wanted - refilled) / rate))
         }
+    }
+}
+
+impl RateLimiter {
+    /// Events of `env` this limiter refused (while it tracks the environment: an idle one
+    /// may be dropped past [`MAX_BUCKETS`]).
+    pub fn refused(&self, env: Uuid) -> u64 {
+        let buckets = self.buckets.lock().expect("rate limiter lock");
+        buckets.get(&env).map_or(0, |b| b.refused)
     }
 }
 
@@ -77,6 +91,8 @@ mod tests {
         );
         // Another environment has its own bucket.
         assert!(limiter.take(Uuid::from_u128(2), 5, 5, t0).is_ok());
+        assert_eq!(limiter.refused(env), 1, "the one refused");
+        assert_eq!(limiter.refused(Uuid::from_u128(2)), 0);
     }
 
     #[test]

@@ -288,8 +288,12 @@ pub struct KindFigures {
     /// Jobs that ended over the window, and their wait from due to their last start
     /// (seconds; a job retried by hand after its last start is not counted).
     pub started: i64,
+    /// Of those, discarded (each copied to the dead letters).
+    pub discarded: i64,
     pub latency_p50: Option<f64>,
     pub latency_p99: Option<f64>,
+    /// The p99 of each minute of the window, oldest first (`None`: no job ended in it).
+    pub p99_per_minute: Vec<Option<f64>>,
 }
 
 /// The figures of each kind of `environment`'s jobs, latencies over the last `window`:
@@ -318,17 +322,27 @@ pub async fn kind_figures(
                WHERE environment_id = $1 AND published_at IS NOT NULL
                  AND state IN ('scheduled', 'available', 'retryable')
                GROUP BY kind),
-           done AS (
+           ended AS MATERIALIZED (
                -- queue_jobs_finalized_idx: final jobs by their end.
-               SELECT kind, count(*) AS started,
-                      percentile_cont(0.5) WITHIN GROUP (
-                          ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at)) AS p50,
-                      percentile_cont(0.99) WITHIN GROUP (
-                          ORDER BY EXTRACT(EPOCH FROM attempted_at - run_at)) AS p99
+               SELECT kind, state, EXTRACT(EPOCH FROM attempted_at - run_at) AS wait,
+                      (EXTRACT(EPOCH FROM date_trunc('minute', now())
+                                          - date_trunc('minute', finalized_at)) / 60)::int AS ago
                FROM queue_jobs
                WHERE state IN ('completed', 'discarded', 'cancelled')
                  AND finalized_at > now() - make_interval(secs => $2)
-                 AND environment_id = $1 AND attempted_at >= run_at
+                 AND environment_id = $1 AND attempted_at >= run_at),
+           done AS (
+               SELECT kind, count(*) AS started,
+                      count(*) FILTER (WHERE state = 'discarded') AS discarded,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) AS p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY wait) AS p99
+               FROM ended GROUP BY kind),
+           minutes AS (
+               SELECT kind, array_agg(ago ORDER BY ago) AS agos,
+                      array_agg(p99 ORDER BY ago) AS p99s
+               FROM (SELECT kind, ago,
+                            percentile_cont(0.99) WITHIN GROUP (ORDER BY wait) AS p99
+                     FROM ended GROUP BY kind, ago) m
                GROUP BY kind),
            kinds AS (SELECT kind FROM outbox UNION SELECT kind FROM flight
                      UNION SELECT kind FROM done)
@@ -336,11 +350,14 @@ pub async fn kind_figures(
                   COALESCE(o.due, 0) AS "backlog!", COALESCE(f.due, 0) AS "in_flight!",
                   COALESCE(o.later, 0) + COALESCE(f.later, 0) AS "delayed!",
                   COALESCE(d.started, 0) AS "started!",
-                  d.p50::float8 AS p50, d.p99::float8 AS p99
+                  COALESCE(d.discarded, 0) AS "discarded!",
+                  d.p50::float8 AS p50, d.p99::float8 AS p99,
+                  m.agos AS "agos: Vec<i32>", m.p99s AS "p99s: Vec<f64>"
            FROM kinds k
            LEFT JOIN outbox o ON o.kind = k.kind
            LEFT JOIN flight f ON f.kind = k.kind
            LEFT JOIN done d ON d.kind = k.kind
+           LEFT JOIN minutes m ON m.kind = k.kind
            ORDER BY 1"#,
         environment,
         window.as_secs_f64()
@@ -355,8 +372,28 @@ pub async fn kind_figures(
             in_flight: r.in_flight,
             delayed: r.delayed,
             started: r.started,
+            discarded: r.discarded,
             latency_p50: r.p50,
             latency_p99: r.p99,
+            p99_per_minute: {
+                let minutes = (window.as_secs() / 60).max(1) as usize;
+                let mut per = vec![None; minutes];
+                for (ago, p99) in r
+                    .agos
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(r.p99s.unwrap_or_default())
+                {
+                    if let Some(slot) = usize::try_from(ago)
+                        .ok()
+                        .filter(|a| *a < minutes)
+                        .map(|a| minutes - 1 - a)
+                    {
+                        per[slot] = Some(p99);
+                    }
+                }
+                per
+            },
         })
         .collect())
 }

@@ -468,3 +468,39 @@ async fn a_cancelled_job_is_retried_from_its_page_and_bulk_retry_asks_first() {
     let (_, page) = b.get(&format!("/console/jobs/{job}?{q}")).await;
     assert!(page.contains(">completed<"), "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_counts_the_events_the_rate_limit_refused() {
+    let app = app_with_token().await;
+    kongflow_events::tenants::limits(
+        &app.pool,
+        &env_path(&app),
+        kongflow_events::tenants::SetLimits {
+            max_events_per_second: Some(Some(1)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut refused = 0;
+    for i in 0..5 {
+        let (status, _) = app
+            .request(
+                reqwest::Method::POST,
+                "/api/v1/events",
+                Some(&app.api_key),
+                Some(json!({"event": {"name": "x", "id": format!("r-{i}"), "payload": {}}})),
+            )
+            .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "{refused} refused");
+    let b = Browser::sign_in(&app).await;
+    let (_, page) = b.get(&format!("/console?{}", env_query(&app))).await;
+    assert!(
+        page.contains(&format!("data-key=\"rate-limited\">{refused}<")),
+        "{page}"
+    );
+}
