@@ -406,8 +406,12 @@ pub(super) async fn events(
     .into_response())
 }
 
+/// `text` as one segment of a URL's path: every byte but letters, digits and `*-._`
+/// percent-encoded (the form encoding, whose `+` for a space means `+` in a path).
 fn encode(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+    url::form_urlencoded::byte_serialize(text.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 fn no_environment(scope: &Scope, s: &Session, nav: Nav) -> Response {

@@ -376,6 +376,22 @@ async fn an_events_page_tells_its_story_escaped_and_cancels_a_delayed_one() {
         .await;
     assert!(!none.contains("ord-1"));
 
+    // An id with a space, a slash and a plus is found and linked as itself.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "order.created", "id": "odd id/1+2", "payload": {}}}),
+    )
+    .await;
+    let (_, list) = b
+        .get(&format!("/console/events?{q}&name=order.created"))
+        .await;
+    assert!(list.contains("/console/events/odd%20id%2F1%2B2?"), "{list}");
+    let (status, page) = b
+        .get(&format!("/console/events/odd%20id%2F1%2B2?{q}"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("odd id/1+2"), "{page}");
+
     // A delayed event: cancelled from its page, never delivered.
     let later = kongflow_events::dates::iso(chrono::Utc::now() + chrono::Duration::minutes(10));
     app.send_event(
