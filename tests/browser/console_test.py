@@ -19,6 +19,8 @@ from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
 
 BASE = os.environ["BASE_URL"]
 KEY = os.environ["API_KEY"]
@@ -112,6 +114,13 @@ def main():
             return True
         return False
 
+    def navigating(action):
+        """Do `action` (a click or a submit that loads a page) and wait for the new page:
+        a click returns before the page it asks for has replaced the old one."""
+        old = d.find_element(By.TAG_NAME, "html")
+        action()
+        WebDriverWait(d, 15).until(expected_conditions.staleness_of(old))
+
     def accept_confirm():
         wait_for("the confirmation", lambda: not no_alert(), 5)
         d.switch_to.alert.accept()
@@ -122,13 +131,13 @@ def main():
         assert d.current_url.endswith("/console/sign-in"), d.current_url
         shot("sign-in")
         d.find_element(By.NAME, "token").send_keys(KEY)
-        d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        navigating(lambda: d.find_element(By.CSS_SELECTOR, "button[type=submit]").click())
         assert "not the operator token" in d.page_source
         assert d.get_cookie("kongflow_console") is None
 
         step("signed in with the operator token")
         d.find_element(By.NAME, "token").send_keys(TOKEN)
-        d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        navigating(lambda: d.find_element(By.CSS_SELECTOR, "button[type=submit]").click())
         assert "Overview" in text("h1"), d.page_source
         cookie = d.get_cookie("kongflow_console")
         assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
@@ -152,7 +161,7 @@ def main():
         go("/console/events")
         shot("events")
         d.find_element(By.NAME, "id").send_keys("ord-1")
-        d.find_element(By.NAME, "id").submit()
+        navigating(lambda: d.find_element(By.NAME, "id").submit())
         assert "ord-1" in text("h1"), d.page_source
         assert runs[0]["id"] in text("#runs")
         dispatchers = text("#dispatchers")
@@ -169,8 +178,7 @@ def main():
         step("a delayed event cancelled from its page")
         go("/console/events/ord-later")
         assert text("#event-state") == "delayed"
-        d.find_element(By.ID, "cancel-event").click()
-        accept_confirm()
+        navigating(lambda: (d.find_element(By.ID, "cancel-event").click(), accept_confirm()))
         assert text("#event-state") == "cancelled", d.page_source
         assert "cancelled." in text(".notice")
 
@@ -200,20 +208,19 @@ def main():
         shot("jobs")
         links = d.find_elements(By.CSS_SELECTOR, "#jobs tbody a")
         assert len(links) == 2, d.page_source
-        links[0].click()
+        navigating(lambda: links[0].click())
         assert text("#job-state") == "discarded"
         errors = text("pre.json:last-of-type")
         assert "500" in errors, errors
         shot("job")
-        d.find_element(By.ID, "retry").click()
+        navigating(lambda: d.find_element(By.ID, "retry").click())
         assert "retried" in text(".notice")
         wait_for("the retried job to complete",
                  lambda: (d.refresh() or True) and text("#job-state") == "completed", 30)
 
         step("the other replayed from the dead letters")
         go("/console/dead-letters")
-        d.find_element(By.ID, "replay").click()
-        accept_confirm()
+        navigating(lambda: (d.find_element(By.ID, "replay").click(), accept_confirm()))
         notice = text(".notice")
         assert "retried 1 job(s)" in notice and "cleared 1" in notice, notice
         wait_for("both webhooks delivered", lambda: all(
@@ -225,12 +232,12 @@ def main():
         go("/console/dispatchers")
         row = [r for r in d.find_elements(By.CSS_SELECTOR, "#dispatcher-list tbody tr")
                if "only-big-orders" in r.text][0]
-        row.find_element(By.CSS_SELECTOR, "button").click()
+        navigating(lambda: row.find_element(By.CSS_SELECTOR, "button").click())
         assert "disabled." in text(".notice"), text(".notice")
         row = [r for r in d.find_elements(By.CSS_SELECTOR, "#dispatcher-list tbody tr")
                if "only-big-orders" in r.text][0]
         assert "disabled" in row.text
-        d.find_element(By.LINK_TEXT, f"{hook}/b").click()
+        navigating(lambda: d.find_element(By.LINK_TEXT, f"{hook}/b").click())
         assert text("#webhook-status") == "delivered"
         assert text("#attempts").count("no answer") + text("#attempts").count("500") >= 5
         shot("dispatchers")
@@ -242,14 +249,14 @@ def main():
         field = form.find_element(By.NAME, "max_jobs_in_flight")
         field.clear()
         field.send_keys("32")
-        form.find_element(By.CSS_SELECTOR, "button").click()
+        navigating(lambda: form.find_element(By.CSS_SELECTOR, "button").click())
         assert f"Limits of {ENV} saved." in text(".notice")
         shot("environments")
-        d.execute_script(
+        navigating(lambda: d.execute_script(
             "const f = [...document.querySelectorAll('form.limits')]"
             ".find(f => f.querySelector('[name=path]').value === arguments[0]);"
             "f.querySelector('[name=csrf]').remove();"
-            "f.querySelector('[name=max_jobs_in_flight]').value = '5'; f.submit();", ENV)
+            "f.querySelector('[name=max_jobs_in_flight]').value = '5'; f.submit();", ENV))
         assert "403" in text("h1"), d.page_source
         go("/console/environments")
         form = [f for f in d.find_elements(By.CSS_SELECTOR, "form.limits")
@@ -264,7 +271,7 @@ def main():
         shot("overview")
 
         step("signed out")
-        d.find_element(By.CSS_SELECTOR, "form.signout button").click()
+        navigating(lambda: d.find_element(By.CSS_SELECTOR, "form.signout button").click())
         assert d.current_url.endswith("/console/sign-in")
         d.get(f"{BASE}/console/events")
         assert d.current_url.endswith("/console/sign-in")
