@@ -288,13 +288,8 @@ impl Scope {
                 .find(|l| l.path == e || Uuid::parse_str(e).is_ok_and(|id| id == l.id)),
             None => all.first(),
         };
-        let (current, path) = match chosen {
-            Some(l) => (
-                tenants::by_id(pool, l.id).await.map_err(failed)?,
-                Some(l.path.clone()),
-            ),
-            None => (None, None),
-        };
+        let current = chosen.map(EnvironmentListing::environment);
+        let path = chosen.map(|l| l.path.clone());
         Ok(Self { all, current, path })
     }
 
@@ -394,13 +389,18 @@ pub(crate) fn page(
     )
 }
 
+/// `text` as a value of a URL's query (form encoding).
+pub(crate) fn query_value(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
 /// `href` with the environment in its query.
 pub(crate) fn with_env(href: &str, env: Option<&str>) -> String {
     match env {
         Some(e) => format!(
             "{href}{}env={}",
             if href.contains('?') { '&' } else { '?' },
-            url::form_urlencoded::byte_serialize(e.as_bytes()).collect::<String>()
+            query_value(e)
         ),
         None => href.to_string(),
     }
@@ -430,11 +430,7 @@ pub(crate) fn notice(done: Option<&str>) -> Markup {
 /// Where to go after a change, with what it did.
 pub(crate) fn back(to: &str, done: &str) -> Response {
     let sep = if to.contains('?') { '&' } else { '?' };
-    Redirect::to(&format!(
-        "{to}{sep}done={}",
-        url::form_urlencoded::byte_serialize(done.as_bytes()).collect::<String>()
-    ))
-    .into_response()
+    Redirect::to(&format!("{to}{sep}done={}", query_value(done))).into_response()
 }
 
 /// Whether a form's token (`given`) is the session's: every change checks.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::session::{self, Session};
 use super::{
     Client, ConsoleState, Nav, Scope, back, check_csrf, csrf_field, failed, notice, off, page,
-    page_bare, pretty, refused, when, with_env,
+    page_bare, pretty, query_value, refused, when, with_env,
 };
 use crate::admin::{self, StateFilter};
 use crate::dispatchers::{self, EventFacts};
@@ -409,9 +409,7 @@ pub(super) async fn events(
 /// `text` as one segment of a URL's path: every byte but letters, digits and `*-._`
 /// percent-encoded (the form encoding, whose `+` for a space means `+` in a path).
 fn encode(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
+    query_value(text).replace('+', "%20")
 }
 
 fn no_environment(scope: &Scope, s: &Session, nav: Nav) -> Response {

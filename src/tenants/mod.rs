@@ -152,17 +152,33 @@ pub async fn paths(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, String>,
 pub struct EnvironmentListing {
     pub id: Uuid,
     pub path: String,
+    pub slug: String,
     pub env_type: String,
+    pub project_id: Uuid,
     pub max_jobs_in_flight: Option<i32>,
     pub max_events_per_second: Option<i32>,
+}
+
+impl EnvironmentListing {
+    /// The environment, as an API key's caller gets it.
+    pub fn environment(&self) -> Environment {
+        Environment {
+            id: self.id,
+            slug: self.slug.clone(),
+            env_type: self.env_type.clone(),
+            project_id: self.project_id,
+            max_events_per_second: self.max_events_per_second,
+        }
+    }
 }
 
 /// Every environment, by path.
 pub async fn listing(pool: &PgPool) -> Result<Vec<EnvironmentListing>, sqlx::Error> {
     sqlx::query_as!(
         EnvironmentListing,
-        r#"SELECT e.id, o.slug || '/' || p.slug || '/' || e.slug AS "path!",
-                  e.type AS env_type, e.max_jobs_in_flight, e.max_events_per_second
+        r#"SELECT e.id, o.slug || '/' || p.slug || '/' || e.slug AS "path!", e.slug,
+                  e.type AS env_type, e.project_id, e.max_jobs_in_flight,
+                  e.max_events_per_second
            FROM runtime_environments e
            JOIN projects p ON p.id = e.project_id
            JOIN organizations o ON o.id = p.organization_id
@@ -170,24 +186,6 @@ pub async fn listing(pool: &PgPool) -> Result<Vec<EnvironmentListing>, sqlx::Err
     )
     .fetch_all(pool)
     .await
-}
-
-/// The environment `id`, as an API key's caller gets it.
-pub async fn by_id(pool: &PgPool, id: Uuid) -> Result<Option<Environment>, sqlx::Error> {
-    Ok(sqlx::query!(
-        r#"SELECT id, slug, type, project_id, max_events_per_second
-           FROM runtime_environments WHERE id = $1"#,
-        id
-    )
-    .fetch_optional(pool)
-    .await?
-    .map(|r| Environment {
-        id: r.id,
-        slug: r.slug,
-        env_type: r.r#type,
-        project_id: r.project_id,
-        max_events_per_second: r.max_events_per_second,
-    }))
 }
 
 /// Delete the environment `id`'s row, with what cascades from it (jobs, versions,
