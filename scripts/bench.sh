@@ -23,6 +23,10 @@
 #             pipeline bench: flat out at 16 and 64 connections (10,000 events) and paced at
 #             200 events/s (16 connections) and 500 (32), a fresh database per run,
 #             each run after a warm-up of 400 events in the same process.
+#   costs [EVENTS RATE]: what one event costs (statements, WAL, row versions, broker
+#             messages, CPU per process) on a Postgres of its own with pg_stat_statements;
+#             without arguments flat out, flat out on quorum queues and paced at 300/s,
+#             merged into target/costs.json (docs/scaling.md, scripts/scale-plan.py).
 #   console:  the operator console's page times on 1,000,000 events and 2,000,000 jobs
 #             (benches/console_pages.py).
 #   sizing [RATE...]: CPU and memory per role (serve, relay, worker as separate processes,
@@ -30,7 +34,7 @@
 #             cores per 1,000 events/s and peak resident memory: the chart's sizing.
 # `scripts/bench.sh [pipeline|delays|tiers|ingest|fairness|retention|all] [extra arguments]`
 # (default all), `scripts/bench.sh compare REV [ROUNDS]`, `scripts/bench.sh sizing [RATE...]` or
-# `scripts/bench.sh console`.
+# `scripts/bench.sh console` or `scripts/bench.sh costs [EVENTS RATE]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Postgres over plain TCP in every run, the anchors' and the baseline's included: since
@@ -173,6 +177,167 @@ if [[ $which == sizing ]]; then
       drop_queues "$AMQP_PREFIX"
     )
   done
+  exit 0
+fi
+if [[ $which == costs ]]; then
+  # What one event costs, for docs/scaling.md and scripts/scale-plan.py: serve, relay and
+  # worker as separate processes (as the chart runs them) on a Postgres of the run's own
+  # (port 5434, pg_stat_statements loaded, autovacuum on as in production; the machine's
+  # server cannot load the extension without a restart), paced at RATE (default 300)
+  # events/s (0: flat out) with 16 connections for EVENTS. Counted from after a
+  # warm-up to after the last run's hand-off is published: statements by pg_stat_statements
+  # (the bench client's own polls, made as another role, left out), transactions, WAL
+  # (pg_stat_wal), row versions written (pg_stat_user_tables), broker messages (RabbitMQ's
+  # global counters), CPU time per process. Writes the figures as JSON to COSTS_OUT
+  # (default target/costs.json).
+  # Without arguments: three runs (flat out, flat out on quorum queues, paced at 300/s)
+  # merged into target/costs.json, the file docs/scaling-costs.json keeps.
+  if [ $# = 0 ]; then
+    COSTS_OUT=target/costs-flat.json "$0" costs 20000 0
+    AMQP_QUEUE_TYPE=quorum COSTS_OUT=target/costs-quorum.json "$0" costs 20000 0
+    COSTS_OUT=target/costs-300.json "$0" costs 12000 300
+    python3 -c 'import json, sys; json.dump({k: json.load(open(f)) for k, f in zip(
+        ("flat", "quorum", "paced_300"), sys.argv[1:])}, sys.stdout, indent=1)' \
+      target/costs-flat.json target/costs-quorum.json target/costs-300.json > target/costs.json
+    echo "== merged into target/costs.json"
+    exit 0
+  fi
+  events=$1 rate=${2:-300}
+  out=${COSTS_OUT:-target/costs.json}
+  export SQLX_OFFLINE=true
+  unset DATABASE_URL
+  cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
+  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  pgbin=/usr/lib/postgresql/$(ls /etc/postgresql | sort -n | tail -1)/bin
+  data=/tmp/kongflow-costs-pg port=5434
+  pgctl() { su postgres -s /bin/sh -c "$pgbin/pg_ctl -D $data $*"; }
+  [ -f $data/postmaster.pid ] && pgctl "-m fast -w stop" >/dev/null 2>&1 || true
+  rm -rf $data && mkdir -p $data && chown postgres: $data
+  su postgres -s /bin/sh -c "$pgbin/initdb -D $data -A trust -U postgres" >/dev/null
+  cat >> $data/postgresql.conf <<CONF
+port = $port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '/tmp'
+max_connections = 200
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = all
+CONF
+  pgctl "-l $data/log -w start" >/dev/null
+  trap 'pgctl "-m fast -w stop" >/dev/null 2>&1 || true' EXIT
+  db=kongflow_costs
+  q() { psql -h 127.0.0.1 -p $port -U postgres -d $db -qAtc "$1"; }
+  psql -h 127.0.0.1 -p $port -U postgres -d postgres -qAtc "CREATE DATABASE $db" \
+    -c "CREATE ROLE bench_client LOGIN SUPERUSER" >/dev/null
+  q "CREATE EXTENSION pg_stat_statements"
+  hz=$(getconf CLK_TCK)
+  ticks() {
+    if [ "$1" = -u ]; then set -- $(pgrep -u "$2"); fi
+    local t=0 p
+    for p in "$@"; do
+      [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
+    done
+    echo $t
+  }
+  broker() { # messages published (received), delivered, acknowledged: every queue type
+    rabbitmqctl -q eval 'M = rabbit_global_counters:overview(),
+      Sum = fun(K) -> maps:fold(fun(L, V, A) -> case lists:member({protocol, amqp091}, L) of
+        true -> A + maps:get(K, V, 0); false -> A end end, 0, M) end,
+      io:format("~b ~b ~b~n", [Sum(messages_received_total), Sum(messages_delivered_total),
+        Sum(messages_acknowledged_total)]).' | head -1
+  }
+  export DATABASE_URL=postgres://postgres@127.0.0.1:$port/$db AMQP_PREFIX=kongflow-costs
+  export RUST_LOG=warn KONGFLOW_NO_MIGRATE=true
+  drop_queues "$AMQP_PREFIX"
+  target/release/kongflow-events migrate >/dev/null
+  declare -A pid mport=([serve]=3041 [relay]=3042 [worker]=3043)
+  target/release/kongflow-events serve --http 127.0.0.1:3031 --metrics 127.0.0.1:3041 >/dev/null 2>&1 &
+  pid[serve]=$!
+  for role in relay worker; do
+    METRICS_ADDR=127.0.0.1:${mport[$role]} target/release/kongflow-events "$role" >/dev/null 2>&1 &
+    pid[$role]=$!
+  done
+  trap 'kill ${pid[*]} 2>/dev/null; wait 2>/dev/null; pgctl "-m fast -w stop" >/dev/null 2>&1 || true' EXIT
+  for role in serve relay worker; do
+    for _ in $(seq 1 100); do curl -sf http://127.0.0.1:${mport[$role]}/readyz >/dev/null && break; sleep 0.2; done
+  done
+  client_url=postgres://bench_client@127.0.0.1:$port/$db
+  DATABASE_URL=$client_url "$client" --url http://127.0.0.1:3031 --events 400 --concurrency 16 --rate 200 >/dev/null 2>&1
+  settled() { q "SELECT (SELECT count(*) FROM run_handoffs) + (SELECT count(*) FROM queue_jobs
+                 WHERE state NOT IN ('completed', 'discarded', 'cancelled') OR published_at IS NULL)"; }
+  for _ in $(seq 1 100); do [ "$(settled)" = 0 ] && break; sleep 0.2; done
+  sleep 11
+  q "SELECT pg_stat_statements_reset(), pg_stat_reset_shared('wal'), pg_stat_reset()" >/dev/null
+  declare -A before
+  for role in serve relay worker; do before[$role]=$(ticks ${pid[$role]}); done
+  pg0=$(ticks -u postgres) mq0=$(ticks -u rabbitmq) start=$(date +%s.%N)
+  read -r pub0 del0 ack0 < <(broker)
+  echo "== costs: $events events at ${rate/#0/flat out} events/s, 16 connections ($(date -u +%H:%M:%S))"
+  pace=(--rate "$rate")
+  [ "$rate" = 0 ] && pace=()
+  DATABASE_URL=$client_url "$client" --url http://127.0.0.1:3031 --events "$events" --concurrency 16 \
+    "${pace[@]}" 2>&1 | grep -E "^(end to end|ingest-to-run)" | sed "s/^/  /"
+  for _ in $(seq 1 300); do [ "$(settled)" = 0 ] && break; sleep 0.2; done
+  secs=$(echo "$(date +%s.%N) - $start" | bc)
+  read -r pub1 del1 ack1 < <(broker)
+  declare -A cpu
+  for role in serve relay worker; do cpu[$role]=$(($(ticks ${pid[$role]}) - ${before[$role]})); done
+  cpu[postgres]=$(($(ticks -u postgres) - pg0)) cpu[rabbitmq]=$(($(ticks -u rabbitmq) - mq0))
+  ms() { echo "scale=4; $1 * 1000 / $hz / $events" | bc; }
+  # The statements, the WAL and the rows: one JSON object, the per-event figures computed
+  # in SQL, the CPU and broker figures passed in.
+  # A backend reports its table and WAL counts when idle for 10 s at most.
+  sleep 11
+  q "WITH me AS (SELECT oid FROM pg_roles WHERE rolname = 'bench_client'),
+       s AS (SELECT * FROM pg_stat_statements WHERE userid <> (SELECT oid FROM me)
+             AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())),
+       tx AS (SELECT sum(calls) AS n FROM s WHERE query IN ('COMMIT', 'commit')),
+       t AS (SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS versions, n_tup_ins, n_tup_upd,
+                    n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables)
+     SELECT json_build_object(
+       'measured_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI \"UTC\"'),
+       'events', $events, 'offered_rate', $rate, 'seconds', round($secs::numeric, 1),
+       'statements_per_event', round((SELECT sum(calls) FROM s WHERE toplevel) / $events::numeric, 2),
+       'nested_statements_per_event', round((SELECT sum(calls) FROM s WHERE NOT toplevel) / $events::numeric, 2),
+       'commits_per_event', round((SELECT n FROM tx) / $events::numeric, 2),
+       'statement_ms_per_event', round((SELECT sum(total_exec_time) FROM s)::numeric / $events, 4),
+       'wal_bytes_per_event', round((SELECT wal_bytes FROM pg_stat_wal) / $events, 0),
+       'wal_records_per_event', round((SELECT wal_records FROM pg_stat_wal) / $events::numeric, 2),
+       'wal_fpi_per_event', round((SELECT wal_fpi FROM pg_stat_wal) / $events::numeric, 3),
+       'row_versions_per_event', round((SELECT sum(versions) FROM t) / $events::numeric, 2),
+       'rows_by_table', (SELECT json_object_agg(relname, json_build_object(
+           'inserted', round(n_tup_ins / $events::numeric, 3), 'updated', round(n_tup_upd / $events::numeric, 3),
+           'hot', round(n_tup_hot_upd / $events::numeric, 3), 'deleted', round(n_tup_del / $events::numeric, 3)))
+         FROM t WHERE versions > 0),
+       'broker_published_per_event', round(($pub1 - $pub0) / $events::numeric, 2),
+       'broker_delivered_per_event', round(($del1 - $del0) / $events::numeric, 2),
+       'broker_acked_per_event', round(($ack1 - $ack0) / $events::numeric, 2),
+       'cpu_ms_per_event', json_build_object('postgres', $(ms ${cpu[postgres]}), 'rabbitmq',
+         $(ms ${cpu[rabbitmq]}), 'serve', $(ms ${cpu[serve]}), 'relay', $(ms ${cpu[relay]}),
+         'worker', $(ms ${cpu[worker]})),
+       'top_statements', (SELECT json_agg(x) FROM (
+           SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 90) AS query,
+                  round(calls / $events::numeric, 3) AS per_event,
+                  round(mean_exec_time::numeric, 3) AS mean_ms,
+                  round(wal_bytes / $events, 0) AS wal_bytes_per_event
+           FROM s ORDER BY total_exec_time DESC LIMIT 15) x))" > "$out"
+  python3 - "$out" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+print(f"  {c['events']} events in {c['seconds']} s (offered {c['offered_rate']}/s), per event:")
+for k in ("statements_per_event", "nested_statements_per_event", "commits_per_event", "statement_ms_per_event", "wal_bytes_per_event",
+          "wal_records_per_event", "wal_fpi_per_event", "row_versions_per_event",
+          "broker_published_per_event", "broker_delivered_per_event", "broker_acked_per_event"):
+    print(f"  {k:<28} {c[k]}")
+print("  cpu ms per event           ", ", ".join(f"{k} {v}" for k, v in c["cpu_ms_per_event"].items()))
+print("  rows by table (inserted/updated/hot/deleted per event):")
+for t, r in sorted(c["rows_by_table"].items()):
+    print(f"    {t:<22} {r['inserted']:>6} {r['updated']:>6} {r['hot']:>6} {r['deleted']:>6}")
+print("  statements by total time (per event, mean ms, WAL bytes per event):")
+for s in c["top_statements"]:
+    print(f"    {s['per_event']:>6} {s['mean_ms']:>7} {s['wal_bytes_per_event']:>6}  {s['query']}")
+PY
+  echo "   written to $out"
+  drop_queues "$AMQP_PREFIX"
   exit 0
 fi
 if [[ $which == console ]]; then

@@ -199,3 +199,43 @@ fn the_checker_tells_a_missing_name_from_a_present_one() {
     assert!(!defines("pub fn lease_all(", "lease"));
     assert!(defines("enum A {\n    Created,\n}", "Created"));
 }
+
+/// docs/scaling.md's deployment table is what `scripts/scale-plan.py` prints from the costs
+/// kept beside it (docs/scaling-costs.json): a new measurement changes both, or the test
+/// says which line differs.
+#[test]
+fn the_scaling_plan_in_the_docs_is_what_the_script_prints() {
+    let out = std::process::Command::new("python3")
+        .arg(root().join("scripts/scale-plan.py"))
+        .output()
+        .expect("python3 runs scripts/scale-plan.py");
+    assert!(
+        out.status.success(),
+        "scale-plan.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = printed
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.starts_with('-'))
+        .collect();
+    assert!(
+        rows.iter().any(|l| l.trim_start().starts_with("100,000 |")),
+        "the plan has a row for 100,000 events/s:\n{printed}"
+    );
+    let doc = std::fs::read_to_string(root().join("docs/scaling.md")).unwrap();
+    for row in &rows {
+        assert!(
+            doc.lines().any(|l| l == *row),
+            "docs/scaling.md does not show this line of scale-plan.py's table:\n{row}\n\
+             (run `python3 scripts/scale-plan.py` and copy its table)"
+        );
+    }
+    for line in printed.lines().filter(|l| l.contains("events/s (CPU")) {
+        let figure = line.split(": ").nth(1).unwrap().split(' ').next().unwrap();
+        assert!(
+            doc.contains(figure),
+            "docs/scaling.md does not give one primary's {figure} events/s"
+        );
+    }
+}

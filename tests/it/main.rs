@@ -31,6 +31,7 @@ mod sdk;
 mod setup_timing;
 mod shards;
 mod structure;
+mod tenant_keys;
 mod tls;
 mod triggers_api;
 mod upgrade;

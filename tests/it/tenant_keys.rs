@@ -1,0 +1,203 @@
+//! The tenant keys, checked on the migrated schema's catalog (docs/scaling.md, "Storage:
+//! partitions and tenant keys"): to distribute the tables by environment (Citus), every
+//! table that holds a tenant's data has `environment_id`, in its primary key and in every
+//! unique index, and every foreign key between two such tables carries it on both sides.
+//!
+//! Every table is classified: a new table must say which kind it is. What does not hold yet
+//! is listed in `NOT_YET` with the plan that changes it; an entry that has since been fixed,
+//! or that names nothing, fails the test too, so the list stays the truth.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kongflow_events::config::Roles;
+
+use crate::helpers::TestApp;
+
+/// The tenant tree: few rows, read by every node (Citus reference tables).
+const REFERENCE: &[&str] = &["organizations", "projects", "runtime_environments"];
+
+/// The installation's own bookkeeping, no tenant's data: stays on the coordinator.
+const INSTALLATION: &[&str] = &[
+    "_sqlx_migrations",
+    "installation",
+    "job_publishers",
+    "console_sessions",
+];
+
+/// Tables holding a tenant's data: distributed by `environment_id`.
+const TENANT: &[&str] = &[
+    "external_accounts",
+    "event_records",
+    "jobs",
+    "job_versions",
+    "dynamic_triggers",
+    "dynamic_trigger_jobs",
+    "event_dispatchers",
+    "job_runs",
+    "queue_jobs",
+    "run_handoffs",
+    "webhook_attempts",
+];
+
+/// (table, what: a column, an index or a foreign key's name): not keyed by tenant yet.
+/// Each goes with the time partitions of docs/scaling.md, which rebuild these tables'
+/// keys: a primary key rebuilt twice on the largest tables is not done ahead of them.
+const NOT_YET: &[(&str, &str)] = &[
+    // Tables without the column: their rows reach the environment through another row.
+    ("dynamic_trigger_jobs", "environment_id"),
+    ("run_handoffs", "environment_id"),
+    ("webhook_attempts", "environment_id"),
+    // Primary keys of the row id alone.
+    ("dynamic_trigger_jobs", "dynamic_trigger_jobs_pkey"),
+    ("dynamic_triggers", "dynamic_triggers_pkey"),
+    ("event_dispatchers", "event_dispatchers_pkey"),
+    ("event_records", "event_records_pkey"),
+    ("external_accounts", "external_accounts_pkey"),
+    ("job_runs", "job_runs_pkey"),
+    ("job_versions", "job_versions_pkey"),
+    ("jobs", "jobs_pkey"),
+    ("queue_jobs", "queue_jobs_pkey"),
+    ("run_handoffs", "run_handoffs_pkey"),
+    ("webhook_attempts", "webhook_attempts_pkey"),
+    // Unique indexes without the environment.
+    (
+        "job_runs",
+        "job_runs_event_record_id_dispatcher_id_job_version_id_key",
+    ),
+    ("job_versions", "job_versions_job_id_version_key"),
+    ("queue_jobs", "queue_jobs_unique_key_idx"),
+    // Foreign keys between tenant tables on the row id alone.
+    (
+        "dynamic_trigger_jobs",
+        "dynamic_trigger_jobs_dynamic_trigger_id_fkey",
+    ),
+    ("dynamic_trigger_jobs", "dynamic_trigger_jobs_job_id_fkey"),
+    (
+        "event_dispatchers",
+        "event_dispatchers_external_account_id_fkey",
+    ),
+    ("job_versions", "job_versions_job_id_fkey"),
+    ("jobs", "jobs_latest_version_fk"),
+    ("webhook_attempts", "webhook_attempts_dispatcher_id_fkey"),
+];
+
+#[tokio::test]
+async fn every_tenant_table_is_keyed_by_its_environment_or_listed_with_its_plan() {
+    let app = TestApp::builder().roles(Roles::NONE).start().await;
+    // Every table (a partition counts as its parent), with whether it has the column.
+    let tables: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text,
+                EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                        AND a.attname = 'environment_id' AND NOT a.attisdropped)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    // Unique indexes (primary keys included) and foreign keys, with their columns; for a
+    // foreign key, the referencing columns and the referenced ones.
+    let uniques: Vec<(String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, i.relname::text,
+                array_agg(a.attname::text ORDER BY k.ord)
+         FROM pg_index ix
+         JOIN pg_class c ON c.oid = ix.indrelid
+         JOIN pg_class i ON i.oid = ix.indexrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         CROSS JOIN LATERAL unnest(ix.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+         WHERE n.nspname = 'public' AND ix.indisunique AND NOT c.relispartition
+         GROUP BY 1, 2",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let foreign: Vec<(String, String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, con.conname::text, f.relname::text,
+                ARRAY(SELECT a.attname::text FROM unnest(con.conkey) k
+                      JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k),
+                ARRAY(SELECT a.attname::text FROM unnest(con.confkey) k
+                      JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k)
+         FROM pg_constraint con
+         JOIN pg_class c ON c.oid = con.conrelid
+         JOIN pg_class f ON f.oid = con.confrelid
+         WHERE con.contype = 'f' AND NOT c.relispartition",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+
+    let kind = |t: &str| -> Option<&str> {
+        if TENANT.contains(&t) {
+            Some("tenant")
+        } else if REFERENCE.contains(&t) {
+            Some("reference")
+        } else if INSTALLATION.contains(&t) {
+            Some("installation")
+        } else {
+            None
+        }
+    };
+    let unclassified: Vec<_> = tables
+        .iter()
+        .filter(|(t, _)| kind(t).is_none())
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert!(
+        unclassified.is_empty(),
+        "tables not classified as TENANT, REFERENCE or INSTALLATION in tests/it/tenant_keys.rs: \
+         {unclassified:?}"
+    );
+    let existing: BTreeSet<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
+    for t in TENANT.iter().chain(REFERENCE).chain(INSTALLATION) {
+        assert!(
+            existing.contains(t),
+            "{t} is classified but no longer exists"
+        );
+    }
+
+    // What breaks the rule, as (table, what).
+    let mut broken: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (t, has) in &tables {
+        if kind(t) == Some("tenant") && !has {
+            broken.insert((t.clone(), "environment_id".into()), "no column".into());
+        }
+    }
+    for (t, index, cols) in &uniques {
+        if kind(t) == Some("tenant") && !cols.iter().any(|c| c == "environment_id") {
+            broken.insert((t.clone(), index.clone()), format!("unique on {cols:?}"));
+        }
+    }
+    for (t, name, to, cols, refs) in &foreign {
+        let between_tenants = kind(t) == Some("tenant") && kind(to) == Some("tenant");
+        let carries = cols
+            .iter()
+            .zip(refs)
+            .any(|(c, r)| c == "environment_id" && r == "environment_id");
+        if between_tenants && !carries {
+            broken.insert(
+                (t.clone(), name.clone()),
+                format!("{cols:?} -> {to} {refs:?}"),
+            );
+        }
+    }
+
+    let listed: BTreeSet<(String, String)> = NOT_YET
+        .iter()
+        .map(|(t, w)| (t.to_string(), w.to_string()))
+        .collect();
+    let unlisted: Vec<_> = broken
+        .iter()
+        .filter(|(k, _)| !listed.contains(*k))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "tenant tables not keyed by environment_id (key them, or list them in NOT_YET with \
+         the plan that will): {unlisted:?}"
+    );
+    let stale: Vec<_> = listed.iter().filter(|k| !broken.contains_key(*k)).collect();
+    assert!(
+        stale.is_empty(),
+        "NOT_YET lists what is keyed by now, or no longer exists: remove {stale:?}"
+    );
+}
