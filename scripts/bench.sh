@@ -27,6 +27,8 @@
 #             messages, CPU per process) on a Postgres of its own with pg_stat_statements;
 #             without arguments flat out, flat out on quorum queues and paced at 300/s,
 #             merged into target/costs.json (docs/scaling.md, scripts/scale-plan.py).
+#   partitions: retention by DELETE against dropping a partition, Postgres alone: pgbench
+#             ingest (an event and its run) while 1,000,000 old events go, each way.
 #   console:  the operator console's page times on 1,000,000 events and 2,000,000 jobs
 #             (benches/console_pages.py).
 #   sizing [RATE...]: CPU and memory per role (serve, relay, worker as separate processes,
@@ -338,6 +340,123 @@ for s in c["top_statements"]:
 PY
   echo "   written to $out"
   drop_queues "$AMQP_PREFIX"
+  exit 0
+fi
+if [[ $which == partitions ]]; then
+  # What retention by partitions buys, Postgres alone (docs/scaling.md): the ingest of an
+  # event and its run (one transaction, pgbench, 16 and 64 clients, 20 s) into the
+  # service's tables as they are, alone and while 1,000,000 old events and their runs are
+  # deleted as retention deletes them (1,000 events per statement, each its own
+  # transaction, then the vacuum that the deletes owe); then into copies of the tables
+  # range-partitioned by creation time (the same indexes, keys widened by the partition
+  # key), alone and while the old partition holding 1,000,000 events and their runs is
+  # detached (CONCURRENTLY) and dropped. Then each retention alone: its time and its WAL.
+  export SQLX_OFFLINE=true
+  cargo build --release --locked --quiet --bin kongflow-events
+  db=kongflow_partitions
+  export PGOPTIONS="-c client_min_messages=warning"
+  psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
+  target/release/kongflow-events migrate >/dev/null
+  env_id=$(target/release/kongflow-events env create bench/partitions/e | sed -n 's/.* id \([0-9a-f-]*\)$/\1/p')
+  q() { psql -h 127.0.0.1 -U postgres -d $db -qAt -v ON_ERROR_STOP=1 -c "$1"; }
+  cut=$(q "SELECT now() - interval '1 day'")
+  q "CREATE TABLE ev_part (LIKE event_records INCLUDING DEFAULTS) PARTITION BY RANGE (created_at);
+     ALTER TABLE ev_part ADD PRIMARY KEY (id, created_at);
+     CREATE UNIQUE INDEX ON ev_part (environment_id, event_id, created_at);
+     CREATE INDEX ON ev_part (environment_id, timestamp, id);
+     CREATE TABLE rn_part (LIKE job_runs INCLUDING DEFAULTS) PARTITION BY RANGE (created_at);
+     ALTER TABLE rn_part ADD PRIMARY KEY (id, created_at);
+     CREATE UNIQUE INDEX ON rn_part (event_record_id, dispatcher_id, job_version_id, created_at);
+     CREATE INDEX ON rn_part (environment_id, created_at);
+     CREATE TABLE ev_part_now PARTITION OF ev_part FOR VALUES FROM ('$cut')
+       TO (now() + interval '1 day') WITH (fillfactor = 90);
+     CREATE TABLE rn_part_now PARTITION OF rn_part FOR VALUES FROM ('$cut')
+       TO (now() + interval '1 day');
+     CREATE PROCEDURE retain_by_delete() LANGUAGE plpgsql AS \$\$
+     DECLARE n int;
+     BEGIN
+       LOOP
+         WITH d AS (DELETE FROM event_records WHERE id IN (
+                      SELECT id FROM event_records WHERE created_at < now() - interval '30 days'
+                      AND delivered_at IS NOT NULL LIMIT 1000) RETURNING id),
+              r AS (DELETE FROM job_runs WHERE event_record_id IN (SELECT id FROM d))
+         SELECT count(*) INTO n FROM d;
+         COMMIT;
+         EXIT WHEN n < 1000;
+       END LOOP;
+     END \$\$;"
+  plant() { # plant EVENTS RUNS: 1,000,000 delivered events of 40 days ago and a run each
+    local ev=$1 rn=$2
+    [ "$ev" = ev_part ] && q "CREATE TABLE ev_part_old PARTITION OF ev_part FOR VALUES
+        FROM (MINVALUE) TO ('$cut') WITH (fillfactor = 90);
+      CREATE TABLE rn_part_old PARTITION OF rn_part FOR VALUES FROM (MINVALUE) TO ('$cut')"
+    q "INSERT INTO $ev (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
+       SELECT gen_random_uuid(), '$env_id', 'old-' || g, 'bench.old', '{\"kind\": \"old\"}',
+              now() - interval '40 days', now() - interval '40 days', now() - interval '40 days'
+       FROM generate_series(1, 1000000) g;
+       INSERT INTO $rn (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id, created_at)
+       SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
+              gen_random_uuid(), created_at FROM $ev WHERE name = 'bench.old';
+       ANALYZE $ev; ANALYZE $rn; CHECKPOINT"
+  }
+  retain() { # the retention of a layout, timed; prints seconds and WAL bytes
+    local start lsn
+    lsn=$(q "SELECT pg_current_wal_lsn()") start=$(date +%s.%N)
+    if [ "$1" = ev_part ]; then
+      q "ALTER TABLE ev_part DETACH PARTITION ev_part_old CONCURRENTLY"
+      q "ALTER TABLE rn_part DETACH PARTITION rn_part_old CONCURRENTLY"
+      q "DROP TABLE ev_part_old, rn_part_old"
+    else
+      q "CALL retain_by_delete()"
+      q "VACUUM event_records, job_runs"
+    fi
+    echo "$(echo "$(date +%s.%N) - $start" | bc | cut -c1-5) s, WAL $(q "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn')::bigint / 1048576") MiB"
+  }
+  ingest() { # ingest EVENTS RUNS CLIENTS: pgbench for 20 s, prints transactions per second
+    cat > target/pgbench-partitions.sql <<SQL
+BEGIN;
+INSERT INTO $1 (id, environment_id, event_id, name, payload)
+VALUES (gen_random_uuid(), '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}')
+RETURNING id AS ev \gset
+INSERT INTO $2 (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id)
+VALUES (gen_random_uuid(), '$env_id', gen_random_uuid(), gen_random_uuid(), ':ev', gen_random_uuid());
+COMMIT;
+SQL
+    pgbench -h 127.0.0.1 -U postgres -n -c "$3" -j 2 -T 20 -f target/pgbench-partitions.sql $db 2>&1 |
+      sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | cut -d. -f1
+  }
+  # Each pairing: plant, then the run alone and the run beside retention, each after a
+  # checkpoint (the first change to a page after one writes the whole page to the WAL); the
+  # second pairing in the other order. The old rows are in the table in the run alone too.
+  alone_run() { q "CHECKPOINT"; ingest "$1" "$2" "$3"; }
+  beside_run() {
+    q "CHECKPOINT"
+    retain "$1" > target/retain.out &
+    local rpid=$! tps
+    tps=$(ingest "$1" "$2" "$3")
+    wait $rpid
+    echo "$tps"
+  }
+  for layout in "event_records job_runs" "ev_part rn_part"; do
+    set -- $layout
+    for clients in 16 64; do
+      plant "$1" "$2"
+      a1=$(alone_run "$1" "$2" $clients)
+      b1=$(beside_run "$1" "$2" $clients)
+      r1=$(cat target/retain.out)
+      plant "$1" "$2"
+      b2=$(beside_run "$1" "$2" $clients)
+      r2=$(cat target/retain.out)
+      a2=$(alone_run "$1" "$2" $clients)
+      echo "== $1, $clients clients ($(date -u +%H:%M:%S)): alone $a1; $a2 tx/s, while retention removes 1,000,000 events $b1; $b2 tx/s ($(echo "scale=1; ($b1 + $b2 - $a1 - $a2) * 100 / ($a1 + $a2)" | bc) %); retention took $r1; $r2"
+    done
+    plant "$1" "$2"
+    q "CHECKPOINT"
+    echo "== $1, retention alone: $(retain "$1")"
+  done
+  psql -h 127.0.0.1 -U postgres -d $db -qAtc "SELECT relname, n_live_tup, n_dead_tup FROM pg_stat_user_tables
+    WHERE relname ~ '^(event_records|job_runs|ev_part|rn_part)' ORDER BY 1" | sed 's/^/  /'
   exit 0
 fi
 if [[ $which == console ]]; then
