@@ -162,7 +162,7 @@ pub async fn register_job(
     let version_id = sqlx::query_scalar!(
         r#"INSERT INTO job_versions (id, job_id, environment_id, version, trigger)
            VALUES ($1, $2, $3, $4, $5)
-           ON CONFLICT (job_id, version) DO UPDATE SET trigger = EXCLUDED.trigger, updated_at = now()
+           ON CONFLICT (environment_id, job_id, version) DO UPDATE SET trigger = EXCLUDED.trigger, updated_at = now()
            RETURNING id"#,
         Uuid::now_v7(),
         job_id,
@@ -173,20 +173,23 @@ pub async fn register_job(
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query!(
-        "UPDATE jobs SET latest_version_id = $2, updated_at = now() WHERE id = $1",
+        "UPDATE jobs SET latest_version_id = $2, updated_at = now()
+         WHERE environment_id = $3 AND id = $1",
         job_id,
-        version_id
+        version_id,
+        env.id
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        r#"DELETE FROM job_versions WHERE id IN (
-               SELECT id FROM job_versions WHERE job_id = $1 AND id <> $2
+        r#"DELETE FROM job_versions WHERE environment_id = $4 AND id IN (
+               SELECT id FROM job_versions WHERE environment_id = $4 AND job_id = $1 AND id <> $2
                ORDER BY updated_at DESC, id DESC
                OFFSET $3)"#,
         job_id,
         version_id,
-        MAX_VERSIONS_PER_JOB - 1
+        MAX_VERSIONS_PER_JOB - 1,
+        env.id
     )
     .execute(&mut *tx)
     .await?;
@@ -277,16 +280,18 @@ pub async fn register_dynamic_trigger(
         ));
     }
     sqlx::query!(
-        "DELETE FROM dynamic_trigger_jobs WHERE dynamic_trigger_id = $1",
-        trigger_id
+        "DELETE FROM dynamic_trigger_jobs WHERE environment_id = $2 AND dynamic_trigger_id = $1",
+        trigger_id,
+        env.id
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
-        r#"INSERT INTO dynamic_trigger_jobs (dynamic_trigger_id, job_id)
-           SELECT $1, j FROM UNNEST($2::uuid[]) AS j"#,
+        r#"INSERT INTO dynamic_trigger_jobs (environment_id, dynamic_trigger_id, job_id)
+           SELECT $3, $1, j FROM UNNEST($2::uuid[]) AS j"#,
         trigger_id,
-        &job_ids
+        &job_ids,
+        env.id
     )
     .execute(&mut *tx)
     .await?;
@@ -763,9 +768,11 @@ pub async fn list_dispatchers(
                   d.url, d.expires_at,
                   j.slug AS "job_slug?", t.slug AS "trigger_slug?"
            FROM event_dispatchers d
-           LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id
-           LEFT JOIN jobs j ON j.id = v.job_id
-           LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id
+           LEFT JOIN job_versions v ON d.dispatchable_type = 'JOB_VERSION'
+                AND v.environment_id = d.environment_id AND v.id = d.target_id
+           LEFT JOIN jobs j ON j.environment_id = v.environment_id AND j.id = v.job_id
+           LEFT JOIN dynamic_triggers t ON d.dispatchable_type = 'DYNAMIC_TRIGGER'
+                AND t.environment_id = d.environment_id AND t.id = d.target_id
            WHERE d.environment_id = $1 AND ($2::uuid IS NULL OR d.id > $2)
            ORDER BY d.id
            LIMIT $3"#,
@@ -816,11 +823,14 @@ pub async fn dispatchers_for_event(
                 LIMIT $3)
            ) d
            LEFT JOIN LATERAL (
-               SELECT j.slug AS job_slug FROM job_versions v JOIN jobs j ON j.id = v.job_id
-               WHERE d.dispatchable_type = 'JOB_VERSION' AND v.id = d.target_id) j ON true
+               SELECT j.slug AS job_slug FROM job_versions v
+               JOIN jobs j ON j.environment_id = v.environment_id AND j.id = v.job_id
+               WHERE d.dispatchable_type = 'JOB_VERSION' AND v.environment_id = d.environment_id
+                 AND v.id = d.target_id) j ON true
            LEFT JOIN LATERAL (
                SELECT t.slug AS trigger_slug FROM dynamic_triggers t
-               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.id = d.target_id) t ON true
+               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND t.environment_id = d.environment_id
+                 AND t.id = d.target_id) t ON true
            ORDER BY d.id"#,
         env.id,
         name,

@@ -185,12 +185,14 @@ pub struct Attempt<'a> {
     pub error: Option<&'a str>,
 }
 
-/// Record a webhook attempt (shown by the dispatcher's view).
+/// Record a webhook attempt (shown by the dispatcher's view), under its dispatcher's
+/// environment; a dispatcher deleted meanwhile is `RowNotFound`.
 pub async fn record_attempt(pool: &PgPool, a: &Attempt<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        r#"INSERT INTO webhook_attempts
-               (dispatcher_id, event_record_id, job_id, attempt, status, duration_ms, error)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
+    let recorded = sqlx::query!(
+        r#"INSERT INTO webhook_attempts (environment_id, dispatcher_id, event_record_id, job_id,
+                                         attempt, status, duration_ms, error)
+           SELECT d.environment_id, d.id, $2, $3, $4, $5, $6, $7 FROM event_dispatchers d
+           WHERE d.id = $1"#,
         a.dispatcher,
         a.event_record_id,
         a.job_id,
@@ -201,6 +203,9 @@ pub async fn record_attempt(pool: &PgPool, a: &Attempt<'_>) -> Result<(), sqlx::
     )
     .execute(pool)
     .await?;
+    if recorded.rows_affected() == 0 {
+        return Err(sqlx::Error::RowNotFound);
+    }
     Ok(())
 }
 

@@ -108,8 +108,9 @@ pub async fn create(
                  AND v.environment_id = d.environment_id
                UNION ALL
                SELECT j.id, j.latest_version_id FROM dynamic_trigger_jobs dtj
-               JOIN jobs j ON j.id = dtj.job_id
-               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND dtj.dynamic_trigger_id = d.target_id
+               JOIN jobs j ON j.environment_id = dtj.environment_id AND j.id = dtj.job_id
+               WHERE d.dispatchable_type = 'DYNAMIC_TRIGGER' AND dtj.environment_id = d.environment_id
+                 AND dtj.dynamic_trigger_id = d.target_id
                  AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
            ) t ON true
            ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING
