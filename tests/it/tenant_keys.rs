@@ -185,3 +185,103 @@ async fn every_tenant_table_is_keyed_by_its_environment_or_listed_with_its_plan(
         "NOT_YET lists what is keyed by now, or no longer exists: remove {stale:?}"
     );
 }
+
+/// A build before the tenant keys writes `dynamic_trigger_jobs` and `webhook_attempts` rows
+/// without the environment during a rolling upgrade: the row gets its parent's. A row that
+/// names another environment's parent is refused by the composite foreign key.
+#[tokio::test]
+async fn rows_written_by_an_older_build_get_their_environment_and_cannot_cross_one() {
+    let app = TestApp::builder().roles(Roles::NONE).start().await;
+    let (other, _) = app.new_env("other").await;
+    let env = app.env.id;
+    let job: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO jobs (id, environment_id, slug) VALUES (gen_random_uuid(), $1, 'j') RETURNING id",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let dispatcher: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO event_dispatchers (id, environment_id, event_names, dispatchable_type,
+                                        dispatchable_id, target_id)
+         VALUES (gen_random_uuid(), $1, '{e}', 'JOB_VERSION', 'j', gen_random_uuid()) RETURNING id",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let trigger: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO dynamic_triggers (id, environment_id, slug)
+         VALUES (gen_random_uuid(), $1, 't') RETURNING id",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+
+    // As the older build wrote them: no environment_id.
+    let attempt_env: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO webhook_attempts (dispatcher_id, event_record_id, job_id, attempt, duration_ms)
+         VALUES ($1, gen_random_uuid(), 1, 1, 5) RETURNING environment_id",
+    )
+    .bind(dispatcher)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempt_env, env);
+    let link_env: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO dynamic_trigger_jobs (dynamic_trigger_id, job_id) VALUES ($1, $2)
+         RETURNING environment_id",
+    )
+    .bind(trigger)
+    .bind(job)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(link_env, env);
+
+    // Naming another environment: the parent is not found under it.
+    let crossed = sqlx::query(
+        "INSERT INTO webhook_attempts (environment_id, dispatcher_id, event_record_id, job_id,
+                                       attempt, duration_ms)
+         VALUES ($1, $2, gen_random_uuid(), 1, 2, 5)",
+    )
+    .bind(other.id)
+    .bind(dispatcher)
+    .execute(&app.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        crossed
+            .to_string()
+            .contains("webhook_attempts_dispatcher_fkey"),
+        "{crossed}"
+    );
+    let crossed = sqlx::query(
+        "INSERT INTO dynamic_trigger_jobs (environment_id, dynamic_trigger_id, job_id)
+         VALUES ($1, $2, $3)",
+    )
+    .bind(other.id)
+    .bind(trigger)
+    .bind(job)
+    .execute(&app.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        crossed
+            .to_string()
+            .contains("dynamic_trigger_jobs_trigger_fkey"),
+        "{crossed}"
+    );
+    // Deleting the dispatcher takes its attempts along, as before.
+    sqlx::query("DELETE FROM event_dispatchers WHERE id = $1")
+        .bind(dispatcher)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_attempts")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
