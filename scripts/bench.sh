@@ -27,6 +27,8 @@
 #             messages, CPU per process) on a Postgres of its own with pg_stat_statements;
 #             without arguments flat out, flat out on quorum queues and paced at 300/s,
 #             merged into target/costs.json (docs/scaling.md, scripts/scale-plan.py).
+#   deadrows [MINUTES RATE]: live and dead rows of every table over a paced run (10 minutes
+#             at 300 events/s) with retention deleting all through it.
 #   partitions: retention by DELETE against dropping a partition, Postgres alone: pgbench
 #             ingest (an event and its run) while 1,000,000 old events go, each way.
 #   console:  the operator console's page times on 1,000,000 events and 2,000,000 jobs
@@ -548,6 +550,12 @@ export AMQP_PREFIX=kongflow-bench HTTP_ADDR=127.0.0.1:3031 RUST_LOG=${BENCH_LOG:
 export METRICS_ADDR=127.0.0.1:3032 METRICS_URL=http://127.0.0.1:3032
 # Retention looks for old events every 5 s in the retention bench (the default is a minute).
 [[ $which == retention ]] && export RETENTION_INTERVAL_MS=5000
+# deadrows: retention with work all through the run: the run's own jobs go 2 minutes after
+# they end and its events 3 minutes after they were stored, looked for every 10 s.
+if [[ $which == deadrows ]]; then
+  export RETENTION_INTERVAL_MS=10s RETENTION_COMPLETED_MS=2m RETENTION_DISCARDED_MS=2m
+  export RETENTION_EVENTS_MS=3m
+fi
 drop_queues "$AMQP_PREFIX"
 target/release/kongflow-events all &
 pid=$!
@@ -611,13 +619,8 @@ if [[ $which == all || $which == fairness ]]; then
   echo "== the same without shares (max_jobs_in_flight lifted)"
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --unfair "$@"
 fi
-if [[ $which == retention ]]; then
-  pgbench_baseline
-  deleted() {
-    curl -sf $METRICS_URL/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
-  }
-  plant() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
-    psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
+plant_old() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
+  psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
 INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
 SELECT gen_random_uuid(), (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
        'old-' || g, 'bench.old', '{"kind": "old"}', now() - interval '40 days',
@@ -628,12 +631,51 @@ SELECT gen_random_uuid(), e.environment_id, gen_random_uuid(), gen_random_uuid()
 FROM event_records e WHERE e.name = 'bench.old';
 ANALYZE event_records; ANALYZE job_runs;
 SQL
+}
+if [[ $which == deadrows ]]; then
+  # Dead rows over a long paced run with retention at work (MINUTES, default 10, at RATE,
+  # default 300 events/s): 1,000,000 old events and their runs planted first (retention's
+  # first passes delete them), then the run's own jobs and events deleted as they age
+  # (above). pg_stat_user_tables' live and dead rows of every table that has either, at
+  # the start, every 2 minutes and at the end. On this machine autovacuum is off
+  # (conf.d/90-ci.conf): what vacuums is the relay's vacuum pass (VACUUM_INTERVAL_MS).
+  minutes=${1:-10} rate=${2:-300}
+  table_rows() {
+    echo "  -- $1 ($(date -u +%H:%M:%S)): table live dead"
+    psql -h 127.0.0.1 -U postgres -d "$db" -qAt -F ' ' -c "SELECT relname, n_live_tup, n_dead_tup
+      FROM pg_stat_user_tables WHERE n_live_tup + n_dead_tup > 0 ORDER BY relname" | sed 's/^/     /'
+  }
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 400 --rate 200 --concurrency 16 >/dev/null
+  echo "== planting 1,000,000 old settled events"
+  plant_old
+  table_rows "start"
+  echo "== $minutes minutes at $rate events/s"
+  # The client's own end-to-end figures are not read: retention deletes the run's events
+  # (and runs) it would count. Its sends stop at the last snapshot.
+  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  "$client" --url http://$HTTP_ADDR --events $((rate * minutes * 60)) --rate "$rate" \
+    --concurrency 16 >/dev/null 2>&1 &
+  run=$!
+  for m in $(seq 2 2 "$minutes"); do
+    sleep 120
+    table_rows "minute $m"
+  done
+  kill $run 2>/dev/null || true
+  sent=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM queue_jobs
+    WHERE kind = 'deliverEvent' AND created_at > now() - make_interval(mins => $minutes)")
+  echo "  deliverEvent jobs of the run still kept: $sent (completed ones go after 2 minutes)"
+  exit 0
+fi
+if [[ $which == retention ]]; then
+  pgbench_baseline
+  deleted() {
+    curl -sf $METRICS_URL/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
   }
   for clients in 16 64; do
     echo "== $clients connections, nothing to delete"
     cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
     echo "== planting 1,000,000 old settled events"
-    plant
+    plant_old
     before=$(deleted)
     echo "== $clients connections, retention deleting beside it"
     cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"

@@ -112,8 +112,9 @@ pub async fn retain(pool: &PgPool, r: Retention) -> Result<Vec<u64>, sqlx::Error
 }
 
 /// The tables the hot path updates or deletes from (each job row is updated when it ends,
-/// each event when it is delivered), and the one it only inserts into.
-pub const CHURNED_TABLES: [&str; 3] = ["queue_jobs", "event_records", "job_runs"];
+/// each event when it is delivered, each run's hand-off deleted once published), and the
+/// one it only inserts into (`job_runs`, which retention deletes from).
+pub const CHURNED_TABLES: [&str; 4] = ["queue_jobs", "event_records", "job_runs", "run_handoffs"];
 
 /// The bytes on disk of each of [`CHURNED_TABLES`], indexes and TOAST included.
 pub async fn table_sizes(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
