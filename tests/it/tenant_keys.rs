@@ -59,6 +59,10 @@ const NOT_YET: &[(&str, &str)] = &[
     ("job_versions", "job_versions_job_id_version_key"),
 ];
 
+/// A foreign key: its table, its name, the table it references, its columns, and the
+/// referenced columns they match.
+type ForeignKey = (String, String, String, Vec<String>, Vec<String>);
+
 #[tokio::test]
 async fn every_tenant_table_is_keyed_by_its_environment_or_listed_with_its_plan() {
     let app = TestApp::builder().roles(Roles::NONE).start().await;
@@ -91,7 +95,7 @@ async fn every_tenant_table_is_keyed_by_its_environment_or_listed_with_its_plan(
     .fetch_all(&app.pool)
     .await
     .unwrap();
-    let foreign: Vec<(String, String, String, Vec<String>, Vec<String>)> = sqlx::query_as(
+    let foreign: Vec<ForeignKey> = sqlx::query_as(
         "SELECT c.relname::text, con.conname::text, f.relname::text,
                 ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY u(k, o)
                       JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = u.k
