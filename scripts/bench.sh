@@ -59,6 +59,16 @@ drop_queues() {
       case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
     end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
 }
+# Cumulative CPU ticks of processes: `ticks PID...`, or of a user's: `ticks -u USER`
+# (sizing, costs).
+ticks() {
+  if [ "$1" = -u ]; then set -- $(pgrep -u "$2"); fi
+  local t=0 p
+  for p in "$@"; do
+    [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
+  done
+  echo $t
+}
 if [[ $which == compare ]]; then
   rev=$(git rev-parse --short "${1:?compare needs a commit: scripts/bench.sh compare REV}")
   rounds=${2:-2}
@@ -129,15 +139,6 @@ if [[ $which == sizing ]]; then
   cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
   client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
   hz=$(getconf CLK_TCK)
-  # Cumulative CPU ticks of processes: `ticks PID...`, or of a user's: `ticks -u USER`.
-  ticks() {
-    if [ "$1" = -u ]; then set -- $(pgrep -u "$2"); fi
-    local t=0 p
-    for p in "$@"; do
-      [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
-    done
-    echo $t
-  }
   for rate in "${rates[@]}"; do
     db=kongflow_sizing
     psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
@@ -234,14 +235,6 @@ CONF
     -c "CREATE ROLE bench_client LOGIN SUPERUSER" >/dev/null
   q "CREATE EXTENSION pg_stat_statements"
   hz=$(getconf CLK_TCK)
-  ticks() {
-    if [ "$1" = -u ]; then set -- $(pgrep -u "$2"); fi
-    local t=0 p
-    for p in "$@"; do
-      [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
-    done
-    echo $t
-  }
   broker() { # messages published (received), delivered, acknowledged: every queue type
     rabbitmqctl -q eval 'M = rabbit_global_counters:overview(),
       Sum = fun(K) -> maps:fold(fun(L, V, A) -> case lists:member({protocol, amqp091}, L) of
