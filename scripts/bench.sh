@@ -59,6 +59,25 @@ drop_queues() {
       case binary:match(N, P) of {0, _} -> rabbit_amqqueue:delete(Q, false, false, <<\"bench\">>); _ -> ok end
     end, rabbit_amqqueue:list()), ok." >/dev/null 2>&1 || true
 }
+# The newest pipeline bench client built under a target directory: `client_of target`.
+client_of() { ls -t "$1"/release/deps/pipeline-* | grep -v '\.d$' | head -1; }
+# serve (API on 127.0.0.1:3031), relay and worker as the chart runs them, as separate
+# processes on the environment's stores, metrics on 3041-3043; returns once each is ready,
+# their pids in ROLE_PID (sizing, costs).
+start_roles() {
+  declare -gA ROLE_PID
+  local -A port=([serve]=3041 [relay]=3042 [worker]=3043)
+  local role
+  target/release/kongflow-events serve --http 127.0.0.1:3031 --metrics 127.0.0.1:3041 >/dev/null 2>&1 &
+  ROLE_PID[serve]=$!
+  for role in relay worker; do
+    METRICS_ADDR=127.0.0.1:${port[$role]} target/release/kongflow-events "$role" >/dev/null 2>&1 &
+    ROLE_PID[$role]=$!
+  done
+  for role in serve relay worker; do
+    for _ in $(seq 1 100); do curl -sf http://127.0.0.1:${port[$role]}/readyz >/dev/null && break; sleep 0.2; done
+  done
+}
 # Cumulative CPU ticks of processes: `ticks PID...`, or of a user's: `ticks -u USER`
 # (sizing, costs).
 ticks() {
@@ -81,7 +100,6 @@ if [[ $which == compare ]]; then
   # programs then copied beside its tree.
   shared=$PWD/target/compare/target
   (cd "$tree" && CARGO_TARGET_DIR=$shared cargo build --release --quiet --bin kongflow-events --bench pipeline)
-  client_of() { ls -t "$1"/release/deps/pipeline-* | grep -v '\.d$' | head -1; }
   mkdir -p "$tree/bin"
   cp "$shared/release/kongflow-events" "$tree/bin/kongflow-events"
   cp "$(client_of "$shared")" "$tree/bin/pipeline"
@@ -137,7 +155,7 @@ if [[ $which == sizing ]]; then
   export SQLX_OFFLINE=true
   unset DATABASE_URL
   cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
-  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  client=$(client_of target)
   hz=$(getconf CLK_TCK)
   for rate in "${rates[@]}"; do
     db=kongflow_sizing
@@ -146,19 +164,10 @@ if [[ $which == sizing ]]; then
       export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db AMQP_PREFIX=kongflow-sizing-$RANDOM
       export RUST_LOG=warn KONGFLOW_NO_MIGRATE=true
       target/release/kongflow-events migrate >/dev/null
-      declare -A pid port=([serve]=3041 [relay]=3042 [worker]=3043)
-      target/release/kongflow-events serve --http 127.0.0.1:3031 --metrics 127.0.0.1:3041 >/dev/null 2>&1 &
-      pid[serve]=$!
-      for role in relay worker; do
-        METRICS_ADDR=127.0.0.1:${port[$role]} target/release/kongflow-events "$role" >/dev/null 2>&1 &
-        pid[$role]=$!
-      done
-      for role in serve relay worker; do
-        for _ in $(seq 1 100); do curl -sf http://127.0.0.1:${port[$role]}/readyz >/dev/null && break; sleep 0.2; done
-      done
+      start_roles
       "$client" --url http://127.0.0.1:3031 --events 400 --concurrency 16 --rate 200 >/dev/null 2>&1
       declare -A before
-      for role in serve relay worker; do before[$role]=$(ticks ${pid[$role]}); done
+      for role in serve relay worker; do before[$role]=$(ticks ${ROLE_PID[$role]}); done
       # The machine: busy and stolen ticks (/proc/stat), to read the rest against.
       machine() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $9}' /proc/stat; }
       read -r busy0 steal0 < <(machine)
@@ -169,15 +178,15 @@ if [[ $which == sizing ]]; then
       echo "== $rate events/s for ${secs%.*} s: cores per 1,000 events/s, peak memory"
       per1000() { echo "scale=3; ($1) / $hz / $secs * 1000 / $rate" | bc; }
       for role in serve relay worker; do
-        rss=$(awk '/VmHWM/ {print int($2 / 1024)}' /proc/${pid[$role]}/status)
-        printf '  %-9s %s cores  %s MiB\n' "$role" "$(per1000 "$(ticks ${pid[$role]}) - ${before[$role]}")" "$rss"
+        rss=$(awk '/VmHWM/ {print int($2 / 1024)}' /proc/${ROLE_PID[$role]}/status)
+        printf '  %-9s %s cores  %s MiB\n' "$role" "$(per1000 "$(ticks ${ROLE_PID[$role]}) - ${before[$role]}")" "$rss"
       done
       printf '  %-9s %s cores\n' postgres "$(per1000 "$(ticks -u postgres) - $pg0")"
       printf '  %-9s %s cores\n' rabbitmq "$(per1000 "$(ticks -u rabbitmq) - $mq0")"
       read -r busy1 steal1 < <(machine)
       printf '  %-9s %s cores busy, %s stolen (all processes, the client included)\n' machine \
         "$(per1000 "$busy1 - $busy0")" "$(per1000 "$steal1 - $steal0")"
-      kill "${pid[@]}"
+      kill "${ROLE_PID[@]}"
       wait 2>/dev/null || true
       drop_queues "$AMQP_PREFIX"
     )
@@ -212,7 +221,7 @@ if [[ $which == costs ]]; then
   export SQLX_OFFLINE=true
   unset DATABASE_URL
   cargo build --release --locked --quiet --bin kongflow-events --bench pipeline
-  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  client=$(client_of target)
   pgbin=/usr/lib/postgresql/$(ls /etc/postgresql | sort -n | tail -1)/bin
   data=/tmp/kongflow-costs-pg port=5434
   pgctl() { su postgres -s /bin/sh -c "$pgbin/pg_ctl -D $data $*"; }
@@ -246,17 +255,8 @@ CONF
   export RUST_LOG=warn KONGFLOW_NO_MIGRATE=true
   drop_queues "$AMQP_PREFIX"
   target/release/kongflow-events migrate >/dev/null
-  declare -A pid mport=([serve]=3041 [relay]=3042 [worker]=3043)
-  target/release/kongflow-events serve --http 127.0.0.1:3031 --metrics 127.0.0.1:3041 >/dev/null 2>&1 &
-  pid[serve]=$!
-  for role in relay worker; do
-    METRICS_ADDR=127.0.0.1:${mport[$role]} target/release/kongflow-events "$role" >/dev/null 2>&1 &
-    pid[$role]=$!
-  done
-  trap 'kill ${pid[*]} 2>/dev/null; wait 2>/dev/null; pgctl "-m fast -w stop" >/dev/null 2>&1 || true' EXIT
-  for role in serve relay worker; do
-    for _ in $(seq 1 100); do curl -sf http://127.0.0.1:${mport[$role]}/readyz >/dev/null && break; sleep 0.2; done
-  done
+  trap 'kill ${ROLE_PID[*]} 2>/dev/null; wait 2>/dev/null; pgctl "-m fast -w stop" >/dev/null 2>&1 || true' EXIT
+  start_roles
   client_url=postgres://bench_client@127.0.0.1:$port/$db
   DATABASE_URL=$client_url "$client" --url http://127.0.0.1:3031 --events 400 --concurrency 16 --rate 200 >/dev/null 2>&1
   settled() { q "SELECT (SELECT count(*) FROM run_handoffs) + (SELECT count(*) FROM queue_jobs
@@ -265,7 +265,7 @@ CONF
   sleep 11
   q "SELECT pg_stat_statements_reset(), pg_stat_reset_shared('wal'), pg_stat_reset()" >/dev/null
   declare -A before
-  for role in serve relay worker; do before[$role]=$(ticks ${pid[$role]}); done
+  for role in serve relay worker; do before[$role]=$(ticks ${ROLE_PID[$role]}); done
   pg0=$(ticks -u postgres) mq0=$(ticks -u rabbitmq) start=$(date +%s.%N)
   read -r pub0 del0 ack0 < <(broker)
   echo "== costs: $events events at ${rate/#0/flat out} events/s, 16 connections ($(date -u +%H:%M:%S))"
@@ -277,7 +277,7 @@ CONF
   secs=$(echo "$(date +%s.%N) - $start" | bc)
   read -r pub1 del1 ack1 < <(broker)
   declare -A cpu
-  for role in serve relay worker; do cpu[$role]=$(($(ticks ${pid[$role]}) - ${before[$role]})); done
+  for role in serve relay worker; do cpu[$role]=$(($(ticks ${ROLE_PID[$role]}) - ${before[$role]})); done
   cpu[postgres]=$(($(ticks -u postgres) - pg0)) cpu[rabbitmq]=$(($(ticks -u rabbitmq) - mq0))
   ms() { echo "scale=4; $1 * 1000 / $hz / $events" | bc; }
   # The statements, the WAL and the rows: one JSON object, the per-event figures computed
@@ -645,7 +645,7 @@ if [[ $which == deadrows ]]; then
   echo "== $minutes minutes at $rate events/s"
   # The client's own end-to-end figures are not read: retention deletes the run's events
   # (and runs) it would count. Its sends stop at the last snapshot.
-  client=$(ls -t target/release/deps/pipeline-* | grep -v '\.d$' | head -1)
+  client=$(client_of target)
   "$client" --url http://$HTTP_ADDR --events $((rate * minutes * 60)) --rate "$rate" \
     --concurrency 16 >/dev/null 2>&1 &
   run=$!

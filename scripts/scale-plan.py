@@ -34,6 +34,13 @@ def load(path, key=None):
     return costs[key] if key else costs
 
 
+def quorum_ms(c, q, a):
+    """RabbitMQ CPU ms per event on a quorum cluster: the leader does the measured
+    single-node work (quorum costs when measured, else classic), each of two followers
+    --follower-share of it."""
+    return (q or c)["cpu_ms_per_event"]["rabbitmq"] * (1 + 2 * a.follower_share)
+
+
 def plan(rate, c, q, a):
     """One target rate: what each part needs, as a dict of figures and the bottleneck."""
     u = a.utilization
@@ -47,12 +54,8 @@ def plan(rate, c, q, a):
     pg_nodes_cpu = math.ceil(pg_cores / a.pg_cores)
     pg_nodes_wal = math.ceil(wal_mb_s / (a.wal_mb_s * u))
     pg_nodes = max(1, pg_nodes_cpu, pg_nodes_wal)
-    # RabbitMQ: quorum queues (three replicas) on a cluster of at least three nodes; the
-    # leader does the measured single-node work, each of two followers about half of it
-    # (--follower-share).
-    mq = q if q else c
-    mq_ms = mq["cpu_ms_per_event"]["rabbitmq"] * (1 + 2 * a.follower_share)
-    mq_cores = rate * mq_ms / 1000 / u
+    # RabbitMQ: quorum queues (three replicas) on a cluster of at least three nodes.
+    mq_cores = rate * quorum_ms(c, q, a) / 1000 / u
     mq_nodes = max(3, math.ceil(mq_cores / a.mq_cores))
     # A queue is one Erlang process: one core at most. Each kind's queue takes one message
     # per event (published and delivered), so the shards per kind are the rate over what
@@ -131,7 +134,7 @@ def main():
           f"{c['broker_delivered_per_event']} delivered, CPU {mq_line}")
     print(f"  service  serve {cpu['serve']} ms, worker {cpu['worker']} ms, relay {cpu['relay']} ms CPU")
     print()
-    mq_ms = (q or c)["cpu_ms_per_event"]["rabbitmq"] * (1 + 2 * a.follower_share)
+    mq_ms = quorum_ms(c, q, a)
     one_pg = min(a.pg_cores * 1000 / cpu["postgres"], a.wal_mb_s * 1e6 / c["wal_bytes_per_event"]) * u
     print(f"What one unit carries at {u:.0%} busy:")
     print(f"  one Postgres primary ({a.pg_cores:g} cores, {a.wal_mb_s:g} MB/s WAL): "
