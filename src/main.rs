@@ -57,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// The storage layout: the time slices of the tables written per event.
+    Storage {
+        #[command(subcommand)]
+        command: StorageCommand,
+    },
     /// See an environment's events.
     Events {
         /// Print JSON instead of a table.
@@ -181,6 +186,22 @@ enum JobsCommand {
 enum DeadCommand {
     /// Retry the job of every dead letter that names one, and remove those letters.
     Replay,
+}
+
+#[derive(Subcommand)]
+enum StorageCommand {
+    /// Slice event_records, job_runs and webhook_attempts by day, online (docs/operations.md,
+    /// Storage): the tables as they are become the legacy slice, dropped by retention once
+    /// its events are older than RETENTION_EVENTS_MS. Run it once every process runs this
+    /// build or a later one; run again, it goes on where it stopped, or does nothing.
+    Partition {
+        /// The cut-over is this far ahead: the steps before the swap (a scan of each table)
+        /// must end within it, and the legacy slice takes the events stored until then.
+        #[arg(long, default_value = "1h", value_parser = kongflow_events::config::parse_duration)]
+        margin: std::time::Duration,
+    },
+    /// List the slices: each with its day (or legacy) and the time its ids end.
+    Slices,
 }
 
 #[derive(Subcommand)]
@@ -347,7 +368,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Env { command } => env(&store, command).await,
         Command::Jobs { json, command } => jobs(&store, json, command).await,
         Command::Events { json, command } => events(&store, json, command).await,
+        Command::Storage { command } => storage(&store, command).await,
     }
+}
+
+/// `storage partition`, `storage slices`.
+async fn storage(store: &StoreConfig, command: StorageCommand) -> anyhow::Result<()> {
+    use kongflow_events::events::slices;
+    let pool = app::open_database_now(&StoreConfig {
+        no_migrate: true,
+        ..store.clone()
+    })
+    .await?;
+    match command {
+        StorageCommand::Partition { margin } => match slices::partition(&pool, margin).await? {
+            slices::Partitioned::Already => println!("the tables are sliced already"),
+            slices::Partitioned::Empty => println!("the tables were empty: sliced by day now"),
+            slices::Partitioned::Legacy { cutover, took } => println!(
+                "sliced by day in {took:.1?}: the rows so far are the legacy slice, which \
+                 holds the events stored until {} (cut-over id {cutover})",
+                slices::uuid_time(cutover).to_rfc3339()
+            ),
+        },
+        StorageCommand::Slices => {
+            let mut conn = pool.acquire().await?;
+            let all = slices::list(&mut conn).await?;
+            if all.is_empty() {
+                println!("the tables are not sliced (kongflow-events storage partition)");
+            }
+            for s in all {
+                let day = s.day.map_or("legacy".to_string(), |d| d.to_string());
+                println!("{day}\tends {}", s.ends().to_rfc3339());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `env create`, `env limits`, `env delete`.

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::amqp::{self, Topology};
 use crate::config::MaintenanceConfig;
-use crate::events::retention;
+use crate::events::{retention, slices};
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{JobKind, outbox, publishers};
 use crate::metrics::metrics;
@@ -38,6 +38,8 @@ pub struct Maintenance {
     pool: PgPool,
     topology: Topology,
     config: MaintenanceConfig,
+    /// What held each past event slice at the last retention pass.
+    holds: std::sync::Arc<retention::Holds>,
 }
 
 impl Maintenance {
@@ -46,6 +48,7 @@ impl Maintenance {
             pool,
             topology,
             config,
+            holds: Default::default(),
         }
     }
 
@@ -251,15 +254,20 @@ impl Maintenance {
         .await
     }
 
-    /// One event retention pass (see [`retention::retain`]), then spent EPHEMERAL
-    /// dispatchers ([`crate::dispatchers::delete_spent`]); nothing when
-    /// `RETENTION_EVENTS_MS` is 0.
+    /// One event retention pass: the slices of the days ahead made where missing
+    /// ([`slices::ensure`]), then [`retention::retain`] and spent EPHEMERAL dispatchers
+    /// ([`crate::dispatchers::delete_spent`]); only the slices when `RETENTION_EVENTS_MS`
+    /// is 0.
     pub async fn retain_events(&self) -> Result<Vec<retention::Deleted>, sqlx::Error> {
         let c = &self.config;
+        let made = slices::ensure(&self.pool).await?;
+        if made > 0 {
+            tracing::info!(tables = made, "made the event slices of the days ahead");
+        }
         match Some(c.retention_events).filter(|d| !d.is_zero()) {
             Some(keep) => {
                 let batch = c.retention_batch_size;
-                let mut batches = retention::retain(&self.pool, keep, batch).await?;
+                let mut batches = retention::retain(&self.pool, keep, batch, &self.holds).await?;
                 let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
                 if dispatchers > 0 {
                     batches.push(retention::Deleted {

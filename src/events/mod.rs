@@ -4,6 +4,7 @@ pub mod filter;
 pub mod list;
 pub mod ratelimit;
 pub mod retention;
+pub mod slices;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -180,11 +181,14 @@ impl NewEvents {
     }
 
     /// One statement stores them all; ids the environment already has are skipped (and not
-    /// returned).
+    /// returned). A unique index holds within one slice of the table; across slices the SQL
+    /// function `event_ids_taken` locks each (environment, id) until the transaction ends
+    /// and looks for it in every slice (migration `20261207000001_event_slices`).
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
         sqlx::query_as!(
             EventRecord,
-            r#"INSERT INTO event_records
+            r#"WITH taken AS MATERIALIZED (SELECT * FROM event_ids_taken($2::uuid[], $3::text[]))
+               INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,
                     deliver_at, external_account_id, is_test, payload_type)
                SELECT id, env, eid, name, source, payload, context, COALESCE(ts, now()),
@@ -193,7 +197,9 @@ impl NewEvents {
                            $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[],
                            $12::text[])
                     AS t(id, env, eid, name, source, payload, context, ts, at, after, account, ptype)
-               ON CONFLICT (environment_id, event_id) DO NOTHING
+               WHERE NOT EXISTS (SELECT 1 FROM taken k
+                                 WHERE k.environment_id = t.env AND k.event_id = t.eid)
+               ON CONFLICT DO NOTHING
                RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
                          deliver_at, delivered_at, cancelled_at, external_account_id, is_test,
                          created_at, updated_at"#,

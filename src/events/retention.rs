@@ -1,15 +1,25 @@
-//! Keeping `event_records` and `job_runs` bounded: settled events (delivered or cancelled)
-//! older than the retention are deleted with their runs ([`crate::runs::delete_of_events`],
-//! in the same transaction), in batches, and deleting an
-//! environment deletes its events and runs (rows written per event carry no foreign keys:
-//! see the initial migration).
+//! Keeping `event_records` and `job_runs` bounded. Where the tables are sliced
+//! ([`super::slices`]), a slice whose events are all older than the retention and settled
+//! (delivered or cancelled) is detached and dropped whole, with its runs and webhook
+//! attempts; rows are deleted one by one only in the slices that cannot go yet (one holds an
+//! event still due) and in the legacy slice. Where they are plain, settled events older than
+//! the retention are deleted with their runs ([`crate::runs::delete_of_events`], in the same
+//! transaction), in batches. Deleting an environment deletes its events and runs (rows
+//! written per event carry no foreign keys: see the initial migration).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::slices::{self, Slice};
 use crate::ledger::{self, DeliverEventArgs, JobArgs};
+
+/// The event that held each past slice at the last pass (by the slice's upper bound): the
+/// next pass looks it up by id before it scans the slice again.
+pub type Holds = Mutex<HashMap<Uuid, Uuid>>;
 
 /// The advisory lock held by the process deleting old events.
 pub const EVENTS_RETENTION_LOCK: i64 = 0x6b66_6576_7265_746e;
@@ -32,17 +42,21 @@ impl std::ops::AddAssign for Deleted {
     }
 }
 
-/// One pass: events created more than `keep` ago that are delivered or cancelled, and their
-/// runs, deleted `batch` events per statement (each its own short transaction, rows locked
-/// by others skipped), until a batch comes back short. An event still due (not yet
-/// delivered, however old) is kept; one delivery gave up on (its `deliverEvent` job
-/// discarded or cancelled, due more than `keep` ago) goes too, in a last entry. Only the process holding the lock does it; the others
-/// skip the pass. Returns what each statement on events deleted. (Spent EPHEMERAL
+/// One pass. Sliced tables: each slice older than `keep` (its end; the legacy slice's newest
+/// event) that holds no event still due is dropped, one entry each. Then, in the slices that
+/// stay although past (and in the legacy slice), or everywhere on plain tables: events
+/// created more than `keep` ago that are delivered or cancelled, and their runs, deleted
+/// `batch` events per statement (each its own short transaction, rows locked by others
+/// skipped), until a batch comes back short. An event still due (not yet delivered, however
+/// old) is kept; one delivery gave up on (its `deliverEvent` job discarded or cancelled, due
+/// more than `keep` ago) goes too, in a last entry. Only the process holding the lock does
+/// it; the others skip the pass. Returns what each step deleted. (Spent EPHEMERAL
 /// dispatchers go in the same pass of the relay: `dispatchers::delete_spent`.)
 pub async fn retain(
     pool: &PgPool,
     keep: Duration,
     batch: i64,
+    holds: &Holds,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", EVENTS_RETENTION_LOCK)
@@ -51,36 +65,107 @@ pub async fn retain(
     if locked != Some(true) {
         return Ok(Vec::new());
     }
-    let batch = batch.max(1);
-    let mut batches = Vec::new();
-    let result = loop {
-        let deleted = delete_settled(&mut conn, keep, batch).await;
-        match deleted {
-            Ok(d) => {
-                batches.push(d);
-                if d.events < batch as u64 {
-                    break Ok(batches);
-                }
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    let result = match result {
-        Ok(mut batches) => match retain_abandoned(&mut conn, keep, batch).await {
-            Ok(d) => {
-                if d.events > 0 {
-                    batches.push(d);
-                }
-                Ok(batches)
-            }
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
+    let result = retain_locked(&mut conn, keep, batch.max(1), holds).await;
     sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", EVENTS_RETENTION_LOCK)
         .fetch_one(&mut *conn)
         .await?;
     result
+}
+
+/// Which rows the row-by-row pass looks at.
+enum Rows {
+    /// Plain tables: all.
+    All,
+    /// Sliced: those below this id (the past slices that stayed, the legacy slice).
+    Below(Uuid),
+    /// Sliced, and every past slice went: none.
+    None,
+}
+
+async fn retain_locked(
+    conn: &mut PgConnection,
+    keep: Duration,
+    batch: i64,
+    holds: &Holds,
+) -> Result<Vec<Deleted>, sqlx::Error> {
+    let mut batches = Vec::new();
+    let below = match drop_settled_slices(conn, keep, holds, &mut batches).await? {
+        Rows::All => None,
+        Rows::Below(bound) => Some(bound),
+        Rows::None => return Ok(batches),
+    };
+    loop {
+        let d = delete_settled(conn, keep, batch, below).await?;
+        batches.push(d);
+        if d.events < batch as u64 {
+            break;
+        }
+    }
+    let d = retain_abandoned(conn, keep, batch, below).await?;
+    if d.events > 0 {
+        batches.push(d);
+    }
+    Ok(batches)
+}
+
+/// Drop each past slice that holds no event still due (see [`retain`]); says which rows
+/// the row-by-row pass is left with.
+async fn drop_settled_slices(
+    conn: &mut PgConnection,
+    keep: Duration,
+    holds: &Holds,
+    batches: &mut Vec<Deleted>,
+) -> Result<Rows, sqlx::Error> {
+    let all = slices::list(conn).await?;
+    if all.is_empty() {
+        return Ok(Rows::All);
+    }
+    let horizon =
+        chrono::Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+    let mut below: Option<Uuid> = None;
+    for slice in all {
+        if !is_past(conn, &slice, horizon).await? {
+            if slice.day.is_none() {
+                // The legacy slice's events older than the retention go row by row.
+                below = below.max(Some(slice.upper));
+            }
+            continue;
+        }
+        let known = holds.lock().expect("holds").get(&slice.upper).copied();
+        match slices::held_by(conn, &slice, known).await? {
+            Some(event) => {
+                holds.lock().expect("holds").insert(slice.upper, event);
+                below = below.max(Some(slice.upper));
+            }
+            None => {
+                holds.lock().expect("holds").remove(&slice.upper);
+                let d = slices::drop_slice(conn, &slice).await?;
+                if d != slices::Dropped::default() {
+                    batches.push(Deleted {
+                        events: d.events,
+                        runs: d.runs,
+                        dispatchers: 0,
+                    });
+                }
+            }
+        }
+    }
+    Ok(below.map_or(Rows::None, Rows::Below))
+}
+
+/// Whether a slice's events are all older than `horizon`: a day's slice by its end, the
+/// legacy slice by its newest event (an empty one is past).
+async fn is_past(
+    conn: &mut PgConnection,
+    slice: &Slice,
+    horizon: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, sqlx::Error> {
+    Ok(match slice.day {
+        Some(_) => slice.ends() <= horizon,
+        None => slices::newest(conn, slice)
+            .await?
+            .is_none_or(|newest| newest <= horizon),
+    })
 }
 
 /// Delete up to `batch` events created more than `keep` ago that are delivered or
@@ -89,6 +174,7 @@ async fn delete_settled(
     conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
+    below: Option<Uuid>,
 ) -> Result<Deleted, sqlx::Error> {
     let mut tx = conn.begin().await?;
     let events = sqlx::query_scalar!(
@@ -96,12 +182,14 @@ async fn delete_settled(
                SELECT id FROM event_records
                WHERE created_at < now() - make_interval(secs => $1)
                  AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
+                 AND id < COALESCE($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
                LIMIT $2
                FOR UPDATE SKIP LOCKED)
            DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
            RETURNING id"#,
         keep.as_secs_f64(),
-        batch
+        batch,
+        below
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -123,6 +211,7 @@ async fn retain_abandoned(
     conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
+    below: Option<Uuid>,
 ) -> Result<Deleted, sqlx::Error> {
     let mut total = Deleted::default();
     let mut after: Option<Uuid> = None;
@@ -133,11 +222,13 @@ async fn retain_abandoned(
                  AND created_at < now() - make_interval(secs => $1)
                  AND deliver_at < now() - make_interval(secs => $1)
                  AND ($3::uuid IS NULL OR id > $3)
+                 AND id < COALESCE($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
                ORDER BY id
                LIMIT $2"#,
             keep.as_secs_f64(),
             batch,
-            after
+            after,
+            below
         )
         .fetch_all(&mut *conn)
         .await?;

@@ -116,12 +116,15 @@ pub async fn retain(pool: &PgPool, r: Retention) -> Result<Vec<u64>, sqlx::Error
 /// one it only inserts into (`job_runs`, which retention deletes from).
 pub const CHURNED_TABLES: [&str; 4] = ["queue_jobs", "event_records", "job_runs", "run_handoffs"];
 
-/// The bytes on disk of each of [`CHURNED_TABLES`], indexes and TOAST included.
+/// The bytes on disk of each of [`CHURNED_TABLES`], indexes and TOAST included (all its
+/// slices, where it is sliced).
 pub async fn table_sizes(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let rows = sqlx::query!(
-        r#"SELECT c.relname::text AS "table!", pg_total_relation_size(c.oid) AS "bytes!"
+        r#"SELECT c.relname::text AS "table!",
+                  (SELECT sum(pg_total_relation_size(p.relid))::int8 FROM pg_partition_tree(c.oid) p)
+                    AS "bytes!"
            FROM pg_class c
-           WHERE c.relname = ANY($1) AND c.relkind = 'r'
+           WHERE c.relname = ANY($1) AND c.relkind IN ('r', 'p')
              AND c.relnamespace = current_schema()::regnamespace"#,
         &CHURNED_TABLES.map(String::from)[..]
     )
@@ -183,8 +186,11 @@ async fn vacuum_locked(
                   n_mod_since_analyze >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
                     AND COALESCE(GREATEST(last_analyze, last_autoanalyze), '-infinity')
                         < now() - make_interval(secs => $4) AS "analyze!"
-           FROM pg_stat_user_tables
-           WHERE schemaname = current_schema() AND relname = ANY($1)
+           FROM pg_stat_user_tables s
+           WHERE schemaname = current_schema()
+             AND (relname = ANY($1)
+                  OR EXISTS (SELECT 1 FROM pg_inherits i
+                             WHERE i.inhrelid = s.relid AND i.inhparent::regclass::text = ANY($1)))
            ORDER BY relname"#,
         &tables,
         VACUUM_MIN_DEAD,
@@ -198,10 +204,9 @@ async fn vacuum_locked(
         .await?;
     let mut done = Vec::new();
     for t in due {
-        // The name comes from CHURNED_TABLES (matched above), never from input.
-        let Some(table) = CHURNED_TABLES.iter().find(|n| **n == t.table) else {
-            continue;
-        };
+        // One of CHURNED_TABLES, or a slice of one (a partition: the catalog's name for it,
+        // matched above), never from input.
+        let table = format!("\"{}\"", t.table.replace('"', "\"\""));
         let started = std::time::Instant::now();
         let (statement, dead) = if t.vacuum {
             (
@@ -217,7 +222,7 @@ async fn vacuum_locked(
             .execute(&mut *conn)
             .await?;
         done.push(Vacuumed {
-            table: table.to_string(),
+            table: t.table,
             dead,
             took: started.elapsed(),
         });

@@ -115,9 +115,17 @@ pub struct TestAppBuilder {
     relay: RelayConfig,
     http: HttpConfig,
     worker: WorkerConfig,
+    plain: bool,
 }
 
 impl TestAppBuilder {
+    /// The per-event tables plain, as a database is before `storage partition` (every other
+    /// test runs on sliced ones).
+    pub fn plain_tables(mut self) -> Self {
+        self.plain = true;
+        self
+    }
+
     /// Which roles run in the background ([`NO_ROLES`]: the test drives every step).
     pub fn roles(mut self, roles: Roles) -> Self {
         self.roles = roles;
@@ -145,7 +153,7 @@ impl TestAppBuilder {
     /// the broker, its topology declared, an environment with its key, and the roles running.
     pub async fn start(self) -> TestApp {
         let db_name = test_database_name();
-        create_test_database(&db_name).await;
+        create_test_database(&db_name, self.plain).await;
         let database_url = format!("{}/{db_name}", pg_base());
         let prefix = format!("kft.{}", &Uuid::new_v4().simple().to_string()[..12]);
         let store = StoreConfig {
@@ -244,17 +252,20 @@ fn test_database_name() -> String {
     )
 }
 
-/// The migrated template of this test binary's migrations, made once per run of the
-/// binary (and reused by later runs while the migrations are the same).
+/// The migrated templates of this test binary's migrations (tables sliced, and plain),
+/// made once per run of the binary (and reused by later runs while the migrations are the
+/// same).
 static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+static PLAIN_TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
 
 /// The advisory lock that makes one process at a time build a template (any test binary,
 /// any concurrent run on the machine).
 const TEMPLATE_LOCK: i64 = 0x6b66_7465_6d70; // "kftemp"
 
-/// `kf_template_<hash>`: the hash is of the migrations embedded in the binary (versions and
-/// checksums), so a template made from other migrations is never used.
-fn template_name() -> String {
+/// `kf_template_<hash>` (`kf_template_<hash>_plain` with plain tables): the hash is of the
+/// migrations embedded in the binary (versions and checksums), so a template made from
+/// other migrations is never used.
+fn template_name(plain: bool) -> String {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
     for m in kongflow_events::db::MIGRATOR.iter() {
@@ -265,16 +276,20 @@ fn template_name() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("kf_template_{hex}")
+    if plain {
+        format!("kf_template_{hex}_plain")
+    } else {
+        format!("kf_template_{hex}")
+    }
 }
 
 /// Create the template if it does not exist yet: under the advisory lock, migrate a
 /// database under a temporary name, close every connection to it, then rename it, so the
 /// template's name only ever names a complete one. Connections to it are then refused, so
 /// nothing can keep `CREATE DATABASE ... TEMPLATE` from copying it.
-async fn build_template() -> String {
+async fn build_template(plain: bool) -> String {
     use sqlx::Connection;
-    let name = template_name();
+    let name = template_name(plain);
     let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base()))
         .await
         .expect("connect to postgres");
@@ -307,6 +322,11 @@ async fn build_template() -> String {
         kongflow_events::db::migrate(&pool)
             .await
             .expect("migrate the template database");
+        if !plain {
+            kongflow_events::events::slices::partition(&pool, Duration::from_secs(3600))
+                .await
+                .expect("slice the template database's tables");
+        }
         pool.close().await;
         for statement in [
             format!("ALTER DATABASE {building} RENAME TO {name}"),
@@ -328,9 +348,13 @@ async fn build_template() -> String {
 }
 
 /// A test's database: a copy of the migrated template.
-async fn create_test_database(db_name: &str) {
+async fn create_test_database(db_name: &str, plain: bool) {
     use sqlx::Connection;
-    let template = TEMPLATE.get_or_init(build_template).await;
+    let template = if plain {
+        PLAIN_TEMPLATE.get_or_init(|| build_template(true)).await
+    } else {
+        TEMPLATE.get_or_init(|| build_template(false)).await
+    };
     let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_base()))
         .await
         .expect("connect to postgres");
@@ -431,6 +455,7 @@ impl TestApp {
             relay: RelayConfig::default(),
             http: HttpConfig::default(),
             worker: test_worker_config(),
+            plain: false,
         }
     }
 

@@ -30,6 +30,7 @@ mod retries;
 mod sdk;
 mod setup_timing;
 mod shards;
+mod slices;
 mod structure;
 mod tenant_keys;
 mod tls;

@@ -1,5 +1,7 @@
 //! Storage that stays bounded: old settled events go with their runs, due ones stay; an
-//! environment deleted takes its data with it and nobody else's.
+//! environment deleted takes its data with it and nobody else's. The row-by-row retention
+//! of plain tables (a database not sliced yet) runs here; on sliced tables, where it works
+//! in the slices that cannot be dropped yet, in `slices.rs`.
 
 use std::time::Duration;
 
@@ -39,7 +41,11 @@ async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_settled_events_go_with_their_runs_in_batches_and_due_ones_stay() {
-    let app = TestApp::builder().roles(Roles::ALL).start().await;
+    let app = TestApp::builder()
+        .roles(Roles::ALL)
+        .plain_tables()
+        .start()
+        .await;
     let env = app.env.id;
     app.put_job(&app.api_key, "job", job_body("kept", json!({})))
         .await;
@@ -243,6 +249,7 @@ async fn undelivered_events_whose_delivery_gave_up_go_after_the_retention() {
     // No worker: the delivery jobs stay where the test puts them.
     let app = TestApp::builder()
         .roles(crate::helpers::HTTP_ONLY)
+        .plain_tables()
         .start()
         .await;
     let env = app.env.id;

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{TestApp, wait_until};
+use kongflow_events::events::slices;
 
 /// `kongflow-events all` of the older build on this test's stores, once its `/readyz`
 /// answers 200 (the schema is ahead of it: it must be ready all the same).
@@ -43,8 +44,11 @@ async fn start_old(app: &TestApp) -> (tokio::process::Child, String) {
 #[ignore = "needs the older build of scripts/upgrade-test.sh"]
 async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schema() {
     let rev = std::env::var("KONGFLOW_OLD_REV").unwrap_or_default();
+    // Before `storage partition`: the older build names the unique constraint a sliced
+    // table cannot have, so the tables are sliced once the roll is over (below).
     let app = TestApp::builder()
         .roles(crate::helpers::NO_ROLES)
+        .plain_tables()
         .start()
         .await;
     let newest = kongflow_events::db::MIGRATOR
@@ -96,7 +100,24 @@ async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schem
     // The roll ends: the older build stops; this build goes on alone (and, rolled back, the
     // older build alone would go on the same way: it ran on this schema just now).
     old.kill().await.unwrap();
-    for i in 60..80 {
+    // Then the tables are sliced while this build takes events: what it stored so far
+    // becomes the legacy slice.
+    let sending = async {
+        for i in 60..80 {
+            send(new_base.clone(), format!("roll-{i}")).await;
+        }
+    };
+    let (sliced, ()) = tokio::join!(
+        slices::partition(&app.pool, Duration::from_secs(600)),
+        sending
+    );
+    let sliced = sliced.unwrap();
+    assert!(
+        matches!(sliced, slices::Partitioned::Legacy { .. }),
+        "{sliced:?}"
+    );
+    sent += 20;
+    for i in 80..100 {
         send(new_base.clone(), format!("roll-{i}")).await;
         sent += 1;
     }

@@ -1,0 +1,515 @@
+//! Time slices of the tables written per event: `event_records` range-partitioned on its id
+//! (a UUIDv7, so by the time the event was stored), `job_runs` and `webhook_attempts` on
+//! their `event_record_id` with the same bounds, one slice a day (UTC). An event, its runs
+//! and its webhook attempts share a slice, and retention ([`super::retention`]) detaches and
+//! drops a settled slice whole instead of deleting its rows.
+//!
+//! [`partition`] turns the plain tables of a database into sliced ones, online (the command
+//! `kongflow-events storage partition`): the existing tables become the legacy slice of each,
+//! holding everything below a cut-over id, attached without a scan (a `CHECK` validated
+//! beforehand, which does not stop writes); the slices from the cut-over on are created
+//! empty. The swap holds the tables' locks for milliseconds. [`ensure`] creates the slices
+//! ahead (the relay's retention pass, every `RETENTION_INTERVAL_MS`); the SQL function
+//! `event_slices_ensure` does the work, so scripts and tests create past slices the same way.
+
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The tables sliced together, the event table last: slices are created in this order's
+/// reverse and dropped in this order, so a run's slice never outlives its event's.
+pub const SLICED_TABLES: [&str; 3] = ["webhook_attempts", "job_runs", "event_records"];
+
+/// How many days of slices are kept ready ahead of today.
+pub const DAYS_AHEAD: i32 = 7;
+
+/// One slice of `event_records` (and of the tables sliced with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// The day (UTC) of a daily slice; `None` for the legacy slice.
+    pub day: Option<NaiveDate>,
+    /// Ids from here on are in later slices.
+    pub upper: Uuid,
+}
+
+impl Slice {
+    /// The partition's name in `table` (one of [`SLICED_TABLES`]).
+    pub fn name(&self, table: &str) -> String {
+        match self.day {
+            Some(day) => format!("{table}_p{}", day.format("%Y%m%d")),
+            None => format!("{table}_legacy"),
+        }
+    }
+
+    /// The time the slice's events end: its upper bound's UUIDv7 time.
+    pub fn ends(&self) -> DateTime<Utc> {
+        uuid_time(self.upper)
+    }
+}
+
+/// A statement naming a slice: the names are made here from a table of [`SLICED_TABLES`] and
+/// a day, or read from the catalog, never from input.
+fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(statement)
+}
+
+/// The time in a UUIDv7's first 48 bits (milliseconds since 1970).
+pub fn uuid_time(id: Uuid) -> DateTime<Utc> {
+    let ms = (id.as_u128() >> 80) as i64;
+    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// Whether `event_records` is sliced in this database.
+pub async fn is_sliced(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
+                        WHERE partrelid = to_regclass('event_records'))",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// The slices of `event_records`, oldest first (the legacy slice, if any, first). Empty
+/// where the table is not sliced.
+pub async fn list(conn: &mut PgConnection) -> Result<Vec<Slice>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        r#"SELECT c.relname::text, substring(pg_get_expr(c.relpartbound, c.oid)
+                                            FROM 'TO \(''([0-9a-f-]{36})''\)')
+           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = to_regclass('event_records') AND NOT i.inhdetachpending"#,
+    )
+    .fetch_all(conn)
+    .await?;
+    let mut slices: Vec<Slice> = rows
+        .into_iter()
+        .filter_map(|(name, upper)| {
+            let upper = Uuid::parse_str(&upper).ok()?;
+            let day = match name.strip_prefix("event_records_p") {
+                Some(d) => Some(NaiveDate::parse_from_str(d, "%Y%m%d").ok()?),
+                None if name == "event_records_legacy" => None,
+                None => return None,
+            };
+            Some(Slice { day, upper })
+        })
+        .collect();
+    slices.sort_by_key(|s| s.upper);
+    Ok(slices)
+}
+
+/// Create the missing slices from yesterday to [`DAYS_AHEAD`] days ahead. Returns how many
+/// tables were created (0 where the tables are not sliced).
+pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT event_slices_ensure((now() AT TIME ZONE 'UTC')::date - 1,
+                                    (now() AT TIME ZONE 'UTC')::date + $1)",
+    )
+    .bind(DAYS_AHEAD)
+    .fetch_one(db)
+    .await
+}
+
+/// Whether a slice still holds an event not delivered nor cancelled: such a slice stays
+/// (the event is due, or retention's row pass deletes it once its delivery gave up).
+/// `known`: the event that held it at the last look, checked first (by id, one slice)
+/// before the slice is scanned. Returns the event that holds it.
+pub async fn held_by(
+    conn: &mut PgConnection,
+    slice: &Slice,
+    known: Option<Uuid>,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let table = slice.name("event_records");
+    if let Some(id) = known {
+        let still: Option<Uuid> = sqlx::query_scalar(sql(format!(
+            "SELECT id FROM {table} WHERE id = $1 AND delivered_at IS NULL AND cancelled_at IS NULL"
+        )))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if still.is_some() {
+            return Ok(still);
+        }
+    }
+    sqlx::query_scalar(sql(format!(
+        "SELECT id FROM {table} WHERE delivered_at IS NULL AND cancelled_at IS NULL LIMIT 1"
+    )))
+    .fetch_optional(conn)
+    .await
+}
+
+/// The newest event of a slice's time (its UUIDv7 time), `None` when it is empty.
+pub async fn newest(
+    conn: &mut PgConnection,
+    slice: &Slice,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let newest: Option<Uuid> = sqlx::query_scalar(sql(format!(
+        "SELECT id FROM {} ORDER BY id DESC LIMIT 1",
+        slice.name("event_records")
+    )))
+    .fetch_optional(conn)
+    .await?;
+    Ok(newest.map(uuid_time))
+}
+
+/// What dropping a slice removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub events: u64,
+    pub runs: u64,
+}
+
+/// Detach a slice from each of [`SLICED_TABLES`] (`CONCURRENTLY`: inserts and reads of the
+/// other slices go on) and drop it, counting its events and runs. A detach that an earlier
+/// pass began and did not finish is finished first (`FINALIZE`). Not in a transaction.
+pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Dropped, sqlx::Error> {
+    let mut dropped = Dropped::default();
+    for table in SLICED_TABLES {
+        let name = slice.name(table);
+        let state: Option<bool> = sqlx::query_scalar(
+            "SELECT i.inhdetachpending FROM pg_inherits i
+             WHERE i.inhrelid = to_regclass($1) AND i.inhparent = to_regclass($2)",
+        )
+        .bind(&name)
+        .bind(table)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match state {
+            Some(false) => {
+                sqlx::query(sql(format!(
+                    "ALTER TABLE {table} DETACH PARTITION {name} CONCURRENTLY"
+                )))
+                .execute(&mut *conn)
+                .await?;
+            }
+            Some(true) => {
+                sqlx::query(sql(format!(
+                    "ALTER TABLE {table} DETACH PARTITION {name} FINALIZE"
+                )))
+                .execute(&mut *conn)
+                .await?;
+            }
+            None => {}
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            continue;
+        }
+        let rows: i64 = sqlx::query_scalar(sql(format!("SELECT count(*) FROM {name}")))
+            .fetch_one(&mut *conn)
+            .await?;
+        match table {
+            "event_records" => dropped.events = rows as u64,
+            "job_runs" => dropped.runs = rows as u64,
+            _ => {}
+        }
+        sqlx::query(sql(format!("DROP TABLE {name}")))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(dropped)
+}
+
+/// What [`partition`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partitioned {
+    /// The tables were sliced already.
+    Already,
+    /// The tables were empty: replaced by sliced ones, no legacy slice.
+    Empty,
+    /// The tables became the legacy slices, holding the ids below `cutover`.
+    Legacy { cutover: Uuid, took: Duration },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("postgres: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(
+        "event_records holds ids at or above the cut-over {cutover} (not UUIDv7 ids of \
+         their time): the legacy slice would not hold them; delete or re-id them, or give a \
+         later cut-over with --margin"
+    )]
+    IdsAboveCutover { cutover: Uuid },
+}
+
+/// The constraints that bound the plain tables below the cut-over, by table and column.
+const BELOW_CUTOVER: [(&str, &str); 3] = [
+    ("event_records", "id"),
+    ("job_runs", "event_record_id"),
+    ("webhook_attempts", "event_record_id"),
+];
+
+/// Turn the plain per-event tables into sliced ones, online. Each step its own transaction:
+/// (1) a `CHECK (id < cut-over)` on each table, `NOT VALID` (the cut-over `margin` from now:
+/// rows stored until the swap must fall below it), (2) validated (reads the tables; writes
+/// go on), (3) the keys the slices need built `CONCURRENTLY` (job_runs' and
+/// webhook_attempts' primary keys must hold the partition key), (4) the swap: the plain
+/// tables renamed to `*_legacy`, partitioned tables made in their place with the same
+/// columns, keys, indexes and triggers, the legacy tables attached below the cut-over (the
+/// validated checks spare the scan), or dropped when empty; then the slices from the
+/// cut-over to [`DAYS_AHEAD`] days ahead. Run again after an interruption, it goes on from
+/// where it stopped. Run it once every process runs a build that has it (older builds name
+/// the unique constraint the sliced table cannot have).
+pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, PartitionError> {
+    let mut conn = pool.acquire().await?;
+    if is_sliced(&mut conn).await? {
+        ensure(&mut *conn).await?;
+        return Ok(Partitioned::Already);
+    }
+    let started = std::time::Instant::now();
+    let empty: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM event_records) AND NOT EXISTS (SELECT 1 FROM job_runs)
+            AND NOT EXISTS (SELECT 1 FROM webhook_attempts)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let cutover = if empty {
+        None
+    } else {
+        Some(bound_below_cutover(&mut conn, margin).await?)
+    };
+    for (table, _) in BELOW_CUTOVER {
+        if cutover.is_some() {
+            sqlx::query(sql(format!(
+                "ALTER TABLE {table} VALIDATE CONSTRAINT {table}_below_cutover"
+            )))
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    build_key(
+        &mut conn,
+        "job_runs_slice_key",
+        "job_runs (id, event_record_id)",
+    )
+    .await?;
+    build_key(
+        &mut conn,
+        "webhook_attempts_slice_key",
+        "webhook_attempts (environment_id, id, event_record_id)",
+    )
+    .await?;
+    let outcome = swap(&mut conn, cutover).await?;
+    Ok(match outcome {
+        Some(cutover) => Partitioned::Legacy {
+            cutover,
+            took: started.elapsed(),
+        },
+        None => Partitioned::Empty,
+    })
+}
+
+/// Step (1): the checks, or the cut-over of those an interrupted run added.
+async fn bound_below_cutover(
+    conn: &mut PgConnection,
+    margin: Duration,
+) -> Result<Uuid, PartitionError> {
+    let existing: Option<String> = sqlx::query_scalar(
+        r#"SELECT substring(pg_get_constraintdef(oid) FROM '''([0-9a-f-]{36})''')
+           FROM pg_constraint WHERE conname = 'event_records_below_cutover'"#,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let cutover = match existing.and_then(|c| Uuid::parse_str(&c).ok()) {
+        Some(c) => c,
+        None => {
+            sqlx::query_scalar("SELECT uuid_v7_floor(now() + make_interval(secs => $1))")
+                .bind(margin.as_secs_f64())
+                .fetch_one(&mut *conn)
+                .await?
+        }
+    };
+    let above: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_records WHERE id >= $1)")
+            .bind(cutover)
+            .fetch_one(&mut *conn)
+            .await?;
+    if above {
+        return Err(PartitionError::IdsAboveCutover { cutover });
+    }
+    for (table, column) in BELOW_CUTOVER {
+        sqlx::query(sql(format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = '{table}_below_cutover') THEN
+                 SET LOCAL lock_timeout = '5s';
+                 ALTER TABLE {table} ADD CONSTRAINT {table}_below_cutover
+                   CHECK ({column} < '{cutover}') NOT VALID;
+               END IF;
+             END $$"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(cutover)
+}
+
+/// Step (3): a unique index built without stopping writes; one left invalid by an
+/// interrupted build is dropped and built again.
+async fn build_key(conn: &mut PgConnection, name: &str, on: &str) -> Result<(), sqlx::Error> {
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match valid {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            sqlx::query(sql(format!("DROP INDEX CONCURRENTLY {name}")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        None => {}
+    }
+    sqlx::query(sql(format!(
+        "CREATE UNIQUE INDEX CONCURRENTLY {name} ON {on}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Step (4), in one transaction holding the three tables' locks for its few milliseconds
+/// (waiting at most 5 s for them, so a long query ahead fails the step instead of stalling
+/// every insert behind it).
+async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<Uuid>, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("LOCK TABLE event_records, job_runs, webhook_attempts IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(SWAP).execute(&mut *tx).await?;
+    // Rows that came after step (1) found the tables empty: take them along below a cut-over
+    // made now (a scan under the lock, of those few rows).
+    let now_empty: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM event_records_legacy)
+            AND NOT EXISTS (SELECT 1 FROM job_runs_legacy)
+            AND NOT EXISTS (SELECT 1 FROM webhook_attempts_legacy)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let cutover = match (now_empty, cutover) {
+        (true, _) => None,
+        (false, Some(c)) => Some(c),
+        (false, None) => Some(
+            sqlx::query_scalar("SELECT uuid_v7_floor(now() + interval '1 minute')")
+                .fetch_one(&mut *tx)
+                .await?,
+        ),
+    };
+    match cutover {
+        None => {
+            sqlx::raw_sql(
+                "DROP TABLE webhook_attempts_legacy, job_runs_legacy, event_records_legacy",
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        Some(cutover) => {
+            for (table, _) in BELOW_CUTOVER {
+                sqlx::query(sql(format!(
+                    "ALTER TABLE {table} ATTACH PARTITION {table}_legacy
+                     FOR VALUES FROM (MINVALUE) TO ('{cutover}')"
+                )))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(sql(format!(
+                    "ALTER TABLE {table}_legacy DROP CONSTRAINT IF EXISTS {table}_below_cutover"
+                )))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    ensure(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(cutover)
+}
+
+/// The swap's renames and new tables (see [`partition`]). The plain tables keep their
+/// columns, defaults and checks as legacy slices; their indexes are renamed so the
+/// partitioned tables' indexes take the names the plain ones had.
+const SWAP: &str = r#"
+ALTER TABLE event_records RENAME TO event_records_legacy;
+ALTER INDEX event_records_pkey RENAME TO event_records_legacy_pkey;
+ALTER INDEX event_records_environment_timestamp_idx RENAME TO event_records_legacy_environment_timestamp_idx;
+ALTER INDEX event_records_created_brin RENAME TO event_records_legacy_created_brin;
+ALTER INDEX event_records_environment_id_event_id_key RENAME TO event_records_legacy_event_id_key;
+CREATE TABLE event_records (LIKE event_records_legacy INCLUDING DEFAULTS) PARTITION BY RANGE (id);
+ALTER TABLE event_records
+    ADD CONSTRAINT event_records_payload_type_check CHECK (payload_type IN ('JSON', 'REQUEST')),
+    ADD CONSTRAINT event_records_pkey PRIMARY KEY (id);
+CREATE INDEX event_records_environment_timestamp_idx ON event_records (environment_id, timestamp, id);
+CREATE INDEX event_records_created_brin ON event_records USING brin (created_at);
+
+ALTER TABLE job_runs RENAME TO job_runs_legacy;
+ALTER TABLE job_runs_legacy DROP CONSTRAINT job_runs_pkey;
+ALTER TABLE job_runs_legacy ADD CONSTRAINT job_runs_legacy_pkey PRIMARY KEY USING INDEX job_runs_slice_key;
+ALTER INDEX job_runs_environment_idx RENAME TO job_runs_legacy_environment_idx;
+ALTER INDEX job_runs_event_record_id_dispatcher_id_job_version_id_key RENAME TO job_runs_legacy_run_key;
+CREATE TABLE job_runs (LIKE job_runs_legacy INCLUDING DEFAULTS) PARTITION BY RANGE (event_record_id);
+ALTER TABLE job_runs
+    ADD CONSTRAINT job_runs_pkey PRIMARY KEY (id, event_record_id),
+    ADD CONSTRAINT job_runs_event_record_id_dispatcher_id_job_version_id_key
+        UNIQUE (event_record_id, dispatcher_id, job_version_id);
+CREATE INDEX job_runs_environment_idx ON job_runs (environment_id, created_at);
+
+ALTER TABLE webhook_attempts RENAME TO webhook_attempts_legacy;
+ALTER SEQUENCE webhook_attempts_id_seq OWNED BY NONE;
+DROP TRIGGER webhook_attempts_environment ON webhook_attempts_legacy;
+ALTER TABLE webhook_attempts_legacy DROP CONSTRAINT webhook_attempts_pkey;
+ALTER TABLE webhook_attempts_legacy
+    ADD CONSTRAINT webhook_attempts_legacy_pkey PRIMARY KEY USING INDEX webhook_attempts_slice_key;
+ALTER INDEX webhook_attempts_dispatcher_idx RENAME TO webhook_attempts_legacy_dispatcher_idx;
+ALTER TABLE webhook_attempts_legacy
+    RENAME CONSTRAINT webhook_attempts_dispatcher_fkey TO webhook_attempts_legacy_dispatcher_fkey;
+CREATE TABLE webhook_attempts (LIKE webhook_attempts_legacy INCLUDING DEFAULTS)
+    PARTITION BY RANGE (event_record_id);
+ALTER SEQUENCE webhook_attempts_id_seq OWNED BY webhook_attempts.id;
+ALTER TABLE webhook_attempts
+    ADD CONSTRAINT webhook_attempts_pkey PRIMARY KEY (environment_id, id, event_record_id),
+    ADD CONSTRAINT webhook_attempts_dispatcher_fkey FOREIGN KEY (environment_id, dispatcher_id)
+        REFERENCES event_dispatchers (environment_id, id) ON DELETE CASCADE;
+CREATE INDEX webhook_attempts_dispatcher_idx ON webhook_attempts (dispatcher_id, id);
+CREATE TRIGGER webhook_attempts_environment BEFORE INSERT ON webhook_attempts
+    FOR EACH ROW WHEN (NEW.environment_id IS NULL)
+    EXECUTE FUNCTION webhook_attempts_environment();
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uuid_v7_tells_its_time() {
+        let t = DateTime::parse_from_rfc3339("2026-12-06T10:20:30.456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let id = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            t.timestamp() as u64,
+            t.timestamp_subsec_nanos(),
+        ));
+        assert_eq!(uuid_time(id), t);
+    }
+
+    #[test]
+    fn slices_are_named_by_day_or_legacy() {
+        let day = Slice {
+            day: NaiveDate::from_ymd_opt(2026, 12, 6),
+            upper: Uuid::nil(),
+        };
+        assert_eq!(day.name("job_runs"), "job_runs_p20261206");
+        let legacy = Slice {
+            day: None,
+            upper: Uuid::nil(),
+        };
+        assert_eq!(legacy.name("event_records"), "event_records_legacy");
+    }
+}

@@ -1,0 +1,388 @@
+//! The time slices of the per-event tables (events::slices): retention drops a settled
+//! slice whole and keeps one that holds a due event; a producer's id stays unique across
+//! slices, also between two sends racing over a slice's edge; and a database with
+//! 1,000,000 events is sliced while events keep coming, losing none.
+
+use std::time::Duration;
+
+use kongflow_events::events::slices::{self, Partitioned};
+use serde_json::json;
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, job_body, wait_until};
+
+/// Move the events `event_ids` of `env` (with their runs, webhook attempts and delivery
+/// jobs) `days` back in time: their ids (the slice key) and `created_at`, as if they had
+/// been stored then. Creates the slices of those days.
+async fn age(app: &TestApp, env: Uuid, event_ids: &[&str], days: i32) {
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT event_slices_ensure(((now() AT TIME ZONE 'UTC') - make_interval(days => $1 + 1))::date,
+                                    ((now() AT TIME ZONE 'UTC') - make_interval(days => $1 - 1))::date)",
+    )
+    .bind(days)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TEMP TABLE moved ON COMMIT DROP AS
+         SELECT id AS old, make_interval(days => $2) AS back,
+                (lpad(to_hex(floor(extract(epoch FROM uuid_v7_time(id) - make_interval(days => $2))
+                                   * 1000)::bigint), 12, '0')
+                 || substr(replace(id::text, '-', ''), 13))::uuid AS new
+         FROM event_records WHERE environment_id = $1 AND event_id = ANY($3)",
+    )
+    .bind(env)
+    .bind(days)
+    .bind(event_ids)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    for step in [
+        "UPDATE job_runs r SET event_record_id = m.new FROM moved m WHERE r.event_record_id = m.old",
+        "UPDATE webhook_attempts a SET event_record_id = m.new FROM moved m
+         WHERE a.event_record_id = m.old",
+        "UPDATE queue_jobs j SET args = jsonb_set(args, '{id}', to_jsonb(m.new::text))
+         FROM moved m WHERE j.kind = 'deliverEvent' AND j.args->>'id' = m.old::text",
+        "UPDATE event_records e SET id = m.new, created_at = e.created_at - m.back
+         FROM moved m WHERE e.id = m.old",
+    ] {
+        sqlx::query(step).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// The day (UTC) `days` ago, as slices name it.
+async fn day_ago(app: &TestApp, days: i32) -> String {
+    sqlx::query_scalar(
+        "SELECT to_char((now() AT TIME ZONE 'UTC') - make_interval(days => $1), 'YYYYMMDD')",
+    )
+    .bind(days)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+async fn exists(app: &TestApp, table: &str) -> bool {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn event_ids(app: &TestApp, env: Uuid) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT event_id FROM event_records WHERE environment_id = $1 ORDER BY event_id",
+    )
+    .bind(env)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_settles() {
+    let app = TestApp::builder().start().await;
+    let env = app.env.id;
+    app.put_job(&app.api_key, "job", job_body("sliced", json!({})))
+        .await;
+    let names = ["old-0", "old-1", "old-2", "held-0", "held-1", "fresh"];
+    for id in names {
+        app.send_event(&app.api_key, json!({"event": {"name": "sliced", "id": id}}))
+            .await;
+    }
+    // Due in a day: pending, however old its slice.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "sliced", "id": "later"}, "options": {"deliverAfter": 86_400}}),
+    )
+    .await;
+    wait_until("six runs", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM job_runs WHERE environment_id = $1")
+            .bind(env)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+            == 6
+    })
+    .await;
+    age(&app, env, &["old-0", "old-1", "old-2"], 41).await;
+    age(&app, env, &["held-0", "held-1", "later"], 40).await;
+    let (d41, d40) = (day_ago(&app, 41).await, day_ago(&app, 40).await);
+    assert!(exists(&app, &format!("event_records_p{d41}")).await);
+
+    let maintenance = app.relay().maintenance().clone();
+    let batches = maintenance.retain_events().await.unwrap();
+    // The slice of 41 days ago went whole, with its runs: one entry, no row deleted.
+    assert_eq!((batches[0].events, batches[0].runs), (3, 3), "{batches:?}");
+    for table in ["event_records", "job_runs", "webhook_attempts"] {
+        assert!(!exists(&app, &format!("{table}_p{d41}")).await, "{table}");
+        assert!(exists(&app, &format!("{table}_p{d40}")).await, "{table}");
+    }
+    // The slice of 40 days ago holds "later": it stays, and its settled events go row by row.
+    let events: u64 = batches.iter().map(|b| b.events).sum();
+    assert_eq!(events, 5, "{batches:?}");
+    assert_eq!(event_ids(&app, env).await, ["fresh", "later"]);
+    // Another pass looks at what held the slice first: still held.
+    maintenance.retain_events().await.unwrap();
+    assert!(exists(&app, &format!("event_records_p{d40}")).await);
+
+    let cancelled = app
+        .http
+        .post(format!("{}/api/v1/events/later/cancel", app.base_url))
+        .bearer_auth(&app.api_key)
+        .send()
+        .await
+        .unwrap();
+    assert!(cancelled.status().is_success());
+    let batches = maintenance.retain_events().await.unwrap();
+    let events: u64 = batches.iter().map(|b| b.events).sum();
+    assert_eq!(events, 1, "{batches:?}");
+    assert!(!exists(&app, &format!("event_records_p{d40}")).await);
+    assert_eq!(event_ids(&app, env).await, ["fresh"]);
+    // The slices ahead are there; the fresh event's run stayed.
+    let mut conn = app.pool.acquire().await.unwrap();
+    let all = slices::list(&mut conn).await.unwrap();
+    assert!(all.len() >= slices::DAYS_AHEAD as usize + 2, "{all:?}");
+    assert!(
+        all.iter().all(|s| s.day.is_some()),
+        "no legacy slice: {all:?}"
+    );
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
+        .bind(env)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_stored_in_an_older_slice_is_not_stored_again_even_by_a_racing_send() {
+    let app = TestApp::builder().start().await;
+    let env = app.env.id;
+    app.send_event(&app.api_key, json!({"event": {"name": "n", "id": "once"}}))
+        .await;
+    age(&app, env, &["once"], 3).await;
+    // Sent again, in today's slice: the stored one answers.
+    let again = app
+        .send_event(&app.api_key, json!({"event": {"name": "n", "id": "once"}}))
+        .await;
+    assert_eq!(again["id"], "once");
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM event_records WHERE environment_id = $1 AND event_id = $2",
+        )
+        .bind(env)
+        .bind("racing")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(event_ids(&app, env).await, ["once"]);
+
+    // A send that stores "racing" in yesterday's slice and has not committed yet: a send of
+    // the same id through the API waits for it, then finds it.
+    let mut other = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = other.begin().await.unwrap();
+    let taken: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT * FROM event_ids_taken(ARRAY[$1::uuid], ARRAY['racing'])")
+            .bind(env)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert!(taken.is_empty());
+    sqlx::query(
+        "INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
+         VALUES (uuid_v7_floor(now() - interval '1 day'), $1, 'racing', 'n', now())",
+    )
+    .bind(env)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let send = {
+        let (http, url, key) = (
+            app.http.clone(),
+            format!("{}/api/v1/events", app.base_url),
+            app.api_key.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"event": {"name": "n", "id": "racing"}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !send.is_finished(),
+        "the send waits for the other one's commit"
+    );
+    tx.commit().await.unwrap();
+    assert!(send.await.unwrap().is_success());
+    assert_eq!(count().await, 1);
+}
+
+/// A database of the release before slices, holding 1,000,000 events and a run each, is
+/// sliced while this build stores events: nothing is lost, the old rows are the legacy
+/// slice (attached without a scan: the tables' locks are held for the swap only), and
+/// retention drops the legacy slice once its events are past the retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
+    let app = TestApp::builder().plain_tables().start().await;
+    let env = app.env.id;
+    app.put_job(&app.api_key, "job", job_body("migrating", json!({})))
+        .await;
+    let planted = std::time::Instant::now();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
+                                    deliver_at, delivered_at)
+         SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
+                 || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid,
+                '{env}', 'planted-' || g, 'planted', jsonb_build_object('g', g), t, t, t
+         FROM generate_series(1, 1000000) g,
+              LATERAL (SELECT now() - interval '20 days' + g * interval '1 second') AS ts(t);
+         INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
+                               dispatcher_id, status, created_at)
+         SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
+                gen_random_uuid(), 'SUCCESS', created_at
+         FROM event_records WHERE name = 'planted';
+         ANALYZE event_records; ANALYZE job_runs;"
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    eprintln!(
+        "planted 1,000,000 events and runs in {:?}",
+        planted.elapsed()
+    );
+
+    // Events keep coming while the tables are sliced; each send must succeed.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = {
+        let (http, url, key, stop) = (
+            app.http.clone(),
+            format!("{}/api/v1/events", app.base_url),
+            app.api_key.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            let mut slowest = Duration::ZERO;
+            while !stop.is_cancelled() {
+                let started = std::time::Instant::now();
+                let status = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"event": {"name": "migrating", "id": format!("live-{sent}")}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert!(
+                    status.is_success(),
+                    "send {sent} during the slicing: {status}"
+                );
+                slowest = slowest.max(started.elapsed());
+                sent += 1;
+            }
+            (sent, slowest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let sliced = slices::partition(&app.pool, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let (sent, slowest) = sender.await.unwrap();
+    eprintln!("sliced in {took:?} while {sent} events were sent (slowest send {slowest:?})");
+    let Partitioned::Legacy { cutover, .. } = sliced else {
+        panic!("{sliced:?}");
+    };
+    assert!(sent > 0);
+
+    // Nothing lost: the planted rows and every event sent, each with its run.
+    let planted_left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE name = 'planted'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(planted_left, 1_000_000);
+    let live: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE name = 'migrating'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(live, sent as i64);
+    wait_until("a run per event sent", Duration::from_secs(60), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM job_runs r JOIN event_records e ON e.id = r.event_record_id
+             WHERE e.name = 'migrating'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+            == sent as i64
+    })
+    .await;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM ONLY job_runs_legacy")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1_000_000 + sent as i64);
+    // The legacy slice holds everything below the cut-over; slices follow it.
+    let mut conn = app.pool.acquire().await.unwrap();
+    let all = slices::list(&mut conn).await.unwrap();
+    assert_eq!(all[0].day, None);
+    assert_eq!(all[0].upper, cutover);
+    assert!(all.len() > slices::DAYS_AHEAD as usize, "{all:?}");
+    // Sending an id stored before the slicing stores nothing new.
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "migrating", "id": "planted-17"}}),
+    )
+    .await;
+    let copies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = 'planted-17'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(copies, 1);
+
+    // Retention: the legacy slice's events older than the retention go row by row while it
+    // holds newer ones (here: none are, with 30 days); with a retention shorter than its
+    // newest event's age, it goes whole.
+    sqlx::query("UPDATE event_records SET delivered_at = now() WHERE delivered_at IS NULL")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let relay = kongflow_events::relay::Relay::new(
+        app.pool.clone(),
+        app.topology.clone(),
+        kongflow_events::config::RelayConfig {
+            maintenance: kongflow_events::config::MaintenanceConfig {
+                retention_events: Duration::from_millis(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let batches = relay.maintenance().retain_events().await.unwrap();
+    assert_eq!(
+        batches[0].events,
+        1_000_000 + sent as u64,
+        "the legacy slice, whole: {batches:?}"
+    );
+    assert!(!exists(&app, "event_records_legacy").await);
+    assert!(!exists(&app, "job_runs_legacy").await);
+}
