@@ -29,8 +29,8 @@ $$;
 -- VOLATILE function's statements each take their own), so it sees the other send's row
 -- once that send committed. Returns the keys already stored. The lock space (two int4
 -- keys, class 0x6b66) is apart from the service's other advisory locks (one int8 each).
-CREATE FUNCTION event_ids_taken(envs uuid[], eids text[])
-RETURNS TABLE (environment_id uuid, event_id text)
+CREATE FUNCTION event_ids_taken(envs uuid[], eids text[], OUT environment_id uuid, OUT event_id text)
+RETURNS SETOF record
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(27494, k)

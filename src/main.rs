@@ -374,7 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `storage partition`, `storage slices`.
 async fn storage(store: &StoreConfig, command: StorageCommand) -> anyhow::Result<()> {
-    use kongflow_events::events::slices;
+    use kongflow_events::db::slices;
     let pool = app::open_database_now(&StoreConfig {
         no_migrate: true,
         ..store.clone()

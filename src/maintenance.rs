@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use crate::amqp::{self, Topology};
 use crate::config::MaintenanceConfig;
-use crate::events::{retention, slices};
+use crate::db::slices;
+use crate::events::retention;
 use crate::ledger::upkeep::{self, Retention};
 use crate::ledger::{JobKind, outbox, publishers};
 use crate::metrics::metrics;

@@ -1,4 +1,7 @@
-//! Postgres: pool set-up, migrations, and the installation's identity.
+//! Postgres: pool set-up, migrations, the storage layout (the time slices of the tables
+//! written per event: [`slices`]), and the installation's identity.
+
+pub mod slices;
 
 use std::str::FromStr;
 use std::time::Duration;

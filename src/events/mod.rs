@@ -4,7 +4,6 @@ pub mod filter;
 pub mod list;
 pub mod ratelimit;
 pub mod retention;
-pub mod slices;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};

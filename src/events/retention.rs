@@ -1,5 +1,5 @@
 //! Keeping `event_records` and `job_runs` bounded. Where the tables are sliced
-//! ([`super::slices`]), a slice whose events are all older than the retention and settled
+//! ([`crate::db::slices`]), a slice whose events are all older than the retention and settled
 //! (delivered or cancelled) is detached and dropped whole, with its runs and webhook
 //! attempts; rows are deleted one by one only in the slices that cannot go yet (one holds an
 //! event still due) and in the legacy slice. Where they are plain, settled events older than
@@ -14,7 +14,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::slices::{self, Slice};
+use crate::db::slices::{self, Slice};
 use crate::ledger::{self, DeliverEventArgs, JobArgs};
 
 /// The event that held each past slice at the last pass (by the slice's upper bound): the

@@ -323,7 +323,7 @@ async fn build_template(plain: bool) -> String {
             .await
             .expect("migrate the template database");
         if !plain {
-            kongflow_events::events::slices::partition(&pool, Duration::from_secs(3600))
+            kongflow_events::db::slices::partition(&pool, Duration::from_secs(3600))
                 .await
                 .expect("slice the template database's tables");
         }

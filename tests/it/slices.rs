@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kongflow_events::events::slices::{self, Partitioned};
+use kongflow_events::db::slices::{self, Partitioned};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;

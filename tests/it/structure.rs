@@ -341,6 +341,12 @@ fn every_table_has_one_owner_and_only_it_writes_the_table() {
             if module.as_deref() == Some(*owner) {
                 continue;
             }
+            // The storage layout's code changes the sliced tables' structure (ALTER, LOCK,
+            // DROP TABLE) and counts a slice it drops; their rows stay their owners'.
+            let layout = rel == "db/slices.rs" && (keyword == "TABLE" || keyword == "FROM");
+            if layout {
+                continue;
+            }
             let read = keyword == "FROM" || keyword == "JOIN";
             let allowed = READS_ELSEWHERE
                 .iter()

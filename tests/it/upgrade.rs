@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{TestApp, wait_until};
-use kongflow_events::events::slices;
+use kongflow_events::db::slices;
 
 /// `kongflow-events all` of the older build on this test's stores, once its `/readyz`
 /// answers 200 (the schema is ahead of it: it must be ready all the same).

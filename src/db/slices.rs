@@ -1,7 +1,7 @@
 //! Time slices of the tables written per event: `event_records` range-partitioned on its id
 //! (a UUIDv7, so by the time the event was stored), `job_runs` and `webhook_attempts` on
 //! their `event_record_id` with the same bounds, one slice a day (UTC). An event, its runs
-//! and its webhook attempts share a slice, and retention ([`super::retention`]) detaches and
+//! and its webhook attempts share a slice, and retention (`events::retention`) detaches and
 //! drops a settled slice whole instead of deleting its rows.
 //!
 //! [`partition`] turns the plain tables of a database into sliced ones, online (the command
