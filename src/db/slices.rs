@@ -213,6 +213,26 @@ pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Droppe
     Ok(dropped)
 }
 
+/// Slice the tables of a new installation (no environment yet, so no event stored and no
+/// older build serving one): what `migrate`, and every process that migrates at start,
+/// does after the migrations. An installation with environments is sliced by the operator
+/// (`storage partition`), once no older build runs. Returns whether it sliced them now.
+pub async fn slice_if_new(pool: &PgPool) -> Result<bool, PartitionError> {
+    let mut conn = pool.acquire().await?;
+    let new: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_partitioned_table
+                            WHERE partrelid = to_regclass('event_records'))
+            AND NOT EXISTS (SELECT 1 FROM runtime_environments)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    drop(conn);
+    if !new {
+        return Ok(false);
+    }
+    Ok(partition(pool, Duration::from_secs(3600)).await? != Partitioned::Already)
+}
+
 /// What [`partition`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Partitioned {
@@ -256,7 +276,27 @@ const BELOW_CUTOVER: [(&str, &str); 3] = [
 /// the unique constraint the sliced table cannot have).
 pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, PartitionError> {
     let mut conn = pool.acquire().await?;
-    if is_sliced(&mut conn).await? {
+    // One at a time (processes starting together each slice a new installation's tables).
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SLICING_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let result = partition_locked(&mut conn, margin).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SLICING_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    result
+}
+
+/// The advisory lock [`partition`] holds.
+pub const SLICING_LOCK: i64 = 0x006b_6673_6c69_6365; // "kfslice"
+
+async fn partition_locked(
+    conn: &mut PgConnection,
+    margin: Duration,
+) -> Result<Partitioned, PartitionError> {
+    if is_sliced(&mut *conn).await? {
         ensure(&mut *conn).await?;
         return Ok(Partitioned::Already);
     }
@@ -270,7 +310,7 @@ pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, P
     let cutover = if empty {
         None
     } else {
-        Some(bound_below_cutover(&mut conn, margin).await?)
+        Some(bound_below_cutover(conn, margin).await?)
     };
     for (table, _) in BELOW_CUTOVER {
         if cutover.is_some() {
@@ -282,18 +322,18 @@ pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, P
         }
     }
     build_key(
-        &mut conn,
+        &mut *conn,
         "job_runs_slice_key",
         "job_runs (id, event_record_id)",
     )
     .await?;
     build_key(
-        &mut conn,
+        &mut *conn,
         "webhook_attempts_slice_key",
         "webhook_attempts (environment_id, id, event_record_id)",
     )
     .await?;
-    let outcome = swap(&mut conn, cutover).await?;
+    let outcome = swap(conn, cutover).await?;
     Ok(match outcome {
         Some(cutover) => Partitioned::Legacy {
             cutover,
