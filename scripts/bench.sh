@@ -351,8 +351,10 @@ if [[ $which == partitions ]]; then
   db=kongflow_partitions
   export PGOPTIONS="-c client_min_messages=warning"
   psql -h 127.0.0.1 -U postgres -d postgres -qAtc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null
-  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
-  target/release/kongflow-events migrate >/dev/null
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db KONGFLOW_NO_MIGRATE=true
+  # The service's tables plain, as before `storage partition` (`migrate` slices a new
+  # installation's): the migrations applied as they are.
+  for f in migrations/*.sql; do psql -h 127.0.0.1 -U postgres -d $db -q -v ON_ERROR_STOP=1 -f "$f" >/dev/null; done
   env_id=$(target/release/kongflow-events env create bench/partitions/e | sed -n 's/.* id \([0-9a-f-]*\)$/\1/p')
   q() { psql -h 127.0.0.1 -U postgres -d $db -qAt -v ON_ERROR_STOP=1 -c "$1"; }
   cut=$(q "SELECT now() - interval '1 day'")
@@ -488,7 +490,9 @@ CREATE TEMP TABLE envs AS
 -- last thousand delayed.
 INSERT INTO event_records (id, environment_id, event_id, name, payload, context, timestamp,
                            deliver_at, delivered_at, created_at, updated_at)
-SELECT gen_random_uuid(), env.id, 'evt-' || i, 'bench.' || (i % 20),
+SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
+        || substr(md5(i::text), 1, 3) || '8' || substr(md5(i::text), 4, 15))::uuid,
+       env.id, 'evt-' || i, 'bench.' || (i % 20),
        jsonb_build_object('i', i, 'note', 'planted'), '{}', t,
        CASE WHEN i > 999000 THEN now() + interval '1 hour' ELSE t END,
        CASE WHEN i > 999000 THEN NULL ELSE t + interval '5 ms' END, t, t
@@ -567,7 +571,9 @@ pgbench_baseline() {
   cat > target/pgbench-ingest.sql <<SQL
 BEGIN;
 INSERT INTO event_records (id, environment_id, event_id, name, payload)
-VALUES (gen_random_uuid(), '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}');
+VALUES ((lpad(to_hex(floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') || '7'
+         || substr(md5(random()::text), 1, 3) || '8' || substr(md5(random()::text), 1, 15))::uuid,
+        '$env_id', gen_random_uuid()::text, 'bench.event', '{"kind": "bench"}');
 INSERT INTO queue_jobs (kind, args, state) VALUES ('deliverEvent', '{"id": 1}', 'available');
 COMMIT;
 SQL
@@ -613,12 +619,21 @@ if [[ $which == all || $which == fairness ]]; then
   cargo bench --locked --quiet --bench fairness -- --url http://$HTTP_ADDR --unfair "$@"
 fi
 plant_old() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
+  # Their ids are UUIDv7 of their time (as the service makes them), in the slice of their
+  # day, which is made first (on sliced tables).
   psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
+DO $$ BEGIN
+  IF to_regproc('event_slices_ensure') IS NOT NULL THEN
+    PERFORM event_slices_ensure((now() - interval '41 days')::date, (now() - interval '39 days')::date);
+  END IF;
+END $$;
 INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
-SELECT gen_random_uuid(), (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
-       'old-' || g, 'bench.old', '{"kind": "old"}', now() - interval '40 days',
-       now() - interval '40 days', now() - interval '40 days'
-FROM generate_series(1, 1000000) g;
+SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
+        || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid,
+       (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
+       'old-' || g, 'bench.old', '{"kind": "old"}', t, t, t
+FROM generate_series(1, 1000000) g,
+     LATERAL (SELECT now() - interval '40 days' + g * interval '1 ms') AS ts(t);
 INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id, created_at)
 SELECT gen_random_uuid(), e.environment_id, gen_random_uuid(), gen_random_uuid(), e.id, gen_random_uuid(), e.created_at
 FROM event_records e WHERE e.name = 'bench.old';
