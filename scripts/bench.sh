@@ -13,10 +13,12 @@
 #   fairness: benches/fairness.rs: ten quiet environments at 20 events/s each, alone and
 #             while another floods 20,000 events; with the default shares, with A's ingest
 #             rate held too, then without shares. SHARD_COUNT (the service's) applies.
-#   retention: ingest while retention deletes: the pipeline (20,000 events, 16 and 64
-#             connections) with nothing to delete, then again right after 1,000,000 old
-#             settled events (and a run each) are planted, so retention's batches (every
-#             5 s here) run beside it; prints what retention deleted during each run.
+#   retention: ingest while retention removes: the pipeline (20,000 events, 16 and 64
+#             connections) with nothing to remove, and right after 1,000,000 old settled
+#             events (and a run each) are planted with retention held off, so retention
+#             (every 5 s here) removes them during the run; two pairings a connection
+#             count, the second in the other order; prints what retention removed during
+#             each run.
 #   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
@@ -679,20 +681,46 @@ if [[ $which == retention ]]; then
   deleted() {
     curl -sf $METRICS_URL/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
   }
+  # Retention is held off while the old events are planted (the bench takes retention's
+  # advisory lock, events::retention::EVENTS_RETENTION_LOCK, in a session of its own) and
+  # let go as the run starts, so what it removes goes during the run, however quick it is.
+  hold_retention() {
+    psql -h 127.0.0.1 -U postgres -d "$db" -qAt -c "SELECT pg_advisory_lock(7738984569082573934)" \
+      -c "SELECT pg_sleep(3600)" >/dev/null 2>&1 &
+    HOLD=$!
+    until [[ $(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND objid = 1919251566") == 1 ]]; do sleep 0.2; done
+  }
+  run() { # run CLIENTS: the pipeline bench; prints its output, and its ingest rate last
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $1 "${@:2}" | tee /dev/stderr |
+      awk '/^ingest:/ {print $2}' | tail -1
+  }
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 400 --concurrency 16 >/dev/null
+  # Two pairings a connection count, the second in the other order.
   for clients in 16 64; do
-    echo "== $clients connections, nothing to delete"
-    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
-    echo "== planting 1,000,000 old settled events"
-    plant_old
-    before=$(deleted)
-    echo "== $clients connections, retention deleting beside it"
-    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $clients "$@"
-    echo "retention deleted $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"
-    for _ in $(seq 1 120); do
-      left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
-      [[ $left == 0 ]] && break
-      sleep 2
+    alone=() beside=()
+    for step in alone beside beside alone; do
+      if [[ $step == alone ]]; then
+        echo "== $clients connections, nothing to delete"
+        alone+=($(run $clients "$@"))
+        continue
+      fi
+      echo "== planting 1,000,000 old settled events (retention held off)"
+      hold_retention
+      plant_old
+      before=$(deleted)
+      kill $HOLD; wait $HOLD 2>/dev/null || true
+      echo "== $clients connections, retention removing them beside it"
+      beside+=($(run $clients "$@"))
+      echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"
+      for _ in $(seq 1 120); do
+        left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
+        [[ $left == 0 ]] && break
+        sleep 2
+      done
+      echo "old events left: $left"
     done
-    echo "old events left: $left"
+    echo "== $clients connections: ingest alone ${alone[*]} events/s, beside retention ${beside[*]} events/s" \
+      "($(echo "scale=1; (${beside[0]} + ${beside[1]} - ${alone[0]} - ${alone[1]}) * 100 / (${alone[0]} + ${alone[1]})" | bc) %)"
   done
 fi
