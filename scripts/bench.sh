@@ -640,6 +640,8 @@ INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_i
 SELECT gen_random_uuid(), e.environment_id, gen_random_uuid(), gen_random_uuid(), e.id, gen_random_uuid(), e.created_at
 FROM event_records e WHERE e.name = 'bench.old';
 ANALYZE event_records; ANALYZE job_runs;
+-- The plant's dirty pages written now, not by the checkpoint that would fall in the run.
+CHECKPOINT;
 SQL
 }
 if [[ $which == deadrows ]]; then
@@ -689,13 +691,22 @@ if [[ $which == retention ]]; then
       -c "SELECT pg_sleep(3600)" >/dev/null 2>&1 &
     HOLD=$!
     until [[ $(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM pg_locks
-                 WHERE locktype = 'advisory' AND granted AND objid = 1919251566") == 1 ]]; do sleep 0.2; done
+                 WHERE locktype = 'advisory' AND granted AND objid = 1919251566 AND classid = 1801872758") == 1 ]]; do sleep 0.2; done
   }
-  run() { # run CLIENTS: the pipeline bench; prints its output, and its ingest rate last
-    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $1 "${@:2}" | tee /dev/stderr |
-      awk '/^ingest:/ {print $2}' | tail -1
+  let_go() { # end the session holding retention's lock (a sleeping backend outlives its client)
+    psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT pg_terminate_backend(pid) FROM pg_locks
+      WHERE locktype = 'advisory' AND objid = 1919251566 AND classid = 1801872758" >/dev/null
+    wait $HOLD 2>/dev/null || true
   }
-  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 400 --concurrency 16 >/dev/null
+  run() { # run CLIENTS: the pipeline bench; its output on stderr, its ingest rate on stdout
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $1 "${@:2}" > target/retention-run.txt
+    cat target/retention-run.txt >&2
+    awk '/^ingest:/ {print $2}' target/retention-run.txt
+  }
+  # A warm-up the size of a run (the first run after a start is the slowest), then a
+  # checkpoint, as after each plant.
+  cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 16 >/dev/null
+  psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "CHECKPOINT"
   # Two pairings a connection count, the second in the other order.
   for clients in 16 64; do
     alone=() beside=()
@@ -709,7 +720,7 @@ if [[ $which == retention ]]; then
       hold_retention
       plant_old
       before=$(deleted)
-      kill $HOLD; wait $HOLD 2>/dev/null || true
+      let_go
       echo "== $clients connections, retention removing them beside it"
       beside+=($(run $clients "$@"))
       echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"

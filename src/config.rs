@@ -272,7 +272,8 @@ pub struct MaintenanceConfig {
 
     /// Delivered and cancelled events are deleted this long after they were stored, with
     /// their runs, and EPHEMERAL dispatchers this long after they fired or expired, with
-    /// their attempts; `0`: kept forever. An event not yet delivered is kept however old
+    /// their attempts; `0`: kept forever. On sliced tables a day's slice goes whole once its
+    /// day ended this long ago (so up to a day later). An event not yet delivered is kept however old
     /// while its delivery job lives (once that job is discarded or cancelled, the event goes
     /// this long after it was due). Keep it above `RETENTION_DISCARDED_MS`, so a
     /// dead-lettered job's event is still there to replay.
