@@ -699,6 +699,9 @@ if [[ $which == retention ]]; then
     wait $HOLD 2>/dev/null || true
   }
   run() { # run CLIENTS: the pipeline bench; its output on stderr, its ingest rate on stdout
+    # Every run starts after a checkpoint, as a run after a plant does: the full-page
+    # images the first writes after one cost, each run pays alike.
+    psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "CHECKPOINT"
     cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $1 "${@:2}" > target/retention-run.txt
     cat target/retention-run.txt >&2
     awk '/^ingest:/ {print $2}' target/retention-run.txt
