@@ -560,6 +560,10 @@ target/release/kongflow-events all &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 50); do curl -sf http://$HTTP_ADDR/healthz >/dev/null && break; sleep 0.2; done
+# retention and deadrows measure the events' tables sliced by day (docs/operations.md).
+if [[ $which == retention || $which == deadrows ]]; then
+  target/release/kongflow-events storage partition
+fi
 # Postgres alone, the same-run baseline: one event row + one outbox row per transaction,
 # 16 clients, on a database of its own with the same schema, which no relay reads.
 pgbench_baseline() {

@@ -39,8 +39,6 @@ pub struct Maintenance {
     pool: PgPool,
     topology: Topology,
     config: MaintenanceConfig,
-    /// What held each past event slice at the last retention pass.
-    holds: std::sync::Arc<retention::Holds>,
 }
 
 impl Maintenance {
@@ -49,7 +47,6 @@ impl Maintenance {
             pool,
             topology,
             config,
-            holds: Default::default(),
         }
     }
 
@@ -268,7 +265,7 @@ impl Maintenance {
         match Some(c.retention_events).filter(|d| !d.is_zero()) {
             Some(keep) => {
                 let batch = c.retention_batch_size;
-                let mut batches = retention::retain(&self.pool, keep, batch, &self.holds).await?;
+                let mut batches = retention::retain(&self.pool, keep, batch).await?;
                 let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
                 if dispatchers > 0 {
                     batches.push(retention::Deleted {

@@ -30,6 +30,8 @@ pub const DAYS_AHEAD: i32 = 7;
 pub struct Slice {
     /// The day (UTC) of a daily slice; `None` for the legacy slice.
     pub day: Option<NaiveDate>,
+    /// Its first id (the nil id for the legacy slice, which starts at `MINVALUE`).
+    pub lower: Uuid,
     /// Ids from here on are in later slices.
     pub upper: Uuid,
 }
@@ -74,9 +76,10 @@ pub async fn is_sliced(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
 /// The slices of `event_records`, oldest first (the legacy slice, if any, first). Empty
 /// where the table is not sliced.
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<Slice>, sqlx::Error> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        r#"SELECT c.relname::text, substring(pg_get_expr(c.relpartbound, c.oid)
-                                            FROM 'TO \(''([0-9a-f-]{36})''\)')
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        r#"SELECT c.relname::text,
+                  substring(pg_get_expr(c.relpartbound, c.oid) FROM 'FROM \(''([0-9a-f-]{36})''\)'),
+                  substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([0-9a-f-]{36})''\)')
            FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
            WHERE i.inhparent = to_regclass('event_records') AND NOT i.inhdetachpending"#,
     )
@@ -84,14 +87,18 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<Slice>, sqlx::Error> {
     .await?;
     let mut slices: Vec<Slice> = rows
         .into_iter()
-        .filter_map(|(name, upper)| {
+        .filter_map(|(name, lower, upper)| {
             let upper = Uuid::parse_str(&upper).ok()?;
+            let lower = match lower {
+                Some(lower) => Uuid::parse_str(&lower).ok()?,
+                None => Uuid::nil(),
+            };
             let day = match name.strip_prefix("event_records_p") {
                 Some(d) => Some(NaiveDate::parse_from_str(d, "%Y%m%d").ok()?),
                 None if name == "event_records_legacy" => None,
                 None => return None,
             };
-            Some(Slice { day, upper })
+            Some(Slice { day, lower, upper })
         })
         .collect();
     slices.sort_by_key(|s| s.upper);
@@ -110,30 +117,19 @@ pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>) -> Result<i32, sqlx::Erro
     .await
 }
 
-/// Whether a slice still holds an event not delivered nor cancelled: such a slice stays
-/// (the event is due, or retention's row pass deletes it once its delivery gave up).
-/// `known`: the event that held it at the last look, checked first (by id, one slice)
-/// before the slice is scanned. Returns the event that holds it.
-pub async fn held_by(
+/// Which of `ids` (events of the slice) is neither delivered nor cancelled: one, if any.
+/// Looked up by id in the slice alone.
+pub async fn unsettled_among(
     conn: &mut PgConnection,
     slice: &Slice,
-    known: Option<Uuid>,
+    ids: &[Uuid],
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    let table = slice.name("event_records");
-    if let Some(id) = known {
-        let still: Option<Uuid> = sqlx::query_scalar(sql(format!(
-            "SELECT id FROM {table} WHERE id = $1 AND delivered_at IS NULL AND cancelled_at IS NULL"
-        )))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if still.is_some() {
-            return Ok(still);
-        }
-    }
     sqlx::query_scalar(sql(format!(
-        "SELECT id FROM {table} WHERE delivered_at IS NULL AND cancelled_at IS NULL LIMIT 1"
+        "SELECT id FROM {} WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
+         LIMIT 1",
+        slice.name("event_records")
     )))
+    .bind(ids)
     .fetch_optional(conn)
     .await
 }
@@ -219,26 +215,6 @@ pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Droppe
             .await?;
     }
     Ok(dropped)
-}
-
-/// Slice the tables of a new installation (no environment yet, so no event stored and no
-/// older build serving one): what `migrate`, and every process that migrates at start,
-/// does after the migrations. An installation with environments is sliced by the operator
-/// (`storage partition`), once no older build runs. Returns whether it sliced them now.
-pub async fn slice_if_new(pool: &PgPool) -> Result<bool, PartitionError> {
-    let mut conn = pool.acquire().await?;
-    let new: bool = sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM pg_partitioned_table
-                            WHERE partrelid = to_regclass('event_records'))
-            AND NOT EXISTS (SELECT 1 FROM runtime_environments)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    drop(conn);
-    if !new {
-        return Ok(false);
-    }
-    Ok(partition(pool, Duration::from_secs(3600)).await? != Partitioned::Already)
 }
 
 /// What [`partition`] did.
@@ -551,11 +527,13 @@ mod tests {
     fn slices_are_named_by_day_or_legacy() {
         let day = Slice {
             day: NaiveDate::from_ymd_opt(2026, 12, 6),
+            lower: Uuid::nil(),
             upper: Uuid::nil(),
         };
         assert_eq!(day.name("job_runs"), "job_runs_p20261206");
         let legacy = Slice {
             day: None,
+            lower: Uuid::nil(),
             upper: Uuid::nil(),
         };
         assert_eq!(legacy.name("event_records"), "event_records_legacy");

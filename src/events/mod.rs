@@ -180,13 +180,18 @@ impl NewEvents {
     }
 
     /// One statement stores them all; ids the environment already has are skipped (and not
-    /// returned). A unique index holds within one slice of the table; across slices the SQL
+    /// returned). On plain tables the unique index on (environment, id) does it. On sliced
+    /// ones (`db::slices`) a unique index holds within one slice; across slices the SQL
     /// function `event_ids_taken` locks each (environment, id) until the transaction ends
-    /// and looks for it in every slice (migration `20261207000001_event_slices`).
+    /// and looks for it in every slice (migration `20261207000001_event_slices`): called
+    /// only where the table is sliced, since that look costs (docs/scaling.md).
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
         sqlx::query_as!(
             EventRecord,
-            r#"WITH taken AS MATERIALIZED (SELECT * FROM event_ids_taken($2::uuid[], $3::text[]))
+            r#"WITH taken AS MATERIALIZED (
+                   SELECT * FROM event_ids_taken($2::uuid[], $3::text[])
+                   WHERE EXISTS (SELECT 1 FROM pg_partitioned_table
+                                 WHERE partrelid = 'event_records'::regclass))
                INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,
                     deliver_at, external_account_id, is_test, payload_type)

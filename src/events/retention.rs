@@ -1,14 +1,12 @@
 //! Keeping `event_records` and `job_runs` bounded. Where the tables are sliced
-//! ([`crate::db::slices`]), a slice whose events are all older than the retention and settled
-//! (delivered or cancelled) is detached and dropped whole, with its runs and webhook
-//! attempts; rows are deleted one by one only in the slices that cannot go yet (one holds an
-//! event still due) and in the legacy slice. Where they are plain, settled events older than
+//! ([`crate::db::slices`]), a slice whose events are all older than the retention, none with
+//! a delivery still to run, is detached and dropped whole, with its runs and webhook
+//! attempts; rows are deleted one by one only in the slices that cannot go yet (an event's
+//! delivery is still to run) and in the legacy slice. Where they are plain, settled events older than
 //! the retention are deleted with their runs ([`crate::runs::delete_of_events`], in the same
 //! transaction), in batches. Deleting an environment deletes its events and runs (rows
 //! written per event carry no foreign keys: see the initial migration).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, PgPool};
@@ -16,10 +14,6 @@ use uuid::Uuid;
 
 use crate::db::slices::{self, Slice};
 use crate::ledger::{self, DeliverEventArgs, JobArgs};
-
-/// The event that held each past slice at the last pass (by the slice's upper bound): the
-/// next pass looks it up by id before it scans the slice again.
-pub type Holds = Mutex<HashMap<Uuid, Uuid>>;
 
 /// The advisory lock held by the process deleting old events.
 pub const EVENTS_RETENTION_LOCK: i64 = 0x6b66_6576_7265_746e;
@@ -43,7 +37,8 @@ impl std::ops::AddAssign for Deleted {
 }
 
 /// One pass. Sliced tables: each slice older than `keep` (its end; the legacy slice's newest
-/// event) that holds no event still due is dropped, one entry each. Then, in the slices that
+/// event) none of whose undelivered events has a `deliverEvent` job still to run or
+/// discarded within `keep` ([`held`]) is dropped, one entry each. Then, in the slices that
 /// stay although past (and in the legacy slice), or everywhere on plain tables: events
 /// created more than `keep` ago that are delivered or cancelled, and their runs, deleted
 /// `batch` events per statement (each its own short transaction, rows locked by others
@@ -56,7 +51,6 @@ pub async fn retain(
     pool: &PgPool,
     keep: Duration,
     batch: i64,
-    holds: &Holds,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", EVENTS_RETENTION_LOCK)
@@ -65,7 +59,7 @@ pub async fn retain(
     if locked != Some(true) {
         return Ok(Vec::new());
     }
-    let result = retain_locked(&mut conn, keep, batch.max(1), holds).await;
+    let result = retain_locked(&mut conn, keep, batch.max(1)).await;
     sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", EVENTS_RETENTION_LOCK)
         .fetch_one(&mut *conn)
         .await?;
@@ -86,10 +80,9 @@ async fn retain_locked(
     conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
-    holds: &Holds,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut batches = Vec::new();
-    let below = match drop_settled_slices(conn, keep, holds, &mut batches).await? {
+    let below = match drop_settled_slices(conn, keep, &mut batches).await? {
         Rows::All => None,
         Rows::Below(bound) => Some(bound),
         Rows::None => return Ok(batches),
@@ -108,12 +101,11 @@ async fn retain_locked(
     Ok(batches)
 }
 
-/// Drop each past slice that holds no event still due (see [`retain`]); says which rows
-/// the row-by-row pass is left with.
+/// Drop each past slice that no delivery holds (see [`retain`]); says which rows the
+/// row-by-row pass is left with.
 async fn drop_settled_slices(
     conn: &mut PgConnection,
     keep: Duration,
-    holds: &Holds,
     batches: &mut Vec<Deleted>,
 ) -> Result<Rows, sqlx::Error> {
     let all = slices::list(conn).await?;
@@ -131,26 +123,37 @@ async fn drop_settled_slices(
             }
             continue;
         }
-        let known = holds.lock().expect("holds").get(&slice.upper).copied();
-        match slices::held_by(conn, &slice, known).await? {
-            Some(event) => {
-                holds.lock().expect("holds").insert(slice.upper, event);
-                below = below.max(Some(slice.upper));
-            }
-            None => {
-                holds.lock().expect("holds").remove(&slice.upper);
-                let d = slices::drop_slice(conn, &slice).await?;
-                if d != slices::Dropped::default() {
-                    batches.push(Deleted {
-                        events: d.events,
-                        runs: d.runs,
-                        dispatchers: 0,
-                    });
-                }
+        if held(conn, &slice, keep).await? {
+            below = below.max(Some(slice.upper));
+        } else {
+            let d = slices::drop_slice(conn, &slice).await?;
+            if d != slices::Dropped::default() {
+                batches.push(Deleted {
+                    events: d.events,
+                    runs: d.runs,
+                    dispatchers: 0,
+                });
             }
         }
     }
     Ok(below.map_or(Rows::None, Rows::Below))
+}
+
+/// How many of a slice's deliveries [`held`] looks at; more, and the slice is taken as held.
+const HELD_LOOK: i64 = 10_000;
+
+/// Whether a slice must stay: one of its events, neither delivered nor cancelled, has a
+/// `deliverEvent` job still to run or discarded within `keep` (asked of the ledger's live and
+/// discarded jobs, then of those events by id: the slice is never read whole).
+async fn held(conn: &mut PgConnection, slice: &Slice, keep: Duration) -> Result<bool, sqlx::Error> {
+    let ids = ledger::deliveries_between(conn, slice.lower, slice.upper, keep, HELD_LOOK).await?;
+    if ids.len() as i64 >= HELD_LOOK {
+        return Ok(true);
+    }
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    Ok(slices::unsettled_among(conn, slice, &ids).await?.is_some())
 }
 
 /// Whether a slice's events are all older than `horizon`: a day's slice by its end, the

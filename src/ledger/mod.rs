@@ -373,6 +373,37 @@ pub fn unique_key(args: &JobArgs) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
+/// The events with an id in `[from, to)` whose `deliverEvent` job is still to run
+/// (scheduled, available or retryable: the live index; a job is never left running) or was
+/// discarded less than `keep` ago (its dead letter may be replayed), at most `limit`. What
+/// retention asks before it drops a slice of events: a look at the live and the discarded
+/// jobs, never at the slice's rows.
+pub async fn deliveries_between(
+    conn: &mut sqlx::PgConnection,
+    from: Uuid,
+    to: Uuid,
+    keep: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT id AS "id!" FROM (
+               SELECT (args->>'id')::uuid AS id FROM queue_jobs
+               WHERE state IN ('scheduled', 'available', 'retryable') AND kind = 'deliverEvent'
+               UNION ALL
+               SELECT (args->>'id')::uuid FROM queue_jobs
+               WHERE state = 'discarded' AND kind = 'deliverEvent'
+                 AND finalized_at > now() - make_interval(secs => $3)) AS j
+           WHERE id >= $1 AND id < $2
+           LIMIT $4"#,
+        from,
+        to,
+        keep.as_secs_f64(),
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
 /// Whether each of `jobs` (named by its arguments) has a job in the ledger that is not
 /// final (neither completed, discarded nor cancelled), found by its unique key.
 pub async fn live(

@@ -125,7 +125,7 @@ async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_s
     let events: u64 = batches.iter().map(|b| b.events).sum();
     assert_eq!(events, 5, "{batches:?}");
     assert_eq!(event_ids(&app, env).await, ["fresh", "later"]);
-    // Another pass looks at what held the slice first: still held.
+    // Another pass: "later"'s delivery job is still to run, so the slice stays.
     maintenance.retain_events().await.unwrap();
     assert!(exists(&app, &format!("event_records_p{d40}")).await);
 
