@@ -1,4 +1,4 @@
-//! The time slices of the per-event tables (events::slices): retention drops a settled
+//! The time slices of the per-event tables (db::slices): retention drops a settled
 //! slice whole and keeps one that holds a due event; a producer's id stays unique across
 //! slices, also between two sends racing over a slice's edge; and a database with
 //! 1,000,000 events is sliced while events keep coming, losing none.

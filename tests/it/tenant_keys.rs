@@ -42,7 +42,7 @@ const TENANT: &[&str] = &[
 /// (table, what: a column, an index or a foreign key's name): not keyed by tenant yet.
 const NOT_YET: &[(&str, &str)] = &[
     // The event-sized tables. event_records and job_runs are sliced by time
-    // (events::slices) with keys led by their ids, which the lookups by id alone need; the
+    // (db::slices) with keys led by their ids, which the lookups by id alone need; the
     // environment goes into them with the step to Citus (docs/scaling.md, "The plan").
     ("run_handoffs", "environment_id"),
     ("event_records", "event_records_pkey"),
