@@ -121,8 +121,10 @@ pub const CHURNED_TABLES: [&str; 4] = ["queue_jobs", "event_records", "job_runs"
 pub async fn table_sizes(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT c.relname::text AS "table!",
-                  (SELECT sum(pg_total_relation_size(p.relid))::int8 FROM pg_partition_tree(c.oid) p)
-                    AS "bytes!"
+                  CASE WHEN c.relkind = 'p'
+                       THEN (SELECT COALESCE(sum(pg_total_relation_size(p.relid)), 0)::int8
+                             FROM pg_partition_tree(c.oid) p)
+                       ELSE pg_total_relation_size(c.oid) END AS "bytes!"
            FROM pg_class c
            WHERE c.relname = ANY($1) AND c.relkind IN ('r', 'p')
              AND c.relnamespace = current_schema()::regnamespace"#,
