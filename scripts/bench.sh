@@ -492,9 +492,7 @@ CREATE TEMP TABLE envs AS
 -- last thousand delayed.
 INSERT INTO event_records (id, environment_id, event_id, name, payload, context, timestamp,
                            deliver_at, delivered_at, created_at, updated_at)
-SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
-        || substr(md5(i::text), 1, 3) || '8' || substr(md5(i::text), 4, 15))::uuid,
-       env.id, 'evt-' || i, 'bench.' || (i % 20),
+SELECT uuid_v7_floor(t), env.id, 'evt-' || i, 'bench.' || (i % 20),
        jsonb_build_object('i', i, 'note', 'planted'), '{}', t,
        CASE WHEN i > 999000 THEN now() + interval '1 hour' ELSE t END,
        CASE WHEN i > 999000 THEN NULL ELSE t + interval '5 ms' END, t, t
@@ -634,9 +632,7 @@ DO $$ BEGIN
   END IF;
 END $$;
 INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
-SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
-        || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid,
-       (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
+SELECT uuid_v7_floor(t), (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
        'old-' || g, 'bench.old', '{"kind": "old"}', t, t, t
 FROM generate_series(1, 1000000) g,
      LATERAL (SELECT now() - interval '40 days' + g * interval '1 ms') AS ts(t);

@@ -375,11 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `storage partition`, `storage slices`.
 async fn storage(store: &StoreConfig, command: StorageCommand) -> anyhow::Result<()> {
     use kongflow_events::db::slices;
-    let pool = app::open_database_now(&StoreConfig {
-        no_migrate: true,
-        ..store.clone()
-    })
-    .await?;
+    let pool = app::open_database_now(store).await?;
     match command {
         StorageCommand::Partition { margin } => match slices::partition(&pool, margin).await? {
             slices::Partitioned::Already => println!("the tables are sliced already"),

@@ -18,9 +18,14 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-/// The tables sliced together, the event table last: slices are created in this order's
-/// reverse and dropped in this order, so a run's slice never outlives its event's.
-pub const SLICED_TABLES: [&str; 3] = ["webhook_attempts", "job_runs", "event_records"];
+/// The tables sliced together, each with the column its slices are bounded by, the event
+/// table last: slices are dropped in this order, so a run's slice never outlives its
+/// event's.
+pub const SLICED_TABLES: [(&str, &str); 3] = [
+    ("webhook_attempts", "event_record_id"),
+    ("job_runs", "event_record_id"),
+    ("event_records", "id"),
+];
 
 /// How many days of slices are kept ready ahead of today.
 pub const DAYS_AHEAD: i32 = 7;
@@ -161,7 +166,7 @@ pub struct Dropped {
 /// pass began and did not finish is finished first (`FINALIZE`). Not in a transaction.
 pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Dropped, sqlx::Error> {
     let mut dropped = Dropped::default();
-    for table in SLICED_TABLES {
+    for (table, _) in SLICED_TABLES {
         let name = slice.name(table);
         let state: Option<bool> = sqlx::query_scalar(
             "SELECT i.inhdetachpending FROM pg_inherits i
@@ -240,13 +245,6 @@ pub enum PartitionError {
     IdsAboveCutover { cutover: Uuid },
 }
 
-/// The constraints that bound the plain tables below the cut-over, by table and column.
-const BELOW_CUTOVER: [(&str, &str); 3] = [
-    ("event_records", "id"),
-    ("job_runs", "event_record_id"),
-    ("webhook_attempts", "event_record_id"),
-];
-
 /// Turn the plain per-event tables into sliced ones, online. Each step its own transaction:
 /// (1) a `CHECK (id < cut-over)` on each table, `NOT VALID` (the cut-over `margin` from now:
 /// rows stored until the swap must fall below it), (2) validated (reads the tables; writes
@@ -260,7 +258,7 @@ const BELOW_CUTOVER: [(&str, &str); 3] = [
 /// the unique constraint the sliced table cannot have).
 pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, PartitionError> {
     let mut conn = pool.acquire().await?;
-    // One at a time (processes starting together each slice a new installation's tables).
+    // One at a time: a second run waits, then finds the tables sliced.
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(SLICING_LOCK)
         .execute(&mut *conn)
@@ -296,15 +294,6 @@ async fn partition_locked(
     } else {
         Some(bound_below_cutover(conn, margin).await?)
     };
-    for (table, _) in BELOW_CUTOVER {
-        if cutover.is_some() {
-            sqlx::query(sql(format!(
-                "ALTER TABLE {table} VALIDATE CONSTRAINT {table}_below_cutover"
-            )))
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
     build_key(
         &mut *conn,
         "job_runs_slice_key",
@@ -327,7 +316,8 @@ async fn partition_locked(
     })
 }
 
-/// Step (1): the checks, or the cut-over of those an interrupted run added.
+/// Steps (1) and (2): the checks added (or the cut-over of those an interrupted run added),
+/// then validated.
 async fn bound_below_cutover(
     conn: &mut PgConnection,
     margin: Duration,
@@ -355,7 +345,8 @@ async fn bound_below_cutover(
     if above {
         return Err(PartitionError::IdsAboveCutover { cutover });
     }
-    for (table, column) in BELOW_CUTOVER {
+    // The event table's first: a run cut short after it is taken up with its cut-over.
+    for (table, column) in SLICED_TABLES.iter().rev() {
         sqlx::query(sql(format!(
             "DO $$ BEGIN
                IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = '{table}_below_cutover') THEN
@@ -364,6 +355,13 @@ async fn bound_below_cutover(
                    CHECK ({column} < '{cutover}') NOT VALID;
                END IF;
              END $$"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    for (table, _) in SLICED_TABLES {
+        sqlx::query(sql(format!(
+            "ALTER TABLE {table} VALIDATE CONSTRAINT {table}_below_cutover"
         )))
         .execute(&mut *conn)
         .await?;
@@ -436,7 +434,7 @@ async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<U
             .await?;
         }
         Some(cutover) => {
-            for (table, _) in BELOW_CUTOVER {
+            for (table, _) in SLICED_TABLES {
                 sqlx::query(sql(format!(
                     "ALTER TABLE {table} ATTACH PARTITION {table}_legacy
                      FOR VALUES FROM (MINVALUE) TO ('{cutover}')"

@@ -326,9 +326,7 @@ async fn a_filtered_page_looks_at_a_bounded_number_of_events_and_goes_on_from_th
     // More events than a page looks at: the one named `rare` is the oldest.
     sqlx::query(
         "INSERT INTO event_records (id, environment_id, event_id, name, timestamp, deliver_at)
-         SELECT (lpad(to_hex(floor(extract(epoch FROM now()) * 1000)::bigint), 12, '0') || '7'
-                 || substr(md5(i::text), 1, 3) || '8' || substr(md5(i::text), 4, 15))::uuid,
-                $1, 'e-' || i, CASE WHEN i = 0 THEN 'rare' ELSE 'common' END,
+         SELECT uuid_v7_floor(now() + make_interval(secs => i / 1000.0)), $1, 'e-' || i, CASE WHEN i = 0 THEN 'rare' ELSE 'common' END,
                 now() - make_interval(secs => 100000 - i), now()
          FROM generate_series(0, $2) AS i",
     )

@@ -72,6 +72,14 @@ async fn exists(app: &TestApp, table: &str) -> bool {
         .unwrap()
 }
 
+async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
+        .bind(env)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 async fn event_ids(app: &TestApp, env: Uuid) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT event_id FROM event_records WHERE environment_id = $1 ORDER BY event_id",
@@ -100,12 +108,7 @@ async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_s
     )
     .await;
     wait_until("six runs", Duration::from_secs(30), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM job_runs WHERE environment_id = $1")
-            .bind(env)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap()
-            == 6
+        runs_of(&app, env).await == 6
     })
     .await;
     age(&app, env, &["old-0", "old-1", "old-2"], 41).await;
@@ -150,12 +153,7 @@ async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_s
         all.iter().all(|s| s.day.is_some()),
         "no legacy slice: {all:?}"
     );
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
-        .bind(env)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(runs, 1);
+    assert_eq!(runs_of(&app, env).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,9 +241,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
                                     deliver_at, delivered_at)
-         SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7'
-                 || substr(md5(g::text), 1, 3) || '8' || substr(md5(g::text), 4, 15))::uuid,
-                '{env}', 'planted-' || g, 'planted', jsonb_build_object('g', g), t, t, t
+         SELECT uuid_v7_floor(t), '{env}', 'planted-' || g, 'planted', jsonb_build_object('g', g), t, t, t
          FROM generate_series(1, 1000000) g,
               LATERAL (SELECT now() - interval '20 days' + g * interval '1 second') AS ts(t);
          INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
