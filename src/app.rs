@@ -86,6 +86,7 @@ async fn open_database_within(store: &StoreConfig, patience: Duration) -> anyhow
     };
     if !store.no_migrate {
         db::migrate(&pool).await?;
+        db::slices::slice_if_new(&pool).await?;
     }
     Ok(pool)
 }

@@ -336,6 +336,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             kongflow_events::db::migrate(&pool).await?;
             println!("migrations applied");
+            if kongflow_events::db::slices::slice_if_new(&pool).await? {
+                println!("a new installation: the tables written per event are sliced by day");
+            }
             let newer = kongflow_events::db::newer_migrations(&pool).await?;
             if let (Some(first), Some(last)) = (newer.first(), newer.last()) {
                 println!(

@@ -165,6 +165,20 @@ pub struct Dropped {
 /// estimate where the slice was analyzed). A detach that an earlier
 /// pass began and did not finish is finished first (`FINALIZE`). Not in a transaction.
 pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Dropped, sqlx::Error> {
+    // Its events' keys first, a batch per transaction: a key outliving its event would
+    // refuse the id forever, an event outliving its key (until the drop below) is past the
+    // retention already.
+    loop {
+        let gone: i32 = sqlx::query_scalar("SELECT event_keys_forget($1, $2, $3)")
+            .bind(slice.lower)
+            .bind(slice.upper)
+            .bind(KEYS_BATCH)
+            .fetch_one(&mut *conn)
+            .await?;
+        if gone < KEYS_BATCH {
+            break;
+        }
+    }
     let mut dropped = Dropped::default();
     for (table, _) in SLICED_TABLES {
         let name = slice.name(table);
@@ -220,6 +234,43 @@ pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Droppe
             .await?;
     }
     Ok(dropped)
+}
+
+/// Keys filled in or forgotten per statement.
+const KEYS_BATCH: i32 = 10_000;
+
+/// Fill in the `event_keys` of every stored event that lacks one, in batches (each its own
+/// statement): for the rows stored before sends kept keys (see [`partition`]).
+async fn fill_keys(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let mut after: Option<Uuid> = None;
+    loop {
+        after = sqlx::query_scalar("SELECT event_keys_fill($1, $2)")
+            .bind(after)
+            .bind(KEYS_BATCH)
+            .fetch_one(&mut *conn)
+            .await?;
+        if after.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+/// Slice the tables of a new installation (no environment yet, so no event stored and no
+/// older build serving one): what `migrate`, and every process that migrates at start,
+/// does after the migrations. An installation with environments is sliced by the operator
+/// (`storage partition`), once no older build runs. Returns whether it sliced them now.
+pub async fn slice_if_new(pool: &PgPool) -> Result<bool, PartitionError> {
+    let new: bool = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_partitioned_table
+                            WHERE partrelid = 'event_records'::regclass)
+            AND NOT EXISTS (SELECT 1 FROM runtime_environments)",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !new {
+        return Ok(false);
+    }
+    Ok(partition(pool, Duration::from_secs(3600)).await? != Partitioned::Already)
 }
 
 /// What [`partition`] did.
@@ -279,6 +330,8 @@ async fn partition_locked(
     margin: Duration,
 ) -> Result<Partitioned, PartitionError> {
     if is_sliced(&mut *conn).await? {
+        // Tables sliced by the previous release, whose sends kept no keys.
+        fill_keys(&mut *conn).await?;
         ensure(&mut *conn).await?;
         return Ok(Partitioned::Already);
     }
@@ -292,7 +345,12 @@ async fn partition_locked(
     let cutover = if empty {
         None
     } else {
-        Some(bound_below_cutover(conn, margin).await?)
+        let cutover = bound_below_cutover(conn, margin).await?;
+        // Sends keep keys from step (1) on (its check is their sign: `events::NewEvents`):
+        // the rows before it get theirs here, so the keys are whole when the slices' own
+        // unique indexes stop spanning the table.
+        fill_keys(&mut *conn).await?;
+        Some(cutover)
     };
     build_key(
         &mut *conn,
@@ -398,7 +456,7 @@ async fn build_key(conn: &mut PgConnection, name: &str, on: &str) -> Result<(), 
 /// Step (4), in one transaction holding the three tables' locks for its few milliseconds
 /// (waiting at most 5 s for them, so a long query ahead fails the step instead of stalling
 /// every insert behind it).
-async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<Uuid>, sqlx::Error> {
+async fn swap(conn: &mut PgConnection, before: Option<Uuid>) -> Result<Option<Uuid>, sqlx::Error> {
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '5s'")
         .execute(&mut *tx)
@@ -416,7 +474,7 @@ async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<U
     )
     .fetch_one(&mut *tx)
     .await?;
-    let cutover = match (now_empty, cutover) {
+    let cutover = match (now_empty, before) {
         (true, _) => None,
         (false, Some(c)) => Some(c),
         (false, None) => Some(
@@ -425,6 +483,7 @@ async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<U
                 .await?,
         ),
     };
+    let unkeyed = !now_empty && before.is_none();
     match cutover {
         None => {
             sqlx::raw_sql(
@@ -448,6 +507,13 @@ async fn swap(conn: &mut PgConnection, cutover: Option<Uuid>) -> Result<Option<U
                 .await?;
             }
         }
+    }
+    if unkeyed {
+        // Stored after the tables were found empty, so before sends kept keys: theirs,
+        // under the lock (a few rows).
+        sqlx::query("SELECT event_keys_fill(NULL, 2147483647)")
+            .execute(&mut *tx)
+            .await?;
     }
     ensure(&mut *tx).await?;
     tx.commit().await?;

@@ -181,17 +181,30 @@ impl NewEvents {
 
     /// One statement stores them all; ids the environment already has are skipped (and not
     /// returned). On plain tables the unique index on (environment, id) does it. On sliced
-    /// ones (`db::slices`) a unique index holds within one slice; across slices the SQL
-    /// function `event_ids_taken` locks each (environment, id) until the transaction ends
-    /// and looks for it in every slice (migration `20261207000001_event_slices`): called
-    /// only where the table is sliced, since that look costs (docs/scaling.md).
+    /// ones (`db::slices`) a unique index holds within one slice only, and `event_keys`
+    /// (migration `20261208000001_event_keys`) across them: the keys go in first, the first
+    /// of each (environment, id) in the call, sorted (two bulk sends take them in one order),
+    /// and only the events whose key went in are stored. A key another send holds
+    /// uncommitted is waited for. Keys are kept once the tables are sliced and from the
+    /// first step of `storage partition` on (its `CHECK` on the plain table): `kept`, planned
+    /// with the statement, once per connection.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
         sqlx::query_as!(
             EventRecord,
-            r#"WITH taken AS MATERIALIZED (
-                   SELECT * FROM event_ids_taken($2::uuid[], $3::text[])
-                   WHERE EXISTS (SELECT 1 FROM pg_partitioned_table
-                                 WHERE partrelid = 'event_records'::regclass))
+            r#"WITH kept AS MATERIALIZED (
+                   SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
+                                  WHERE partrelid = 'event_records'::regclass)
+                       OR EXISTS (SELECT 1 FROM pg_constraint
+                                  WHERE conrelid = 'event_records'::regclass
+                                    AND conname = 'event_records_below_cutover') AS kept),
+               keyed AS (
+                   INSERT INTO event_keys (environment_id, event_id, record_id)
+                   SELECT DISTINCT ON (env, eid) env, eid, id
+                   FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(id, env, eid, n)
+                   WHERE (SELECT kept FROM kept)
+                   ORDER BY env, eid, n
+                   ON CONFLICT DO NOTHING
+                   RETURNING record_id)
                INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,
                     deliver_at, external_account_id, is_test, payload_type)
@@ -201,8 +214,7 @@ impl NewEvents {
                            $7::jsonb[], $8::timestamptz[], $9::timestamptz[], $10::float8[], $11::uuid[],
                            $12::text[])
                     AS t(id, env, eid, name, source, payload, context, ts, at, after, account, ptype)
-               WHERE NOT EXISTS (SELECT 1 FROM taken k
-                                 WHERE k.environment_id = t.env AND k.event_id = t.eid)
+               WHERE NOT (SELECT kept FROM kept) OR t.id IN (SELECT record_id FROM keyed)
                ON CONFLICT DO NOTHING
                RETURNING id, environment_id, event_id, name, source, payload, context, timestamp,
                          deliver_at, delivered_at, cancelled_at, external_account_id, is_test,

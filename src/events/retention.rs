@@ -187,9 +187,15 @@ async fn delete_settled(
                  AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
                  AND id < COALESCE($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
                LIMIT $2
-               FOR UPDATE SKIP LOCKED)
-           DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-           RETURNING id"#,
+               FOR UPDATE SKIP LOCKED),
+           gone AS (
+               DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+               RETURNING id, environment_id, event_id),
+           keys AS (
+               DELETE FROM event_keys k USING gone g
+               WHERE k.environment_id = g.environment_id AND k.event_id = g.event_id
+                 AND k.record_id = g.id)
+           SELECT id AS "id!" FROM gone"#,
         keep.as_secs_f64(),
         batch,
         below
@@ -256,9 +262,15 @@ async fn retain_abandoned(
                 r#"WITH doomed AS (
                        SELECT id FROM event_records
                        WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
-                       FOR UPDATE SKIP LOCKED)
-                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-                   RETURNING id"#,
+                       FOR UPDATE SKIP LOCKED),
+                   gone AS (
+                       DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+                       RETURNING id, environment_id, event_id),
+                   keys AS (
+                       DELETE FROM event_keys k USING gone g
+                       WHERE k.environment_id = g.environment_id AND k.event_id = g.event_id
+                         AND k.record_id = g.id)
+                   SELECT id AS "id!" FROM gone"#,
                 &doomed
             )
             .fetch_all(&mut *tx)
@@ -288,7 +300,11 @@ pub async fn delete_environment_events(
             r#"WITH doomed AS (
                    SELECT id FROM event_records WHERE environment_id = $1 LIMIT $2),
                events AS (
-                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed) RETURNING 1)
+                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
+                   RETURNING environment_id, event_id),
+               keys AS (
+                   DELETE FROM event_keys k USING events e
+                   WHERE k.environment_id = e.environment_id AND k.event_id = e.event_id)
                SELECT (SELECT count(*) FROM events) AS "events!""#,
             environment,
             batch

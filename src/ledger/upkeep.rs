@@ -112,9 +112,16 @@ pub async fn retain(pool: &PgPool, r: Retention) -> Result<Vec<u64>, sqlx::Error
 }
 
 /// The tables the hot path updates or deletes from (each job row is updated when it ends,
-/// each event when it is delivered, each run's hand-off deleted once published), and the
-/// one it only inserts into (`job_runs`, which retention deletes from).
-pub const CHURNED_TABLES: [&str; 4] = ["queue_jobs", "event_records", "job_runs", "run_handoffs"];
+/// each event when it is delivered, each run's hand-off deleted once published), and those
+/// it only inserts into which retention deletes from (`job_runs`; `event_keys`, whose rows
+/// go by the million when a slice is dropped).
+pub const CHURNED_TABLES: [&str; 5] = [
+    "queue_jobs",
+    "event_records",
+    "job_runs",
+    "run_handoffs",
+    "event_keys",
+];
 
 /// The bytes on disk of each of [`CHURNED_TABLES`], indexes and TOAST included (all its
 /// slices, where it is sliced).

@@ -198,6 +198,14 @@ async fn deleting_an_environment_takes_its_data_and_nobody_elses() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
     assert_eq!(events_of(&app, gone.id).await, 6);
+    let keys_of_gone = || {
+        count(
+            &app,
+            "SELECT count(*) FROM event_keys WHERE environment_id = $1",
+            gone.id,
+        )
+    };
+    assert_eq!(keys_of_gone().await, 6);
 
     let out = run(vec![
         "env".into(),
@@ -218,6 +226,7 @@ async fn deleting_an_environment_takes_its_data_and_nobody_elses() {
     );
     assert_eq!(events_of(&app, gone.id).await, 0);
     assert_eq!(runs_of(&app, gone.id).await, 0);
+    assert_eq!(keys_of_gone().await, 0);
     let live = count(
         &app,
         "SELECT count(*) FROM queue_jobs WHERE environment_id = $1

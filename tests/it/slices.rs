@@ -47,6 +47,7 @@ async fn age(app: &TestApp, env: Uuid, event_ids: &[&str], days: i32) {
          FROM moved m WHERE j.kind = 'deliverEvent' AND j.args->>'id' = m.old::text",
         "UPDATE event_records e SET id = m.new, created_at = e.created_at - m.back
          FROM moved m WHERE e.id = m.old",
+        "UPDATE event_keys k SET record_id = m.new FROM moved m WHERE k.record_id = m.old",
     ] {
         sqlx::query(step).execute(&mut *tx).await.unwrap();
     }
@@ -76,6 +77,15 @@ async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
         .bind(env)
         .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// The event ids `event_keys` holds for `env`.
+async fn keys_of(app: &TestApp, env: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_id FROM event_keys WHERE environment_id = $1 ORDER BY 1")
+        .bind(env)
+        .fetch_all(&app.pool)
         .await
         .unwrap()
 }
@@ -145,6 +155,17 @@ async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_s
     assert_eq!(events, 1, "{batches:?}");
     assert!(!exists(&app, &format!("event_records_p{d40}")).await);
     assert_eq!(event_ids(&app, env).await, ["fresh"]);
+    // The keys went with their events, by slice and row by row: an id past the retention
+    // can be stored again.
+    assert_eq!(keys_of(&app, env).await, ["fresh"]);
+    let again = app
+        .send_event(
+            &app.api_key,
+            json!({"event": {"name": "sliced", "id": "old-0"}}),
+        )
+        .await;
+    assert_eq!(again["id"], "old-0");
+    assert_eq!(event_ids(&app, env).await, ["fresh", "old-0"]);
     // The slices ahead are there; the fresh event's run stayed.
     let mut conn = app.pool.acquire().await.unwrap();
     let all = slices::list(&mut conn).await.unwrap();
@@ -186,18 +207,12 @@ async fn an_id_stored_in_an_older_slice_is_not_stored_again_even_by_a_racing_sen
         .await
         .unwrap();
     let mut tx = other.begin().await.unwrap();
-    let taken: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT * FROM event_ids_taken(ARRAY[$1::uuid], ARRAY['racing'])")
-            .bind(env)
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
-    assert!(taken.is_empty());
-    sqlx::query(
-        "INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
-         VALUES (uuid_v7_floor(now() - interval '1 day'), $1, 'racing', 'n', now())",
-    )
-    .bind(env)
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO event_keys (environment_id, event_id, record_id)
+         VALUES ('{env}', 'racing', uuid_v7_floor(now() - interval '1 day'));
+         INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
+         VALUES (uuid_v7_floor(now() - interval '1 day'), '{env}', 'racing', 'n', now())"
+    )))
     .execute(&mut *tx)
     .await
     .unwrap();
@@ -335,6 +350,15 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
         .await
         .unwrap();
     assert_eq!(runs, 1_000_000 + sent as i64);
+    // Every event has its key: those stored before the slicing got theirs from it.
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM event_keys k JOIN event_records e ON e.id = k.record_id
+         WHERE e.environment_id = k.environment_id AND e.event_id = k.event_id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(keys, 1_000_000 + sent as i64);
     // The legacy slice holds everything below the cut-over; slices follow it.
     let mut conn = app.pool.acquire().await.unwrap();
     let all = slices::list(&mut conn).await.unwrap();
@@ -385,6 +409,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+    assert!(keys_of(&app, env).await.is_empty());
     assert!(!exists(&app, "event_records_legacy").await);
     assert!(!exists(&app, "job_runs_legacy").await);
 }

@@ -216,6 +216,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("runtime_environments", "tenants"),
     ("external_accounts", "tenants"),
     ("event_records", "events"),
+    ("event_keys", "events"),
     ("job_runs", "runs"),
     ("run_handoffs", "runs"),
     ("jobs", "dispatchers"),

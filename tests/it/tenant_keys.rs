@@ -28,6 +28,7 @@ const INSTALLATION: &[&str] = &[
 const TENANT: &[&str] = &[
     "external_accounts",
     "event_records",
+    "event_keys",
     "jobs",
     "job_versions",
     "dynamic_triggers",
