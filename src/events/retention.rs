@@ -136,6 +136,7 @@ async fn drop_settled_slices(
             }
         }
     }
+    slices::forget_keys_below(conn).await?;
     Ok(below.map_or(Rows::None, Rows::Below))
 }
 
