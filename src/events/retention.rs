@@ -181,28 +181,20 @@ async fn delete_settled(
     below: Option<Uuid>,
 ) -> Result<Deleted, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let events = sqlx::query_scalar!(
-        r#"WITH doomed AS (
-               SELECT id FROM event_records
-               WHERE created_at < now() - make_interval(secs => $1)
-                 AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
-                 AND id < COALESCE($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
-               LIMIT $2
-               FOR UPDATE SKIP LOCKED),
-           gone AS (
-               DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-               RETURNING id, environment_id, event_id),
-           keys AS (
-               DELETE FROM event_keys k USING gone g
-               WHERE k.environment_id = g.environment_id AND k.event_id = g.event_id
-                 AND k.record_id = g.id)
-           SELECT id AS "id!" FROM gone"#,
+    let doomed = sqlx::query_scalar!(
+        r#"SELECT id FROM event_records
+           WHERE created_at < now() - make_interval(secs => $1)
+             AND (delivered_at IS NOT NULL OR cancelled_at IS NOT NULL)
+             AND id < COALESCE($3::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
+           LIMIT $2
+           FOR UPDATE SKIP LOCKED"#,
         keep.as_secs_f64(),
         batch,
         below
     )
     .fetch_all(&mut *tx)
     .await?;
+    let events = delete_locked(&mut tx, &doomed).await?;
     let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(Deleted {
@@ -210,6 +202,24 @@ async fn delete_settled(
         runs,
         dispatchers: 0,
     })
+}
+
+/// Delete the events `ids`, which the caller's transaction has locked, with their keys
+/// (`event_keys`, kept on sliced tables). Returns the ids deleted.
+async fn delete_locked(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"WITH gone AS (
+               DELETE FROM event_records WHERE id = ANY($1)
+               RETURNING id, environment_id, event_id),
+           keys AS (
+               DELETE FROM event_keys k USING gone g
+               WHERE k.environment_id = g.environment_id AND k.event_id = g.event_id
+                 AND k.record_id = g.id)
+           SELECT id AS "id!" FROM gone"#,
+        ids
+    )
+    .fetch_all(tx)
+    .await
 }
 
 /// Delete events created and due more than `keep` ago that were never delivered nor
@@ -259,23 +269,15 @@ async fn retain_abandoned(
             .collect();
         if !doomed.is_empty() {
             let mut tx = conn.begin().await?;
-            let events = sqlx::query_scalar!(
-                r#"WITH doomed AS (
-                       SELECT id FROM event_records
-                       WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
-                       FOR UPDATE SKIP LOCKED),
-                   gone AS (
-                       DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-                       RETURNING id, environment_id, event_id),
-                   keys AS (
-                       DELETE FROM event_keys k USING gone g
-                       WHERE k.environment_id = g.environment_id AND k.event_id = g.event_id
-                         AND k.record_id = g.id)
-                   SELECT id AS "id!" FROM gone"#,
+            let still = sqlx::query_scalar!(
+                r#"SELECT id FROM event_records
+                   WHERE id = ANY($1) AND delivered_at IS NULL AND cancelled_at IS NULL
+                   FOR UPDATE SKIP LOCKED"#,
                 &doomed
             )
             .fetch_all(&mut *tx)
             .await?;
+            let events = delete_locked(&mut tx, &still).await?;
             let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
             tx.commit().await?;
             total.events += events.len() as u64;
