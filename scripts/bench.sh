@@ -625,15 +625,17 @@ fi
 plant_old() { # 1,000,000 delivered events of 40 days ago, a run each, in the bench's environment
   # Their ids are UUIDv7 of their time (as the service makes them), in the slice of their
   # day, which is made first (on sliced tables).
-  # One transaction, as a send stores an event with its key: a retention pass between the
-  # events and their keys would drop the slice and leave the keys behind.
+  # The events and their keys in one transaction, as a send stores an event with its key:
+  # a retention pass between the two would drop the slice and leave the keys behind. The
+  # slices before it (a transaction holding new slices' locks stalls the relay's deletes of
+  # dispatchers, which cascade into webhook_attempts).
   psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
-BEGIN;
 DO $$ BEGIN
   IF to_regproc('event_slices_ensure') IS NOT NULL THEN
     PERFORM event_slices_ensure((now() - interval '41 days')::date, (now() - interval '39 days')::date);
   END IF;
 END $$;
+BEGIN;
 INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at, deliver_at, delivered_at)
 SELECT uuid_v7_floor(t), (SELECT id FROM runtime_environments ORDER BY created_at LIMIT 1),
        'old-' || g, 'bench.old', '{"kind": "old"}', t, t, t
