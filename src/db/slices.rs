@@ -251,16 +251,17 @@ async fn forget_keys(
     }
 }
 
-/// Delete the keys below the oldest slice, which no stored event can have: keys written
-/// apart from their events (a script's, say) while their slice was being dropped. Where
-/// there are none, a look at the BRIN index.
-pub async fn forget_keys_below(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
-    match list(&mut *conn).await?.first() {
-        Some(oldest) if !oldest.lower.is_nil() => {
-            forget_keys(conn, Uuid::nil(), oldest.lower).await
-        }
-        _ => Ok(0),
+/// Delete the keys below `oldest` (the oldest slice left), which no stored event can
+/// have: keys written apart from their events (a script's, say) while their slice was
+/// being dropped. Where there are none, a look at the BRIN index.
+pub async fn forget_keys_below(
+    conn: &mut PgConnection,
+    oldest: &Slice,
+) -> Result<u64, sqlx::Error> {
+    if oldest.lower.is_nil() {
+        return Ok(0);
     }
+    forget_keys(conn, Uuid::nil(), oldest.lower).await
 }
 
 /// Fill in the `event_keys` of every stored event that lacks one, in batches (each its own
@@ -507,7 +508,6 @@ async fn swap(conn: &mut PgConnection, before: Option<Uuid>) -> Result<Option<Uu
                 .await?,
         ),
     };
-    let unkeyed = !now_empty && before.is_none();
     match cutover {
         None => {
             sqlx::raw_sql(
@@ -530,14 +530,14 @@ async fn swap(conn: &mut PgConnection, before: Option<Uuid>) -> Result<Option<Uu
                 .execute(&mut *tx)
                 .await?;
             }
+            if before.is_none() {
+                // Stored after the tables were found empty, so before sends kept keys:
+                // theirs, under the lock (a few rows).
+                sqlx::query("SELECT event_keys_fill(NULL, 2147483647)")
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
-    }
-    if unkeyed {
-        // Stored after the tables were found empty, so before sends kept keys: theirs,
-        // under the lock (a few rows).
-        sqlx::query("SELECT event_keys_fill(NULL, 2147483647)")
-            .execute(&mut *tx)
-            .await?;
     }
     ensure(&mut *tx).await?;
     tx.commit().await?;

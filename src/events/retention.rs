@@ -115,16 +115,17 @@ async fn drop_settled_slices(
     let horizon =
         chrono::Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
     let mut below: Option<Uuid> = None;
+    let mut oldest_left: Option<Slice> = None;
     for slice in all {
-        if !is_past(conn, &slice, horizon).await? {
+        let stays = if !is_past(conn, &slice, horizon).await? {
             if slice.day.is_none() {
                 // The legacy slice's events older than the retention go row by row.
                 below = below.max(Some(slice.upper));
             }
-            continue;
-        }
-        if held(conn, &slice, keep).await? {
+            true
+        } else if held(conn, &slice, keep).await? {
             below = below.max(Some(slice.upper));
+            true
         } else {
             let d = slices::drop_slice(conn, &slice).await?;
             if d != slices::Dropped::default() {
@@ -134,9 +135,15 @@ async fn drop_settled_slices(
                     dispatchers: 0,
                 });
             }
+            false
+        };
+        if stays && oldest_left.is_none() {
+            oldest_left = Some(slice);
         }
     }
-    slices::forget_keys_below(conn).await?;
+    if let Some(oldest) = &oldest_left {
+        slices::forget_keys_below(conn, oldest).await?;
+    }
     Ok(below.map_or(Rows::None, Rows::Below))
 }
 
@@ -194,7 +201,7 @@ async fn delete_settled(
     )
     .fetch_all(&mut *tx)
     .await?;
-    let events = delete_locked(&mut tx, &doomed).await?;
+    let events = delete_with_keys(&mut tx, &doomed).await?;
     let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(Deleted {
@@ -204,9 +211,9 @@ async fn delete_settled(
     })
 }
 
-/// Delete the events `ids`, which the caller's transaction has locked, with their keys
-/// (`event_keys`, kept on sliced tables). Returns the ids deleted.
-async fn delete_locked(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+/// Delete the events `ids` with their keys (`event_keys`, kept on sliced tables); the row
+/// passes lock them first, in the caller's transaction. Returns the ids deleted.
+async fn delete_with_keys(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar!(
         r#"WITH gone AS (
                DELETE FROM event_records WHERE id = ANY($1)
@@ -218,7 +225,7 @@ async fn delete_locked(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>,
            SELECT id AS "id!" FROM gone"#,
         ids
     )
-    .fetch_all(tx)
+    .fetch_all(conn)
     .await
 }
 
@@ -277,7 +284,7 @@ async fn retain_abandoned(
             )
             .fetch_all(&mut *tx)
             .await?;
-            let events = delete_locked(&mut tx, &still).await?;
+            let events = delete_with_keys(&mut tx, &still).await?;
             let runs = crate::runs::delete_of_events(&mut tx, &events).await?;
             tx.commit().await?;
             total.events += events.len() as u64;
@@ -298,27 +305,22 @@ pub async fn delete_environment_events(
 ) -> Result<Deleted, sqlx::Error> {
     let batch = batch.max(1);
     let mut total = Deleted::default();
+    let mut conn = pool.acquire().await?;
     loop {
-        let d = sqlx::query!(
-            r#"WITH doomed AS (
-                   SELECT id FROM event_records WHERE environment_id = $1 LIMIT $2),
-               events AS (
-                   DELETE FROM event_records WHERE id IN (SELECT id FROM doomed)
-                   RETURNING environment_id, event_id),
-               keys AS (
-                   DELETE FROM event_keys k USING events e
-                   WHERE k.environment_id = e.environment_id AND k.event_id = e.event_id)
-               SELECT (SELECT count(*) FROM events) AS "events!""#,
+        let ids = sqlx::query_scalar!(
+            "SELECT id FROM event_records WHERE environment_id = $1 LIMIT $2",
             environment,
             batch
         )
-        .fetch_one(pool)
+        .fetch_all(&mut *conn)
         .await?;
-        total.events += d.events as u64;
-        if d.events < batch {
+        let gone = delete_with_keys(&mut conn, &ids).await?.len() as u64;
+        total.events += gone;
+        if gone < batch as u64 {
             break;
         }
     }
+    drop(conn);
     // Runs by environment: those of events already gone too.
     total.runs += crate::runs::delete_of_environment(pool, environment, batch).await?;
     Ok(total)

@@ -81,23 +81,23 @@ async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
         .unwrap()
 }
 
-/// The event ids `event_keys` holds for `env`.
-async fn keys_of(app: &TestApp, env: Uuid) -> Vec<String> {
-    sqlx::query_scalar("SELECT event_id FROM event_keys WHERE environment_id = $1 ORDER BY 1")
-        .bind(env)
-        .fetch_all(&app.pool)
-        .await
-        .unwrap()
-}
-
-async fn event_ids(app: &TestApp, env: Uuid) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT event_id FROM event_records WHERE environment_id = $1 ORDER BY event_id",
-    )
+/// The event ids `env` has in `table` (`event_records`, or `event_keys`), in order.
+async fn event_ids_in(app: &TestApp, table: &str, env: Uuid) -> Vec<String> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT event_id FROM {table} WHERE environment_id = $1 ORDER BY event_id"
+    )))
     .bind(env)
     .fetch_all(&app.pool)
     .await
     .unwrap()
+}
+
+async fn event_ids(app: &TestApp, env: Uuid) -> Vec<String> {
+    event_ids_in(app, "event_records", env).await
+}
+
+async fn keys_of(app: &TestApp, env: Uuid) -> Vec<String> {
+    event_ids_in(app, "event_keys", env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
