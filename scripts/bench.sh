@@ -741,12 +741,15 @@ if [[ $which == retention ]]; then
       echo "== $clients connections, retention removing them beside it"
       beside+=($(run $clients "$@"))
       echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"
-      for _ in $(seq 1 120); do
+      # Then until their keys are forgotten too (paced, after their slice: a pass forgets
+      # for a twentieth of its interval), so the next run has nothing of it beside it.
+      for _ in $(seq 1 150); do
         left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
-        [[ $left == 0 ]] && break
+        gone=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_keys_gone")
+        [[ $left == 0 && $gone == 0 ]] && break
         sleep 2
       done
-      echo "old events left: $left"
+      echo "old events left: $left; ranges of keys left to forget: $gone ($(date -u +%H:%M:%S))"
     done
     echo "== $clients connections: ingest alone ${alone[*]} events/s, beside retention ${beside[*]} events/s" \
       "($(echo "scale=1; (${beside[0]} + ${beside[1]} - ${alone[0]} - ${alone[1]}) * 100 / (${alone[0]} + ${alone[1]})" | bc) %)"

@@ -237,10 +237,12 @@ impl Maintenance {
                     deleted
                         .with_label_values(&["dispatchers"])
                         .inc_by(total.dispatchers);
-                    if total.events > 0 {
+                    deleted.with_label_values(&["keys"]).inc_by(total.keys);
+                    if total.events > 0 || total.keys > 0 {
                         tracing::info!(
                             events = total.events,
                             runs = total.runs,
+                            keys = total.keys,
                             statements = batches.len(),
                             "retention deleted old events and their runs"
                         );
@@ -265,7 +267,8 @@ impl Maintenance {
         match Some(c.retention_events).filter(|d| !d.is_zero()) {
             Some(keep) => {
                 let batch = c.retention_batch_size;
-                let mut batches = retention::retain(&self.pool, keep, batch).await?;
+                let keys = slices::Pace::within(c.retention_interval);
+                let mut batches = retention::retain(&self.pool, keep, batch, keys).await?;
                 let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
                 if dispatchers > 0 {
                     batches.push(retention::Deleted {

@@ -522,7 +522,7 @@ impl Metrics {
     /// Create the series of every known label value but the job kinds', so they are
     /// exported (at 0) before anything happens.
     fn touch_known_series(&self) {
-        for what in ["jobs", "events", "runs", "dispatchers"] {
+        for what in ["jobs", "events", "runs", "dispatchers", "keys"] {
             self.retention_deleted.with_label_values(&[what]);
         }
         for source in ["api", "bulk", "amqp"] {

@@ -165,10 +165,17 @@ pub struct Dropped {
 /// estimate where the slice was analyzed). A detach that an earlier
 /// pass began and did not finish is finished first (`FINALIZE`). Not in a transaction.
 pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Dropped, sqlx::Error> {
-    // Its events' keys first: a key outliving its event would refuse the id until
-    // `forget_keys_below` finds it, an event outliving its key (until the drop below) is
-    // past the retention already.
-    forget_keys(&mut *conn, slice.lower, slice.upper).await?;
+    // Its events' keys are forgotten after it, paced ([`forget_gone_keys`]); from here on
+    // they are stale: a send of one of their ids takes the key over (their events are past
+    // the retention already).
+    sqlx::query(
+        "INSERT INTO event_keys_gone (lower, upper) VALUES ($1, $2)
+         ON CONFLICT (lower) DO UPDATE SET upper = GREATEST(event_keys_gone.upper, EXCLUDED.upper)",
+    )
+    .bind(slice.lower)
+    .bind(slice.upper)
+    .execute(&mut *conn)
+    .await?;
     let mut dropped = Dropped::default();
     for (table, _) in SLICED_TABLES {
         let name = slice.name(table);
@@ -229,39 +236,95 @@ pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Droppe
 /// Keys filled in or forgotten per statement.
 const KEYS_BATCH: i32 = 10_000;
 
-/// Delete the `event_keys` of the event ids in `[lower, upper)`, [`KEYS_BATCH`] a statement
-/// (each its own transaction; 1,000,000 took 2 s here, one statement for them all 9.5 s).
-async fn forget_keys(
-    conn: &mut PgConnection,
-    lower: Uuid,
-    upper: Uuid,
-) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        let gone: i32 = sqlx::query_scalar("SELECT event_keys_forget($1, $2, $3)")
-            .bind(lower)
-            .bind(upper)
-            .bind(KEYS_BATCH)
-            .fetch_one(&mut *conn)
-            .await?;
-        total += gone as u64;
-        if gone < KEYS_BATCH {
-            return Ok(total);
-        }
-    }
+/// How the keys of dropped slices are forgotten: at most `work` of statements in one call,
+/// each batch followed by a pause that keeps the statements to `duty` of the time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub work: Duration,
+    pub duty: f64,
 }
 
-/// Delete the keys below `oldest` (the oldest slice left), which no stored event can
-/// have: keys written apart from their events (a script's, say) while their slice was
-/// being dropped. Where there are none, a look at the BRIN index.
-pub async fn forget_keys_below(
-    conn: &mut PgConnection,
-    oldest: &Slice,
-) -> Result<u64, sqlx::Error> {
-    if oldest.lower.is_nil() {
-        return Ok(0);
+impl Pace {
+    /// Retention's: a twentieth of a core, and no longer than `interval` in all (its pass
+    /// interval). 1,000,000 keys are 2 s of statements here, so 40 s paced.
+    pub fn within(interval: Duration) -> Self {
+        const DUTY: f64 = 0.05;
+        Self {
+            work: interval.mul_f64(DUTY),
+            duty: DUTY,
+        }
     }
-    forget_keys(conn, Uuid::nil(), oldest.lower).await
+
+    /// No pause and no bound.
+    pub const FLAT_OUT: Pace = Pace {
+        work: Duration::MAX,
+        duty: 1.0,
+    };
+}
+
+/// What [`forget_gone_keys`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Keys deleted (a key a send took over meanwhile counted too).
+    pub keys: u64,
+    /// Whether some are left for the next call (its `work` ran out).
+    pub more: bool,
+}
+
+/// Delete the keys of the events of the slices that went (`event_keys_gone`, oldest range
+/// first; a range is struck off once its keys are gone), [`KEYS_BATCH`] a statement, each
+/// its own transaction, paced by `pace`. Then the keys below `oldest` (the oldest slice
+/// kept), which no stored event can have: keys written apart from their events (a
+/// script's, say) while their slice went; where there are none, a look at the BRIN index.
+pub async fn forget_gone_keys(
+    conn: &mut PgConnection,
+    oldest: Option<&Slice>,
+    pace: Pace,
+) -> Result<Forgotten, sqlx::Error> {
+    let mut ranges: Vec<(Uuid, Uuid, bool)> = sqlx::query_as::<_, (Uuid, Uuid)>(
+        "SELECT lower, upper FROM event_keys_gone ORDER BY lower",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(lower, upper)| (lower, upper, true))
+    .collect();
+    if let Some(oldest) = oldest.filter(|o| !o.lower.is_nil()) {
+        ranges.push((Uuid::nil(), oldest.lower, false));
+    }
+    let mut done = Forgotten::default();
+    let mut spent = Duration::ZERO;
+    for (lower, upper, listed) in ranges {
+        loop {
+            if spent >= pace.work {
+                done.more = true;
+                return Ok(done);
+            }
+            let started = std::time::Instant::now();
+            let looked: i32 = sqlx::query_scalar("SELECT event_keys_forget($1, $2, $3)")
+                .bind(lower)
+                .bind(upper)
+                .bind(KEYS_BATCH)
+                .fetch_one(&mut *conn)
+                .await?;
+            let took = started.elapsed();
+            spent += took;
+            done.keys += looked as u64;
+            if looked < KEYS_BATCH {
+                if listed {
+                    sqlx::query("DELETE FROM event_keys_gone WHERE lower = $1")
+                        .bind(lower)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                break;
+            }
+            if pace.duty < 1.0 {
+                tokio::time::sleep(took.mul_f64(1.0 / pace.duty - 1.0)).await;
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Fill in the `event_keys` of every stored event that lacks one, in batches (each its own

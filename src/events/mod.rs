@@ -185,7 +185,9 @@ impl NewEvents {
     /// (migration `20261208000001_event_keys`) across them: the keys go in first, the first
     /// of each (environment, id) in the call, sorted (two bulk sends take them in one order),
     /// and only the events whose key went in are stored. A key another send holds
-    /// uncommitted is waited for. Keys are kept once the tables are sliced and from the
+    /// uncommitted is waited for. A stale key (its event's slice dropped by retention, the
+    /// key not yet forgotten: `event_keys_gone`, migration `20261209000001_event_keys_gone`)
+    /// is taken over, as if it were gone. Keys are kept once the tables are sliced and from the
     /// first step of `storage partition` on (its `CHECK` on the plain table): `kept`, planned
     /// with the statement, once per connection.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
@@ -203,7 +205,10 @@ impl NewEvents {
                    FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(id, env, eid, n)
                    WHERE (SELECT kept FROM kept)
                    ORDER BY env, eid, n
-                   ON CONFLICT DO NOTHING
+                   ON CONFLICT (environment_id, event_id) DO UPDATE SET record_id = EXCLUDED.record_id
+                   WHERE EXISTS (SELECT 1 FROM event_keys_gone g
+                                 WHERE event_keys.record_id >= g.lower
+                                   AND event_keys.record_id < g.upper)
                    RETURNING record_id)
                INSERT INTO event_records
                    (id, environment_id, event_id, name, source, payload, context, timestamp,

@@ -26,6 +26,8 @@ pub struct Deleted {
     /// EPHEMERAL dispatchers spent (fired or expired) longer ago than the retention, with
     /// their webhook attempts (counted by the relay's pass, not by [`retain`]).
     pub dispatchers: u64,
+    /// Keys of events whose slice went, forgotten after it ([`slices::forget_gone_keys`]).
+    pub keys: u64,
 }
 
 impl std::ops::AddAssign for Deleted {
@@ -33,12 +35,15 @@ impl std::ops::AddAssign for Deleted {
         self.events += other.events;
         self.runs += other.runs;
         self.dispatchers += other.dispatchers;
+        self.keys += other.keys;
     }
 }
 
 /// One pass. Sliced tables: each slice older than `keep` (its end; the legacy slice's newest
 /// event) none of whose undelivered events has a `deliverEvent` job still to run or
-/// discarded within `keep` ([`held`]) is dropped, one entry each. Then, in the slices that
+/// discarded within `keep` ([`held`]) is dropped, one entry each, and the keys of the
+/// slices that went are forgotten as `keys` paces it (an entry; what is left goes in the
+/// next passes, stale meanwhile: see [`slices::forget_gone_keys`]). Then, in the slices that
 /// stay although past (and in the legacy slice), or everywhere on plain tables: events
 /// created more than `keep` ago that are delivered or cancelled, and their runs, deleted
 /// `batch` events per statement (each its own short transaction, rows locked by others
@@ -51,6 +56,7 @@ pub async fn retain(
     pool: &PgPool,
     keep: Duration,
     batch: i64,
+    keys: slices::Pace,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", EVENTS_RETENTION_LOCK)
@@ -59,7 +65,7 @@ pub async fn retain(
     if locked != Some(true) {
         return Ok(Vec::new());
     }
-    let result = retain_locked(&mut conn, keep, batch.max(1)).await;
+    let result = retain_locked(&mut conn, keep, batch.max(1), keys).await;
     sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", EVENTS_RETENTION_LOCK)
         .fetch_one(&mut *conn)
         .await?;
@@ -80,9 +86,10 @@ async fn retain_locked(
     conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
+    keys: slices::Pace,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut batches = Vec::new();
-    let below = match drop_settled_slices(conn, keep, &mut batches).await? {
+    let below = match drop_settled_slices(conn, keep, keys, &mut batches).await? {
         Rows::All => None,
         Rows::Below(bound) => Some(bound),
         Rows::None => return Ok(batches),
@@ -106,6 +113,7 @@ async fn retain_locked(
 async fn drop_settled_slices(
     conn: &mut PgConnection,
     keep: Duration,
+    keys: slices::Pace,
     batches: &mut Vec<Deleted>,
 ) -> Result<Rows, sqlx::Error> {
     let all = slices::list(conn).await?;
@@ -132,7 +140,7 @@ async fn drop_settled_slices(
                 batches.push(Deleted {
                     events: d.events,
                     runs: d.runs,
-                    dispatchers: 0,
+                    ..Deleted::default()
                 });
             }
             false
@@ -141,8 +149,12 @@ async fn drop_settled_slices(
             oldest_left = Some(slice);
         }
     }
-    if let Some(oldest) = &oldest_left {
-        slices::forget_keys_below(conn, oldest).await?;
+    let forgotten = slices::forget_gone_keys(conn, oldest_left.as_ref(), keys).await?;
+    if forgotten.keys > 0 {
+        batches.push(Deleted {
+            keys: forgotten.keys,
+            ..Deleted::default()
+        });
     }
     Ok(below.map_or(Rows::None, Rows::Below))
 }
@@ -207,7 +219,7 @@ async fn delete_settled(
     Ok(Deleted {
         events: events.len() as u64,
         runs,
-        dispatchers: 0,
+        ..Deleted::default()
     })
 }
 

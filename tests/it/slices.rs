@@ -1,11 +1,13 @@
 //! The time slices of the per-event tables (db::slices): retention drops a settled
 //! slice whole and keeps one that holds a due event; a producer's id stays unique across
-//! slices, also between two sends racing over a slice's edge; and a database with
+//! slices, also between two sends racing over a slice's edge, and is stored again once its
+//! slice went, before its key is forgotten; and a database with
 //! 1,000,000 events is sliced while events keep coming, losing none.
 
 use std::time::Duration;
 
-use kongflow_events::db::slices::{self, Partitioned};
+use kongflow_events::db::slices::{self, Pace, Partitioned};
+use kongflow_events::events::retention;
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -258,6 +260,118 @@ async fn an_id_stored_in_an_older_slice_is_not_stored_again_even_by_a_racing_sen
     assert_eq!(count().await, 1);
 }
 
+/// Retention drops a slice and forgets its events' keys after it, paced: until then the
+/// keys are stale, and one of their ids is stored again, once, even by two sends racing;
+/// the keys forgotten later leave the ones taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_key_of_a_dropped_slice_is_taken_over_once_even_by_racing_sends() {
+    let app = TestApp::builder().start().await;
+    let env = app.env.id;
+    let names = ["gone-0", "gone-1", "gone-2"];
+    for id in names {
+        app.send_event(&app.api_key, json!({"event": {"name": "n", "id": id}}))
+            .await;
+    }
+    wait_until("three delivered", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM event_records WHERE environment_id = $1 AND delivered_at IS NOT NULL",
+        )
+        .bind(env)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+            == 3
+    })
+    .await;
+    age(&app, env, &names, 41).await;
+    let d41 = day_ago(&app, 41).await;
+    // A pass with no time for keys: the slice goes, its keys stay, listed as gone.
+    let no_time = Pace {
+        work: Duration::ZERO,
+        duty: 1.0,
+    };
+    let keep = Duration::from_secs(30 * 86_400);
+    let batches = retention::retain(&app.pool, keep, 100, no_time)
+        .await
+        .unwrap();
+    assert_eq!((batches[0].events, batches[0].keys), (3, 0), "{batches:?}");
+    assert!(!exists(&app, &format!("event_records_p{d41}")).await);
+    assert!(event_ids(&app, env).await.is_empty());
+    assert_eq!(keys_of(&app, env).await, names);
+
+    // A send of a stale id stores it again.
+    let again = app
+        .send_event(
+            &app.api_key,
+            json!({"event": {"name": "n", "id": "gone-0"}}),
+        )
+        .await;
+    assert_eq!(again["id"], "gone-0");
+    assert_eq!(event_ids(&app, env).await, ["gone-0"]);
+
+    // Another send has taken "gone-1"'s key over and not committed yet: a send of the same
+    // id through the API waits for it, then finds its event.
+    let mut other = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = other.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO event_keys (environment_id, event_id, record_id)
+         VALUES ('{env}', 'gone-1', uuid_v7_floor(now()))
+         ON CONFLICT (environment_id, event_id) DO UPDATE SET record_id = EXCLUDED.record_id
+         WHERE EXISTS (SELECT 1 FROM event_keys_gone g
+                       WHERE event_keys.record_id >= g.lower AND event_keys.record_id < g.upper);
+         INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
+         VALUES (uuid_v7_floor(now()), '{env}', 'gone-1', 'n', now())"
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let send = {
+        let (http, url, key) = (
+            app.http.clone(),
+            format!("{}/api/v1/events", app.base_url),
+            app.api_key.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"event": {"name": "n", "id": "gone-1"}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !send.is_finished(),
+        "the send waits for the other one's commit"
+    );
+    tx.commit().await.unwrap();
+    assert!(send.await.unwrap().is_success());
+    assert_eq!(event_ids(&app, env).await, ["gone-0", "gone-1"]);
+
+    // The keys forgotten now: the stale one goes, the ones taken over stay with their
+    // events, and the range is struck off.
+    let mut conn = app.pool.acquire().await.unwrap();
+    let forgotten = slices::forget_gone_keys(&mut conn, None, Pace::FLAT_OUT)
+        .await
+        .unwrap();
+    assert!(!forgotten.more);
+    assert_eq!(keys_of(&app, env).await, ["gone-0", "gone-1"]);
+    let (keyed, listed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM event_keys k JOIN event_records r ON r.id = k.record_id
+                 WHERE k.environment_id = $1),
+                (SELECT count(*) FROM event_keys_gone)",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((keyed, listed), (2, 0));
+}
+
 /// A database of the release before slices, holding 1,000,000 events and a run each, is
 /// sliced while this build stores events: nothing is lost, the old rows are the legacy
 /// slice (attached without a scan: the tables' locks are held for the swap only), and
@@ -425,6 +539,23 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+    // Its keys are forgotten after it, paced: what the pass had no time for, here all at
+    // once.
+    let in_pass: u64 = batches.iter().map(|b| b.keys).sum();
+    let mut conn = app.pool.acquire().await.unwrap();
+    let started = std::time::Instant::now();
+    let forgotten = slices::forget_gone_keys(&mut conn, None, Pace::FLAT_OUT)
+        .await
+        .unwrap();
+    println!(
+        "forgot {in_pass} keys in the pass, {} after it in {:?}",
+        forgotten.keys,
+        started.elapsed()
+    );
+    assert!(
+        in_pass + forgotten.keys >= stored,
+        "{batches:?} {forgotten:?}"
+    );
     assert!(keys_of(&app, env).await.is_empty());
     assert!(!exists(&app, "event_records_legacy").await);
     assert!(!exists(&app, "job_runs_legacy").await);

@@ -217,6 +217,7 @@ const OWNERS: &[(&str, &str)] = &[
     ("external_accounts", "tenants"),
     ("event_records", "events"),
     ("event_keys", "events"),
+    ("event_keys_gone", "db"),
     ("job_runs", "runs"),
     ("run_handoffs", "runs"),
     ("jobs", "dispatchers"),
@@ -232,6 +233,13 @@ const OWNERS: &[(&str, &str)] = &[
 /// reads in the same round trip (table, reading file under `src/`, why). No other module
 /// writes a table, nor reads one outside this list.
 const READS_ELSEWHERE: &[(&str, &str, &str)] = &[
+    // Storing events: whether a key that is taken is stale (its slice dropped, the key not
+    // yet forgotten), in the statement that stores the keys and the events.
+    (
+        "event_keys_gone",
+        "events/mod.rs",
+        "the stale keys a send takes over",
+    ),
     // Creating runs: which job versions an invocation's dispatcher targets, and that its
     // event is of the dispatcher's environment, in the statement that inserts the runs.
     (

@@ -22,6 +22,8 @@ const INSTALLATION: &[&str] = &[
     "installation",
     "job_publishers",
     "console_sessions",
+    // Ranges of event ids whose slice retention dropped (db::slices), no tenant's rows.
+    "event_keys_gone",
 ];
 
 /// Tables holding a tenant's data: distributed by `environment_id`.
