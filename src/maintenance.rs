@@ -226,7 +226,7 @@ impl Maintenance {
                 }
                 Err(e) => tracing::warn!(error = %e, "retention pass failed"),
             }
-            match self.retain_events().await {
+            match self.retain_events_until(&shutdown).await {
                 Ok(batches) => {
                     let mut total = retention::Deleted::default();
                     for b in &batches {
@@ -259,6 +259,14 @@ impl Maintenance {
     /// ([`crate::dispatchers::delete_spent`]); only the slices when `RETENTION_EVENTS_MS`
     /// is 0.
     pub async fn retain_events(&self) -> Result<Vec<retention::Deleted>, sqlx::Error> {
+        self.retain_events_until(&CancellationToken::new()).await
+    }
+
+    /// [`Self::retain_events`], its paced forgetting of keys cut short by `shutdown`.
+    async fn retain_events_until(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<retention::Deleted>, sqlx::Error> {
         let c = &self.config;
         let made = slices::ensure(&self.pool).await?;
         if made > 0 {
@@ -267,8 +275,8 @@ impl Maintenance {
         match Some(c.retention_events).filter(|d| !d.is_zero()) {
             Some(keep) => {
                 let batch = c.retention_batch_size;
-                let keys = slices::Pace::within(c.retention_interval);
-                let mut batches = retention::retain(&self.pool, keep, batch, keys).await?;
+                let keys = slices::Pace::within(c.retention_interval, shutdown.clone());
+                let mut batches = retention::retain(&self.pool, keep, batch, &keys).await?;
                 let dispatchers = crate::dispatchers::delete_spent(&self.pool, keep, batch).await?;
                 if dispatchers > 0 {
                     batches.push(retention::Deleted {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The tables sliced together, each with the column its slices are bounded by, the event
@@ -237,29 +238,35 @@ pub async fn drop_slice(conn: &mut PgConnection, slice: &Slice) -> Result<Droppe
 const KEYS_BATCH: i32 = 10_000;
 
 /// How the keys of dropped slices are forgotten: at most `work` of statements in one call,
-/// each batch followed by a pause that keeps the statements to `duty` of the time.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// each batch followed by a pause that keeps the statements to `duty` of the time, and no
+/// pause once `stop` is cancelled (the call returns).
+#[derive(Debug, Clone)]
 pub struct Pace {
     pub work: Duration,
     pub duty: f64,
+    pub stop: CancellationToken,
 }
 
 impl Pace {
-    /// Retention's: a twentieth of a core, and no longer than `interval` in all (its pass
-    /// interval). 1,000,000 keys are 2 s of statements here, so 40 s paced.
-    pub fn within(interval: Duration) -> Self {
+    /// Retention's: a twentieth of a core, and about `interval` (its pass interval) in all.
+    /// 1,000,000 keys are 2 s of statements here.
+    pub fn within(interval: Duration, stop: CancellationToken) -> Self {
         const DUTY: f64 = 0.05;
         Self {
             work: interval.mul_f64(DUTY),
             duty: DUTY,
+            stop,
         }
     }
 
     /// No pause and no bound.
-    pub const FLAT_OUT: Pace = Pace {
-        work: Duration::MAX,
-        duty: 1.0,
-    };
+    pub fn flat_out() -> Self {
+        Self {
+            work: Duration::MAX,
+            duty: 1.0,
+            stop: CancellationToken::new(),
+        }
+    }
 }
 
 /// What [`forget_gone_keys`] did.
@@ -279,7 +286,7 @@ pub struct Forgotten {
 pub async fn forget_gone_keys(
     conn: &mut PgConnection,
     oldest: Option<&Slice>,
-    pace: Pace,
+    pace: &Pace,
 ) -> Result<Forgotten, sqlx::Error> {
     let mut ranges: Vec<(Uuid, Uuid, bool)> = sqlx::query_as::<_, (Uuid, Uuid)>(
         "SELECT lower, upper FROM event_keys_gone ORDER BY lower",
@@ -320,7 +327,13 @@ pub async fn forget_gone_keys(
                 break;
             }
             if pace.duty < 1.0 {
-                tokio::time::sleep(took.mul_f64(1.0 / pace.duty - 1.0)).await;
+                tokio::select! {
+                    _ = pace.stop.cancelled() => {
+                        done.more = true;
+                        return Ok(done);
+                    }
+                    _ = tokio::time::sleep(took.mul_f64(1.0 / pace.duty - 1.0)) => {}
+                }
             }
         }
     }

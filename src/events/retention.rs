@@ -56,7 +56,7 @@ pub async fn retain(
     pool: &PgPool,
     keep: Duration,
     batch: i64,
-    keys: slices::Pace,
+    keys: &slices::Pace,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let locked = sqlx::query_scalar!("SELECT pg_try_advisory_lock($1)", EVENTS_RETENTION_LOCK)
@@ -86,7 +86,7 @@ async fn retain_locked(
     conn: &mut PgConnection,
     keep: Duration,
     batch: i64,
-    keys: slices::Pace,
+    keys: &slices::Pace,
 ) -> Result<Vec<Deleted>, sqlx::Error> {
     let mut batches = Vec::new();
     let below = match drop_settled_slices(conn, keep, keys, &mut batches).await? {
@@ -113,7 +113,7 @@ async fn retain_locked(
 async fn drop_settled_slices(
     conn: &mut PgConnection,
     keep: Duration,
-    keys: slices::Pace,
+    keys: &slices::Pace,
     batches: &mut Vec<Deleted>,
 ) -> Result<Rows, sqlx::Error> {
     let all = slices::list(conn).await?;

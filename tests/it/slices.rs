@@ -288,10 +288,10 @@ async fn a_stale_key_of_a_dropped_slice_is_taken_over_once_even_by_racing_sends(
     // A pass with no time for keys: the slice goes, its keys stay, listed as gone.
     let no_time = Pace {
         work: Duration::ZERO,
-        duty: 1.0,
+        ..Pace::flat_out()
     };
     let keep = Duration::from_secs(30 * 86_400);
-    let batches = retention::retain(&app.pool, keep, 100, no_time)
+    let batches = retention::retain(&app.pool, keep, 100, &no_time)
         .await
         .unwrap();
     assert_eq!((batches[0].events, batches[0].keys), (3, 0), "{batches:?}");
@@ -355,7 +355,7 @@ async fn a_stale_key_of_a_dropped_slice_is_taken_over_once_even_by_racing_sends(
     // The keys forgotten now: the stale one goes, the ones taken over stay with their
     // events, and the range is struck off.
     let mut conn = app.pool.acquire().await.unwrap();
-    let forgotten = slices::forget_gone_keys(&mut conn, None, Pace::FLAT_OUT)
+    let forgotten = slices::forget_gone_keys(&mut conn, None, &Pace::flat_out())
         .await
         .unwrap();
     assert!(!forgotten.more);
@@ -544,7 +544,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
     let in_pass: u64 = batches.iter().map(|b| b.keys).sum();
     let mut conn = app.pool.acquire().await.unwrap();
     let started = std::time::Instant::now();
-    let forgotten = slices::forget_gone_keys(&mut conn, None, Pace::FLAT_OUT)
+    let forgotten = slices::forget_gone_keys(&mut conn, None, &Pace::flat_out())
         .await
         .unwrap();
     println!(
