@@ -14,11 +14,11 @@
 #             while another floods 20,000 events; with the default shares, with A's ingest
 #             rate held too, then without shares. SHARD_COUNT (the service's) applies.
 #   retention: ingest while retention removes: the pipeline (20,000 events, 16 and 64
-#             connections) with nothing to remove, and right after 1,000,000 old settled
-#             events (and a run each) are planted with retention held off, so retention
-#             (every 5 s here) removes them during the run; two pairings a connection
-#             count, the second in the other order; prints what retention removed during
-#             each run.
+#             connections) right after 1,000,000 old settled events (and a run each) are
+#             planted with retention held off: "alone" with retention still held, "beside"
+#             with it let go as the run starts, so retention (every 5 s here) removes them
+#             during the run; two pairings a connection count, the second in the other
+#             order; prints what retention removed during each run.
 #   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
@@ -700,16 +700,20 @@ if [[ $which == retention ]]; then
   # Retention is held off while the old events are planted (the bench takes retention's
   # advisory lock, events::retention::EVENTS_RETENTION_LOCK, in a session of its own) and
   # let go as the run starts, so what it removes goes during the run, however quick it is.
+  # The holding session stays idle after taking the lock: a statement running all along
+  # (a pg_sleep) would hold back the xmin horizon, so no dead row could be pruned during
+  # the run and ingest would run at half its rate.
   hold_retention() {
-    psql -h 127.0.0.1 -U postgres -d "$db" -qAt -c "SELECT pg_advisory_lock(7738984569082573934)" \
-      -c "SELECT pg_sleep(3600)" >/dev/null 2>&1 &
-    HOLD=$!
+    coproc HOLDER { psql -h 127.0.0.1 -U postgres -d "$db" -qAt >/dev/null 2>&1; }
+    HOLD=$HOLDER_PID
+    echo "SELECT pg_advisory_lock(7738984569082573934);" >&"${HOLDER[1]}"
     until [[ $(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM pg_locks
                  WHERE locktype = 'advisory' AND granted AND objid = 1919251566 AND classid = 1801872758") == 1 ]]; do sleep 0.2; done
   }
-  let_go() { # end the session holding retention's lock (a sleeping backend outlives its client)
+  let_go() { # end the session holding retention's lock, then its client (its input closed)
     psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT pg_terminate_backend(pid) FROM pg_locks
       WHERE locktype = 'advisory' AND objid = 1919251566 AND classid = 1801872758" >/dev/null
+    exec {HOLDER[1]}>&-
     wait $HOLD 2>/dev/null || true
   }
   run() { # run CLIENTS: the pipeline bench; its output on stderr, its ingest rate on stdout
@@ -724,32 +728,40 @@ if [[ $which == retention ]]; then
   # checkpoint, as after each plant.
   cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency 16 >/dev/null
   psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "CHECKPOINT"
-  # Two pairings a connection count, the second in the other order.
+  # Two pairings a connection count, the second in the other order. Each run follows a
+  # plant of 1,000,000 old events (its writes, its checkpoint and what it leaves in the
+  # caches alike): "alone" runs with retention still held off, "beside" with it let go as
+  # the run starts; after either, retention removes them and forgets their keys before
+  # the next plant.
+  settle() {
+    for _ in $(seq 1 150); do
+      left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
+      gone=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_keys_gone")
+      [[ $left == 0 && $gone == 0 ]] && break
+      sleep 2
+    done
+    echo "old events left: $left; ranges of keys left to forget: $gone ($(date -u +%H:%M:%S))"
+  }
   for clients in 16 64; do
     alone=() beside=()
     for step in alone beside beside alone; do
-      if [[ $step == alone ]]; then
-        echo "== $clients connections, nothing to delete"
-        alone+=($(run $clients "$@"))
-        continue
-      fi
       echo "== planting 1,000,000 old settled events (retention held off)"
       hold_retention
       plant_old
-      before=$(deleted)
-      let_go
-      echo "== $clients connections, retention removing them beside it"
-      beside+=($(run $clients "$@"))
-      echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run"
-      # Then until their keys are forgotten too (paced, after their slice: a pass forgets
-      # for a twentieth of its interval), so the next run has nothing of it beside it.
-      for _ in $(seq 1 150); do
-        left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
-        gone=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_keys_gone")
-        [[ $left == 0 && $gone == 0 ]] && break
-        sleep 2
-      done
-      echo "old events left: $left; ranges of keys left to forget: $gone ($(date -u +%H:%M:%S))"
+      if [[ $step == alone ]]; then
+        echo "== $clients connections, retention held off ($(date -u +%H:%M:%S))"
+        alone+=($(run $clients "$@"))
+        let_go
+      else
+        before=$(deleted)
+        let_go
+        echo "== $clients connections, retention removing them beside it ($(date -u +%H:%M:%S))"
+        beside+=($(run $clients "$@"))
+        echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run ($(date -u +%H:%M:%S))"
+      fi
+      # Then until they are gone and their keys forgotten (paced, after their slice), so
+      # the next plant starts from the same state.
+      settle
     done
     echo "== $clients connections: ingest alone ${alone[*]} events/s, beside retention ${beside[*]} events/s" \
       "($(echo "scale=1; (${beside[0]} + ${beside[1]} - ${alone[0]} - ${alone[1]}) * 100 / (${alone[0]} + ${alone[1]})" | bc) %)"
