@@ -102,6 +102,43 @@ async fn keys_of(app: &TestApp, env: Uuid) -> Vec<String> {
     event_ids_in(app, "event_keys", env).await
 }
 
+/// Run `statements` in a transaction of another connection, and send the event `id` through
+/// the API meanwhile: the send waits for that transaction's commit, then is answered.
+async fn sends_waiting_for(app: &TestApp, statements: String, id: &str) {
+    let mut other = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut tx = other.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statements))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let send = {
+        let (http, url, key) = (
+            app.http.clone(),
+            format!("{}/api/v1/events", app.base_url),
+            app.api_key.clone(),
+        );
+        let body = json!({"event": {"name": "n", "id": id}});
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !send.is_finished(),
+        "the send waits for the other one's commit"
+    );
+    tx.commit().await.unwrap();
+    assert!(send.await.unwrap().is_success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settled_slice_goes_whole_and_one_holding_a_due_event_stays_until_it_settles() {
     let app = TestApp::builder().start().await;
@@ -221,42 +258,17 @@ async fn an_id_stored_in_an_older_slice_is_not_stored_again_even_by_a_racing_sen
 
     // A send that stores "racing" in yesterday's slice and has not committed yet: a send of
     // the same id through the API waits for it, then finds it.
-    let mut other = sqlx::PgConnection::connect(&app.database_url)
-        .await
-        .unwrap();
-    let mut tx = other.begin().await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO event_keys (environment_id, event_id, record_id)
-         VALUES ('{env}', 'racing', uuid_v7_floor(now() - interval '1 day'));
-         INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
-         VALUES (uuid_v7_floor(now() - interval '1 day'), '{env}', 'racing', 'n', now())"
-    )))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    let send = {
-        let (http, url, key) = (
-            app.http.clone(),
-            format!("{}/api/v1/events", app.base_url),
-            app.api_key.clone(),
-        );
-        tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(key)
-                .json(&json!({"event": {"name": "n", "id": "racing"}}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !send.is_finished(),
-        "the send waits for the other one's commit"
-    );
-    tx.commit().await.unwrap();
-    assert!(send.await.unwrap().is_success());
+    sends_waiting_for(
+        &app,
+        format!(
+            "INSERT INTO event_keys (environment_id, event_id, record_id)
+             VALUES ('{env}', 'racing', uuid_v7_floor(now() - interval '1 day'));
+             INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
+             VALUES (uuid_v7_floor(now() - interval '1 day'), '{env}', 'racing', 'n', now())"
+        ),
+        "racing",
+    )
+    .await;
     assert_eq!(count().await, 1);
 }
 
@@ -311,45 +323,20 @@ async fn a_stale_key_of_a_dropped_slice_is_taken_over_once_even_by_racing_sends(
 
     // Another send has taken "gone-1"'s key over and not committed yet: a send of the same
     // id through the API waits for it, then finds its event.
-    let mut other = sqlx::PgConnection::connect(&app.database_url)
-        .await
-        .unwrap();
-    let mut tx = other.begin().await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO event_keys (environment_id, event_id, record_id)
-         VALUES ('{env}', 'gone-1', uuid_v7_floor(now()))
-         ON CONFLICT (environment_id, event_id) DO UPDATE SET record_id = EXCLUDED.record_id
-         WHERE EXISTS (SELECT 1 FROM event_keys_gone g
-                       WHERE event_keys.record_id >= g.lower AND event_keys.record_id < g.upper);
-         INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
-         VALUES (uuid_v7_floor(now()), '{env}', 'gone-1', 'n', now())"
-    )))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    let send = {
-        let (http, url, key) = (
-            app.http.clone(),
-            format!("{}/api/v1/events", app.base_url),
-            app.api_key.clone(),
-        );
-        tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(key)
-                .json(&json!({"event": {"name": "n", "id": "gone-1"}}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !send.is_finished(),
-        "the send waits for the other one's commit"
-    );
-    tx.commit().await.unwrap();
-    assert!(send.await.unwrap().is_success());
+    sends_waiting_for(
+        &app,
+        format!(
+            "INSERT INTO event_keys (environment_id, event_id, record_id)
+             VALUES ('{env}', 'gone-1', uuid_v7_floor(now()))
+             ON CONFLICT (environment_id, event_id) DO UPDATE SET record_id = EXCLUDED.record_id
+             WHERE EXISTS (SELECT 1 FROM event_keys_gone g
+                           WHERE event_keys.record_id >= g.lower AND event_keys.record_id < g.upper);
+             INSERT INTO event_records (id, environment_id, event_id, name, delivered_at)
+             VALUES (uuid_v7_floor(now()), '{env}', 'gone-1', 'n', now())"
+        ),
+        "gone-1",
+    )
+    .await;
     assert_eq!(event_ids(&app, env).await, ["gone-0", "gone-1"]);
 
     // The keys forgotten now: the stale one goes, the ones taken over stay with their
