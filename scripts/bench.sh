@@ -18,7 +18,8 @@
 #             planted with retention held off: "alone" with retention still held, "beside"
 #             with it let go as the run starts, so retention (every 5 s here) removes them
 #             during the run; two pairings a connection count, the second in the other
-#             order; prints what retention removed during each run.
+#             order; prints what retention removed during each run. RETENTION_CLIENTS
+#             (default "16 64") picks the connection counts.
 #   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
@@ -742,7 +743,7 @@ if [[ $which == retention ]]; then
     done
     echo "old events left: $left; ranges of keys left to forget: $gone ($(date -u +%H:%M:%S))"
   }
-  for clients in 16 64; do
+  for clients in ${RETENTION_CLIENTS:-16 64}; do
     alone=() beside=()
     for step in alone beside beside alone; do
       echo "== planting 1,000,000 old settled events (retention held off)"
