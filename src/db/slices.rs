@@ -288,20 +288,16 @@ pub async fn forget_gone_keys(
     oldest: Option<&Slice>,
     pace: &Pace,
 ) -> Result<Forgotten, sqlx::Error> {
-    let mut ranges: Vec<(Uuid, Uuid, bool)> = sqlx::query_as::<_, (Uuid, Uuid)>(
-        "SELECT lower, upper FROM event_keys_gone ORDER BY lower",
-    )
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(lower, upper)| (lower, upper, true))
-    .collect();
+    let mut ranges: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT lower, upper FROM event_keys_gone ORDER BY lower")
+            .fetch_all(&mut *conn)
+            .await?;
     if let Some(oldest) = oldest.filter(|o| !o.lower.is_nil()) {
-        ranges.push((Uuid::nil(), oldest.lower, false));
+        ranges.push((Uuid::nil(), oldest.lower));
     }
     let mut done = Forgotten::default();
     let mut spent = Duration::ZERO;
-    for (lower, upper, listed) in ranges {
+    for (lower, upper) in ranges {
         loop {
             if spent >= pace.work {
                 done.more = true;
@@ -318,12 +314,13 @@ pub async fn forget_gone_keys(
             spent += took;
             done.keys += looked as u64;
             if looked < KEYS_BATCH {
-                if listed {
-                    sqlx::query("DELETE FROM event_keys_gone WHERE lower = $1")
-                        .bind(lower)
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                // Struck off (the range below `oldest` is not listed, or listed exactly
+                // and done all the same).
+                sqlx::query("DELETE FROM event_keys_gone WHERE lower = $1 AND upper = $2")
+                    .bind(lower)
+                    .bind(upper)
+                    .execute(&mut *conn)
+                    .await?;
                 break;
             }
             if pace.duty < 1.0 {
