@@ -86,9 +86,40 @@ async fn open_database_within(store: &StoreConfig, patience: Duration) -> anyhow
     };
     if !store.no_migrate {
         db::migrate(&pool).await?;
-        db::slices::slice_if_new(&pool).await?;
+        prepare_new_storage(&pool).await?;
     }
     Ok(pool)
+}
+
+/// The keys of the event-sized tables that gain the environment (`db::keys`): the sliced
+/// tables' and the ledger's.
+pub fn event_sized_keys() -> Vec<&'static db::keys::Key> {
+    db::keys::SLICED
+        .iter()
+        .chain(crate::ledger::upkeep::KEYS.iter())
+        .collect()
+}
+
+/// `storage partition`: the per-event tables sliced (`db::slices::partition`), then the
+/// keys of the event-sized tables given the environment (`db::keys`), both online and
+/// both going on where an interrupted run stopped.
+pub async fn partition_storage(
+    pool: &PgPool,
+    margin: Duration,
+) -> Result<db::slices::Partitioned, db::slices::PartitionError> {
+    let how = db::slices::partition(pool, margin).await?;
+    db::keys::key_by_environment(pool, &event_sized_keys()).await?;
+    Ok(how)
+}
+
+/// A new installation's storage (no environment yet: `db::slices::slice_if_new`), sliced
+/// and keyed at migrate. Returns whether it was new.
+pub async fn prepare_new_storage(pool: &PgPool) -> Result<bool, db::slices::PartitionError> {
+    if !db::slices::slice_if_new(pool).await? {
+        return Ok(false);
+    }
+    db::keys::key_by_environment(pool, &event_sized_keys()).await?;
+    Ok(true)
 }
 
 /// Open and close one connection to `url`, giving up after 5 s.

@@ -192,8 +192,10 @@ enum DeadCommand {
 enum StorageCommand {
     /// Slice event_records, job_runs and webhook_attempts by day, online (docs/operations.md,
     /// Storage): the tables as they are become the legacy slice, dropped by retention once
-    /// its events are older than RETENTION_EVENTS_MS. Run it once every process runs this
-    /// build or a later one; run again, it goes on where it stopped, or does nothing.
+    /// its events are older than RETENTION_EVENTS_MS; then the keys of the tables written
+    /// per event and of the job ledger gain the environment, online (also on tables sliced
+    /// before). Run it once every process runs this build or a later one; run again, it
+    /// goes on where it stopped, or does nothing.
     Partition {
         /// The cut-over is this far ahead: the steps before the swap (a scan of each table)
         /// must end within it, and the legacy slice takes the events stored until then.
@@ -336,7 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
             kongflow_events::db::migrate(&pool).await?;
             println!("migrations applied");
-            if kongflow_events::db::slices::slice_if_new(&pool).await? {
+            if app::prepare_new_storage(&pool).await? {
                 println!("a new installation: the tables written per event are sliced by day");
             }
             let newer = kongflow_events::db::newer_migrations(&pool).await?;
@@ -380,15 +382,27 @@ async fn storage(store: &StoreConfig, command: StorageCommand) -> anyhow::Result
     use kongflow_events::db::slices;
     let pool = app::open_database_now(store).await?;
     match command {
-        StorageCommand::Partition { margin } => match slices::partition(&pool, margin).await? {
-            slices::Partitioned::Already => println!("the tables are sliced already"),
-            slices::Partitioned::Empty => println!("the tables were empty: sliced by day now"),
-            slices::Partitioned::Legacy { cutover, took } => println!(
-                "sliced by day in {took:.1?}: the rows so far are the legacy slice, which \
-                 holds the events stored until {} (cut-over id {cutover})",
-                slices::uuid_time(cutover).to_rfc3339()
-            ),
-        },
+        StorageCommand::Partition { margin } => {
+            match app::partition_storage(&pool, margin).await? {
+                slices::Partitioned::Already => println!("the tables are sliced already"),
+                slices::Partitioned::Empty => {
+                    println!("the tables were empty: sliced by day now")
+                }
+                slices::Partitioned::Legacy { cutover, took } => println!(
+                    "sliced by day in {took:.1?}: the rows so far are the legacy slice, which \
+                     holds the events stored until {} (cut-over id {cutover})",
+                    slices::uuid_time(cutover).to_rfc3339()
+                ),
+            }
+            let keys = app::event_sized_keys();
+            let left =
+                kongflow_events::db::keys::unkeyed(&mut *pool.acquire().await?, &keys).await?;
+            anyhow::ensure!(
+                left.is_empty(),
+                "keys without the environment left: {left:?}"
+            );
+            println!("every key of the tables written per event holds the environment");
+        }
         StorageCommand::Slices => {
             let mut conn = pool.acquire().await?;
             let all = slices::list(&mut conn).await?;

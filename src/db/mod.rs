@@ -1,6 +1,7 @@
 //! Postgres: pool set-up, migrations, the storage layout (the time slices of the tables
 //! written per event: [`slices`]), and the installation's identity.
 
+pub mod keys;
 pub mod slices;
 
 use std::str::FromStr;

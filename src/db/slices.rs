@@ -59,7 +59,7 @@ impl Slice {
 
 /// A statement naming a slice: the names are made here from a table of [`SLICED_TABLES`] and
 /// a day, or read from the catalog, never from input.
-fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
+pub(super) fn sql(statement: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(statement)
 }
 
@@ -404,7 +404,8 @@ pub enum PartitionError {
 /// validated checks spare the scan), or dropped when empty; then the slices from the
 /// cut-over to [`DAYS_AHEAD`] days ahead. Run again after an interruption, it goes on from
 /// where it stopped. Run it once every process runs a build that has it (older builds name
-/// the unique constraint the sliced table cannot have).
+/// the unique constraint the sliced table cannot have). `storage partition` runs it with
+/// the tenant keys after it (`app::partition_storage`).
 pub async fn partition(pool: &PgPool, margin: Duration) -> Result<Partitioned, PartitionError> {
     let mut conn = pool.acquire().await?;
     // One at a time: a second run waits, then finds the tables sliced.
@@ -527,7 +528,11 @@ async fn bound_below_cutover(
 
 /// Step (3): a unique index built without stopping writes; one left invalid by an
 /// interrupted build is dropped and built again.
-async fn build_key(conn: &mut PgConnection, name: &str, on: &str) -> Result<(), sqlx::Error> {
+pub(super) async fn build_key(
+    conn: &mut PgConnection,
+    name: &str,
+    on: &str,
+) -> Result<(), sqlx::Error> {
     let valid: Option<bool> = sqlx::query_scalar(
         "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
     )

@@ -137,8 +137,8 @@ pub(super) async fn insert_many(
                SELECT cl AND (COALESCE(r, now()) > now() OR room.free IS NULL OR t.n <= room.free)
                    AS has_room) h
            ORDER BY t.o
-           ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')
-           DO NOTHING
+           -- The unique key, keyed by its environment or not yet (`db::keys`): no target.
+           ON CONFLICT DO NOTHING
            RETURNING "#,
         "",
         &c.kinds,

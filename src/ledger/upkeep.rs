@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::{ConnectOptions, Connection, PgPool};
 
 use super::outbox::back_to_outbox;
+use crate::db::keys::{Key, Kind};
 
 /// The advisory lock that keeps reconcilers of several processes from running at once.
 pub const RECONCILER_LOCK: i64 = 0x6b66_7265_636f_6e63;
@@ -15,6 +16,31 @@ pub const RETENTION_LOCK: i64 = 0x6b66_7265_7465_6e74;
 
 /// The advisory lock held by the process vacuuming.
 pub const VACUUM_LOCK: i64 = 0x6b66_7661_6375_756d;
+
+/// The ledger's keys that gain the environment in `storage partition` (`db::keys`): its
+/// primary key and its unique-job index, the id and the key first as before. A job's
+/// arguments name ids of one environment, so the environment in the unique index forbids
+/// no job it allowed.
+pub const KEYS: [Key; 2] = [
+    Key {
+        table: "queue_jobs",
+        old: "queue_jobs_pkey",
+        new: "queue_jobs_pkey",
+        columns: "id, environment_id",
+        kind: Kind::Primary,
+        ahead: "pkey_tk",
+    },
+    Key {
+        table: "queue_jobs",
+        old: "queue_jobs_unique_key_idx",
+        new: "queue_jobs_unique_key_idx",
+        columns: "unique_key, environment_id",
+        kind: Kind::UniqueIndex(
+            "unique_key IS NOT NULL AND state NOT IN ('cancelled', 'discarded')",
+        ),
+        ahead: "ukey_tk",
+    },
+];
 
 /// Most jobs one reconciler pass puts back.
 pub const RECONCILE_BATCH: i64 = 10_000;

@@ -143,14 +143,16 @@ pub fn count_published(h: &HandOff) {
 /// Write the `run.cancelled` hand-off of each run, in the transaction that cancelled them.
 pub(super) async fn hand_off_cancelled(
     tx: &mut PgConnection,
+    environment_id: Uuid,
     runs: &[Uuid],
 ) -> Result<(), sqlx::Error> {
     if runs.is_empty() {
         return Ok(());
     }
     sqlx::query!(
-        "INSERT INTO run_handoffs (run_id, kind) SELECT UNNEST($1::uuid[]), $2",
+        "INSERT INTO run_handoffs (run_id, environment_id, kind) SELECT UNNEST($1::uuid[]), $2, $3",
         runs,
+        environment_id,
         HandOffKind::Cancelled.as_str()
     )
     .execute(&mut *tx)
@@ -178,12 +180,13 @@ pub async fn claim(tx: &mut PgConnection, limit: i64) -> Result<Vec<Claimed>, sq
                            'jobVersionId', r.job_version_id,
                            'event', jsonb_build_object(
                                'id', (SELECT e.event_id FROM event_records e
-                                      WHERE e.id = r.event_record_id),
+                                      WHERE e.id = r.event_record_id
+                                        AND e.environment_id = r.environment_id),
                                'recordId', r.event_record_id))::text
                   END AS body
            FROM (SELECT * FROM run_handoffs WHERE set_aside_at IS NULL AND published_by IS NULL
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) h
-           LEFT JOIN job_runs r ON r.id = h.run_id
+           LEFT JOIN job_runs r ON r.id = h.run_id AND r.environment_id = h.environment_id
            ORDER BY h.id"#,
         limit,
         HandOffKind::Created.as_str()

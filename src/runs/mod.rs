@@ -113,12 +113,13 @@ pub async fn create(
                  AND dtj.dynamic_trigger_id = d.target_id
                  AND j.latest_version_id IS NOT NULL AND j.environment_id = d.environment_id
            ) t ON true
-           ON CONFLICT (event_record_id, dispatcher_id, job_version_id) DO NOTHING
+           -- The run's key, keyed by its environment or not yet (`db::keys`): no target.
+           ON CONFLICT DO NOTHING
            RETURNING id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id,
                      created_at),
            handed AS (
-           INSERT INTO run_handoffs (run_id, kind, trace_parent, published_by, publish_seq)
-           SELECT DISTINCT ON (c.id) c.id, $4, t.trace, $5, $6 FROM created c
+           INSERT INTO run_handoffs (run_id, environment_id, kind, trace_parent, published_by, publish_seq)
+           SELECT DISTINCT ON (c.id) c.id, c.environment_id, $4, t.trace, $5, $6 FROM created c
            JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS t(dispatcher_id, event_id, trace)
              ON t.dispatcher_id = c.dispatcher_id AND t.event_id = c.event_record_id
            RETURNING id, run_id, trace_parent, created_at)
@@ -218,7 +219,7 @@ pub async fn cancel_queued(
     .fetch_all(&mut *tx)
     .await?;
     // The runs service hears of each cancelled run, through the outbox.
-    handoff::hand_off_cancelled(tx, &cancelled).await?;
+    handoff::hand_off_cancelled(tx, environment_id, &cancelled).await?;
     Ok(cancelled)
 }
 

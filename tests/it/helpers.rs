@@ -323,9 +323,11 @@ async fn build_template(plain: bool) -> String {
             .await
             .expect("migrate the template database");
         if !plain {
-            kongflow_events::db::slices::partition(&pool, Duration::from_secs(3600))
+            // As a new installation's first migrate does: sliced and keyed.
+            let new = kongflow_events::app::prepare_new_storage(&pool)
                 .await
-                .expect("slice the template database's tables");
+                .expect("slice and key the template database's tables");
+            assert!(new, "the template database is a new installation");
         }
         pool.close().await;
         for statement in [

@@ -425,7 +425,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
-    let sliced = slices::partition(&app.pool, Duration::from_secs(600))
+    let sliced = kongflow_events::app::partition_storage(&app.pool, Duration::from_secs(600))
         .await
         .unwrap();
     let took = started.elapsed();
@@ -482,6 +482,27 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
     assert_eq!(all[0].day, None);
     assert_eq!(all[0].upper, cutover);
     assert!(all.len() > slices::DAYS_AHEAD as usize, "{all:?}");
+    // The keys hold the environment (db::keys), each slice's index taken over by its
+    // table's key, the legacy slice's too (built beside its 1,000,000 rows, not under lock).
+    let keys = kongflow_events::app::event_sized_keys();
+    let unkeyed = kongflow_events::db::keys::unkeyed(&mut conn, &keys)
+        .await
+        .unwrap();
+    assert!(unkeyed.is_empty(), "{unkeyed:?}");
+    for key in ["event_records_pkey", "job_runs_pkey", "job_runs_run_key"] {
+        let under: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT c.relname::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
+             WHERE h.inhparent = '{key}'::regclass"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(under.len(), all.len(), "{key}: {under:?}");
+        assert!(
+            under.iter().any(|i| i.contains("legacy")),
+            "{key}: {under:?}"
+        );
+    }
     // Sending an id stored before the slicing stores nothing new.
     app.send_event(
         &app.api_key,

@@ -108,7 +108,7 @@ async fn the_build_before_the_newest_migration_runs_beside_this_one_on_its_schem
         }
     };
     let (sliced, ()) = tokio::join!(
-        slices::partition(&app.pool, Duration::from_secs(600)),
+        kongflow_events::app::partition_storage(&app.pool, Duration::from_secs(600)),
         sending
     );
     let sliced = sliced.unwrap();
