@@ -19,7 +19,8 @@
 #             with it let go as the run starts, so retention (every 5 s here) removes them
 #             during the run; two pairings a connection count, the second in the other
 #             order; prints what retention removed during each run. RETENTION_CLIENTS
-#             (default "16 64") picks the connection counts.
+#             (default "16 64") picks the connection counts; PLANT_KEYS=0 plants the
+#             old events without their event_keys (retention then only drops the slice).
 #   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
@@ -630,7 +631,7 @@ plant_old() { # 1,000,000 delivered events of 40 days ago, a run each, in the be
   # a retention pass between the two would drop the slice and leave the keys behind. The
   # slices before it (a transaction holding new slices' locks stalls the relay's deletes of
   # dispatchers, which cascade into webhook_attempts).
-  psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
+  PGOPTIONS="-c bench.plant_keys=${PLANT_KEYS:-1}" psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
 DO $$ BEGIN
   IF to_regproc('event_slices_ensure') IS NOT NULL THEN
     PERFORM event_slices_ensure((now() - interval '41 days')::date, (now() - interval '39 days')::date);
@@ -645,9 +646,10 @@ FROM generate_series(1, 1000000) g,
 INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id, dispatcher_id, created_at)
 SELECT gen_random_uuid(), e.environment_id, gen_random_uuid(), gen_random_uuid(), e.id, gen_random_uuid(), e.created_at
 FROM event_records e WHERE e.name = 'bench.old';
--- Their keys, as sends on sliced tables store them (retention deletes them with the slice).
+-- Their keys, as sends on sliced tables store them (retention forgets them after the
+-- slice); none with PLANT_KEYS=0, which leaves retention only the slice to drop.
 DO $$ BEGIN
-  IF to_regclass('event_keys') IS NOT NULL
+  IF to_regclass('event_keys') IS NOT NULL AND current_setting('bench.plant_keys') = '1'
      AND EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = 'event_records'::regclass) THEN
     INSERT INTO event_keys (environment_id, event_id, record_id)
     SELECT environment_id, event_id, id FROM event_records WHERE name = 'bench.old';
