@@ -1007,9 +1007,7 @@ pub struct Stamped {
 
 /// Stamp the events delivered and read them back in one statement. The row locks (taken in
 /// id order) serialize delivery against a concurrent cancel; cancelled, delivered and
-/// vanished events drop out here, so delivering them is a no-op. The ids are joined, not
-/// matched by `= ANY`: on sliced tables each id then looks in its own slice only, also in
-/// the generic plan a prepared statement settles on (`= ANY($1)` probes every slice).
+/// vanished events drop out here, so delivering them is a no-op.
 pub async fn stamp_delivered(
     tx: &mut PgConnection,
     ids: &[Uuid],
@@ -1018,10 +1016,9 @@ pub async fn stamp_delivered(
         Stamped,
         r#"UPDATE event_records SET delivered_at = now(), updated_at = now()
            WHERE id IN (
-               SELECT e.id FROM UNNEST($1::uuid[]) AS t(id)
-               JOIN event_records e ON e.id = t.id
-               WHERE e.cancelled_at IS NULL AND e.delivered_at IS NULL
-               ORDER BY e.id FOR UPDATE OF e)
+               SELECT id FROM event_records
+               WHERE id = ANY($1) AND cancelled_at IS NULL AND delivered_at IS NULL
+               ORDER BY id FOR UPDATE)
            RETURNING id, environment_id, name, source, payload, payload_type, context, external_account_id"#,
         ids
     )

@@ -91,10 +91,8 @@ pub async fn create(
     let rows = sqlx::query_as!(
         CreatedRow,
         r#"WITH ev AS MATERIALIZED (
-               -- Joined, so each id looks in its own slice (`events::stamp_delivered`).
-               SELECT e.id, e.environment_id, e.event_id, e.deliver_at
-               FROM (SELECT DISTINCT id FROM UNNEST($2::uuid[]) AS u(id)) t
-               JOIN event_records e ON e.id = t.id),
+               SELECT id, environment_id, event_id, deliver_at FROM event_records
+               WHERE id = ANY($2::uuid[])),
            ds AS MATERIALIZED (
                SELECT id, environment_id, dispatchable_type, target_id FROM event_dispatchers
                WHERE id = ANY($1::uuid[]) AND enabled),
