@@ -826,10 +826,11 @@ async fn the_relay_vacuums_the_run_handoffs_outbox_too() {
         .unwrap();
     let n = upkeep::VACUUM_MIN_DEAD + 2_000;
     sqlx::query(
-        "INSERT INTO run_handoffs (run_id, kind) SELECT gen_random_uuid(), 'created'
-         FROM generate_series(1, $1)",
+        "INSERT INTO run_handoffs (run_id, environment_id, kind)
+         SELECT gen_random_uuid(), $2, 'created' FROM generate_series(1, $1)",
     )
     .bind(n)
+    .bind(app.env.id)
     .execute(&app.pool)
     .await
     .unwrap();
