@@ -181,10 +181,17 @@ pub struct Vacuumed {
     pub took: Duration,
 }
 
+/// Rows written to a table (or slice) never analyzed that get it analyzed by the vacuum
+/// pass: without statistics the planner takes an id list to match hundreds of rows (the
+/// keys led by the id hold the environment too, so no index tells it the id alone is
+/// unique) and reads a whole table where an index would do.
+pub const FIRST_ANALYZE_MIN: i64 = 1_000;
+
 /// One vacuum pass: each of [`CHURNED_TABLES`] whose dead rows reached [`VACUUM_MIN_DEAD`]
 /// and [`VACUUM_DEAD_SHARE`] of its live rows, with no vacuum (autovacuum's or ours) within
 /// `interval`, is vacuumed and analyzed; one whose rows changed that much since its last
-/// analyze is analyzed. Where autovacuum keeps up (the migrations give these tables tighter
+/// analyze is analyzed, and one never analyzed once [`FIRST_ANALYZE_MIN`] rows were written
+/// (a new slice, a new installation's tables). Where autovacuum keeps up (the migrations give these tables tighter
 /// thresholds than its defaults), nothing reaches the thresholds and the pass does nothing;
 /// where it is off or behind, every job row's dead version would otherwise stay in the
 /// indexes the workers and the reconciler walk. Throttled as autovacuum is (2 ms pauses),
@@ -218,9 +225,11 @@ async fn vacuum_locked(
                   n_dead_tup >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
                     AND COALESCE(GREATEST(last_vacuum, last_autovacuum), '-infinity')
                         < now() - make_interval(secs => $4) AS "vacuum!",
-                  n_mod_since_analyze >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
-                    AND COALESCE(GREATEST(last_analyze, last_autoanalyze), '-infinity')
-                        < now() - make_interval(secs => $4) AS "analyze!"
+                  (n_mod_since_analyze >= GREATEST($2::int8, ($3::float8 * n_live_tup)::int8)
+                     AND COALESCE(GREATEST(last_analyze, last_autoanalyze), '-infinity')
+                         < now() - make_interval(secs => $4))
+                    OR (last_analyze IS NULL AND last_autoanalyze IS NULL
+                        AND n_mod_since_analyze >= $5) AS "analyze!"
            FROM pg_stat_user_tables s
            WHERE schemaname = current_schema()
              AND (relname = ANY($1)
@@ -230,7 +239,8 @@ async fn vacuum_locked(
         &tables,
         VACUUM_MIN_DEAD,
         VACUUM_DEAD_SHARE,
-        interval.as_secs_f64()
+        interval.as_secs_f64(),
+        FIRST_ANALYZE_MIN
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -860,3 +860,53 @@ async fn the_relay_vacuums_the_run_handoffs_outbox_too() {
     })
     .await;
 }
+
+/// A table never analyzed gets its statistics from the vacuum pass once it holds rows: the
+/// planner without them takes an id list to match hundreds of rows and reads the whole
+/// ledger where its key would do (the key led by the id holds the environment too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vacuum_pass_analyzes_a_table_never_analyzed_once_it_holds_rows() {
+    let app = TestApp::builder().roles(NO_ROLES).start().await;
+    sqlx::query("ALTER TABLE queue_jobs SET (autovacuum_enabled = false)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO queue_jobs (kind, args, state, environment_id)
+         SELECT 'k', '{}', 'available', $2 FROM generate_series(1, $1)",
+    )
+    .bind(upkeep::FIRST_ANALYZE_MIN + 500)
+    .bind(app.env.id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let plan = || async {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "EXPLAIN SELECT id FROM queue_jobs WHERE id = ANY('{5,6,7,8}'::int8[])",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        rows.join("\n")
+    };
+    wait_until("the rows counted", Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'queue_jobs'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+            >= upkeep::FIRST_ANALYZE_MIN
+    })
+    .await;
+    let done = upkeep::vacuum(&app.pool, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let analyzed: Vec<_> = done.iter().filter(|v| v.table == "queue_jobs").collect();
+    assert_eq!(analyzed.len(), 1, "{done:?}");
+    assert_eq!(analyzed[0].dead, None, "analyzed only: {done:?}");
+    // Four ids, four rows, read through the key.
+    let after = plan().await;
+    assert!(after.contains("rows=4"), "{after}");
+    assert!(after.contains("queue_jobs_pkey"), "{after}");
+}
