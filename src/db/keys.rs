@@ -125,7 +125,8 @@ async fn key_locked(conn: &mut PgConnection, keys: &[&Key]) -> Result<usize, sql
         }
         // (1) The new key's index on each slice (or on the plain table), without stopping
         // writes.
-        for part in parts(conn, key.table).await? {
+        let parts = slices_of(conn, key.table).await?;
+        for part in parts.unwrap_or_else(|| vec![key.table.to_string()]) {
             let on = match key.kind {
                 Kind::UniqueIndex(predicate) => {
                     format!("{part} ({}) WHERE {predicate}", key.columns)
@@ -165,26 +166,21 @@ async fn key_locked(conn: &mut PgConnection, keys: &[&Key]) -> Result<usize, sql
     Ok(changed)
 }
 
-/// The slices of `table`, or the table itself where it is not sliced.
-async fn parts(conn: &mut PgConnection, table: &str) -> Result<Vec<String>, sqlx::Error> {
-    let slices: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid
-         WHERE h.inhparent = $1::regclass ORDER BY 1",
-    )
-    .bind(table)
-    .fetch_all(&mut *conn)
-    .await?;
-    let sliced: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = $1::regclass)",
+/// The slices of `table`; `None` where it is not sliced.
+async fn slices_of(
+    conn: &mut PgConnection,
+    table: &str,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_partitioned_table
+                                  WHERE partrelid = $1::regclass)
+                THEN ARRAY(SELECT c.relname::text FROM pg_inherits h
+                           JOIN pg_class c ON c.oid = h.inhrelid
+                           WHERE h.inhparent = $1::regclass ORDER BY 1) END",
     )
     .bind(table)
     .fetch_one(&mut *conn)
-    .await?;
-    Ok(if sliced {
-        slices
-    } else {
-        vec![table.to_string()]
-    })
+    .await
 }
 
 /// Step (2) of a key: the old key dropped and the new one made of the indexes built ahead,
@@ -202,51 +198,49 @@ async fn swap(conn: &mut PgConnection, key: &Key) -> Result<(), sqlx::Error> {
     )))
     .execute(&mut *tx)
     .await?;
-    let parts = parts(&mut tx, key.table).await?;
     let (table, old, new, columns) = (key.table, key.old, key.new, key.columns);
-    if parts.len() == 1 && parts[0] == table {
-        let ahead = format!("{table}_{}", key.ahead);
-        let statement = match key.kind {
-            Kind::Primary => format!(
-                "ALTER TABLE {table} DROP CONSTRAINT {old},
-                     ADD CONSTRAINT {new} PRIMARY KEY USING INDEX {ahead}"
-            ),
-            Kind::Unique => format!(
-                "ALTER TABLE {table} DROP CONSTRAINT {old},
-                     ADD CONSTRAINT {new} UNIQUE USING INDEX {ahead}"
-            ),
-            Kind::UniqueIndex(_) => {
-                format!("DROP INDEX {old}; ALTER INDEX {ahead} RENAME TO {new}")
-            }
-        };
-        sqlx::raw_sql(sql(statement)).execute(&mut *tx).await?;
-    } else {
-        for part in &parts {
-            let ahead = format!("{part}_{}", key.ahead);
-            let built: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1)
-                                AND indisvalid)",
-            )
-            .bind(&ahead)
-            .fetch_one(&mut *tx)
-            .await?;
-            if built {
-                sqlx::query(sql(format!(
-                    "ALTER TABLE {part} ADD CONSTRAINT {ahead} UNIQUE USING INDEX {ahead}"
-                )))
-                .execute(&mut *tx)
+    let statement = match (slices_of(&mut tx, table).await?, key.kind) {
+        (None, Kind::Primary) => format!(
+            "ALTER TABLE {table} DROP CONSTRAINT {old},
+                 ADD CONSTRAINT {new} PRIMARY KEY USING INDEX {table}_{}",
+            key.ahead
+        ),
+        (None, Kind::Unique) => format!(
+            "ALTER TABLE {table} DROP CONSTRAINT {old},
+                 ADD CONSTRAINT {new} UNIQUE USING INDEX {table}_{}",
+            key.ahead
+        ),
+        (None, Kind::UniqueIndex(_)) => format!(
+            "DROP INDEX {old}; ALTER INDEX {table}_{} RENAME TO {new}",
+            key.ahead
+        ),
+        (Some(parts), kind) => {
+            for part in &parts {
+                let ahead = format!("{part}_{}", key.ahead);
+                let built: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1)
+                                    AND indisvalid)",
+                )
+                .bind(&ahead)
+                .fetch_one(&mut *tx)
                 .await?;
+                if built {
+                    sqlx::query(sql(format!(
+                        "ALTER TABLE {part} ADD CONSTRAINT {ahead} UNIQUE USING INDEX {ahead}"
+                    )))
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
+            let what = match kind {
+                Kind::Primary => "PRIMARY KEY",
+                _ => "UNIQUE",
+            };
+            format!(
+                "ALTER TABLE {table} DROP CONSTRAINT {old}, ADD CONSTRAINT {new} {what} ({columns})"
+            )
         }
-        let what = match key.kind {
-            Kind::Primary => "PRIMARY KEY",
-            _ => "UNIQUE",
-        };
-        sqlx::query(sql(format!(
-            "ALTER TABLE {table} DROP CONSTRAINT {old}, ADD CONSTRAINT {new} {what} ({columns})"
-        )))
-        .execute(&mut *tx)
-        .await?;
-    }
+    };
+    sqlx::raw_sql(sql(statement)).execute(&mut *tx).await?;
     tx.commit().await
 }
