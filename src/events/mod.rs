@@ -188,16 +188,19 @@ impl NewEvents {
     /// uncommitted is waited for. A stale key (its event's slice dropped by retention, the
     /// key not yet forgotten: `event_keys_gone`, migration `20261209000001_event_keys_gone`)
     /// is taken over, as if it were gone. Keys are kept once the tables are sliced and from the
-    /// first step of `storage partition` on (its `CHECK` on the plain table): `kept`, planned
-    /// with the statement, once per connection.
+    /// first step of `storage partition` on (its `CHECK` on the plain table): `kept`, looked
+    /// up as the statement runs. By `to_regclass`, not a `::regclass` literal: a literal is
+    /// resolved when the statement is parsed, and a connection that parses it while the
+    /// slicing's swap holds the tables would resolve it to the plain table (renamed the
+    /// legacy slice, its check gone) and store its event without a key.
     async fn insert(&self, tx: &mut PgConnection) -> Result<Vec<EventRecord>, sqlx::Error> {
         sqlx::query_as!(
             EventRecord,
             r#"WITH kept AS MATERIALIZED (
                    SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
-                                  WHERE partrelid = 'event_records'::regclass)
+                                  WHERE partrelid = to_regclass('event_records'))
                        OR EXISTS (SELECT 1 FROM pg_constraint
-                                  WHERE conrelid = 'event_records'::regclass
+                                  WHERE conrelid = to_regclass('event_records')
                                     AND conname = 'event_records_below_cutover') AS kept),
                keyed AS (
                    INSERT INTO event_keys (environment_id, event_id, record_id)

@@ -1,8 +1,9 @@
 //! The time slices of the per-event tables (db::slices): retention drops a settled
 //! slice whole and keeps one that holds a due event; a producer's id stays unique across
 //! slices, also between two sends racing over a slice's edge, and is stored again once its
-//! slice went, before its key is forgotten; and a database with
-//! 1,000,000 events is sliced while events keep coming, losing none.
+//! slice went, before its key is forgotten; a send a connection first prepares during the
+//! slicing's swap keeps its key; and a database with 1,000,000 events is sliced while
+//! events keep coming, losing none.
 
 use std::time::Duration;
 
@@ -357,6 +358,143 @@ async fn a_stale_key_of_a_dropped_slice_is_taken_over_once_even_by_racing_sends(
     .await
     .unwrap();
     assert_eq!((keyed, listed), (2, 0));
+}
+
+/// A send whose statement a connection prepares while the slicing's swap holds the tables
+/// (a new connection of the pool, say) keeps its key: the statement was parsed against the
+/// plain table, and runs against the sliced one that replaced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_first_prepared_during_the_swap_keeps_its_key() {
+    let app = TestApp::builder()
+        .plain_tables()
+        .roles(crate::helpers::HTTP_ONLY)
+        .start()
+        .await;
+    let env = app.env.id;
+    // Rows enough for steps (2) and (3) to take a while after step (1)'s checks.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
+                                    deliver_at, delivered_at)
+         SELECT uuid_v7_floor(t), '{env}', 'planted-' || g, 'planted', '{{}}', t, t, t
+         FROM generate_series(1, 100000) g,
+              LATERAL (SELECT now() - interval '2 days' + g * interval '1 second') AS ts(t);
+         INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
+                               dispatcher_id, status, created_at)
+         SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
+                gen_random_uuid(), 'SUCCESS', created_at
+         FROM event_records;"
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    // Slice; once the last of step (1)'s checks is in, hold webhook_attempts (a reader's
+    // lock: the rest of the steps go on, the swap waits for it, holding the other two).
+    let slicing = {
+        let pool = app.pool.clone();
+        tokio::spawn(async move { slices::partition(&pool, Duration::from_secs(600)).await })
+    };
+    let mut holder = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut watch = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    loop {
+        let checked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                            WHERE conname = 'webhook_attempts_below_cutover')",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if checked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE webhook_attempts IN ACCESS SHARE MODE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let waiting_for = |table: &'static str, mode: &'static str| {
+        let url = app.database_url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks
+                                WHERE relation = to_regclass($1) AND mode = $2 AND NOT granted)",
+            )
+            .bind(table)
+            .bind(mode)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(
+        "the swap waits for webhook_attempts",
+        Duration::from_secs(4),
+        || waiting_for("webhook_attempts", "AccessExclusiveLock"),
+    )
+    .await;
+
+    // A send on a connection that never prepared the statement: it waits for the swap.
+    let fresh = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.database_url)
+        .await
+        .unwrap();
+    let send = {
+        let env = app.env.clone();
+        tokio::spawn(async move {
+            kongflow_events::EventsService::new(fresh)
+                .ingest_send_event(
+                    &env,
+                    kongflow_events::events::SendEvent {
+                        id: Some("during-the-swap".into()),
+                        name: "migrating".into(),
+                        payload: json!({}),
+                        ..Default::default()
+                    },
+                    kongflow_events::events::SendEventOptions::default(),
+                )
+                .await
+        })
+    };
+    wait_until(
+        "the send waits for event_records",
+        Duration::from_secs(3),
+        || waiting_for("event_records", "RowExclusiveLock"),
+    )
+    .await;
+    held.commit().await.unwrap();
+    let sliced = slicing.await.unwrap().unwrap();
+    assert!(matches!(sliced, Partitioned::Legacy { .. }), "{sliced:?}");
+    send.await.unwrap().unwrap();
+
+    // Stored once, with its key: a second send of the id stores nothing.
+    let keyed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM event_keys k JOIN event_records e ON e.id = k.record_id
+         WHERE k.environment_id = $1 AND k.event_id = 'during-the-swap'",
+    )
+    .bind(env)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(keyed, 1, "the event sent during the swap has no key");
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "migrating", "id": "during-the-swap"}}),
+    )
+    .await;
+    let copies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = 'during-the-swap'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(copies, 1);
 }
 
 /// A database of the release before slices, holding 1,000,000 events and a run each, is
