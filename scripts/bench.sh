@@ -17,10 +17,11 @@
 #             connections) right after 1,000,000 old settled events (and a run each) are
 #             planted with retention held off: "alone" with retention still held, "beside"
 #             with it let go as the run starts, so retention (every 5 s here) removes them
-#             during the run; two pairings a connection count, the second in the other
-#             order; prints what retention removed during each run. RETENTION_CLIENTS
-#             (default "16 64") picks the connection counts; PLANT_KEYS=0 plants the
-#             old events without their event_keys (retention then only drops the slice).
+#             during the run; pairings a connection count, each in the other order than the one
+#             before; prints what retention removed during each run. RETENTION_CLIENTS
+#             (default "16 64") picks the connection counts, RETENTION_PAIRINGS (default 2)
+#             the pairings; PLANT_KEYS=0 plants the old events without their event_keys
+#             (retention then only drops the slice).
 #   compare REV [ROUNDS]: the regression guard. Builds REV (a commit) beside the working
 #             tree, each with its own bench client, runs ../shared/bench/anchors.sh (when
 #             present) once, then alternates the two builds ROUNDS times (default 2) on the
@@ -736,18 +737,35 @@ if [[ $which == retention ]]; then
   # caches alike): "alone" runs with retention still held off, "beside" with it let go as
   # the run starts; after either, retention removes them and forgets their keys before
   # the next plant.
+  # Retention forgets a million keys paced over several minutes (a twentieth of a core;
+  # 10-15 s of statements here): once the old events are gone, the bench forgets what is
+  # left of them flat out, as `slices::forget_gone_keys` would, so no run meets the last
+  # run's keys.
   settle() {
     for _ in $(seq 1 150); do
       left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")
-      gone=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_keys_gone")
-      [[ $left == 0 && $gone == 0 ]] && break
+      [[ $left == 0 ]] && break
       sleep 2
     done
-    echo "old events left: $left; ranges of keys left to forget: $gone ($(date -u +%H:%M:%S))"
+    forgot=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAt <<'SQL'
+WITH ranges AS (SELECT lower, upper FROM event_keys_gone),
+     forgot AS (SELECT event_keys_forget(lower, upper, 2147483647) AS n FROM ranges)
+SELECT COALESCE(sum(n), 0) FROM forgot;
+DELETE FROM event_keys_gone g WHERE NOT EXISTS (
+    SELECT 1 FROM event_keys k WHERE k.record_id >= g.lower AND k.record_id < g.upper);
+SQL
+)
+    echo "old events left: $left; keys the bench forgot after retention: $forgot ($(date -u +%H:%M:%S))"
   }
+  # RETENTION_PAIRINGS pairings a connection count (default 2), each in the other order
+  # than the one before.
+  steps=()
+  for i in $(seq 1 "${RETENTION_PAIRINGS:-2}"); do
+    if (( i % 2 )); then steps+=(alone beside); else steps+=(beside alone); fi
+  done
   for clients in ${RETENTION_CLIENTS:-16 64}; do
     alone=() beside=()
-    for step in alone beside beside alone; do
+    for step in "${steps[@]}"; do
       echo "== planting 1,000,000 old settled events (retention held off)"
       hold_retention
       plant_old
@@ -766,7 +784,12 @@ if [[ $which == retention ]]; then
       # the next plant starts from the same state.
       settle
     done
+    sum() { local t=0; for v in "$@"; do t=$((t + v)); done; echo $t; }
+    pairings=()
+    for i in "${!alone[@]}"; do
+      pairings+=("$(echo "scale=1; (${beside[$i]} - ${alone[$i]}) * 100 / ${alone[$i]}" | bc) %")
+    done
     echo "== $clients connections: ingest alone ${alone[*]} events/s, beside retention ${beside[*]} events/s" \
-      "($(echo "scale=1; (${beside[0]} + ${beside[1]} - ${alone[0]} - ${alone[1]}) * 100 / (${alone[0]} + ${alone[1]})" | bc) %)"
+      "($(echo "scale=1; ($(sum "${beside[@]}") - $(sum "${alone[@]}")) * 100 / $(sum "${alone[@]}")" | bc) %; pairings: ${pairings[*]})"
   done
 fi
