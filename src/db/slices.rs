@@ -249,7 +249,7 @@ pub struct Pace {
 
 impl Pace {
     /// Retention's: a twentieth of a core, and about `interval` (its pass interval) in all.
-    /// 1,000,000 keys are 14-16 s of statements here (docs/operations.md).
+    /// 1,000,000 keys are under a second of statements here (docs/operations.md).
     pub fn within(interval: Duration, stop: CancellationToken) -> Self {
         const DUTY: f64 = 0.05;
         Self {
