@@ -76,6 +76,22 @@ async fn exists(app: &TestApp, table: &str) -> bool {
         .unwrap()
 }
 
+/// Send the event `id` again through the API: it is answered, and the event is still
+/// stored once.
+async fn resend_stores_nothing(app: &TestApp, id: &str) {
+    app.send_event(
+        &app.api_key,
+        json!({"event": {"name": "migrating", "id": id}}),
+    )
+    .await;
+    let copies: i64 = sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(copies, 1, "{id} stored again");
+}
+
 async fn runs_of(app: &TestApp, env: Uuid) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM job_runs WHERE environment_id = $1")
         .bind(env)
@@ -484,17 +500,7 @@ async fn a_send_first_prepared_during_the_swap_keeps_its_key() {
     .await
     .unwrap();
     assert_eq!(keyed, 1, "the event sent during the swap has no key");
-    app.send_event(
-        &app.api_key,
-        json!({"event": {"name": "migrating", "id": "during-the-swap"}}),
-    )
-    .await;
-    let copies: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = 'during-the-swap'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(copies, 1);
+    resend_stores_nothing(&app, "during-the-swap").await;
 }
 
 /// A database of the release before slices, holding 1,000,000 events and a run each, is
@@ -662,17 +668,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
         );
     }
     // Sending an id stored before the slicing stores nothing new.
-    app.send_event(
-        &app.api_key,
-        json!({"event": {"name": "migrating", "id": "planted-17"}}),
-    )
-    .await;
-    let copies: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM event_records WHERE event_id = 'planted-17'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(copies, 1);
+    resend_stores_nothing(&app, "planted-17").await;
 
     // Retention: the legacy slice's events older than the retention go row by row while it
     // holds newer ones (here: none are, with 30 days); with a retention shorter than its
