@@ -76,6 +76,27 @@ async fn exists(app: &TestApp, table: &str) -> bool {
         .unwrap()
 }
 
+/// Store `n` delivered events named "planted" (ids `planted-1` ..) in `env`, one a second
+/// from `days_ago` on, and a finished run each, directly in the tables; then analyze them.
+async fn plant(app: &TestApp, env: Uuid, n: i64, days_ago: i32) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
+                                    deliver_at, delivered_at)
+         SELECT uuid_v7_floor(t), '{env}', 'planted-' || g, 'planted', jsonb_build_object('g', g), t, t, t
+         FROM generate_series(1, {n}) g,
+              LATERAL (SELECT now() - make_interval(days => {days_ago}) + g * interval '1 second') AS ts(t);
+         INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
+                               dispatcher_id, status, created_at)
+         SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
+                gen_random_uuid(), 'SUCCESS', created_at
+         FROM event_records WHERE name = 'planted';
+         ANALYZE event_records; ANALYZE job_runs;"
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
 /// Send the event `id` again through the API: it is answered, and the event is still
 /// stored once.
 async fn resend_stores_nothing(app: &TestApp, id: &str) {
@@ -388,21 +409,7 @@ async fn a_send_first_prepared_during_the_swap_keeps_its_key() {
         .await;
     let env = app.env.id;
     // Rows enough for steps (2) and (3) to take a while after step (1)'s checks.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
-                                    deliver_at, delivered_at)
-         SELECT uuid_v7_floor(t), '{env}', 'planted-' || g, 'planted', '{{}}', t, t, t
-         FROM generate_series(1, 100000) g,
-              LATERAL (SELECT now() - interval '2 days' + g * interval '1 second') AS ts(t);
-         INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
-                               dispatcher_id, status, created_at)
-         SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
-                gen_random_uuid(), 'SUCCESS', created_at
-         FROM event_records;"
-    )))
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    plant(&app, env, 100_000, 2).await;
 
     // Slice; once the last of step (1)'s checks is in, hold webhook_attempts (a reader's
     // lock: the rest of the steps go on, the swap waits for it, holding the other two).
@@ -514,22 +521,7 @@ async fn a_database_of_a_million_events_is_sliced_while_events_keep_coming() {
     app.put_job(&app.api_key, "job", job_body("migrating", json!({})))
         .await;
     let planted = std::time::Instant::now();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO event_records (id, environment_id, event_id, name, payload, created_at,
-                                    deliver_at, delivered_at)
-         SELECT uuid_v7_floor(t), '{env}', 'planted-' || g, 'planted', jsonb_build_object('g', g), t, t, t
-         FROM generate_series(1, 1000000) g,
-              LATERAL (SELECT now() - interval '20 days' + g * interval '1 second') AS ts(t);
-         INSERT INTO job_runs (id, environment_id, job_id, job_version_id, event_record_id,
-                               dispatcher_id, status, created_at)
-         SELECT gen_random_uuid(), environment_id, gen_random_uuid(), gen_random_uuid(), id,
-                gen_random_uuid(), 'SUCCESS', created_at
-         FROM event_records WHERE name = 'planted';
-         ANALYZE event_records; ANALYZE job_runs;"
-    )))
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    plant(&app, env, 1_000_000, 20).await;
     eprintln!(
         "planted 1,000,000 events and runs in {:?}",
         planted.elapsed()
