@@ -737,10 +737,9 @@ if [[ $which == retention ]]; then
   # caches alike): "alone" runs with retention still held off, "beside" with it let go as
   # the run starts; after either, retention removes them and forgets their keys before
   # the next plant.
-  # Retention forgets a million keys paced over several minutes (a twentieth of a core;
-  # 10-15 s of statements here): once the old events are gone, the bench forgets what is
-  # left of them flat out, as `slices::forget_gone_keys` would, so no run meets the last
-  # run's keys.
+  # Retention forgets a slice's keys paced over its next passes (a twentieth of a core):
+  # once the old events are gone, the bench forgets what is left of them flat out, as
+  # `slices::forget_gone_keys` would, so no run meets the last run's keys.
   settle() {
     for _ in $(seq 1 150); do
       left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_records WHERE name = 'bench.old'")

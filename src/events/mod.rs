@@ -197,11 +197,11 @@ impl NewEvents {
         sqlx::query_as!(
             EventRecord,
             r#"WITH kept AS MATERIALIZED (
-                   SELECT EXISTS (SELECT 1 FROM pg_partitioned_table
-                                  WHERE partrelid = to_regclass('event_records'))
+                   SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = t.oid)
                        OR EXISTS (SELECT 1 FROM pg_constraint
-                                  WHERE conrelid = to_regclass('event_records')
-                                    AND conname = 'event_records_below_cutover') AS kept),
+                                  WHERE conrelid = t.oid
+                                    AND conname = 'event_records_below_cutover') AS kept
+                   FROM (SELECT to_regclass('event_records') AS oid) t),
                keyed AS (
                    INSERT INTO event_keys (environment_id, event_id, record_id)
                    SELECT DISTINCT ON (env, eid) env, eid, id

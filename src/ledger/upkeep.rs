@@ -191,11 +191,11 @@ pub const FIRST_ANALYZE_MIN: i64 = 1_000;
 /// and [`VACUUM_DEAD_SHARE`] of its live rows, with no vacuum (autovacuum's or ours) within
 /// `interval`, is vacuumed and analyzed; one whose rows changed that much since its last
 /// analyze is analyzed, and one never analyzed once [`FIRST_ANALYZE_MIN`] rows were written
-/// (a new slice, a new installation's tables). Where autovacuum keeps up (the migrations give these tables tighter
-/// thresholds than its defaults), nothing reaches the thresholds and the pass does nothing;
-/// where it is off or behind, every job row's dead version would otherwise stay in the
-/// indexes the workers and the reconciler walk. Throttled as autovacuum is (2 ms pauses),
-/// `SKIP_LOCKED`, one process at a time (an advisory lock).
+/// (a new slice, a new installation's tables). Where autovacuum keeps up (the migrations
+/// give these tables tighter thresholds than its defaults), nothing reaches the thresholds
+/// and the pass does nothing; where it is off or behind, every job row's dead version would
+/// otherwise stay in the indexes the workers and the reconciler walk. Throttled as
+/// autovacuum is (2 ms pauses), `SKIP_LOCKED`, one process at a time (an advisory lock).
 pub async fn vacuum(pool: &PgPool, interval: Duration) -> Result<Vec<Vacuumed>, sqlx::Error> {
     // A connection of its own, closed after the pass: its session settings never reach the
     // pool, and a vacuum that takes seconds is not logged as a slow statement.

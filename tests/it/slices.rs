@@ -420,15 +420,13 @@ async fn a_send_first_prepared_during_the_swap_keeps_its_key() {
     let mut holder = sqlx::PgConnection::connect(&app.database_url)
         .await
         .unwrap();
-    let mut watch = sqlx::PgConnection::connect(&app.database_url)
-        .await
-        .unwrap();
+    // Polled closer than `wait_until` does: steps (2) and (3) take a fraction of a second.
     loop {
         let checked: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_constraint
                             WHERE conname = 'webhook_attempts_below_cutover')",
         )
-        .fetch_one(&mut watch)
+        .fetch_one(&app.pool)
         .await
         .unwrap();
         if checked {
@@ -442,16 +440,15 @@ async fn a_send_first_prepared_during_the_swap_keeps_its_key() {
         .await
         .unwrap();
     let waiting_for = |table: &'static str, mode: &'static str| {
-        let url = app.database_url.clone();
+        let pool = app.pool.clone();
         async move {
-            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
             sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks
                                 WHERE relation = to_regclass($1) AND mode = $2 AND NOT granted)",
             )
             .bind(table)
             .bind(mode)
-            .fetch_one(&mut conn)
+            .fetch_one(&pool)
             .await
             .unwrap()
         }
