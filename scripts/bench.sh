@@ -13,12 +13,14 @@
 #   fairness: benches/fairness.rs: ten quiet environments at 20 events/s each, alone and
 #             while another floods 20,000 events; with the default shares, with A's ingest
 #             rate held too, then without shares. SHARD_COUNT (the service's) applies.
-#   retention: ingest while retention removes: the pipeline (20,000 events, 16 and 64
-#             connections) right after 1,000,000 old settled events (and a run each) are
+#   retention: ingest while retention removes: the pipeline (RETENTION_EVENTS events,
+#             default 80,000, long enough that retention drops the slice and forgets all
+#             its keys within a run; 16 and 64 connections) right after 1,000,000 old settled events (and a run each) are
 #             planted with retention held off: "alone" with retention still held, "beside"
 #             with it let go as the run starts, so retention (every 5 s here) removes them
 #             during the run; pairings a connection count, each in the other order than the one
-#             before; prints what retention removed during each run. RETENTION_CLIENTS
+#             before; prints what retention removed during each run (events, keys) and
+#             the keys it had left at the run's end. RETENTION_CLIENTS
 #             (default "16 64") picks the connection counts, RETENTION_PAIRINGS (default 2)
 #             the pairings; PLANT_KEYS=0 plants the old events without their event_keys
 #             (retention then only drops the slice).
@@ -698,8 +700,8 @@ if [[ $which == deadrows ]]; then
 fi
 if [[ $which == retention ]]; then
   pgbench_baseline
-  deleted() {
-    curl -sf $METRICS_URL/metrics | awk '/^kongflow_retention_deleted_total\{what="events"\}/ {print $2}' | grep . || echo 0
+  deleted() { # deleted WHAT: retention's count of what it removed (events, keys)
+    curl -sf $METRICS_URL/metrics | awk -v w="$1" '$1 == "kongflow_retention_deleted_total{what=\"" w "\"}" {print int($2)}' | grep . || echo 0
   }
   # Retention is held off while the old events are planted (the bench takes retention's
   # advisory lock, events::retention::EVENTS_RETENTION_LOCK, in a session of its own) and
@@ -724,7 +726,7 @@ if [[ $which == retention ]]; then
     # Every run starts after a checkpoint, as a run after a plant does: the full-page
     # images the first writes after one cost, each run pays alike.
     psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "CHECKPOINT"
-    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events 20000 --concurrency $1 "${@:2}" > target/retention-run.txt
+    cargo bench --locked --quiet --bench pipeline -- --url http://$HTTP_ADDR --events "${RETENTION_EVENTS:-80000}" --concurrency $1 "${@:2}" > target/retention-run.txt
     cat target/retention-run.txt >&2
     awk '/^ingest:/ {print $2}' target/retention-run.txt
   }
@@ -773,11 +775,12 @@ SQL
         alone+=($(run $clients "$@"))
         let_go
       else
-        before=$(deleted)
+        events0=$(deleted events) keys0=$(deleted keys)
         let_go
         echo "== $clients connections, retention removing them beside it ($(date -u +%H:%M:%S))"
         beside+=($(run $clients "$@"))
-        echo "retention removed $(($(deleted | cut -d. -f1) - ${before%.*})) events during the run ($(date -u +%H:%M:%S))"
+        keys_left=$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc "SELECT count(*) FROM event_keys WHERE event_id LIKE 'old-%'")
+        echo "retention removed $(($(deleted events) - events0)) events and forgot $(($(deleted keys) - keys0)) keys during the run; old keys left at its end: $keys_left ($(date -u +%H:%M:%S))"
       fi
       # Then until they are gone and their keys forgotten (paced, after their slice), so
       # the next plant starts from the same state.
